@@ -1,0 +1,35 @@
+# Tamiyo server image. CPU torch by default; pick a CUDA build of torch with
+#   docker build --build-arg TORCH_VARIANT=cu128 .
+# TORCH_INDEX_URL may point pip at the index that carries the chosen variant.
+FROM python:3.11-slim AS base
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=""
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install "torch==${TORCH_VERSION}+${TORCH_VARIANT}" --index-url "$TORCH_INDEX_URL"; \
+    elif [ "$TORCH_VARIANT" = "cpu" ]; then \
+        pip install "torch==${TORCH_VERSION}"; \
+    else \
+        pip install "torch==${TORCH_VERSION}"; \
+    fi
+
+COPY pyproject.toml README.md ./
+COPY tamiyo ./tamiyo
+COPY tamiyo_server ./tamiyo_server
+COPY tamiyo_client ./tamiyo_client
+COPY trainer ./trainer
+COPY checkpoints ./checkpoints
+RUN pip install .
+
+RUN useradd --create-home --uid 10001 tamiyo
+USER tamiyo
+
+EXPOSE 50051 9464
+ENV TAMIYO_HOST=0.0.0.0
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;c=grpc.insecure_channel('127.0.0.1:50051');sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(),timeout=2).status==1 else 1)"
+ENTRYPOINT ["tamiyo-server"]

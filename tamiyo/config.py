@@ -1,0 +1,69 @@
+"""Every limit and tunable of Tamiyo, in one place.
+
+Server, trainer, simulator and client import these dataclasses instead of defining
+their own constants. Defaults are chosen for a 10 ms decision budget on a 2-core CPU
+machine; the server's CLI flags and ``TAMIYO_*`` environment variables override them
+(see ``tamiyo_server.cli``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits. Anything beyond them is refused with an error naming the field."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_nodes_per_graph: int = 512
+    max_edges_per_graph: int = 4096
+    max_signals_per_frame: int = 1024
+    max_signals_per_state: int = 16384  # ModelGraphState: history windows of all layers
+    max_kernels: int = 64
+    max_seeds_per_layer: int = 64
+    max_id_chars: int = 128
+    max_request_id_chars: int = 64
+    max_detail_chars: int = 256
+    max_concurrent_streams: int = 4096
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """The decision rules applied after the network (the seed's rules, made explicit)."""
+
+    confidence_threshold: float = 0.5  # adapt only if P(adapt) >= this
+    health_threshold: float = 0.6  # adapt only a layer whose health is below this
+    max_adaptations_per_epoch: int = 2
+    layer_cooldown_steps: int = 50
+    exploration_epsilon: float = 0.0  # ε-exploration; off by default in the server
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Deadline-aware dynamic batching (see ``tamiyo_server.batcher``)."""
+
+    decision_deadline_ms: float = 10.0  # end-to-end budget per decision
+    max_deadline_ms: float = 1000.0  # cap on a session's requested deadline
+    max_batch_graphs: int = 256
+    max_batch_nodes: int = 16384
+    max_batch_edges: int = 65536
+    max_queue_delay_ms: float = 2.0  # a batch never waits longer than this to fill
+    max_queued: int = 8192  # evaluations waiting for the inference thread
+    outbound_queue: int = 64  # responses waiting to be written on one stream
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464  # 0 disables the Prometheus endpoint
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    checkpoint_dir: str = ""  # empty: serve the bundled default policy
+    poll_interval_s: float = 1.0
+    grace_s: float = 5.0
+    keepalive_time_ms: int = 10_000
+    keepalive_timeout_ms: int = 5_000
+    limits: Limits = field(default_factory=Limits)
+    rules: RuleConfig = field(default_factory=RuleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)

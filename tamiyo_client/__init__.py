@@ -1,0 +1,1 @@
+"""Client side of Tamiyo: the streaming client and the reference KasminaLayer."""

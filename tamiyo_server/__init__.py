@@ -1,0 +1,1 @@
+"""Tamiyo's gRPC server: sessions, deadline-aware batching, policy inference, reloads."""

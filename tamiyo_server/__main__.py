@@ -1,0 +1,21 @@
+"""``python -m tamiyo_server`` / ``tamiyo-server``: run the server until interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from tamiyo_server.app import serve
+from tamiyo_server.cli import parse_config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(parse_config(argv)))
+
+
+if __name__ == "__main__":
+    main()

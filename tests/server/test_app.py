@@ -1,0 +1,61 @@
+"""The server binds a real port, answers health (Check and Watch) and reflection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tamiyo.config import ServerConfig
+from tamiyo_server.app import SERVICE_NAME, TamiyoServer
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TamiyoServer]:
+    srv = TamiyoServer(replace(ServerConfig(), port=0, metrics_port=0, grace_s=0.5))
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+async def test_health_check_and_watch(server: TamiyoServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", SERVICE_NAME):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_tamiyo_methods(server: TamiyoServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        listed = await call.read()
+        names = {s.name for s in listed.list_services_response.service}
+        assert SERVICE_NAME in names
+        await call.write(
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME)
+        )
+        files = await call.read()
+        assert files.file_descriptor_response.file_descriptor_proto
+        await call.done_writing()
+
+
+async def test_shutdown_reports_not_serving(server: TamiyoServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        await server.health.enter_graceful_shutdown()
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,0 +1,1 @@
+"""Offline RL trainer and the Simic simulator."""
