@@ -1,22 +1,18 @@
-# Tamiyo server image. CPU torch by default; pick a CUDA build of torch with
-#   docker build --build-arg TORCH_VARIANT=cu128 .
-# TORCH_INDEX_URL may point pip at the index that carries the chosen variant.
-FROM python:3.11-slim AS base
+# Tamiyo server image.
+#   docker build -t tamiyo .                                  # CPU build of torch
+#   docker build --build-arg TORCH_VARIANT=cu128 -t tamiyo:cuda .
+# TORCH_VARIANT selects the PyTorch wheel index (cpu, cu126, cu128, ...); TORCH_INDEX_URL
+# overrides the whole index for a mirror.
+FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
-ARG TORCH_INDEX_URL=""
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install "torch==${TORCH_VERSION}+${TORCH_VARIANT}" --index-url "$TORCH_INDEX_URL"; \
-    elif [ "$TORCH_VARIANT" = "cpu" ]; then \
-        pip install "torch==${TORCH_VERSION}"; \
-    else \
-        pip install "torch==${TORCH_VERSION}"; \
-    fi
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 COPY pyproject.toml README.md ./
 COPY tamiyo ./tamiyo
