@@ -67,3 +67,40 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     rules: RuleConfig = field(default_factory=RuleConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The streaming client (``tamiyo_client.client``): reconnects, buffers, deadlines."""
+
+    target: str = "127.0.0.1:50051"
+    connect_timeout_s: float = 5.0  # per connection attempt (channel ready + SessionAccepted)
+    backoff_initial_s: float = 0.1  # first reconnect delay
+    backoff_max_s: float = 5.0  # cap on the reconnect delay
+    backoff_multiplier: float = 2.0
+    backoff_jitter: float = 0.5  # delay drawn uniformly from [d·(1-jitter), d]
+    frame_buffer: int = 8  # frames waiting to be sent; more are coalesced (latest wins)
+    outcome_buffer: int = 256  # outcomes waiting to be sent; oldest dropped beyond this
+    decision_buffer: int = 256  # received decisions not yet consumed; oldest dropped beyond
+    decision_deadline_ms: int = 0  # asked of the server in SessionBudget; 0 = server default
+    keepalive_time_ms: int = 10_000  # detects a dead server within seconds
+    keepalive_timeout_ms: int = 5_000
+
+
+@dataclass(frozen=True)
+class KasminaConfig:
+    """The reference KasminaLayer (``tamiyo_client.kasmina``): telemetry and seeds.
+
+    The health score is ``(1 - dead) · (1 - corr_weight·corr) · var/(var + variance_floor)
+    · g/(g + gradient_floor) · error_decay**errors`` (see ``tamiyo_client.telemetry``).
+    """
+
+    num_seeds: int = 4
+    window: int = 32  # forward passes kept for the latency mean/variance
+    max_corr_units: int = 64  # correlation uses at most this many output units
+    variance_floor: float = 1e-3  # activation variance at which the variance factor is 0.5
+    gradient_floor: float = 1e-5  # gradient norm at which the gradient factor is 0.5
+    corr_weight: float = 0.5  # fully correlated units halve the health
+    error_decay: float = 0.5  # each non-finite forward in the window halves the health
+    memory_budget_bytes: int = 256 * 1024 * 1024  # memory_utilization denominator
+    fossilize_after_steps: int = 200  # training forwards before a seed is fossilized (frozen)
