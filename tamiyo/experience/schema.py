@@ -1,0 +1,182 @@
+"""The experience store's on-disk format: one SQLite file in WAL mode, schema version 1.
+
+Why one format: the server logs the decisions it serves and the Simic simulator logs its
+behaviour data in exactly the same rows, so the trainer has one reader for both.
+
+Schema version 1 (``meta.schema_version = "1"``)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)
+        schema_version, created_at_s (Unix s), writer (free text, e.g. "tamiyo-server")
+
+    decisions(                       -- one row per decision, written when it is made
+        decision_id    TEXT PRIMARY KEY,
+        session_id     TEXT,         -- one stream / one simulated episode
+        host_id        TEXT,
+        step           INTEGER,      -- host training step the state describes
+        epoch          INTEGER,
+        ts_s           REAL,         -- wall clock of the decision, Unix s
+        state          BLOB,         -- serialised tamiyo.v1.ModelGraphState the policy saw
+        action_kind    INTEGER,      -- tamiyo.v1.AdaptationAction value (1 NO_OP, 2 LOAD_KERNEL)
+        node_index     INTEGER,      -- index into state.topology.layers; -1 for NO_OP
+        kernel_index   INTEGER,      -- index into state.kernels; -1 for NO_OP
+        layer_id       TEXT,         -- "" for NO_OP
+        kernel_id      TEXT,         -- "" for NO_OP
+        seed_index     INTEGER,
+        propensity     REAL,         -- P(action | state) under the behaviour policy, (0, 1]
+        policy_version TEXT,
+        rule           INTEGER)      -- tamiyo.v1.DecisionRule value that decided
+
+    outcomes(                        -- zero or one row per decision, written later
+        decision_id    TEXT PRIMARY KEY,
+        ts_s           REAL,
+        applied        INTEGER,      -- 0/1: the host applied the decision
+        reward         REAL NULL,    -- NULL: derive it (see below)
+        reward_source  TEXT,         -- "client", "derived" or "simulator"
+        next_state     BLOB NULL,    -- NULL: the session's next decision's state
+        done           INTEGER)      -- 0/1: the episode / session ended after this decision
+
+Rows are joined by ``decision_id`` across all files given to the reader, so an outcome
+may land in a later (rotated) file or another replica's file than its decision.
+
+Derived reward (when ``reward`` is NULL): the change of mean reported ``health_score``
+between the state and the next state, each taken as the latest signal per layer:
+``r = mean_l h_next(l) - mean_l h(l)`` (unitless, in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS decisions (
+    decision_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    ts_s REAL NOT NULL,
+    state BLOB NOT NULL,
+    action_kind INTEGER NOT NULL,
+    node_index INTEGER NOT NULL,
+    kernel_index INTEGER NOT NULL,
+    layer_id TEXT NOT NULL,
+    kernel_id TEXT NOT NULL,
+    seed_index INTEGER NOT NULL,
+    propensity REAL NOT NULL,
+    policy_version TEXT NOT NULL,
+    rule INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_session_step ON decisions (session_id, step);
+CREATE TABLE IF NOT EXISTS outcomes (
+    decision_id TEXT PRIMARY KEY,
+    ts_s REAL NOT NULL,
+    applied INTEGER NOT NULL,
+    reward REAL,
+    reward_source TEXT NOT NULL,
+    next_state BLOB,
+    done INTEGER NOT NULL
+);
+"""
+
+ACTION_NO_OP = 1  # tamiyo.v1.AdaptationAction.ADAPTATION_ACTION_NO_OP
+ACTION_LOAD_KERNEL = 2  # tamiyo.v1.AdaptationAction.ADAPTATION_ACTION_LOAD_KERNEL
+
+
+class ExperienceStoreError(RuntimeError):
+    """A store file is missing, corrupt, or of a schema version this code cannot read."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One decision as logged. ``state`` is serialised ``ModelGraphState`` bytes."""
+
+    decision_id: str
+    session_id: str
+    host_id: str
+    step: int
+    epoch: int
+    ts_s: float
+    state: bytes
+    action_kind: int
+    node_index: int
+    kernel_index: int
+    layer_id: str
+    kernel_id: str
+    seed_index: int
+    propensity: float
+    policy_version: str
+    rule: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.propensity <= 1.0:
+            raise ValueError(f"propensity: {self.propensity} not in (0, 1]")
+        if self.action_kind not in (ACTION_NO_OP, ACTION_LOAD_KERNEL):
+            raise ValueError(f"action_kind: {self.action_kind} is not NO_OP(1) or LOAD_KERNEL(2)")
+        if self.action_kind == ACTION_NO_OP and (self.node_index != -1 or self.kernel_index != -1):
+            raise ValueError("node_index/kernel_index: must be -1 for NO_OP")
+        if self.action_kind == ACTION_LOAD_KERNEL and (
+            self.node_index < 0 or self.kernel_index < 0
+        ):
+            raise ValueError("node_index/kernel_index: must be >= 0 for LOAD_KERNEL")
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRecord:
+    """What followed a decision. ``reward`` None means "derive it from the next state"."""
+
+    decision_id: str
+    ts_s: float
+    applied: bool
+    reward: float | None
+    reward_source: str
+    next_state: bytes | None
+    done: bool
+
+
+def connect(path: Path | str, *, create: bool) -> sqlite3.Connection:
+    """Open a store file in WAL mode (``synchronous=NORMAL``: a killed process loses no
+    committed transaction) and check or create its schema."""
+    p = Path(path)
+    if not create and not p.exists():
+        raise ExperienceStoreError(f"{p}: no such experience store")
+    conn = sqlite3.connect(str(p), timeout=10.0, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise ExperienceStoreError(f"{p}: could not switch to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        if create:
+            with conn:
+                conn.executescript(DDL)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        check_version(conn, p)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise ExperienceStoreError(f"{p}: not a readable experience store ({exc})") from exc
+    except ExperienceStoreError:
+        conn.close()
+        raise
+    return conn
+
+
+def check_version(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a file whose schema version this code does not know."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    except sqlite3.OperationalError as exc:
+        raise ExperienceStoreError(f"{path}: no meta table ({exc})") from exc
+    if row is None:
+        raise ExperienceStoreError(f"{path}: meta.schema_version missing")
+    if row[0] != str(SCHEMA_VERSION):
+        raise ExperienceStoreError(
+            f"{path}: meta.schema_version is {row[0]!r}, this reader knows {SCHEMA_VERSION}"
+        )
