@@ -51,6 +51,11 @@ class BatchConfig:
     max_queue_delay_ms: float = 2.0  # a batch never waits longer than this to fill
     max_queued: int = 8192  # evaluations waiting for the inference thread
     outbound_queue: int = 64  # responses waiting to be written on one stream
+    # Online inference-time model (tamiyo_server.batcher.CostModel): prior until measured.
+    prior_batch_ms: float = 1.0  # fixed cost of one batch before any measurement
+    prior_node_us: float = 5.0  # cost per node before any measurement
+    cost_forgetting: float = 0.98  # per-batch forgetting factor of the online fit
+    safety_ms: float = 0.5  # slack kept for writing the answer after inference
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,12 @@ class ServerConfig:
     checkpoint_dir: str = ""  # empty: serve the bundled default policy
     poll_interval_s: float = 1.0
     grace_s: float = 5.0
+    # Security (tamiyo_server.auth); empty = off. The token is read from the
+    # TAMIYO_AUTH_TOKEN environment variable or --auth-token-file, never a flag value.
+    auth_token: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # set = mTLS (client certificates required)
     keepalive_time_ms: int = 10_000
     keepalive_timeout_ms: int = 5_000
     limits: Limits = field(default_factory=Limits)
