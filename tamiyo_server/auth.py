@@ -1,0 +1,87 @@
+"""Optional bearer-token authentication and TLS / mTLS credentials.
+
+When a token is configured every RPC must carry ``authorization: Bearer <token>``
+metadata; anything else is refused with UNAUTHENTICATED (deny by default). The only
+exemption is the standard health service, so load-balancer and Kubernetes probes work
+without the secret (health reveals nothing but SERVING / NOT_SERVING). The comparison is
+constant-time (``hmac.compare_digest``) so response timing does not leak the token.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+def _deny(
+    message: str, handler: grpc.RpcMethodHandler[Any, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    # Keep the handler's shape so grpc can still (de)serialize; the call aborts at once.
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class BearerTokenInterceptor(_Interceptor):
+    """Deny every RPC without the right bearer token (health checks exempt)."""
+
+    def __init__(self, token: str, exempt: frozenset[str] = HEALTH_METHODS) -> None:
+        if not token:
+            raise ValueError("an empty token would admit everyone; configure none instead")
+        self._expected = f"Bearer {token}".encode()
+        self._exempt = exempt
+
+    def _ok(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in self._exempt:
+            return handler
+        if self._ok(handler_call_details.invocation_metadata):
+            return handler
+        return _deny("missing or invalid bearer token (metadata 'authorization')", handler)
+
+
+def server_credentials(
+    cert_file: str, key_file: str, client_ca_file: str = ""
+) -> grpc.ServerCredentials:
+    """TLS with the server's PEM certificate chain and key; with ``client_ca_file`` it is
+    mTLS: clients must present a certificate signed by that CA or the handshake fails."""
+    chain = Path(cert_file).read_bytes()
+    key = Path(key_file).read_bytes()
+    if client_ca_file:
+        return grpc.ssl_server_credentials(
+            [(key, chain)],
+            root_certificates=Path(client_ca_file).read_bytes(),
+            require_client_auth=True,
+        )
+    return grpc.ssl_server_credentials([(key, chain)])

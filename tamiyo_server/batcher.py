@@ -1,0 +1,348 @@
+"""Deadline-aware dynamic batching between the event loop and ONE inference thread.
+
+Why: a GCN forward over 64 small graphs costs little more than over one, so graphs from
+all streams are batched; but every decision has a 10 ms deadline, so a batch must not
+wait for company longer than its most urgent member can afford.
+
+* The event loop calls :meth:`Batcher.submit` (non-blocking, O(log n)); the job lands in
+  an earliest-deadline-first heap guarded by a ``threading.Condition``.
+* The inference thread closes a batch on whichever comes first: the node/edge budget,
+  ``max_batch_graphs``, the earliest deadline's slack falling below the predicted
+  inference time (:class:`CostModel`, learned online from measured batches), or the
+  oldest job having waited ``max_queue_delay_ms``.
+* A job that can no longer make its deadline even alone is *shed*: its future resolves
+  with ``shed="deadline"`` and the caller answers with a degraded decision. The queue is
+  bounded (``max_queued``); a full queue makes ``submit`` return ``None``.
+* Results go back with one ``loop.call_soon_threadsafe`` per batch.
+
+The batcher is generic over the payload and result types: the runner passed in does the
+featurize + forward (see ``tamiyo_server.pipeline``), so this module knows no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from tamiyo.config import BatchConfig
+from tamiyo_server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+_QUEUED, _TAKEN, _GONE = 0, 1, 2
+
+
+class CostModel:
+    """Predicts a batch's inference time in ms as ``a + b·nodes/1000 + c·graphs/100``.
+
+    Fitted online by recursive least squares with exponential forgetting, so it follows
+    the machine's current speed (thermal, noisy neighbours). The prediction adds twice
+    the EWMA of absolute residuals: the batcher needs a safe bound, not the mean.
+    Thread-safety: only the inference thread calls ``update``; ``predict`` reads a tuple
+    swapped atomically.
+    """
+
+    def __init__(self, config: BatchConfig) -> None:
+        self._lam = config.cost_forgetting
+        self._theta = np.array([config.prior_batch_ms, config.prior_node_us, 0.0])
+        self._p = np.eye(3) * 10.0
+        self._resid = 0.0
+        self._coef: tuple[float, float, float, float] = (*map(float, self._theta), 0.0)  # type: ignore[assignment]
+
+    @staticmethod
+    def _x(nodes: int, graphs: int) -> np.ndarray:
+        return np.array([1.0, nodes / 1000.0, graphs / 100.0])
+
+    def predict_ms(self, nodes: int, graphs: int) -> float:
+        a, b, c, resid = self._coef
+        return max(0.05, a + b * nodes / 1000.0 + c * graphs / 100.0) + 2.0 * resid
+
+    def update(self, nodes: int, graphs: int, measured_ms: float) -> None:
+        x = self._x(nodes, graphs)
+        err = measured_ms - float(x @ self._theta)
+        px = self._p @ x
+        gain = px / (self._lam + float(x @ px))
+        self._theta = self._theta + gain * err
+        self._p = (self._p - np.outer(gain, px)) / self._lam
+        self._resid = 0.9 * self._resid + 0.1 * abs(err)
+        a, b, c = (float(v) for v in self._theta)
+        self._coef = (a, b, c, self._resid)
+
+
+@dataclass(eq=False)
+class Job(Generic[P, R]):
+    """One evaluation waiting for (or in) a batch. Times are ``time.monotonic()`` s."""
+
+    payload: P
+    nodes: int
+    edges: int
+    arrival: float
+    deadline: float
+    future: asyncio.Future[Done[R]]
+    seq: int = 0
+    state: int = _QUEUED
+
+
+@dataclass
+class Done(Generic[R]):
+    """How a job ended: ``result`` from the network, or ``shed`` naming why not."""
+
+    result: R | None = None
+    shed: str = ""  # "", "deadline", "error", "shutdown"
+    queue_s: float = 0.0
+    batch_graphs: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Batcher(Generic[P, R]):
+    """EDF queue + inference thread. ``runner(payloads) -> results`` runs on the thread."""
+
+    def __init__(
+        self,
+        runner: Callable[[Sequence[P]], Sequence[R]],
+        config: BatchConfig,
+        metrics: ServerMetrics | None = None,
+        name: str = "tamiyo-inference",
+    ) -> None:
+        self._runner = runner
+        self.config = config
+        self.cost = CostModel(config)
+        self._m = metrics
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Job[P, R]]] = []
+        self._fifo: deque[Job[P, R]] = deque()  # arrival order, lazily pruned
+        self._queued = 0
+        self._queued_nodes = 0
+        self._seq = itertools.count()
+        self._busy = False
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._idle = asyncio.Event()
+
+    # ----------------------------------------------------------------- event-loop side
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle.set()
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def submit(
+        self, payload: P, nodes: int, edges: int, arrival: float, deadline: float
+    ) -> Job[P, R] | None:
+        """Queue one evaluation; ``None`` when the queue is full or stopping (the caller
+        must answer explicitly: degraded decision or RESOURCE_EXHAUSTED)."""
+        assert self._loop is not None, "start() first"
+        with self._cond:
+            if self._stopping or self._queued >= self.config.max_queued:
+                return None
+            job: Job[P, R] = Job(
+                payload, nodes, edges, arrival, deadline, self._loop.create_future()
+            )
+            job.seq = next(self._seq)
+            heapq.heappush(self._heap, (deadline, job.seq, job))
+            self._fifo.append(job)
+            self._queued += 1
+            self._queued_nodes += nodes
+            self._idle.clear()
+            self._cond.notify()
+        return job
+
+    def replace(self, job: Job[P, R], payload: P, nodes: int, edges: int) -> bool:
+        """Swap the payload of a job still queued (a newer frame of the same session
+        replaces the older one, keeping its place); False if it was already taken."""
+        with self._cond:
+            if job.state != _QUEUED:
+                return False
+            self._queued_nodes += nodes - job.nodes
+            job.payload, job.nodes, job.edges = payload, nodes, edges
+            return True
+
+    def cancel(self, job: Job[P, R]) -> bool:
+        """Withdraw a queued job (its stream went away). True if it had not started."""
+        with self._cond:
+            if job.state != _QUEUED:
+                return False
+            job.state = _GONE
+            self._queued -= 1
+            self._queued_nodes -= job.nodes
+        if not job.future.done():
+            job.future.cancel()
+        self._check_idle()
+        return True
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or running; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Stop the thread; whatever is still queued is shed with reason "shutdown"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10.0)
+
+    def _check_idle(self) -> None:
+        if self._queued == 0 and not self._busy:
+            self._idle.set()
+
+    def _deliver(self, batch: list[tuple[Job[P, R], Done[R]]]) -> None:
+        for job, done in batch:
+            if not job.future.done():
+                job.future.set_result(done)
+        self._check_idle()
+
+    # ---------------------------------------------------------------- inference thread
+    def _pop_live(self) -> Job[P, R] | None:
+        while self._heap:
+            job = self._heap[0][2]
+            if job.state == _QUEUED:
+                return job
+            heapq.heappop(self._heap)
+        return None
+
+    def _oldest_arrival(self) -> float:
+        while self._fifo and self._fifo[0].state != _QUEUED:
+            self._fifo.popleft()
+        return self._fifo[0].arrival if self._fifo else time.monotonic()
+
+    def _take(self, job: Job[P, R]) -> None:
+        heapq.heappop(self._heap)
+        job.state = _TAKEN
+        self._queued -= 1
+        self._queued_nodes -= job.nodes
+
+    def _next_batch(self) -> tuple[list[Job[P, R]], list[Job[P, R]]] | None:
+        """Block until a batch closes; returns (to run, to shed) or None to exit."""
+        c = self.config
+        safety = c.safety_ms / 1000.0
+        with self._cond:
+            while True:
+                head = self._pop_live()
+                if head is None:
+                    if self._stopping:
+                        return None
+                    if self._busy:
+                        self._busy = False
+                        self._post_idle_check()
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                graphs = min(self._queued, c.max_batch_graphs)
+                nodes = min(self._queued_nodes, c.max_batch_nodes)
+                slack = head.deadline - now - self.cost.predict_ms(nodes, graphs) / 1000.0
+                slack -= safety
+                waited = now - self._oldest_arrival()
+                wait_left = c.max_queue_delay_ms / 1000.0 - waited
+                full = self._queued >= c.max_batch_graphs or self._queued_nodes >= c.max_batch_nodes
+                if full or slack <= 0 or wait_left <= 0 or self._stopping:
+                    break
+                self._cond.wait(timeout=min(slack, wait_left))
+            self._busy = True
+            run: list[Job[P, R]] = []
+            shed: list[Job[P, R]] = []
+            nodes = edges = 0
+            batch_deadline = 0.0
+            while (job := self._pop_live()) is not None and len(run) < c.max_batch_graphs:
+                if nodes + job.nodes > c.max_batch_nodes and run:
+                    break
+                if edges + job.edges > c.max_batch_edges and run:
+                    break
+                alone = self.cost.predict_ms(job.nodes, 1) / 1000.0
+                if job.deadline < now + alone + safety:
+                    self._take(job)
+                    shed.append(job)
+                    continue
+                finish = now + self.cost.predict_ms(nodes + job.nodes, len(run) + 1) / 1000.0
+                if run and finish + safety > batch_deadline:
+                    break  # adding it would make the batch miss its earliest deadline
+                self._take(job)
+                if not run:
+                    batch_deadline = job.deadline
+                run.append(job)
+                nodes += job.nodes
+                edges += job.edges
+            return run, shed
+
+    def _run(self) -> None:
+        while True:
+            got = self._next_batch()
+            if got is None:
+                break
+            run, shed = got
+            self._execute(run, shed)
+        self._shed_rest()
+
+    def _execute(self, run: list[Job[P, R]], shed: list[Job[P, R]]) -> None:
+        start = time.monotonic()
+        out: list[tuple[Job[P, R], Done[R]]] = [
+            (j, Done(shed="deadline", queue_s=start - j.arrival)) for j in shed
+        ]
+        if run:
+            nodes = sum(j.nodes for j in run)
+            try:
+                results = self._runner([j.payload for j in run])
+                if len(results) != len(run):
+                    raise RuntimeError(f"runner returned {len(results)} for {len(run)} jobs")
+            except Exception:
+                log.exception("inference failed for a batch of %d graphs", len(run))
+                out += [(j, Done(shed="error", queue_s=start - j.arrival)) for j in run]
+            else:
+                took = time.monotonic() - start
+                self.cost.update(nodes, len(run), took * 1000.0)
+                out += [
+                    (j, Done(result=r, queue_s=start - j.arrival, batch_graphs=len(run)))
+                    for j, r in zip(run, results, strict=True)
+                ]
+                if self._m is not None:
+                    self._m.inference_seconds.observe(took)
+                    self._m.batch_graphs.observe(len(run))
+                    self._m.batch_nodes.observe(nodes)
+            if self._m is not None:
+                for j in run:
+                    self._m.queue_seconds.observe(start - j.arrival)
+        if out:
+            self._post(out)
+
+    def _post(self, out: list[tuple[Job[P, R], Done[R]]]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _post_idle_check(self) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._check_idle)
+
+    def _shed_rest(self) -> None:
+        with self._cond:
+            rest = [e[2] for e in self._heap if e[2].state == _QUEUED]
+            for job in rest:
+                job.state = _TAKEN
+            self._heap.clear()
+            self._fifo.clear()
+            self._queued = self._queued_nodes = 0
+            self._busy = False
+        self._post([(j, Done(shed="shutdown")) for j in rest])

@@ -1,0 +1,254 @@
+"""Prometheus metrics of one server instance, served on their own port.
+
+Why a registry per instance: tests run several servers in one process, and each must
+count only its own work. The gRPC metrics use the conventional names of
+go-grpc-prometheus (``grpc_server_handled_total``, ``grpc_server_handling_seconds``) so
+stock dashboards work. Latency histograms have sub-10 ms buckets because the decision
+budget is 10 ms; all times are in seconds (Prometheus convention).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Seconds. Dense below the 10 ms budget, sparse above it (overload shows up there).
+LATENCY_BUCKETS = (
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0065,
+    0.008,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+NODE_BUCKETS = (8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class ServerMetrics:
+    """All of the server's metrics; ``start(port)`` exposes them over HTTP."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        rpc = ("grpc_type", "grpc_service", "grpc_method")
+        self.rpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server.", rpc, registry=r
+        )
+        self.rpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            (*rpc, "grpc_code"),
+            registry=r,
+        )
+        self.rpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from RPC start to completion, seconds (streams: stream lifetime).",
+            rpc,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "tamiyo_decision_latency_seconds",
+            "Server-side latency of a decision: request arrival to decision ready, seconds.",
+            ("path", "degraded"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "tamiyo_queue_delay_seconds",
+            "Time an evaluation waited in the batcher queue, seconds.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "tamiyo_inference_seconds",
+            "Featurize + batched forward of one batch on the inference thread, seconds.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_graphs = Histogram(
+            "tamiyo_batch_graphs", "Graphs per batch.", buckets=GRAPH_BUCKETS, registry=r
+        )
+        self.batch_nodes = Histogram(
+            "tamiyo_batch_nodes", "Nodes per batch.", buckets=NODE_BUCKETS, registry=r
+        )
+        self.active_streams = Gauge(
+            "tamiyo_active_streams", "Open StreamTelemetry streams.", registry=r
+        )
+        self.policy_version = Gauge(
+            "tamiyo_policy_version_info",
+            "The serving policy version (value 1 on the current version's label).",
+            ("version",),
+            registry=r,
+        )
+        self.reloads = Counter(
+            "tamiyo_policy_reloads", "Policy loads by result (ok/failed).", ("result",), registry=r
+        )
+        self.rejected = Counter(
+            "tamiyo_rejected_inputs",
+            "Messages refused by validation or limits, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self.shed = Counter(
+            "tamiyo_shed",
+            "Work not run through the network, by reason (deadline, queue_full, "
+            "superseded, shutdown); each was answered explicitly.",
+            ("reason",),
+            registry=r,
+        )
+        self.decisions = Counter(
+            "tamiyo_decisions", "Decisions sent, by deciding rule.", ("rule",), registry=r
+        )
+        self._http: Any = None
+
+    def start(self, host: str, port: int) -> int:
+        """Serve /metrics on ``host:port`` (0 = any free port); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        bound: int = server.server_port
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def set_policy_version(self, version: str) -> None:
+        self.policy_version.clear()
+        self.policy_version.labels(version).set(1)
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def _wrap_streaming(
+    inner: Callable[..., Any],
+    labels: tuple[str, str, str],
+    track: Callable[[tuple[str, str, str], Any], None],
+) -> Callable[..., Any]:
+    """Wrap a streaming-response behaviour, keeping its style: an async generator stays
+    one; a coroutine using ``context.write`` stays a coroutine (no per-message cost)."""
+    if inspect.isasyncgenfunction(inner):
+
+        async def gen(request: Any, context: Any) -> AsyncIterator[Any]:
+            track(labels, context)
+            async for item in inner(request, context):
+                yield item
+
+        return gen
+
+    async def coro(request: Any, context: Any) -> Any:
+        track(labels, context)
+        return await inner(request, context)
+
+    return coro
+
+
+class MetricsInterceptor(_Interceptor):
+    """Counts every RPC (started, handled by code) and times it, for every service."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.m = metrics
+
+    def _track(
+        self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        start = time.perf_counter()
+        self.m.rpc_started.labels(*labels).inc()
+
+        def done(ctx: Any) -> None:
+            code = ctx.code()
+            if code is None:
+                code = grpc.StatusCode.CANCELLED if ctx.cancelled() else grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            self.m.rpc_handled.labels(*labels, name).inc()
+            self.m.rpc_seconds.labels(*labels).observe(time.perf_counter() - start)
+
+        context.add_done_callback(cast(Any, done))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # type: ignore[unreachable]  # unknown method: grpc answers
+        service, name = _split(handler_call_details.method)
+        labels = (_rpc_type(handler), service, name)
+        track = self._track
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                track(labels, context)
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming(inner_us, labels, track),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_streaming(inner_ss, labels, track),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        inner_su = cast(Callable[..., Any], handler.stream_unary)
+
+        async def stream_unary(requests: Any, context: Any) -> Any:
+            track(labels, context)
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )

@@ -1,0 +1,135 @@
+"""The batcher: EDF order, batching across submitters, shedding, bounds, replace, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from tamiyo.config import BatchConfig
+from tamiyo_server.batcher import Batcher, CostModel
+
+CFG = BatchConfig()
+
+
+class Recorder:
+    """A real runner that records each batch (the unit under test is the batcher)."""
+
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.sleep_s = sleep_s
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, payloads: Sequence[int]) -> list[int]:
+        self.gate.wait(5.0)
+        self.batches.append(list(payloads))
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return [p * 10 for p in payloads]
+
+
+async def test_results_come_back_batched() -> None:
+    rec = Recorder(sleep_s=0.002)
+    b: Batcher[int, int] = Batcher(rec, CFG)
+    b.start()
+    now = time.monotonic()
+    jobs = [b.submit(i, 4, 3, now, now + 1.0) for i in range(50)]
+    done = await asyncio.gather(*(j.future for j in jobs if j is not None))
+    assert [d.result for d in done] == [i * 10 for i in range(50)]
+    assert sum(len(x) for x in rec.batches) == 50
+    assert len(rec.batches) < 50  # graphs from many submitters share batches
+    assert await b.drain(1.0)
+    b.stop()
+
+
+async def test_earliest_deadline_first_and_replace() -> None:
+    rec = Recorder()
+    rec.gate.clear()  # hold the thread inside the first batch while we queue more
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_batch_graphs=1))
+    b.start()
+    now = time.monotonic()
+    first = b.submit(0, 1, 0, now, now + 5.0)
+    await asyncio.sleep(0.05)
+    late = b.submit(1, 1, 0, now, now + 4.0)
+    early = b.submit(2, 1, 0, now, now + 2.0)
+    mid = b.submit(3, 1, 0, now, now + 3.0)
+    assert first
+    assert late
+    assert early
+    assert mid
+    assert b.replace(mid, 33, 2, 0)
+    rec.gate.set()
+    outs = await asyncio.gather(first.future, late.future, early.future, mid.future)
+    assert [x[0] for x in rec.batches] == [0, 2, 33, 1]
+    assert outs[3].result == 330
+    assert not b.replace(mid, 4, 1, 0)  # already ran
+    b.stop()
+
+
+async def test_hopeless_deadline_is_shed_not_run() -> None:
+    rec = Recorder()
+    b: Batcher[int, int] = Batcher(rec, CFG)
+    b.start()
+    now = time.monotonic()
+    job = b.submit(7, 10, 0, now - 1.0, now - 0.5)  # already late
+    ok = b.submit(8, 10, 0, now, now + 1.0)
+    assert job
+    assert ok
+    shed, fine = await asyncio.gather(job.future, ok.future)
+    assert (shed.shed, shed.result) == ("deadline", None)
+    assert (fine.shed, fine.result) == ("", 80)
+    assert all(7 not in x for x in rec.batches)
+    b.stop()
+
+
+async def test_queue_is_bounded_and_cancel_and_stop_shed() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_queued=3, max_batch_graphs=1))
+    b.start()
+    now = time.monotonic()
+    running = b.submit(0, 1, 0, now, now + 9.0)
+    await asyncio.sleep(0.05)  # thread now blocked in the runner with job 0
+    queued = [b.submit(i, 1, 0, now, now + 9.0) for i in (1, 2, 3)]
+    assert all(queued)
+    assert b.submit(4, 1, 0, now, now + 9.0) is None  # full: caller must answer explicitly
+    assert queued[0] is not None
+    assert b.cancel(queued[0])
+    assert queued[0].future.cancelled()
+    assert b.submit(5, 1, 0, now, now + 9.0) is not None  # room again
+    threading.Timer(0.05, rec.gate.set).start()
+    b.stop()  # stopping refuses new work but still runs what was accepted
+    assert b.submit(6, 1, 0, now, now + 9.0) is None
+    assert running is not None
+    assert (await running.future).result == 0
+    rest = await asyncio.gather(*(q.future for q in queued[1:] if q is not None))
+    assert [d.result for d in rest] == [20, 30]
+
+
+async def test_runner_error_is_answered() -> None:
+    def boom(payloads: Sequence[int]) -> list[int]:
+        raise RuntimeError("broken engine")
+
+    b: Batcher[int, int] = Batcher(boom, CFG)
+    b.start()
+    now = time.monotonic()
+    job = b.submit(1, 1, 0, now, now + 1.0)
+    assert job is not None
+    assert (await job.future).shed == "error"
+    b.stop()
+
+
+def test_cost_model_learns_linear_cost() -> None:
+    model = CostModel(CFG)
+    for i in range(400):
+        nodes = 50 + (i * 37) % 3000
+        graphs = 1 + i % 64
+        model.update(nodes, graphs, 0.3 + 2.0 * nodes / 1000.0 + 0.5 * graphs / 100.0)
+    for nodes, graphs in ((100, 2), (2000, 40)):
+        truth = 0.3 + 2.0 * nodes / 1000.0 + 0.5 * graphs / 100.0
+        assert model.predict_ms(nodes, graphs) == pytest.approx(truth, rel=0.05, abs=0.05)
