@@ -1,0 +1,99 @@
+"""A bounded, thread-safe frame buffer that coalesces instead of blocking.
+
+Why: the training step must never wait for Tamiyo. When the server is slow (the stream
+is flow-controlled) or gone (reconnecting), frames pile up here. Once ``capacity`` frames
+are pending, the oldest pending frame is folded into the next one: per layer the newer
+signal wins, ``want_decision`` is kept if either asked, and the newer step/epoch/request
+id win. So memory stays bounded, the newest telemetry of every layer survives, and a
+decision that was asked for is still asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+
+
+def merge_frames(older: pb.TelemetryFrame, newer: pb.TelemetryFrame) -> pb.TelemetryFrame:
+    """One frame carrying the latest signal of every layer seen in ``older`` or ``newer``.
+
+    Signals keep the order of first appearance; the newer frame's step, epoch and
+    request id win; ``want_decision`` is the OR of both.
+    """
+    by_layer: dict[str, int] = {}
+    merged = pb.TelemetryFrame(
+        step=newer.step,
+        epoch=newer.epoch,
+        want_decision=older.want_decision or newer.want_decision,
+        # A pending request keeps its id unless the newer frame asks itself.
+        request_id=(
+            newer.request_id if newer.want_decision or not older.want_decision else older.request_id
+        ),
+    )
+    for sig in list(older.signals) + list(newer.signals):
+        idx = by_layer.get(sig.layer_id)
+        if idx is None:
+            by_layer[sig.layer_id] = len(merged.signals)
+            merged.signals.append(sig)
+        else:
+            merged.signals[idx].CopyFrom(sig)
+    return merged
+
+
+class CoalescingBuffer:
+    """At most ``capacity`` pending frames (>= 1); ``put`` never blocks on the consumer.
+
+    ``put`` runs on the training thread, ``drain`` on the client's event loop thread;
+    one lock guards the deque (held for microseconds). ``on_put`` is called after each
+    put, outside the lock, to wake the sender.
+    """
+
+    def __init__(self, capacity: int, on_put: Callable[[], None] | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"frame buffer capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.on_put = on_put
+        self._frames: deque[pb.TelemetryFrame] = deque()
+        self._lock = threading.Lock()
+        self.coalesced = 0  # frames folded into a newer one since creation
+
+    def put(self, frame: pb.TelemetryFrame) -> None:
+        with self._lock:
+            self._frames.append(frame)
+            while len(self._frames) > self.capacity:
+                oldest = self._frames.popleft()
+                self._frames[0] = merge_frames(oldest, self._frames[0])
+                self.coalesced += 1
+        if self.on_put is not None:
+            self.on_put()
+
+    def pop(self) -> pb.TelemetryFrame | None:
+        """The oldest pending frame, or None. The sender takes one at a time, so while a
+        write is stuck in flow control the rest keep coalescing here."""
+        with self._lock:
+            return self._frames.popleft() if self._frames else None
+
+    def drain(self) -> list[pb.TelemetryFrame]:
+        """All pending frames, oldest first, leaving the buffer empty."""
+        with self._lock:
+            frames = list(self._frames)
+            self._frames.clear()
+        return frames
+
+    def push_front(self, frames: list[pb.TelemetryFrame]) -> None:
+        """Put back frames that could not be sent (stream broke), keeping the bound."""
+        if not frames:
+            return
+        with self._lock:
+            self._frames.extendleft(reversed(frames))
+            while len(self._frames) > self.capacity:
+                oldest = self._frames.popleft()
+                self._frames[0] = merge_frames(oldest, self._frames[0])
+                self.coalesced += 1
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._frames)

@@ -1,0 +1,302 @@
+"""The reference KasminaLayer: wraps one ``nn.Module``, measures it, grows seeds.
+
+Telemetry comes from hooks, so the wrapped module's own code is untouched:
+
+- a forward pre-hook and a forward hook on the KasminaLayer time each forward (ms) and
+  feed the output into a ``WindowAccumulator`` (training mode only);
+- a post-accumulate-grad hook on every parameter (the base's and every seed's) records
+  the squared gradient norm of the latest backward, kept as a 0-d tensor so that no
+  hook forces a device sync; it is read once per ``collect_signal``.
+
+A seed is a slot for an adaptation kernel (``tamiyo_client.kernels``). Its lifecycle:
+DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
+(``fossilize_after_steps`` training forwards) FOSSILIZED, when its parameters are
+frozen. A kernel whose output is ever non-finite is CULLED (removed; the slot can be
+germinated again). The layer's output is ``base(x) + Σ kernel_i(x)`` over active seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tamiyo.config import KasminaConfig
+from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo_client.kernels import get_kernel
+from tamiyo_client.telemetry import (
+    WindowAccumulator,
+    WindowStats,
+    flatten_units,
+    reference_health,
+)
+
+DORMANT = health_pb2.SEED_LIFECYCLE_STATE_DORMANT
+GERMINATED = health_pb2.SEED_LIFECYCLE_STATE_GERMINATED
+TRAINING = health_pb2.SEED_LIFECYCLE_STATE_TRAINING
+FOSSILIZED = health_pb2.SEED_LIFECYCLE_STATE_FOSSILIZED
+CULLED = health_pb2.SEED_LIFECYCLE_STATE_CULLED
+ACTIVE_STATES = frozenset({GERMINATED, TRAINING, FOSSILIZED})
+_F32_MAX = 3.0e38
+
+_LINEAR = graph_pb2.LAYER_TYPE_LINEAR
+_CONV = graph_pb2.LAYER_TYPE_CONV
+
+
+class SeedError(ValueError):
+    """A decision cannot be applied to this layer (bad seed index, busy seed, ...)."""
+
+
+def _describe_leaf(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, int] | None:
+    if isinstance(m, nn.Linear):
+        return _LINEAR, m.in_features, m.out_features
+    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return _CONV, m.in_channels, m.out_channels
+    if isinstance(m, nn.MultiheadAttention):
+        return graph_pb2.LAYER_TYPE_ATTENTION, m.embed_dim, m.embed_dim
+    if isinstance(m, nn.LayerNorm):
+        width = int(m.normalized_shape[-1])
+        return graph_pb2.LAYER_TYPE_NORM, width, width
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+        return graph_pb2.LAYER_TYPE_NORM, m.num_features, m.num_features
+    if isinstance(m, nn.Embedding):
+        return graph_pb2.LAYER_TYPE_EMBEDDING, m.num_embeddings, m.embedding_dim
+    if isinstance(m, nn.RNNBase):
+        return graph_pb2.LAYER_TYPE_RECURRENT, m.input_size, m.hidden_size
+    return None
+
+
+def describe_module(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, int]:
+    """(layer type, input width, output width) of a module or of a block of modules: the
+    type of its first recognised submodule, the input width of the first and the output
+    width of the last. Raises ValueError when nothing inside is recognised."""
+    found = [d for d in (_describe_leaf(s) for s in m.modules()) if d is not None]
+    if not found:
+        raise ValueError(
+            f"cannot tell the type and widths of {type(m).__name__}: pass layer_type, "
+            "in_features and out_features to KasminaLayer"
+        )
+    return found[0][0], found[0][1], found[-1][2]
+
+
+class KasminaLayer(nn.Module):
+    """``base`` plus ``num_seeds`` seed slots, reporting a ``HealthSignal`` on demand.
+
+    Kernels are residual branches ``[..., in] -> [..., out]``, so only linear-like layers
+    (LINEAR type: a Linear or a block of them) get seeds; others are measured with 0 seeds.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        layer_id: str,
+        config: KasminaConfig | None = None,
+        *,
+        layer_type: graph_pb2.LayerType.ValueType | None = None,
+        in_features: int | None = None,
+        out_features: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= len(layer_id) <= 128:
+            raise ValueError(f"layer_id must be 1-128 chars, got {len(layer_id)}")
+        self.base = base
+        self.layer_id = layer_id
+        self.config = config or KasminaConfig()
+        if layer_type is None or in_features is None or out_features is None:
+            t, i, o = describe_module(base)
+            layer_type = t if layer_type is None else layer_type
+            in_features = i if in_features is None else in_features
+            out_features = o if out_features is None else out_features
+        self.layer_type: graph_pb2.LayerType.ValueType = layer_type
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_seeds = self.config.num_seeds if layer_type == _LINEAR else 0
+        self.seed_kernels = nn.ModuleDict()
+        self.seed_states: list[health_pb2.SeedLifecycleState.ValueType] = [DORMANT] * self.num_seeds
+        self.seed_kernel_ids: list[str] = [""] * self.num_seeds
+        self.seed_steps: list[int] = [0] * self.num_seeds
+        self.adaptation_count = 0
+        self.last_stats: WindowStats | None = None
+        self.last_health: float | None = None
+        self._acc = WindowAccumulator(self.config)
+        self._grad_sq: dict[int, torch.Tensor] = {}
+        self._grad_handles: dict[int, RemovableHandle] = {}
+        self._t0 = 0.0
+        self._output_bytes = 0
+        self.register_forward_pre_hook(self._before_forward)
+        self.register_forward_hook(self._after_forward)
+        for p in base.parameters():
+            self._watch(p)
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        y = self.base(x, *args, **kwargs)
+        for key in list(self.seed_kernels.keys()):
+            i = int(key)
+            if self.seed_states[i] not in ACTIVE_STATES:
+                continue
+            out = self.seed_kernels[key](x)
+            if self.training and not bool(torch.isfinite(out).all()):
+                self.cull(i)
+                self._acc.add_error()
+                continue
+            y = y + out
+        return y
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        elapsed_ms = (time.perf_counter() - self._t0) * 1e3
+        if not self.training:
+            return
+        y = output[0] if isinstance(output, tuple) else output
+        if not isinstance(y, torch.Tensor):
+            return
+        y = y.detach()
+        self._acc.add_latency(elapsed_ms)
+        self._output_bytes = y.numel() * y.element_size()
+        if bool(torch.isfinite(y).all()):
+            self._acc.add_output(flatten_units(y, self.layer_type == _CONV))
+        else:
+            self._acc.add_error()
+        for i, state in enumerate(self.seed_states):
+            if state in (GERMINATED, TRAINING):  # this forward trained the kernel
+                self.seed_states[i] = TRAINING
+                self.seed_steps[i] += 1
+                if self.seed_steps[i] >= self.config.fossilize_after_steps:
+                    self.seed_states[i] = FOSSILIZED
+                    self.seed_kernels[str(i)].requires_grad_(False)
+
+    # -- gradients -----------------------------------------------------------------
+    def _watch(self, p: nn.Parameter) -> None:
+        key = id(p)
+
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is not None:
+                self._grad_sq[key] = torch.linalg.vector_norm(param.grad.detach()) ** 2
+
+        # torch ships this method without annotations.
+        handle = p.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
+        self._grad_handles[key] = handle
+
+    def _unwatch(self, p: nn.Parameter) -> None:
+        handle = self._grad_handles.pop(id(p), None)
+        if handle is not None:
+            handle.remove()
+        self._grad_sq.pop(id(p), None)
+
+    def take_gradient_norm(self) -> float | None:
+        """L2 norm over all parameters' gradients of the latest backward(s) in this
+        window; None when no backward reached the layer. Starts a new window."""
+        if not self._grad_sq:
+            return None
+        total = torch.stack(list(self._grad_sq.values())).sum()
+        self._grad_sq.clear()
+        return math.sqrt(float(total))
+
+    # -- seeds ---------------------------------------------------------------------
+    @property
+    def active_seeds(self) -> int:
+        return sum(1 for s in self.seed_states if s in ACTIVE_STATES)
+
+    def free_seed(self) -> int | None:
+        """Index of a seed that can take a kernel (DORMANT or CULLED), or None."""
+        for i, s in enumerate(self.seed_states):
+            if s in (DORMANT, CULLED):
+                return i
+        return None
+
+    def germinate(self, seed_index: int, kernel_id: str) -> list[nn.Parameter]:
+        """Load kernel ``kernel_id`` into seed ``seed_index``; return its new parameters
+        (add them to the optimizer, see ``tamiyo_client.host.extend_optimizer``)."""
+        if not 0 <= seed_index < self.num_seeds:
+            raise SeedError(
+                f"layer {self.layer_id!r}: seed_index {seed_index} not in [0, {self.num_seeds})"
+            )
+        state = self.seed_states[seed_index]
+        if state not in (DORMANT, CULLED):
+            name = health_pb2.SeedLifecycleState.Name(state)
+            raise SeedError(f"layer {self.layer_id!r}: seed {seed_index} is busy ({name})")
+        try:
+            kdef = get_kernel(kernel_id)
+        except KeyError as exc:
+            raise SeedError(str(exc.args[0])) from None
+        ref = next(self.base.parameters(), None)
+        kernel = kdef.build(self.in_features, self.out_features)
+        if ref is not None:
+            kernel = kernel.to(device=ref.device, dtype=ref.dtype)
+        self.seed_kernels[str(seed_index)] = kernel
+        self.seed_states[seed_index] = GERMINATED
+        self.seed_kernel_ids[seed_index] = kernel_id
+        self.seed_steps[seed_index] = 0
+        self.adaptation_count += 1
+        params = list(kernel.parameters())
+        for p in params:
+            self._watch(p)
+        return params
+
+    def cull(self, seed_index: int) -> None:
+        """Remove the kernel of a failed seed; the slot becomes CULLED (reusable)."""
+        kernel = self.seed_kernels[str(seed_index)]
+        for p in kernel.parameters():
+            self._unwatch(p)
+        del self.seed_kernels[str(seed_index)]
+        self.seed_states[seed_index] = CULLED
+
+    # -- telemetry -----------------------------------------------------------------
+    def layer_spec(self) -> graph_pb2.LayerSpec:
+        return graph_pb2.LayerSpec(
+            layer_id=self.layer_id,
+            layer_type=self.layer_type,
+            input_size=self.in_features,
+            output_size=self.out_features,
+            parameter_count=sum(p.numel() for p in self.base.parameters() if p.requires_grad),
+            seed_count=self.num_seeds,
+        )
+
+    def memory_bytes(self) -> int:
+        """Parameters + gradients + the latest output, in bytes."""
+        total = self._output_bytes
+        for p in self.parameters():
+            total += p.numel() * p.element_size()
+            if p.grad is not None:
+                total += p.grad.numel() * p.grad.element_size()
+        return total
+
+    def collect_signal(self, step: int, epoch: int) -> health_pb2.HealthSignal | None:
+        """The HealthSignal of the window since the previous call, or None when the
+        layer ran no training forward in it (the server then sees it as stale)."""
+        if not self._acc.has_data:
+            return None
+        stats = self._acc.collect()
+        grad = self.take_gradient_norm()
+        health = reference_health(stats, grad, self.config)
+        errors = stats.error_count
+        if grad is not None and not math.isfinite(grad):
+            errors += 1
+            grad = None
+        self.last_stats, self.last_health = stats, health
+        return health_pb2.HealthSignal(
+            layer_id=self.layer_id,
+            step=step,
+            epoch=epoch,
+            timestamp_s=time.time(),
+            health_score=health,
+            avg_execution_time_ms=stats.avg_execution_time_ms,
+            error_count=errors,
+            active_seeds=self.active_seeds,
+            total_seeds=self.num_seeds,
+            activation_variance=min(stats.activation_variance, _F32_MAX),
+            dead_neuron_ratio=stats.dead_neuron_ratio,
+            avg_correlation=stats.avg_correlation,
+            gradient_norm=min(grad or 0.0, _F32_MAX),
+            latency_variance=min(stats.latency_variance, _F32_MAX),
+            memory_utilization=min(1.0, self.memory_bytes() / self.config.memory_budget_bytes),
+            seed_states=self.seed_states,
+            adaptation_count=self.adaptation_count,
+        )

@@ -1,0 +1,101 @@
+"""Window statistics and the health formula against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tamiyo.config import KasminaConfig
+from tamiyo_client.telemetry import (
+    WindowAccumulator,
+    WindowStats,
+    flatten_units,
+    reference_health,
+)
+
+# Three units over four samples (see test_kasmina for the layer that produces them):
+# u1 = [0, 1, 2, 3], u2 = [-1, 0, -2, -1] (never > 0), u3 = 2·u1 + 1 = [1, 3, 5, 7].
+Y = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, 3.0], [2.0, -2.0, 5.0], [3.0, -1.0, 7.0]])
+# Population variances 1.25, 0.5, 5.0; r12 = r32 = -1/sqrt(10), r13 = 1.
+HAND_VARIANCE = (1.25 + 0.5 + 5.0) / 3
+HAND_DEAD = 1 / 3
+HAND_CORR = (1 + 2 / math.sqrt(10)) / 3
+
+
+def test_window_statistics_match_hand_computation() -> None:
+    acc = WindowAccumulator(KasminaConfig())
+    acc.add_output(Y[:2])  # two forwards in one window accumulate like one
+    acc.add_output(Y[2:])
+    for ms in (1.0, 3.0):
+        acc.add_latency(ms)
+    stats = acc.collect()
+    assert stats.samples == 4
+    assert stats.activation_variance == pytest.approx(HAND_VARIANCE, rel=1e-12)
+    assert stats.dead_neuron_ratio == pytest.approx(HAND_DEAD)
+    assert stats.avg_correlation == pytest.approx(HAND_CORR, rel=1e-12)
+    assert stats.avg_execution_time_ms == pytest.approx(2.0)
+    assert stats.latency_variance == pytest.approx(1.0)
+    assert stats.error_count == 0
+    # collect() starts a new window: activations reset, latencies keep rolling.
+    assert not acc.has_data
+    assert acc.collect().samples == 0
+
+
+def test_correlation_leaves_out_constant_units_and_caps_units() -> None:
+    acc = WindowAccumulator(KasminaConfig(max_corr_units=2))
+    y = torch.cat([Y, torch.full((4, 1), 5.0)], dim=1)  # u4 constant, beyond the cap anyway
+    acc.add_output(y)
+    # only u1 and u2 are used: |r12| = 1/sqrt(10)
+    assert acc.collect().avg_correlation == pytest.approx(1 / math.sqrt(10))
+    acc.add_output(torch.full((4, 3), 2.0))  # all constant: undefined r -> 0
+    assert acc.collect().avg_correlation == 0.0
+
+
+def test_health_formula_by_hand() -> None:
+    cfg = KasminaConfig()
+    stats = WindowStats(4, HAND_VARIANCE, HAND_DEAD, HAND_CORR, 2.0, 1.0, 0)
+    g = math.sqrt(204.0)
+    expected = (
+        (1 - HAND_DEAD)
+        * (1 - 0.5 * HAND_CORR)
+        * HAND_VARIANCE
+        / (HAND_VARIANCE + cfg.variance_floor)
+        * g
+        / (g + cfg.gradient_floor)
+    )
+    assert reference_health(stats, g, cfg) == pytest.approx(expected)
+    # no gradient seen yet: factor 1; one error halves it; vanished gradient ~ 0
+    no_grad = reference_health(stats, None, cfg)
+    assert no_grad > reference_health(stats, g, cfg)
+    err = WindowStats(4, HAND_VARIANCE, HAND_DEAD, HAND_CORR, 2.0, 1.0, 1)
+    assert reference_health(err, None, cfg) == pytest.approx(no_grad * 0.5)
+    assert reference_health(stats, 0.0, cfg) == 0.0
+    collapsed = WindowStats(4, 0.0, 0.0, 0.0, 1.0, 0.0, 0)
+    assert reference_health(collapsed, 1.0, cfg) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    var=st.floats(0, 1e30),
+    dead=st.floats(0, 1),
+    corr=st.floats(0, 1),
+    grad=st.one_of(st.none(), st.floats(0, 1e30), st.just(math.inf)),
+    errors=st.integers(0, 1000),
+)
+def test_health_is_always_in_unit_interval(
+    var: float, dead: float, corr: float, grad: float | None, errors: int
+) -> None:
+    h = reference_health(WindowStats(1, var, dead, corr, 0.0, 0.0, errors), grad, KasminaConfig())
+    assert 0.0 <= h <= 1.0
+
+
+def test_flatten_units_conv_channels_are_units() -> None:
+    y = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    flat = flatten_units(y, channels_first=True)
+    assert flat.shape == (8, 3)
+    assert torch.equal(flat[:, 1].sort().values, y[:, 1].reshape(-1).sort().values)
+    assert flatten_units(y, channels_first=False).shape == (12, 2)
