@@ -1,4 +1,11 @@
-"""Assemble the grpc.aio server: Tamiyo's service, health, reflection, and shutdown."""
+"""Assemble the grpc.aio server: Tamiyo's service, health, reflection, metrics, auth,
+and graceful shutdown.
+
+Lifecycle: health is NOT_SERVING from the first moment; ``start()`` loads and warms up
+the policy (off the event loop), starts the inference thread, and only then reports
+SERVING. ``stop()`` reverses it: NOT_SERVING, streams told to close (SessionClosing),
+in-flight evaluations answered, streams ended, then ``server.stop(grace)``.
+"""
 
 from __future__ import annotations
 
@@ -13,51 +20,119 @@ from grpc_reflection.v1alpha import reflection
 from tamiyo.config import ServerConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+from tamiyo_server.auth import BearerTokenInterceptor, server_credentials
+from tamiyo_server.metrics import MetricsInterceptor, ServerMetrics
+from tamiyo_server.pipeline import DecisionPipeline
+from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial
 from tamiyo_server.servicer import TamiyoServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TamiyoService"].full_name
+_HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments: message size, stream limits raised for 2,000+ concurrent
+    streams, and keepalive pings that find a dead client within
+    keepalive_time + keepalive_timeout (default 10 + 5 s), not the TCP default of hours."""
+    lim = config.limits
+    return [
+        ("grpc.max_receive_message_length", lim.max_message_bytes),
+        ("grpc.max_send_message_length", lim.max_message_bytes),
+        ("grpc.max_concurrent_streams", lim.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.max_connection_idle_ms", 0x7FFFFFFF),
+    ]
 
 
 class TamiyoServer:
-    """A running Tamiyo server. ``start()`` binds and returns the port; ``stop()`` drains."""
+    """A running Tamiyo server. ``start()`` binds and returns the port; ``stop()`` drains.
 
-    def __init__(self, config: ServerConfig) -> None:
+    ``policy`` lets tests and benchmarks pass an already loaded policy; otherwise
+    ``start()`` loads ``config.checkpoint_dir`` (or the bundled default / built-in).
+    """
+
+    def __init__(self, config: ServerConfig, policy: ServedPolicy | None = None) -> None:
         self.config = config
+        self.metrics = ServerMetrics()
+        self._policy = policy
         # grpc-stubs predates health.aio; the runtime module has it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]  # type: ignore[type-arg]
+        if config.auth_token:
+            interceptors.append(BearerTokenInterceptor(config.auth_token))
         self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", config.limits.max_message_bytes),
-                ("grpc.max_send_message_length", config.limits.max_message_bytes),
-                ("grpc.max_concurrent_streams", config.limits.max_concurrent_streams),
-                ("grpc.keepalive_time_ms", config.keepalive_time_ms),
-                ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            interceptors=interceptors,
+            options=grpc_options(config),
+            maximum_concurrent_rpcs=None,
         )
-        pb_grpc.add_TamiyoServiceServicer_to_server(TamiyoServicer(), self.server)
+        self.pipeline: DecisionPipeline | None = None
+        self.servicer: TamiyoServicer | None = None
+        self.port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> int:
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        c = self.config
+        served = self._policy
+        if served is None:
+            served = await asyncio.to_thread(load_initial, c.checkpoint_dir, c.device)
+        holder = PolicyHolder(served, self.metrics)
+        self.pipeline = DecisionPipeline(c, holder, self.metrics)
+        self.servicer = TamiyoServicer(self.pipeline)
+        pb_grpc.add_TamiyoServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = 0
-
-    async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert_file:
+            creds = server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+            raise OSError(f"could not bind {address}")
+        self.pipeline.start()
         await self.server.start()
-        for name in ("", SERVICE_NAME):
+        if c.metrics_port:
+            self.metrics_port = self.metrics.start(c.host, c.metrics_port)
+        for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("tamiyo serving on %s:%d", self.config.host, self.port)
+        log.info(
+            "tamiyo serving on %s:%d (policy %s, %s)",
+            c.host,
+            self.port,
+            served.version,
+            "TLS" if c.tls_cert_file else "plaintext",
+        )
         return self.port
 
     async def stop(self) -> None:
+        """Graceful shutdown; in-flight work is answered within ``grace_s``."""
+        grace = self.config.grace_s
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_s)
+        if self.pipeline is not None and self.servicer is not None:
+            self.pipeline.closing = True
+            streams = list(self.servicer.streams)
+            for h in streams:
+                h.close("server shutting down", reconnect_after_ms=1000)
+            await self.pipeline.batcher.drain(grace)
+            if streams:
+                await asyncio.wait(
+                    [asyncio.create_task(h.finish()) for h in streams], timeout=grace
+                )
+        await self.server.stop(grace)
+        if self.pipeline is not None:
+            await asyncio.to_thread(self.pipeline.batcher.stop)
+        self.metrics.stop()
 
 
 async def serve(config: ServerConfig) -> None:

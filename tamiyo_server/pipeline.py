@@ -1,0 +1,181 @@
+"""From a graph snapshot to an ``AdaptationDecision``: batcher → engine → rules → proto.
+
+Both paths use it: streams (``tamiyo_server.stream``) and unary ``Decide``. The
+inference thread only featurizes and runs the network (``_run_batch``); the decision
+rules, which read and update per-session state, run on the event loop when the result
+comes back, so session state has a single owner and needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from tamiyo.config import RuleConfig, ServerConfig
+from tamiyo.policy.engine import PolicyOutput
+from tamiyo.policy.features import GraphTensors, featurize
+from tamiyo.policy.rules import DecisionRules, RuleDecision, RuleState
+from tamiyo.policy.snapshot import GraphSnapshot, snapshot_from_state
+from tamiyo.v1 import decision_pb2
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_server.batcher import Batcher, Done, Job
+from tamiyo_server.metrics import ServerMetrics
+from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
+from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
+from tamiyo_server.validation import validate_decide
+
+_RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
+
+
+class Evaluated(NamedTuple):
+    """What the inference thread hands back for one graph."""
+
+    graph: GraphTensors
+    output: PolicyOutput
+    policy: ServedPolicy
+
+
+class RefusedError(Exception):
+    """A unary request that cannot be served now (queue full, shutting down)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DecisionPipeline:
+    """Owns the batcher; turns batch results into decisions and records metrics."""
+
+    def __init__(self, config: ServerConfig, holder: PolicyHolder, metrics: ServerMetrics) -> None:
+        self.config = config
+        self.holder = holder
+        self.m = metrics
+        self.batcher: Batcher[GraphSnapshot, Evaluated] = Batcher(
+            self._run_batch, config.batch, metrics
+        )
+        self.rules_cache: dict[RuleConfig, DecisionRules] = {}
+        self.closing = False
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    # ------------------------------------------------------------ inference thread
+    def _run_batch(self, snaps: Sequence[GraphSnapshot]) -> list[Evaluated]:
+        """Featurize + one batched forward; the policy is read once per batch so a
+        hot swap never splits a batch."""
+        served = self.holder.current
+        graphs = [featurize(s) for s in snaps]
+        outs = served.engine.infer(graphs)
+        return [Evaluated(g, o, served) for g, o in zip(graphs, outs, strict=True)]
+
+    # ------------------------------------------------------------------ event loop
+    def submit(
+        self, snap: GraphSnapshot, edges: int, arrival: float, deadline: float
+    ) -> Job[GraphSnapshot, Evaluated] | None:
+        if self.closing:
+            return None
+        return self.batcher.submit(snap, snap.topology.num_nodes, edges, arrival, deadline)
+
+    def rules_for(self, cfg: RuleConfig) -> DecisionRules:
+        """One DecisionRules per distinct rule config (sessions share them)."""
+        rules = self.rules_cache.get(cfg)
+        if rules is None:
+            rules = self.rules_cache[cfg] = DecisionRules(cfg)
+        return rules
+
+    def decision(
+        self,
+        done: Done[Evaluated] | None,
+        snap: GraphSnapshot,
+        rules: DecisionRules,
+        state: RuleState,
+        frame: FrameRef,
+        path: str,
+        shed_reason: str = "",
+    ) -> decision_pb2.AdaptationDecision:
+        """Apply the rules to a batch result, or the rules-only fallback when the work
+        was shed (``done`` None or ``done.shed`` set), and build the proto."""
+        ev = done.result if done is not None else None
+        reason = shed_reason or (done.shed if done is not None else "") or "unknown"
+        if ev is None:
+            g = featurize(snap)
+            rd = rules.fallback(g, state, snap.step, snap.epoch)
+            version = self.holder.current.version
+            self.m.shed.labels(reason).inc()
+            out = None
+        else:
+            g, out = ev.graph, ev.output
+            rd = rules.decide(out, g, state, snap.step, snap.epoch)
+            version = ev.policy.version
+        msg = _build(rd, g, out, version, frame)
+        if ev is None:
+            msg.reason = f"{msg.reason} [shed: {reason}]"
+        latency = time.monotonic() - frame.arrival
+        msg.server_latency_us = min(int(latency * 1e6), 2**32 - 1)
+        self.m.decision_seconds.labels(path, "true" if rd.degraded else "false").observe(latency)
+        self.m.decisions.labels(_RULE_NAMES.get(rd.rule, "UNKNOWN")).inc()
+        return msg
+
+    async def decide_unary(
+        self, req: pb.DecideRequest, time_remaining_s: float | None
+    ) -> decision_pb2.AdaptationDecision:
+        """The Decide RPC: validate (raises ValidationError), batch, rules, proto.
+        Raises ``RefusedError`` when it cannot be queued; a missed deadline gives a degraded
+        decision."""
+        arrival = time.monotonic()
+        validate_decide(req, self.config.limits)
+        snap = snapshot_from_state(req.state, self.holder.current.schema.window)
+        budget = deadline_s(self.config.batch, req.budget)
+        if time_remaining_s is not None:
+            budget = min(budget, time_remaining_s)
+        if self.closing:
+            raise RefusedError("UNAVAILABLE", "server is shutting down; retry on another replica")
+        job = self.submit(snap, len(req.state.topology.edges), arrival, arrival + budget)
+        if job is None:
+            self.m.shed.labels("queue_full").inc()
+            raise RefusedError(
+                "RESOURCE_EXHAUSTED",
+                f"inference queue full ({self.config.batch.max_queued} graphs); retry later",
+            )
+        try:
+            done = await job.future
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)
+            raise
+        rules = self.rules_for(budget_rules(self.config.rules, req.budget))
+        frame = FrameRef(0, int(req.state.epoch), req.request_id, arrival)
+        return self.decision(done, snap, rules, RuleState(), frame, "unary")
+
+
+def _build(
+    rd: RuleDecision,
+    g: GraphTensors,
+    out: PolicyOutput | None,
+    version: str,
+    frame: FrameRef,
+) -> decision_pb2.AdaptationDecision:
+    msg = decision_pb2.AdaptationDecision(
+        decision_id=new_id("d"),
+        action=rd.action,
+        target_layer_id=rd.layer_id,
+        seed_index=max(rd.seed, 0),
+        kernel_id=rd.kernel_id,
+        reason=rd.reason,
+        rule=rd.rule,
+        policy_version=version,
+        degraded=rd.degraded,
+        propensity=rd.propensity,
+        frame_step=frame.step,
+        frame_request_id=frame.request_id,
+    )
+    if out is not None:
+        msg.confidence = out.adapt_prob
+        msg.urgency = out.urgency
+        msg.value_estimate = out.value
+        msg.layer_scores.extend(
+            decision_pb2.LayerScore(layer_id=lid, target_probability=p)
+            for lid, p in zip(g.layer_ids, out.target_probs.tolist(), strict=True)
+        )
+    return msg

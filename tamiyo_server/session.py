@@ -1,0 +1,142 @@
+"""Per-stream state: the host's topology, its signal history, its rule memory, and at most
+one pending evaluation.
+
+Why one pending evaluation: a host that asks for decisions faster than they can be made
+only cares about the newest state; a newer frame replaces the queued one (the replaced
+frame is answered explicitly as superseded), so a slow server never builds a backlog of
+stale work per stream.
+
+A session is owned by its stream's task on the event loop; nothing here is thread-safe
+and nothing needs to be (the inference thread only sees immutable snapshots).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tamiyo.config import BatchConfig, Limits, RuleConfig
+from tamiyo.policy.features import FEATURE_SCHEMA
+from tamiyo.policy.rules import DecisionRules, RuleState
+from tamiyo.policy.snapshot import GraphSnapshot, GraphTopology, KernelSet, SignalWindow
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_server.batcher import Job
+from tamiyo_server.validation import TopologyInfo
+
+_BOOT = os.urandom(4).hex()
+_IDS = itertools.count(1)
+
+# Decision ids remembered per session so DecisionOutcome can be checked against them.
+RECENT_DECISIONS = 1024
+# Outcomes kept per session until the experience log (issue 6) takes them.
+MAX_OUTCOMES = 1024
+
+
+def new_id(prefix: str) -> str:
+    """Unique within this server process and (with the random boot tag) across restarts."""
+    return f"{prefix}-{_BOOT}-{next(_IDS):x}"
+
+
+@dataclass
+class FrameRef:
+    """The frame a decision answers (echoed in the decision) and when it arrived."""
+
+    step: int
+    epoch: int
+    request_id: str
+    arrival: float  # time.monotonic() s
+
+
+@dataclass
+class Pending:
+    """The session's single queued-or-running evaluation."""
+
+    job: Job[GraphSnapshot, Any]
+    frame: FrameRef
+
+
+def budget_rules(base: RuleConfig, budget: pb.SessionBudget) -> RuleConfig:
+    """Apply a SessionBudget's non-zero overrides to the server's rules."""
+    over: dict[str, int] = {}
+    if budget.max_adaptations_per_epoch:
+        over["max_adaptations_per_epoch"] = budget.max_adaptations_per_epoch
+    if budget.layer_cooldown_steps:
+        over["layer_cooldown_steps"] = budget.layer_cooldown_steps
+    return replace(base, **over) if over else base
+
+
+def deadline_s(batch: BatchConfig, budget: pb.SessionBudget) -> float:
+    """The decision deadline in force, in s: the session's request capped by the max."""
+    ms = budget.decision_deadline_ms or batch.decision_deadline_ms
+    return min(float(ms), batch.max_deadline_ms) / 1000.0
+
+
+@dataclass
+class Session:
+    """One StreamTelemetry stream after its SessionOpen."""
+
+    session_id: str
+    host_id: str
+    model_id: str
+    info: TopologyInfo
+    window: SignalWindow
+    rules: DecisionRules
+    deadline_s: float
+    num_edges: int
+    rule_state: RuleState = field(default_factory=RuleState)
+    last_step: int | None = None
+    pending: Pending | None = None
+    opened_at: float = field(default_factory=time.time)
+    recent_decisions: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    outcomes: deque[pb.DecisionOutcome] = field(default_factory=lambda: deque(maxlen=MAX_OUTCOMES))
+
+    @staticmethod
+    def open(
+        msg: pb.SessionOpen, info: TopologyInfo, rules: DecisionRules, deadline: float
+    ) -> Session:
+        """Build a session from a *validated* SessionOpen (``deadline`` in s)."""
+        topo = GraphTopology.from_proto(msg.topology)
+        kernels = KernelSet.from_proto(msg.kernels)
+        return Session(
+            session_id=new_id("s"),
+            host_id=msg.host_id,
+            model_id=msg.model_id,
+            info=info,
+            window=SignalWindow(topo, kernels, FEATURE_SCHEMA.window),
+            rules=rules,
+            deadline_s=deadline,
+            num_edges=info.num_edges,
+        )
+
+    @property
+    def num_nodes(self) -> int:
+        return self.window.topology.num_nodes
+
+    def accepted(self, policy_version: str, limits: Limits) -> pb.StreamTelemetryResponse:
+        return pb.StreamTelemetryResponse(
+            session_accepted=pb.SessionAccepted(
+                session_id=self.session_id,
+                policy_version=policy_version,
+                decision_deadline_ms=round(self.deadline_s * 1000),
+                max_nodes_per_graph=limits.max_nodes_per_graph,
+                max_signals_per_frame=limits.max_signals_per_frame,
+            )
+        )
+
+    def apply_frame(self, frame: pb.TelemetryFrame) -> GraphSnapshot:
+        """Record a *validated* frame's signals; returns the snapshot after it."""
+        self.window.update(frame.signals, frame.step)
+        self.last_step = frame.step
+        return self.window.snapshot(frame.step, frame.epoch)
+
+    def remember_decision(self, decision_id: str) -> None:
+        self.recent_decisions[decision_id] = None
+        if len(self.recent_decisions) > RECENT_DECISIONS:
+            self.recent_decisions.popitem(last=False)
+
+    def knows_decision(self, decision_id: str) -> bool:
+        return decision_id in self.recent_decisions

@@ -1,0 +1,248 @@
+"""One StreamTelemetry stream: read requests, keep the session, write responses.
+
+Two coroutines per stream: a reader task consumes requests and the RPC's own task
+writes responses from a bounded outbound queue. Backpressure instead of loss: the
+reader only takes the next request when the queue has room for everything that request
+can produce (its own answer, a superseded notice, and the session's pending decision),
+so a client that stops reading stops being read (HTTP/2 flow control does the rest), and
+the queue never exceeds ``outbound_queue`` + ``_RESERVE`` messages.
+
+Every request gets an explicit outcome: a decision, a degraded decision (shed), or an
+in-stream ``StreamError`` naming the field. When the client goes away, the reader is
+cancelled and the pending evaluation withdrawn from the batcher, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_server.batcher import Done
+from tamiyo_server.pipeline import DecisionPipeline, Evaluated
+from tamiyo_server.session import FrameRef, Pending, Session, budget_rules, deadline_s
+from tamiyo_server.validation import (
+    ValidationError,
+    validate_frame,
+    validate_outcome,
+    validate_session_open,
+)
+
+log = logging.getLogger(__name__)
+
+Code = pb.StreamErrorCode
+_RESERVE = 3  # responses one request can cause beyond the queue bound (see module doc)
+_END = None
+
+
+def _error(
+    code: pb.StreamErrorCode.ValueType,
+    message: str,
+    field: str = "",
+    frame: pb.TelemetryFrame | None = None,
+) -> pb.StreamTelemetryResponse:
+    err = pb.StreamError(code=code, message=message, field=field)
+    if frame is not None:
+        err.frame_step = frame.step
+        err.frame_request_id = frame.request_id
+    return pb.StreamTelemetryResponse(error=err)
+
+
+class StreamHandler:
+    """State and tasks of one stream. ``run`` is awaited by the servicer."""
+
+    def __init__(self, pipeline: DecisionPipeline) -> None:
+        self.p = pipeline
+        self.limit = max(1, pipeline.config.batch.outbound_queue)
+        self.out: asyncio.Queue[pb.StreamTelemetryResponse | None] = asyncio.Queue()
+        self.room = asyncio.Event()
+        self.idle = asyncio.Event()  # no evaluation pending
+        self.idle.set()
+        self.session: Session | None = None
+        self.closing = False
+
+    # ------------------------------------------------------------------ writer side
+    async def run(self, requests: AsyncIterator[pb.StreamTelemetryRequest], context: Any) -> None:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                msg = await self.out.get()
+                if msg is _END:
+                    break
+                self.room.set()
+                await context.write(msg)
+        finally:
+            reader.cancel()
+            if self.session is not None and self.session.pending is not None:
+                self.p.batcher.cancel(self.session.pending.job)
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def close(self, reason: str, reconnect_after_ms: int = 1000) -> None:
+        """Tell the client the server is going away (it may still get in-flight answers)."""
+        if not self.closing:
+            self.closing = True
+            self.out.put_nowait(
+                pb.StreamTelemetryResponse(
+                    closing=pb.SessionClosing(reason=reason, reconnect_after_ms=reconnect_after_ms)
+                )
+            )
+
+    async def finish(self) -> None:
+        """Wait for the pending evaluation to be answered, then end the stream."""
+        await self.idle.wait()
+        self.out.put_nowait(_END)
+
+    # ------------------------------------------------------------------ reader side
+    async def _read(self, requests: AsyncIterator[pb.StreamTelemetryRequest]) -> None:
+        try:
+            async for req in requests:
+                while self.out.qsize() >= self.limit:
+                    self.room.clear()
+                    await self.room.wait()
+                self._handle(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # transport error while reading: the stream is over
+            log.debug("stream read ended: %s", e)
+        await self.finish()
+
+    def _reject(self, err: ValidationError, frame: pb.TelemetryFrame | None = None) -> None:
+        self.p.m.rejected.labels(err.reason).inc()
+        self.out.put_nowait(
+            _error(Code.STREAM_ERROR_CODE_INVALID_ARGUMENT, str(err), err.field, frame)
+        )
+
+    def _handle(self, req: pb.StreamTelemetryRequest) -> None:
+        kind = req.WhichOneof("message")
+        if kind == "session_open":
+            self._open(req.session_open)
+        elif kind == "frame":
+            self._frame(req.frame)
+        elif kind == "outcome":
+            self._outcome(req.outcome)
+        else:
+            self.p.m.rejected.labels("missing").inc()
+            self.out.put_nowait(
+                _error(
+                    Code.STREAM_ERROR_CODE_INVALID_ARGUMENT,
+                    "message: empty request (set session_open, frame or outcome)",
+                    "message",
+                )
+            )
+
+    def _open(self, msg: pb.SessionOpen) -> None:
+        try:
+            info = validate_session_open(msg, self.p.config.limits)
+        except ValidationError as err:
+            self._reject(err)
+            return
+        rules = self.p.rules_for(budget_rules(self.p.config.rules, msg.budget))
+        self.session = Session.open(msg, info, rules, deadline_s(self.p.config.batch, msg.budget))
+        self.out.put_nowait(
+            self.session.accepted(self.p.holder.current.version, self.p.config.limits)
+        )
+
+    def _outcome(self, msg: pb.DecisionOutcome) -> None:
+        s = self.session
+        if s is None:
+            self._no_session("outcome")
+            return
+        try:
+            validate_outcome(msg, self.p.config.limits)
+        except ValidationError as err:
+            self._reject(err)
+            return
+        if not s.knows_decision(msg.decision_id):
+            self.p.m.rejected.labels("unknown_decision").inc()
+            self.out.put_nowait(
+                _error(
+                    Code.STREAM_ERROR_CODE_NOT_FOUND,
+                    f"outcome.decision_id: {msg.decision_id!r} was not decided on this session",
+                    "outcome.decision_id",
+                )
+            )
+            return
+        s.outcomes.append(msg)
+
+    def _no_session(self, what: str) -> None:
+        self.p.m.rejected.labels("no_session").inc()
+        self.out.put_nowait(
+            _error(
+                Code.STREAM_ERROR_CODE_FAILED_PRECONDITION,
+                f"{what}: no session yet; send session_open first",
+                "session_open",
+            )
+        )
+
+    def _frame(self, frame: pb.TelemetryFrame) -> None:
+        arrival = time.monotonic()
+        s = self.session
+        if s is None:
+            self._no_session("frame")
+            return
+        try:
+            validate_frame(frame, s.info, self.p.config.limits, s.last_step)
+        except ValidationError as err:
+            self._reject(err, frame)
+            return
+        snap = s.apply_frame(frame)
+        if not frame.want_decision:
+            return
+        if self.closing or self.p.closing:
+            self.out.put_nowait(
+                _error(
+                    Code.STREAM_ERROR_CODE_UNAVAILABLE,
+                    "server is shutting down; reconnect to another replica",
+                    frame=frame,
+                )
+            )
+            return
+        ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
+        pending = s.pending
+        if pending is not None and self.p.batcher.replace(
+            pending.job, snap, snap.topology.num_nodes, s.num_edges
+        ):
+            old, pending.frame = pending.frame, ref
+            self.p.m.shed.labels("superseded").inc()
+            self.out.put_nowait(
+                pb.StreamTelemetryResponse(
+                    error=pb.StreamError(
+                        code=Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
+                        message=(
+                            f"frame step {old.step} superseded by step {frame.step} before "
+                            "it was evaluated (one pending evaluation per session)"
+                        ),
+                        field="frame",
+                        frame_step=old.step,
+                        frame_request_id=old.request_id,
+                    )
+                )
+            )
+            return
+        job = self.p.submit(snap, s.num_edges, arrival, arrival + s.deadline_s)
+        if job is None:  # queue full: answer now from the rules alone
+            d = self.p.decision(None, snap, s.rules, s.rule_state, ref, "stream", "queue_full")
+            s.remember_decision(d.decision_id)
+            self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))
+            return
+        pending = Pending(job, ref)  # type: ignore[arg-type]
+        s.pending = pending
+        self.idle.clear()
+        job.future.add_done_callback(partial(self._answered, s, pending))
+
+    def _answered(self, s: Session, pending: Pending, fut: asyncio.Future[Done[Evaluated]]) -> None:
+        if s.pending is pending:
+            s.pending = None
+            self.idle.set()
+        if fut.cancelled():
+            return
+        done = fut.result()
+        d = self.p.decision(
+            done, pending.job.payload, s.rules, s.rule_state, pending.frame, "stream"
+        )
+        s.remember_decision(d.decision_id)
+        self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))
