@@ -1,0 +1,442 @@
+"""The asyncio streaming client: one StreamTelemetry session that survives outages.
+
+Why it is built this way:
+
+- **The training step never waits.** ``send_frame`` and ``report_outcome`` only append
+  to bounded buffers (``CoalescingBuffer`` for frames, a deque for outcomes) and wake
+  the event loop; they are safe to call from any thread. If the server is slow (the
+  stream is flow-controlled) or gone, frames coalesce, latest wins, and the step goes on
+  without a decision.
+- **Outages are routine.** Any broken stream is reopened after an exponential backoff
+  with jitter (reset once a session is accepted) on a fresh channel, and SessionOpen is
+  sent again first, so the new server (or replica) knows the topology. A
+  ``SessionClosing`` hint from a draining server is honoured as the minimum wait.
+- **Only configuration errors stop it**: UNAUTHENTICATED, PERMISSION_DENIED,
+  UNIMPLEMENTED, INVALID_ARGUMENT, or an in-stream error answering SessionOpen. Then
+  ``last_error`` says why; frames are still accepted (and coalesced), nothing raises
+  into the training loop, and decision iterators end with ``ClientError``.
+
+Decisions arrive via ``decisions()`` (async iterator) or ``add_callback`` (called on the
+event loop thread). Latency is client-observed: from the frame's write to the decision's
+read, in ms, matched by the frame's ``request_id`` (assigned here when empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from tamiyo.config import ClientConfig
+from tamiyo.v1 import decision_pb2
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+from tamiyo_client.backoff import Backoff
+from tamiyo_client.coalesce import CoalescingBuffer
+from tamiyo_client.security import ClientSecurity
+
+log = logging.getLogger(__name__)
+
+FATAL_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
+Call = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
+
+
+class ClientError(RuntimeError):
+    """The client stopped for good (bad credentials, refused SessionOpen, ...)."""
+
+
+@dataclass(frozen=True)
+class ReceivedDecision:
+    """A decision as the client received it."""
+
+    decision: decision_pb2.AdaptationDecision
+    latency_ms: float | None  # frame written -> decision read; None if unmatched
+    session_id: str
+    connection: int  # 1 for the first accepted session, +1 per reconnect
+
+
+@dataclass
+class ClientStats:
+    """Counters since the client started (read them from any thread)."""
+
+    frames_submitted: int = 0
+    frames_sent: int = 0
+    decisions: int = 0
+    decisions_dropped: int = 0  # consumer too slow; oldest dropped
+    outcomes_sent: int = 0
+    outcomes_dropped: int = 0
+    stream_errors: int = 0  # in-stream StreamError answers
+    sessions: int = 0  # SessionAccepted received (first connect + reconnects)
+    connect_failures: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def latency_percentile(self, q: float) -> float | None:
+        """The q-th percentile (0-100) of client-observed decision latency, in ms."""
+        values = sorted(self.latencies_ms)
+        if not values:
+            return None
+        rank = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+        return values[rank]
+
+
+DecisionCallback = Callable[[ReceivedDecision], None]
+ErrorCallback = Callable[[pb.StreamError], None]
+
+
+class TamiyoClient:
+    """Asyncio client for one host session. ``await start()`` inside the loop that will
+    run it (or use ``async with``); the send methods may be called from any thread."""
+
+    def __init__(
+        self,
+        session_open: pb.SessionOpen,
+        config: ClientConfig | None = None,
+        security: ClientSecurity | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config or ClientConfig()
+        self.security = security or ClientSecurity()
+        self._session_open = self._with_budget(session_open)
+        self._rng = rng
+        self.stats = ClientStats()
+        self.session_id = ""
+        self.policy_version = ""
+        self.last_error = ""
+        self.fatal_error = ""
+        self.stream_errors: deque[pb.StreamError] = deque(maxlen=100)
+        self._frames = CoalescingBuffer(self.config.frame_buffer, on_put=self._wake_threadsafe)
+        self._outcomes: deque[pb.DecisionOutcome] = deque()
+        self._outcome_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sent_at: dict[str, float] = {}
+        self._callbacks: list[DecisionCallback] = []
+        self._error_callbacks: list[ErrorCallback] = []
+        self._queues: list[asyncio.Queue[ReceivedDecision | None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._wake_scheduled = False
+        self._reopen = False
+        self._server_hint_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def _with_budget(self, so: pb.SessionOpen) -> pb.SessionOpen:
+        if self.config.decision_deadline_ms and not so.budget.decision_deadline_ms:
+            so = pb.SessionOpen.FromString(so.SerializeToString())
+            so.budget.decision_deadline_ms = self.config.decision_deadline_ms
+        return so
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("client already started")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._drained = asyncio.Event()  # set by the writer each time it empties the buffers
+        self._task = asyncio.create_task(self._run(), name="tamiyo-client")
+
+    async def close(self, flush_timeout_s: float = 1.0) -> None:
+        """Send what is pending (up to ``flush_timeout_s``), then end the stream."""
+        if self._task is None:
+            return
+        if self.connected and self.pending():
+            self._drained.clear()
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), flush_timeout_s)
+        self._closing = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._finish_iterators()
+
+    async def __aenter__(self) -> TamiyoClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._task is not None and self._connected.is_set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """True once a session is accepted (now or within ``timeout_s``)."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def pending(self) -> int:
+        """Frames and outcomes not yet written to the stream."""
+        with self._outcome_lock:
+            outcomes = len(self._outcomes)
+        return len(self._frames) + outcomes
+
+    # -- what the training loop calls (any thread, never blocks) -------------------
+    def send_frame(self, frame: pb.TelemetryFrame) -> None:
+        """Queue a frame. Assigns ``frame.request_id`` when a decision is wanted and the
+        id is empty. Returns at once; coalesces when the stream cannot keep up."""
+        if frame.want_decision and not frame.request_id:
+            frame.request_id = f"f{next(self._ids)}"
+        self.stats.frames_submitted += 1
+        self._frames.put(frame)
+
+    def report_outcome(self, outcome: pb.DecisionOutcome) -> None:
+        """Queue a DecisionOutcome; beyond ``outcome_buffer`` the oldest is dropped."""
+        with self._outcome_lock:
+            if len(self._outcomes) >= self.config.outcome_buffer:
+                self._outcomes.popleft()
+                self.stats.outcomes_dropped += 1
+            self._outcomes.append(outcome)
+        self._wake_threadsafe()
+
+    def update_session(self, session_open: pb.SessionOpen) -> None:
+        """Replace the topology/kernels: sent now if connected, and on every reconnect."""
+        self._session_open = self._with_budget(session_open)
+        self._reopen = True
+        self._wake_threadsafe()
+
+    @property
+    def frames_coalesced(self) -> int:
+        return self._frames.coalesced
+
+    # -- decisions -----------------------------------------------------------------
+    def add_callback(self, on_decision: DecisionCallback) -> None:
+        """Call ``on_decision`` for every decision, on the event loop thread. It must be
+        quick; exceptions are logged and swallowed."""
+        self._callbacks.append(on_decision)
+
+    def add_error_callback(self, on_error: ErrorCallback) -> None:
+        self._error_callbacks.append(on_error)
+
+    async def decisions(self) -> AsyncIterator[ReceivedDecision]:
+        """Every decision from now on, in arrival order. Ends when the client is closed;
+        raises ClientError if it stopped on a fatal error. A slow consumer loses the
+        oldest beyond ``decision_buffer`` (counted in ``stats.decisions_dropped``)."""
+        queue: asyncio.Queue[ReceivedDecision | None] = asyncio.Queue()
+        self._queues.append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    if self.fatal_error:
+                        raise ClientError(self.fatal_error)
+                    return
+                yield item
+        finally:
+            self._queues.remove(queue)
+
+    def _deliver(self, decision: decision_pb2.AdaptationDecision, connection: int) -> None:
+        sent = self._sent_at.pop(decision.frame_request_id, None)
+        latency = (time.monotonic() - sent) * 1e3 if sent is not None else None
+        received = ReceivedDecision(decision, latency, self.session_id, connection)
+        self.stats.decisions += 1
+        if latency is not None:
+            self.stats.latencies_ms.append(latency)
+        for queue in self._queues:
+            if queue.qsize() >= self.config.decision_buffer:
+                queue.get_nowait()
+                self.stats.decisions_dropped += 1
+            queue.put_nowait(received)
+        for cb in self._callbacks:
+            try:
+                cb(received)
+            except Exception:
+                log.exception("decision callback failed")
+
+    def _finish_iterators(self) -> None:
+        for queue in self._queues:
+            queue.put_nowait(None)
+
+    # -- the connection loop -------------------------------------------------------
+    def _wake_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is None or self._task is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+        elif not self._wake_scheduled:
+            self._wake_scheduled = True
+            try:
+                loop.call_soon_threadsafe(self._do_wake)
+            except RuntimeError:  # loop closed: the client is gone, nothing to wake
+                self._wake_scheduled = False
+
+    def _do_wake(self) -> None:
+        self._wake_scheduled = False
+        self._wake.set()
+
+    def _channel_options(self) -> list[tuple[str, int | str]]:
+        c = self.config
+        return [
+            ("grpc.keepalive_time_ms", c.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", c.keepalive_timeout_ms),
+            ("grpc.initial_reconnect_backoff_ms", int(c.backoff_initial_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(c.backoff_initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(c.backoff_max_s * 1000)),
+        ]
+
+    async def _run(self) -> None:
+        backoff = Backoff.from_config(self.config, self._rng)
+        connection = 0
+        try:
+            while not self._closing:
+                accepted_before = self.stats.sessions
+                try:
+                    await self._connect_once(connection + 1)
+                    self.last_error = "stream ended by the server"
+                except grpc.aio.AioRpcError as exc:
+                    self.last_error = f"{exc.code().name}: {exc.details()}"
+                    if exc.code() in FATAL_CODES:
+                        self.fatal_error = self.last_error
+                        log.error("tamiyo client stopped: %s", self.last_error)
+                        return
+                except ClientError as exc:
+                    self.last_error = self.fatal_error = str(exc)
+                    log.error("tamiyo client stopped: %s", exc)
+                    return
+                except (TimeoutError, ConnectionError, OSError, asyncio.InvalidStateError) as exc:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                if self.stats.sessions > accepted_before:
+                    connection += 1
+                    backoff.reset()
+                else:
+                    self.stats.connect_failures += 1
+                delay = max(backoff.next_delay(), self._server_hint_s)
+                self._server_hint_s = 0.0
+                log.info("tamiyo stream down (%s); reconnecting in %.2f s", self.last_error, delay)
+                await asyncio.sleep(delay)
+        finally:
+            self._connected.clear()
+            self._finish_iterators()
+
+    async def _connect_once(self, connection: int) -> None:
+        channel = self.security.channel(self.config.target, self._channel_options())
+        try:
+            timeout = self.config.connect_timeout_s
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+            stub = pb_grpc.TamiyoServiceStub(channel)
+            # None: messages are written with call.write(), not from an iterator.
+            call: Call = stub.StreamTelemetry(None, metadata=self.security.metadata())
+            try:
+                self._reopen = False
+                await call.write(pb.StreamTelemetryRequest(session_open=self._session_open))
+                first = await asyncio.wait_for(call.read(), timeout)
+                if not isinstance(first, pb.StreamTelemetryResponse):
+                    raise ConnectionError("stream ended before SessionAccepted")
+                kind = first.WhichOneof("message")
+                if kind == "error":
+                    err = first.error
+                    raise ClientError(f"SessionOpen refused: {err.field}: {err.message}")
+                if kind != "session_accepted":
+                    raise ConnectionError(f"expected session_accepted first, got {kind}")
+                self._accepted(first.session_accepted)
+                await self._serve(call, connection)
+            finally:
+                call.cancel()
+        finally:
+            self._connected.clear()
+            await channel.close(None)
+
+    def _accepted(self, acc: pb.SessionAccepted) -> None:
+        self.session_id = acc.session_id
+        self.policy_version = acc.policy_version
+        self.stats.sessions += 1
+        self._connected.set()
+        log.info("tamiyo session %s accepted (policy %s)", acc.session_id, acc.policy_version)
+
+    async def _serve(self, call: Call, connection: int) -> None:
+        """Run writer and reader until either ends; re-raise what ended it."""
+        self._sent_at.clear()  # decisions of the old stream will never come
+        self._wake.set()  # flush what piled up while disconnected
+        writer = asyncio.create_task(self._writer(call))
+        reader = asyncio.create_task(self._reader(call, connection))
+        try:
+            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in (writer, reader):
+                task.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+
+    async def _writer(self, call: Call) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._reopen:
+                self._reopen = False
+                await call.write(pb.StreamTelemetryRequest(session_open=self._session_open))
+            while True:
+                with self._outcome_lock:
+                    outcome = self._outcomes.popleft() if self._outcomes else None
+                if outcome is None:
+                    break
+                try:
+                    await call.write(pb.StreamTelemetryRequest(outcome=outcome))
+                except BaseException:
+                    with self._outcome_lock:
+                        self._outcomes.appendleft(outcome)
+                    raise
+                self.stats.outcomes_sent += 1
+            while (frame := self._frames.pop()) is not None:
+                try:
+                    await call.write(pb.StreamTelemetryRequest(frame=frame))
+                except BaseException:
+                    self._frames.push_front([frame])
+                    raise
+                if frame.want_decision:
+                    self._sent_at[frame.request_id] = time.monotonic()
+                    if len(self._sent_at) > 4096:  # unanswered ids must not pile up
+                        self._sent_at.pop(next(iter(self._sent_at)))
+                self.stats.frames_sent += 1
+            self._drained.set()
+
+    async def _reader(self, call: Call, connection: int) -> None:
+        while True:
+            resp = await call.read()
+            if not isinstance(resp, pb.StreamTelemetryResponse):
+                return  # EOF: the server ended the stream
+            kind = resp.WhichOneof("message")
+            if kind == "decision":
+                self._deliver(resp.decision, connection)
+            elif kind == "error":
+                self.stats.stream_errors += 1
+                self.stream_errors.append(resp.error)
+                log.warning("tamiyo refused a message: %s", resp.error.message)
+                for cb in self._error_callbacks:
+                    try:
+                        cb(resp.error)
+                    except Exception:
+                        log.exception("error callback failed")
+            elif kind == "closing":
+                self._server_hint_s = resp.closing.reconnect_after_ms / 1000
+                log.info("tamiyo server closing: %s", resp.closing.reason)
+            elif kind == "session_accepted":
+                self._accepted(resp.session_accepted)
