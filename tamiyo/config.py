@@ -115,3 +115,68 @@ class KasminaConfig:
     error_decay: float = 0.5  # each non-finite forward in the window halves the health
     memory_budget_bytes: int = 256 * 1024 * 1024  # memory_utilization denominator
     fossilize_after_steps: int = 200  # training forwards before a seed is fossilized (frozen)
+
+
+@dataclass(frozen=True)
+class SimicConfig:
+    """The Simic simulator (``trainer.simic``): dynamics, costs, telemetry noise.
+
+    Time unit: one decision step = ``host_steps_per_decision`` host training steps; rates
+    are intrinsic damage per decision step; costs and penalties are in reward units
+    (reward per step = mean true layer health in [0, 1] minus costs).
+    """
+
+    horizon: int = 40  # decision steps per episode
+    host_steps_per_decision: int = 10
+    host_steps_per_epoch: int = 100
+    window: int = 8  # signals per layer kept for the featurizer (= FeatureSchema.window)
+    train_sizes: tuple[int, int] = (4, 32)  # layers per graph, inclusive
+    unseen_sizes: tuple[int, int] = (40, 64)  # evaluation only: sizes never trained on
+    dag_probability: float = 0.6  # else a plain chain
+    skip_edge_probability: float = 0.6
+    fault_count_probs: tuple[float, ...] = (0.1, 0.5, 0.3, 0.1)  # P(0, 1, 2, 3 faults)
+    fault_rate_range: tuple[float, float] = (0.02, 0.06)  # damage per decision step
+    onset_range: tuple[int, int] = (2, 24)  # decision step where a fault starts
+    propagation: float = 0.9  # downstream health loss per unit of upstream loss
+    kernel_ids: tuple[str, ...] = ("residual_adapter_r4", "residual_adapter_r32")
+    kernel_parameter_counts: tuple[int, ...] = (4096, 32768)
+    kernel_cost: tuple[float, ...] = (0.15, 0.35)  # reward units, paid when loaded
+    kernel_delay: tuple[int, ...] = (4, 2)  # decision steps until the kernel repairs
+    wrong_layer_penalty: float = 0.1  # adapting a layer with no (unrepaired) fault
+    over_budget_penalty: float = 0.5  # each adaptation beyond the per-epoch budget
+    max_adaptations_per_epoch: int = 2
+    health_noise: float = 0.04  # std of reported health_score
+    dead_noise: float = 0.02  # std of reported dead_neuron_ratio
+    drop_probability: float = 0.03  # a layer's signal missing from a frame
+    behaviour_epsilon: float = 0.1  # ε of the logged behaviour policy
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of the offline trainer (``python -m trainer``), in one place.
+
+    Overridable from a JSON/TOML file (``--config``) and CLI flags; stored in every
+    checkpoint's provenance. Rewards are shifted by ``reward_offset`` (a constant per
+    step does not change which action is best at a fixed horizon, and centres Q near 0).
+    """
+
+    algo: str = "iql"  # "iql" (default), "bc" or "cql"
+    seed: int = 0
+    steps: int = 3000  # gradient steps
+    batch_size: int = 64  # graphs (transitions) per step, per process
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    gamma: float = 0.95
+    reward_offset: float = -1.0
+    target_tau: float = 0.005  # Polyak rate of the target critic
+    iql_expectile: float = 0.8
+    iql_beta: float = 3.0  # inverse temperature of advantage-weighted regression
+    iql_max_weight: float = 100.0
+    cql_alpha: float = 0.5
+    value_weight: float = 0.5  # actor's value head regressed on the critic's V (IQL)
+    eval_every: int = 1000  # steps between periodic evaluations (0 = only at the end)
+    eval_episodes: int = 48  # held-out validation episodes per periodic evaluation
+    checkpoint_every: int = 1000  # steps between resumable train-state saves
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    num_threads: int = 0  # torch CPU threads; 0 = leave torch's default

@@ -1,0 +1,1 @@
+"""Simic: the simulator that generates behaviour data and scores policies (see env.py)."""
