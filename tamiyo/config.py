@@ -67,6 +67,7 @@ class ServerConfig:
     checkpoint_dir: str = ""  # empty: serve the bundled default policy
     poll_interval_s: float = 1.0
     grace_s: float = 5.0
+    torch_threads: int = 1  # intra-op threads of the inference thread (see policy.engine)
     # Security (tamiyo_server.auth); empty = off. The token is read from the
     # TAMIYO_AUTH_TOKEN environment variable or --auth-token-file, never a flag value.
     auth_token: str = ""
