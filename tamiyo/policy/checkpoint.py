@@ -1,0 +1,269 @@
+"""The one checkpoint format: safetensors weights + JSON manifest, written atomically.
+
+Layout of a checkpoint directory ``root``::
+
+    root/<version>/model.safetensors   weights (safetensors: no pickle, no code)
+    root/<version>/manifest.json       format, version, model config, feature schemas,
+                                       sha256 + size + tensor shapes, metrics, provenance
+    root/latest                        text file: the name of the newest <version>
+
+Writing (``save_checkpoint``): both files go to a fresh temp directory inside ``root``,
+are fsynced, the directory is renamed to ``<version>`` and ``root`` is fsynced; only then
+is ``latest`` replaced atomically (temp file + fsync + ``os.replace`` + fsync). A reader
+that follows ``latest`` therefore never sees a half-written checkpoint.
+
+Loading (``load_checkpoint``) verifies manifest format, feature schemas, the sha256 and
+size of the weight bytes (hashed from the same bytes that are then parsed), tensor names,
+shapes and dtypes, and that every weight is finite; anything else raises
+``CheckpointError`` whose message names the reason. ``torch.load`` is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA
+from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
+
+FORMAT = "tamiyo-policy-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+class CheckpointError(Exception):
+    """A checkpoint was refused; ``str(err)`` names the path and the reason."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedPolicy:
+    """A verified policy: model in eval mode on the requested device, and its manifest."""
+
+    model: TamiyoPolicy
+    config: PolicyConfig
+    version: str
+    path: Path | None
+    manifest: dict[str, Any]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    root: str | Path,
+    model: TamiyoPolicy,
+    config: PolicyConfig | None = None,
+    metrics: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+    version: str | None = None,
+    update_latest: bool = True,
+) -> Path:
+    """Write ``model`` as a new checkpoint under ``root``; returns its directory.
+
+    ``version`` defaults to ``<UTC yyyymmddThhmmssZ>-<sha256[:8]>``; it must match
+    ``[A-Za-z0-9][A-Za-z0-9._-]*`` (≤ 128 chars) and not exist yet. ``metrics`` and
+    ``provenance`` must be JSON-serialisable (non-finite floats are refused).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    config = config or model.config
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    blob = safetensors.torch.save(state, metadata={"format": FORMAT})
+    sha = hashlib.sha256(blob).hexdigest()
+    if version is None:
+        version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{sha[:8]}"
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"checkpoint version {version!r} must match {_VERSION_RE.pattern}")
+    final = root / version
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created_unix_s": time.time(),
+        "model_config": config.to_dict(),
+        "feature_schema": FEATURE_SCHEMA.to_dict(),
+        "kernel_feature_schema": KERNEL_SCHEMA.to_dict(),
+        "weights_file": WEIGHTS,
+        "weights_sha256": sha,
+        "weights_bytes": len(blob),
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dt(v)} for k, v in state.items()},
+        "metrics": metrics or {},
+        "provenance": provenance or {},
+        "torch_version": torch.__version__,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode()
+    tmp = root / f".tmp-{version}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    _write_synced(tmp / WEIGHTS, blob)
+    _write_synced(tmp / MANIFEST, text)
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if update_latest:
+        set_latest(root, version)
+    return final
+
+
+def set_latest(root: str | Path, version: str) -> None:
+    """Atomically point ``root/latest`` at ``root/<version>``."""
+    root = Path(root)
+    if not _VERSION_RE.match(version) or not (root / version).is_dir():
+        raise ValueError(f"no checkpoint {version!r} in {root}")
+    tmp = root / f".latest-{secrets.token_hex(4)}"
+    _write_synced(tmp, (version + "\n").encode())
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def resolve_latest(root: str | Path) -> Path | None:
+    """Directory named by ``root/latest``, or None when there is no (valid) pointer."""
+    root = Path(root)
+    try:
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return None
+    if not _VERSION_RE.match(name):
+        return None
+    path = root / name
+    return path if path.is_dir() else None
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _fail(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} refused: {reason}")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Parse and check the manifest of checkpoint directory ``path`` (not the weights)."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    try:
+        raw = mpath.read_bytes()[: MAX_MANIFEST_BYTES + 1]
+    except FileNotFoundError:
+        raise _fail(path, f"manifest missing ({MANIFEST})") from None
+    except OSError as e:
+        raise _fail(path, f"manifest unreadable: {e}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise _fail(path, "manifest larger than 1 MiB")
+    try:
+        m = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"manifest is not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise _fail(path, "manifest is not a JSON object")
+    if m.get("format") != FORMAT:
+        raise _fail(path, f"manifest format {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise _fail(
+            path, f"manifest format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    for key in ("version", "weights_sha256", "weights_file"):
+        if not isinstance(m.get(key), str):
+            raise _fail(path, f"manifest field {key!r} missing or not a string")
+    if m["weights_file"] != WEIGHTS:
+        raise _fail(path, f"manifest weights_file {m['weights_file']!r}, expected {WEIGHTS!r}")
+    for key, schema in (
+        ("feature_schema", FEATURE_SCHEMA),
+        ("kernel_feature_schema", KERNEL_SCHEMA),
+    ):
+        got = m.get(key)
+        if not isinstance(got, dict) or got.get("version") != schema.version:
+            ver = got.get("version") if isinstance(got, dict) else None
+            raise _fail(
+                path, f"{key} version {ver!r} does not match this build's {schema.version!r}"
+            )
+        if got != schema.to_dict():
+            raise _fail(
+                path,
+                f"{key} {schema.version!r} differs from this build's (names, "
+                "order, normalisation or constants)",
+            )
+    return m
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedPolicy:
+    """Load and verify checkpoint directory ``path``; raises ``CheckpointError``."""
+    path = Path(path)
+    m = read_manifest(path)
+    try:
+        config = PolicyConfig.from_dict(m.get("model_config"))  # type: ignore[arg-type]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise _fail(path, f"model_config invalid: {e}") from None
+    if (
+        config.node_features != FEATURE_SCHEMA.num_features
+        or config.kernel_features != KERNEL_SCHEMA.num_features
+    ):
+        raise _fail(path, "model_config feature widths do not match the feature schema")
+    try:
+        blob = (path / WEIGHTS).read_bytes()
+    except FileNotFoundError:
+        raise _fail(path, f"weights missing ({WEIGHTS})") from None
+    if len(blob) != m.get("weights_bytes"):
+        raise _fail(
+            path,
+            f"weights are {len(blob)} bytes, manifest says "
+            f"{m.get('weights_bytes')} (truncated or replaced)",
+        )
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != m["weights_sha256"]:
+        raise _fail(
+            path,
+            f"weights sha256 {sha[:16]}… does not match the manifest ({m['weights_sha256'][:16]}…)",
+        )
+    try:
+        tensors = safetensors.torch.load(blob)
+    except Exception as e:  # safetensors raises its own error types for malformed input
+        raise _fail(path, f"weights are not valid safetensors ({e})") from None
+    model = TamiyoPolicy(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise _fail(
+            path,
+            f"tensor names differ from the model: missing {missing[:5]}, unexpected {extra[:5]}",
+        )
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise _fail(
+                path,
+                f"tensor {name} is {_dt(got)}{list(got.shape)}, model needs "
+                f"{_dt(want)}{list(want.shape)}",
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise _fail(path, f"tensor {name} has non-finite values (NaN/inf)")
+    model.load_state_dict(tensors, strict=True)
+    model.to(device).eval()
+    return LoadedPolicy(model, config, m["version"], path, m)

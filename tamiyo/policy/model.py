@@ -1,0 +1,174 @@
+"""The GCN policy: node encoder → GCN layers with residuals → action heads.
+
+Action space of a graph with N layers and K offered kernels: NO_OP, or adapt(layer i,
+kernel j) for every (i, j) whose layer has a free seed. The network scores every valid
+pair with a logit and the graph with a no-op logit; ``per_graph_log_softmax`` normalises
+over (node × kernel) ∪ {no-op} *within each graph* of a batch (the seed's defect was a
+softmax across the batch). Trainer (BC / IQL / CQL), simulator and server all use this
+one module.
+
+The GCN propagation is Â·(H W) + b with Â the cached symmetric-normalised adjacency
+(see ``topology.py``); a test checks it against torch_geometric's ``GCNConv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from tamiyo.policy.batch import Batch
+from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Architecture hyperparameters (all of them; stored in every checkpoint manifest)."""
+
+    node_features: int = FEATURE_SCHEMA.num_features
+    kernel_features: int = KERNEL_SCHEMA.num_features
+    hidden: int = 64  # node embedding width H
+    gcn_layers: int = 3
+    kernel_hidden: int = 32  # kernel embedding width Hk (pair logits are dot products)
+    head_hidden: int = 64  # width of the graph-level head MLP
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> PolicyConfig:
+        """Strict: unknown or mistyped keys raise ValueError naming the key."""
+        known = {f.name for f in fields(PolicyConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model_config: unknown keys {sorted(unknown)}")
+        for k, v in d.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"model_config.{k}: expected a positive integer, got {v!r}")
+        return PolicyConfig(**d)
+
+
+class PolicyForward(NamedTuple):
+    """Raw outputs for a batch of B graphs, N_total nodes, K_max kernels.
+
+    ``pair_logits`` float32 [N_total, K_max], -inf where (node, kernel) is not a valid
+    action; ``noop_logit``, ``urgency_logit``, ``value`` float32 [B].
+    """
+
+    pair_logits: torch.Tensor
+    noop_logit: torch.Tensor
+    urgency_logit: torch.Tensor
+    value: torch.Tensor
+
+
+class GCNLayer(nn.Module):
+    """One GCN propagation: out = Â (h Wᵀ) + b, same parameters as ``GCNConv``.
+
+    ``weight`` [H_out, H_in] and ``bias`` [H_out] correspond to GCNConv's ``lin.weight``
+    and ``bias``.
+    """
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+        nn.init.xavier_uniform_(self.weight)  # GCNConv's default (glorot)
+
+    def forward(self, h: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        """h float32 [N, H_in], adj sparse CSR [N, N] → float32 [N, H_out]."""
+        out: torch.Tensor = torch.sparse.mm(adj, h @ self.weight.t()) + self.bias
+        return out
+
+
+def segment_max(
+    values: torch.Tensor, index: torch.Tensor, num: int, init: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Max of ``values`` [N, ...] per segment ``index`` [N] → [num, ...]."""
+    shape = (num, *values.shape[1:])
+    out = (
+        init.clone()
+        if init is not None
+        else torch.full(shape, float("-inf"), dtype=values.dtype, device=values.device)
+    )
+    idx = index.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    return out.scatter_reduce(0, idx, values, reduce="amax", include_self=True)
+
+
+def segment_sum(values: torch.Tensor, index: torch.Tensor, num: int) -> torch.Tensor:
+    """Sum of ``values`` [N, ...] per segment ``index`` [N] → [num, ...]."""
+    out = torch.zeros((num, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_add(0, index, values)
+
+
+def per_graph_log_softmax(
+    pair_logits: torch.Tensor, noop_logit: torch.Tensor, node_batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities over (node × kernel) ∪ {no-op}, normalised within each graph.
+
+    pair_logits float32 [N_total, K_max] (-inf = invalid action), noop_logit [B],
+    node_batch int64 [N_total] → (pair_logp [N_total, K_max] with -inf kept for invalid
+    actions, noop_logp [B]). Differentiable; the trainer's per-node action log-prob is
+    ``pair_logp[ptr[g] + node, kernel]`` and the no-op's is ``noop_logp[g]``.
+    """
+    b = noop_logit.shape[0]
+    if pair_logits.shape[1]:
+        row_max = pair_logits.amax(dim=1)
+    else:  # no kernel offered anywhere in the batch: only no-op is valid
+        row_max = pair_logits.new_full((pair_logits.shape[0],), float("-inf"))
+    m = segment_max(row_max, node_batch, b, init=noop_logit.detach()).detach()
+    shifted = torch.exp(pair_logits - m[node_batch].unsqueeze(1)).sum(dim=1)
+    z = segment_sum(shifted, node_batch, b) + torch.exp(noop_logit - m)
+    lse = m + torch.log(z)
+    return pair_logits - lse[node_batch].unsqueeze(1), noop_logit - lse
+
+
+class TamiyoPolicy(nn.Module):
+    """The policy network. ``forward(batch) -> PolicyForward`` (see module docstring)."""
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        super().__init__()
+        c = config or PolicyConfig()
+        self.config = c
+        h, hk = c.hidden, c.kernel_hidden
+        self.encoder = nn.Sequential(nn.Linear(c.node_features, h), nn.ReLU(), nn.Linear(h, h))
+        self.convs = nn.ModuleList(GCNLayer(h, h) for _ in range(c.gcn_layers))
+        # Node head: [target score s_i | query q_i (Hk)].
+        self.node_head = nn.Linear(h, 1 + hk)
+        self.kernel_encoder = nn.Sequential(
+            nn.Linear(c.kernel_features, hk), nn.ReLU(), nn.Linear(hk, hk)
+        )
+        # Graph head on [mean-pool | max-pool]: [no-op logit, urgency logit, value].
+        self.graph_head = nn.Sequential(
+            nn.Linear(2 * h, c.head_hidden), nn.ReLU(), nn.Linear(c.head_hidden, 3)
+        )
+        self._scale = 1.0 / math.sqrt(hk)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Node embeddings float32 [N_total, H] after encoder and residual GCN layers."""
+        h: torch.Tensor = self.encoder(batch.x)
+        for conv in self.convs:
+            h = h + F.relu(conv(h, batch.adj))
+        return h
+
+    def forward(self, batch: Batch) -> PolicyForward:
+        h = self.embed(batch)
+        nb = batch.node_batch
+        b = batch.num_graphs
+        nh = self.node_head(h)
+        score, query = nh[:, 0], nh[:, 1:]
+        kemb = self.kernel_encoder(batch.kernel_x)  # [B, K_max, Hk]
+        # pair logit (i, j) = s_i + <q_i, k_j> / sqrt(Hk), only within node i's graph.
+        dots = torch.bmm(kemb[nb], query.unsqueeze(2)).squeeze(2)  # [N_total, K_max]
+        pair = score.unsqueeze(1) + dots * self._scale
+        valid = batch.target_mask.unsqueeze(1) & batch.kernel_mask[nb]
+        pair = pair.masked_fill(~valid, float("-inf"))
+
+        counts = torch.diff(batch.ptr).clamp_min(1).to(h.dtype)
+        mean = segment_sum(h, nb, b) / counts.unsqueeze(1)
+        mx = segment_max(h, nb, b)
+        g = self.graph_head(torch.cat([mean, mx], dim=1))
+        return PolicyForward(pair, g[:, 0], g[:, 1], g[:, 2])
