@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tamiyo.config import ServerConfig
+from tamiyo.policy.engine import configure_threads
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.auth import BearerTokenInterceptor, server_credentials
@@ -100,6 +101,8 @@ class TamiyoServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        configure_threads(c.torch_threads)
+        await asyncio.to_thread(self.pipeline.calibrate)
         self.pipeline.start()
         await self.server.start()
         if c.metrics_port:

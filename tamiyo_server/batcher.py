@@ -50,37 +50,43 @@ class CostModel:
     """Predicts a batch's inference time in ms as ``a + b·nodes/1000 + c·graphs/100``.
 
     Fitted online by recursive least squares with exponential forgetting, so it follows
-    the machine's current speed (thermal, noisy neighbours). The prediction adds twice
-    the EWMA of absolute residuals: the batcher needs a safe bound, not the mean.
-    Thread-safety: only the inference thread calls ``update``; ``predict`` reads a tuple
-    swapped atomically.
+    the machine's current speed (thermal, noisy neighbours). Errors are Huber-clipped so
+    one preempted batch does not wreck the fit. The prediction is inflated by twice the
+    EWMA of the *relative* error: the batcher needs a safe bound, not the mean, and the
+    error of a batch grows with its size.
+    Thread-safety: only the inference thread calls ``update``; ``predict_ms`` reads a
+    tuple that is swapped atomically.
     """
 
     def __init__(self, config: BatchConfig) -> None:
         self._lam = config.cost_forgetting
         self._theta = np.array([config.prior_batch_ms, config.prior_node_us, 0.0])
         self._p = np.eye(3) * 10.0
-        self._resid = 0.0
-        self._coef: tuple[float, float, float, float] = (*map(float, self._theta), 0.0)  # type: ignore[assignment]
+        self._rel = 0.0
+        a, b, c = (float(v) for v in self._theta)
+        self._coef = (a, b, c, 0.0)
 
     @staticmethod
     def _x(nodes: int, graphs: int) -> np.ndarray:
         return np.array([1.0, nodes / 1000.0, graphs / 100.0])
 
     def predict_ms(self, nodes: int, graphs: int) -> float:
-        a, b, c, resid = self._coef
-        return max(0.05, a + b * nodes / 1000.0 + c * graphs / 100.0) + 2.0 * resid
+        a, b, c, rel = self._coef
+        return max(0.05, a + b * nodes / 1000.0 + c * graphs / 100.0) * (1.0 + 2.0 * rel)
 
     def update(self, nodes: int, graphs: int, measured_ms: float) -> None:
         x = self._x(nodes, graphs)
-        err = measured_ms - float(x @ self._theta)
+        fit = float(x @ self._theta)
+        raw = measured_ms - fit
+        bound = max(1.0, 0.5 * abs(fit))
+        err = min(max(raw, -bound), bound)
         px = self._p @ x
         gain = px / (self._lam + float(x @ px))
         self._theta = self._theta + gain * err
         self._p = (self._p - np.outer(gain, px)) / self._lam
-        self._resid = 0.9 * self._resid + 0.1 * abs(err)
+        self._rel = 0.9 * self._rel + 0.1 * min(abs(raw) / max(abs(fit), 0.1), 1.0)
         a, b, c = (float(v) for v in self._theta)
-        self._coef = (a, b, c, self._resid)
+        self._coef = (a, b, c, self._rel)
 
 
 @dataclass(eq=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tamiyo.policy.builtin import load_policy
 from tamiyo.policy.checkpoint import LoadedPolicy
-from tamiyo.policy.engine import InferenceEngine, configure_threads, resolve_device
+from tamiyo.policy.engine import InferenceEngine, resolve_device
 from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema
 from tamiyo_server.metrics import ServerMetrics
 
@@ -69,10 +69,9 @@ def serve_loaded(loaded: LoadedPolicy, device: str, warmup: bool = True) -> Serv
     )
 
 
-def load_initial(checkpoint_dir: str, device: str, torch_threads: int = 1) -> ServedPolicy:
+def load_initial(checkpoint_dir: str, device: str) -> ServedPolicy:
     """The startup policy: ``checkpoint_dir``'s latest, else the bundled default, else
     the built-in fallback (logged loudly, and visible in GetPolicyInfo)."""
-    configure_threads(torch_threads)
     dev = str(resolve_device(device))
     served = serve_loaded(load_policy(checkpoint_dir or None, dev), dev)
     if served.builtin:

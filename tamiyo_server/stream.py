@@ -229,7 +229,7 @@ class StreamHandler:
             s.remember_decision(d.decision_id)
             self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))
             return
-        pending = Pending(job, ref)  # type: ignore[arg-type]
+        pending = Pending(job, ref)
         s.pending = pending
         self.idle.clear()
         job.future.add_done_callback(partial(self._answered, s, pending))
