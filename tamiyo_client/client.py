@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -81,7 +81,8 @@ class ClientStats:
     decisions_dropped: int = 0  # consumer too slow; oldest dropped
     outcomes_sent: int = 0
     outcomes_dropped: int = 0
-    stream_errors: int = 0  # in-stream StreamError answers
+    stream_errors: int = 0  # in-stream StreamError answers refusing a message
+    frames_shed: int = 0  # RESOURCE_EXHAUSTED answers: superseded or shed by the server
     sessions: int = 0  # SessionAccepted received (first connect + reconnects)
     connect_failures: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
@@ -97,6 +98,32 @@ class ClientStats:
 
 DecisionCallback = Callable[[ReceivedDecision], None]
 ErrorCallback = Callable[[pb.StreamError], None]
+
+
+class DecisionStream:
+    """Async iterator over decisions; registered with the client when created, so no
+    decision that arrives between creation and the first ``__anext__`` is missed."""
+
+    def __init__(self, client: TamiyoClient) -> None:
+        self.client = client
+        self.queue: asyncio.Queue[ReceivedDecision | None] = asyncio.Queue()
+
+    def __aiter__(self) -> DecisionStream:
+        return self
+
+    async def __anext__(self) -> ReceivedDecision:
+        item = await self.queue.get()
+        if item is None:
+            self.close()
+            if self.client.fatal_error:
+                raise ClientError(self.client.fatal_error)
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        """Stop receiving (idempotent)."""
+        if self.queue in self.client._queues:
+            self.client._queues.remove(self.queue)
 
 
 class TamiyoClient:
@@ -235,22 +262,14 @@ class TamiyoClient:
     def add_error_callback(self, on_error: ErrorCallback) -> None:
         self._error_callbacks.append(on_error)
 
-    async def decisions(self) -> AsyncIterator[ReceivedDecision]:
-        """Every decision from now on, in arrival order. Ends when the client is closed;
-        raises ClientError if it stopped on a fatal error. A slow consumer loses the
-        oldest beyond ``decision_buffer`` (counted in ``stats.decisions_dropped``)."""
-        queue: asyncio.Queue[ReceivedDecision | None] = asyncio.Queue()
-        self._queues.append(queue)
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    if self.fatal_error:
-                        raise ClientError(self.fatal_error)
-                    return
-                yield item
-        finally:
-            self._queues.remove(queue)
+    def decisions(self) -> DecisionStream:
+        """Every decision from this call on, in arrival order (``async for``). Ends when
+        the client is closed; raises ClientError if it stopped on a fatal error. A slow
+        consumer loses the oldest beyond ``decision_buffer`` (``stats.decisions_dropped``).
+        """
+        stream = DecisionStream(self)
+        self._queues.append(stream.queue)
+        return stream
 
     def _deliver(self, decision: decision_pb2.AdaptationDecision, connection: int) -> None:
         sent = self._sent_at.pop(decision.frame_request_id, None)
@@ -427,9 +446,15 @@ class TamiyoClient:
             if kind == "decision":
                 self._deliver(resp.decision, connection)
             elif kind == "error":
-                self.stats.stream_errors += 1
-                self.stream_errors.append(resp.error)
-                log.warning("tamiyo refused a message: %s", resp.error.message)
+                err = resp.error
+                self._sent_at.pop(err.frame_request_id, None)  # no decision will follow
+                if err.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED:
+                    self.stats.frames_shed += 1  # load, not a bad message
+                    log.debug("tamiyo shed a frame: %s", err.message)
+                else:
+                    self.stats.stream_errors += 1
+                    self.stream_errors.append(err)
+                    log.warning("tamiyo refused a message: %s", err.message)
                 for cb in self._error_callbacks:
                     try:
                         cb(resp.error)
