@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tamiyo.policy.features import FEATURE_SCHEMA, GraphTensors, featurize
+from tamiyo.policy.features import FEATURE_SCHEMA, GraphTensors, featurize_many
 from tamiyo.policy.snapshot import (
     FLOAT_FIELDS,
     INT_FIELDS,
@@ -87,4 +87,4 @@ def random_snapshot(
 def random_graphs(seed: int, sizes: list[int], k: int = 3) -> list[GraphTensors]:
     """Featurized random graphs of the given node counts (one per entry)."""
     rng = np.random.default_rng(seed)
-    return [featurize(random_snapshot(rng, n, k)) for n in sizes]
+    return featurize_many([random_snapshot(rng, n, k) for n in sizes])

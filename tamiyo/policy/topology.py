@@ -16,11 +16,14 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from tamiyo.policy.snapshot import GraphTopology, IntArray
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,37 +78,52 @@ def normalized_adjacency(num_nodes: int, edge_index: IntArray) -> NormAdjacency:
     return NormAdjacency(n, arrays[0], arrays[1], arrays[2], arrays[3])
 
 
-class AdjacencyCache:
-    """Thread-safe LRU cache of ``NormAdjacency`` keyed by ``GraphTopology.key``.
+class LruCache(Generic[T]):
+    """Small thread-safe LRU map from a topology key (str) to a derived value.
 
-    Sessions (event-loop thread) and the inference thread may both ask; a lock keeps
-    the OrderedDict consistent. ``capacity`` bounds memory (one entry ≈ 20 B per nnz).
+    Sessions (event-loop thread) and the inference thread may both ask; the lock keeps
+    the OrderedDict consistent. ``capacity`` bounds memory.
     """
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, NormAdjacency] = OrderedDict()
+        self._items: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, topology: GraphTopology) -> NormAdjacency:
+    def get(self, key: str) -> T | None:
         with self._lock:
-            adj = self._items.get(topology.key)
-            if adj is not None:
-                self._items.move_to_end(topology.key)
-                self.hits += 1
-                return adj
-        adj = normalized_adjacency(topology.num_nodes, topology.edge_index)
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: T) -> None:
         with self._lock:
-            self.misses += 1
-            self._items[topology.key] = adj
+            self._items[key] = value
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
-        return adj
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class AdjacencyCache(LruCache[NormAdjacency]):
+    """``NormAdjacency`` per ``GraphTopology.key`` (one entry ≈ 20 B per nnz)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        super().__init__(capacity)
+
+    def get_for(self, topology: GraphTopology) -> NormAdjacency:
+        adj = self.get(topology.key)
+        if adj is None:
+            adj = normalized_adjacency(topology.num_nodes, topology.edge_index)
+            self.put(topology.key, adj)
+        return adj
 
 
 ADJACENCY_CACHE = AdjacencyCache()

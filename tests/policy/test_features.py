@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA, featurize, snapshot_from_state
+from tamiyo.policy.features import (
+    FEATURE_SCHEMA,
+    KERNEL_SCHEMA,
+    featurize,
+    featurize_many,
+    snapshot_from_state,
+)
 from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import health_pb2
@@ -147,3 +153,22 @@ def test_signal_fields_reach_features() -> None:
     assert feat(snap, "log_gradient_norm")[0] == pytest.approx(0.2, rel=1e-5)
     assert feat(snap, "log_error_count")[0] == pytest.approx(np.log1p(5) / 5, rel=1e-5)
     assert feat(snap, "active_seed_fraction")[0] == pytest.approx(0.5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 30), st.integers(0, 4)), min_size=1, max_size=8),
+    st.integers(0, 2**31),
+)
+def test_featurize_many_equals_one_at_a_time(shapes: list[tuple[int, int]], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    snaps = [random_snapshot(rng, n, k) for n, k in shapes]
+    many = featurize_many(snaps)
+    for sn, g in zip(snaps, many, strict=True):
+        one = featurize(sn)
+        for f in ("x", "kernel_x", "target_mask", "health", "free_seed"):
+            np.testing.assert_array_equal(getattr(g, f), getattr(one, f), err_msg=f)
+        assert g.layer_ids == one.layer_ids
+        assert g.kernel_ids == one.kernel_ids
+        assert g.adj is one.adj  # cached per topology
+    assert featurize_many([]) == []
