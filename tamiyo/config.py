@@ -66,6 +66,9 @@ class ServerConfig:
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     checkpoint_dir: str = ""  # empty: serve the bundled default policy
     poll_interval_s: float = 1.0
+    # Serve exactly this checkpoint (a directory, or a version in checkpoint_dir) and turn
+    # hot reload off; empty = follow checkpoint_dir/latest (tamiyo_server.reload).
+    pin_checkpoint: str = ""
     grace_s: float = 5.0
     torch_threads: int = 1  # intra-op threads of the inference thread (see policy.engine)
     # Security (tamiyo_server.auth); empty = off. The token is read from the
