@@ -11,6 +11,7 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from tamiyo.config import ServerConfig
 
@@ -39,13 +40,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace-s", type=float, default=float(_env("grace_s", d.grace_s)), help="shutdown grace"
     )
+    p.add_argument(
+        "--auth-token-file",
+        default=_env("auth_token_file", ""),
+        help="file holding the bearer token clients must send (TAMIYO_AUTH_TOKEN also works); "
+        "unset = no token required",
+    )
+    p.add_argument("--tls-cert", default=_env("tls_cert", d.tls_cert_file), help="PEM chain")
+    p.add_argument("--tls-key", default=_env("tls_key", d.tls_key_file), help="PEM key")
+    p.add_argument(
+        "--tls-client-ca",
+        default=_env("tls_client_ca", d.tls_client_ca_file),
+        help="PEM CA for client certificates: enables mTLS",
+    )
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=float(_env("deadline_ms", d.batch.decision_deadline_ms)),
+        help="default decision deadline",
+    )
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=float(_env("max_queue_delay_ms", d.batch.max_queue_delay_ms)),
+        help="longest a batch waits to fill",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=int(_env("torch_threads", d.torch_threads)),
+        help="intra-op threads of the inference thread",
+    )
     return p
+
+
+def _token(a: argparse.Namespace) -> str:
+    """The token comes from a file or the environment, never from argv (ps shows argv)."""
+    if a.auth_token_file:
+        token = Path(a.auth_token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise SystemExit(f"--auth-token-file {a.auth_token_file}: file is empty")
+        return token
+    return os.environ.get("TAMIYO_AUTH_TOKEN", "")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     a = build_parser().parse_args(argv)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if a.tls_client_ca and not a.tls_cert:
+        raise SystemExit("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    d = ServerConfig()
     return replace(
-        ServerConfig(),
+        d,
+        auth_token=_token(a),
+        tls_cert_file=a.tls_cert,
+        tls_key_file=a.tls_key,
+        tls_client_ca_file=a.tls_client_ca,
+        torch_threads=a.torch_threads,
+        batch=replace(
+            d.batch, decision_deadline_ms=a.deadline_ms, max_queue_delay_ms=a.max_queue_delay_ms
+        ),
         host=a.host,
         port=a.port,
         metrics_port=a.metrics_port,

@@ -1,0 +1,299 @@
+"""Load generator: N simulated hosts streaming telemetry frames, closed or open loop.
+
+``python -m tamiyo_client.loadgen --target 127.0.0.1:50051 --streams 64 --mode closed``
+prints one JSON object (decisions/s, client-observed p50/p99/p99.9 latency in ms, shed,
+lost) on stdout. Run it in its own process so its CPU is not the server's.
+
+Why it is built the way it is: on a 2-core box the generator must cost as little as
+possible per frame, or it measures itself. Each host's frame is serialized once; per
+send only a tiny suffix (step + request id) is appended — protobuf merges a repeated
+embedded message field, so ``frame_bytes + suffix`` is a valid request with the new step
+and tag. Responses are parsed (the tag is needed to match latency).
+
+* closed loop: each stream sends a frame, waits for its answer, sends the next.
+* open loop: each stream sends at ``rate / streams`` per second on a fixed schedule,
+  whatever the answers; latency is measured from the *scheduled* send time (no
+  coordinated omission). At the end, frames without any answer after ``--drain-s``
+  count as ``lost``.
+
+Shed = degraded decisions + frames answered "superseded"; both are explicit answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+
+METHOD = "/tamiyo.v1.TamiyoService/StreamTelemetry"
+STREAMS_PER_CHANNEL = 100  # separate HTTP/2 connections, as separate hosts would have
+
+
+@dataclass
+class Host:
+    """One simulated host: its SessionOpen and one pre-serialized frame (bytes)."""
+
+    host_id: str
+    layers: int
+    open_bytes: bytes
+    frame_bytes: bytes
+
+
+def make_host(rng: random.Random, i: int, min_layers: int, max_layers: int) -> Host:
+    """A chain of 4-64 layers with a few skip edges, 2 kernels, one degrading layer."""
+    n = rng.randint(min_layers, max_layers)
+    layers = [
+        graph_pb2.LayerSpec(
+            layer_id=f"l{j}",
+            layer_type=graph_pb2.LayerType.ValueType(rng.randint(1, 7)),
+            input_size=rng.choice((64, 256, 1024)),
+            output_size=rng.choice((64, 256, 1024)),
+            parameter_count=rng.randint(1_000, 5_000_000),
+            seed_count=rng.randint(0, 4),
+        )
+        for j in range(n)
+    ]
+    edges = {(j, j + 1) for j in range(n - 1)}
+    for _ in range(n // 4):
+        a = rng.randrange(0, max(n - 2, 1))
+        b = min(n - 1, a + rng.randint(2, 4))
+        if a != b:
+            edges.add((a, b))
+    topo = graph_pb2.Topology(
+        layers=layers, edges=[graph_pb2.Edge(source=a, target=b) for a, b in sorted(edges)]
+    )
+    kernels = [graph_pb2.KernelSpec(kernel_id=f"k{j}", parameter_count=4096) for j in range(2)]
+    open_req = pb.StreamTelemetryRequest(
+        session_open=pb.SessionOpen(host_id=f"loadgen-{i}", topology=topo, kernels=kernels)
+    )
+    sick = rng.randrange(n)
+    signals = [
+        health_pb2.HealthSignal(
+            layer_id=f"l{j}",
+            step=0,
+            timestamp_s=1.7e9,
+            health_score=0.3 if j == sick else rng.uniform(0.7, 1.0),
+            avg_execution_time_ms=rng.uniform(0.1, 3.0),
+            active_seeds=0,
+            total_seeds=layers[j].seed_count,
+            activation_variance=rng.uniform(0.0, 2.0),
+            dead_neuron_ratio=rng.uniform(0.0, 0.5),
+            avg_correlation=rng.uniform(0.0, 1.0),
+            gradient_norm=rng.uniform(0.0, 5.0),
+            latency_variance=rng.uniform(0.0, 0.1),
+            memory_utilization=rng.uniform(0.0, 1.0),
+        )
+        for j in range(n)
+    ]
+    frame = pb.StreamTelemetryRequest(frame=pb.TelemetryFrame(signals=signals, want_decision=True))
+    return Host(f"loadgen-{i}", n, open_req.SerializeToString(), frame.SerializeToString())
+
+
+def suffix(step: int, tag: str) -> bytes:
+    return pb.StreamTelemetryRequest(
+        frame=pb.TelemetryFrame(step=step, request_id=tag)
+    ).SerializeToString()
+
+
+@dataclass
+class Stats:
+    latencies_ms: list[float] = field(default_factory=list)
+    sent: int = 0
+    decisions: int = 0
+    degraded: int = 0
+    superseded: int = 0
+    errors: int = 0
+    lost: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    def answer(self, raw: bytes, sent_at: dict[str, float], since: float) -> str:
+        """Classify one response; count it if the frame it answers was sent at or after
+        ``since``; returns the tag of that frame ('' if none) and pops it from
+        ``sent_at``."""
+        msg = pb.StreamTelemetryResponse.FromString(raw)
+        kind = msg.WhichOneof("message")
+        if kind == "decision":
+            tag = msg.decision.frame_request_id
+        elif kind == "error":
+            tag = msg.error.frame_request_id
+        else:
+            return ""
+        t = sent_at.pop(tag, None)
+        if t is None or t < since:
+            return tag
+        if kind == "decision":
+            self.decisions += 1
+            self.degraded += msg.decision.degraded
+            self.latencies_ms.append((time.perf_counter() - t) * 1000.0)
+        elif "superseded" in msg.error.message:
+            self.superseded += 1
+        else:
+            self.errors += 1
+            if len(self.error_samples) < 5:
+                self.error_samples.append(msg.error.message[:200])
+        return tag
+
+
+@dataclass
+class Plan:
+    mode: str
+    streams: int
+    rate: float  # frames/s over all streams (open loop)
+    warmup_s: float
+    duration_s: float
+    drain_s: float
+
+    def __post_init__(self) -> None:
+        self.t0 = time.perf_counter() + 0.0
+        self.measure_from = self.t0 + self.warmup_s
+        self.end = self.measure_from + self.duration_s
+
+
+async def _open(call: Any, host: Host) -> None:
+    await call.write(host.open_bytes)
+    first = pb.StreamTelemetryResponse.FromString(await call.read())
+    if not first.HasField("session_accepted"):
+        raise RuntimeError(f"session refused: {first}")
+
+
+async def closed_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> None:
+    step = 0
+    sent_at: dict[str, float] = {}
+    while (now := time.perf_counter()) < plan.end:
+        step += 1
+        tag = f"{k}.{step}"
+        sent_at[tag] = now
+        await call.write(host.frame_bytes + suffix(step, tag))
+        st.sent += now >= plan.measure_from
+        while True:
+            raw = await call.read()
+            if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
+                return
+            if st.answer(raw, sent_at, plan.measure_from) == tag:
+                break
+
+
+async def open_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> None:
+    interval = plan.streams / plan.rate
+    sent_at: dict[str, float] = {}  # outstanding frames: tag -> scheduled send time
+    done_sending = asyncio.Event()
+
+    async def reader() -> None:
+        while True:
+            raw = await call.read()
+            if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
+                return
+            st.answer(raw, sent_at, plan.measure_from)
+            if done_sending.is_set() and not sent_at:
+                return
+
+    rd = asyncio.create_task(reader())
+    next_at = plan.t0 + random.random() * interval
+    step = 0
+    while next_at < plan.end:
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        step += 1
+        tag = f"{k}.{step}"
+        sent_at[tag] = next_at
+        await call.write(host.frame_bytes + suffix(step, tag))
+        st.sent += next_at >= plan.measure_from
+        next_at += interval
+    done_sending.set()
+    if sent_at:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(rd), plan.drain_s)
+    st.lost += sum(1 for t in sent_at.values() if t >= plan.measure_from)
+    rd.cancel()
+    await asyncio.gather(rd, return_exceptions=True)
+
+
+async def run(target: str, hosts: Sequence[Host], plan: Plan, token: str = "") -> Stats:
+    st = Stats()
+    channels = [
+        grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1), ("grpc.channel_id", c)]
+        )
+        for c in range((len(hosts) + STREAMS_PER_CHANNEL - 1) // STREAMS_PER_CHANNEL)
+    ]
+    md = (("authorization", f"Bearer {token}"),) if token else None
+    calls = [
+        channels[i // STREAMS_PER_CHANNEL].stream_stream(METHOD, None, None)(None, metadata=md, wait_for_ready=True)
+        for i in range(len(hosts))
+    ]
+    for ch in channels:
+        await ch.channel_ready()
+    await asyncio.gather(*(_open(c, h) for c, h in zip(calls, hosts, strict=True)))
+    plan.__post_init__()  # the clock starts once every session is open
+    loop_fn = closed_loop if plan.mode == "closed" else open_loop
+    await asyncio.gather(
+        *(loop_fn(c, h, plan, st, k) for k, (c, h) in enumerate(zip(calls, hosts, strict=True)))
+    )
+    for c in calls:
+        c.cancel()
+    for ch in channels:
+        await ch.close(None)
+    return st
+
+
+def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
+    lat = np.asarray(st.latencies_ms) if st.latencies_ms else np.asarray([np.nan])
+    shed = st.degraded + st.superseded
+    return {
+        "streams": plan.streams,
+        "mode": plan.mode,
+        "offered_per_s": round(plan.rate if plan.mode == "open" else st.sent / plan.duration_s, 1),
+        "sent_per_s": round(st.sent / plan.duration_s, 1),
+        "decisions_per_s": round(st.decisions / plan.duration_s, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "p999_ms": round(float(np.percentile(lat, 99.9)), 3),
+        "shed": shed,
+        "degraded": st.degraded,
+        "superseded": st.superseded,
+        "errors": st.errors,
+        "error_samples": st.error_samples,
+        "lost": st.lost,
+        "duration_s": plan.duration_s,
+        "mean_layers": round(sum(h.layers for h in hosts) / max(len(hosts), 1), 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tamiyo-loadgen", description=__doc__.split("\n")[0])
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--mode", choices=("closed", "open"), default="closed")
+    p.add_argument("--rate", type=float, default=1000.0, help="open loop: frames/s in total")
+    p.add_argument("--duration-s", type=float, default=5.0)
+    p.add_argument("--warmup-s", type=float, default=1.0)
+    p.add_argument("--drain-s", type=float, default=2.0)
+    p.add_argument("--min-layers", type=int, default=4)
+    p.add_argument("--max-layers", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token", default="", help="bearer token, if the server wants one")
+    a = p.parse_args(argv)
+    rng = random.Random(a.seed)
+    hosts = [make_host(rng, i, a.min_layers, a.max_layers) for i in range(a.streams)]
+    plan = Plan(a.mode, a.streams, a.rate, a.warmup_s, a.duration_s, a.drain_s)
+    st = asyncio.run(run(a.target, hosts, plan, a.token))
+    json.dump(summarize(st, plan, hosts), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
