@@ -25,6 +25,7 @@ from tamiyo_server.auth import BearerTokenInterceptor, server_credentials
 from tamiyo_server.metrics import MetricsInterceptor, ServerMetrics
 from tamiyo_server.pipeline import DecisionPipeline
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial
+from tamiyo_server.reload import CheckpointWatcher, load_pinned
 from tamiyo_server.servicer import TamiyoServicer
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class TamiyoServer:
         self.pipeline: DecisionPipeline | None = None
         self.servicer: TamiyoServicer | None = None
         self.port = 0
+        self.watcher: CheckpointWatcher | None = None  # hot reload (tamiyo_server.reload)
         self.metrics_port = 0
 
     async def start(self) -> int:
@@ -83,9 +85,11 @@ class TamiyoServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
         served = self._policy
+        if served is None and c.pin_checkpoint:
+            served = await asyncio.to_thread(load_pinned, c)
         if served is None:
             served = await asyncio.to_thread(load_initial, c.checkpoint_dir, c.device)
-        holder = PolicyHolder(served, self.metrics)
+        holder = PolicyHolder(served, self.metrics, pinned=bool(c.pin_checkpoint))
         self.pipeline = DecisionPipeline(c, holder, self.metrics)
         self.servicer = TamiyoServicer(self.pipeline)
         pb_grpc.add_TamiyoServiceServicer_to_server(self.servicer, self.server)
@@ -104,6 +108,9 @@ class TamiyoServer:
         configure_threads(c.torch_threads)
         await asyncio.to_thread(self.pipeline.calibrate)
         self.pipeline.start()
+        if c.checkpoint_dir and not c.pin_checkpoint:
+            self.watcher = CheckpointWatcher.for_server(c, holder)
+            self.watcher.start()
         await self.server.start()
         if c.metrics_port:
             self.metrics_port = self.metrics.start(c.host, c.metrics_port)
@@ -122,6 +129,8 @@ class TamiyoServer:
         """Graceful shutdown; in-flight work is answered within ``grace_s``."""
         grace = self.config.grace_s
         await self.health.enter_graceful_shutdown()
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
         if self.pipeline is not None and self.servicer is not None:
             self.pipeline.closing = True
             streams = list(self.servicer.streams)

@@ -1,0 +1,438 @@
+"""Hot reload against a real server on port 0 with real checkpoint files in tmp dirs.
+
+Each bad checkpoint is refused with a reason that names the problem, the old version keeps
+answering, health stays SERVING, and the refusal is not retried while the files stay the
+same. A good checkpoint is picked up within two polls and decisions change version.
+Polls are counted by the watcher, so no test asserts a wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tamiyo.config import ServerConfig
+from tamiyo.policy.checkpoint import (
+    MANIFEST,
+    WEIGHTS,
+    CheckpointError,
+    load_checkpoint,
+    resolve_latest,
+    save_checkpoint,
+    set_latest,
+)
+from tamiyo.policy.engine import PolicyOutput
+from tamiyo.policy.features import GraphTensors
+from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
+from tamiyo.policy.synthetic import random_snapshot
+from tamiyo.v1 import graph_pb2
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+from tamiyo_server import reload
+from tamiyo_server.app import TamiyoServer
+from tamiyo_server.metrics import ServerMetrics
+from tamiyo_server.pipeline import DecisionPipeline
+from tamiyo_server.policy_holder import PolicyHolder, serve_loaded
+from tests.server import hosts
+from tests.server.conftest import make_config
+
+POLL_S = 0.1  # poll interval of the servers under test
+
+
+def model(seed: int) -> TamiyoPolicy:
+    """A distinct, deterministic policy per seed (the global RNG is left alone)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return TamiyoPolicy(PolicyConfig())
+
+
+def write(root: Path, version: str, seed: int, latest: bool = True) -> Path:
+    return save_checkpoint(root, model(seed), version=version, update_latest=latest)
+
+
+def decide_request(step: int = 5) -> pb.DecideRequest:
+    state = graph_pb2.ModelGraphState(
+        topology=hosts.topology(6), signals=hosts.signals(6, step), kernels=hosts.KERNELS, step=step
+    )
+    return pb.DecideRequest(state=state, request_id=f"s{step}")
+
+
+class Client:
+    """Decide, GetPolicyInfo and health over one channel to a running server."""
+
+    def __init__(self, server: TamiyoServer, ch: grpc.aio.Channel) -> None:
+        self.server = server
+        self.stub = pb_grpc.TamiyoServiceStub(ch)
+        self.health = health_pb2_grpc.HealthStub(ch)
+
+    @property
+    def watcher(self) -> reload.CheckpointWatcher:
+        assert self.server.watcher is not None
+        return self.server.watcher
+
+    @property
+    def holder(self) -> PolicyHolder:
+        assert self.server.pipeline is not None
+        return self.server.pipeline.holder
+
+    async def version(self) -> str:
+        resp = await self.stub.Decide(decide_request(), timeout=10)
+        return resp.decision.policy_version
+
+    async def info(self) -> pb.GetPolicyInfoResponse:
+        return await self.stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=10)
+
+    async def serving(self) -> bool:
+        r = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def polls(self, n: int) -> None:
+        """Wait until the watcher has polled ``n`` more times."""
+        target = self.watcher.polls + n
+        await until(lambda: self.watcher.polls >= target)
+
+
+async def until(pred: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait for ``pred``; the timeout only guards against a hang, it is not a figure."""
+    end = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[ClientFactory]:
+    opened: list[tuple[TamiyoServer, grpc.aio.Channel]] = []
+
+    async def make(config: ServerConfig) -> Client:
+        srv = TamiyoServer(config)
+        await srv.start()
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
+        opened.append((srv, ch))
+        return Client(srv, ch)
+
+    yield make
+    for srv, ch in opened:
+        await ch.close(None)
+        await srv.stop()
+
+
+def watching(root: Path, **over: object) -> ServerConfig:
+    return make_config(checkpoint_dir=str(root), poll_interval_s=POLL_S, **over)
+
+
+# ------------------------------------------------------------------ good reloads
+async def test_good_checkpoint_is_picked_up_within_two_polls(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    write(tmp_path, "v1", seed=1)
+    c = await connect(watching(tmp_path))
+    assert await c.version() == "v1"
+    info = await c.info()
+    assert (info.version, info.pinned, info.reloads_ok) == ("v1", False, 0)
+
+    seen: list[str] = []
+    health: list[bool] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> None:  # decisions and health probes all through the reload
+        while not stop.is_set():
+            seen.append(await c.version())
+            health.append(await c.serving())
+
+    task = asyncio.create_task(traffic())
+    await until(lambda: len(seen) >= 3)
+    polls_before = c.watcher.polls
+    write(tmp_path, "v2", seed=2)
+    await until(lambda: c.holder.reloads_ok == 1)
+    assert c.watcher.swapped_at_poll - polls_before <= 2
+    n = len(seen)
+    await until(lambda: len(seen) >= n + 3)
+    stop.set()
+    await task
+
+    assert all(health), "health left SERVING during the reload"
+    switch = seen.index("v2")
+    assert set(seen[:switch]) == {"v1"}, seen
+    assert set(seen[switch:]) == {"v2"}, seen
+    info = await c.info()
+    assert info.version == "v2"
+    assert info.checkpoint_path == str(tmp_path / "v2")
+    assert (info.reloads_ok, info.reloads_failed) == (1, 0)
+    assert info.loaded_at.seconds > 0
+    assert info.weights_sha256 == load_checkpoint(tmp_path / "v2").manifest["weights_sha256"]
+    metrics = c.server.metrics.registry.get_sample_value
+    assert metrics("tamiyo_policy_reloads_total", {"result": "ok"}) == 1.0
+    assert metrics("tamiyo_policy_version_info", {"version": "v2"}) == 1.0
+
+
+async def test_old_policy_is_released_after_the_swap(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    write(tmp_path, "v1", seed=1)
+    c = await connect(watching(tmp_path))
+    assert c.server.pipeline is not None
+    old = c.server.pipeline.holder.current
+    ref = weakref.ref(old.engine.model)
+    del old
+    await c.version()
+    write(tmp_path, "v2", seed=2)
+    await until(lambda: c.watcher.swapped_at_poll > 0)
+    for _ in range(3):
+        assert await c.version() == "v2"
+    gc.collect()
+    assert ref() is None, "the replaced policy is still referenced"
+
+
+def test_swap_lands_between_batches_never_inside_one(tmp_path: Path) -> None:
+    """A swap arriving while a batch runs: the whole batch answers with the old policy,
+    the next batch with the new one."""
+    old = serve_loaded(load_checkpoint(write(tmp_path, "v1", seed=1)), "cpu", warmup=False)
+    new = serve_loaded(load_checkpoint(write(tmp_path, "v2", seed=2)), "cpu", warmup=False)
+    holder = PolicyHolder(old)
+    pipeline = DecisionPipeline(make_config(), holder, ServerMetrics())
+    infer = old.engine.infer
+
+    def swapping_infer(graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
+        holder.swap(new)  # as the watcher thread would, mid-batch
+        return infer(graphs)
+
+    old.engine.infer = swapping_infer  # type: ignore[method-assign]
+    rng = np.random.default_rng(0)
+    snaps = [random_snapshot(rng, n) for n in (4, 8, 16)]
+    first = pipeline._run_batch(snaps)
+    assert {e.policy.version for e in first} == {"v1"}
+    second = pipeline._run_batch(snaps)
+    assert {e.policy.version for e in second} == {"v2"}
+
+
+# ------------------------------------------------------------------ bad checkpoints
+def _truncated(root: Path) -> None:
+    w = write(root, "bad", seed=3, latest=False) / WEIGHTS
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+
+def _bad_hash(root: Path) -> None:
+    w = write(root, "bad", seed=3, latest=False) / WEIGHTS
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's bytes; same size
+    w.write_bytes(bytes(data))
+
+
+def _wrong_schema(root: Path) -> None:
+    m = write(root, "bad", seed=3, latest=False) / MANIFEST
+    manifest = json.loads(m.read_text())
+    manifest["feature_schema"]["names"] = list(reversed(manifest["feature_schema"]["names"]))
+    m.write_text(json.dumps(manifest))
+
+
+def _nan_weights(root: Path) -> None:
+    net = model(3)
+    with torch.no_grad():
+        next(iter(net.parameters())).view(-1)[0] = float("nan")
+    save_checkpoint(root, net, version="bad", update_latest=False)
+
+
+def _missing_manifest(root: Path) -> None:
+    (write(root, "bad", seed=3, latest=False) / MANIFEST).unlink()
+
+
+def _overflowing(root: Path) -> None:
+    """Finite weights whose forward overflows: only the warm-up forward can catch it."""
+    net = model(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1e12)
+    save_checkpoint(root, net, version="bad", update_latest=False)
+
+
+BAD = {
+    "truncated": (_truncated, "truncated"),
+    "bad_hash": (_bad_hash, "sha256"),
+    "wrong_feature_schema": (_wrong_schema, "feature_schema"),
+    "nan_weights": (_nan_weights, "non-finite values"),
+    "missing_manifest": (_missing_manifest, "manifest missing"),
+    "overflowing_forward": (_overflowing, "non-finite outputs"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+async def test_bad_checkpoint_is_refused_once_and_old_version_keeps_answering(
+    tmp_path: Path, connect: ClientFactory, kind: str
+) -> None:
+    make_bad, reason = BAD[kind]
+    write(tmp_path, "v1", seed=1)
+    c = await connect(watching(tmp_path))
+    make_bad(tmp_path)
+    set_latest(tmp_path, "bad")
+    await until(lambda: c.holder.reloads_failed == 1)
+    assert c.watcher.attempts == 1
+    info = await c.info()
+    assert info.version == "v1"
+    assert (info.reloads_ok, info.reloads_failed) == (0, 1)
+    assert info.last_refused_path == str(tmp_path / "bad")
+    assert reason in info.last_refused_reason, info.last_refused_reason
+    assert info.last_refused_at.seconds > 0
+    assert await c.version() == "v1"
+    assert await c.serving()
+    # Not retried while the files stay the same.
+    await c.polls(4)
+    assert c.watcher.attempts == 1
+    assert (await c.info()).reloads_failed == 1
+    metrics = c.server.metrics.registry.get_sample_value
+    assert metrics("tamiyo_policy_reloads_total", {"result": "failed"}) == 1.0
+    # A good version after it is still picked up.
+    write(tmp_path, "v2", seed=2)
+    await until(lambda: c.watcher.swapped_at_poll > 0)
+    assert await c.version() == "v2"
+
+
+async def test_latest_naming_no_directory_is_refused_once(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    write(tmp_path, "v1", seed=1)
+    c = await connect(watching(tmp_path))
+    (tmp_path / "latest").write_text("gone\n")
+    await until(lambda: c.holder.reloads_failed == 1)
+    await c.polls(3)
+    info = await c.info()
+    assert (info.version, info.reloads_failed) == ("v1", 1)
+    assert "'gone'" in info.last_refused_reason
+    assert await c.version() == "v1"
+
+
+async def test_checkpoint_written_slowly_in_pieces(tmp_path: Path, connect: ClientFactory) -> None:
+    """A non-atomic writer: the pointer moves first, the weights arrive in pieces. Every
+    partial state is refused (the old version answers); once the bytes are complete and
+    match the manifest the changed files are tried again and served."""
+    root = tmp_path / "root"
+    write(root, "v1", seed=1)
+    scratch = write(tmp_path / "scratch", "v2", seed=2, latest=False)
+    blob, manifest = (scratch / WEIGHTS).read_bytes(), (scratch / MANIFEST).read_bytes()
+    c = await connect(watching(root))
+    target = root / "v2"
+    target.mkdir()
+    (target / MANIFEST).write_bytes(manifest)
+    set_latest(root, "v2")
+    pieces = 4
+    finished = threading.Event()
+
+    def writer() -> None:
+        step = len(blob) // pieces + 1
+        with open(target / WEIGHTS, "wb") as f:
+            for i in range(pieces):
+                f.write(blob[i * step : (i + 1) * step])
+                f.flush()
+                if i < pieces - 1:
+                    time.sleep(3 * POLL_S)
+        finished.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    during: list[str] = []
+    while not finished.is_set():
+        during.append(await c.version())
+    await asyncio.to_thread(thread.join)
+    assert set(during) == {"v1"}
+    assert len(during) > 3
+    refused = (await c.info()).reloads_failed
+    assert refused >= 1, "no partial state was ever seen"
+    polls = c.watcher.polls
+    await until(lambda: c.watcher.swapped_at_poll > 0)
+    assert c.watcher.swapped_at_poll - polls <= 2
+    assert await c.version() == "v2"
+    info = await c.info()
+    assert "v2" in info.last_refused_path
+    assert "truncated" in info.last_refused_reason or "JSON" in info.last_refused_reason
+
+
+# ------------------------------------------------------------------ unit checks
+def test_warm_up_over_budget_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "v1", seed=1)
+    assert reload.load_served(path, "cpu", budget_ms=1e9).version == "v1"
+    with pytest.raises(CheckpointError, match="over the 1e-06 ms decision budget"):
+        reload.load_served(path, "cpu", budget_ms=1e-6)
+
+
+def test_watcher_rejects_a_bad_interval(tmp_path: Path) -> None:
+    holder = PolicyHolder(serve_loaded(load_checkpoint(write(tmp_path, "v1", 1)), "cpu"))
+    with pytest.raises(ValueError, match="poll_interval_s"):
+        reload.CheckpointWatcher(tmp_path, holder, poll_interval_s=0)
+
+
+# ------------------------------------------------------------------ pin and rollback
+async def test_pinned_server_ignores_latest(tmp_path: Path, connect: ClientFactory) -> None:
+    write(tmp_path, "v1", seed=1)
+    write(tmp_path, "v2", seed=2)
+    c = await connect(watching(tmp_path, pin_checkpoint="v1"))
+    assert c.server.watcher is None
+    info = await c.info()
+    assert (info.version, info.pinned) == ("v1", True)
+    write(tmp_path, "v3", seed=3)
+    await asyncio.sleep(5 * POLL_S)
+    assert await c.version() == "v1"
+
+
+async def test_pin_to_a_bad_checkpoint_stops_startup(tmp_path: Path) -> None:
+    _bad_hash(tmp_path)
+    server = TamiyoServer(watching(tmp_path, pin_checkpoint=str(tmp_path / "bad")))
+    with pytest.raises(CheckpointError, match="sha256"):
+        await server.start()
+    missing = TamiyoServer(watching(tmp_path, pin_checkpoint="nope"))
+    with pytest.raises(CheckpointError, match="'nope' is neither"):
+        await missing.start()
+    await server.server.stop(None)
+    await missing.server.stop(None)
+
+
+def test_rollback_cli_skips_broken_versions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in (1, 2):
+        write(tmp_path, f"v{i}", seed=i)
+    _truncated(tmp_path)  # "bad", created after v2
+    write(tmp_path, "v3", seed=3)
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path), "--dry-run"]) == 0
+    assert "would move" in capsys.readouterr().out
+    assert resolve_latest(tmp_path) == tmp_path / "v3"
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path)]) == 0
+    assert "v3 -> v2" in capsys.readouterr().out  # "bad" is newer than v2 but broken
+    assert resolve_latest(tmp_path) == tmp_path / "v2"
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path)]) == 0
+    assert resolve_latest(tmp_path) == tmp_path / "v1"
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path)]) == 1
+    assert "nothing to roll back to" in capsys.readouterr().err
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path), "--to", "bad"]) == 1
+    assert "truncated" in capsys.readouterr().err
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path), "--to", "v3"]) == 0
+    assert reload.main(["list", "--checkpoint-dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[-2] for line in listing][-4:] == ["v1", "v2", "bad", "v3"]
+    assert next(line for line in listing if line.startswith("*")).split()[1] == "v3"
+
+
+async def test_rollback_reaches_a_running_server(tmp_path: Path, connect: ClientFactory) -> None:
+    write(tmp_path, "v1", seed=1)
+    write(tmp_path, "v2", seed=2)
+    c = await connect(watching(tmp_path))
+    assert await c.version() == "v2"
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path)]) == 0
+    await until(lambda: c.watcher.swapped_at_poll > 0)
+    assert await c.version() == "v1"
+    assert (await c.info()).checkpoint_path == str(tmp_path / "v1")
