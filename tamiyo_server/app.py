@@ -22,6 +22,7 @@ from tamiyo.policy.engine import configure_threads
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.auth import BearerTokenInterceptor, server_credentials
+from tamiyo_server.experience_log import ExperienceLog
 from tamiyo_server.metrics import MetricsInterceptor, ServerMetrics
 from tamiyo_server.pipeline import DecisionPipeline
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial
@@ -78,6 +79,7 @@ class TamiyoServer:
         self.servicer: TamiyoServicer | None = None
         self.port = 0
         self.watcher: CheckpointWatcher | None = None  # hot reload (tamiyo_server.reload)
+        self.experience: ExperienceLog | None = None  # on when config.experience.dir is set
         self.metrics_port = 0
 
     async def start(self) -> int:
@@ -91,6 +93,10 @@ class TamiyoServer:
             served = await asyncio.to_thread(load_initial, c.checkpoint_dir, c.device)
         holder = PolicyHolder(served, self.metrics, pinned=bool(c.pin_checkpoint))
         self.pipeline = DecisionPipeline(c, holder, self.metrics)
+        if c.experience.dir:
+            window = served.schema.window
+            self.experience = ExperienceLog(c.experience, window, self.metrics.registry)
+            self.pipeline.experience = self.experience
         self.servicer = TamiyoServicer(self.pipeline)
         pb_grpc.add_TamiyoServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -141,9 +147,13 @@ class TamiyoServer:
                 await asyncio.wait(
                     [asyncio.create_task(h.finish()) for h in streams], timeout=grace
                 )
+        if self.experience is not None:  # decisions answered so far are on disk
+            await asyncio.to_thread(self.experience.flush, grace)
         await self.server.stop(grace)
         if self.pipeline is not None:
             await asyncio.to_thread(self.pipeline.batcher.stop)
+        if self.experience is not None:
+            await asyncio.to_thread(self.experience.close)
         self.metrics.stop()
 
 

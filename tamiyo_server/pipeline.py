@@ -24,6 +24,7 @@ from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Batcher, Done, Job
+from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
 from tamiyo_server.metrics import ServerMetrics
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
@@ -60,6 +61,8 @@ class DecisionPipeline:
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
+        # Experience log (tamiyo_server.experience_log); the app installs a real one.
+        self.experience: ExperienceSink = NullExperienceLog()
 
     def start(self) -> None:
         self.batcher.start()
@@ -166,7 +169,9 @@ class DecisionPipeline:
             raise
         rules = self.rules_for(budget_rules(self.config.rules, req.budget))
         frame = FrameRef(0, int(req.state.epoch), req.request_id, arrival)
-        return self.decision(done, snap, rules, RuleState(), frame, "unary")
+        msg = self.decision(done, snap, rules, RuleState(), frame, "unary")
+        self.experience.unary(req.state, msg)
+        return msg
 
 
 def _build(

@@ -80,6 +80,8 @@ class StreamHandler:
             if self.session is not None and self.session.pending is not None:
                 self.p.batcher.cancel(self.session.pending.job)
             await asyncio.gather(reader, return_exceptions=True)
+            if self.session is not None:
+                self.p.experience.close_session(self.session.session_id)
 
     def close(self, reason: str, reconnect_after_ms: int = 1000) -> None:
         """Tell the client the server is going away (it may still get in-flight answers)."""
@@ -142,6 +144,7 @@ class StreamHandler:
             return
         rules = self.p.rules_for(budget_rules(self.p.config.rules, msg.budget))
         self.session = Session.open(msg, info, rules, deadline_s(self.p.config.batch, msg.budget))
+        self.p.experience.open_session(self.session.session_id, msg)
         self.out.put_nowait(
             self.session.accepted(self.p.holder.current.version, self.p.config.limits)
         )
@@ -167,6 +170,7 @@ class StreamHandler:
             )
             return
         s.outcomes.append(msg)
+        self.p.experience.outcome(s.session_id, msg)
 
     def _no_session(self, what: str) -> None:
         self.p.m.rejected.labels("no_session").inc()
@@ -190,6 +194,7 @@ class StreamHandler:
             self._reject(err, frame)
             return
         snap = s.apply_frame(frame)
+        self.p.experience.frame(s, frame)
         if not frame.want_decision:
             return
         if self.closing or self.p.closing:
@@ -227,6 +232,7 @@ class StreamHandler:
         if job is None:  # queue full: answer now from the rules alone
             d = self.p.decision(None, snap, s.rules, s.rule_state, ref, "stream", "queue_full")
             s.remember_decision(d.decision_id)
+            self.p.experience.decision(s.session_id, d)
             self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))
             return
         pending = Pending(job, ref)
@@ -245,4 +251,5 @@ class StreamHandler:
             done, pending.job.payload, s.rules, s.rule_state, pending.frame, "stream"
         )
         s.remember_decision(d.decision_id)
+        self.p.experience.decision(s.session_id, d)
         self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))

@@ -1,16 +1,25 @@
-"""Collate many featurized graphs into one block-diagonal batch with array operations.
+"""Collate many featurized graphs into one padded batch with array operations.
 
-Per batch: a constant number of numpy/torch calls plus O(1) list-building work per
-graph (gathering references); no per-node or per-edge Python. Each graph's normalised
-adjacency comes precomputed from the topology cache, so building the block-diagonal CSR
-is just concatenation with node/nnz offsets.
+Layout: B graphs padded to N_max nodes and K_max kernels. Node rows live in a
+"padded-flat" [B·N_max, ·] layout (row ``g·N_max + i`` = node i of graph g; padding rows
+are zero and never mix into real rows). Why padded: on a CPU the cost of a small
+batched forward is dominated by per-op overhead, and the padded layout turns pooling and
+the per-graph softmax into single dense ops (no scatter), so one forward is ~40 ops
+whatever the batch size. The flat per-node view the trainer uses (``node_index``,
+``node_batch``, ``ptr``) comes with it.
+
+Adjacency: for N_max ≤ ``DENSE_MAX_NODES`` the per-graph Â blocks are stored dense,
+[B, N_max, N_max], and propagation is one ``baddbmm``; for bigger graphs a block-diagonal
+sparse CSR [B·N_max, B·N_max] keeps the cost O(nnz). ``bench/inference.py`` measured the
+crossover on this box. Per batch: a constant number of numpy calls plus O(1) Python per
+graph (gathering references); no per-node or per-edge Python.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,25 +30,36 @@ from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA, GraphTensors
 # which the GCNConv-equivalence test covers, so the notice is noise for every importer.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
+DENSE_MAX_NODES = 64
+"""Largest N_max stored as dense Â blocks; above it, sparse CSR (see module docstring)."""
+
 
 @dataclass
 class Batch:
-    """B graphs with N_total nodes; K_max = the largest kernel count in the batch.
+    """B graphs, N_total real nodes, padded to N_max nodes / K_max kernels.
 
-    ``x`` float32 [N_total, F]; ``adj`` sparse CSR float32 [N_total, N_total] (block
-    diagonal Â); ``node_batch`` int64 [N_total] (graph of each node); ``ptr`` int64 [B+1]
-    (node offsets); ``target_mask`` bool [N_total]; ``kernel_x`` float32 [B, K_max, Fk];
-    ``kernel_mask`` bool [B, K_max] (False = padding). ``ptr_list`` is ``ptr`` on the host.
+    ``x`` float32 [B·N_max, F] (padded-flat); ``adj`` float32 dense [B, N_max, N_max] or
+    sparse CSR [B·N_max, B·N_max]; ``node_mask`` bool [B, N_max]; ``pair_mask`` bool
+    [B, N_max, K_max] (valid adapt(node, kernel) actions); ``kernel_x`` float32
+    [B, K_max, Fk]; ``counts`` float32 [B] (nodes per graph). Flat view:
+    ``node_index`` int64 [N_total] (padded-flat row of each real node), ``node_batch``
+    int64 [N_total], ``ptr`` int64 [B+1], ``target_mask`` bool [N_total]. ``ptr_list``,
+    ``n_max``, ``k_max`` are host-side ints.
     """
 
     x: torch.Tensor
     adj: torch.Tensor
+    node_mask: torch.Tensor
+    pair_mask: torch.Tensor
+    kernel_x: torch.Tensor
+    counts: torch.Tensor
+    node_index: torch.Tensor
     node_batch: torch.Tensor
     ptr: torch.Tensor
     target_mask: torch.Tensor
-    kernel_x: torch.Tensor
-    kernel_mask: torch.Tensor
     ptr_list: list[int]
+    n_max: int
+    k_max: int
 
     @property
     def num_graphs(self) -> int:
@@ -49,41 +69,46 @@ class Batch:
     def num_nodes(self) -> int:
         return self.ptr_list[-1]
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+    @property
+    def dense_adj(self) -> bool:
+        return self.adj.layout == torch.strided
+
+    _TENSORS = (
+        "x",
+        "adj",
+        "node_mask",
+        "pair_mask",
+        "kernel_x",
+        "counts",
+        "node_index",
+        "node_batch",
+        "ptr",
+        "target_mask",
+    )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Copy to ``device`` (non-blocking from pinned memory on CUDA)."""
+        device = torch.device(device)
         if self.x.device == device:
             return self
-
-        def mv(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=non_blocking)
-
-        return Batch(
-            mv(self.x),
-            mv(self.adj),
-            mv(self.node_batch),
-            mv(self.ptr),
-            mv(self.target_mask),
-            mv(self.kernel_x),
-            mv(self.kernel_mask),
-            self.ptr_list,
-        )
+        moved = {k: getattr(self, k).to(device, non_blocking=non_blocking) for k in self._TENSORS}
+        return replace(self, **moved)
 
     def pin_memory(self) -> Batch:
-        """Page-locked copies so the host→GPU copy can overlap (CUDA only)."""
-        return Batch(
-            self.x.pin_memory(),
-            self.adj,
-            self.node_batch.pin_memory(),
-            self.ptr.pin_memory(),
-            self.target_mask.pin_memory(),
-            self.kernel_x.pin_memory(),
-            self.kernel_mask.pin_memory(),
-            self.ptr_list,
-        )
+        """Page-locked copies so the host→GPU copy can overlap (CUDA only; sparse
+        adjacency is copied as is)."""
+        pinned = {k: getattr(self, k) for k in self._TENSORS}
+        for k, t in pinned.items():
+            if t.layout == torch.strided:
+                pinned[k] = t.pin_memory()
+        return replace(self, **pinned)
 
 
-def collate(graphs: Sequence[GraphTensors]) -> Batch:
-    """Block-diagonal batch of ``graphs`` on the CPU (call ``.to(device)`` after)."""
+def collate(graphs: Sequence[GraphTensors], dense: bool | None = None) -> Batch:
+    """Padded batch of ``graphs`` on the CPU (call ``.to(device)`` after).
+
+    ``dense`` forces dense (True) or sparse (False) adjacency; None picks by N_max.
+    """
     if not graphs:
         raise ValueError("collate: empty batch")
     b = len(graphs)
@@ -92,48 +117,69 @@ def collate(graphs: Sequence[GraphTensors]) -> Batch:
     nnz_counts = np.fromiter((g.adj.col.shape[0] for g in graphs), np.int64, b)
     ptr = np.zeros(b + 1, np.int64)
     np.cumsum(n_counts, out=ptr[1:])
-    n_total = int(ptr[-1])
-    nnz_off = np.zeros(b + 1, np.int64)
-    np.cumsum(nnz_counts, out=nnz_off[1:])
+    n_total, n_max, k_max = int(ptr[-1]), int(n_counts.max()), int(k_counts.max())
+    f = FEATURE_SCHEMA.num_features
 
-    x = np.concatenate([g.x for g in graphs])
-    if x.shape[1] != FEATURE_SCHEMA.num_features:
-        raise ValueError(
-            f"collate: x has {x.shape[1]} features, schema has {FEATURE_SCHEMA.num_features}"
-        )
-    target = np.concatenate([g.target_mask for g in graphs])
     node_batch = np.repeat(np.arange(b, dtype=np.int64), n_counts)
-    col = np.concatenate([g.adj.col for g in graphs]) + np.repeat(ptr[:-1], nnz_counts)
+    local = np.arange(n_total, dtype=np.int64) - ptr[node_batch]
+    node_index = node_batch * n_max + local
+    x_flat = np.concatenate([g.x for g in graphs])
+    if x_flat.shape[1] != f:
+        raise ValueError(f"collate: x has {x_flat.shape[1]} features, schema has {f}")
+    x = np.zeros((b * n_max, f), np.float32)
+    x[node_index] = x_flat
+    node_mask = np.zeros(b * n_max, np.bool_)
+    node_mask[node_index] = True
+    target = np.concatenate([g.target_mask for g in graphs])
+
+    # Â entries of every graph, offset into the padded-flat layout.
+    rows = np.concatenate([g.adj.row for g in graphs]) + np.repeat(
+        np.arange(b, dtype=np.int64) * n_max, nnz_counts
+    )
+    cols_local = np.concatenate([g.adj.col for g in graphs])
     val = np.concatenate([g.adj.val for g in graphs])
-    crow = np.empty(n_total + 1, np.int64)
-    crow[0] = 0
-    crow[1:] = np.concatenate([g.adj.crow[1:] for g in graphs]) + np.repeat(nnz_off[:-1], n_counts)
-    k_max = int(k_counts.max()) if b else 0
+    use_dense = n_max <= DENSE_MAX_NODES if dense is None else dense
+    if use_dense:
+        adj_np = np.zeros((b, n_max, n_max), np.float32)
+        adj_np.reshape(-1)[rows * n_max + cols_local] = val
+        adj = torch.from_numpy(adj_np)
+    else:
+        crow = np.zeros(b * n_max + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=b * n_max), out=crow[1:])
+        cols = cols_local + (rows // n_max) * n_max
+        adj = torch.sparse_csr_tensor(
+            torch.from_numpy(crow),
+            torch.from_numpy(cols),
+            torch.from_numpy(val),
+            size=(b * n_max, b * n_max),
+            check_invariants=False,  # built from validated per-graph pieces (topology.py)
+        )
+
     fk = KERNEL_SCHEMA.num_features
     kernel_x = np.zeros((b, k_max, fk), np.float32)
     kernel_mask = np.zeros((b, k_max), np.bool_)
-    if k_max:
-        k_total = int(k_counts.sum())
-        rows = np.repeat(np.arange(b), k_counts)
-        k_off = np.cumsum(k_counts) - k_counts
-        cols = np.arange(k_total) - np.repeat(k_off, k_counts)
-        if k_total:
-            kernel_x[rows, cols] = np.concatenate([g.kernel_x for g in graphs])
-            kernel_mask[rows, cols] = True
-    adj = torch.sparse_csr_tensor(
-        torch.from_numpy(crow),
-        torch.from_numpy(col),
-        torch.from_numpy(val),
-        size=(n_total, n_total),
-        check_invariants=False,  # built from validated per-graph pieces (see topology.py)
-    )
+    k_total = int(k_counts.sum())
+    if k_total:
+        krows = np.repeat(np.arange(b), k_counts)
+        kcols = np.arange(k_total) - np.repeat(np.cumsum(k_counts) - k_counts, k_counts)
+        kernel_x[krows, kcols] = np.concatenate([g.kernel_x for g in graphs])
+        kernel_mask[krows, kcols] = True
+    target_pad = np.zeros(b * n_max, np.bool_)
+    target_pad[node_index] = target
+    pair_mask = target_pad.reshape(b, n_max, 1) & kernel_mask.reshape(b, 1, k_max)
+
     return Batch(
-        torch.from_numpy(x),
-        adj,
-        torch.from_numpy(node_batch),
-        torch.from_numpy(ptr),
-        torch.from_numpy(target),
-        torch.from_numpy(kernel_x),
-        torch.from_numpy(kernel_mask),
-        ptr.tolist(),
+        x=torch.from_numpy(x),
+        adj=adj,
+        node_mask=torch.from_numpy(node_mask.reshape(b, n_max)),
+        pair_mask=torch.from_numpy(pair_mask),
+        kernel_x=torch.from_numpy(kernel_x),
+        counts=torch.from_numpy(n_counts.astype(np.float32)),
+        node_index=torch.from_numpy(node_index),
+        node_batch=torch.from_numpy(node_batch),
+        ptr=torch.from_numpy(ptr),
+        target_mask=torch.from_numpy(target),
+        ptr_list=ptr.tolist(),
+        n_max=n_max,
+        k_max=k_max,
     )

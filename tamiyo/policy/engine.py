@@ -24,7 +24,7 @@ import torch
 
 from tamiyo.policy.batch import Batch, collate
 from tamiyo.policy.features import GraphTensors
-from tamiyo.policy.model import TamiyoPolicy, per_graph_log_softmax, segment_max, segment_sum
+from tamiyo.policy.model import TamiyoPolicy
 from tamiyo.policy.synthetic import random_graphs
 
 
@@ -88,73 +88,121 @@ class InferenceEngine:
         if self._cuda:
             torch.cuda.synchronize(self.device)
 
-    def forward_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Device tensors for a collated batch (also used by tests and the benchmark)."""
+    def _device_batch(self, batch: Batch) -> Batch:
         if self._cuda:
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def _padded_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-graph softmax over (node × kernel) ∪ {no-op} in the padded layout: one
+        ``log_softmax`` over [B, N_max·K_max + 1] (padding and invalid pairs are -inf)."""
+        b, n, k = batch.num_graphs, batch.n_max, batch.k_max
+        out = self.model.forward_padded(batch)
+        logits = torch.cat([out.pair_logits.reshape(b, n * k), out.noop_logit.unsqueeze(1)], 1)
+        logp = torch.log_softmax(logits, dim=1)
+        pair_logp = logp[:, : n * k]
+        noop_logp = logp[:, n * k]
+        adapt = 1.0 - noop_logp.exp()
+        node_p = pair_logp.exp().view(b, n, k).sum(dim=2)
+        target_probs = node_p / adapt.clamp_min(1e-30).unsqueeze(1)
+        if n * k:
+            best_lp, best_idx = pair_logp.max(dim=1)
         else:
-            batch = batch.to(self.device)
+            best_lp = torch.full((b,), float("-inf"), device=logp.device)
+            best_idx = torch.zeros(b, dtype=torch.int64, device=logp.device)
+        return {
+            "pair_logp": pair_logp.view(b, n, k),
+            "target_probs": target_probs,
+            "noop_logp": noop_logp,
+            "adapt_prob": adapt,
+            "best_lp": best_lp,
+            "best_idx": best_idx,
+            "urgency": torch.sigmoid(out.urgency_logit),
+            "value": out.value,
+        }
+
+    def forward_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Device tensors for a collated batch in the flat per-node layout:
+        ``pair_logp`` [N_total, K_max], ``target_probs`` [N_total], and per graph [B]
+        ``noop_logp``, ``adapt_prob``, ``best_node`` (-1 = none), ``best_kernel``,
+        ``urgency``, ``value`` (used by the trainer's evaluation and by tests)."""
+        batch = self._device_batch(batch)
         with torch.inference_mode():
-            out = self.model(batch)
-            pair_logp, noop_logp = per_graph_log_softmax(
-                out.pair_logits, out.noop_logit, batch.node_batch
-            )
-            nb, b = batch.node_batch, batch.num_graphs
-            pair_p = pair_logp.exp()  # [N_total, K_max], 0 where invalid
-            node_p = pair_p.sum(dim=1)
-            adapt = segment_sum(node_p, nb, b)
-            target_probs = node_p / adapt.clamp_min(1e-30)[nb]
-            # Best valid pair per graph: max row value, then the first row reaching it.
-            if pair_logp.shape[1]:
-                row_best, row_k = pair_logp.max(dim=1)
-            else:
-                row_best = pair_logp.new_full((pair_logp.shape[0],), float("-inf"))
-                row_k = torch.zeros_like(nb)
-            g_best = segment_max(row_best, nb, b)
-            idx = torch.arange(nb.shape[0], device=nb.device)
-            cand = torch.where(
-                (row_best == g_best[nb]) & torch.isfinite(row_best),
-                idx,
-                torch.full_like(idx, nb.shape[0]),
-            )
-            first = torch.full((b,), nb.shape[0], dtype=idx.dtype, device=idx.device)
-            first = first.scatter_reduce(0, nb, cand, reduce="amin", include_self=True)
-            has = first < nb.shape[0]
-            safe = first.clamp_max(max(nb.shape[0] - 1, 0))
-            best_node = torch.where(has, safe - batch.ptr[:-1], -1)
-            best_kernel = torch.where(has, row_k[safe], -1)
+            t = self._padded_outputs(batch)
+            k = max(batch.k_max, 1)
+            has = torch.isfinite(t["best_lp"])
+            idx = batch.node_index
             return {
-                "pair_logp": pair_logp,
-                "target_probs": target_probs,
-                "noop_logp": noop_logp,
-                "adapt_prob": 1.0 - noop_logp.exp(),
-                "best_node": best_node,
-                "best_kernel": best_kernel,
-                "urgency": torch.sigmoid(out.urgency_logit),
-                "value": out.value,
+                "pair_logp": t["pair_logp"].reshape(-1, batch.k_max)[idx],
+                "target_probs": t["target_probs"].reshape(-1)[idx],
+                "noop_logp": t["noop_logp"],
+                "adapt_prob": t["adapt_prob"],
+                "best_node": torch.where(has, t["best_idx"] // k, -1),
+                "best_kernel": torch.where(has, t["best_idx"] % k, -1),
+                "urgency": t["urgency"],
+                "value": t["value"],
             }
 
     def infer(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
-        """One batched forward for ``graphs``; outputs in the same order."""
-        batch = collate(graphs)
-        t = {k: v.cpu().numpy() for k, v in self.forward_batch(batch).items()}
-        cuts = batch.ptr_list[1:-1]
-        tp = np.split(t["target_probs"], cuts)
-        pl = np.split(t["pair_logp"], cuts)
-        ks = [g.num_kernels for g in graphs]
+        """Batched forward(s) for ``graphs``; outputs in the same order.
+
+        Graphs are grouped by size so that padding stays under ~2× (a batch of similar
+        graphs is one group, hence one forward); each group is one collate + one forward.
+        """
+        if not graphs:
+            raise ValueError("collate: empty batch")
+        counts = np.fromiter((g.num_nodes for g in graphs), np.int64, len(graphs))
+        groups = size_groups(counts)
+        if len(groups) == 1:
+            return self._infer_group(graphs)
+        results: list[PolicyOutput | None] = [None] * len(graphs)
+        for idx in groups:
+            for i, o in zip(idx.tolist(), self._infer_group([graphs[i] for i in idx]), strict=True):
+                results[i] = o
+        return [o for o in results if o is not None]
+
+    def _infer_group(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
+        batch = self._device_batch(collate(graphs))
+        with torch.inference_mode():
+            t = {k: v.cpu().numpy() for k, v in self._padded_outputs(batch).items()}
+        k = max(batch.k_max, 1)
+        has = np.isfinite(t["best_lp"])
+        best_node = np.where(has, t["best_idx"] // k, -1).tolist()
+        best_kernel = np.where(has, t["best_idx"] % k, -1).tolist()
+        pl, tp = t["pair_logp"], t["target_probs"]
         rows = zip(
-            tp,
-            pl,
-            ks,
+            range(len(graphs)),
+            graphs,
             t["noop_logp"].tolist(),
             t["adapt_prob"].tolist(),
-            t["best_node"].tolist(),
-            t["best_kernel"].tolist(),
+            best_node,
+            best_kernel,
             t["urgency"].tolist(),
             t["value"].tolist(),
             strict=True,
         )
         return [
-            PolicyOutput(p, lp[:, :k], nl, ap, bn, bk, u, v)
-            for p, lp, k, nl, ap, bn, bk, u, v in rows
+            PolicyOutput(
+                tp[i, : g.num_nodes], pl[i, : g.num_nodes, : g.num_kernels], nl, ap, bn, bk, u, v
+            )
+            for i, g, nl, ap, bn, bk, u, v in rows
         ]
+
+
+def size_groups(
+    counts: npt.NDArray[np.int64], max_ratio: float = 2.0
+) -> list[npt.NDArray[np.int64]]:
+    """Split graph indices into groups whose padded size wastes < ``max_ratio``× compute.
+
+    One group when B·N_max ≤ max_ratio·ΣN (the usual case); otherwise graphs sorted by
+    size are cut wherever a group's largest graph exceeds ``max_ratio``× its smallest.
+    """
+    if counts.size * counts.max() <= max_ratio * counts.sum():
+        return [np.arange(counts.size)]
+    order = np.argsort(counts, kind="stable")
+    sc = counts[order]
+    starts = [0]
+    for i in range(1, sc.size):  # O(B) integer compares; only on very mixed batches
+        if sc[i] > max_ratio * sc[starts[-1]]:
+            starts.append(i)
+    return np.split(order, starts[1:])

@@ -65,6 +65,16 @@ class PolicyForward(NamedTuple):
     value: torch.Tensor
 
 
+class PaddedForward(NamedTuple):
+    """Raw outputs in the padded layout: ``pair_logits`` float32 [B, N_max, K_max] (-inf
+    where invalid or padding); ``noop_logit``, ``urgency_logit``, ``value`` float32 [B]."""
+
+    pair_logits: torch.Tensor
+    noop_logit: torch.Tensor
+    urgency_logit: torch.Tensor
+    value: torch.Tensor
+
+
 class GCNLayer(nn.Module):
     """One GCN propagation: out = Â (h Wᵀ) + b, same parameters as ``GCNConv``.
 
@@ -79,9 +89,18 @@ class GCNLayer(nn.Module):
         nn.init.xavier_uniform_(self.weight)  # GCNConv's default (glorot)
 
     def forward(self, h: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
-        """h float32 [N, H_in], adj sparse CSR [N, N] → float32 [N, H_out]."""
-        out: torch.Tensor = torch.sparse.mm(adj, h @ self.weight.t()) + self.bias
-        return out
+        """h float32 [B·N_max, H_in] (padded-flat) → float32 [B·N_max, H_out].
+
+        ``adj`` is dense Â blocks [B, N_max, N_max] (one ``baddbmm``, bias fused) or a
+        block-diagonal sparse CSR [B·N_max, B·N_max].
+        """
+        hw = h @ self.weight.t()
+        if adj.layout == torch.strided:
+            b, n = adj.shape[0], adj.shape[1]
+            out = torch.baddbmm(self.bias, adj, hw.view(b, n, -1))
+            return out.view(b * n, -1)
+        res: torch.Tensor = torch.sparse.mm(adj, hw) + self.bias
+        return res
 
 
 def segment_max(
@@ -148,27 +167,32 @@ class TamiyoPolicy(nn.Module):
         self._scale = 1.0 / math.sqrt(hk)
 
     def embed(self, batch: Batch) -> torch.Tensor:
-        """Node embeddings float32 [N_total, H] after encoder and residual GCN layers."""
+        """Node embeddings float32 [B·N_max, H] (padded-flat; padding rows are junk that
+        never reaches real rows, because Â has no entries for them)."""
         h: torch.Tensor = self.encoder(batch.x)
         for conv in self.convs:
             h = h + F.relu(conv(h, batch.adj))
         return h
 
-    def forward(self, batch: Batch) -> PolicyForward:
+    def forward_padded(self, batch: Batch) -> PaddedForward:
+        """The network on the padded layout (~40 tensor ops whatever B is)."""
+        b, n = batch.num_graphs, batch.n_max
         h = self.embed(batch)
-        nb = batch.node_batch
-        b = batch.num_graphs
-        nh = self.node_head(h)
-        score, query = nh[:, 0], nh[:, 1:]
+        nh = self.node_head(h).view(b, n, -1)
+        score, query = nh[:, :, :1], nh[:, :, 1:]
         kemb = self.kernel_encoder(batch.kernel_x)  # [B, K_max, Hk]
-        # pair logit (i, j) = s_i + <q_i, k_j> / sqrt(Hk), only within node i's graph.
-        dots = torch.bmm(kemb[nb], query.unsqueeze(2)).squeeze(2)  # [N_total, K_max]
-        pair = score.unsqueeze(1) + dots * self._scale
-        valid = batch.target_mask.unsqueeze(1) & batch.kernel_mask[nb]
-        pair = pair.masked_fill(~valid, float("-inf"))
-
-        counts = torch.diff(batch.ptr).clamp_min(1).to(h.dtype)
-        mean = segment_sum(h, nb, b) / counts.unsqueeze(1)
-        mx = segment_max(h, nb, b)
+        # pair logit (i, j) = s_i + <q_i, k_j> / sqrt(Hk): one batched matmul.
+        pair = torch.baddbmm(score, query, kemb.transpose(1, 2), alpha=self._scale)
+        pair = pair.masked_fill(~batch.pair_mask, float("-inf"))
+        h3 = h.view(b, n, -1)
+        mask = batch.node_mask.unsqueeze(2)
+        mean = (h3 * mask).sum(dim=1) / batch.counts.unsqueeze(1)
+        mx = h3.masked_fill(~mask, float("-inf")).amax(dim=1)
         g = self.graph_head(torch.cat([mean, mx], dim=1))
-        return PolicyForward(pair, g[:, 0], g[:, 1], g[:, 2])
+        return PaddedForward(pair, g[:, 0], g[:, 1], g[:, 2])
+
+    def forward(self, batch: Batch) -> PolicyForward:
+        """Flat per-node outputs (what the trainer's losses use)."""
+        out = self.forward_padded(batch)
+        pair = out.pair_logits.reshape(-1, batch.k_max)[batch.node_index]
+        return PolicyForward(pair, out.noop_logit, out.urgency_logit, out.value)

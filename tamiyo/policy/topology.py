@@ -30,13 +30,15 @@ T = TypeVar("T")
 class NormAdjacency:
     """Â of one graph in CSR form (rows = receiving node).
 
-    ``crow`` int64 [N+1], ``col`` int64 [nnz], ``val`` float32 [nnz]; ``edge_index`` int64
+    ``crow`` int64 [N+1], ``row`` / ``col`` int64 [nnz] (COO view of the same entries,
+    row-major sorted), ``val`` float32 [nnz]; ``edge_index`` int64
     [2, nnz - N] is the symmetrised, de-duplicated edge list *without* self loops, in the
     (source, target) convention of torch_geometric (for checking against ``GCNConv``).
     """
 
     num_nodes: int
     crow: IntArray
+    row: IntArray
     col: IntArray
     val: npt.NDArray[np.float32]
     edge_index: IntArray
@@ -48,8 +50,7 @@ class NormAdjacency:
     def dense(self) -> npt.NDArray[np.float32]:
         """Â as a dense float32 [N, N] matrix (tests and small-graph kernels)."""
         out = np.zeros((self.num_nodes, self.num_nodes), np.float32)
-        rows = np.repeat(np.arange(self.num_nodes), np.diff(self.crow))
-        out[rows, self.col] = self.val
+        out[self.row, self.col] = self.val
         return out
 
 
@@ -72,10 +73,10 @@ def normalized_adjacency(num_nodes: int, edge_index: IntArray) -> NormAdjacency:
     val = (dinv[rows] * dinv[cols]).astype(np.float32)
     crow = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=crow[1:])
-    arrays = [crow, cols, val, np.stack([src, dst])]
-    for a in arrays:
+    ei = np.stack([src, dst])
+    for a in (crow, rows, cols, val, ei):
         a.setflags(write=False)
-    return NormAdjacency(n, arrays[0], arrays[1], arrays[2], arrays[3])
+    return NormAdjacency(n, crow, rows, cols, val, ei)
 
 
 class LruCache(Generic[T]):

@@ -8,7 +8,7 @@ import torch
 
 from tamiyo.policy.batch import collate
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import InferenceEngine, PolicyOutput
+from tamiyo.policy.engine import InferenceEngine, PolicyOutput, size_groups
 from tamiyo.policy.features import GraphTensors, featurize, snapshot_from_state
 from tamiyo.policy.model import per_graph_log_softmax
 from tamiyo.policy.synthetic import random_graphs
@@ -88,3 +88,22 @@ def test_cuda_matches_cpu() -> None:
     for a, b in zip(cpu.infer(graphs), gpu.infer(graphs), strict=True):
         np.testing.assert_allclose(a.pair_logp, b.pair_logp, atol=1e-4)
         assert (a.best_node, a.best_kernel) == (b.best_node, b.best_kernel)
+
+
+def test_size_groups_bound_padding() -> None:
+    same = np.array([10, 12, 9, 11])
+    assert [g.tolist() for g in size_groups(same)] == [[0, 1, 2, 3]]
+    mixed = np.array([200, 3, 4, 150, 5, 60])
+    groups = size_groups(mixed)
+    assert sorted(i for g in groups for i in g.tolist()) == list(range(6))
+    for g in groups:
+        assert mixed[g].max() <= 2 * mixed[g].min()
+
+
+def test_infer_mixed_sizes_matches_alone(engine: InferenceEngine) -> None:
+    graphs = random_graphs(13, [200, 3, 4, 150, 5, 60])
+    outs = engine.infer(graphs)
+    _check(outs, graphs)
+    for g, o in zip(graphs, outs, strict=True):
+        (alone,) = engine.infer([g])
+        np.testing.assert_allclose(alone.pair_logp, o.pair_logp, atol=1e-5)

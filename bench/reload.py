@@ -1,0 +1,376 @@
+"""Hot reload under steady stream load: lost decisions, errors, p99 in vs out of reload
+windows, and RSS growth across 100 reloads.
+
+Three processes, as in production: the **server** (``python -m bench.reload _serve``,
+watching a checkpoint directory), an open-loop **client** (``_client``: N streams, each
+sending frames on a fixed schedule and timing every answer from its *scheduled* send
+time, so a stall is not hidden by coordinated omission) and this **driver**, which plays
+the trainer: it moves the ``latest`` pointer to pre-written checkpoints (written before
+the load starts, so writing them costs the server nothing) and watches GetPolicyInfo.
+
+Phase A: ``latency_reloads`` reloads spaced by steady gaps. A reload window runs from the
+pointer move to ``TAIL_S`` after the swap was seen (detection + load + warm-up + swap +
+first batches on the new policy); everything else in phase A is steady, the baseline
+measured in the same run. Phase B: back-to-back reloads up to ``reloads`` while the load
+continues, then RSS of the server process is compared with RSS after the first reload.
+
+Targets (issue 5): decisions_lost 0, errors 0, p99_reload_ms ≤ 10 ms (the decision
+budget) and ≤ 1.5 × p99_steady_ms, rss_growth_pct ≤ 5 %.
+Run: ``python -m bench --only reload [--quick]`` or ``python -m bench.reload [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from bench import BenchOptions
+from bench.report import environment, print_table
+from tamiyo.config import ServerConfig
+from tamiyo.policy.checkpoint import save_checkpoint, set_latest
+from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
+from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+
+PART = "reload"
+ORDER = 60
+TAIL_S = 0.2  # after a swap, still counted as the reload window (s)
+P99_BUDGET_MS = 10.0
+P99_RATIO_TARGET = 1.5
+RSS_TARGET_PCT = 5.0
+
+
+# ------------------------------------------------------------------ server process
+def _serve(checkpoint_dir: str, poll_s: float, threads: int) -> None:
+    from tamiyo_server.app import TamiyoServer
+
+    logging.basicConfig(level=logging.WARNING, format="server %(levelname)s %(message)s")
+    cfg = replace(
+        ServerConfig(),
+        port=0,
+        metrics_port=0,
+        checkpoint_dir=checkpoint_dir,
+        poll_interval_s=poll_s,
+        torch_threads=threads,
+    )
+
+    async def main() -> None:
+        server = TamiyoServer(cfg)
+        port = await server.start()
+        print(f"PORT {port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ client process
+def _host(k: int, layers: int) -> tuple[pb.StreamTelemetryRequest, pb.StreamTelemetryRequest]:
+    """SessionOpen and a reusable frame (step/request id rewritten per send) of a chain
+    of ``layers`` layers whose layer 2 is degrading."""
+    specs = [
+        graph_pb2.LayerSpec(
+            layer_id=f"l{i}",
+            layer_type=graph_pb2.LAYER_TYPE_LINEAR,
+            input_size=64,
+            output_size=64,
+            parameter_count=4160,
+            seed_count=2,
+        )
+        for i in range(layers)
+    ]
+    edges = [graph_pb2.Edge(source=i, target=i + 1) for i in range(layers - 1)]
+    opened = pb.StreamTelemetryRequest(
+        session_open=pb.SessionOpen(
+            host_id=f"bench-{k}",
+            model_id="m",
+            topology=graph_pb2.Topology(layers=specs, edges=edges),
+            kernels=[graph_pb2.KernelSpec(kernel_id="residual_r8", parameter_count=1024)],
+        )
+    )
+    signals = [
+        health_pb2.HealthSignal(
+            layer_id=f"l{i}",
+            health_score=0.5 if i == 2 else 0.95,
+            avg_execution_time_ms=1.5,
+            total_seeds=2,
+            activation_variance=0.5,
+            dead_neuron_ratio=0.3 if i == 2 else 0.01,
+            gradient_norm=1.0,
+            memory_utilization=0.3,
+            seed_states=[health_pb2.SEED_LIFECYCLE_STATE_DORMANT] * 2,
+        )
+        for i in range(layers)
+    ]
+    frame = pb.StreamTelemetryRequest(
+        frame=pb.TelemetryFrame(epoch=0, signals=signals, want_decision=True)
+    )
+    return opened, frame
+
+
+async def _client(target: str, streams: int, rate: float, layers: int, out: str) -> None:
+    """Run until a line (or EOF) arrives on stdin, drain, write records to ``out``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    threading.Thread(
+        target=lambda: (sys.stdin.readline(), loop.call_soon_threadsafe(stop.set)), daemon=True
+    ).start()
+    period = streams / rate  # s between frames of one stream
+    rec: list[tuple[float, float, str, int]] = []  # sched, latency ms, version, degraded
+    counts = {"asked": 0, "errors": 0, "lost": 0, "rpc_errors": 0}
+    start = time.monotonic() + 0.2
+
+    async def one(k: int, stub: pb_grpc.TamiyoServiceStub) -> None:
+        opened, req = _host(k, layers)
+        call = stub.StreamTelemetry()
+        await call.write(opened)
+        await call.read()  # SessionAccepted
+        pending: dict[str, float] = {}
+
+        async def reader() -> None:
+            async for msg in call:
+                kind = msg.WhichOneof("message")
+                if kind == "decision":
+                    d = msg.decision
+                    t = pending.pop(d.frame_request_id)
+                    lat = (time.monotonic() - t) * 1e3
+                    rec.append((t, lat, d.policy_version, int(d.degraded)))
+                elif kind == "error":
+                    pending.pop(msg.error.frame_request_id, None)
+                    counts["errors"] += 1
+
+        rd = asyncio.create_task(reader())
+        t_next, step = start + k * period / streams, 0
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(max(0.0, t_next - time.monotonic()))
+                step += 1
+                tag = f"{k}-{step}"
+                pending[tag] = t_next
+                req.frame.step, req.frame.request_id = step, tag
+                counts["asked"] += 1
+                await call.write(req)
+                t_next += period
+            await call.done_writing()
+            await asyncio.wait_for(rd, 10.0)
+        except (grpc.aio.AioRpcError, TimeoutError):
+            counts["rpc_errors"] += 1
+        counts["lost"] += len(pending)
+
+    chans = [grpc.aio.insecure_channel(target) for _ in range(max(1, streams // 16))]
+    stubs = [pb_grpc.TamiyoServiceStub(c) for c in chans]
+    await asyncio.gather(*(one(k, stubs[k % len(stubs)]) for k in range(streams)))
+    for c in chans:
+        await c.close(None)
+    Path(out).write_text(json.dumps({"records": rec, **counts}))
+
+
+# ------------------------------------------------------------------ driver
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("VmRSS not found")
+
+
+def _write_versions(root: Path, n: int) -> list[str]:
+    """n + 1 distinct checkpoints (v000 is latest); the bench only moves the pointer."""
+    names = []
+    for i in range(n + 1):
+        with torch.random.fork_rng():
+            torch.manual_seed(1000 + i)
+            model = TamiyoPolicy(PolicyConfig())
+        names.append(f"v{i:03d}")
+        save_checkpoint(root, model, version=names[-1], update_latest=i == 0)
+    return names
+
+
+def _p99(x: np.ndarray[Any, Any]) -> float:
+    return float(np.percentile(x, 99)) if len(x) else float("nan")
+
+
+def measure(
+    reloads: int, latency_reloads: int, gap_s: float, poll_s: float, streams: int, rate: float
+) -> dict[str, Any]:
+    py = sys.executable
+    with tempfile.TemporaryDirectory(prefix="tamiyo-reload-") as tmp:
+        root = Path(tmp) / "ckpt"
+        names = _write_versions(root, reloads)
+        srv = subprocess.Popen(
+            [py, "-m", "bench.reload", "_serve", str(root), str(poll_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        cli: subprocess.Popen[str] | None = None
+        try:
+            assert srv.stdout is not None
+            port = int(srv.stdout.readline().split()[1])
+            target = f"127.0.0.1:{port}"
+            out = Path(tmp) / "client.json"
+            cli = subprocess.Popen(
+                [py, "-m", "bench.reload", "_client", target, str(streams), str(rate), str(out)],
+                stdin=subprocess.PIPE,
+                text=True,
+            )
+            with grpc.insecure_channel(target) as ch:
+                stub = pb_grpc.TamiyoServiceStub(ch)
+
+                def serving() -> str:
+                    info = stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=10)
+                    return info.version
+
+                time.sleep(3 * gap_s)  # load reaches steady state
+                t_begin = time.monotonic()
+                windows: list[tuple[float, float]] = []
+                load_s: list[float] = []
+                rss_first = rss_after_a = 0
+                for i, name in enumerate(names[1:], start=1):
+                    t0 = time.monotonic()
+                    set_latest(root, name)
+                    while serving() != name:
+                        if time.monotonic() - t0 > 60:
+                            raise RuntimeError(f"{name} was not picked up within 60 s")
+                        time.sleep(0.02)
+                    t1 = time.monotonic()
+                    load_s.append(t1 - t0)
+                    if i <= latency_reloads:
+                        windows.append((t0, t1 + TAIL_S))
+                        time.sleep(TAIL_S + gap_s)
+                    if i == 1:
+                        rss_first = _rss_kib(srv.pid)
+                    if i == latency_reloads:
+                        t_end_a = time.monotonic()
+                        rss_after_a = _rss_kib(srv.pid)
+                time.sleep(1.0)
+                rss_last = _rss_kib(srv.pid)
+                final = stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=10)
+            assert cli.stdin is not None
+            cli.stdin.write("stop\n")
+            cli.stdin.flush()
+            cli.wait(60)
+            data = json.loads(out.read_text())
+        finally:
+            for proc in (cli, srv):
+                if proc is not None and proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(30)
+    recs = data["records"]
+    sched = np.array([r[0] for r in recs])
+    lat = np.array([r[1] for r in recs])
+    in_a = (sched >= t_begin) & (sched < t_end_a)
+    in_win = np.zeros(len(recs), dtype=bool)
+    for a, b in windows:
+        in_win |= (sched >= a) & (sched < b)
+    versions = [r[2] for r in recs]
+    return {
+        "reloads": reloads,
+        "reloads_ok": int(final.reloads_ok),
+        "reloads_failed": int(final.reloads_failed),
+        "latency_reloads": latency_reloads,
+        "decisions_asked": data["asked"],
+        "decisions": len(recs),
+        "decisions_lost": data["lost"],
+        "errors": data["errors"] + data["rpc_errors"],
+        "degraded": int(sum(r[3] for r in recs)),
+        "versions_seen": len(set(versions)),
+        "p99_reload_ms": _p99(lat[in_a & in_win]),
+        "p99_steady_ms": _p99(lat[in_a & ~in_win]),
+        "p50_reload_ms": float(np.median(lat[in_a & in_win])),
+        "p50_steady_ms": float(np.median(lat[in_a & ~in_win])),
+        "max_reload_ms": float(lat[in_a & in_win].max()),
+        "samples_reload": int((in_a & in_win).sum()),
+        "samples_steady": int((in_a & ~in_win).sum()),
+        "p99_all_ms": _p99(lat),
+        "reload_wall_ms_median": float(np.median(load_s) * 1e3),
+        "rss_first_mib": rss_first / 1024,
+        "rss_after_latency_phase_mib": rss_after_a / 1024,
+        "rss_last_mib": rss_last / 1024,
+        "rss_growth_pct": 100.0 * (rss_last - rss_first) / rss_first,
+        "poll_interval_s": poll_s,
+        "streams": streams,
+        "rate_per_s": rate,
+    }
+
+
+def run(opts: BenchOptions) -> None:
+    if opts.quick:
+        r = measure(reloads=20, latency_reloads=5, gap_s=0.5, poll_s=0.25, streams=8, rate=200)
+    else:
+        r = measure(reloads=100, latency_reloads=20, gap_s=1.0, poll_s=0.25, streams=16, rate=400)
+    r["p99_ratio"] = r["p99_reload_ms"] / r["p99_steady_ms"]
+    r["ok"] = bool(
+        r["decisions_lost"] == 0
+        and r["errors"] == 0
+        and r["p99_reload_ms"] <= P99_BUDGET_MS
+        and r["p99_ratio"] <= P99_RATIO_TARGET
+        and r["rss_growth_pct"] <= RSS_TARGET_PCT
+    )
+    r["quick"] = opts.quick
+    r.update(environment())
+    print_table(
+        f"hot reload under load ({r['streams']} streams, {r['rate_per_s']:.0f} frames/s)",
+        [r],
+        [
+            ("reloads", "reloads"),
+            ("decisions", "decisions"),
+            ("decisions_lost", "lost"),
+            ("errors", "errors"),
+            ("degraded", "degraded"),
+            ("p99_steady_ms", "p99 steady ms"),
+            ("p99_reload_ms", "p99 reload ms"),
+            ("p99_ratio", "reload/steady"),
+            ("reload_wall_ms_median", "pickup ms"),
+            ("rss_first_mib", "RSS 1st MiB"),
+            ("rss_last_mib", "RSS last MiB"),
+            ("rss_growth_pct", "RSS growth %"),
+            ("ok", "targets met"),
+        ],
+    )
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    path = opts.out_dir / f"{PART}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(r, indent=2) + "\n")  # one object: the issue names its keys
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "_serve":
+        _serve(args[1], float(args[2]), threads=1)
+        return 0
+    if args and args[0] == "_client":
+        target, streams, rate, out = args[1], int(args[2]), float(args[3]), args[4]
+        asyncio.run(_client(target, streams, rate, layers=16, out=out))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m bench.reload", description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    a = ap.parse_args(args)
+    run(BenchOptions(quick=a.quick, out_dir=a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
