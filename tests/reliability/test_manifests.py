@@ -83,10 +83,13 @@ def _server_container() -> tuple[Doc, Doc]:
 
 
 def _env_of(container: Doc) -> dict[str, str]:
+    """Literal env values; every TAMIYO_* name (literal or from a Secret) must be one the
+    server reads."""
     env = container.get("env", [])
-    literal = {e["name"]: str(e["value"]) for e in env if "value" in e}
     assert len({e["name"] for e in env}) == len(env), "duplicate env var"
-    return literal
+    names = {e["name"] for e in env if e["name"].startswith("TAMIYO_")}
+    assert names <= _known_env(), f"env vars the server does not read: {names - _known_env()}"
+    return {e["name"]: str(e["value"]) for e in env if "value" in e}
 
 
 def test_every_deploy_file_parses() -> None:
@@ -150,6 +153,19 @@ def test_drain_fits_in_the_termination_grace(monkeypatch: pytest.MonkeyPatch) ->
     live = c["livenessProbe"]
     # Liveness must not kill a replica that is draining (health NOT_SERVING for grace_s).
     assert live["periodSeconds"] * live["failureThreshold"] > cfg.grace_s
+
+
+def test_token_comes_from_an_optional_secret_and_experience_is_writable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dep, c = _server_container()
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["TAMIYO_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True, "without the Secret the server must still start"
+    cfg = _config_from_env(_env_of(c), monkeypatch)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == cfg.experience.dir)
+    assert not mount.get("readOnly", False)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_checkpoints_reach_the_replicas_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
