@@ -71,7 +71,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("torch_threads", d.torch_threads)),
         help="intra-op threads of the inference thread",
     )
+    _experience_flags(p, d)
     return p
+
+
+def _experience_flags(p: argparse.ArgumentParser, d: ServerConfig) -> None:
+    """Experience logging (tamiyo_server.experience_log) and ε-exploration."""
+    x = d.experience
+    p.add_argument(
+        "--experience-dir",
+        default=_env("experience_dir", x.dir),
+        help="directory of the SQLite experience store; empty = logging off",
+    )
+    p.add_argument(
+        "--flush-interval-s",
+        type=float,
+        default=float(_env("flush_interval_s", x.flush_interval_s)),
+        help="experience commit interval: the most a kill -9 can lose (s)",
+    )
+    p.add_argument(
+        "--exploration-epsilon",
+        type=float,
+        default=float(_env("exploration_epsilon", d.rules.exploration_epsilon)),
+        help="probability of a uniformly random admissible action (0 = off)",
+    )
+    for flag, default, unit in (
+        ("max_file_mb", x.max_file_mb, "MB per store file before rotation"),
+        ("max_file_age_s", x.max_file_age_s, "s per store file before rotation"),
+        ("max_total_mb", x.max_total_mb, "MB of store files kept (retention)"),
+        ("max_age_s", x.max_age_s, "s an idle store file is kept (retention)"),
+    ):
+        p.add_argument(
+            f"--experience-{flag.replace('_', '-')}",
+            type=float,
+            default=float(_env(f"experience_{flag}", default)),
+            help=f"{unit}; 0 = no limit",
+        )
 
 
 def _token(a: argparse.Namespace) -> str:
@@ -91,8 +126,23 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     if a.tls_client_ca and not a.tls_cert:
         raise SystemExit("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
     d = ServerConfig()
+    if not 0.0 <= a.exploration_epsilon <= 1.0:
+        raise SystemExit(f"--exploration-epsilon {a.exploration_epsilon}: must be in [0, 1]")
+    if a.flush_interval_s <= 0:
+        raise SystemExit(f"--flush-interval-s {a.flush_interval_s}: must be > 0")
+    experience = replace(
+        d.experience,
+        dir=a.experience_dir,
+        flush_interval_s=a.flush_interval_s,
+        max_file_mb=a.experience_max_file_mb,
+        max_file_age_s=a.experience_max_file_age_s,
+        max_total_mb=a.experience_max_total_mb,
+        max_age_s=a.experience_max_age_s,
+    )
     return replace(
         d,
+        experience=experience,
+        rules=replace(d.rules, exploration_epsilon=a.exploration_epsilon),
         auth_token=_token(a),
         tls_cert_file=a.tls_cert,
         tls_key_file=a.tls_key,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA, GraphTensors
 # torch marks CSR tensors "beta" with a one-time UserWarning; we rely only on CSR @ dense,
 # which the GCNConv-equivalence test covers, so the notice is noise for every importer.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+_X, _KX, _ADJ, _TARGET = (attrgetter(a) for a in ("x", "kernel_x", "adj", "target_mask"))
+_ROW, _COL, _VAL = (attrgetter(a) for a in ("row", "col", "val"))
 
 DENSE_MAX_NODES = 64
 """Largest N_max stored as dense Â blocks; above it, sparse CSR (see module docstring)."""
@@ -112,32 +116,40 @@ def collate(graphs: Sequence[GraphTensors], dense: bool | None = None) -> Batch:
     if not graphs:
         raise ValueError("collate: empty batch")
     b = len(graphs)
-    n_counts = np.fromiter((g.x.shape[0] for g in graphs), np.int64, b)
-    k_counts = np.fromiter((g.kernel_x.shape[0] for g in graphs), np.int64, b)
-    nnz_counts = np.fromiter((g.adj.col.shape[0] for g in graphs), np.int64, b)
+    xs = list(map(_X, graphs))
+    kxs = list(map(_KX, graphs))
+    adjs = list(map(_ADJ, graphs))
+    n_counts = np.fromiter(map(len, xs), np.int64, b)
+    k_counts = np.fromiter(map(len, kxs), np.int64, b)
+    adj_rows = list(map(_ROW, adjs))
+    nnz_counts = np.fromiter(map(len, adj_rows), np.int64, b)
     ptr = np.zeros(b + 1, np.int64)
     np.cumsum(n_counts, out=ptr[1:])
     n_total, n_max, k_max = int(ptr[-1]), int(n_counts.max()), int(k_counts.max())
     f = FEATURE_SCHEMA.num_features
+    padded = n_total != b * n_max
 
     node_batch = np.repeat(np.arange(b, dtype=np.int64), n_counts)
-    local = np.arange(n_total, dtype=np.int64) - ptr[node_batch]
-    node_index = node_batch * n_max + local
-    x_flat = np.concatenate([g.x for g in graphs])
+    x_flat = np.concatenate(xs)
     if x_flat.shape[1] != f:
         raise ValueError(f"collate: x has {x_flat.shape[1]} features, schema has {f}")
-    x = np.zeros((b * n_max, f), np.float32)
-    x[node_index] = x_flat
-    node_mask = np.zeros(b * n_max, np.bool_)
-    node_mask[node_index] = True
-    target = np.concatenate([g.target_mask for g in graphs])
+    target = np.concatenate(list(map(_TARGET, graphs)))
+    if padded:
+        node_index = node_batch * n_max + (np.arange(n_total, dtype=np.int64) - ptr[node_batch])
+        x = np.zeros((b * n_max, f), np.float32)
+        x[node_index] = x_flat
+        node_mask = np.zeros(b * n_max, np.bool_)
+        node_mask[node_index] = True
+        target_pad = np.zeros(b * n_max, np.bool_)
+        target_pad[node_index] = target
+    else:  # all graphs have N_max nodes: the flat layout is already the padded one
+        node_index = np.arange(n_total, dtype=np.int64)
+        x, node_mask, target_pad = x_flat, np.ones(n_total, np.bool_), target
 
     # Â entries of every graph, offset into the padded-flat layout.
-    rows = np.concatenate([g.adj.row for g in graphs]) + np.repeat(
-        np.arange(b, dtype=np.int64) * n_max, nnz_counts
-    )
-    cols_local = np.concatenate([g.adj.col for g in graphs])
-    val = np.concatenate([g.adj.val for g in graphs])
+    rows = np.concatenate(adj_rows) + np.repeat(np.arange(b, dtype=np.int64) * n_max, nnz_counts)
+    cols_local = np.concatenate(list(map(_COL, adjs)))
+    val = np.concatenate(list(map(_VAL, adjs)))
     use_dense = n_max <= DENSE_MAX_NODES if dense is None else dense
     if use_dense:
         adj_np = np.zeros((b, n_max, n_max), np.float32)
@@ -162,10 +174,8 @@ def collate(graphs: Sequence[GraphTensors], dense: bool | None = None) -> Batch:
     if k_total:
         krows = np.repeat(np.arange(b), k_counts)
         kcols = np.arange(k_total) - np.repeat(np.cumsum(k_counts) - k_counts, k_counts)
-        kernel_x[krows, kcols] = np.concatenate([g.kernel_x for g in graphs])
+        kernel_x[krows, kcols] = np.concatenate(kxs)
         kernel_mask[krows, kcols] = True
-    target_pad = np.zeros(b * n_max, np.bool_)
-    target_pad[node_index] = target
     pair_mask = target_pad.reshape(b, n_max, 1) & kernel_mask.reshape(b, 1, k_max)
 
     return Batch(

@@ -16,7 +16,8 @@ loop needs to keep answering within 10 ms.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -40,8 +41,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-@dataclass(frozen=True, eq=False)
-class PolicyOutput:
+class PolicyOutput(NamedTuple):
     """The network's view of one graph with N nodes and K kernels.
 
     ``target_probs`` float32 [N]: P(layer | adapt), softmax within the graph over valid
@@ -170,23 +170,30 @@ class InferenceEngine:
         best_node = np.where(has, t["best_idx"] // k, -1).tolist()
         best_kernel = np.where(has, t["best_idx"] % k, -1).tolist()
         pl, tp = t["pair_logp"], t["target_probs"]
-        rows = zip(
-            range(len(graphs)),
-            graphs,
-            t["noop_logp"].tolist(),
-            t["adapt_prob"].tolist(),
-            best_node,
-            best_kernel,
-            t["urgency"].tolist(),
-            t["value"].tolist(),
-            strict=True,
-        )
-        return [
-            PolicyOutput(
-                tp[i, : g.num_nodes], pl[i, : g.num_nodes, : g.num_kernels], nl, ap, bn, bk, u, v
+        n_counts = batch.ptr[1:] - batch.ptr[:-1]
+        k_list = list(map(_NUM_KERNELS, graphs))
+        if bool((n_counts == batch.n_max).all()) and min(k_list) == batch.k_max:
+            tps, pls = list(tp), list(pl)  # homogeneous batch: row views, no slicing
+        else:
+            ns = n_counts.tolist()
+            tps = [tp[i, :n] for i, n in enumerate(ns)]
+            pls = [pl[i, :n, :k] for i, (n, k) in enumerate(zip(ns, k_list, strict=True))]
+        return list(
+            map(
+                PolicyOutput,
+                tps,
+                pls,
+                t["noop_logp"].tolist(),
+                t["adapt_prob"].tolist(),
+                best_node,
+                best_kernel,
+                t["urgency"].tolist(),
+                t["value"].tolist(),
             )
-            for i, g, nl, ap, bn, bk, u, v in rows
-        ]
+        )
+
+
+_NUM_KERNELS = attrgetter("num_kernels")
 
 
 def size_groups(

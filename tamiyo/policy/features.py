@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -141,9 +142,9 @@ _I_ERR, _I_ACTIVE, _I_TOTAL, _I_ADAPT = (INT_FIELDS.index(f) for f in INT_FIELDS
 _F = {n: i for i, n in enumerate(FLOAT_FIELDS)}
 
 
-@dataclass(frozen=True, eq=False)
-class GraphTensors:
-    """Featurized graph, ready to collate. All arrays numpy, read-only.
+class GraphTensors(NamedTuple):
+    """Featurized graph, ready to collate. All arrays numpy, read-only. A NamedTuple
+    because the server builds one per graph per decision and tuples are cheapest.
 
     ``x`` float32 [N, F]; ``kernel_x`` float32 [K, Fk]; ``target_mask`` bool [N] (layer has
     a free seed and K > 0); ``health`` float32 [N] (newest health_score, NaN = unknown);
@@ -203,6 +204,19 @@ _STATE_DST = [_IDX[f"seeds_{st}"] for st in _SEED_STATES]
 _SEED_POS = np.arange(MAX_SEEDS)[None, :]
 _ERR_DST = [_IDX["log_error_count"], _IDX["log_errors_in_window"], _IDX["log_adaptation_count"]]
 _ERR_SCALE = np.array([5.0, 5.0, 3.0])
+_TOPOLOGY = attrgetter("topology")
+_KERNELS = attrgetter("kernels")
+_LAYER_IDS = attrgetter("layer_ids")
+_KERNEL_IDS = attrgetter("kernel_ids")
+_STEP = attrgetter("step")
+_EPOCH = attrgetter("epoch")
+_FLOATS = attrgetter("floats")
+_INTS = attrgetter("ints")
+_VALID = attrgetter("valid")
+_STEPS = attrgetter("steps")
+_SLEN = attrgetter("seed_state_len")
+_STATES = attrgetter("seed_states")
+_SEEDS = attrgetter("seed_counts")
 _STATIC_CACHE = LruCache[FloatArray](4096)
 
 
@@ -257,23 +271,27 @@ def featurize_many(
     if any(sn.window != w for sn in snaps):
         raise ValueError("featurize_many: all snapshots need the same window")
     b = len(snaps)
-    counts = np.fromiter((sn.topology.num_nodes for sn in snaps), np.int64, b)
-    kcounts = np.fromiter((sn.kernels.num_kernels for sn in snaps), np.int64, b)
-    steps_g = np.fromiter((sn.step for sn in snaps), np.int64, b)
+    topos = list(map(_TOPOLOGY, snaps))
+    kernels = list(map(_KERNELS, snaps))
+    counts = np.fromiter(map(len, map(_LAYER_IDS, topos)), np.int64, b)
+    kcounts = np.fromiter(map(len, map(_KERNEL_IDS, kernels)), np.int64, b)
+    steps_g = np.fromiter(map(_STEP, snaps), np.int64, b)
     n = int(counts.sum())
-    x = _cat([_static_block(sn.topology, schema.num_features) for sn in snaps]).copy()
+    x = _cat([_static_block(t, schema.num_features) for t in topos]).copy()
     # Only the slices the features use are stacked (memory traffic dominates here).
-    valid = _cat([sn.valid for sn in snaps])
-    hw = _cat([sn.floats[:, :, F_HEALTH] for sn in snaps]).astype(np.float64)  # 0 if invalid
-    newest_f = _cat([sn.floats[:, w - 1] for sn in snaps])
-    newest_i = _cat([sn.ints[:, w - 1] for sn in snaps])
-    errs = _cat([sn.ints[:, :, _I_ERR] for sn in snaps])
-    steps = _cat([sn.steps for sn in snaps])
-    slen = _cat([sn.seed_state_len[:, w - 1] for sn in snaps])
-    seeds = _cat([sn.topology.seed_counts for sn in snaps])
+    floats = list(map(_FLOATS, snaps))
+    ints = list(map(_INTS, snaps))
+    valid = _cat(list(map(_VALID, snaps)))
+    hw = _cat([f[:, :, F_HEALTH] for f in floats]).astype(np.float64)  # 0 if invalid
+    newest_f = _cat([f[:, w - 1] for f in floats])
+    newest_i = _cat([i[:, w - 1] for i in ints])
+    errs = _cat([i[:, :, _I_ERR] for i in ints])
+    steps = _cat(list(map(_STEPS, snaps)))
+    slen = _cat([sl[:, w - 1] for sl in map(_SLEN, snaps)])
+    seeds = _cat(list(map(_SEEDS, topos)))
     # Seed lists are ≤ 64 long but usually short: look only at the used columns.
     ncols = max(int(slen.max()), int(seeds.max()), 1)
-    states = _cat([sn.seed_states[:, w - 1, :ncols] for sn in snaps])  # 0 past the list
+    states = _cat([st[:, w - 1, :ncols] for st in map(_STATES, snaps)])  # 0 past the list
     step_node = np.repeat(steps_g, counts)
     kernels_node = np.repeat(kcounts > 0, counts)
 
@@ -330,7 +348,7 @@ def featurize_many(
     # Kernel features: log size, and size relative to the largest kernel of its graph.
     kx = np.zeros((int(kcounts.sum()), KERNEL_SCHEMA.num_features), np.float32)
     if len(kx):
-        kp = _cat([sn.kernels.parameter_counts for sn in snaps])
+        kp = _cat([ks.parameter_counts for ks in kernels])
         kx[:, 0] = _log(kp, 20)
         nonempty = kcounts > 0
         kstart = (np.cumsum(kcounts) - kcounts)[nonempty]
@@ -340,26 +358,19 @@ def featurize_many(
         a.setflags(write=False)
     cuts = np.cumsum(counts)[:-1]
     kcuts = np.cumsum(kcounts)[:-1]
-    return [
-        GraphTensors(
-            xg,
-            kg,
-            tg,
-            hg,
-            fg,
-            ADJACENCY_CACHE.get_for(sn.topology),
-            sn.topology.layer_ids,
-            sn.kernels.kernel_ids,
-            sn.step,
-            sn.epoch,
-        )
-        for sn, xg, kg, tg, hg, fg in zip(
-            snaps,
+    adjs = [ADJACENCY_CACHE.get_for(t) for t in topos]
+    return list(
+        map(
+            GraphTensors,
             np.split(x, cuts),
             np.split(kx, kcuts),
             np.split(target, cuts),
             np.split(health, cuts),
             np.split(free_seed, cuts),
-            strict=True,
+            adjs,
+            map(_LAYER_IDS, topos),
+            map(_KERNEL_IDS, kernels),
+            steps_g.tolist(),
+            map(_EPOCH, snaps),
         )
-    ]
+    )

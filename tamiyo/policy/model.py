@@ -153,16 +153,18 @@ class TamiyoPolicy(nn.Module):
         c = config or PolicyConfig()
         self.config = c
         h, hk = c.hidden, c.kernel_hidden
-        self.encoder = nn.Sequential(nn.Linear(c.node_features, h), nn.ReLU(), nn.Linear(h, h))
+        self.encoder = nn.Sequential(
+            nn.Linear(c.node_features, h), nn.ReLU(inplace=True), nn.Linear(h, h)
+        )
         self.convs = nn.ModuleList(GCNLayer(h, h) for _ in range(c.gcn_layers))
         # Node head: [target score s_i | query q_i (Hk)].
         self.node_head = nn.Linear(h, 1 + hk)
         self.kernel_encoder = nn.Sequential(
-            nn.Linear(c.kernel_features, hk), nn.ReLU(), nn.Linear(hk, hk)
+            nn.Linear(c.kernel_features, hk), nn.ReLU(inplace=True), nn.Linear(hk, hk)
         )
         # Graph head on [mean-pool | max-pool]: [no-op logit, urgency logit, value].
         self.graph_head = nn.Sequential(
-            nn.Linear(2 * h, c.head_hidden), nn.ReLU(), nn.Linear(c.head_hidden, 3)
+            nn.Linear(2 * h, c.head_hidden), nn.ReLU(inplace=True), nn.Linear(c.head_hidden, 3)
         )
         self._scale = 1.0 / math.sqrt(hk)
 
@@ -170,8 +172,12 @@ class TamiyoPolicy(nn.Module):
         """Node embeddings float32 [B·N_max, H] (padded-flat; padding rows are junk that
         never reaches real rows, because Â has no entries for them)."""
         h: torch.Tensor = self.encoder(batch.x)
-        for conv in self.convs:
-            h = h + F.relu(conv(h, batch.adj))
+        if torch.is_grad_enabled():
+            for conv in self.convs:
+                h = h + F.relu(conv(h, batch.adj))
+        else:  # inference: same arithmetic in place (≈2x less memory traffic per layer)
+            for conv in self.convs:
+                h.add_(conv(h, batch.adj).relu_())
         return h
 
     def forward_padded(self, batch: Batch) -> PaddedForward:

@@ -3,8 +3,6 @@ batch == alone, GCN propagation == torch_geometric GCNConv."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -34,8 +32,7 @@ def _permute(g: GraphTensors, perm: np.ndarray) -> GraphTensors:
     inv = np.argsort(perm)
     ei = g.adj.edge_index
     adj = normalized_adjacency(g.num_nodes, inv[ei])
-    return dataclasses.replace(
-        g,
+    return g._replace(
         x=g.x[perm],
         target_mask=g.target_mask[perm],
         health=g.health[perm],
@@ -67,8 +64,8 @@ def test_probabilities_sum_to_one_within_each_graph(model: TamiyoPolicy) -> None
 
 def test_batch_equals_each_graph_alone(model: TamiyoPolicy) -> None:
     graphs = random_graphs(2, [12, 3, 30, 1, 8], k=4)
-    graphs[1] = dataclasses.replace(
-        graphs[1], kernel_x=graphs[1].kernel_x[:2], kernel_ids=graphs[1].kernel_ids[:2]
+    graphs[1] = graphs[1]._replace(
+        kernel_x=graphs[1].kernel_x[:2], kernel_ids=graphs[1].kernel_ids[:2]
     )
     batch = collate(graphs)
     with torch.no_grad():
