@@ -59,6 +59,24 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
+class ExperienceLogConfig:
+    """The server's experience log (``tamiyo_server.experience_log``); off when ``dir`` is
+    empty. Files are ``<dir>/<prefix>-<UTC start>-<pid>[-NNNN].sqlite``; rotation starts a
+    new file past ``max_file_mb`` / ``max_file_age_s``; retention deletes the oldest
+    idle files (any replica's) past ``max_total_mb`` or ``max_age_s`` (0 = no limit)."""
+
+    dir: str = ""
+    prefix: str = "tamiyo"
+    flush_interval_s: float = 1.0  # a kill -9 loses at most this much (s)
+    max_queue: int = 16384  # events waiting for the writer thread; more are dropped
+    max_file_mb: float = 256.0
+    max_file_age_s: float = 3600.0
+    max_total_mb: float = 0.0
+    max_age_s: float = 0.0
+    idle_s: float = 60.0  # a file unmodified this long is closed (safe to delete)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -82,6 +100,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     rules: RuleConfig = field(default_factory=RuleConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    experience: ExperienceLogConfig = field(default_factory=ExperienceLogConfig)
 
 
 @dataclass(frozen=True)

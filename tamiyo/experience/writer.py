@@ -18,6 +18,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import astuple
 from pathlib import Path
 
@@ -55,7 +56,11 @@ class ExperienceWriter:
         max_file_bytes: int = 0,
         max_file_age_s: float = 0.0,
         writer_name: str = "",
+        prepare: Callable[[list[object]], list[object]] | None = None,
     ) -> None:
+        """``prepare`` (optional) runs on the writer thread once per flush, turning the
+        items queued with ``offer`` into records (e.g. serialising states there, off the
+        caller's thread); it may drop items, and must not block."""
         if flush_interval_s <= 0:
             raise ValueError(f"flush_interval_s: {flush_interval_s} must be > 0")
         if max_queue < 1:
@@ -65,6 +70,7 @@ class ExperienceWriter:
         self._max_file_bytes = max_file_bytes
         self._max_file_age_s = max_file_age_s
         self._writer_name = writer_name
+        self._prepare = prepare
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
         self.dropped = 0
@@ -94,6 +100,10 @@ class ExperienceWriter:
     def log_outcome(self, record: OutcomeRecord) -> bool:
         """Queue an outcome; False (and ``dropped`` += 1) if the queue is full."""
         return self._offer(record)
+
+    def offer(self, item: object) -> bool:
+        """Queue an item for ``prepare``; False (and ``dropped`` += 1) if the queue is full."""
+        return self._offer(item)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Block until everything queued before this call is committed (True) or timeout."""
@@ -165,6 +175,15 @@ class ExperienceWriter:
         self._opened_at = time.monotonic()
 
     def _commit(self, batch: list[object]) -> None:
+        if self._prepare is not None and batch:
+            try:
+                batch = self._prepare(batch)
+            except Exception:
+                _LOG.exception("experience prepare failed; %d items lost", len(batch))
+                with self._lock:
+                    self.write_errors += 1
+                    self.dropped += len(batch)
+                return
         decisions = [astuple(r) for r in batch if isinstance(r, DecisionRecord)]
         outcomes = [
             (r.decision_id, r.ts_s, int(r.applied), r.reward, r.reward_source, r.next_state,

@@ -1,0 +1,312 @@
+"""Experience log: real server on port 0, real SQLite files, the one reader.
+
+What must hold: every decision a client received is a row holding exactly the state the
+policy saw (rebuilt here client-side from the frames sent), the action, its propensity
+and policy version; outcomes join (client reward, or derived from the next state);
+a full queue drops and counts without blocking, and the session's next state is still
+exact afterwards (resync); retention deletes the oldest idle files only.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tamiyo.config import ExperienceLogConfig, RuleConfig, ServerConfig
+from tamiyo.experience import ExperienceReader
+from tamiyo.experience.encode import StateEncoder
+from tamiyo.experience.retention import enforce_retention
+from tamiyo.policy.features import FEATURE_SCHEMA
+from tamiyo.policy.rules import DecisionRules
+from tamiyo.policy.snapshot import (
+    GraphSnapshot,
+    GraphTopology,
+    KernelSet,
+    SignalWindow,
+    snapshot_from_state,
+    state_from_snapshot,
+)
+from tamiyo.policy.synthetic import random_snapshot
+from tamiyo.v1 import decision_pb2, graph_pb2
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+from tamiyo_server.cli import parse_config
+from tamiyo_server.experience_log import ExperienceLog
+from tamiyo_server.session import Session
+from tamiyo_server.validation import validate_session_open
+from tests.server import hosts
+from tests.server.conftest import ServerFactory, make_config
+from tests.server.test_serving import open_stream, read
+
+W = FEATURE_SCHEMA.window
+
+
+def _window(n: int) -> SignalWindow:
+    msg = hosts.session_open(n).session_open
+    return SignalWindow(
+        GraphTopology.from_proto(msg.topology), KernelSet.from_proto(msg.kernels), W
+    )
+
+
+def _parse(state: bytes) -> GraphSnapshot:
+    return snapshot_from_state(graph_pb2.ModelGraphState.FromString(state), W)
+
+
+# ------------------------------------------------------------------ state encoder
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    window=st.integers(1, 9),
+    missing=st.floats(0.0, 1.0),
+)
+def test_encoder_equals_protobuf_serialisation(
+    seed: int, sizes: list[int], window: int, missing: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    snaps = [random_snapshot(rng, n, window=window, missing=missing) for n in sizes]
+    # values protobuf encodes in several bytes: big steps/counters, enum values >= 128
+    big = replace(snaps[0], steps=np.where(snaps[0].valid, 2**40 + 7, 0))
+    seeds = snaps[0].seed_states.copy()
+    seeds[..., 0] = np.where(snaps[0].seed_state_len > 0, 200, 0)
+    snaps.append(replace(big, seed_states=seeds))
+    for snap, data in zip(snaps, StateEncoder().encode(snaps), strict=True):
+        msg = graph_pb2.ModelGraphState.FromString(data)
+        assert msg == state_from_snapshot(snap)
+        assert snapshot_from_state(msg, window).equals(snap)
+
+
+# ------------------------------------------------------------------ through a real server
+def _xp_config(tmp: Path, eps: float = 0.0, **over: Any) -> ServerConfig:
+    xp = replace(ExperienceLogConfig(), dir=str(tmp), flush_interval_s=0.2, **over)
+    return make_config(experience=xp, rules=replace(RuleConfig(), exploration_epsilon=eps))
+
+
+async def test_every_decision_is_logged_with_the_state_it_saw(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    n = 6
+    server = await make_server(_xp_config(tmp_path, eps=0.5))
+    window = _window(n)
+    expected: dict[str, GraphSnapshot] = {}
+    got: list[decision_pb2.AdaptationDecision] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch), n)
+        for step in range(1, 40):
+            want = step % 3 != 0  # some frames carry telemetry only
+            req = hosts.frame(n, step, want=want, tag=f"t{step}")
+            window.update(req.frame.signals, step)
+            await call.write(req)
+            if not want:
+                continue
+            d = (await read(call)).decision
+            got.append(d)
+            expected[d.decision_id] = window.snapshot(step, 0)
+            outcome = pb.DecisionOutcome(decision_id=d.decision_id, applied=True)
+            if step % 2 == 0:
+                outcome.reward = 0.25 * step
+            await call.write(pb.StreamTelemetryRequest(outcome=outcome))
+        final = hosts.frame(n, 50, want=False)  # telemetry after the last decision
+        window.update(final.frame.signals, 50)
+        await call.write(final)
+        await call.done_writing()
+        while isinstance(await call.read(), pb.StreamTelemetryResponse):
+            pass
+    # the trainer may read while the server still writes
+    assert server.experience is not None
+    assert server.experience.flush()
+    live = ExperienceReader([tmp_path])
+    assert live.num_decisions == len(got)
+    await server.stop()
+
+    r = ExperienceReader([tmp_path])
+    by_id = {d.decision_id: d for d in r.decisions()}
+    assert set(by_id) == {d.decision_id for d in got}
+    rules = set()
+    for d in got:
+        row = by_id[d.decision_id]
+        assert _parse(row.state).equals(expected[d.decision_id]), d.frame_step
+        assert row.action_kind == d.action
+        assert row.layer_id == d.target_layer_id
+        assert row.kernel_id == d.kernel_id
+        assert row.seed_index == d.seed_index
+        assert row.propensity == pytest.approx(d.propensity, rel=1e-6)
+        assert 0.0 < row.propensity <= 1.0
+        assert row.policy_version == d.policy_version
+        assert row.rule == d.rule
+        assert row.step == d.frame_step
+        assert row.host_id == "host-a"
+        if row.action_kind == 2:
+            assert row.node_index == int(d.target_layer_id.removeprefix("block"))
+            assert row.kernel_index == 0
+        rules.add(row.rule)
+    assert decision_pb2.DECISION_RULE_EXPLORATION in rules  # ε = 0.5 over ~26 decisions
+    assert any(row.propensity < 1.0 for row in by_id.values())
+
+    tr = {t.decision.decision_id: t for t in r.transitions()}
+    assert set(tr) == set(by_id)  # the last one too: its next state is the final frame
+    for i, d in enumerate(got):
+        t = tr[d.decision_id]
+        nxt = expected[got[i + 1].decision_id] if i + 1 < len(got) else window.snapshot(50, 0)
+        assert t.next_state is not None
+        assert _parse(t.next_state).equals(nxt)
+        if d.frame_step % 2 == 0:
+            assert t.reward_source == "client"
+            assert t.reward == pytest.approx(0.25 * d.frame_step)
+        else:  # derived: change of mean latest health (layer 2 degrades 0.01 per step)
+            assert t.reward_source == "derived"
+            h0 = float(np.mean(expected[d.decision_id].floats[:, -1, 0]))
+            h1 = float(np.mean(nxt.floats[:, -1, 0]))
+            assert t.reward == pytest.approx(h1 - h0, abs=1e-6)
+            assert t.reward < 0
+
+
+async def test_unary_decide_is_logged(make_server: ServerFactory, tmp_path: Path) -> None:
+    server = await make_server(_xp_config(tmp_path))
+    state = graph_pb2.ModelGraphState(
+        topology=hosts.topology(4), kernels=hosts.KERNELS, signals=hosts.signals(4, 3), step=3
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        resp = await pb_grpc.TamiyoServiceStub(ch).Decide(
+            pb.DecideRequest(state=state, request_id="u1")
+        )
+    await server.stop()
+    (row,) = ExperienceReader([tmp_path]).decisions()
+    assert row.decision_id == resp.decision.decision_id
+    assert graph_pb2.ModelGraphState.FromString(row.state) == state
+
+
+def test_logging_off_by_default_and_cli_flags(tmp_path: Path) -> None:
+    assert ServerConfig().experience.dir == ""
+    assert ServerConfig().rules.exploration_epsilon == 0.0
+    c = parse_config(
+        ["--experience-dir", str(tmp_path), "--flush-interval-s", "0.5",
+         "--exploration-epsilon", "0.1", "--experience-max-total-mb", "64"]
+    )  # fmt: skip
+    assert c.experience.dir == str(tmp_path)
+    assert c.experience.flush_interval_s == 0.5
+    assert c.rules.exploration_epsilon == 0.1
+    assert c.experience.max_total_mb == 64
+    for bad in (["--exploration-epsilon", "1.5"], ["--flush-interval-s", "0"]):
+        with pytest.raises(SystemExit, match=bad[0]):
+            parse_config(bad)
+
+
+# ------------------------------------------------------------------ slow disk
+def _decision(d_id: str, frame: pb.TelemetryFrame) -> decision_pb2.AdaptationDecision:
+    return decision_pb2.AdaptationDecision(
+        decision_id=d_id,
+        action=decision_pb2.ADAPTATION_ACTION_NO_OP,
+        propensity=0.9,
+        policy_version="v-test",
+        rule=decision_pb2.DECISION_RULE_POLICY,
+        frame_step=frame.step,
+        frame_request_id=frame.request_id,
+    )
+
+
+def test_full_queue_drops_counted_and_states_stay_exact(tmp_path: Path) -> None:
+    """The disk is 'slow' (another connection holds the write lock): the writer thread is
+    stuck, the bounded queue fills, further events are dropped and counted, the caller
+    never waits. Once the disk is back, the session resyncs: later rows are exact."""
+    n = 5
+    cfg = replace(ExperienceLogConfig(), dir=str(tmp_path), flush_interval_s=0.05, max_queue=6)
+    xp = ExperienceLog(cfg, W)
+    open_msg = hosts.session_open(n).session_open
+    info = validate_session_open(open_msg, make_config().limits)
+    s = Session.open(open_msg, info, DecisionRules(), 1.0)
+    window = _window(n)
+    xp.open_session(s.session_id, open_msg)
+    assert xp.flush()
+    (path,) = xp.files
+    blocker = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    expected: dict[str, GraphSnapshot] = {}
+
+    def step(k: int) -> None:
+        f = hosts.frame(n, k, tag=f"f{k}").frame
+        s.apply_frame(f)
+        window.update(f.signals, k)
+        xp.frame(s, f)
+        expected[f"d{k}"] = window.snapshot(k, 0)
+        xp.decision(s.session_id, _decision(f"d{k}", f))
+
+    try:
+        step(1)
+        time.sleep(0.5)  # the writer took step 1 and now waits for the lock (10 s timeout)
+        for k in range(2, 41):  # 78 events into a queue of 6 behind a stuck writer
+            step(k)
+        dropped_while_stuck = xp.dropped
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert xp.flush()  # the disk is back and the backlog committed
+    for k in range(41, 46):
+        step(k)
+    assert xp.flush()
+    xp.close()
+    rows = {d.decision_id: d for d in ExperienceReader([tmp_path]).decisions()}
+    assert dropped_while_stuck >= 40  # most of the 80 events could not be queued
+    for k in range(41, 46):  # after the disk came back: logged, and exact
+        assert f"d{k}" in rows
+    for d_id, row in rows.items():  # every row logged is exact, even right after a loss
+        assert _parse(row.state).equals(expected[d_id]), d_id
+
+
+# ------------------------------------------------------------------ rotation, retention
+async def test_rotation_and_reading_several_files(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = await make_server(_xp_config(tmp_path, max_file_mb=0.02))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch), 6)
+        ids = []
+        for step in range(1, 30):
+            await call.write(hosts.frame(6, step, tag=f"r{step}"))
+            ids.append((await read(call)).decision.decision_id)
+            if step % 10 == 0:
+                assert server.experience is not None
+                assert server.experience.flush()
+        await call.done_writing()
+    await server.stop()
+    files = sorted(tmp_path.glob("*.sqlite"))  # noqa: ASYNC240 (server stopped)
+    assert len(files) >= 2
+    r = ExperienceReader(files)
+    assert {d.decision_id for d in r.decisions()} == set(ids)
+    assert len(r.transitions()) == len(ids) - 1  # joined across files
+
+
+def test_retention_deletes_oldest_idle_files_only(tmp_path: Path) -> None:
+    now = time.time()
+    for i, age in enumerate((5000, 4000, 3000, 30)):  # seconds since last write
+        f = tmp_path / f"tamiyo-{i}.sqlite"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (now - age, now - age))
+    wal = tmp_path / "tamiyo-0.sqlite-wal"
+    wal.write_bytes(b"x" * 500)
+    os.utime(wal, (now - 5000, now - 5000))
+    (tmp_path / "notes.txt").write_bytes(b"x" * 10_000)
+    keep = tmp_path / "tamiyo-1.sqlite"
+    # size: 4500 bytes of stores > 2500 → delete oldest idle (0 and its WAL), skip 1 (kept),
+    # then 2; file 3 is not idle (30 s < 60 s) and stays whatever the size
+    n = enforce_retention(
+        tmp_path, keep=keep, max_total_bytes=2500, max_age_s=0, idle_s=60, now=now
+    )
+    assert n == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt", "tamiyo-1.sqlite", "tamiyo-3.sqlite"
+    ]  # fmt: skip
+    assert enforce_retention(tmp_path, keep=None, max_total_bytes=0, max_age_s=3500,
+                             idle_s=60, now=now) == 1  # fmt: skip
+    assert not keep.exists()
+    assert (tmp_path / "tamiyo-3.sqlite").exists()
