@@ -158,7 +158,7 @@ def test_drain_fits_in_the_termination_grace(monkeypatch: pytest.MonkeyPatch) ->
 def test_token_comes_from_an_optional_secret_and_experience_is_writable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    dep, c = _server_container()
+    _, c = _server_container()
     env = {e["name"]: e for e in c["env"]}
     ref = env["TAMIYO_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert ref["optional"] is True, "without the Secret the server must still start"
