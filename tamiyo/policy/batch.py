@@ -43,9 +43,11 @@ class Batch:
     """B graphs, N_total real nodes, padded to N_max nodes / K_max kernels.
 
     ``x`` float32 [B·N_max, F] (padded-flat); ``adj`` float32 dense [B, N_max, N_max] or
-    sparse CSR [B·N_max, B·N_max]; ``node_mask`` bool [B, N_max]; ``pair_mask`` bool
-    [B, N_max, K_max] (valid adapt(node, kernel) actions); ``kernel_x`` float32
-    [B, K_max, Fk]; ``counts`` float32 [B] (nodes per graph). Flat view:
+    sparse CSR [B·N_max, B·N_max]; ``node_mask`` bool [B, N_max]; ``pair_invalid`` bool
+    [B, N_max, K_max] (True = not a valid adapt(node, kernel) action); ``kernel_x``
+    float32 [B, K_max, Fk]; ``counts`` float32 [B] (nodes per graph); ``pool_weight``
+    float32 [B, 1, N_max] (1/count on real nodes: mean pooling is one bmm); ``pad_neg``
+    float32 [B, N_max, 1] (0 real, -inf padding: max pooling) or None when unpadded. Flat view:
     ``node_index`` int64 [N_total] (padded-flat row of each real node), ``node_batch``
     int64 [N_total], ``ptr`` int64 [B+1], ``target_mask`` bool [N_total]. ``ptr_list``,
     ``n_max``, ``k_max`` are host-side ints.
@@ -54,9 +56,11 @@ class Batch:
     x: torch.Tensor
     adj: torch.Tensor
     node_mask: torch.Tensor
-    pair_mask: torch.Tensor
+    pair_invalid: torch.Tensor
     kernel_x: torch.Tensor
     counts: torch.Tensor
+    pool_weight: torch.Tensor
+    pad_neg: torch.Tensor | None
     node_index: torch.Tensor
     node_batch: torch.Tensor
     ptr: torch.Tensor
@@ -95,16 +99,21 @@ class Batch:
         device = torch.device(device)
         if self.x.device == device:
             return self
-        moved = {k: getattr(self, k).to(device, non_blocking=non_blocking) for k in self._TENSORS}
+        moved = {
+            k: t.to(device, non_blocking=non_blocking)
+            for k in self._TENSORS
+            if (t := getattr(self, k)) is not None
+        }
         return replace(self, **moved)
 
     def pin_memory(self) -> Batch:
         """Page-locked copies so the host→GPU copy can overlap (CUDA only; sparse
         adjacency is copied as is)."""
-        pinned = {k: getattr(self, k) for k in self._TENSORS}
-        for k, t in pinned.items():
-            if t.layout == torch.strided:
-                pinned[k] = t.pin_memory()
+        pinned = {
+            k: t.pin_memory()
+            for k in self._TENSORS
+            if (t := getattr(self, k)) is not None and t.layout == torch.strided
+        }
         return replace(self, **pinned)
 
 
@@ -176,15 +185,24 @@ def collate(graphs: Sequence[GraphTensors], dense: bool | None = None) -> Batch:
         kcols = np.arange(k_total) - np.repeat(np.cumsum(k_counts) - k_counts, k_counts)
         kernel_x[krows, kcols] = np.concatenate(kxs)
         kernel_mask[krows, kcols] = True
-    pair_mask = target_pad.reshape(b, n_max, 1) & kernel_mask.reshape(b, 1, k_max)
+    pair_invalid = ~(target_pad.reshape(b, n_max, 1) & kernel_mask.reshape(b, 1, k_max))
+    mask2 = node_mask.reshape(b, n_max)
+    pool_weight = (mask2 / n_counts[:, None].astype(np.float32)).astype(np.float32)
+    pad_neg = (
+        torch.from_numpy(np.where(mask2, 0.0, -np.inf).astype(np.float32).reshape(b, n_max, 1))
+        if padded
+        else None
+    )
 
     return Batch(
         x=torch.from_numpy(x),
         adj=adj,
-        node_mask=torch.from_numpy(node_mask.reshape(b, n_max)),
-        pair_mask=torch.from_numpy(pair_mask),
+        node_mask=torch.from_numpy(mask2),
+        pair_invalid=torch.from_numpy(pair_invalid),
         kernel_x=torch.from_numpy(kernel_x),
         counts=torch.from_numpy(n_counts.astype(np.float32)),
+        pool_weight=torch.from_numpy(pool_weight.reshape(b, 1, n_max)),
+        pad_neg=pad_neg,
         node_index=torch.from_numpy(node_index),
         node_batch=torch.from_numpy(node_batch),
         ptr=torch.from_numpy(ptr),

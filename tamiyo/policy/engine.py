@@ -76,6 +76,7 @@ class InferenceEngine:
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.model.pack_for_inference()
         self.version = version
         self._cuda = self.device.type == "cuda"
         self.parameter_count = sum(p.numel() for p in self.model.parameters())

@@ -88,13 +88,16 @@ class GCNLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out))
         nn.init.xavier_uniform_(self.weight)  # GCNConv's default (glorot)
 
-    def forward(self, h: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, adj: torch.Tensor, weight_t: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """h float32 [B·N_max, H_in] (padded-flat) → float32 [B·N_max, H_out].
 
         ``adj`` is dense Â blocks [B, N_max, N_max] (one ``baddbmm``, bias fused) or a
-        block-diagonal sparse CSR [B·N_max, B·N_max].
+        block-diagonal sparse CSR [B·N_max, B·N_max]. ``weight_t``: optional packed
+        ``weight.t().contiguous()`` (inference only).
         """
-        hw = h @ self.weight.t()
+        hw = h @ (self.weight.t() if weight_t is None else weight_t)
         if adj.layout == torch.strided:
             b, n = adj.shape[0], adj.shape[1]
             out = torch.baddbmm(self.bias, adj, hw.view(b, n, -1))
@@ -167,34 +170,86 @@ class TamiyoPolicy(nn.Module):
             nn.Linear(2 * h, c.head_hidden), nn.ReLU(inplace=True), nn.Linear(c.head_hidden, 3)
         )
         self._scale = 1.0 / math.sqrt(hk)
+        # Typed handles on the Linear layers for the functional forward (a tuple is not
+        # registered as a submodule, so state_dict keys stay those of the Sequentials).
+        lin = [
+            m
+            for m in (*self.encoder, *self.kernel_encoder, *self.graph_head)
+            if isinstance(m, nn.Linear)
+        ]
+        self._lin: tuple[nn.Linear, ...] = tuple(lin)
+        self._packed: list[torch.Tensor] | None = None
+
+    def pack_for_inference(self) -> None:
+        """Cache each weight transposed and contiguous ([in, out]) for inference.
+
+        ``x @ Wᵀ`` with a pre-transposed contiguous weight was ~1.4-1.9x faster than
+        ``F.linear`` for the skinny matrices here (N×64 @ 64×64) on this CPU. Only used
+        when autograd is off; ``train()`` and ``load_state_dict`` drop the cache, and the
+        engine never mutates its model, so the copies cannot go stale.
+        """
+        with torch.no_grad():
+            ws = [m.weight for m in self._lin] + [c.weight for c in self._convs()]
+            ws.append(self.node_head.weight)
+            self._packed = [w.detach().t().contiguous() for w in ws]
+
+    def train(self, mode: bool = True) -> TamiyoPolicy:
+        self._packed = None
+        return super().train(mode)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._packed = None
+        return super().load_state_dict(*args, **kwargs)
+
+    def _convs(self) -> list[GCNLayer]:
+        return [c for c in self.convs if isinstance(c, GCNLayer)]
+
+    def _linear(self, x: torch.Tensor, i: int, layer: nn.Linear) -> torch.Tensor:
+        """``layer(x)``; from the packed weight ``i`` when packed and autograd is off."""
+        p = self._packed
+        if p is not None and not torch.is_grad_enabled():
+            if x.dim() == 2:
+                return torch.addmm(layer.bias, x, p[i])
+            return torch.matmul(x, p[i]).add_(layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Node embeddings float32 [B·N_max, H] (padded-flat; padding rows are junk that
-        never reaches real rows, because Â has no entries for them)."""
-        h: torch.Tensor = self.encoder(batch.x)
+        never reaches real rows, because Â has no entries for them).
+
+        Functional calls (``F.linear``, ``conv.forward``) instead of module ``__call__``:
+        same parameters, fewer Python layers per op, which is most of the cost of a
+        small batch on a CPU.
+        """
+        lin = self._lin
+        h = self._linear(batch.x, 0, lin[0]).relu_()
+        h = self._linear(h, 1, lin[1])
+        packed = self._packed
         if torch.is_grad_enabled():
             for conv in self.convs:
-                h = h + F.relu(conv(h, batch.adj))
+                h = h + conv.forward(h, batch.adj).relu()
         else:  # inference: same arithmetic in place (≈2x less memory traffic per layer)
-            for conv in self.convs:
-                h.add_(conv(h, batch.adj).relu_())
+            for i, conv in enumerate(self._convs()):
+                wt = packed[6 + i] if packed is not None else None
+                h.add_(conv.forward(h, batch.adj, wt).relu_())
         return h
 
     def forward_padded(self, batch: Batch) -> PaddedForward:
-        """The network on the padded layout (~40 tensor ops whatever B is)."""
+        """The network on the padded layout (~30 tensor ops whatever B is)."""
         b, n = batch.num_graphs, batch.n_max
+        lin = self._lin
         h = self.embed(batch)
-        nh = self.node_head(h).view(b, n, -1)
+        nh = self._linear(h, len(lin) + len(self.convs), self.node_head).view(b, n, -1)
         score, query = nh[:, :, :1], nh[:, :, 1:]
-        kemb = self.kernel_encoder(batch.kernel_x)  # [B, K_max, Hk]
+        kemb = self._linear(self._linear(batch.kernel_x, 2, lin[2]).relu_(), 3, lin[3])
         # pair logit (i, j) = s_i + <q_i, k_j> / sqrt(Hk): one batched matmul.
         pair = torch.baddbmm(score, query, kemb.transpose(1, 2), alpha=self._scale)
-        pair = pair.masked_fill(~batch.pair_mask, float("-inf"))
+        pair = pair.masked_fill_(batch.pair_invalid, float("-inf"))
         h3 = h.view(b, n, -1)
-        mask = batch.node_mask.unsqueeze(2)
-        mean = (h3 * mask).sum(dim=1) / batch.counts.unsqueeze(1)
-        mx = h3.masked_fill(~mask, float("-inf")).amax(dim=1)
-        g = self.graph_head(torch.cat([mean, mx], dim=1))
+        mean = torch.bmm(batch.pool_weight, h3).squeeze(1)  # masked mean over nodes
+        mx = (h3 if batch.pad_neg is None else h3 + batch.pad_neg).amax(dim=1)
+        g = self._linear(torch.cat([mean, mx], dim=1), 4, lin[4]).relu_()
+        g = self._linear(g, 5, lin[5])
         return PaddedForward(pair, g[:, 0], g[:, 1], g[:, 2])
 
     def forward(self, batch: Batch) -> PolicyForward:

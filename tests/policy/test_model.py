@@ -159,3 +159,19 @@ def test_gcn_batched_matches_gcnconv_on_pyg_batch(model: TamiyoPolicy) -> None:
         ours = conv(h_pad, batch.adj)[batch.node_index]
         theirs = ref(h_flat, torch.from_numpy(ei))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_inference_weights_match_and_never_go_stale(model: TamiyoPolicy) -> None:
+    batch = collate(random_graphs(14, [9, 20, 4]))
+    with torch.no_grad():
+        plain = model(batch)
+        model.pack_for_inference()
+        packed = model(batch)
+        for x, y in zip(plain, packed, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        # New weights drop the packed copies: outputs follow the new weights.
+        state = {k: v * 0.5 for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        assert model._packed is None
+        changed = model(batch)
+    assert not torch.allclose(changed.value, plain.value)
