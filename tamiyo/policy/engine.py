@@ -171,12 +171,11 @@ class InferenceEngine:
         best_node = np.where(has, t["best_idx"] // k, -1).tolist()
         best_kernel = np.where(has, t["best_idx"] % k, -1).tolist()
         pl, tp = t["pair_logp"], t["target_probs"]
-        n_counts = batch.ptr[1:] - batch.ptr[:-1]
         k_list = list(map(_NUM_KERNELS, graphs))
-        if bool((n_counts == batch.n_max).all()) and min(k_list) == batch.k_max:
+        if batch.num_nodes == batch.num_graphs * batch.n_max and min(k_list) == batch.k_max:
             tps, pls = list(tp), list(pl)  # homogeneous batch: row views, no slicing
         else:
-            ns = n_counts.tolist()
+            ns = np.diff(batch.ptr_list).tolist()
             tps = [tp[i, :n] for i, n in enumerate(ns)]
             pls = [pl[i, :n, :k] for i, (n, k) in enumerate(zip(ns, k_list, strict=True))]
         return list(
