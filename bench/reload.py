@@ -56,6 +56,8 @@ P99_BUDGET_MS = 10.0
 P99_RATIO_TARGET = 1.5
 RSS_TARGET_PCT = 5.0
 
+Stream = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
+
 
 # ------------------------------------------------------------------ server process
 def _serve(checkpoint_dir: str, poll_s: float, threads: int) -> None:
@@ -138,26 +140,31 @@ async def _client(target: str, streams: int, rate: float, layers: int, out: str)
     period = streams / rate  # s between frames of one stream
     rec: list[tuple[float, float, str, int]] = []  # sched, latency ms, version, degraded
     counts = {"asked": 0, "errors": 0, "lost": 0, "rpc_errors": 0}
+    notes: list[str] = []  # first few degraded reasons and error messages
     start = time.monotonic() + 0.2
 
-    async def one(k: int, stub: pb_grpc.TamiyoServiceStub) -> None:
+    async def one(k: int, stub: pb_grpc.TamiyoServiceAsyncStub) -> None:
         opened, req = _host(k, layers)
-        call = stub.StreamTelemetry()
+        call: Stream = stub.StreamTelemetry(None)
         await call.write(opened)
         await call.read()  # SessionAccepted
         pending: dict[str, float] = {}
 
         async def reader() -> None:
-            async for msg in call:
+            while isinstance(msg := await call.read(), pb.StreamTelemetryResponse):
                 kind = msg.WhichOneof("message")
                 if kind == "decision":
                     d = msg.decision
                     t = pending.pop(d.frame_request_id)
                     lat = (time.monotonic() - t) * 1e3
                     rec.append((t, lat, d.policy_version, int(d.degraded)))
+                    if d.degraded and len(notes) < 5:
+                        notes.append(f"degraded: {d.reason}")
                 elif kind == "error":
                     pending.pop(msg.error.frame_request_id, None)
                     counts["errors"] += 1
+                    if len(notes) < 10:
+                        notes.append(f"error: {msg.error.message}")
 
         rd = asyncio.create_task(reader())
         t_next, step = start + k * period / streams, 0
@@ -178,11 +185,12 @@ async def _client(target: str, streams: int, rate: float, layers: int, out: str)
         counts["lost"] += len(pending)
 
     chans = [grpc.aio.insecure_channel(target) for _ in range(max(1, streams // 16))]
-    stubs = [pb_grpc.TamiyoServiceStub(c) for c in chans]
+    stubs: list[pb_grpc.TamiyoServiceAsyncStub] = [pb_grpc.TamiyoServiceStub(c) for c in chans]
     await asyncio.gather(*(one(k, stubs[k % len(stubs)]) for k in range(streams)))
     for c in chans:
         await c.close(None)
-    Path(out).write_text(json.dumps({"records": rec, **counts}))
+    text = json.dumps({"records": rec, "notes": notes, **counts})
+    await asyncio.to_thread(Path(out).write_text, text)
 
 
 # ------------------------------------------------------------------ driver
@@ -235,9 +243,9 @@ def measure(
             with grpc.insecure_channel(target) as ch:
                 stub = pb_grpc.TamiyoServiceStub(ch)
 
-                def serving() -> str:
+                def serving() -> tuple[str, int]:
                     info = stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=10)
-                    return info.version
+                    return info.version, int(info.reloads_failed)
 
                 time.sleep(3 * gap_s)  # load reaches steady state
                 t_begin = time.monotonic()
@@ -247,7 +255,8 @@ def measure(
                 for i, name in enumerate(names[1:], start=1):
                     t0 = time.monotonic()
                     set_latest(root, name)
-                    while serving() != name:
+                    failed = serving()[1]
+                    while (now := serving())[0] != name and now[1] == failed:
                         if time.monotonic() - t0 > 60:
                             raise RuntimeError(f"{name} was not picked up within 60 s")
                         time.sleep(0.02)
@@ -282,6 +291,7 @@ def measure(
     for a, b in windows:
         in_win |= (sched >= a) & (sched < b)
     versions = [r[2] for r in recs]
+    degraded = np.array([r[3] for r in recs], dtype=bool)
     return {
         "reloads": reloads,
         "reloads_ok": int(final.reloads_ok),
@@ -291,8 +301,13 @@ def measure(
         "decisions": len(recs),
         "decisions_lost": data["lost"],
         "errors": data["errors"] + data["rpc_errors"],
-        "degraded": int(sum(r[3] for r in recs)),
+        "degraded": int(degraded.sum()),
+        # Shed work is answered (rules-only, degraded=true) so it is not in "lost"; a
+        # reload that made the server shed more would show here, not in the p99.
+        "degraded_reload_pct": 100.0 * float(degraded[in_a & in_win].mean()),
+        "degraded_steady_pct": 100.0 * float(degraded[in_a & ~in_win].mean()),
         "versions_seen": len(set(versions)),
+        "client_notes": data["notes"],
         "p99_reload_ms": _p99(lat[in_a & in_win]),
         "p99_steady_ms": _p99(lat[in_a & ~in_win]),
         "p50_reload_ms": float(np.median(lat[in_a & in_win])),
@@ -335,7 +350,8 @@ def run(opts: BenchOptions) -> None:
             ("decisions", "decisions"),
             ("decisions_lost", "lost"),
             ("errors", "errors"),
-            ("degraded", "degraded"),
+            ("degraded_steady_pct", "degraded % steady"),
+            ("degraded_reload_pct", "degraded % reload"),
             ("p99_steady_ms", "p99 steady ms"),
             ("p99_reload_ms", "p99 reload ms"),
             ("p99_ratio", "reload/steady"),

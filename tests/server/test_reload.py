@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -33,7 +34,7 @@ from tamiyo.policy.checkpoint import (
     save_checkpoint,
     set_latest,
 )
-from tamiyo.policy.engine import PolicyOutput
+from tamiyo.policy.engine import PolicyOutput, configure_threads
 from tamiyo.policy.features import GraphTensors
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from tamiyo.policy.synthetic import random_snapshot
@@ -368,6 +369,22 @@ def test_warm_up_over_budget_is_refused(tmp_path: Path) -> None:
     assert reload.load_served(path, "cpu", budget_ms=1e9).version == "v1"
     with pytest.raises(CheckpointError, match="over the 1e-06 ms decision budget"):
         reload.load_served(path, "cpu", budget_ms=1e-6)
+
+
+def test_over_budget_but_as_fast_as_the_serving_policy_is_accepted(tmp_path: Path) -> None:
+    """A busy machine makes every policy slow: the budget refuses a new policy only when
+    it is also markedly slower than the one already serving."""
+    configure_threads(1)  # as the server does; 2 threads on 2 busy cores time spinning
+    small = write(tmp_path, "small", seed=1)
+    current = reload.load_served(small, "cpu", budget_ms=1e9)
+    same = write(tmp_path, "same", seed=2)
+    assert reload.load_served(same, "cpu", 1e-6, current).version == "same"
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        big = TamiyoPolicy(replace(PolicyConfig(), hidden=1024, head_hidden=1024))
+    save_checkpoint(tmp_path, big, version="big", update_latest=False)
+    with pytest.raises(CheckpointError, match=r"x the serving policy\), over the"):
+        reload.load_served(tmp_path / "big", "cpu", 1e-6, current)
 
 
 def test_watcher_rejects_a_bad_interval(tmp_path: Path) -> None:
