@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory watched for new checkpoints; empty = bundled default policy",
     )
     p.add_argument(
+        "--poll-interval-s",
+        type=float,
+        default=float(_env("poll_interval_s", d.poll_interval_s)),
+        help="how often the checkpoint directory's 'latest' pointer is checked (s)",
+    )
+    p.add_argument(
+        "--pin-checkpoint",
+        default=_env("pin_checkpoint", d.pin_checkpoint),
+        help="serve exactly this checkpoint (directory, or version in --checkpoint-dir) "
+        "and turn hot reload off",
+    )
+    p.add_argument(
         "--grace-s", type=float, default=float(_env("grace_s", d.grace_s)), help="shutdown grace"
     )
     p.add_argument(
@@ -130,6 +142,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         raise SystemExit(f"--exploration-epsilon {a.exploration_epsilon}: must be in [0, 1]")
     if a.flush_interval_s <= 0:
         raise SystemExit(f"--flush-interval-s {a.flush_interval_s}: must be > 0")
+    if a.poll_interval_s <= 0:
+        raise SystemExit(f"--poll-interval-s {a.poll_interval_s}: must be > 0")
     experience = replace(
         d.experience,
         dir=a.experience_dir,
@@ -156,5 +170,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         metrics_port=a.metrics_port,
         device=a.device,
         checkpoint_dir=a.checkpoint_dir,
+        poll_interval_s=a.poll_interval_s,
+        pin_checkpoint=a.pin_checkpoint,
         grace_s=a.grace_s,
     )

@@ -43,6 +43,7 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server import reload
 from tamiyo_server.app import TamiyoServer
+from tamiyo_server.cli import parse_config
 from tamiyo_server.metrics import ServerMetrics
 from tamiyo_server.pipeline import DecisionPipeline
 from tamiyo_server.policy_holder import PolicyHolder, serve_loaded
@@ -453,3 +454,14 @@ async def test_rollback_reaches_a_running_server(tmp_path: Path, connect: Client
     await until(lambda: c.watcher.swapped_at_poll > 0)
     assert await c.version() == "v1"
     assert (await c.info()).checkpoint_path == str(tmp_path / "v1")
+
+
+def test_cli_flags_for_polling_and_pinning() -> None:
+    assert parse_config([]).poll_interval_s == 1.0
+    assert parse_config([]).pin_checkpoint == ""
+    c = parse_config(
+        ["--checkpoint-dir", "d", "--poll-interval-s", "0.25", "--pin-checkpoint", "v3"]
+    )
+    assert (c.checkpoint_dir, c.poll_interval_s, c.pin_checkpoint) == ("d", 0.25, "v3")
+    with pytest.raises(SystemExit, match=r"--poll-interval-s 0\.0: must be > 0"):
+        parse_config(["--poll-interval-s", "0"])
