@@ -159,6 +159,7 @@ class TamiyoClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._wake_scheduled = False
+        self._live = False  # a session is accepted and its writer runs (read from any thread)
         self._reopen = False
         self._server_hint_s = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -296,8 +297,8 @@ class TamiyoClient:
     # -- the connection loop -------------------------------------------------------
     def _wake_threadsafe(self) -> None:
         loop = self._loop
-        if loop is None or self._task is None:
-            return
+        if loop is None or self._task is None or not self._live:
+            return  # no writer to wake while disconnected; connecting flushes the buffer
         if threading.get_ident() == self._loop_thread:
             self._wake.set()
         elif not self._wake_scheduled:
@@ -393,6 +394,7 @@ class TamiyoClient:
     async def _serve(self, call: Call, connection: int) -> None:
         """Run writer and reader until either ends; re-raise what ended it."""
         self._sent_at.clear()  # decisions of the old stream will never come
+        self._live = True
         self._wake.set()  # flush what piled up while disconnected
         writer = asyncio.create_task(self._writer(call))
         reader = asyncio.create_task(self._reader(call, connection))
@@ -401,6 +403,7 @@ class TamiyoClient:
             for task in done:
                 task.result()
         finally:
+            self._live = False
             for task in (writer, reader):
                 task.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)

@@ -40,6 +40,7 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 
 METHOD = "/tamiyo.v1.TamiyoService/StreamTelemetry"
 STREAMS_PER_CHANNEL = 100  # separate HTTP/2 connections, as separate hosts would have
+OPEN_CONCURRENCY = 64  # sessions opened at once (grpc's aio client fails larger bursts)
 
 
 @dataclass
@@ -231,13 +232,18 @@ async def run(target: str, hosts: Sequence[Host], plan: Plan, token: str = "") -
         for c in range((len(hosts) + STREAMS_PER_CHANNEL - 1) // STREAMS_PER_CHANNEL)
     ]
     md = (("authorization", f"Bearer {token}"),) if token else None
-    calls = [
-        channels[i // STREAMS_PER_CHANNEL].stream_stream(METHOD, None, None)(None, metadata=md, wait_for_ready=True)
-        for i in range(len(hosts))
-    ]
     for ch in channels:
         await ch.channel_ready()
-    await asyncio.gather(*(_open(c, h) for c, h in zip(calls, hosts, strict=True)))
+    gate = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    async def open_one(i: int) -> Any:
+        async with gate:
+            method = channels[i // STREAMS_PER_CHANNEL].stream_stream(METHOD, None, None)
+            call = method(None, metadata=md, wait_for_ready=True)
+            await _open(call, hosts[i])
+            return call
+
+    calls = await asyncio.gather(*(open_one(i) for i in range(len(hosts))))
     plan.__post_init__()  # the clock starts once every session is open
     loop_fn = closed_loop if plan.mode == "closed" else open_loop
     await asyncio.gather(
