@@ -1,0 +1,349 @@
+"""Writer-thread half of the experience log: queued events → store records.
+
+Why here and not on the event loop: see ``tamiyo_server.experience_log``. Everything in
+this module runs on the experience writer's thread (``Assembler.prepare`` is the
+writer's ``prepare`` hook, called once per flush interval); nothing is shared with the
+event loop except the immutable events and the protobuf messages they reference.
+
+State assembly: a session's ``ModelGraphState`` is topology + kernels (serialised once per
+session), step/epoch, and its signals, already encoded as ``ModelGraphState.signals``
+entries. Fast path — every frame so far carried one signal per layer (frames are
+validated: at most one per layer, so N signals means all N): the last ``window`` frames'
+signal blocks *are* the per-layer windows, and each frame costs one
+``SerializeToString`` plus re-tagging its entries (field 3 of ``TelemetryFrame`` → field 2
+of ``ModelGraphState``). After the first partial frame the session switches for good to
+per-layer rings of encoded signals (one ``SerializeToString`` per signal).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from tamiyo.config import ExperienceLogConfig
+from tamiyo.experience.encode import StateEncoder
+from tamiyo.experience.retention import enforce_retention
+from tamiyo.experience.schema import ACTION_LOAD_KERNEL, ACTION_NO_OP, DecisionRecord, OutcomeRecord
+from tamiyo.policy.snapshot import GraphSnapshot
+from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+
+MAX_SESSIONS = 65536  # sessions remembered (a lost "end" event cannot leak memory)
+MARKS_PER_SESSION = 8  # states kept for decisions not yet logged (superseded frames)
+_SIGNAL_TAG = 0x12  # ModelGraphState.signals = 2, wire type 2 (length-delimited)
+_FRAME_SIGNAL_TAG = 0x1A  # TelemetryFrame.signals = 3, wire type 2
+
+
+def _len_prefix(n: int) -> bytes:
+    out = bytearray((_SIGNAL_TAG,))
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+_PREFIX = [_len_prefix(n) for n in range(4096)]
+
+
+def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
+    """The frame's signals as consecutive ``ModelGraphState.signals`` entries, from one
+    serialisation of the frame; None if its layout is not the expected one (e.g. unknown
+    fields), and the caller falls back to encoding signal by signal."""
+    fb = f.SerializeToString()
+    head = pb.TelemetryFrame(step=f.step, epoch=f.epoch).SerializeToString()
+    tail = pb.TelemetryFrame(
+        want_decision=f.want_decision, request_id=f.request_id
+    ).SerializeToString()
+    if not (fb.startswith(head) and fb.endswith(tail)):
+        return None
+    out = bytearray(fb[len(head) : len(fb) - len(tail)])
+    j, n = 0, len(out)
+    while j < n:
+        if out[j] != _FRAME_SIGNAL_TAG:
+            return None
+        out[j] = _SIGNAL_TAG
+        ln = out[j + 1]
+        j += 2
+        if ln >= 0x80:  # multi-byte varint length
+            ln &= 0x7F
+            shift = 7
+            while True:
+                x = out[j]
+                j += 1
+                ln |= (x & 0x7F) << shift
+                shift += 7
+                if x < 0x80:
+                    break
+        j += ln
+    return bytes(out) if j == n else None
+
+
+# ------------------------------------- queued events (immutable; NamedTuple: cheapest to build)
+class Resync(NamedTuple):
+    """(Re)start a session's rings: empty at open, or the exact ``snap`` after a loss."""
+
+    key: str
+    host_id: str
+    topology: graph_pb2.Topology
+    kernels: tuple[graph_pb2.KernelSpec, ...]
+    seq: int
+    snap: GraphSnapshot | None
+    request_id: str = ""
+
+
+class FrameEvent(NamedTuple):
+    key: str
+    seq: int
+    frame: pb.TelemetryFrame
+
+
+class DecisionEvent(NamedTuple):
+    key: str
+    msg: decision_pb2.AdaptationDecision
+    ts_s: float
+
+
+class OutcomeEvent(NamedTuple):
+    key: str
+    msg: pb.DecisionOutcome
+    ts_s: float
+
+
+class EndEvent(NamedTuple):
+    key: str
+    ts_s: float
+
+
+class UnaryEvent(NamedTuple):
+    state: graph_pb2.ModelGraphState
+    msg: decision_pb2.AdaptationDecision
+    ts_s: float
+
+
+def _action_indices(
+    msg: decision_pb2.AdaptationDecision, layers: dict[str, int], kernels: dict[str, int]
+) -> tuple[int, int, int, str, str]:
+    """(action_kind, node_index, kernel_index, layer_id, kernel_id) of a decision."""
+    if msg.action == ACTION_LOAD_KERNEL:
+        return (
+            ACTION_LOAD_KERNEL,
+            layers[msg.target_layer_id],
+            kernels[msg.kernel_id],
+            msg.target_layer_id,
+            msg.kernel_id,
+        )
+    return ACTION_NO_OP, -1, -1, "", ""
+
+
+def _propensity(msg: decision_pb2.AdaptationDecision) -> float:
+    p = float(msg.propensity)
+    return p if 0.0 < p <= 1.0 else 1.0  # deterministic answers may leave it unset
+
+
+class SessionState:
+    """Writer-thread side of one session: encoded signal rings, pending states, last
+    decision (for the end-of-stream outcome)."""
+
+    def __init__(self, ev: Resync, window: int, encoder: StateEncoder) -> None:
+        self.host_id = ev.host_id
+        self.layers = {lay.layer_id: i for i, lay in enumerate(ev.topology.layers)}
+        self.kernels = {k.kernel_id: i for i, k in enumerate(ev.kernels)}
+        head = graph_pb2.ModelGraphState(topology=ev.topology, kernels=ev.kernels)
+        self.header = head.SerializeToString()
+        self.window = window
+        self.blocks: deque[bytes] | None = deque(maxlen=window)  # fast path; None = rings
+        self.rings: list[deque[bytes]] = []
+        # (frame step, request id) → (seq, state, step, epoch), oldest first
+        self.marks: OrderedDict[int, tuple[tuple[int, str], bytes, int, int]] = OrderedDict()
+        self.step = 0
+        self.epoch = 0
+        self.last_id = ""
+        self.last_seq = -1
+        self.seq = ev.seq
+        self.last_client: OutcomeRecord | None = None
+        if ev.snap is not None:
+            state = graph_pb2.ModelGraphState.FromString(encoder.encode([ev.snap])[0])
+            self._to_rings()
+            self._append(state.signals)
+            self.step, self.epoch = ev.snap.step, ev.snap.epoch
+            self._mark(ev.seq, ev.request_id)
+
+    def _to_rings(self) -> None:
+        """Leave the fast path: per-layer rings from the frame blocks kept so far."""
+        if self.blocks is None:
+            return
+        blocks, self.blocks = self.blocks, None
+        self.rings = [deque(maxlen=self.window) for _ in self.layers]
+        self._append(graph_pb2.ModelGraphState.FromString(b"".join(blocks)).signals)
+
+    def _append(self, signals: Iterable[health_pb2.HealthSignal]) -> None:
+        rings, layers, prefix = self.rings, self.layers, _PREFIX
+        for sig in signals:
+            b = sig.SerializeToString()
+            n = len(b)
+            rings[layers[sig.layer_id]].append((prefix[n] if n < 4096 else _len_prefix(n)) + b)
+
+    def state(self) -> bytes:
+        tail = graph_pb2.ModelGraphState(step=self.step, epoch=self.epoch).SerializeToString()
+        if self.blocks is not None:
+            return b"".join((self.header, tail, *self.blocks))
+        return b"".join(itertools.chain((self.header, tail), *self.rings))
+
+    def _mark(self, seq: int, request_id: str) -> None:
+        self.marks[seq] = ((self.step, request_id), self.state(), self.step, self.epoch)
+        while len(self.marks) > MARKS_PER_SESSION:
+            self.marks.popitem(last=False)
+
+    def take_mark(self, step: int, request_id: str) -> tuple[bytes, int, int] | None:
+        """The state of the newest frame answered by a decision echoing (step, request
+        id); older marks are dropped (their frames were superseded or answered)."""
+        key = (step, request_id)
+        hit = next((seq for seq, m in reversed(self.marks.items()) if m[0] == key), None)
+        if hit is None:
+            return None
+        _, state, st, ep = self.marks[hit]
+        for seq in [k for k in self.marks if k <= hit]:
+            del self.marks[seq]
+        return state, st, ep
+
+    def frame(self, ev: FrameEvent) -> None:
+        f = ev.frame
+        block = None
+        if self.blocks is not None and len(f.signals) == len(self.layers):
+            block = frame_signal_block(f)
+        if block is not None and self.blocks is not None:
+            self.blocks.append(block)
+        else:
+            self._to_rings()
+            self._append(f.signals)
+        self.seq, self.step, self.epoch = ev.seq, int(f.step), int(f.epoch)
+        if f.want_decision:
+            self._mark(ev.seq, f.request_id)
+
+
+class Assembler:
+    """Runs on the writer thread: turns queued events into store records."""
+
+    def __init__(self, window: int, config: ExperienceLogConfig, directory: Path) -> None:
+        self.window = window
+        self.config = config
+        self.directory = directory
+        self.encoder = StateEncoder()
+        self.sessions: OrderedDict[str, SessionState] = OrderedDict()
+        self.unmatched = 0  # decisions whose state was lost with a dropped event
+        self.current: Path | None = None
+        self.deleted_files = 0
+        self._next_retention = 0.0
+
+    def _get(self, key: str) -> SessionState | None:
+        s = self.sessions.get(key)
+        if s is not None:
+            self.sessions.move_to_end(key)
+        return s
+
+    def prepare(self, batch: list[object]) -> list[object]:
+        out: list[object] = []
+        for ev in batch:
+            if isinstance(ev, FrameEvent):
+                s = self._get(ev.key)
+                if s is not None:
+                    s.frame(ev)
+            elif isinstance(ev, DecisionEvent):
+                rec = self._decision(ev)
+                if rec is not None:
+                    out.append(rec)
+            elif isinstance(ev, Resync):
+                self.sessions[ev.key] = SessionState(ev, self.window, self.encoder)
+                self.sessions.move_to_end(ev.key)
+                while len(self.sessions) > MAX_SESSIONS:
+                    self.sessions.popitem(last=False)
+            elif isinstance(ev, OutcomeEvent):
+                out.append(self._outcome(ev))
+            elif isinstance(ev, EndEvent):
+                end = self._end(ev)
+                if end is not None:
+                    out.append(end)
+            elif isinstance(ev, UnaryEvent):
+                out.append(self._unary(ev))
+            else:
+                out.append(ev)  # already a record
+        self._retention()
+        return out
+
+    def _decision(self, ev: DecisionEvent) -> DecisionRecord | None:
+        s = self._get(ev.key)
+        m = ev.msg
+        mark = s.take_mark(int(m.frame_step), m.frame_request_id) if s is not None else None
+        if s is None or mark is None:
+            self.unmatched += 1
+            return None
+        state, step, epoch = mark
+        kind, node, kern, lid, kid = _action_indices(m, s.layers, s.kernels)
+        s.last_id, s.last_seq, s.last_client = m.decision_id, s.seq, None
+        return DecisionRecord(
+            m.decision_id, ev.key, s.host_id, step, epoch, ev.ts_s, state, kind, node, kern,
+            lid, kid, int(m.seed_index), _propensity(m), m.policy_version, int(m.rule),
+        )  # fmt: skip
+
+    def _outcome(self, ev: OutcomeEvent) -> OutcomeRecord:
+        m = ev.msg
+        has = m.HasField("reward")
+        rec = OutcomeRecord(
+            decision_id=m.decision_id,
+            ts_s=ev.ts_s,
+            applied=bool(m.applied),
+            reward=float(m.reward) if has else None,
+            reward_source="client" if has else "derived",
+            next_state=None,
+            done=False,
+        )
+        s = self._get(ev.key)
+        if s is not None and s.last_id == m.decision_id:
+            s.last_client = rec
+        return rec
+
+    def _end(self, ev: EndEvent) -> OutcomeRecord | None:
+        """The stream ended: the last decision's next state is the state after the last
+        frame (if any frame followed it); its client outcome, if any, is kept."""
+        s = self.sessions.pop(ev.key, None)
+        if s is None or not s.last_id or s.seq <= s.last_seq:
+            return None
+        c = s.last_client
+        return OutcomeRecord(
+            decision_id=s.last_id,
+            ts_s=ev.ts_s,
+            applied=c.applied if c is not None else True,
+            reward=c.reward if c is not None else None,
+            reward_source=c.reward_source if c is not None else "derived",
+            next_state=s.state(),
+            done=False,
+        )
+
+    def _unary(self, ev: UnaryEvent) -> DecisionRecord:
+        st, m = ev.state, ev.msg
+        layers = {lay.layer_id: i for i, lay in enumerate(st.topology.layers)}
+        kernels = {k.kernel_id: i for i, k in enumerate(st.kernels)}
+        kind, node, kern, lid, kid = _action_indices(m, layers, kernels)
+        return DecisionRecord(
+            m.decision_id, f"unary-{m.decision_id}", "", int(st.step), int(st.epoch), ev.ts_s,
+            st.SerializeToString(), kind, node, kern, lid, kid, int(m.seed_index),
+            _propensity(m), m.policy_version, int(m.rule),
+        )  # fmt: skip
+
+    def _retention(self) -> None:
+        now = time.monotonic()
+        if now < self._next_retention:
+            return
+        self._next_retention = now + max(1.0, self.config.flush_interval_s * 5)
+        self.deleted_files += enforce_retention(
+            self.directory,
+            keep=self.current,
+            max_total_bytes=int(self.config.max_total_mb * 1e6),
+            max_age_s=self.config.max_age_s,
+            idle_s=self.config.idle_s,
+        )
