@@ -14,6 +14,11 @@ first batches on the new policy); everything else in phase A is steady, the base
 measured in the same run. Phase B: back-to-back reloads up to ``reloads`` while the load
 continues, then RSS of the server process is compared with RSS after the first reload.
 
+Load: 16 hosts, each sending a 16-layer frame 10 times a second (160 frames/s; quick: 8
+at 10/s), well inside what this 2-core box sustains, because a reload must be judged
+against steady serving, not against overload (that is the serving bench's subject).
+Shed work is answered degraded and reported per window (``degraded_*_pct``).
+
 Targets (issue 5): decisions_lost 0, errors 0, p99_reload_ms ≤ 10 ms (the decision
 budget) and ≤ 1.5 × p99_steady_ms, rss_growth_pct ≤ 5 %.
 Run: ``python -m bench --only reload [--quick]`` or ``python -m bench.reload [--quick]``.
@@ -296,6 +301,7 @@ def measure(
         "reloads": reloads,
         "reloads_ok": int(final.reloads_ok),
         "reloads_failed": int(final.reloads_failed),
+        "last_refused_reason": final.last_refused_reason,
         "latency_reloads": latency_reloads,
         "decisions_asked": data["asked"],
         "decisions": len(recs),
@@ -329,9 +335,9 @@ def measure(
 
 def run(opts: BenchOptions) -> None:
     if opts.quick:
-        r = measure(reloads=20, latency_reloads=5, gap_s=0.5, poll_s=0.25, streams=8, rate=200)
+        r = measure(reloads=20, latency_reloads=5, gap_s=0.5, poll_s=0.25, streams=8, rate=80)
     else:
-        r = measure(reloads=100, latency_reloads=20, gap_s=1.0, poll_s=0.25, streams=16, rate=400)
+        r = measure(reloads=100, latency_reloads=20, gap_s=1.0, poll_s=0.25, streams=16, rate=160)
     r["p99_ratio"] = r["p99_reload_ms"] / r["p99_steady_ms"]
     r["ok"] = bool(
         r["decisions_lost"] == 0

@@ -119,9 +119,10 @@ def test_gcn_layer_matches_torch_geometric_gcnconv(
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_log_softmax_is_differentiable_and_masked(model: TamiyoPolicy) -> None:
+@pytest.mark.parametrize("dense", [True, False])
+def test_log_softmax_is_differentiable_and_masked(model: TamiyoPolicy, dense: bool) -> None:
     model.train()
-    batch = collate(random_graphs(9, [6, 4]))
+    batch = collate(random_graphs(9, [6, 4]), dense=dense)
     out = model(batch)
     lp, nlp = per_graph_log_softmax(out.pair_logits, out.noop_logit, batch.node_batch)
     valid = torch.isfinite(lp)
