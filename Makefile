@@ -56,13 +56,18 @@ fmt: $(STAMP)
 test: $(STAMP) check-protos lint
 	$(PY) -m pytest $(ARGS)
 
-train demo soak: $(STAMP)
+train demo: $(STAMP)
 	@echo "make $@ is not built yet (see the open issues)"; exit 1
 
 # Speed/memory vs baselines measured in the same run; tables + bench-results/*.json.
 # ARGS="--only inference,serving --quick".
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
+
+# Fuzzing (>= 10,000 examples per fuzzer) and fault injection against real server
+# processes on loopback; bounded (~15 min). Table + bench-results/soak.json. ARGS="--quick".
+soak: $(STAMP)
+	$(PY) -m soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -49,12 +49,14 @@ class FuzzStats:
     messages: int = 0
     mutated: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    violations: Counter[str] = field(default_factory=Counter)  # non-strict runs only
 
     def merge(self, other: FuzzStats) -> None:
         self.examples += other.examples
         self.messages += other.messages
         self.mutated += other.mutated
         self.outcomes.update(other.outcomes)
+        self.violations.update(other.violations)
 
 
 def _require(condition: object, why: object = "") -> None:
@@ -132,10 +134,10 @@ def decide_once(
     _require(resp.decision.frame_request_id == req.request_id)
 
 
-def run_decide_fuzz(target: str, examples: int, metadata: object = None) -> FuzzStats:
+def run_decide_fuzz(target: str, examples: int, stats: FuzzStats | None = None) -> FuzzStats:
     """``examples`` hostile DecideRequests; raises AssertionError on the first violation
-    (hypothesis then shrinks it to a minimal request)."""
-    stats = FuzzStats()
+    (hypothesis then shrinks it to a minimal request). ``stats`` is filled as it goes."""
+    stats = FuzzStats() if stats is None else stats
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.TamiyoServiceStub(channel)
 
@@ -332,9 +334,9 @@ def _finish(s: _StreamState) -> None:
     _require(s.call.status is None, f"stream did not end OK: {s.call.status}")
 
 
-def run_stream_fuzz(target: str, examples: int) -> FuzzStats:
+def run_stream_fuzz(target: str, examples: int, stats: FuzzStats | None = None) -> FuzzStats:
     """``examples`` streams, each a random sequence of (mutated) messages."""
-    stats = FuzzStats()
+    stats = FuzzStats() if stats is None else stats
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.TamiyoServiceStub(channel)
 

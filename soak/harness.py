@@ -241,6 +241,7 @@ class HealthyStats:
     lost: int = 0  # frames that asked for a decision and never got an answer
     reconnects: int = 0
     resume_s: list[float] = field(default_factory=list)  # break → next decision, s
+    resumed_at: list[float] = field(default_factory=list)  # monotonic s of those decisions
 
     def p(self, phase: str, q: float) -> float:
         xs = self.latencies_ms.get(phase, [])
@@ -292,7 +293,13 @@ class HealthyStream:
     def _run(self) -> None:
         broke_at: float | None = None
         step = 0
-        with grpc.insecure_channel(self.target) as channel:
+        # Short reconnect backoff: the soak restarts servers and measures resumption.
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 500),
+        ]
+        with grpc.insecure_channel(self.target, options=options) as channel:
             stub = pb_grpc.TamiyoServiceStub(channel)
             while not self._stop.is_set():
                 try:
@@ -332,6 +339,7 @@ class HealthyStream:
                 self.stats.decisions += 1
                 if broke_at is not None:
                     self.stats.resume_s.append(time.monotonic() - broke_at)
+                    self.stats.resumed_at.append(time.monotonic())
                     broke_at = None
             elif kind == "error" and resp.error.code == pb.STREAM_ERROR_CODE_UNAVAILABLE:
                 raise RuntimeError("server draining")  # reconnect, as a real client would
