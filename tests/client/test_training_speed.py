@@ -3,20 +3,21 @@ is up, slow, or down.
 
 One real model, one training loop, three blocking clients started up front: one to a
 real server (own process), one to the same server behind a slow, narrow TCP proxy, one
-to a port where nothing listens. The loop alternates which client it streams to, in
-short interleaved segments so machine noise hits all three alike, and compares, as
-ratio max/min over the three modes (must be <= 1.10), the median of
+to a port where nothing listens. The loop alternates, in short interleaved segments so
+machine noise hits all alike, between streaming to each of them and a baseline segment
+that calls no client at all. For each mode the median step time must be within 10 % of
+the baseline's (ratio <= 1.10), measured in the same run.
 
-the step's own time: wall time minus the time the thread sat runnable waiting for a
-CPU (Linux schedstat). A step that blocked on the client (lock, GIL, full buffer,
-network) keeps that time in; time stolen by other processes is taken out. The
-training thread's CPU time per step is reported beside it.
+Step time = wall time minus the time the thread sat runnable waiting for a CPU (Linux
+schedstat): a step that blocked on the client (lock, GIL, full buffer, network) keeps
+that time; time stolen by other processes is taken out. CPU time and raw wall time are
+printed too.
 
-Why not the raw wall time: on a loaded 2-core machine it mostly measures the OS
-scheduler. Measured in this test: with the server down (the client never makes the
-training thread wait) the thread sat ~6 ms per step in the run queue against ~1.5 ms
-with the server up, because the scheduler favours a thread that yields now and then.
-Raw wall medians are printed in the failure message for the record.
+Why against a no-client baseline rather than max/min over the three modes: on a loaded
+2-core machine the OS scheduler favours a thread that yields now and then, and with the
+server up the training thread does yield briefly (it wakes the client's thread). We
+measured the baseline and "down" at the same speed (13.4 vs 13.6 ms, both never
+yielding) and "up" ~9 % faster (12.3 ms): an artefact in the client's favour, not a cost.
 """
 
 from __future__ import annotations
@@ -107,38 +108,36 @@ def test_training_speed_is_the_same_whether_server_is_up_slow_or_down(
         assert clients["slow"].wait_connected(10)
         for _ in range(20):  # warm up the model, the allocator and the optimizer
             train_step(model, opt, batch=128)
-        wall: dict[str, list[float]] = {m: [] for m in clients}
-        cpu: dict[str, list[float]] = {m: [] for m in clients}
-        queued: dict[str, list[float]] = {m: [] for m in clients}
+        modes = ["none", *clients]
+        wall: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[float]] = {m: [] for m in modes}
+        own: dict[str, list[float]] = {m: [] for m in modes}
         step = 0
-        order = list(clients)
-        for rnd in range(12):
-            for mode in order[rnd % 3 :] + order[: rnd % 3]:
-                client = clients[mode]
+        for rnd in range(10):
+            for mode in modes[rnd % 4 :] + modes[: rnd % 4]:
+                client = clients.get(mode)
                 for _ in range(20):
                     t0, c0, q0 = time.perf_counter(), time.thread_time(), runqueue_wait_s()
                     train_step(model, opt, batch=128)
-                    client.send_frame(host.frame(step, 0, want_decision=step % 5 == 0))
-                    for d in client.poll_decisions():
-                        result = ApplyResult(d.decision.decision_id, False, "speed test")
-                        client.report_outcome(host.outcome(result))
-                    wall[mode].append(time.perf_counter() - t0)
+                    frame = host.frame(step, 0, want_decision=step % 5 == 0)
+                    if client is not None:
+                        client.send_frame(frame)
+                        for d in client.poll_decisions():
+                            result = ApplyResult(d.decision.decision_id, False, "speed test")
+                            client.report_outcome(host.outcome(result))
+                    elapsed = time.perf_counter() - t0
+                    wall[mode].append(elapsed)
                     cpu[mode].append(time.thread_time() - c0)
-                    queued[mode].append(runqueue_wait_s() - q0)
+                    own[mode].append(elapsed - (runqueue_wait_s() - q0))
                     step += 1
-        cpu_med = {m: statistics.median(t) for m, t in cpu.items()}
-        own = {
-            m: statistics.median(w - q for w, q in zip(wall[m], queued[m], strict=True))
-            for m in clients
-        }
-        wall_med = {m: statistics.median(t) for m, t in wall.items()}
-        cpu_ratio = max(cpu_med.values()) / min(cpu_med.values())
-        own_ratio = max(own.values()) / min(own.values())
+        med = {m: statistics.median(own[m]) for m in modes}
+        ratios = {m: med[m] / med["none"] for m in clients}
         detail = " ".join(
-            f"{m}: own {own[m] * 1e3:.2f} ms, cpu {cpu_med[m] * 1e3:.2f} ms,"
-            f" raw wall {wall_med[m] * 1e3:.2f} ms;"
-            for m in clients
+            f"{m}: {med[m] * 1e3:.2f} ms (cpu {statistics.median(cpu[m]) * 1e3:.2f},"
+            f" raw wall {statistics.median(wall[m]) * 1e3:.2f});"
+            for m in modes
         )
+        spread = max(med[m] for m in clients) / min(med[m] for m in clients)
         # The three modes were really different:
         up, slow, down = clients["up"], clients["slow"], clients["down"]
         assert up.stats.decisions > 0
@@ -149,8 +148,9 @@ def test_training_speed_is_the_same_whether_server_is_up_slow_or_down(
         slow_p50 = slow.stats.latency_percentile(50)
         assert up_p50 is not None
         assert slow_p50 is None or slow_p50 > 5 * up_p50  # decisions came late, if at all
-        assert own_ratio <= 1.10, f"step time max/min = {own_ratio:.3f}: {detail}"
-        print(f"step time ratio {own_ratio:.3f}, CPU ratio {cpu_ratio:.3f}: {detail}")
+        for mode, ratio in ratios.items():
+            assert ratio <= 1.10, f"{mode}: step time {ratio:.3f}x the baseline: {detail}"
+        print(f"step time / baseline {ratios}, max/min over modes {spread:.3f}: {detail}")
     finally:
         torch.set_num_threads(threads)
         for c in clients.values():
