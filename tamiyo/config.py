@@ -202,4 +202,33 @@ class TrainConfig:
     eval_episodes: int = 48  # held-out validation episodes per periodic evaluation
     checkpoint_every: int = 1000  # steps between resumable train-state saves
     device: str = "auto"  # "auto": CUDA when present, else CPU
-    num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    num_threads: int = 1  # torch CPU threads per process (1: no spin on a busy machine)
+    # Experiment sizes for the pipeline (``make train``).
+    data_episodes: int = 300  # behaviour episodes logged for training (train sizes)
+    heldout_data_episodes: int = 60  # behaviour episodes logged for FQE only
+    final_eval_episodes: int = 100  # per evaluation set (held-out seeds, unseen sizes)
+    train_seeds: int = 3  # independent training seeds per algorithm
+    algos: tuple[str, ...] = ("bc", "iql")  # trained and reported by the pipeline
+    fqe_steps: int = 1500
+    workers: int = 2  # processes training in parallel (one torch thread each)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``make demo`` (``tamiyo_client.demo``): a small student MLP with one damaged block
+    learning a random teacher; the same run with and without Tamiyo."""
+
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 3e-3
+    in_features: int = 16
+    width: int = 64
+    teacher_width: int = 32
+    damage_bias: float = -1.5  # initial bias of the damaged block: most units start dead
+    steps_per_epoch: int = 250
+    eval_every: int = 25  # steps between validation-loss points on the curves
+    decision_every: int = 20  # steps between frames that ask for a decision
+    reward_after_steps: int = 100  # outcome reward = relative val-loss change this later
+    num_seeds: int = 4
+    val_size: int = 2048
