@@ -264,7 +264,7 @@ def measure(
                     while (now := serving())[0] != name and now[1] == failed:
                         if time.monotonic() - t0 > 60:
                             raise RuntimeError(f"{name} was not picked up within 60 s")
-                        time.sleep(0.02)
+                        time.sleep(0.05)
                     t1 = time.monotonic()
                     load_s.append(t1 - t0)
                     if i <= latency_reloads:

@@ -58,7 +58,7 @@ from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, serve_loaded
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SIZES = (4, 16, 32, 64)  # nodes per sample graph of the warm-up batch (116 nodes)
+SAMPLE_SIZES = (8, 16, 32)  # nodes per sample graph of the warm-up batch (56 nodes)
 WATCHER_NICE = 10  # added to the reload thread's nice value (Linux only)
 MAX_REMEMBERED = 256  # refused fingerprints kept (oldest forgotten first)
 SLOWER_LIMIT = 1.5  # x the serving policy's warm-up time, see check_serving
@@ -87,6 +87,7 @@ def fingerprint(path: Path) -> Fingerprint:
 
 
 def _forward_cpu_ms(served: ServedPolicy, graphs: list[GraphTensors]) -> float:
+    time.sleep(0)  # let the event loop / inference thread take the GIL between forwards
     t0 = time.thread_time()
     served.engine.infer(graphs)
     return (time.thread_time() - t0) * 1000.0
