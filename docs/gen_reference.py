@@ -177,6 +177,31 @@ def _bucket_text(metric: Any) -> str:
     return ", ".join(f"{b:g}" for b in bounds)
 
 
+def _experience_rows() -> list[str]:
+    """Metrics the experience log registers when ``--experience-dir`` is set: built
+    from a real ``ExperienceLog`` in a temporary directory, then closed."""
+    import tempfile
+
+    from prometheus_client import CollectorRegistry
+
+    from tamiyo_server.experience_log import ExperienceLog
+
+    registry = CollectorRegistry()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = ExperienceLog(config_module.ExperienceLogConfig(dir=tmp), 8, registry)
+        families = list(registry.collect())
+        log.close()
+    rows = []
+    for fam in sorted(families, key=lambda f: f.name):
+        labels = sorted({k for s in fam.samples for k in s.labels})
+        shown = ", ".join(f"`{label}`" for label in labels) or "—"
+        rows.append(
+            f"| {_exposed(fam.type, fam.name)} | {fam.type} | {shown} | "
+            f"{_cell(fam.documentation)} (only with `--experience-dir`) |  |"
+        )
+    return rows
+
+
 def render_metrics() -> str:
     out = [
         HEADER,
@@ -197,6 +222,8 @@ def render_metrics() -> str:
             f"| {_exposed(kind, metric._name)} | {kind} | {labels} | "
             f"{_cell(metric._documentation)} | {_bucket_text(metric)} |"
         )
+    if hasattr(config_module, "ExperienceLogConfig"):
+        out += _experience_rows()
     out.append("")
     return "\n".join(out)
 
