@@ -19,7 +19,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import astuple
+from dataclasses import fields
+from operator import attrgetter
 from pathlib import Path
 
 from tamiyo.experience.schema import DecisionRecord, OutcomeRecord, connect
@@ -28,6 +29,8 @@ _LOG = logging.getLogger(__name__)
 
 _INSERT_DECISION = "INSERT OR IGNORE INTO decisions VALUES (" + ",".join("?" * 16) + ")"
 _INSERT_OUTCOME = "INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?)"
+# Row tuple of a decision; dataclasses.astuple deep-copies and cost ~25 µs per record.
+_DECISION_ROW = attrgetter(*(f.name for f in fields(DecisionRecord)))
 
 
 class _Barrier:
@@ -184,7 +187,7 @@ class ExperienceWriter:
                     self.write_errors += 1
                     self.dropped += len(batch)
                 return
-        decisions = [astuple(r) for r in batch if isinstance(r, DecisionRecord)]
+        decisions = [_DECISION_ROW(r) for r in batch if isinstance(r, DecisionRecord)]
         outcomes = [
             (r.decision_id, r.ts_s, int(r.applied), r.reward, r.reward_source, r.next_state,
              int(r.done))
