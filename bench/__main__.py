@@ -20,7 +20,11 @@ def discover() -> dict[str, ModuleType]:
     for info in pkgutil.iter_modules(bench.__path__):
         if info.name.startswith("_") or info.name in ("report", "seed_reference"):
             continue
-        mod = importlib.import_module(f"bench.{info.name}")
+        try:
+            mod = importlib.import_module(f"bench.{info.name}")
+        except Exception as e:  # one broken part must not hide the others
+            print(f"bench: skipping module bench.{info.name}: {type(e).__name__}: {e}")
+            continue
         if isinstance(getattr(mod, "PART", None), str) and callable(getattr(mod, "run", None)):
             found.append((int(getattr(mod, "ORDER", 100)), mod.PART, mod))
     return {name: mod for _, name, mod in sorted(found, key=lambda t: (t[0], t[1]))}

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,10 +123,14 @@ def save_checkpoint(
     text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode()
     tmp = root / f".tmp-{version}-{secrets.token_hex(4)}"
     tmp.mkdir()
-    _write_synced(tmp / WEIGHTS, blob)
-    _write_synced(tmp / MANIFEST, text)
-    _fsync_dir(tmp)
-    os.rename(tmp, final)
+    try:
+        _write_synced(tmp / WEIGHTS, blob)
+        _write_synced(tmp / MANIFEST, text)
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint
+        raise
     _fsync_dir(root)
     if update_latest:
         set_latest(root, version)

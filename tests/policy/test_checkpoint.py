@@ -185,3 +185,24 @@ def test_no_pickle_or_torch_load_in_policy_package() -> None:
         text = f.read_text()
         assert re.search(r"import pickle|pickle\.(loads?|dumps?)\(", text) is None, f
         assert re.search(r"(?<!safetensors\.)torch\.load\(", text) is None, f
+
+
+def test_crash_while_writing_leaves_latest_on_the_old_checkpoint(
+    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tamiyo.policy.checkpoint as cp
+
+    real = cp._write_synced
+
+    def crash_on_manifest(path: Path, data: bytes) -> None:
+        if path.name == "manifest.json":
+            raise OSError("disk full")
+        real(path, data)
+
+    monkeypatch.setattr(cp, "_write_synced", crash_on_manifest)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, TamiyoPolicy(SMALL), version="v2")
+    assert resolve_latest(tmp_path) == ckpt
+    assert not (tmp_path / "v2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]  # temp removed
+    assert load_checkpoint(resolve_latest(tmp_path) or ckpt).version == "v1"
