@@ -10,9 +10,11 @@ so ``make soak`` runs the same code at ≥ 10,000 examples; here the count comes
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +26,7 @@ from soak.harness import (
     ServerThread,
     StreamCall,
     health_status,
+    healthy_frame,
     healthy_open,
     healthy_topology,
     loopback_config,
@@ -175,3 +178,113 @@ def test_uint64_extremes_are_refused_naming_the_field(server: ServerThread) -> N
         assert resp is not None
         assert resp.HasField("session_accepted"), "the stream goes on after a bad message"
         call.close()
+
+
+def _state() -> graph_pb2.ModelGraphState:
+    """A valid 3-layer state with one signal per layer."""
+    state = graph_pb2.ModelGraphState(topology=healthy_topology(3), step=5)
+    state.kernels.add(kernel_id="k", parameter_count=10)
+    for sig in healthy_frame(3, 5, "t").frame.signals:
+        state.signals.add().CopyFrom(sig)
+    return state
+
+
+def _set(path: str, value: object) -> Callable[[graph_pb2.ModelGraphState], None]:
+    def apply(state: graph_pb2.ModelGraphState) -> None:
+        *parents, leaf = path.split(".")
+        msg: Any = state
+        for p in parents:
+            name, _, index = p.partition("[")
+            msg = getattr(msg, name)
+            if index:
+                msg = msg[int(index.rstrip("]"))]
+        setattr(msg, leaf, value)
+
+    return apply
+
+
+def _dup_layer(state: graph_pb2.ModelGraphState) -> None:
+    state.topology.layers[2].layer_id = state.topology.layers[0].layer_id
+
+
+def _self_loop(state: graph_pb2.ModelGraphState) -> None:
+    state.topology.edges.add(source=1, target=1)
+
+
+def _dup_edge(state: graph_pb2.ModelGraphState) -> None:
+    state.topology.edges.add(source=0, target=1)
+
+
+HOSTILE = [
+    ("nan", _set("signals[0].health_score", math.nan), "signals[0].health_score"),
+    ("inf", _set("signals[1].gradient_norm", math.inf), "signals[1].gradient_norm"),
+    ("negative", _set("signals[2].activation_variance", -1.0), "signals[2].activation_variance"),
+    ("out of range", _set("signals[0].dead_neuron_ratio", 1.5), "signals[0].dead_neuron_ratio"),
+    ("negative step", _set("signals[0].step", -3), "signals[0].step"),
+    ("negative state step", _set("step", -1), "step"),
+    ("huge id", _set("topology.layers[1].layer_id", "x" * 100_000), "topology.layers[1].layer_id"),
+    ("control chars", _set("topology.layers[1].layer_id", "a\x00b"), "topology.layers[1].layer_id"),
+    ("duplicate id", _dup_layer, "topology.layers[2].layer_id"),
+    ("unknown id", _set("signals[1].layer_id", "nope"), "signals[1].layer_id"),
+    ("edge out of range", _set("topology.edges[0].target", 3), "topology.edges[0].target"),
+    ("edge 2**32-1", _set("topology.edges[1].source", 2**32 - 1), "topology.edges[1].source"),
+    ("self loop", _self_loop, "topology.edges[2]"),
+    ("duplicate edge", _dup_edge, "topology.edges[2]"),
+    ("seeds > declared", _set("signals[0].total_seeds", 64), "signals[0].total_seeds"),
+    (
+        "unknown layer type",
+        _set("topology.layers[0].layer_type", 99),
+        "topology.layers[0].layer_type",
+    ),
+    ("zero width", _set("topology.layers[0].input_size", 0), "topology.layers[0].input_size"),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "field"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_named_hostile_input_gets_an_error_naming_its_field(
+    server: ServerThread,
+    name: str,
+    mutate: Callable[[graph_pb2.ModelGraphState], None],
+    field: str,
+) -> None:
+    """Decide: INVALID_ARGUMENT ``state.<field>: ...``; the same state as a stream
+    (SessionOpen + one frame) gets an in-stream error, and the stream goes on."""
+    state = _state()
+    mutate(state)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.TamiyoServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Decide(pb.DecideRequest(state=state), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith(f"state.{field}:")
+        # The same fault on a stream: topology faults in SessionOpen, signal faults in a frame.
+        call = StreamCall(stub)
+        call.send(
+            pb.StreamTelemetryRequest(
+                session_open=pb.SessionOpen(
+                    host_id="h", topology=state.topology, kernels=state.kernels
+                )
+            )
+        )
+        first = call.recv(10.0)
+        assert first is not None
+        if field.startswith("topology"):
+            assert first.error.field == f"session_open.{field}", first
+        else:
+            assert first.HasField("session_accepted"), first
+            frame = pb.TelemetryFrame(step=max(state.step, 0), want_decision=True, request_id="x")
+            frame.signals.extend(state.signals)
+            if field == "step":
+                frame.step = state.step
+            call.send(pb.StreamTelemetryRequest(frame=frame))
+            resp = call.recv(10.0)
+            assert resp is not None
+            expected = "frame.step" if field == "step" else f"frame.{field}"
+            assert resp.error.field == expected, resp
+            assert resp.error.frame_request_id == "x"
+        call.send(healthy_open())
+        resp = call.recv(10.0)
+        assert resp is not None
+        assert resp.HasField("session_accepted"), "the stream goes on"
+        call.close()
+        assert call.status is None
