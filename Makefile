@@ -56,7 +56,12 @@ fmt: $(STAMP)
 test: $(STAMP) check-protos lint
 	$(PY) -m pytest $(ARGS)
 
-train demo: $(STAMP)
+# Simic behaviour data → BC/IQL × 3 seeds → evaluation → runs/default/report.{json,png};
+# publishes the IQL seed-0 policy to checkpoints/default/. Fixed seeds. ARGS="--set steps=500".
+train: $(STAMP)
+	$(PY) -m trainer pipeline --out runs/default --checkpoint-dir checkpoints/default $(ARGS)
+
+demo: $(STAMP)
 	@echo "make $@ is not built yet (see the open issues)"; exit 1
 
 # Speed/memory vs baselines measured in the same run; tables + bench-results/*.json.

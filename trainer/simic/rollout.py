@@ -35,6 +35,7 @@ class RolloutResult:
 
     seeds: list[int]
     returns: npt.NDArray[np.float64]
+    discounted: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     adaptations: int = 0
     wrong_adaptations: int = 0  # adapted a layer with no started, unrepaired fault
     both_adapt: int = 0  # steps where the oracle would adapt and the policy adapted
@@ -60,14 +61,20 @@ def run_policy(
     writer: ExperienceWriter | None = None,
     policy_version: str = "",
     batch_envs: int = 128,
+    gamma: float = 1.0,
 ) -> RolloutResult:
-    """Play every episode to the horizon (``batch_envs`` at a time) and collect stats."""
+    """Play every episode to the horizon (``batch_envs`` at a time) and collect stats;
+    ``discounted`` holds Σ_t γ^t r_t per episode for ``gamma`` (FQE's ground truth)."""
     returns: list[npt.NDArray[np.float64]] = []
+    disc: list[npt.NDArray[np.float64]] = []
     res = RolloutResult([ep.seed for ep in episodes], np.zeros(0))
     for lo in range(0, len(episodes), batch_envs):
         env = SimicBatch(episodes[lo : lo + batch_envs], cfg)
-        returns.append(_run_batch(policy, env, res, writer, policy_version or policy.name))
+        r, d = _run_batch(policy, env, res, writer, policy_version or policy.name, gamma)
+        returns.append(r)
+        disc.append(d)
     res.returns = np.concatenate(returns)
+    res.discounted = np.concatenate(disc)
     return res
 
 
@@ -77,9 +84,11 @@ def _run_batch(
     res: RolloutResult,
     writer: ExperienceWriter | None,
     version: str,
-) -> npt.NDArray[np.float64]:
+    gamma: float,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     policy.reset(env)
     total = np.zeros(env.E)
+    disc = np.zeros(env.E)
     k = len(env.cfg.kernel_cost)
     while not env.done:
         snaps = [env.snapshot(i) for i in range(env.E)] if (
@@ -108,6 +117,7 @@ def _run_batch(
             writer.log_decision(r)
         policy.commit(env, acts)  # before the step: cooldowns count from the decision
         reward, applied = env.step(acts.node, acts.kernel)
+        disc += gamma ** (env.t - 1) * reward
         total += reward
         if writer is not None:
             now = time.time()
@@ -116,7 +126,7 @@ def _run_batch(
                     OutcomeRecord(r.decision_id, now, bool(applied[i]) or acts.node[i] < 0,
                                   float(reward[i]), "simulator", None, env.done)
                 )  # fmt: skip
-    return total
+    return total, disc
 
 
 def _decisions(

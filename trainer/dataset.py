@@ -1,0 +1,135 @@
+"""Offline dataset: experience-store transitions, featurized once, sampled as batches.
+
+Why featurize up front: every state goes through ``snapshot_from_state`` → ``featurize``
+exactly as the server's Decide path does, once; training steps then only collate.
+Next states that are the session's next decision reuse that decision's features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from tamiyo.experience import ACTION_NO_OP, ExperienceReader, Transition
+from tamiyo.policy.features import FEATURE_SCHEMA, GraphTensors, featurize, snapshot_from_state
+from tamiyo.v1 import graph_pb2
+
+I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass
+class OfflineDataset:
+    """M transitions. ``graphs`` holds every distinct featurized state; ``state`` and
+    ``next_state`` int64 [M] index into it (``next_state`` = ``state`` when ``done``).
+    ``node`` / ``kernel`` int64 [M] (−1 = no-op); ``reward``, ``done``, ``mc_return``,
+    ``propensity`` float32 [M]; ``session`` int64 [M] (episode id, for splits)."""
+
+    graphs: list[GraphTensors]
+    state: I64
+    next_state: I64
+    node: I64
+    kernel: I64
+    reward: F32
+    done: F32
+    mc_return: F32
+    propensity: F32
+    session: I64
+    dropped_invalid: int = 0
+
+    def __len__(self) -> int:
+        return int(self.state.shape[0])
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> I64:
+        idx: I64 = rng.integers(0, len(self), size=batch_size)
+        return idx
+
+    def initial_indices(self) -> I64:
+        """First transition of every session (for FQE's J estimate)."""
+        first = np.ones(len(self), np.bool_)
+        first[1:] = self.session[1:] != self.session[:-1]
+        out: I64 = np.nonzero(first)[0]
+        return out
+
+
+def _features(state: bytes) -> GraphTensors:
+    msg = graph_pb2.ModelGraphState.FromString(state)
+    return featurize(snapshot_from_state(msg, FEATURE_SCHEMA.window))
+
+
+def build_dataset(
+    transitions: Sequence[Transition], gamma: float, *, progress: bool = True
+) -> OfflineDataset:
+    """Featurize ``transitions`` (ordered by session and step, as the reader returns
+    them). Logged actions the featurizer deems invalid (no free seed visible, kernel out
+    of range) cannot be scored by the policy; they are dropped and counted."""
+    graphs: list[GraphTensors] = []
+    index_of: dict[int, int] = {}  # id(state bytes) → graphs index
+    names = ("s", "ns", "node", "kernel", "r", "d", "p", "sess")
+    cols: dict[str, list[float]] = {k: [] for k in names}
+    sessions: dict[str, int] = {}
+    dropped = 0
+
+    def index(b: bytes) -> int:
+        key = id(b)
+        if key not in index_of:
+            index_of[key] = len(graphs)
+            graphs.append(_features(b))
+        return index_of[key]
+
+    keep: list[Transition] = []
+    for tr in tqdm(transitions, desc="featurize", unit="tr", disable=not progress, leave=False):
+        d = tr.decision
+        s = index(d.state)
+        g = graphs[s]
+        if d.action_kind != ACTION_NO_OP and not (
+            0 <= d.node_index < g.num_nodes
+            and bool(g.target_mask[d.node_index])
+            and 0 <= d.kernel_index < g.num_kernels
+        ):
+            dropped += 1
+            continue
+        ns = index(tr.next_state) if tr.next_state is not None else s
+        cols["s"].append(s)
+        cols["ns"].append(ns)
+        cols["node"].append(d.node_index if d.action_kind != ACTION_NO_OP else -1)
+        cols["kernel"].append(d.kernel_index if d.action_kind != ACTION_NO_OP else -1)
+        cols["r"].append(tr.reward)
+        cols["d"].append(float(tr.done or tr.next_state is None))
+        cols["p"].append(d.propensity)
+        cols["sess"].append(sessions.setdefault(d.session_id, len(sessions)))
+        keep.append(tr)
+    arr = {k: np.asarray(v) for k, v in cols.items()}
+    reward = arr["r"].astype(np.float32)
+    done = arr["d"].astype(np.float32)
+    mc = np.zeros(len(reward), np.float32)
+    acc = 0.0
+    for i in range(len(reward) - 1, -1, -1):
+        cont = i + 1 < len(reward) and arr["sess"][i + 1] == arr["sess"][i] and not done[i]
+        acc = float(reward[i]) + (gamma * acc if cont else 0.0)
+        mc[i] = acc
+    return OfflineDataset(
+        graphs=graphs,
+        state=arr["s"].astype(np.int64),
+        next_state=arr["ns"].astype(np.int64),
+        node=arr["node"].astype(np.int64),
+        kernel=arr["kernel"].astype(np.int64),
+        reward=reward,
+        done=done,
+        mc_return=mc,
+        propensity=arr["p"].astype(np.float32),
+        session=arr["sess"].astype(np.int64),
+        dropped_invalid=dropped,
+    )
+
+
+def load_dataset(
+    sources: Sequence[Path | str], gamma: float, *, progress: bool = True
+) -> OfflineDataset:
+    """Read experience stores (files or directories) with the one reader and featurize."""
+    return build_dataset(ExperienceReader(sources).transitions(), gamma, progress=progress)

@@ -1,0 +1,196 @@
+"""The training loop: sampling, updates, metrics, periodic evaluation, checkpoints, resume.
+
+Why this shape: one loop serves a laptop run, ``make train`` and ``torchrun`` (DDP):
+with ``WORLD_SIZE`` > 1 every process samples its own minibatches, gradients are
+averaged by DDP, and only rank 0 evaluates and writes (metrics JSON lines, resumable
+state, checkpoints through the shared writer so a running server hot-reloads them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from tamiyo.config import SimicConfig, TrainConfig
+from tamiyo.policy.batch import collate
+from tamiyo.policy.checkpoint import save_checkpoint
+from tamiyo.policy.engine import resolve_device
+from tamiyo.policy.model import PolicyConfig
+from trainer.algos import Learner, Minibatch
+from trainer.dataset import OfflineDataset
+from trainer.evaluate import Reference, evaluate_network
+from trainer.state import load_state, save_state
+
+LOG_EVERY = 25  # steps averaged into one metrics line
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None  # None on ranks > 0
+    steps: int
+    start_step: int
+    last_eval_score: float | None
+    learner: Learner
+
+
+def make_minibatch(
+    ds: OfflineDataset,
+    idx: np.ndarray,
+    device: torch.device,
+    with_next: bool,
+    reward_offset: float = 0.0,
+) -> Minibatch:
+    """Collate transitions ``idx`` (int64 [B]) into device tensors; rewards shifted by
+    ``reward_offset`` (Monte-Carlo returns are left on the raw scale)."""
+    states = [ds.graphs[i] for i in ds.state[idx].tolist()]
+    both = None
+    if with_next:
+        both = collate(states + [ds.graphs[i] for i in ds.next_state[idx].tolist()]).to(device)
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return Minibatch(
+        states=collate(states).to(device),
+        both=both,
+        node=t(ds.node[idx]),
+        kernel=t(ds.kernel[idx]),
+        reward=t(ds.reward[idx] + np.float32(reward_offset)),
+        done=t(ds.done[idx]),
+        mc_return=t(ds.mc_return[idx]),
+    )
+
+
+def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _ddp(device: torch.device, module: nn.Module) -> nn.Module:
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def train(
+    cfg: TrainConfig,
+    data: OfflineDataset,
+    run_dir: Path,
+    *,
+    simic: SimicConfig,
+    validation: Reference | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    policy_config: PolicyConfig | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``cfg.algo`` on ``data`` for ``cfg.steps`` steps (continuing a saved run
+    when ``resume``); write metrics, state and a final checkpoint under ``run_dir``."""
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    rank, world, device = _dist_setup(cfg)
+    lead = rank == 0
+    wrap = partial(_ddp, device) if world > 1 else None
+    learner = Learner(cfg, policy_config or PolicyConfig(), device, wrap=wrap)
+    rng = np.random.default_rng([cfg.seed, rank])
+    state_dir = run_dir / "state"
+    start = 0
+    if resume:
+        meta = load_state(state_dir, learner)
+        if meta is not None:
+            start = int(meta["step"])
+            rng.bit_generator.state = meta["numpy_rng"][str(rank)] if str(rank) in meta.get(
+                "numpy_rng", {}) else rng.bit_generator.state  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    log = open(metrics_path, "a" if start else "w", encoding="utf-8") if lead else None  # noqa: SIM115
+    with_next = cfg.algo != "bc"
+    acc: dict[str, list[float]] = defaultdict(list)
+    last_eval: float | None = None
+    t0 = time.monotonic()
+    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.algo} s{cfg.seed}", unit="step",
+               disable=not (progress and lead), initial=start, total=cfg.steps)  # fmt: skip
+
+    def write(rec: dict[str, Any]) -> None:
+        if log is not None:
+            clean = {k: None if isinstance(v, float) and not np.isfinite(v) else v
+                     for k, v in rec.items()}  # fmt: skip
+            log.write(json.dumps(clean, allow_nan=False) + "\n")
+            log.flush()
+
+    def evaluate(step: int) -> None:
+        nonlocal last_eval
+        if validation is None or not lead:
+            return
+        res = evaluate_network(learner.policy, cfg.algo, validation, simic)
+        last_eval = validation.score(res.returns)
+        write({"step": step, "kind": "eval", "algo": cfg.algo, "seed": cfg.seed,
+               "eval_score": last_eval, "agreement": res.oracle_layer_agreement,
+               "time_s": time.monotonic() - t0})  # fmt: skip
+
+    try:
+        for step in bar:
+            idx = data.sample(rng, cfg.batch_size)
+            for k, v in learner.update(
+                make_minibatch(data, idx, device, with_next, cfg.reward_offset)
+            ).items():
+                acc[k].append(v)
+            done_steps = step + 1
+            if done_steps % LOG_EVERY == 0 or done_steps == cfg.steps:
+                rec = {k: float(np.mean(v)) for k, v in acc.items()}
+                acc.clear()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(rec.items())[:3]})
+                write({"step": done_steps, "kind": "train", "algo": cfg.algo, "seed": cfg.seed,
+                       "time_s": time.monotonic() - t0, **rec})  # fmt: skip
+            if cfg.eval_every and done_steps % cfg.eval_every == 0 and done_steps < cfg.steps:
+                evaluate(done_steps)
+            if cfg.checkpoint_every and done_steps % cfg.checkpoint_every == 0 and lead:
+                _save(state_dir, learner, done_steps, rng, rank, cfg)
+        final = cfg.steps
+        if start < cfg.steps or last_eval is None:
+            evaluate(final)
+        ckpt = None
+        if lead:
+            _save(state_dir, learner, final, rng, rank, cfg)
+            ckpt = save_checkpoint(
+                run_dir / "checkpoints",
+                learner.policy,
+                metrics={"steps": final, "algo": cfg.algo, "validation_score": last_eval},
+                provenance={"train_config": asdict(cfg), "world_size": world,
+                            **(provenance or {})},
+            )  # fmt: skip
+    finally:
+        if log is not None:
+            log.close()
+        if world > 1 and dist.is_initialized():
+            dist.barrier()
+    return TrainResult(run_dir, ckpt, cfg.steps, start, last_eval, learner)
+
+
+def _save(
+    state_dir: Path, learner: Learner, step: int, rng: np.random.Generator, rank: int,
+    cfg: TrainConfig,
+) -> None:  # fmt: skip
+    save_state(state_dir, learner, step, {"numpy_rng": {str(rank): rng.bit_generator.state},
+                                          "train_config": asdict(cfg)})  # fmt: skip

@@ -1,0 +1,286 @@
+"""``make train``: behaviour data → BC / IQL over several seeds → evaluation → report.
+
+Steps (all seeded, so a fresh clone reproduces the shipped checkpoint's figures):
+ 1. Simic behaviour data (ε-heuristic) logged to experience stores under ``out/data``;
+    one store for training, one held out for FQE. Read back with the one reader.
+ 2. Every (algo, seed) trains in a worker process (``workers`` at a time, forked after
+    the dataset is featurized; one torch thread each) and is scored on the held-out
+    seeds and the unseen graph sizes. Workers report through JSON files.
+ 3. Reference policies (no-op, oracle, heuristic, behaviour) on the same episodes.
+ 4. FQE of IQL seed 0 on the held-out logged data vs its true discounted return.
+ 5. ``report.json`` + ``report.png``; IQL seed 0 becomes the default checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tamiyo.config import SimicConfig, TrainConfig
+from tamiyo.experience import ExperienceWriter
+from tamiyo.policy.checkpoint import load_checkpoint, resolve_latest, save_checkpoint
+from trainer.dataset import OfflineDataset, load_dataset
+from trainer.evaluate import NetworkPolicy, Reference, bootstrap_ci
+from trainer.fqe import fit_q
+from trainer.loop import train
+from trainer.report import plot_report, write_json
+from trainer.simic.policies import BehaviourPolicy, HeuristicPolicy
+from trainer.simic.rollout import RolloutResult, episodes_for, run_policy
+
+SEED_BASE = {"data": 0, "fqe": 1_000_000, "val": 2_000_000, "test": 3_000_000,
+             "unseen": 4_000_000}  # fmt: skip
+VALIDATION_EPISODES = 48
+
+
+def _log(msg: str) -> None:
+    print(f"[tamiyo-train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def generate(path: Path, seeds: range, sizes: tuple[int, int], simic: SimicConfig) -> Path:
+    """Log ε-behaviour episodes to ``path`` (skipped when a complete file exists)."""
+    done_marker = path.with_name(path.name + ".complete")
+    if path.exists() and done_marker.exists():
+        return path
+    path.unlink(missing_ok=True)
+    with ExperienceWriter(path, writer_name="simic") as w:
+        beh = BehaviourPolicy(simic.behaviour_epsilon)
+        run_policy(beh, episodes_for(seeds, sizes, simic), simic, writer=w,
+                   policy_version=f"simic-behaviour-eps{simic.behaviour_epsilon}")  # fmt: skip
+        w.flush()
+        if w.dropped:
+            raise RuntimeError(f"{path}: {w.dropped} records dropped while generating")
+    done_marker.write_text(json.dumps({"episodes": len(seeds)}))
+    return path
+
+
+def _rollout_stats(res: RolloutResult) -> dict[str, Any]:
+    return {
+        "returns": res.returns.tolist(),
+        "adaptations": res.adaptations,
+        "wrong_adaptations": res.wrong_adaptations,
+        "both_adapt": res.both_adapt,
+        "same_layer": res.same_layer,
+        "oracle_adapt_steps": res.oracle_adapt_steps,
+    }
+
+
+def _run_jobs(jobs: list[tuple[str, Callable[[], dict[str, Any]]]], workers: int,
+              out_dir: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Run jobs in up to ``workers`` forked processes; results travel as JSON files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if workers <= 1:
+        return {name: fn() for name, fn in jobs}
+    lanes = [jobs[i::workers] for i in range(workers)]
+    pids = []
+    for lane in lanes:
+        pid = os.fork()
+        if pid == 0:  # child: run the lane, write JSON, leave without cleanup handlers
+            code = 0
+            try:
+                for name, fn in lane:
+                    (out_dir / f"{name}.json").write_text(json.dumps(fn()))
+            except BaseException as exc:
+                (out_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}")
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+    if failed:
+        err = out_dir / "error.txt"
+        raise RuntimeError(f"training worker failed: {err.read_text() if err.exists() else '?'}")
+    return {name: json.loads((out_dir / f"{name}.json").read_text()) for name, _ in jobs}
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir: Path | None,
+                 *, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Everything ``make train`` does; returns the report dict."""
+    t_start = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    _log(f"behaviour data: {cfg.data_episodes} + {cfg.heldout_data_episodes} episodes")
+    data_path = generate(out / "data" / "behaviour.sqlite",
+                         range(SEED_BASE["data"], SEED_BASE["data"] + cfg.data_episodes),
+                         simic.train_sizes, simic)  # fmt: skip
+    fqe_path = generate(out / "data" / "heldout.sqlite",
+                        range(SEED_BASE["fqe"], SEED_BASE["fqe"] + cfg.heldout_data_episodes),
+                        simic.train_sizes, simic)  # fmt: skip
+    data = load_dataset([data_path], cfg.gamma, progress=progress)
+    _log(f"dataset: {len(data)} transitions ({data.dropped_invalid} invalid actions dropped)")
+
+    def ref(kind: str, n: int, sizes: tuple[int, int]) -> Reference:
+        return Reference.build(episodes_for(range(SEED_BASE[kind], SEED_BASE[kind] + n),
+                                            sizes, simic), simic)  # fmt: skip
+
+    val = ref("val", VALIDATION_EPISODES, simic.train_sizes)
+    sets = {"heldout_seeds": ref("test", cfg.final_eval_episodes, simic.train_sizes),
+            "unseen_sizes": ref("unseen", cfg.final_eval_episodes, simic.unseen_sizes)}  # fmt: skip
+    runs_dir = out / "runs"
+
+    def train_job(algo: str, seed: int) -> Callable[[], dict[str, Any]]:
+        def fn() -> dict[str, Any]:
+            c = replace(cfg, algo=algo, seed=seed)
+            res = train(c, data, runs_dir / f"{algo}-s{seed}", simic=simic, validation=val,
+                        resume=True, progress=progress,
+                        provenance={"data": str(data_path), "transitions": len(data)})  # fmt: skip
+            assert res.checkpoint is not None
+            pol = NetworkPolicy(res.learner.policy, algo)
+            ev = {k: _rollout_stats(run_policy(pol, r.episodes, simic)) for k, r in sets.items()}
+            return {"checkpoint": str(res.checkpoint), "eval": ev}
+
+        return fn
+
+    def fixed_job(name: str) -> Callable[[], dict[str, Any]]:
+        def fn() -> dict[str, Any]:
+            pol = (HeuristicPolicy() if name == "heuristic"
+                   else BehaviourPolicy(simic.behaviour_epsilon))  # fmt: skip
+            return {"eval": {k: _rollout_stats(run_policy(pol, r.episodes, simic))
+                             for k, r in sets.items()}}  # fmt: skip
+
+        return fn
+
+    jobs = [(f"{a}-s{s}", train_job(a, s)) for s in range(cfg.train_seeds) for a in cfg.algos]
+    jobs += [(n, fixed_job(n)) for n in ("heuristic", "behaviour")]
+    _log(f"training {len(jobs) - 2} runs + 2 reference evaluations on {cfg.workers} workers")
+    results = _run_jobs(jobs, cfg.workers, out / "jobs")
+
+    report: dict[str, Any] = {"evaluation": {}, "config": {"train": asdict(cfg),
+                                                           "simic": asdict(simic)}}  # fmt: skip
+    for set_name, r in sets.items():
+        scores: dict[str, Any] = {}
+        stats: dict[str, Any] = {}
+
+        zero = {"both_adapt": 0, "same_layer": 0, "adaptations": 0, "wrong_adaptations": 0}
+
+        def add(
+            name: str,
+            runs: list[dict[str, Any]],
+            r: Reference = r,
+            scores: dict[str, Any] = scores,
+            stats: dict[str, Any] = stats,
+        ) -> None:
+            scores[name], stats[name] = _summarise(r, runs)
+
+        add("noop", [{"returns": r.noop.tolist(), **zero}])
+        for n in ("heuristic", "behaviour"):
+            add(n, [results[n]["eval"][set_name]])
+        for a in cfg.algos:
+            add(a, [results[f"{a}-s{s}"]["eval"][set_name] for s in range(cfg.train_seeds)])
+        add("oracle", [{"returns": r.oracle.tolist(), **zero}])
+        report["evaluation"][set_name] = {"episodes": len(r.episodes), "normalized_score": scores,
+                                          "stats": stats}  # fmt: skip
+
+    best_algo = "iql" if "iql" in cfg.algos else cfg.algos[0]
+    default_ckpt = Path(results[f"{best_algo}-s0"]["checkpoint"])
+    report["fqe"] = _fqe(cfg, simic, default_ckpt, fqe_path, progress)
+    report["targets"] = _targets(report, best_algo)
+    report["default_policy"] = {"algo": best_algo, "seed": 0, "source": str(default_ckpt)}
+    report["elapsed_s"] = time.monotonic() - t_start
+    report = _clean(report)
+    metrics = sorted(runs_dir.glob("*/metrics.jsonl"))
+    write_json(report, out / "report.json")
+    plot_report(report, metrics, out / "report.png")
+    _log(f"report: {out / 'report.json'} and {out / 'report.png'}")
+    if checkpoint_dir is not None:
+        ship = publish_default(default_ckpt, checkpoint_dir, report, out / "report.png")
+        _log(f"default checkpoint: {ship} (report beside it: {checkpoint_dir / 'report.json'})")
+    return report
+
+
+def _summarise(r: Reference, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score with bootstrap CI (seeds × episodes) and decision statistics of some runs."""
+    ret = np.array([x["returns"] for x in runs], np.float64)
+    mean, lo, hi = bootstrap_ci(r, ret)
+    score = {"mean": mean, "ci_low": lo, "ci_high": hi,
+             "per_seed": [r.score(row) for row in ret]}  # fmt: skip
+    both = sum(x["both_adapt"] for x in runs)
+    adapt = sum(x["adaptations"] for x in runs)
+    stats = {
+        "mean_return": float(ret.mean()),
+        "oracle_layer_agreement": sum(x["same_layer"] for x in runs) / both if both else None,
+        "adaptations_per_episode": adapt / ret.size,
+        "wrong_adaptation_rate": sum(x["wrong_adaptations"] for x in runs) / adapt
+        if adapt
+        else None,
+    }
+    return score, stats
+
+
+def _fqe(cfg: TrainConfig, simic: SimicConfig, ckpt: Path, fqe_path: Path,
+         progress: bool) -> dict[str, Any]:  # fmt: skip
+    model = load_checkpoint(ckpt).model
+    ds: OfflineDataset = load_dataset([fqe_path], cfg.gamma, progress=progress)
+    est = fit_q(model, ds, cfg, steps=cfg.fqe_steps, progress=progress)
+    eps = episodes_for(range(SEED_BASE["fqe"], SEED_BASE["fqe"] + cfg.heldout_data_episodes),
+                       simic.train_sizes, simic)  # fmt: skip
+    true = run_policy(NetworkPolicy(model, "iql"), eps, simic, gamma=cfg.gamma).discounted
+    shift = cfg.reward_offset * sum(cfg.gamma**t for t in range(simic.horizon))
+    true_shifted = float(true.mean()) + shift
+    est_raw = est.estimate_shifted - shift
+    return {
+        "transitions": len(ds),
+        "episodes": cfg.heldout_data_episodes,
+        "estimate_raw": est_raw,
+        "true_raw": float(true.mean()),
+        "relative_error_raw": (est_raw - float(true.mean())) / abs(float(true.mean())),
+        "estimate_shifted": est.estimate_shifted,
+        "true_shifted": true_shifted,
+        "relative_error_shifted": (est.estimate_shifted - true_shifted) / abs(true_shifted),
+        "note": "discounted return (gamma) from the first state; 'shifted' = rewards + "
+        "reward_offset, the decision-dependent part; 'raw' adds the constant back exactly",
+    }
+
+
+def _targets(report: dict[str, Any], algo: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s, ev in report["evaluation"].items():
+        sc = ev["normalized_score"]
+        out[s] = {
+            f"{algo}_score": sc[algo]["mean"],
+            f"{algo}_ge_85": sc[algo]["mean"] >= 85,
+            f"{algo}_minus_behaviour": sc[algo]["mean"] - sc["behaviour"]["mean"],
+            "ge_20_above_behaviour": sc[algo]["mean"] - sc["behaviour"]["mean"] >= 20,
+            "oracle_layer_agreement": ev["stats"][algo]["oracle_layer_agreement"],
+            "agreement_ge_80pct": (ev["stats"][algo]["oracle_layer_agreement"] or 0) >= 0.8,
+        }
+    f = report["fqe"]
+    out["fqe_within_10pct_raw"] = abs(f["relative_error_raw"]) <= 0.1
+    out["fqe_within_10pct_shifted"] = abs(f["relative_error_shifted"]) <= 0.1
+    return out
+
+
+def publish_default(src: Path, checkpoint_dir: Path, report: dict[str, Any],
+                    png: Path) -> Path:  # fmt: skip
+    """Re-save ``src`` into ``checkpoint_dir`` through the shared writer (new version,
+    manifest carrying the evaluation), drop older versions, put the report beside it."""
+    loaded = load_checkpoint(src)
+    summary = {s: {p: {k: v[k] for k in ("mean", "ci_low", "ci_high")}
+                   for p, v in ev["normalized_score"].items()}
+               for s, ev in report["evaluation"].items()}  # fmt: skip
+    metrics = {**loaded.manifest.get("metrics", {}), "normalized_score": summary,
+               "targets": report["targets"], "fqe": report["fqe"]}  # fmt: skip
+    final = save_checkpoint(checkpoint_dir, loaded.model, loaded.config, metrics=metrics,
+                            provenance=loaded.manifest.get("provenance", {}))  # fmt: skip
+    for old in checkpoint_dir.iterdir():
+        if old.is_dir() and old != final and resolve_latest(checkpoint_dir) == final:
+            shutil.rmtree(old)
+    write_json(report, checkpoint_dir / "report.json")
+    shutil.copyfile(png, checkpoint_dir / "report.png")
+    return final
