@@ -253,9 +253,9 @@ def test_full_queue_drops_counted_and_states_stay_exact(tmp_path: Path) -> None:
         blocker.execute("ROLLBACK")
         blocker.close()
     assert xp.flush()  # the disk is back and the backlog committed
-    for k in range(41, 46):
+    for k in range(41, 46):  # at the pace the writer keeps up with (queue of 6)
         step(k)
-    assert xp.flush()
+        assert xp.flush()
     xp.close()
     rows = {d.decision_id: d for d in ExperienceReader([tmp_path]).decisions()}
     assert dropped_while_stuck >= 40  # most of the 80 events could not be queued
