@@ -2,15 +2,21 @@
 
 One code path for CPU and CUDA: the batch is collated on the host; on CUDA it is copied
 from page-locked memory with ``non_blocking=True`` so the copy overlaps the launch. All
-post-processing (per-graph softmax, best action, node probabilities) runs on the device
-as a few batched ops; results come back in one host copy per tensor and are split per
-graph with ``np.split`` (O(1) Python per graph).
+post-processing (per-graph softmax as ONE ``log_softmax`` over the padded [B, N_max·K_max
++ 1] logits, best action, node probabilities) runs on the device as a few batched ops;
+results come back in one host copy per tensor and are split into per-graph views (O(1)
+Python per graph).
 
-Threads: on a 2-core box the inference thread and the gRPC event loop share two cores.
-``configure_threads`` sets torch's intra-op pool; the benchmark (``make bench``) measures
-1 vs 2 threads, and the default (1) is documented there: the matrices of one batch are
-small (≤ 16k × 64), so a second thread buys little and would steal the core the event
-loop needs to keep answering within 10 ms.
+Threads: use 1 intra-op thread (``configure_threads(1)``; the server's
+``ServerConfig.torch_threads`` default). On a 2-core box the inference thread and the
+gRPC event loop share the cores, and one batch's matrices are small (≤ 16k × 64) so a
+second torch thread has little to split. Measured on this box while others were
+running: with 2 threads a 1024² sgemm fell from 45-75 to 16-26 GFLOP/s and the sparse
+aggregation got 2-7× slower than with 1 (threads spinning for a core someone else
+holds). ``python -m bench --only inference --threads 2`` repeats the comparison.
+
+Padding: graphs of one call are grouped by size (``size_groups``) so the padded layout
+never wastes more than ~2× compute; a batch of similar graphs is one forward.
 """
 
 from __future__ import annotations
@@ -152,7 +158,7 @@ class InferenceEngine:
         """
         if not graphs:
             raise ValueError("collate: empty batch")
-        counts = np.fromiter((g.num_nodes for g in graphs), np.int64, len(graphs))
+        counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))
         groups = size_groups(counts)
         if len(groups) == 1:
             return self._infer_group(graphs)
@@ -171,7 +177,7 @@ class InferenceEngine:
         best_node = np.where(has, t["best_idx"] // k, -1).tolist()
         best_kernel = np.where(has, t["best_idx"] % k, -1).tolist()
         pl, tp = t["pair_logp"], t["target_probs"]
-        k_list = list(map(_NUM_KERNELS, graphs))
+        k_list = list(map(len, map(_KX, graphs)))
         if batch.num_nodes == batch.num_graphs * batch.n_max and min(k_list) == batch.k_max:
             tps, pls = list(tp), list(pl)  # homogeneous batch: row views, no slicing
         else:
@@ -193,7 +199,7 @@ class InferenceEngine:
         )
 
 
-_NUM_KERNELS = attrgetter("num_kernels")
+_X, _KX = attrgetter("x"), attrgetter("kernel_x")  # len() = node / kernel count
 
 
 def size_groups(
