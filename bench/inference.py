@@ -219,7 +219,7 @@ def _plot(rows: list[Row], opts: BenchOptions) -> None:
             ax.loglog(bs, [r[key] for r in rs], marker="o", label=label)
         ax.set_title(f"{n} nodes")
         ax.set_xlabel("batch (graphs)")
-        ax.set_ylabel("µs per graph")
+        ax.set_ylabel("CPU-µs per graph")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()

