@@ -25,8 +25,8 @@ from tamiyo_server.auth import BearerTokenInterceptor, server_credentials
 from tamiyo_server.experience_log import ExperienceLog
 from tamiyo_server.metrics import MetricsInterceptor, ServerMetrics
 from tamiyo_server.pipeline import DecisionPipeline
-from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial
-from tamiyo_server.reload import CheckpointWatcher, load_pinned
+from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
+from tamiyo_server.reload import CheckpointWatcher, load_pinned, load_startup
 from tamiyo_server.servicer import TamiyoServicer
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,14 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", lim.max_message_bytes),
         ("grpc.max_send_message_length", lim.max_message_bytes),
-        ("grpc.max_concurrent_streams", lim.max_concurrent_streams),
+        # Per connection; a little above the server-wide cap so that the stream one
+        # too many reaches the servicer and gets an explicit RESOURCE_EXHAUSTED
+        # instead of waiting silently in HTTP/2 flow control.
+        ("grpc.max_concurrent_streams", lim.max_concurrent_streams + 16),
         ("grpc.keepalive_time_ms", config.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        # Newer gRPC cores time out an unanswered ping with this one (default 1 min).
+        ("grpc.http2.ping_timeout_ms", config.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -87,11 +92,15 @@ class TamiyoServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
         served = self._policy
+        refused: tuple[str, str] | None = None  # a broken latest refused at startup
         if served is None and c.pin_checkpoint:
             served = await asyncio.to_thread(load_pinned, c)
         if served is None:
-            served = await asyncio.to_thread(load_initial, c.checkpoint_dir, c.device)
+            started = await asyncio.to_thread(load_startup, c)
+            served, refused = started[0], started[1]
         holder = PolicyHolder(served, self.metrics, pinned=bool(c.pin_checkpoint))
+        if refused is not None:
+            holder.refuse(*refused)
         self.pipeline = DecisionPipeline(c, holder, self.metrics)
         if c.experience.dir:
             window = served.schema.window

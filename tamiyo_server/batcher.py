@@ -44,24 +44,25 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 _QUEUED, _TAKEN, _GONE = 0, 1, 2
+PROBE_INTERVAL_S = 0.1  # see Batcher._probe_due
 
 
 class CostModel:
     """Predicts a batch's inference time in ms as ``a + b·nodes/1000 + c·graphs/100``.
 
-    Fitted online by recursive least squares with exponential forgetting, so it follows
-    the machine's current speed (thermal, noisy neighbours). Errors are Huber-clipped so
-    one preempted batch does not wreck the fit. The prediction is inflated by twice the
-    EWMA of the *relative* error: the batcher needs a safe bound, not the mean, and the
-    error of a batch grows with its size.
+    Fitted online by normalised LMS (``θ += μ·r·x/|x|²``, μ = 1 - ``cost_forgetting``
+    scaled up), so it follows the machine's current speed (thermal, noisy neighbours).
+    Asymmetric robustness: a measurement far *above* the fit (one preempted batch) moves
+    the fit by at most 2× per step, while one below it is taken at face value, so a
+    pessimistic model recovers in a few batches. The prediction is inflated by twice the
+    EWMA of the *relative* error: the batcher needs a safe bound, not the mean.
     Thread-safety: only the inference thread calls ``update``; ``predict_ms`` reads a
     tuple that is swapped atomically.
     """
 
     def __init__(self, config: BatchConfig) -> None:
-        self._lam = config.cost_forgetting
+        self._mu = min(0.9, 15.0 * (1.0 - config.cost_forgetting))
         self._theta = np.array([config.prior_batch_ms, config.prior_node_us, 0.0])
-        self._p = np.eye(3) * 10.0
         self._rel = 0.0
         a, b, c = (float(v) for v in self._theta)
         self._coef = (a, b, c, 0.0)
@@ -76,15 +77,11 @@ class CostModel:
 
     def update(self, nodes: int, graphs: int, measured_ms: float) -> None:
         x = self._x(nodes, graphs)
-        fit = float(x @ self._theta)
+        fit = max(float(x @ self._theta), 0.05)
         raw = measured_ms - fit
-        bound = max(1.0, 0.5 * abs(fit))
-        err = min(max(raw, -bound), bound)
-        px = self._p @ x
-        gain = px / (self._lam + float(x @ px))
-        self._theta = self._theta + gain * err
-        self._p = (self._p - np.outer(gain, px)) / self._lam
-        self._rel = 0.9 * self._rel + 0.1 * min(abs(raw) / max(abs(fit), 0.1), 1.0)
+        err = min(raw, 2.0 * fit)
+        self._theta = self._theta + self._mu * err * x / float(x @ x)
+        self._rel = 0.9 * self._rel + 0.1 * min(abs(raw) / max(measured_ms, fit), 1.0)
         a, b, c = (float(v) for v in self._theta)
         self._coef = (a, b, c, self._rel)
 
@@ -139,6 +136,8 @@ class Batcher(Generic[P, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._idle = asyncio.Event()
+        self._last_run = time.monotonic()  # end of the last measured batch
+        self.probe_interval_s = PROBE_INTERVAL_S
 
     # ----------------------------------------------------------------- event-loop side
     def start(self) -> None:
@@ -292,6 +291,24 @@ class Batcher(Generic[P, R]):
                 edges += job.edges
             return run, shed
 
+    def _probe(self, run: list[Job[P, R]], shed: list[Job[P, R]]) -> None:
+        """Measure a batch of one shed job when nothing else was measured for a while.
+
+        Without this, a pessimistic cost model (say, fitted while the machine was busy)
+        sheds everything, measures nothing and never recovers. The shed job is still
+        answered at once (degraded); the probe's result is only used for timing.
+        """
+        if run or not shed or time.monotonic() - self._last_run < self.probe_interval_s:
+            return
+        job = shed[0]
+        start = time.monotonic()
+        try:
+            self._runner([job.payload])
+        except Exception:
+            log.exception("probe inference failed")
+        self._last_run = time.monotonic()
+        self.cost.update(job.nodes, 1, (self._last_run - start) * 1000.0)
+
     def _run(self) -> None:
         while True:
             got = self._next_batch()
@@ -313,10 +330,12 @@ class Batcher(Generic[P, R]):
                 if len(results) != len(run):
                     raise RuntimeError(f"runner returned {len(results)} for {len(run)} jobs")
             except Exception:
+                self._last_run = time.monotonic()
                 log.exception("inference failed for a batch of %d graphs", len(run))
                 out += [(j, Done(shed="error", queue_s=start - j.arrival)) for j in run]
             else:
-                took = time.monotonic() - start
+                self._last_run = time.monotonic()
+                took = self._last_run - start
                 self.cost.update(nodes, len(run), took * 1000.0)
                 out += [
                     (j, Done(result=r, queue_s=start - j.arrival, batch_graphs=len(run)))
@@ -331,6 +350,7 @@ class Batcher(Generic[P, R]):
                     self._m.queue_seconds.observe(start - j.arrival)
         if out:
             self._post(out)
+        self._probe(run, shed)
 
     def _post(self, out: list[tuple[Job[P, R], Done[R]]]) -> None:
         assert self._loop is not None

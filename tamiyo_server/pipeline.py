@@ -17,7 +17,7 @@ import numpy as np
 
 from tamiyo.config import RuleConfig, ServerConfig
 from tamiyo.policy.engine import PolicyOutput
-from tamiyo.policy.features import GraphTensors, featurize
+from tamiyo.policy.features import GraphTensors, featurize, featurize_many
 from tamiyo.policy.rules import DecisionRules, RuleDecision, RuleState
 from tamiyo.policy.snapshot import GraphSnapshot, snapshot_from_state
 from tamiyo.policy.synthetic import random_snapshot
@@ -89,7 +89,7 @@ class DecisionPipeline:
         """Featurize + one batched forward; the policy is read once per batch so a
         hot swap never splits a batch."""
         served = self.holder.current
-        graphs = [featurize(s) for s in snaps]
+        graphs = featurize_many(snaps)
         outs = served.engine.infer(graphs)
         return [Evaluated(g, o, served) for g, o in zip(graphs, outs, strict=True)]
 

@@ -127,10 +127,14 @@ class Session:
             )
         )
 
-    def apply_frame(self, frame: pb.TelemetryFrame) -> GraphSnapshot:
-        """Record a *validated* frame's signals; returns the snapshot after it."""
+    def apply_frame(self, frame: pb.TelemetryFrame) -> None:
+        """Record a *validated* frame's signals in the history window."""
         self.window.update(frame.signals, frame.step)
         self.last_step = frame.step
+
+    def snapshot(self, frame: pb.TelemetryFrame) -> GraphSnapshot:
+        """Immutable view of the session after ``frame`` (only taken when a decision
+        is wanted: it copies the whole window)."""
         return self.window.snapshot(frame.step, frame.epoch)
 
     def remember_decision(self, decision_id: str) -> None:

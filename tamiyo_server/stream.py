@@ -105,7 +105,17 @@ class StreamHandler:
                 while self.out.qsize() >= self.limit:
                     self.room.clear()
                     await self.room.wait()
-                self._handle(req)
+                try:
+                    self._handle(req)
+                except Exception:  # a bug must not end the stream silently
+                    log.exception("failed to handle a %s", req.WhichOneof("message"))
+                    self.p.m.rejected.labels("internal").inc()
+                    self.out.put_nowait(
+                        _error(
+                            Code.STREAM_ERROR_CODE_INTERNAL,
+                            "internal error handling this message (logged on the server)",
+                        )
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as e:  # transport error while reading: the stream is over
@@ -193,7 +203,7 @@ class StreamHandler:
         except ValidationError as err:
             self._reject(err, frame)
             return
-        snap = s.apply_frame(frame)
+        s.apply_frame(frame)
         self.p.experience.frame(s, frame)
         if not frame.want_decision:
             return
@@ -207,6 +217,7 @@ class StreamHandler:
             )
             return
         ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
+        snap = s.snapshot(frame)
         pending = s.pending
         if pending is not None and self.p.batcher.replace(
             pending.job, snap, snap.topology.num_nodes, s.num_edges

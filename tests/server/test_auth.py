@@ -43,7 +43,7 @@ async def test_token_denies_by_default(
         compared.append(a)
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # auth looks it up per call
     srv = await make_server(make_config(auth_token=TOKEN))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         assert await _policy_info(ch) == grpc.StatusCode.UNAUTHENTICATED

@@ -126,10 +126,30 @@ async def test_runner_error_is_answered() -> None:
 
 def test_cost_model_learns_linear_cost() -> None:
     model = CostModel(CFG)
-    for i in range(400):
+    for i in range(1500):
         nodes = 50 + (i * 37) % 3000
         graphs = 1 + i % 64
         model.update(nodes, graphs, 0.3 + 2.0 * nodes / 1000.0 + 0.5 * graphs / 100.0)
     for nodes, graphs in ((100, 2), (2000, 40)):
         truth = 0.3 + 2.0 * nodes / 1000.0 + 0.5 * graphs / 100.0
-        assert model.predict_ms(nodes, graphs) == pytest.approx(truth, rel=0.05, abs=0.05)
+        assert model.predict_ms(nodes, graphs) == pytest.approx(truth, rel=0.1, abs=0.1)
+
+
+async def test_pessimistic_model_recovers_by_probing() -> None:
+    rec = Recorder()
+    # A prior of 10 s per batch: every 50 ms deadline looks hopeless.
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, prior_batch_ms=10_000.0))
+    b.probe_interval_s = 0.0
+    b.start()
+    sheds = 0
+    for i in range(200):
+        now = time.monotonic()
+        job = b.submit(i, 8, 0, now, now + 0.05)
+        assert job is not None
+        done = await job.future
+        if not done.shed:
+            break
+        sheds += 1
+    assert sheds >= 1  # the first ones were shed (answered, not run) ...
+    assert done.result == i * 10  # ... until measured probes corrected the model
+    b.stop()

@@ -13,10 +13,12 @@ from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.validation import (
     ValidationError,
+    signals_look_valid,
     validate_decide,
     validate_frame,
     validate_outcome,
     validate_session_open,
+    validate_signal,
 )
 
 LIMITS = Limits()
@@ -207,6 +209,16 @@ def _refused(fn: object, *args: object) -> ValidationError:
             "too_large",
         ),
         (
+            lambda m: setattr(m.topology.layers[1], "parameter_count", 2**64 - 1),
+            "session_open.topology.layers[1].parameter_count",
+            "out_of_range",
+        ),
+        (
+            lambda m: setattr(m.kernels[0], "parameter_count", 2**63),
+            "session_open.kernels[0].parameter_count",
+            "out_of_range",
+        ),
+        (
             lambda m: setattr(m, "host_id", "a\x00b"),
             "session_open.host_id",
             "bad_id",
@@ -288,3 +300,29 @@ def test_outcome_and_decide() -> None:
     validate_decide(pb.DecideRequest(state=state), LIMITS)
     state.step = -2
     assert _refused(validate_decide, pb.DecideRequest(state=state), LIMITS).field == "state.step"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    opens_and_frames(),
+    st.sampled_from(
+        [*BAD_FLOAT_FIELDS, ("total_seeds", 70), ("active_seeds", 9), ("step", -3), ("none", 0)]
+    ),
+    st.data(),
+)
+def test_fast_path_agrees_with_per_field_checks(
+    case: tuple[pb.SessionOpen, pb.TelemetryFrame], bad: tuple[str, float], data: st.DataObject
+) -> None:
+    open_, frame = case
+    info = validate_session_open(open_, LIMITS)
+    if frame.signals and bad[0] != "none":
+        i = data.draw(st.integers(0, len(frame.signals) - 1))
+        setattr(frame.signals[i], bad[0], type(getattr(frame.signals[i], bad[0]))(bad[1]))
+    try:
+        for sig in frame.signals:
+            validate_signal(sig, "s", info, LIMITS)
+        slow_ok = True
+    except ValidationError:
+        slow_ok = False
+    fast_ok = signals_look_valid(frame.signals, info, LIMITS, unique=True)
+    assert fast_ok == slow_ok
