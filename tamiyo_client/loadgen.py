@@ -111,7 +111,8 @@ def suffix(step: int, tag: str) -> bytes:
 
 @dataclass
 class Stats:
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # every decision
+    full_latencies_ms: list[float] = field(default_factory=list)  # network (not degraded)
     sent: int = 0
     decisions: int = 0
     degraded: int = 0
@@ -138,7 +139,10 @@ class Stats:
         if kind == "decision":
             self.decisions += 1
             self.degraded += msg.decision.degraded
-            self.latencies_ms.append((time.perf_counter() - t) * 1000.0)
+            ms = (time.perf_counter() - t) * 1000.0
+            self.latencies_ms.append(ms)
+            if not msg.decision.degraded:
+                self.full_latencies_ms.append(ms)
         elif "superseded" in msg.error.message:
             self.superseded += 1
         else:
@@ -257,7 +261,9 @@ async def run(target: str, hosts: Sequence[Host], plan: Plan, token: str = "") -
 
 
 def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
-    lat = np.asarray(st.latencies_ms) if st.latencies_ms else np.asarray([np.nan])
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(float(np.percentile(np.asarray(xs), q)), 3) if xs else None
+
     shed = st.degraded + st.superseded
     return {
         "streams": plan.streams,
@@ -265,9 +271,11 @@ def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
         "offered_per_s": round(plan.rate if plan.mode == "open" else st.sent / plan.duration_s, 1),
         "sent_per_s": round(st.sent / plan.duration_s, 1),
         "decisions_per_s": round(st.decisions / plan.duration_s, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 3),
-        "p99_ms": round(float(np.percentile(lat, 99)), 3),
-        "p999_ms": round(float(np.percentile(lat, 99.9)), 3),
+        "p50_ms": pct(st.latencies_ms, 50),
+        "p99_ms": pct(st.latencies_ms, 99),
+        "p999_ms": pct(st.latencies_ms, 99.9),
+        "full_decisions_per_s": round(len(st.full_latencies_ms) / plan.duration_s, 1),
+        "full_p99_ms": pct(st.full_latencies_ms, 99),
         "shed": shed,
         "degraded": st.degraded,
         "superseded": st.superseded,
