@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from tamiyo.config import ServerConfig
+from tamiyo.policy.builtin import builtin_policy
 from tamiyo.policy.checkpoint import (
     LATEST,
     MANIFEST,
@@ -54,7 +55,7 @@ from tamiyo.policy.checkpoint import (
 from tamiyo.policy.engine import resolve_device
 from tamiyo.policy.features import GraphTensors
 from tamiyo.policy.synthetic import random_graphs
-from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, serve_loaded
+from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial, serve_loaded
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,39 @@ def load_pinned(config: ServerConfig) -> ServedPolicy:
     return served
 
 
+def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | None]:
+    """The startup policy of an unpinned server, and the (path, reason) of a refusal.
+
+    ``checkpoint_dir``'s latest, verified like a reload. A broken ``latest`` must not stop
+    startup: a restart loop would take down every replica that shares the directory. It
+    is refused (reported like a reload refusal) and the newest other version that
+    verifies is served; failing that, the bundled default or the built-in policy.
+    """
+    root = Path(config.checkpoint_dir)
+    latest = resolve_latest(root) if config.checkpoint_dir else None
+    if latest is None:
+        return load_initial(config.checkpoint_dir, config.device), None
+    dev = str(resolve_device(config.device))
+    try:
+        return load_served(latest, dev, math.inf), None
+    except CheckpointError as e:
+        refusal = (str(latest), str(e))
+        log.error("startup: %s", e)
+    for _, name in reversed(versions(root)):
+        if name == latest.name:
+            continue
+        try:
+            served = load_served(root / name, dev, math.inf)
+        except CheckpointError:
+            continue
+        log.warning("startup: latest refused; serving the newest good version %s", name)
+        return served, refusal
+    try:
+        return load_initial("", config.device), refusal
+    except CheckpointError:
+        return serve_loaded(builtin_policy(device=dev), dev), refusal
+
+
 class CheckpointWatcher:
     """Polls ``root/latest`` every ``poll_interval_s`` and hot-swaps verified policies.
 
@@ -199,6 +233,8 @@ class CheckpointWatcher:
         self._serving: Fingerprint | None = (
             fingerprint(Path(cur)) if not holder.current.builtin else None
         )
+        if holder.last_refused_path:  # refused at startup (load_startup): not again
+            self._refused[fingerprint(Path(holder.last_refused_path))] = holder.last_refused_reason
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

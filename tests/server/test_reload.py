@@ -25,6 +25,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tamiyo.config import ServerConfig
+from tamiyo.policy.builtin import DEFAULT_CHECKPOINT_DIR
 from tamiyo.policy.checkpoint import (
     MANIFEST,
     WEIGHTS,
@@ -303,6 +304,42 @@ async def test_bad_checkpoint_is_refused_once_and_old_version_keeps_answering(
     write(tmp_path, "v2", seed=2)
     await until(lambda: c.watcher.swapped_at_poll > 0)
     assert await c.version() == "v2"
+
+
+async def test_broken_latest_at_startup_serves_the_newest_good_version(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    """A replica restarting while ``latest`` is broken must still come up (else every
+    replica on the shared volume crash-loops): it refuses latest and serves v2."""
+    write(tmp_path, "v1", seed=1)
+    write(tmp_path, "v2", seed=2)
+    _bad_hash(tmp_path)
+    set_latest(tmp_path, "bad")
+    c = await connect(watching(tmp_path))
+    assert await c.serving()
+    assert await c.version() == "v2"
+    info = await c.info()
+    assert (info.reloads_ok, info.reloads_failed) == (0, 1)
+    assert info.last_refused_path == str(tmp_path / "bad")
+    assert "sha256" in info.last_refused_reason
+    await c.polls(3)
+    assert c.watcher.attempts == 0  # the startup refusal is remembered
+    write(tmp_path, "v3", seed=3)
+    await until(lambda: c.watcher.swapped_at_poll > 0)
+    assert await c.version() == "v3"
+
+
+async def test_nothing_good_at_startup_falls_back_to_the_bundled_policy(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    _truncated(tmp_path)
+    set_latest(tmp_path, "bad")
+    c = await connect(watching(tmp_path))
+    info = await c.info()
+    bundled = str(DEFAULT_CHECKPOINT_DIR)  # exists once `make train` shipped a default
+    assert info.checkpoint_path == "builtin" or info.checkpoint_path.startswith(bundled)
+    assert "truncated" in info.last_refused_reason
+    assert await c.serving()
 
 
 async def test_latest_naming_no_directory_is_refused_once(
