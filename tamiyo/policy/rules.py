@@ -157,11 +157,9 @@ class DecisionRules:
         propensity = 1.0
         eps = self.config.exploration_epsilon
         if eps > 0.0:
-            pairs = np.argwhere(
-                g.target_mask[:, None]
-                & ~self._blocked(g, state, step)[:, None]
-                & (np.arange(g.num_kernels) >= 0)[None, :]
-            )
+            # Admissible adapt actions: every kernel on every valid, unblocked layer.
+            ok = g.target_mask & ~self._blocked(g, state, step)
+            pairs = np.argwhere(np.broadcast_to(ok[:, None], (g.num_nodes, g.num_kernels)))
             n_adm = 1 + len(pairs)  # no-op is always admissible
             explore = bool(self._rng.random() < eps)
             if explore:
