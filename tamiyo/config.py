@@ -219,7 +219,7 @@ class DemoConfig:
     learning a random teacher; the same run with and without Tamiyo."""
 
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 3e-3
     in_features: int = 16
@@ -232,3 +232,7 @@ class DemoConfig:
     reward_after_steps: int = 100  # outcome reward = relative val-loss change this later
     num_seeds: int = 4
     val_size: int = 2048
+    # Asked of the server in SessionBudget. The training loop never waits for a decision,
+    # so the demo gives the network 50 ms rather than the 10 ms default: on a busy 2-core
+    # machine the default budget would make most answers rules-only fallbacks.
+    decision_deadline_ms: int = 50

@@ -145,6 +145,7 @@ class TamiyoClient:
         self.stats = ClientStats()
         self.session_id = ""
         self.policy_version = ""
+        self.decision_deadline_ms = 0  # in force for the session, from SessionAccepted
         self.last_error = ""
         self.fatal_error = ""
         self.stream_errors: deque[pb.StreamError] = deque(maxlen=100)
@@ -387,6 +388,7 @@ class TamiyoClient:
     def _accepted(self, acc: pb.SessionAccepted) -> None:
         self.session_id = acc.session_id
         self.policy_version = acc.policy_version
+        self.decision_deadline_ms = acc.decision_deadline_ms
         self.stats.sessions += 1
         self._connected.set()
         log.info("tamiyo session %s accepted (policy %s)", acc.session_id, acc.policy_version)
@@ -428,15 +430,16 @@ class TamiyoClient:
                     raise
                 self.stats.outcomes_sent += 1
             while (frame := self._frames.pop()) is not None:
-                try:
-                    await call.write(pb.StreamTelemetryRequest(frame=frame))
-                except BaseException:
-                    self._frames.push_front([frame])
-                    raise
-                if frame.want_decision:
+                if frame.want_decision:  # before the write: the answer can beat its return
                     self._sent_at[frame.request_id] = time.monotonic()
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up
                         self._sent_at.pop(next(iter(self._sent_at)))
+                try:
+                    await call.write(pb.StreamTelemetryRequest(frame=frame))
+                except BaseException:
+                    self._sent_at.pop(frame.request_id, None)
+                    self._frames.push_front([frame])
+                    raise
                 self.stats.frames_sent += 1
             self._drained.set()
 

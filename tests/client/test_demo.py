@@ -1,0 +1,40 @@
+"""``make demo`` end to end, shortened: its own server process, two real training runs,
+the plot and the summary where it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tamiyo_client import demo
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    try:
+        assert demo.main(["--steps", "100", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "==== Tamiyo demo summary ====" in printed
+    assert "[step " in printed  # decisions were printed as they arrived
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert summary["decisions"] >= 4  # asked at steps 0, 20, 40, 60, 80
+    assert summary["decision_deadline_ms"] == 50
+    assert summary["frames"] == {"submitted": 100, "sent": 100}
+    assert summary["stream_errors"] == 0
+    assert summary["client_latency_ms"]["p50"] > 0
+    # Both runs start from the same weights and see the same data: identical until the
+    # first adaptation, and exactly identical if none was applied.
+    without, with_ = summary["curves"]["without"], summary["curves"]["with"]
+    assert [s for s, _ in without] == [s for s, _ in with_]
+    first = min((a["step"] for a in summary["adaptations_applied"]), default=10**9)
+    for (step, a), (_, b) in zip(without, with_, strict=True):
+        if step <= first:
+            assert a == pytest.approx(b, rel=1e-5)
