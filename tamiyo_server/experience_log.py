@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +45,7 @@ from tamiyo.experience.writer import ExperienceWriter
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.experience_assembler import (
+    MAX_SESSIONS,
     Assembler,
     DecisionEvent,
     EndEvent,
@@ -127,7 +129,9 @@ class ExperienceLog:
             writer_name=f"tamiyo-server pid {os.getpid()}",
             prepare=self._prepare,
         )
-        self._live: dict[str, _Live] = {}
+        # OrderedDict: a session re-opened on the same stream never gets close_session;
+        # the oldest entries beyond MAX_SESSIONS (>> concurrent streams) are forgotten.
+        self._live: OrderedDict[str, _Live] = OrderedDict()
         self._dropped = Counter(
             "tamiyo_experience_dropped",
             "Experience events dropped because the log queue was full (slow disk).",
@@ -177,6 +181,8 @@ class ExperienceLog:
     def open_session(self, session_id: str, msg: pb.SessionOpen) -> None:
         live = _Live(msg.host_id, msg.topology, tuple(msg.kernels))
         self._live[session_id] = live
+        if len(self._live) > MAX_SESSIONS:
+            self._live.popitem(last=False)
         ev = Resync(session_id, live.host_id, live.topology, live.kernels, 0, None)
         live.resync = not self._offer("open", ev)
 
