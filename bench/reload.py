@@ -43,13 +43,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-import torch
 
 from bench import BenchOptions
 from bench.report import environment, print_table
 from tamiyo.config import ServerConfig
-from tamiyo.policy.checkpoint import save_checkpoint, set_latest
-from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -146,13 +143,22 @@ async def _client(target: str, streams: int, rate: float, layers: int, out: str)
     rec: list[tuple[float, float, str, int]] = []  # sched, latency ms, version, degraded
     counts = {"asked": 0, "errors": 0, "lost": 0, "rpc_errors": 0}
     notes: list[str] = []  # first few degraded reasons and error messages
-    start = time.monotonic() + 0.2
+    opened_all = asyncio.Event()  # every session accepted: schedules start together
+    n_open = 0
+    start = 0.0
 
     async def one(k: int, stub: pb_grpc.TamiyoServiceAsyncStub) -> None:
         opened, req = _host(k, layers)
         call: Stream = stub.StreamTelemetry(None)
         await call.write(opened)
         await call.read()  # SessionAccepted
+        nonlocal n_open, start
+        n_open += 1
+        if n_open == streams:
+            start = time.monotonic() + 0.1
+            print("READY", flush=True)
+            opened_all.set()
+        await opened_all.wait()
         pending: dict[str, float] = {}
 
         async def reader() -> None:
@@ -207,7 +213,13 @@ def _rss_kib(pid: int) -> int:
 
 
 def _write_versions(root: Path, n: int) -> list[str]:
-    """n + 1 distinct checkpoints (v000 is latest); the bench only moves the pointer."""
+    """n + 1 distinct checkpoints (v000 is latest); the bench only moves the pointer.
+    (torch is imported here, not at module level, so the client process starts fast.)"""
+    import torch
+
+    from tamiyo.policy.checkpoint import save_checkpoint
+    from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
+
     names = []
     for i in range(n + 1):
         with torch.random.fork_rng():
@@ -218,13 +230,20 @@ def _write_versions(root: Path, n: int) -> list[str]:
     return names
 
 
-def _p99(x: np.ndarray[Any, Any]) -> float:
-    return float(np.percentile(x, 99)) if len(x) else float("nan")
+def _pct(flags: np.ndarray[Any, Any]) -> float:
+    return 100.0 * float(flags.mean()) if len(flags) else float("nan")
+
+
+def _q(x: np.ndarray[Any, Any], q: float) -> float:
+    """Percentile ``q`` of ``x`` (NaN when empty: printed as "-", never a fake 0)."""
+    return float(np.percentile(x, q)) if len(x) else float("nan")
 
 
 def measure(
     reloads: int, latency_reloads: int, gap_s: float, poll_s: float, streams: int, rate: float
 ) -> dict[str, Any]:
+    from tamiyo.policy.checkpoint import set_latest
+
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="tamiyo-reload-") as tmp:
         root = Path(tmp) / "ckpt"
@@ -243,8 +262,12 @@ def measure(
             cli = subprocess.Popen(
                 [py, "-m", "bench.reload", "_client", target, str(streams), str(rate), str(out)],
                 stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
                 text=True,
             )
+            assert cli.stdout is not None
+            if cli.stdout.readline().strip() != "READY":
+                raise RuntimeError("load client did not start")
             with grpc.insecure_channel(target) as ch:
                 stub = pb_grpc.TamiyoServiceStub(ch)
 
@@ -310,18 +333,18 @@ def measure(
         "degraded": int(degraded.sum()),
         # Shed work is answered (rules-only, degraded=true) so it is not in "lost"; a
         # reload that made the server shed more would show here, not in the p99.
-        "degraded_reload_pct": 100.0 * float(degraded[in_a & in_win].mean()),
-        "degraded_steady_pct": 100.0 * float(degraded[in_a & ~in_win].mean()),
+        "degraded_reload_pct": _pct(degraded[in_a & in_win]),
+        "degraded_steady_pct": _pct(degraded[in_a & ~in_win]),
         "versions_seen": len(set(versions)),
         "client_notes": data["notes"],
-        "p99_reload_ms": _p99(lat[in_a & in_win]),
-        "p99_steady_ms": _p99(lat[in_a & ~in_win]),
-        "p50_reload_ms": float(np.median(lat[in_a & in_win])),
-        "p50_steady_ms": float(np.median(lat[in_a & ~in_win])),
-        "max_reload_ms": float(lat[in_a & in_win].max()),
+        "p99_reload_ms": _q(lat[in_a & in_win], 99),
+        "p99_steady_ms": _q(lat[in_a & ~in_win], 99),
+        "p50_reload_ms": _q(lat[in_a & in_win], 50),
+        "p50_steady_ms": _q(lat[in_a & ~in_win], 50),
+        "max_reload_ms": _q(lat[in_a & in_win], 100),
         "samples_reload": int((in_a & in_win).sum()),
         "samples_steady": int((in_a & ~in_win).sum()),
-        "p99_all_ms": _p99(lat),
+        "p99_all_ms": _q(lat, 99),
         "reload_wall_ms_median": float(np.median(load_s) * 1e3),
         "rss_first_mib": rss_first / 1024,
         "rss_after_latency_phase_mib": rss_after_a / 1024,
