@@ -81,3 +81,39 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             "-extfile", f"{name}.ext", cwd=d,
         )  # fmt: skip
     return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+
+
+class ServerThread:
+    """A real server on its own event loop thread, for blocking (synchronous) callers."""
+
+    def __init__(self, policy: ServedPolicy, **over: Any) -> None:
+        import asyncio
+        import threading
+
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.policy = policy
+        self.server: TamiyoServer | None = None
+        self.start(**over)
+
+    def start(self, **over: Any) -> int:
+        async def make() -> TamiyoServer:  # grpc.aio objects belong to the loop they run on
+            srv = TamiyoServer(server_config(**over), policy=self.policy)
+            await srv.start()
+            return srv
+
+        self.server = self._asyncio.run_coroutine_threadsafe(make(), self.loop).result(30)
+        return self.server.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self._asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
+            self.server = None
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
