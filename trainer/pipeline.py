@@ -79,7 +79,13 @@ def _run_jobs(jobs: list[tuple[str, Callable[[], dict[str, Any]]]], workers: int
     out_dir.mkdir(parents=True, exist_ok=True)
     if workers <= 1:
         return {name: fn() for name, fn in jobs}
-    lanes = [jobs[i::workers] for i in range(workers)]
+    # Longest first onto the least loaded lane (IQL/CQL cost ~3 BC runs).
+    lanes: list[list[tuple[str, Callable[[], dict[str, Any]]]]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for job in sorted(jobs, key=lambda j: -_cost(j[0])):
+        best = load.index(min(load))
+        lanes[best].append(job)
+        load[best] += _cost(job[0])
     pids = []
     for lane in lanes:
         pid = os.fork()
@@ -98,6 +104,10 @@ def _run_jobs(jobs: list[tuple[str, Callable[[], dict[str, Any]]]], workers: int
         err = out_dir / "error.txt"
         raise RuntimeError(f"training worker failed: {err.read_text() if err.exists() else '?'}")
     return {name: json.loads((out_dir / f"{name}.json").read_text()) for name, _ in jobs}
+
+
+def _cost(name: str) -> float:
+    return 3.0 if name.startswith(("iql", "cql")) else 1.0
 
 
 def _clean(x: Any) -> Any:
