@@ -199,7 +199,7 @@ class SessionState:
         while len(self.marks) > MARKS_PER_SESSION:
             self.marks.popitem(last=False)
 
-    def take_mark(self, step: int, request_id: str) -> tuple[bytes, int, int] | None:
+    def take_mark(self, step: int, request_id: str) -> tuple[int, bytes, int, int] | None:
         """The state of the newest frame answered by a decision echoing (step, request
         id); older marks are dropped (their frames were superseded or answered)."""
         key = (step, request_id)
@@ -209,7 +209,7 @@ class SessionState:
         _, state, st, ep = self.marks[hit]
         for seq in [k for k in self.marks if k <= hit]:
             del self.marks[seq]
-        return state, st, ep
+        return hit, state, st, ep
 
     def frame(self, ev: FrameEvent) -> None:
         f = ev.frame
@@ -282,9 +282,9 @@ class Assembler:
         if s is None or mark is None:
             self.unmatched += 1
             return None
-        state, step, epoch = mark
+        seq, state, step, epoch = mark
         kind, node, kern, lid, kid = _action_indices(m, s.layers, s.kernels)
-        s.last_id, s.last_seq, s.last_client = m.decision_id, s.seq, None
+        s.last_id, s.last_seq, s.last_client = m.decision_id, seq, None
         return DecisionRecord(
             m.decision_id, ev.key, s.host_id, step, epoch, ev.ts_s, state, kind, node, kern,
             lid, kid, int(m.seed_index), _propensity(m), m.policy_version, int(m.rule),

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamiyo.config import ExperienceLogConfig, RuleConfig, ServerConfig
-from tamiyo.experience import ExperienceReader
+from tamiyo.experience import DecisionRecord, ExperienceReader, OutcomeRecord
 from tamiyo.experience.encode import StateEncoder
 from tamiyo.experience.retention import enforce_retention
 from tamiyo.policy.features import FEATURE_SCHEMA
@@ -41,6 +41,13 @@ from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.cli import parse_config
+from tamiyo_server.experience_assembler import (
+    Assembler,
+    DecisionEvent,
+    EndEvent,
+    FrameEvent,
+    Resync,
+)
 from tamiyo_server.experience_log import ExperienceLog
 from tamiyo_server.session import Session
 from tamiyo_server.validation import validate_session_open
@@ -312,3 +319,35 @@ def test_retention_deletes_oldest_idle_files_only(tmp_path: Path) -> None:
                              idle_s=60, now=now) == 1  # fmt: skip
     assert not keep.exists()
     assert (tmp_path / "tamiyo-3.sqlite").exists()
+
+
+def test_assembler_matches_decisions_to_the_frames_they_answer(tmp_path: Path) -> None:
+    """Superseded frames leave no row; a decision answered after later frames still gets
+    the state after *its* frame; the stream's end gives the last decision its s'."""
+    n = 4
+    msg = hosts.session_open(n).session_open
+    asm = Assembler(W, ExperienceLogConfig(), tmp_path)
+    window = _window(n)
+    frames = {k: hosts.frame(n, k, want=k != 4, tag=f"t{k}").frame for k in range(1, 5)}
+    snaps = {}
+    for k, f in frames.items():
+        window.update(f.signals, k)
+        snaps[k] = window.snapshot(k, 0)
+    evs: list[object] = [Resync("s", "h", msg.topology, tuple(msg.kernels), 0, None)]
+    evs += [FrameEvent("s", 1, frames[1]), FrameEvent("s", 2, frames[2])]  # 1 superseded
+    evs += [DecisionEvent("s", _decision("d2", frames[2]), 1.0)]
+    evs += [FrameEvent("s", 3, frames[3]), FrameEvent("s", 4, frames[4])]  # 4: no decision
+    evs += [DecisionEvent("s", _decision("d3", frames[3]), 2.0), EndEvent("s", 3.0)]
+    out = asm.prepare(evs)
+    d2, d3, end = out
+    assert isinstance(d2, DecisionRecord)
+    assert isinstance(d3, DecisionRecord)
+    assert _parse(d2.state).equals(snaps[2])
+    assert _parse(d3.state).equals(snaps[3])
+    assert isinstance(end, OutcomeRecord)
+    assert end.decision_id == "d3"
+    assert end.next_state is not None
+    assert _parse(end.next_state).equals(snaps[4])
+    assert asm.unmatched == 0
+    assert asm.prepare([DecisionEvent("s", _decision("d9", frames[1]), 4.0)]) == []
+    assert asm.unmatched == 1  # session ended: counted, not invented
