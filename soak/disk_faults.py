@@ -195,6 +195,7 @@ def _healthy(st: Any, violations: list[str]) -> dict[str, Any]:
         violations.append(f"healthy stream lost {st.lost} decisions")
     return {
         "decisions_lost": st.lost,
+        "healthy_late_over_2s": st.late,
         "healthy_p99_before_ms": round(st.p("before", 99), 2),
         "healthy_p99_storm_ms": round(st.p("storm", 99), 2),
         "healthy_decisions": st.decisions,

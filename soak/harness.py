@@ -239,6 +239,8 @@ class HealthyStats:
     decisions: int = 0
     errors: list[str] = field(default_factory=list)
     lost: int = 0  # frames that asked for a decision and never got an answer
+    late: int = 0  # answers slower than answer_timeout_s (still answered, within lost_after_s)
+    lost_phases: list[str] = field(default_factory=list)
     reconnects: int = 0
     resume_s: list[float] = field(default_factory=list)  # break → next decision, s
     resumed_at: list[float] = field(default_factory=list)  # monotonic s of those decisions
@@ -261,12 +263,14 @@ class HealthyStream:
         *,
         interval_s: float = 0.005,
         answer_timeout_s: float = 2.0,
+        lost_after_s: float = 15.0,
         n_layers: int = 8,
         metadata: Metadata | None = None,
     ) -> None:
         self.target = target
         self.interval_s = interval_s
         self.answer_timeout_s = answer_timeout_s
+        self.lost_after_s = lost_after_s
         self.n = n_layers
         self.metadata = metadata
         self.phase = "before"
@@ -317,6 +321,7 @@ class HealthyStream:
                         self.stats.reconnects += 1
                     if isinstance(e, TimeoutError):
                         self.stats.lost += 1
+                        self.stats.lost_phases.append(self.phase)
                     time.sleep(0.05)
 
     def _frames(self, call: StreamCall, step: int, broke_at: float | None) -> int:
@@ -326,7 +331,11 @@ class HealthyStream:
             t0 = time.perf_counter()
             call.send(healthy_frame(self.n, step, tag))
             while True:
-                resp = call.recv(self.answer_timeout_s)
+                try:
+                    resp = call.recv(self.answer_timeout_s)
+                except TimeoutError:  # late; lost only if silent for lost_after_s
+                    self.stats.late += 1
+                    resp = call.recv(self.lost_after_s)
                 if resp is None:
                     raise RuntimeError("stream ended by the server")
                 kind = resp.WhichOneof("message")

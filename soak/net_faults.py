@@ -41,10 +41,11 @@ def _healthy_summary(h: HealthyStream, out: dict[str, Any], violations: list[str
     out["healthy_p99_storm_ms"] = round(st.p("storm", 99), 2)
     out["healthy_decisions"] = st.decisions
     out["decisions_lost"] = out.get("decisions_lost", 0) + st.lost
+    out["healthy_late_over_2s"] = st.late
     if st.errors:
         violations.append(f"healthy stream got {len(st.errors)} errors: {st.errors[0]}")
     if st.lost:
-        violations.append(f"healthy stream lost {st.lost} decisions")
+        violations.append(f"healthy stream lost {st.lost} decisions ({st.lost_phases})")
     if st.count("storm") == 0:
         violations.append("healthy stream got no decision during the storm")
 
