@@ -322,8 +322,19 @@ _OPS: dict[str, Callable[[_StreamState, st.DataObject], None]] = {
 }
 
 
-def _finish(s: _StreamState) -> None:
-    """Wait until every frame that wanted an answer has one, then half-close: OK."""
+def _finish(s: _StreamState, early: bool) -> None:
+    """Every frame that wanted an answer gets one, then the stream ends with OK.
+    ``early``: half-close at once and read to the end (answers still owed must all come
+    before the server ends the stream); else wait for them, then half-close."""
+    if early:
+        s.call.half_close()
+        while (resp := s.call.recv(ANSWER_TIMEOUT_S)) is not None:
+            _require(_tag_of(resp), f"unexpected untagged answer {resp}")
+            _absorb_tagged(s, resp)
+        unanswered = [tag for tag, n in s.wanted.items() if n == 0]
+        _require(not unanswered, f"stream ended OK without answering frames {unanswered}")
+        _require(s.call.status is None, f"stream did not end OK: {s.call.status}")
+        return
     while any(v == 0 for v in s.wanted.values()):
         resp = s.call.recv(ANSWER_TIMEOUT_S)
         if resp is None:
@@ -346,16 +357,17 @@ def run_stream_fuzz(target: str, examples: int, stats: FuzzStats | None = None) 
             rest=st.lists(
                 st.sampled_from(("frame", "frame", "frame", "open", "outcome")), max_size=7
             ),
+            early=st.booleans(),
             data=st.data(),
         )
-        def one(first: str, rest: list[str], data: st.DataObject) -> None:
+        def one(first: str, rest: list[str], early: bool, data: st.DataObject) -> None:
             stats.examples += 1
             ops = [first, *rest]
             s = _StreamState(StreamCall(stub), stats)
             try:
                 for op in ops:
                     _OPS[op](s, data)
-                _finish(s)
+                _finish(s, early)
             finally:
                 s.call.cancel()
 

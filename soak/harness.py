@@ -221,6 +221,10 @@ class StreamCall:
         assert isinstance(item, pb.StreamTelemetryResponse)
         return item
 
+    def half_close(self) -> None:
+        """No more requests; responses keep coming until the server ends the stream."""
+        self._out.put(_END)
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Half-close and wait for the server to end the stream."""
         self._out.put(_END)

@@ -288,3 +288,27 @@ def test_named_hostile_input_gets_an_error_naming_its_field(
         assert resp.HasField("session_accepted"), "the stream goes on"
         call.close()
         assert call.status is None
+
+
+def test_reopened_session_loses_no_decision(server: ServerThread) -> None:
+    """SessionOpen A, frame (wants a decision), SessionOpen B, frame (wants one), then
+    half-close: both frames are answered before the stream ends. Repeated, because the
+    loss depends on A's evaluation finishing in a batch before B's (found by the soak)."""
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.TamiyoServiceStub(channel)
+        missing = []
+        for trial in range(60):
+            reqs = [
+                healthy_open(200, host="A"),
+                healthy_frame(200, 1, "a"),
+                healthy_open(8, host="B"),
+                healthy_frame(8, 1, "b"),
+            ]
+            answered = {
+                r.decision.frame_request_id or r.error.frame_request_id
+                for r in stub.StreamTelemetry(iter(reqs), timeout=30)
+                if r.HasField("decision") or r.HasField("error")
+            }
+            if answered != {"a", "b"}:
+                missing.append((trial, sorted(answered)))
+        assert missing == []
