@@ -81,16 +81,34 @@ class TamiyoServer:
             maximum_concurrent_rpcs=None,
         )
         self.pipeline: DecisionPipeline | None = None
-        self.servicer: TamiyoServicer | None = None
+        # Registered before start so the port answers (UNAVAILABLE, health NOT_SERVING)
+        # while the policy loads; the pipeline is plugged in once it is warm.
+        self.servicer = TamiyoServicer()
+        pb_grpc.add_TamiyoServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         self.port = 0
         self.watcher: CheckpointWatcher | None = None  # hot reload (tamiyo_server.reload)
         self.experience: ExperienceLog | None = None  # on when config.experience.dir is set
         self.metrics_port = 0
 
     async def start(self) -> int:
+        """Bind and answer at once (health NOT_SERVING), load + warm up + calibrate the
+        policy, then report SERVING. Returns the bound port."""
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert_file:
+            creds = server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await self.server.start()
         served = self._policy
         refused: tuple[str, str] | None = None  # a broken latest refused at startup
         if served is None and c.pin_checkpoint:
@@ -106,27 +124,13 @@ class TamiyoServer:
             window = served.schema.window
             self.experience = ExperienceLog(c.experience, window, self.metrics.registry)
             self.pipeline.experience = self.experience
-        self.servicer = TamiyoServicer(self.pipeline)
-        pb_grpc.add_TamiyoServiceServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        address = f"{c.host}:{c.port}"
-        if c.tls_cert_file:
-            creds = server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
         configure_threads(c.torch_threads)
         await asyncio.to_thread(self.pipeline.calibrate)
         self.pipeline.start()
         if c.checkpoint_dir and not c.pin_checkpoint:
             self.watcher = CheckpointWatcher.for_server(c, holder)
             self.watcher.start()
-        await self.server.start()
+        self.servicer.pipeline = self.pipeline
         if c.metrics_port:
             self.metrics_port = self.metrics.start(c.host, c.metrics_port)
         for name in _HEALTH_NAMES:
@@ -146,7 +150,7 @@ class TamiyoServer:
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
-        if self.pipeline is not None and self.servicer is not None:
+        if self.pipeline is not None:
             self.pipeline.closing = True
             streams = list(self.servicer.streams)
             for h in streams:

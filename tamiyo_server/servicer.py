@@ -8,6 +8,7 @@ is in ``tamiyo_server.stream`` and ``tamiyo_server.pipeline``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,42 +27,56 @@ def _ts(unix_s: float) -> Timestamp:
     return t
 
 
+WARMING_UP = "warming up: the policy is loading; health is NOT_SERVING until it is ready"
+
+
 class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
-    def __init__(self, pipeline: DecisionPipeline) -> None:
-        self.p = pipeline
+    """``pipeline`` is None while the server warms up (port bound, health NOT_SERVING);
+    every RPC then answers UNAVAILABLE so clients retry instead of hanging."""
+
+    def __init__(self, pipeline: DecisionPipeline | None = None) -> None:
+        self.pipeline = pipeline
         self.streams: set[StreamHandler] = set()
+
+    async def _ready(self, context: grpc.aio.ServicerContext[Any, Any]) -> DecisionPipeline:
+        if self.pipeline is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, WARMING_UP)
+        assert self.pipeline is not None
+        return self.pipeline
 
     async def StreamTelemetry(  # type: ignore[override]  # coroutine + context.write
         self,
         request_iterator: AsyncIterator[pb.StreamTelemetryRequest],
         context: grpc.aio.ServicerContext[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse],
     ) -> None:
-        if self.p.closing:
+        p = await self._ready(context)
+        if p.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        limit = self.p.config.limits.max_concurrent_streams
+        limit = p.config.limits.max_concurrent_streams
         if len(self.streams) >= limit:
-            self.p.m.rejected.labels("too_many_streams").inc()
+            p.m.rejected.labels("too_many_streams").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"{limit} streams already open (limit)"
             )
-        handler = StreamHandler(self.p)
+        handler = StreamHandler(p)
         self.streams.add(handler)
-        self.p.m.active_streams.inc()
+        p.m.active_streams.inc()
         try:
             await handler.run(request_iterator, context)
         finally:
             self.streams.discard(handler)
-            self.p.m.active_streams.dec()
+            p.m.active_streams.dec()
 
     async def Decide(
         self,
         request: pb.DecideRequest,
         context: grpc.aio.ServicerContext[pb.DecideRequest, pb.DecideResponse],
     ) -> pb.DecideResponse:
+        p = await self._ready(context)
         try:
-            decision = await self.p.decide_unary(request, context.time_remaining())
+            decision = await p.decide_unary(request, context.time_remaining())
         except ValidationError as err:
-            self.p.m.rejected.labels(err.reason).inc()
+            p.m.rejected.labels(err.reason).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except RefusedError as r:
             await context.abort(grpc.StatusCode[r.code], str(r))
@@ -72,7 +87,7 @@ class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
         request: pb.GetPolicyInfoRequest,
         context: grpc.aio.ServicerContext[pb.GetPolicyInfoRequest, pb.GetPolicyInfoResponse],
     ) -> pb.GetPolicyInfoResponse:
-        h = self.p.holder
+        h = (await self._ready(context)).holder
         cur = h.current
         return pb.GetPolicyInfoResponse(
             version=cur.version,

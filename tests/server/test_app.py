@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -11,7 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tamiyo.config import ServerConfig
+from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+from tamiyo_server import app as app_module
 from tamiyo_server.app import SERVICE_NAME, TamiyoServer
+from tamiyo_server.policy_holder import ServedPolicy
 
 
 @pytest.fixture
@@ -59,3 +65,37 @@ async def test_shutdown_reports_not_serving(server: TamiyoServer) -> None:
         await server.health.enter_graceful_shutdown()
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_not_serving_until_the_policy_is_loaded(
+    monkeypatch: pytest.MonkeyPatch, served_policy: ServedPolicy
+) -> None:
+    """The port answers at once, but health says NOT_SERVING and RPCs say UNAVAILABLE
+    until the policy is loaded, warmed up and the cost model calibrated."""
+    release = threading.Event()
+
+    def slow_load(config: ServerConfig) -> tuple[ServedPolicy, None]:
+        assert release.wait(30)
+        return served_policy, None
+
+    monkeypatch.setattr(app_module, "load_startup", slow_load)
+    srv = TamiyoServer(replace(ServerConfig(), port=0, metrics_port=0, grace_s=0.5))
+    starting = asyncio.create_task(srv.start())
+    for _ in range(500):
+        if srv.port:
+            break
+        await asyncio.sleep(0.01)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        reply = await health_stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.TamiyoServiceStub(channel).GetPolicyInfo(pb.GetPolicyInfoRequest())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        await starting
+        reply = await health_stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        info = await pb_grpc.TamiyoServiceStub(channel).GetPolicyInfo(pb.GetPolicyInfoRequest())
+        assert info.version == served_policy.version
+    await srv.stop()
