@@ -247,8 +247,11 @@ class Assembler:
         return s
 
     def prepare(self, batch: list[object]) -> list[object]:
+        """Records for a flush's worth of items: events, or lists of events (shipped in
+        bulk by ``ExperienceLog``), processed in order."""
         out: list[object] = []
-        for ev in batch:
+        events = itertools.chain.from_iterable(x if isinstance(x, list) else (x,) for x in batch)
+        for ev in events:
             if isinstance(ev, FrameEvent):
                 s = self._get(ev.key)
                 if s is not None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -120,10 +121,18 @@ class ExperienceLog:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = self.directory / f"{config.prefix}-{stamp}-{os.getpid()}.sqlite"
         self._asm = Assembler(window, config, self.directory)
+        # Events wait in a plain list (append under a lock: no thread wake-up per event)
+        # and are shipped to the writer as one item every ``_ship_s``; a queue.put per
+        # event woke the writer thread thousands of times a second.
+        self._buf: list[object] = []
+        self._buf_lock = threading.Lock()
+        self._max = config.max_queue
+        self._ship_s = min(0.05, config.flush_interval_s / 10)
+        self._n_dropped = 0
         self.writer = ExperienceWriter(
             path,
             flush_interval_s=config.flush_interval_s,
-            max_queue=config.max_queue,
+            max_queue=1024,  # shipped lists; the event bound is ``max_queue`` above
             max_file_bytes=int(config.max_file_mb * 1e6),
             max_file_age_s=config.max_file_age_s,
             writer_name=f"tamiyo-server pid {os.getpid()}",
@@ -152,7 +161,12 @@ class ExperienceLog:
             g.labels("outcomes").set_function(lambda: w.written_outcomes)
             Gauge(
                 "tamiyo_experience_queue", "Events waiting for the writer.", registry=registry
-            ).set_function(lambda: w.queued)
+            ).set_function(lambda: len(self._buf))
+        self._closed = threading.Event()
+        self._shipper = threading.Thread(
+            target=self._ship_loop, name="experience-ship", daemon=True
+        )
+        self._shipper.start()
         log.info("experience log: %s (flush every %.2f s)", path, config.flush_interval_s)
 
     def _prepare(self, batch: list[object]) -> list[object]:
@@ -161,7 +175,23 @@ class ExperienceLog:
 
     @property
     def dropped(self) -> int:
-        return self.writer.dropped
+        """Events dropped because the buffer was full (the writer could not keep up)."""
+        return self._n_dropped + self.writer.dropped
+
+    def _ship(self) -> None:
+        """Hand the buffered events to the writer, unless it is still behind (then they
+        stay buffered, and new events beyond ``max_queue`` are dropped and counted)."""
+        if self.writer.queued > 1:
+            return
+        with self._buf_lock:
+            if not self._buf:
+                return
+            batch, self._buf = self._buf, []
+        self.writer.offer(batch)  # cannot be full: at most 2 lists are ever queued
+
+    def _ship_loop(self) -> None:
+        while not self._closed.wait(self._ship_s):
+            self._ship()
 
     @property
     def unmatched(self) -> int:
@@ -173,10 +203,13 @@ class ExperienceLog:
 
     # ------------------------------------------------------------- event loop side
     def _offer(self, kind: str, ev: object) -> bool:
-        ok = self.writer.offer(ev)
-        if not ok:
-            self._dropped.labels(kind).inc()
-        return ok
+        with self._buf_lock:
+            if len(self._buf) < self._max:
+                self._buf.append(ev)
+                return True
+            self._n_dropped += 1
+        self._dropped.labels(kind).inc()
+        return False
 
     def open_session(self, session_id: str, msg: pb.SessionOpen) -> None:
         live = _Live(msg.host_id, msg.topology, tuple(msg.kernels))
@@ -218,8 +251,18 @@ class ExperienceLog:
 
     # ------------------------------------------------------------------- lifecycle
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Block (off the event loop!) until everything queued so far is committed."""
-        return self.writer.flush(timeout_s)
+        """Block (off the event loop!) until everything logged so far is committed."""
+        deadline = time.monotonic() + timeout_s
+        while self._buf and time.monotonic() < deadline:
+            self._ship()
+            if self._buf:
+                time.sleep(self._ship_s)
+        return self.writer.flush(max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout_s: float = 30.0) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._shipper.join(timeout_s)
+        self.flush(timeout_s)
         self.writer.close(timeout_s)
