@@ -16,7 +16,8 @@ and tag. Responses are parsed (the tag is needed to match latency).
   coordinated omission). At the end, frames without any answer after ``--drain-s``
   count as ``lost``.
 
-Shed = degraded decisions + frames answered "superseded"; both are explicit answers.
+Shed = degraded decisions + frames answered "superseded" or refused as overloaded
+(RESOURCE_EXHAUSTED); all are explicit answers.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Stats:
     decisions: int = 0
     degraded: int = 0
     superseded: int = 0
+    overloaded: int = 0  # refused at the door (RESOURCE_EXHAUSTED): explicit shed
     errors: int = 0
     lost: int = 0
     error_samples: list[str] = field(default_factory=list)
@@ -145,6 +147,8 @@ class Stats:
                 self.full_latencies_ms.append(ms)
         elif "superseded" in msg.error.message:
             self.superseded += 1
+        elif msg.error.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED:
+            self.overloaded += 1
         else:
             self.errors += 1
             if len(self.error_samples) < 5:
@@ -264,7 +268,7 @@ def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
     def pct(xs: list[float], q: float) -> float | None:
         return round(float(np.percentile(np.asarray(xs), q)), 3) if xs else None
 
-    shed = st.degraded + st.superseded
+    shed = st.degraded + st.superseded + st.overloaded
     return {
         "streams": plan.streams,
         "mode": plan.mode,
@@ -279,6 +283,7 @@ def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
         "shed": shed,
         "degraded": st.degraded,
         "superseded": st.superseded,
+        "overloaded": st.overloaded,
         "errors": st.errors,
         "error_samples": st.error_samples,
         "lost": st.lost,

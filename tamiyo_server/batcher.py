@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -108,11 +108,13 @@ class Done(Generic[R]):
     shed: str = ""  # "", "deadline", "error", "shutdown"
     queue_s: float = 0.0
     batch_graphs: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    prepared: object = None  # shed jobs: what ``prepare_shed`` made of the payload
 
 
 class Batcher(Generic[P, R]):
-    """EDF queue + inference thread. ``runner(payloads) -> results`` runs on the thread."""
+    """EDF queue + inference thread. ``runner(payloads) -> results`` runs on the thread;
+    ``prepare_shed(payloads)`` (optional) too, for jobs about to be shed, so the cheap
+    degraded answer needs no per-job work on the event loop."""
 
     def __init__(
         self,
@@ -120,8 +122,10 @@ class Batcher(Generic[P, R]):
         config: BatchConfig,
         metrics: ServerMetrics | None = None,
         name: str = "tamiyo-inference",
+        prepare_shed: Callable[[Sequence[P]], Sequence[object]] | None = None,
     ) -> None:
         self._runner = runner
+        self._prepare_shed = prepare_shed
         self.config = config
         self.cost = CostModel(config)
         self._m = metrics
@@ -148,6 +152,12 @@ class Batcher(Generic[P, R]):
     @property
     def queued(self) -> int:
         return self._queued
+
+    def backlog_ms(self) -> float:
+        """Predicted time to run everything queued now (ms): the wait a new job faces."""
+        if self._queued == 0:
+            return 0.0
+        return self.cost.predict_ms(self._queued_nodes, self._queued)
 
     def submit(
         self, payload: P, nodes: int, edges: int, arrival: float, deadline: float
@@ -320,9 +330,20 @@ class Batcher(Generic[P, R]):
 
     def _execute(self, run: list[Job[P, R]], shed: list[Job[P, R]]) -> None:
         start = time.monotonic()
-        out: list[tuple[Job[P, R], Done[R]]] = [
-            (j, Done(shed="deadline", queue_s=start - j.arrival)) for j in shed
-        ]
+        if shed:  # answered before the batch runs: a shed job must not wait for it
+            prepared: Sequence[object] = [None] * len(shed)
+            if self._prepare_shed is not None:
+                try:
+                    prepared = self._prepare_shed([j.payload for j in shed])
+                except Exception:
+                    log.exception("preparing %d shed jobs failed", len(shed))
+            self._post(
+                [
+                    (j, Done(shed="deadline", queue_s=start - j.arrival, prepared=p))
+                    for j, p in zip(shed, prepared, strict=True)
+                ]
+            )
+        out: list[tuple[Job[P, R], Done[R]]] = []
         if run:
             nodes = sum(j.nodes for j in run)
             try:

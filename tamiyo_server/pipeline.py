@@ -57,7 +57,7 @@ class DecisionPipeline:
         self.holder = holder
         self.m = metrics
         self.batcher: Batcher[GraphSnapshot, Evaluated] = Batcher(
-            self._run_batch, config.batch, metrics
+            self._run_batch, config.batch, metrics, prepare_shed=featurize_many
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
@@ -123,7 +123,8 @@ class DecisionPipeline:
         ev = done.result if done is not None else None
         reason = shed_reason or (done.shed if done is not None else "") or "unknown"
         if ev is None:
-            g = featurize(snap)
+            pre = done.prepared if done is not None else None
+            g = pre if isinstance(pre, GraphTensors) else featurize(snap)
             rd = rules.fallback(g, state, snap.step, snap.epoch)
             version = self.holder.current.version
             self.m.shed.labels(reason).inc()

@@ -216,6 +216,20 @@ class StreamHandler:
                 )
             )
             return
+        if self.p.batcher.backlog_ms() > s.deadline_s * 1000.0 and s.pending is None:
+            # Hopeless backlog: answer at once, cheaply (no snapshot, no featurize), so
+            # overload sheds at the door instead of queueing in the transport.
+            self.p.m.shed.labels("overload").inc()
+            self.out.put_nowait(
+                _error(
+                    Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
+                    "shed: overloaded, the queued work alone exceeds the decision deadline; "
+                    "telemetry was recorded, ask again with a later frame",
+                    "frame.want_decision",
+                    frame,
+                )
+            )
+            return
         ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
         snap = s.snapshot(frame)
         pending = s.pending

@@ -153,3 +153,21 @@ async def test_pessimistic_model_recovers_by_probing() -> None:
     assert sheds >= 1  # the first ones were shed (answered, not run) ...
     assert done.result == i * 10  # ... until measured probes corrected the model
     b.stop()
+
+
+async def test_backlog_prediction_grows_with_the_queue() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_batch_graphs=1))
+    b.start()
+    assert b.backlog_ms() == 0.0
+    now = time.monotonic()
+    jobs = [b.submit(i, 100, 0, now, now + 9.0) for i in range(5)]
+    await asyncio.sleep(0.05)  # the thread holds job 0; four stay queued
+    four = b.backlog_ms()
+    extra = b.submit(9, 400, 0, now, now + 9.0)
+    assert b.backlog_ms() > four > 0.0
+    rec.gate.set()
+    await asyncio.gather(*(j.future for j in [*jobs, extra] if j is not None))
+    assert b.backlog_ms() == 0.0
+    b.stop()
