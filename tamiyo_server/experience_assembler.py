@@ -1,9 +1,9 @@
-"""Writer-thread half of the experience log: queued events → store records.
+"""Background half of the experience log: logged events → store records.
 
 Why here and not on the event loop: see ``tamiyo_server.experience_log``. Everything in
-this module runs on the experience writer's thread (``Assembler.prepare`` is the
-writer's ``prepare`` hook, called once per flush interval); nothing is shared with the
-event loop except the immutable events and the protobuf messages they reference.
+this module runs on the log's shipping thread (``Assembler.prepare``, every ≤ 50 ms, one
+caller at a time); nothing is shared with the event loop except the immutable events
+and the protobuf messages they reference.
 
 State assembly: a session's ``ModelGraphState`` is topology + kernels (serialised once per
 session), step/epoch, and its signals, already encoded as ``ModelGraphState.signals``
@@ -146,7 +146,7 @@ def _propensity(msg: decision_pb2.AdaptationDecision) -> float:
 
 
 class SessionState:
-    """Writer-thread side of one session: encoded signal rings, pending states, last
+    """Background side of one session: encoded signal rings, pending states, last
     decision (for the end-of-stream outcome)."""
 
     def __init__(self, ev: Resync, window: int, encoder: StateEncoder) -> None:
@@ -227,7 +227,7 @@ class SessionState:
 
 
 class Assembler:
-    """Runs on the writer thread: turns queued events into store records."""
+    """Runs off the event loop (one thread at a time): turns events into store records."""
 
     def __init__(self, window: int, config: ExperienceLogConfig, directory: Path) -> None:
         self.window = window
@@ -251,7 +251,9 @@ class Assembler:
         bulk by ``ExperienceLog``), processed in order."""
         out: list[object] = []
         events = itertools.chain.from_iterable(x if isinstance(x, list) else (x,) for x in batch)
-        for ev in events:
+        for i, ev in enumerate(events):
+            if i % 32 == 31:
+                time.sleep(0)  # let the event loop and inference threads have the GIL
             if isinstance(ev, FrameEvent):
                 s = self._get(ev.key)
                 if s is not None:

@@ -1,16 +1,22 @@
 """The server's experience log: every decision, what it saw, and what followed, in the store.
 
 Why it is built this way: logging must never slow a decision. The event loop only
-*enqueues* references to messages it already has (the validated frame, the decision,
-the outcome): one non-blocking ``put`` each, no serialisation. All the work happens on
-the experience writer's thread once per flush interval (``_Assembler.prepare``): it
-replays each session's frames into per-layer rings of already-encoded ``HealthSignal``
-bytes (each signal is serialised once, however many windows it appears in), so the
-``ModelGraphState`` a decision saw is one ``bytes.join`` of the session's topology,
-kernels, step/epoch and rings, not thousands of protobuf objects. When the queue is full
-(slow disk) an event is dropped and counted, never waited for; a session that lost a
-frame re-sends its exact snapshot with its next frame (``_Resync``), so no logged state
-ever differs from what the policy saw.
+*appends* references to messages it already has (the validated frame, the decision, the
+outcome) to a bounded list: no serialisation, no thread wake-up. Threads:
+
+* ``experience-ship`` (every ≤ 50 ms): takes the list and turns it into store records
+  (``tamiyo_server.experience_assembler``): it replays each session's frames into
+  already-encoded signal blocks, so the ``ModelGraphState`` a decision saw is one
+  ``bytes.join`` (each signal is serialised once, however many windows it appears in),
+  yielding the GIL every few events so serving threads are not held up;
+* ``experience-writer`` (``tamiyo.experience.writer``): commits the records once per
+  flush interval in one transaction (SQLite releases the GIL while it writes).
+
+When the writer falls behind (slow disk), events stay in the list; beyond ``max_queue``
+new ones are dropped and counted (``tamiyo_experience_dropped_total``), never waited
+for. A session that lost a frame re-sends its exact snapshot with its next frame
+(``Resync``), so no logged state ever differs from what the policy saw. A ``kill -9``
+loses at most the last ship period + flush interval (+ the commit in progress).
 
 What a row holds: see ``tamiyo.experience.schema``. Outcomes:
 
@@ -107,7 +113,7 @@ class _Live:
 
 
 class ExperienceLog:
-    """Logging on: events to a bounded queue, records to SQLite from the writer thread."""
+    """Logging on: events to a bounded list, records to SQLite off the event loop."""
 
     def __init__(
         self,
@@ -126,6 +132,7 @@ class ExperienceLog:
         # event woke the writer thread thousands of times a second.
         self._buf: list[object] = []
         self._buf_lock = threading.Lock()
+        self._ship_lock = threading.Lock()
         self._max = config.max_queue
         self._ship_s = min(0.05, config.flush_interval_s / 10)
         self._n_dropped = 0
@@ -169,9 +176,10 @@ class ExperienceLog:
         self._shipper.start()
         log.info("experience log: %s (flush every %.2f s)", path, config.flush_interval_s)
 
-    def _prepare(self, batch: list[object]) -> list[object]:
-        self._asm.current = self.writer.current_path
-        return self._asm.prepare(batch)
+    @staticmethod
+    def _prepare(batch: list[object]) -> list[object]:
+        """Writer thread: the shipped lists of records, flattened (it only does SQLite)."""
+        return [r for item in batch for r in (item if isinstance(item, list) else (item,))]
 
     @property
     def dropped(self) -> int:
@@ -179,15 +187,19 @@ class ExperienceLog:
         return self._n_dropped + self.writer.dropped
 
     def _ship(self) -> None:
-        """Hand the buffered events to the writer, unless it is still behind (then they
-        stay buffered, and new events beyond ``max_queue`` are dropped and counted)."""
-        if self.writer.queued > 1:
-            return
-        with self._buf_lock:
-            if not self._buf:
+        """Turn the buffered events into records (``Assembler``, in small bursts every
+        ``_ship_s``, not one long GIL-holding burst per flush) and hand them to the
+        writer -- unless it is still behind: then they stay buffered, and new events
+        beyond ``max_queue`` are dropped and counted."""
+        with self._ship_lock:  # the shipper thread, or a flush() caller
+            if self.writer.queued > 1:
                 return
-            batch, self._buf = self._buf, []
-        self.writer.offer(batch)  # cannot be full: at most 2 lists are ever queued
+            with self._buf_lock:
+                if not self._buf:
+                    return
+                batch, self._buf = self._buf, []
+            self._asm.current = self.writer.current_path
+            self.writer.offer(self._asm.prepare(batch))  # never full: <= 2 lists queued
 
     def _ship_loop(self) -> None:
         while not self._closed.wait(self._ship_s):
