@@ -35,6 +35,8 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2 as grpc_health_pb2
+from grpc_health.v1 import health_pb2_grpc
 
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -231,6 +233,22 @@ async def open_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> Non
     await asyncio.gather(rd, return_exceptions=True)
 
 
+async def wait_serving(channel: grpc.aio.Channel, md: Any, timeout_s: float = 300.0) -> None:
+    """Wait for health SERVING: the server binds first and warms up behind NOT_SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            reply = await stub.Check(grpc_health_pb2.HealthCheckRequest(), timeout=2.0, metadata=md)
+            if reply.status == grpc_health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("server never became SERVING")
+        await asyncio.sleep(0.2)
+
+
 async def run(target: str, hosts: Sequence[Host], plan: Plan, token: str = "") -> Stats:
     st = Stats()
     channels = [
@@ -242,6 +260,7 @@ async def run(target: str, hosts: Sequence[Host], plan: Plan, token: str = "") -
     md = (("authorization", f"Bearer {token}"),) if token else None
     for ch in channels:
         await ch.channel_ready()
+    await wait_serving(channels[0], md)
     gate = asyncio.Semaphore(OPEN_CONCURRENCY)
 
     async def open_one(i: int) -> Any:

@@ -242,7 +242,7 @@ def signals_look_valid(
         nodes = np.fromiter((index[s.layer_id] for s in signals), np.int64, len(signals))
     except KeyError:
         return False
-    if unique and len(np.unique(nodes)) != len(nodes):
+    if unique and np.bincount(nodes).max() > 1:  # (np.unique is ~50x slower here)
         return False
     floats = np.array(
         [
