@@ -138,6 +138,10 @@ class KasminaConfig:
     error_decay: float = 0.5  # each non-finite forward in the window halves the health
     memory_budget_bytes: int = 256 * 1024 * 1024  # memory_utilization denominator
     fossilize_after_steps: int = 200  # training forwards before a seed is fossilized (frozen)
+    # Activations, non-finite outputs and gradient norms are measured on the first training
+    # forward of each reporting window and every Nth after it (latency on every forward):
+    # on small models full measurement costs more than the layer itself.
+    sample_every: int = 4
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 Telemetry comes from hooks, so the wrapped module's own code is untouched:
 
-- a forward pre-hook and a forward hook on the KasminaLayer time each forward (ms) and
-  feed the output into a ``WindowAccumulator`` (training mode only);
+- a forward pre-hook and a forward hook on the KasminaLayer time each forward (ms,
+  host-side: on CUDA that is launch time unless the caller synchronises) and feed the
+  output into a ``WindowAccumulator`` (training mode only; the first forward of each
+  window and every ``sample_every``-th after it);
 - a post-accumulate-grad hook on every parameter (the base's and every seed's) records
   the squared gradient norm of the latest backward, kept as a 0-d tensor so that no
   hook forces a device sync; it is read once per ``collect_signal``.
@@ -127,6 +129,8 @@ class KasminaLayer(nn.Module):
         self._grad_handles: dict[int, RemovableHandle] = {}
         self._t0 = 0.0
         self._output_bytes = 0
+        self._since_collect = 0  # training forwards since the last collect_signal
+        self._grad_armed = True
         self.register_forward_pre_hook(self._before_forward)
         self.register_forward_hook(self._after_forward)
         for p in base.parameters():
@@ -160,9 +164,12 @@ class KasminaLayer(nn.Module):
         y = y.detach()
         self._acc.add_latency(elapsed_ms)
         self._output_bytes = y.numel() * y.element_size()
-        if bool(torch.isfinite(y).all()):
+        sample = self._since_collect % max(1, self.config.sample_every) == 0
+        self._since_collect += 1
+        self._grad_armed = sample  # measure the gradients of this forward's backward
+        if sample and bool(torch.isfinite(y).all()):
             self._acc.add_output(flatten_units(y, self.layer_type == _CONV))
-        else:
+        elif sample:
             self._acc.add_error()
         for i, state in enumerate(self.seed_states):
             if state in (GERMINATED, TRAINING):  # this forward trained the kernel
@@ -177,7 +184,7 @@ class KasminaLayer(nn.Module):
         key = id(p)
 
         def hook(param: torch.Tensor) -> None:
-            if param.grad is not None:
+            if self._grad_armed and param.grad is not None:
                 self._grad_sq[key] = torch.linalg.vector_norm(param.grad.detach()) ** 2
 
         # torch ships this method without annotations.
@@ -275,6 +282,7 @@ class KasminaLayer(nn.Module):
             return None
         stats = self._acc.collect()
         grad = self.take_gradient_norm()
+        self._since_collect = 0
         health = reference_health(stats, grad, self.config)
         errors = stats.error_count
         if grad is not None and not math.isfinite(grad):

@@ -32,7 +32,8 @@ def tiny_layer(config: KasminaConfig | None = None) -> KasminaLayer:
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0], [2.0, 0.0]]))
         lin.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
-    return KasminaLayer(lin, "tiny", config)
+    # sample_every=1: every forward is measured, so the hand computation covers them all
+    return KasminaLayer(lin, "tiny", config or KasminaConfig(sample_every=1))
 
 
 def test_telemetry_matches_hand_computed_values() -> None:
@@ -83,7 +84,7 @@ def test_eval_mode_is_not_measured_and_nan_counts_as_error() -> None:
 
 
 def test_germinate_keeps_function_then_trains_and_fossilizes() -> None:
-    layer = tiny_layer(KasminaConfig(num_seeds=2, fossilize_after_steps=3))
+    layer = tiny_layer(KasminaConfig(num_seeds=2, fossilize_after_steps=3, sample_every=1))
     before = layer(X).detach()
     n_params = len(list(layer.parameters()))
     params = layer.germinate(1, "residual_lowrank_r4")
@@ -115,7 +116,7 @@ def test_germinate_refuses_bad_requests_with_reasons() -> None:
 
 
 def test_a_diverging_kernel_is_culled() -> None:
-    layer = tiny_layer(KasminaConfig(num_seeds=1))
+    layer = tiny_layer(KasminaConfig(num_seeds=1, sample_every=1))
     params = layer.germinate(0, "residual_lowrank_r4")
     with torch.no_grad():
         for p in params:
@@ -142,3 +143,18 @@ def test_describe_and_non_linear_layers_get_no_seeds() -> None:
     with pytest.raises(ValueError, match="pass layer_type"):
         KasminaLayer(nn.ReLU(), "relu")
     assert health_pb2.SEED_LIFECYCLE_STATE_DORMANT == DORMANT
+
+
+def test_sampling_measures_first_forward_of_each_window_then_every_nth() -> None:
+    layer = tiny_layer(KasminaConfig(sample_every=3))
+    for _ in range(5):  # forwards 0 and 3 are measured, 1, 2, 4 only timed
+        layer(X)
+    assert layer._acc.n == 2 * len(X)
+    assert len(layer._acc.latencies_ms) == 5
+    sig = layer.collect_signal(0, 0)
+    assert sig is not None
+    assert sig.activation_variance == pytest.approx(HAND_VARIANCE, rel=1e-6)
+    layer(X)  # a new window starts measured
+    assert layer._acc.n == len(X)
+    layer(X)[:, 0].sum().backward()  # not a sampled forward: gradient not measured
+    assert layer.take_gradient_norm() is None
