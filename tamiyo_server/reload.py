@@ -27,6 +27,7 @@ Rollback (operator side, see docs/runbook.md)::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -87,6 +88,12 @@ def fingerprint(path: Path) -> Fingerprint:
     return Fingerprint(str(path), _stat(path / MANIFEST), _stat(path / WEIGHTS))
 
 
+@functools.cache
+def _sample_graphs() -> list[GraphTensors]:
+    """Featurized once per process (read-only arrays, safe to share across reloads)."""
+    return random_graphs(0, list(SAMPLE_SIZES))
+
+
 def _forward_cpu_ms(served: ServedPolicy, graphs: list[GraphTensors]) -> float:
     time.sleep(0)  # let the event loop / inference thread take the GIL between forwards
     t0 = time.thread_time()
@@ -95,7 +102,7 @@ def _forward_cpu_ms(served: ServedPolicy, graphs: list[GraphTensors]) -> float:
 
 
 def check_serving(
-    served: ServedPolicy, budget_ms: float, current: ServedPolicy | None = None, repeats: int = 3
+    served: ServedPolicy, budget_ms: float, current: ServedPolicy | None = None, repeats: int = 5
 ) -> float:
     """Warm up ``served`` on sample graphs and refuse it unless it can serve.
 
@@ -109,7 +116,7 @@ def check_serving(
     one: a machine that is slow for every policy does not refuse a good checkpoint.
     Returns the new policy's time in ms; raises ``CheckpointError`` naming the problem.
     """
-    graphs = random_graphs(0, list(SAMPLE_SIZES))
+    graphs = _sample_graphs()
     outs = served.engine.infer(graphs)
     best = cur = math.inf
     for _ in range(repeats):

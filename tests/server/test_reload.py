@@ -161,8 +161,9 @@ async def test_good_checkpoint_is_picked_up_within_two_polls(
 
     task = asyncio.create_task(traffic())
     await until(lambda: len(seen) >= 3)
-    polls_before = c.watcher.polls
-    write(tmp_path, "v2", seed=2)
+    write(tmp_path, "v2", seed=2, latest=False)
+    polls_before = c.watcher.polls  # counted from the pointer move, not the slow fsyncs
+    set_latest(tmp_path, "v2")
     await until(lambda: c.holder.reloads_ok == 1)
     assert c.watcher.swapped_at_poll - polls_before <= 2
     n = len(seen)
@@ -373,13 +374,19 @@ async def test_checkpoint_written_slowly_in_pieces(tmp_path: Path, connect: Clie
     finished = threading.Event()
 
     def writer() -> None:
+        """Each partial state stays until a whole poll has seen it (the watcher thread
+        is niced and may be slow on a busy box; counting polls keeps this exact)."""
         step = len(blob) // pieces + 1
         with open(target / WEIGHTS, "wb") as f:
             for i in range(pieces):
                 f.write(blob[i * step : (i + 1) * step])
                 f.flush()
-                if i < pieces - 1:
-                    time.sleep(3 * POLL_S)
+                if i == pieces - 1:
+                    break
+                seen_from = c.watcher.polls + 2
+                end = time.monotonic() + 30
+                while c.watcher.polls < seen_from and time.monotonic() < end:
+                    time.sleep(0.01)
         finished.set()
 
     thread = threading.Thread(target=writer)
@@ -389,9 +396,11 @@ async def test_checkpoint_written_slowly_in_pieces(tmp_path: Path, connect: Clie
         during.append(await c.version())
     await asyncio.to_thread(thread.join)
     assert set(during) == {"v1"}
-    assert len(during) > 3
+    assert during
     refused = (await c.info()).reloads_failed
-    assert refused >= 1, "no partial state was ever seen"
+    # Each of the pieces - 1 partial states was polled, so refused; the state before the
+    # first piece (weights missing) may have been polled too.
+    assert refused >= pieces - 1
     polls = c.watcher.polls
     await until(lambda: c.watcher.swapped_at_poll > 0)
     assert c.watcher.swapped_at_poll - polls <= 2
