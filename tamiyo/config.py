@@ -189,7 +189,7 @@ class TrainConfig:
 
     algo: str = "iql"  # "iql" (default), "bc" or "cql"
     seed: int = 0
-    steps: int = 3000  # gradient steps
+    steps: int = 2000  # gradient steps
     batch_size: int = 48  # graphs (transitions) per step, per process
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -213,7 +213,7 @@ class TrainConfig:
     final_eval_episodes: int = 100  # per evaluation set (held-out seeds, unseen sizes)
     train_seeds: int = 3  # independent training seeds per algorithm
     algos: tuple[str, ...] = ("bc", "iql")  # trained and reported by the pipeline
-    fqe_steps: int = 1500
+    fqe_steps: int = 1000
     workers: int = 2  # processes training in parallel (one torch thread each)
 
 
