@@ -50,37 +50,79 @@ def _len_prefix(n: int) -> bytes:
 _PREFIX = [_len_prefix(n) for n in range(4096)]
 
 
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, v = v & 0x7F, v >> 7
+        out.append(b | 0x80 if v else b)
+        if not v:
+            return bytes(out)
+
+
+def _state_tail(step: int, epoch: int) -> bytes:
+    """``ModelGraphState.step`` (4) and ``.epoch`` (5) as varint fields (zeros written
+    explicitly: valid proto3, and cheaper than building a message). ``step`` >= 0."""
+    return b"\x20" + _varint(step) + b"\x28" + _varint(epoch)
+
+
 def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
     """The frame's signals as consecutive ``ModelGraphState.signals`` entries, from one
-    serialisation of the frame; None if its layout is not the expected one (e.g. unknown
-    fields), and the caller falls back to encoding signal by signal."""
-    fb = f.SerializeToString()
-    head = pb.TelemetryFrame(step=f.step, epoch=f.epoch).SerializeToString()
-    tail = pb.TelemetryFrame(
-        want_decision=f.want_decision, request_id=f.request_id
-    ).SerializeToString()
-    if not (fb.startswith(head) and fb.endswith(tail)):
-        return None
-    out = bytearray(fb[len(head) : len(fb) - len(tail)])
-    j, n = 0, len(out)
+    serialisation of the frame and one pass over its top-level fields (the signals are
+    re-tagged in place); None if the layout is unexpected (signals not contiguous), and
+    the caller falls back to encoding signal by signal."""
+    out = bytearray(f.SerializeToString())
+    n, j = len(out), 0
+    start = end = -1
     while j < n:
-        if out[j] != _FRAME_SIGNAL_TAG:
-            return None
-        out[j] = _SIGNAL_TAG
-        ln = out[j + 1]
-        j += 2
-        if ln >= 0x80:  # multi-byte varint length
-            ln &= 0x7F
+        e0 = j
+        tag = out[j]
+        j += 1
+        if tag >= 0x80:  # field number >= 16: multi-byte tag (unknown field)
+            tag &= 0x7F
             shift = 7
             while True:
                 x = out[j]
                 j += 1
-                ln |= (x & 0x7F) << shift
+                tag |= (x & 0x7F) << shift
                 shift += 7
                 if x < 0x80:
                     break
-        j += ln
-    return bytes(out) if j == n else None
+        if tag == _FRAME_SIGNAL_TAG:
+            if end >= 0:
+                return None  # a second run of signals
+            if start < 0:
+                start = e0
+            out[e0] = _SIGNAL_TAG
+        elif start >= 0 and end < 0:
+            end = e0
+        wt = tag & 7
+        if wt == 0:
+            while out[j] >= 0x80:
+                j += 1
+            j += 1
+        elif wt == 2:
+            ln = out[j]
+            j += 1
+            if ln >= 0x80:
+                ln &= 0x7F
+                shift = 7
+                while True:
+                    x = out[j]
+                    j += 1
+                    ln |= (x & 0x7F) << shift
+                    shift += 7
+                    if x < 0x80:
+                        break
+            j += ln
+        elif wt in (1, 5):
+            j += 8 if wt == 1 else 4
+        else:
+            return None
+    if j != n:
+        return None
+    if start < 0:
+        return b""
+    return bytes(out[start : n if end < 0 else end])
 
 
 # ------------------------------------- queued events (immutable; NamedTuple: cheapest to build)
@@ -189,7 +231,7 @@ class SessionState:
             rings[layers[sig.layer_id]].append((prefix[n] if n < 4096 else _len_prefix(n)) + b)
 
     def state(self) -> bytes:
-        tail = graph_pb2.ModelGraphState(step=self.step, epoch=self.epoch).SerializeToString()
+        tail = _state_tail(self.step, self.epoch)
         if self.blocks is not None:
             return b"".join((self.header, tail, *self.blocks))
         return b"".join(itertools.chain((self.header, tail), *self.rings))

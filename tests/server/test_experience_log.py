@@ -37,7 +37,7 @@ from tamiyo.policy.snapshot import (
     state_from_snapshot,
 )
 from tamiyo.policy.synthetic import random_snapshot
-from tamiyo.v1 import decision_pb2, graph_pb2
+from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.cli import parse_config
@@ -47,6 +47,7 @@ from tamiyo_server.experience_assembler import (
     EndEvent,
     FrameEvent,
     Resync,
+    frame_signal_block,
 )
 from tamiyo_server.experience_log import ExperienceLog
 from tamiyo_server.session import Session
@@ -351,3 +352,31 @@ def test_assembler_matches_decisions_to_the_frames_they_answer(tmp_path: Path) -
     assert asm.unmatched == 0
     assert asm.prepare([DecisionEvent("s", _decision("d9", frames[1]), 4.0)]) == []
     assert asm.unmatched == 1  # session ended: counted, not invented
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(0, 20),
+    step=st.integers(0, 2**50),
+    want=st.booleans(),
+    tag=st.text(max_size=64),
+    seeds=st.integers(0, 64),
+    unknown=st.booleans(),
+)
+def test_frame_signal_block_is_the_frames_signals(
+    n: int, step: int, want: bool, tag: str, seeds: int, unknown: bool
+) -> None:
+    """One serialisation + re-tag gives exactly the frame's signals as state entries
+    (long seed lists make multi-byte lengths; an unknown field must not confuse it)."""
+    sigs = hosts.signals(n, 3) if n else []
+    for s in sigs:
+        s.seed_states[:] = [health_pb2.SEED_LIFECYCLE_STATE_DORMANT] * seeds
+    raw = pb.TelemetryFrame(
+        step=step, epoch=1, signals=sigs, want_decision=want, request_id=tag
+    ).SerializeToString()
+    if unknown:
+        raw += b"\x98\x06\x01"  # field 99, varint 1: kept by the parser as unknown
+    f = pb.TelemetryFrame.FromString(raw)
+    block = frame_signal_block(f)
+    assert block is not None
+    assert list(graph_pb2.ModelGraphState.FromString(block).signals) == list(f.signals)
