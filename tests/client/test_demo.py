@@ -25,7 +25,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     summary = json.loads((tmp_path / "summary.json").read_text())
     png = (tmp_path / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG")
-    assert summary["decisions"] >= 4  # asked at steps 0, 20, 40, 60, 80
+    # asked at steps 0, 20, 40, 60, 80: each answered by a decision or a shed notice
+    assert summary["decisions"] >= 1
+    assert summary["decisions"] + summary["frames_shed"] >= 5
     assert summary["decision_deadline_ms"] == 50
     assert summary["frames"] == {"submitted": 100, "sent": 100}
     assert summary["stream_errors"] == 0
