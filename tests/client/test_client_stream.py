@@ -225,3 +225,62 @@ def test_security_settings_are_checked(pki: Pki) -> None:
         ClientSecurity(token="a\nb")
     assert ClientSecurity(token="t").metadata() == (("authorization", "Bearer t"),)
     assert ClientSecurity.from_files(ca=pki.ca).tls
+
+
+async def test_server_decision_changes_model_and_next_frames_report_it(
+    make_server: ServerFactory,
+) -> None:
+    """End to end with the real server: a model whose `hidden` block is dead, a 1 ms
+    budget so the server's rules-only fallback answers (deterministic: the lowest-health
+    layer under the health threshold gets a kernel), the decision applied to the real
+    model, and the following frames carry the new seed state."""
+    from tamiyo.config import DemoConfig
+    from tamiyo.v1 import decision_pb2
+    from tamiyo_client.demo_task import TeacherTask, attach, make_student
+    from tamiyo_client.host import extend_optimizer
+    from tamiyo_client.kasmina import TRAINING
+
+    srv = await make_server()
+    cfg = DemoConfig()
+    task = TeacherTask(cfg)
+    host = attach(make_student(cfg), cfg)
+    model = host.model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    data = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        x, y = task.batch(data, 64)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+
+    async with TamiyoClient(
+        host.session_open(), config(srv.port, decision_deadline_ms=1)
+    ) as client:
+        stream = client.decisions()
+        assert await client.wait_connected(5)
+        step()
+        first = host.frame(0, 0, want_decision=True)
+        health = {s.layer_id: s.health_score for s in first.signals}
+        assert health["hidden"] < 0.1  # the dead block is reported as such
+        client.send_frame(first)
+        d = (await asyncio.wait_for(anext(stream), 5)).decision
+        assert d.action == decision_pb2.ADAPTATION_ACTION_LOAD_KERNEL, d
+        assert health[d.target_layer_id] == min(health.values())
+        n_params = sum(p.numel() for p in model.parameters())
+        result = host.apply(d)
+        assert result.applied, result.detail
+        extend_optimizer(opt, result.new_parameters)
+        assert sum(p.numel() for p in model.parameters()) > n_params
+        client.report_outcome(host.outcome(result))
+        step()
+        after = host.frame(1, 0, want_decision=True)
+        nxt = {s.layer_id: s for s in after.signals}[d.target_layer_id]
+        assert nxt.active_seeds == 1
+        assert nxt.adaptation_count == 1
+        assert nxt.seed_states[d.seed_index] == TRAINING
+        client.send_frame(after)
+        answer = await asyncio.wait_for(anext(stream), 5)  # the server took the new state
+        assert answer.decision.frame_step == 1
+        assert client.stats.stream_errors == 0, list(client.stream_errors)
