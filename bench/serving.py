@@ -92,7 +92,9 @@ def start_echo() -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(line.split()[1])
 
 
-def loadgen(port: int, streams: int, mode: str, rate: float, duration_s: float) -> Row:
+def loadgen(
+    port: int, streams: int, mode: str, rate: float, duration_s: float, warmup_s: float = 1.0
+) -> Row:
     """One load-generator run in its own process; returns its JSON summary."""
     out = subprocess.run(
         [
@@ -110,7 +112,7 @@ def loadgen(port: int, streams: int, mode: str, rate: float, duration_s: float) 
             "--duration-s",
             str(duration_s),
             "--warmup-s",
-            "1.0",
+            str(warmup_s),
             "--drain-s",
             "3.0",
         ],
@@ -180,15 +182,16 @@ def _verdicts(rows: list[Row]) -> list[str]:
 
 def run(opts: BenchOptions) -> None:
     quick = opts.quick
-    duration = 2.0 if quick else 5.0
+    duration = 1.5 if quick else 5.0
+    warm = 0.5 if quick else 1.0
     closed = (1, 64) if quick else (1, 16, 64, 256, 1000)
-    tamiyo, t_port = start_tamiyo(opts.threads)
     echo, e_port = start_echo()
+    tamiyo, t_port = start_tamiyo(opts.threads)
     rows: list[Row] = []
     try:
         for n in closed:
-            t = loadgen(t_port, n, "closed", 0.0, duration)
-            e = loadgen(e_port, n, "closed", 0.0, duration)
+            t = loadgen(t_port, n, "closed", 0.0, duration, warm)
+            e = loadgen(e_port, n, "closed", 0.0, duration, warm)
             rows.append(_row(t, e) | {"scenario": f"closed{n}"})
             print(
                 f"  closed {n:5d}: {t['decisions_per_s']:8.1f}/s vs echo "
@@ -200,8 +203,8 @@ def run(opts: BenchOptions) -> None:
             best = max(r["full_decisions_per_s"] for r in rows)
             opens.append((256, round(2 * best, 1), "overload"))
         for n, rate, name in opens:
-            t = loadgen(t_port, n, "open", rate, duration)
-            e = loadgen(e_port, n, "open", rate, duration)
+            t = loadgen(t_port, n, "open", rate, duration, warm)
+            e = loadgen(e_port, n, "open", rate, duration, warm)
             rows.append(_row(t, e) | {"scenario": name})
             print(f"  open {name}: {t['decisions_per_s']:8.1f}/s p99 {t['p99_ms']} ms", flush=True)
     finally:
