@@ -2,9 +2,9 @@
 windows, and RSS growth across 100 reloads.
 
 Three processes, as in production: the **server** (``python -m bench.reload _serve``,
-watching a checkpoint directory), an open-loop **client** (``_client``: N streams, each
-sending frames on a fixed schedule and timing every answer from its *scheduled* send
-time, so a stall is not hidden by coordinated omission) and this **driver**, which plays
+watching a checkpoint directory), an open-loop **client** (``bench._reload_client``:
+N streams on a fixed schedule, latency from the *scheduled* send time) and this
+**driver**, which plays
 the trainer: it moves the ``latest`` pointer to pre-written checkpoints (written before
 the load starts, so writing them costs the server nothing) and watches GetPolicyInfo.
 
@@ -35,7 +35,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,7 +46,6 @@ import numpy as np
 from bench import BenchOptions
 from bench.report import environment, print_table
 from tamiyo.config import ServerConfig
-from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 
@@ -57,8 +55,6 @@ TAIL_S = 0.2  # after a swap, still counted as the reload window (s)
 P99_BUDGET_MS = 10.0
 P99_RATIO_TARGET = 1.5
 RSS_TARGET_PCT = 5.0
-
-Stream = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
 
 
 # ------------------------------------------------------------------ server process
@@ -86,122 +82,6 @@ def _serve(checkpoint_dir: str, poll_s: float, threads: int) -> None:
         await server.stop()
 
     asyncio.run(main())
-
-
-# ------------------------------------------------------------------ client process
-def _host(k: int, layers: int) -> tuple[pb.StreamTelemetryRequest, pb.StreamTelemetryRequest]:
-    """SessionOpen and a reusable frame (step/request id rewritten per send) of a chain
-    of ``layers`` layers whose layer 2 is degrading."""
-    specs = [
-        graph_pb2.LayerSpec(
-            layer_id=f"l{i}",
-            layer_type=graph_pb2.LAYER_TYPE_LINEAR,
-            input_size=64,
-            output_size=64,
-            parameter_count=4160,
-            seed_count=2,
-        )
-        for i in range(layers)
-    ]
-    edges = [graph_pb2.Edge(source=i, target=i + 1) for i in range(layers - 1)]
-    opened = pb.StreamTelemetryRequest(
-        session_open=pb.SessionOpen(
-            host_id=f"bench-{k}",
-            model_id="m",
-            topology=graph_pb2.Topology(layers=specs, edges=edges),
-            kernels=[graph_pb2.KernelSpec(kernel_id="residual_r8", parameter_count=1024)],
-        )
-    )
-    signals = [
-        health_pb2.HealthSignal(
-            layer_id=f"l{i}",
-            health_score=0.5 if i == 2 else 0.95,
-            avg_execution_time_ms=1.5,
-            total_seeds=2,
-            activation_variance=0.5,
-            dead_neuron_ratio=0.3 if i == 2 else 0.01,
-            gradient_norm=1.0,
-            memory_utilization=0.3,
-            seed_states=[health_pb2.SEED_LIFECYCLE_STATE_DORMANT] * 2,
-        )
-        for i in range(layers)
-    ]
-    frame = pb.StreamTelemetryRequest(
-        frame=pb.TelemetryFrame(epoch=0, signals=signals, want_decision=True)
-    )
-    return opened, frame
-
-
-async def _client(target: str, streams: int, rate: float, layers: int, out: str) -> None:
-    """Run until a line (or EOF) arrives on stdin, drain, write records to ``out``."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    threading.Thread(
-        target=lambda: (sys.stdin.readline(), loop.call_soon_threadsafe(stop.set)), daemon=True
-    ).start()
-    period = streams / rate  # s between frames of one stream
-    rec: list[tuple[float, float, str, int]] = []  # sched, latency ms, version, degraded
-    counts = {"asked": 0, "errors": 0, "lost": 0, "rpc_errors": 0}
-    notes: list[str] = []  # first few degraded reasons and error messages
-    opened_all = asyncio.Event()  # every session accepted: schedules start together
-    n_open = 0
-    start = 0.0
-
-    async def one(k: int, stub: pb_grpc.TamiyoServiceAsyncStub) -> None:
-        opened, req = _host(k, layers)
-        call: Stream = stub.StreamTelemetry(None)
-        await call.write(opened)
-        await call.read()  # SessionAccepted
-        nonlocal n_open, start
-        n_open += 1
-        if n_open == streams:
-            start = time.monotonic() + 0.1
-            print("READY", flush=True)
-            opened_all.set()
-        await opened_all.wait()
-        pending: dict[str, float] = {}
-
-        async def reader() -> None:
-            while isinstance(msg := await call.read(), pb.StreamTelemetryResponse):
-                kind = msg.WhichOneof("message")
-                if kind == "decision":
-                    d = msg.decision
-                    t = pending.pop(d.frame_request_id)
-                    lat = (time.monotonic() - t) * 1e3
-                    rec.append((t, lat, d.policy_version, int(d.degraded)))
-                    if d.degraded and len(notes) < 5:
-                        notes.append(f"degraded: {d.reason}")
-                elif kind == "error":
-                    pending.pop(msg.error.frame_request_id, None)
-                    counts["errors"] += 1
-                    if len(notes) < 10:
-                        notes.append(f"error: {msg.error.message}")
-
-        rd = asyncio.create_task(reader())
-        t_next, step = start + k * period / streams, 0
-        try:
-            while not stop.is_set():
-                await asyncio.sleep(max(0.0, t_next - time.monotonic()))
-                step += 1
-                tag = f"{k}-{step}"
-                pending[tag] = t_next
-                req.frame.step, req.frame.request_id = step, tag
-                counts["asked"] += 1
-                await call.write(req)
-                t_next += period
-            await call.done_writing()
-            await asyncio.wait_for(rd, 10.0)
-        except (grpc.aio.AioRpcError, TimeoutError):
-            counts["rpc_errors"] += 1
-        counts["lost"] += len(pending)
-
-    chans = [grpc.aio.insecure_channel(target) for _ in range(max(1, streams // 16))]
-    stubs: list[pb_grpc.TamiyoServiceAsyncStub] = [pb_grpc.TamiyoServiceStub(c) for c in chans]
-    await asyncio.gather(*(one(k, stubs[k % len(stubs)]) for k in range(streams)))
-    for c in chans:
-        await c.close(None)
-    text = json.dumps({"records": rec, "notes": notes, **counts})
-    await asyncio.to_thread(Path(out).write_text, text)
 
 
 # ------------------------------------------------------------------ driver
@@ -260,7 +140,7 @@ def measure(
             target = f"127.0.0.1:{port}"
             out = Path(tmp) / "client.json"
             cli = subprocess.Popen(
-                [py, "-m", "bench.reload", "_client", target, str(streams), str(rate), str(out)],
+                [py, "-m", "bench._reload_client", target, str(streams), str(rate), str(out)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -330,6 +210,7 @@ def measure(
         "decisions": len(recs),
         "decisions_lost": data["lost"],
         "errors": data["errors"] + data["rpc_errors"],
+        "shed_errors": data["shed_errors"],
         "degraded": int(degraded.sum()),
         # Shed work is answered (rules-only, degraded=true) so it is not in "lost"; a
         # reload that made the server shed more would show here, not in the p99.
@@ -362,13 +243,18 @@ def run(opts: BenchOptions) -> None:
     else:
         r = measure(reloads=100, latency_reloads=20, gap_s=1.0, poll_s=0.25, streams=16, rate=160)
     r["p99_ratio"] = r["p99_reload_ms"] / r["p99_steady_ms"]
-    r["ok"] = bool(
-        r["decisions_lost"] == 0
-        and r["errors"] == 0
-        and r["p99_reload_ms"] <= P99_BUDGET_MS
-        and r["p99_ratio"] <= P99_RATIO_TARGET
-        and r["rss_growth_pct"] <= RSS_TARGET_PCT
-    )
+    checks = {
+        "decisions_lost == 0": r["decisions_lost"] == 0,
+        "errors == 0": r["errors"] == 0,
+        f"p99_reload_ms <= {P99_BUDGET_MS:g}": r["p99_reload_ms"] <= P99_BUDGET_MS,
+        f"p99 reload/steady <= {P99_RATIO_TARGET:g}": r["p99_ratio"] <= P99_RATIO_TARGET,
+        f"rss_growth_pct <= {RSS_TARGET_PCT:g}": r["rss_growth_pct"] <= RSS_TARGET_PCT,
+    }
+    r["checks"] = checks
+    r["ok"] = all(checks.values())
+    # If steady serving already sheds, the box could not sustain the load (other jobs on
+    # it): latency figures then measure the machine, not the reload.
+    r["machine_overloaded"] = bool(r["degraded_steady_pct"] > 5.0 or r["shed_errors"] > 0)
     r["quick"] = opts.quick
     r.update(environment())
     print_table(
@@ -379,6 +265,7 @@ def run(opts: BenchOptions) -> None:
             ("decisions", "decisions"),
             ("decisions_lost", "lost"),
             ("errors", "errors"),
+            ("shed_errors", "shed (overload)"),
             ("degraded_steady_pct", "degraded % steady"),
             ("degraded_reload_pct", "degraded % reload"),
             ("p99_steady_ms", "p99 steady ms"),
@@ -396,6 +283,14 @@ def run(opts: BenchOptions) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(r, indent=2) + "\n")  # one object: the issue names its keys
     tmp.replace(path)
+    for name, passed in checks.items():
+        print(f"  {'PASS' if passed else 'FAIL'}  {name}")
+    if r["machine_overloaded"]:
+        print(
+            f"  NOTE  steady serving shed {r['degraded_steady_pct']:.0f}% of decisions (load "
+            f"average {r['load_avg_1min']:.1f} on {r['cpu_count']} CPUs): the latency "
+            "figures reflect an overloaded machine; rerun when it is quiet"
+        )
     print(f"wrote {path}")
 
 
@@ -403,10 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "_serve":
         _serve(args[1], float(args[2]), threads=1)
-        return 0
-    if args and args[0] == "_client":
-        target, streams, rate, out = args[1], int(args[2]), float(args[3]), args[4]
-        asyncio.run(_client(target, streams, rate, layers=16, out=out))
         return 0
     ap = argparse.ArgumentParser(prog="python -m bench.reload", description=__doc__)
     ap.add_argument("--quick", action="store_true")
