@@ -196,6 +196,7 @@ def _healthy(st: Any, violations: list[str]) -> dict[str, Any]:
     return {
         "decisions_lost": st.lost,
         "healthy_late_over_2s": st.late,
+        "healthy_shed": st.shed,
         "healthy_p99_before_ms": round(st.p("before", 99), 2),
         "healthy_p99_storm_ms": round(st.p("storm", 99), 2),
         "healthy_decisions": st.decisions,
@@ -254,7 +255,9 @@ def disk_full(log_dir: Path, work: Path, seconds: float = 10.0) -> dict[str, Any
         violations.append(f"store damaged by the full disk: {integrity}")
     out["faults_injected"] = 1
     merged = _healthy(stats[0], violations)
-    merged["decisions_lost"] += _healthy(stats[1], violations)["decisions_lost"]
+    second = _healthy(stats[1], violations)
+    for key in ("decisions_lost", "healthy_late_over_2s", "healthy_shed", "healthy_decisions"):
+        merged[key] += second[key]
     out.update(merged)
     out["violations"] = violations
     return out

@@ -244,6 +244,7 @@ class HealthyStats:
     errors: list[str] = field(default_factory=list)
     lost: int = 0  # frames that asked for a decision and never got an answer
     late: int = 0  # answers slower than answer_timeout_s (still answered, within lost_after_s)
+    shed: int = 0  # explicit RESOURCE_EXHAUSTED answers (overload): answered, not lost
     lost_phases: list[str] = field(default_factory=list)
     reconnects: int = 0
     resume_s: list[float] = field(default_factory=list)  # break → next decision, s
@@ -356,6 +357,12 @@ class HealthyStream:
                     broke_at = None
             elif kind == "error" and resp.error.code == pb.STREAM_ERROR_CODE_UNAVAILABLE:
                 raise RuntimeError("server draining")  # reconnect, as a real client would
+            elif (
+                kind == "error"
+                and resp.error.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
+                and resp.error.frame_request_id == tag
+            ):
+                self.stats.shed += 1  # the design's explicit overload answer
             else:
                 self.stats.errors.append(f"{self.phase}: {kind}: {resp}"[:300])
             time.sleep(self.interval_s)

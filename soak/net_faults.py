@@ -42,6 +42,7 @@ def _healthy_summary(h: HealthyStream, out: dict[str, Any], violations: list[str
     out["healthy_decisions"] = st.decisions
     out["decisions_lost"] = out.get("decisions_lost", 0) + st.lost
     out["healthy_late_over_2s"] = st.late
+    out["healthy_shed"] = st.shed
     if st.errors:
         violations.append(f"healthy stream got {len(st.errors)} errors: {st.errors[0]}")
     if st.lost:
@@ -98,7 +99,8 @@ def fuzz_storm(examples: int, log_dir: Path) -> dict[str, Any]:
 
 async def _churn_one(target: str, i: int) -> bool:
     """One client: connect, open, ask for a decision, then vanish in one of three ways.
-    Returns False when a decision it waited for never came."""
+    Returns False when the answer it waited for never came (a decision, or the explicit
+    RESOURCE_EXHAUSTED overload answer, both count as answered)."""
     async with grpc.aio.insecure_channel(target) as ch:
         call = pb_grpc.TamiyoServiceStub(ch).StreamTelemetry(None)
         await call.write(healthy_open(4, host=f"churn{i}"))
@@ -111,7 +113,10 @@ async def _churn_one(target: str, i: int) -> bool:
             call.cancel()  # killed mid-stream with a decision pending
         elif mode == 1:
             resp = await call.read()
-            ok = isinstance(resp, pb.StreamTelemetryResponse) and resp.HasField("decision")
+            ok = isinstance(resp, pb.StreamTelemetryResponse) and (
+                resp.HasField("decision")
+                or resp.error.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
+            )
             call.cancel()
             return ok
         # mode 2: the channel (TCP connection) closes under the open stream
