@@ -16,12 +16,8 @@ from types import TracebackType
 
 from tamiyo.config import ClientConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo_client.client import (
-    ClientStats,
-    DecisionCallback,
-    ReceivedDecision,
-    TamiyoClient,
-)
+from tamiyo_client.client import TamiyoClient
+from tamiyo_client.received import ClientStats, DecisionCallback, ReceivedDecision
 from tamiyo_client.security import ClientSecurity
 
 

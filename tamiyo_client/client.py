@@ -31,8 +31,6 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import grpc
 
@@ -42,7 +40,24 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_client.backoff import Backoff
 from tamiyo_client.coalesce import CoalescingBuffer
+from tamiyo_client.received import (
+    ClientError,
+    ClientStats,
+    DecisionCallback,
+    DecisionStream,
+    ErrorCallback,
+    ReceivedDecision,
+)
 from tamiyo_client.security import ClientSecurity
+
+__all__ = [
+    "FATAL_CODES",
+    "ClientError",
+    "ClientStats",
+    "DecisionStream",
+    "ReceivedDecision",
+    "TamiyoClient",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,75 +70,6 @@ FATAL_CODES = frozenset(
     }
 )
 Call = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
-
-
-class ClientError(RuntimeError):
-    """The client stopped for good (bad credentials, refused SessionOpen, ...)."""
-
-
-@dataclass(frozen=True)
-class ReceivedDecision:
-    """A decision as the client received it."""
-
-    decision: decision_pb2.AdaptationDecision
-    latency_ms: float | None  # frame written -> decision read; None if unmatched
-    session_id: str
-    connection: int  # 1 for the first accepted session, +1 per reconnect
-
-
-@dataclass
-class ClientStats:
-    """Counters since the client started (read them from any thread)."""
-
-    frames_submitted: int = 0
-    frames_sent: int = 0
-    decisions: int = 0
-    decisions_dropped: int = 0  # consumer too slow; oldest dropped
-    outcomes_sent: int = 0
-    outcomes_dropped: int = 0
-    stream_errors: int = 0  # in-stream StreamError answers refusing a message
-    frames_shed: int = 0  # RESOURCE_EXHAUSTED answers: superseded or shed by the server
-    sessions: int = 0  # SessionAccepted received (first connect + reconnects)
-    connect_failures: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
-
-    def latency_percentile(self, q: float) -> float | None:
-        """The q-th percentile (0-100) of client-observed decision latency, in ms."""
-        values = sorted(self.latencies_ms)
-        if not values:
-            return None
-        rank = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
-        return values[rank]
-
-
-DecisionCallback = Callable[[ReceivedDecision], None]
-ErrorCallback = Callable[[pb.StreamError], None]
-
-
-class DecisionStream:
-    """Async iterator over decisions; registered with the client when created, so no
-    decision that arrives between creation and the first ``__anext__`` is missed."""
-
-    def __init__(self, client: TamiyoClient) -> None:
-        self.client = client
-        self.queue: asyncio.Queue[ReceivedDecision | None] = asyncio.Queue()
-
-    def __aiter__(self) -> DecisionStream:
-        return self
-
-    async def __anext__(self) -> ReceivedDecision:
-        item = await self.queue.get()
-        if item is None:
-            self.close()
-            if self.client.fatal_error:
-                raise ClientError(self.client.fatal_error)
-            raise StopAsyncIteration
-        return item
-
-    def close(self) -> None:
-        """Stop receiving (idempotent)."""
-        if self.queue in self.client._queues:
-            self.client._queues.remove(self.queue)
 
 
 class TamiyoClient:
@@ -269,9 +215,7 @@ class TamiyoClient:
         the client is closed; raises ClientError if it stopped on a fatal error. A slow
         consumer loses the oldest beyond ``decision_buffer`` (``stats.decisions_dropped``).
         """
-        stream = DecisionStream(self)
-        self._queues.append(stream.queue)
-        return stream
+        return DecisionStream(self._queues, lambda: self.fatal_error)
 
     def _deliver(self, decision: decision_pb2.AdaptationDecision, connection: int) -> None:
         sent = self._sent_at.pop(decision.frame_request_id, None)
