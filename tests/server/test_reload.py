@@ -52,6 +52,7 @@ from tests.server import hosts
 from tests.server.conftest import make_config
 
 POLL_S = 0.1  # poll interval of the servers under test
+Stream = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
 
 
 def model(seed: int) -> TamiyoPolicy:
@@ -151,12 +152,25 @@ async def test_good_checkpoint_is_picked_up_within_two_polls(
     assert (info.version, info.pinned, info.reloads_ok) == ("v1", False, 0)
 
     seen: list[str] = []
+    streamed: list[str] = []
     health: list[bool] = []
     stop = asyncio.Event()
+    call: Stream = c.stub.StreamTelemetry(None)
+    await call.write(hosts.session_open(6))
+    first = await call.read()
+    assert isinstance(first, pb.StreamTelemetryResponse)
+    assert first.WhichOneof("message") == "session_accepted"
 
-    async def traffic() -> None:  # decisions and health probes all through the reload
+    async def traffic() -> None:  # unary + stream decisions and health through the reload
+        step = 0
         while not stop.is_set():
             seen.append(await c.version())
+            step += 1
+            await call.write(hosts.frame(6, step, tag=f"f{step}"))
+            msg = await asyncio.wait_for(call.read(), 10)
+            assert isinstance(msg, pb.StreamTelemetryResponse)
+            assert msg.decision.frame_request_id == f"f{step}", msg  # none lost or skipped
+            streamed.append(msg.decision.policy_version)
             health.append(await c.serving())
 
     task = asyncio.create_task(traffic())
@@ -175,6 +189,10 @@ async def test_good_checkpoint_is_picked_up_within_two_polls(
     switch = seen.index("v2")
     assert set(seen[:switch]) == {"v1"}, seen
     assert set(seen[switch:]) == {"v2"}, seen
+    switch = streamed.index("v2")
+    assert set(streamed[:switch]) == {"v1"}, streamed
+    assert set(streamed[switch:]) == {"v2"}, streamed
+    await call.done_writing()
     info = await c.info()
     assert info.version == "v2"
     assert info.checkpoint_path == str(tmp_path / "v2")
