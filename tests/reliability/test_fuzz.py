@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from soak.fuzz import check_field_message, run_decide_fuzz, run_stream_fuzz
+from soak.fuzz import check_decision, check_field_message, run_decide_fuzz, run_stream_fuzz
 from soak.garbage import huge_decide_request, run_garbage_fuzz, run_tcp_garbage
 from soak.harness import (
     HealthyStream,
@@ -312,3 +312,33 @@ def test_reopened_session_loses_no_decision(server: ServerThread) -> None:
             if answered != {"a", "b"}:
                 missing.append((trial, sorted(answered)))
         assert missing == []
+
+
+def test_layer_scores_sum_to_one_when_noop_is_near_certain() -> None:
+    """Found by the Decide fuzzer with the shipped default policy: a one-layer graph on
+    which P(no-op) ≈ 1 - 2e-7 got a layer score of 0.877 (float32 cancellation in
+    1 - P(no-op)). Scores of a graph must sum to 1 or all be 0 (decision.proto)."""
+    state = graph_pb2.ModelGraphState(
+        topology=graph_pb2.Topology(
+            layers=[
+                graph_pb2.LayerSpec(
+                    layer_id="L0",
+                    layer_type=graph_pb2.LAYER_TYPE_ATTENTION,
+                    input_size=3579,
+                    output_size=2282,
+                    parameter_count=302621084,
+                    seed_count=1,
+                )
+            ]
+        ),
+        kernels=[graph_pb2.KernelSpec(kernel_id="k", parameter_count=587007)],
+        step=648406,
+        epoch=12,
+    )
+    request = pb.DecideRequest(state=state, budget=pb.SessionBudget(decision_deadline_ms=1000))
+    config = loopback_config()
+    with ServerThread(config) as srv, grpc.insecure_channel(srv.target) as channel:
+        decision = pb_grpc.TamiyoServiceStub(channel).Decide(request, timeout=30).decision
+    assert not decision.degraded, "a 1 s deadline leaves time for the network"
+    assert decision.layer_scores
+    check_decision(decision, state)
