@@ -205,10 +205,18 @@ def main(argv: list[str] | None = None) -> int:
             security,
         )
         t0 = time.monotonic()
-        if not client.start(wait_connected_s=a.connect_timeout_s):
-            print(f"could not reach Tamiyo at {target}: {client.last_error}", file=sys.stderr)
-            client.close()
-            return 1
+        client.start()
+        while not client.wait_connected(1.0):
+            dead = proc is not None and proc.poll() is not None
+            if dead or time.monotonic() - t0 > a.connect_timeout_s:
+                why = "the server process exited" if dead else client.last_error
+                why = why or f"no session within {a.connect_timeout_s:.0f} s"
+                print(f"could not reach Tamiyo at {target}: {why}", file=sys.stderr)
+                if proc is not None:
+                    tail = (out / "server.log").read_text(errors="replace")[-2000:]
+                    print(f"--- server.log (tail) ---\n{tail}", file=sys.stderr)
+                client.close()
+                return 1
         print(
             f"connected in {time.monotonic() - t0:.1f} s, session {client.session_id},"
             f" policy {client.client.policy_version},"
