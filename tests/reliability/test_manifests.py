@@ -9,6 +9,7 @@ variable fails here) and the health service name the server registers.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -74,6 +75,22 @@ def _config_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Se
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return parse_config([])
+
+
+def _mount_for(container: Doc, path: str) -> Doc:
+    """The volume mount under which ``path`` lives."""
+    for m in container["volumeMounts"]:
+        mp = m["mountPath"].rstrip("/")
+        if path == mp or path.startswith(mp + "/"):
+            return dict(m)
+    raise AssertionError(f"{path} is on no volume mount of {container['name']}")
+
+
+def _trainer_args(args: list[str]) -> argparse.Namespace:
+    """Parse with the trainer's real command line (fails on a stale flag)."""
+    from trainer.cli import _parser
+
+    return _parser().parse_args(args)
 
 
 def _server_container() -> tuple[Doc, Doc]:
@@ -163,7 +180,7 @@ def test_token_comes_from_an_optional_secret_and_experience_is_writable(
     ref = env["TAMIYO_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert ref["optional"] is True, "without the Secret the server must still start"
     cfg = _config_from_env(_env_of(c), monkeypatch)
-    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == cfg.experience.dir)
+    mount = _mount_for(c, cfg.experience.dir)
     assert not mount.get("readOnly", False)
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
@@ -175,7 +192,7 @@ def test_checkpoints_reach_the_replicas_read_only(monkeypatch: pytest.MonkeyPatc
     pvc = objects["PersistentVolumeClaim/tamiyo-checkpoints"]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"], "several replicas + the Job mount it"
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
-    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == cfg.checkpoint_dir)
+    mount = _mount_for(c, cfg.checkpoint_dir)
     assert mount["readOnly"] is True
     claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
     assert claim == pvc["metadata"]["name"]
@@ -212,13 +229,22 @@ def test_trainer_job_runs_torchrun_into_the_shared_volume(
     cmd = c["command"]
     assert cmd[0] == "torchrun"
     assert cmd[cmd.index("-m") + 1] == "trainer"
-    args = c["args"]
-    assert args[args.index("--checkpoint-dir") + 1] == cfg.checkpoint_dir
-    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == cfg.checkpoint_dir)
-    assert not mount.get("readOnly", False), "the trainer writes checkpoints"
+    ns = _trainer_args(c["args"])
+    assert ns.cmd == "train"
+    # trainer.loop writes checkpoints to <run dir>/checkpoints: the servers watch that.
+    assert 'run_dir / "checkpoints"' in (ROOT / "trainer" / "loop.py").read_text()
+    assert str(ns.out / "checkpoints") == cfg.checkpoint_dir
     volumes = {v["name"]: v for v in pod["volumes"]}
-    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
-    assert claim == "tamiyo-checkpoints"
+    for path in (str(ns.out), *map(str, ns.data)):
+        mount = _mount_for(c, path)
+        assert not mount.get("readOnly", False), "the trainer writes checkpoints"
+        claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim == "tamiyo-checkpoints"
+    (init,) = pod["initContainers"]
+    script = init["command"][-1]
+    assert f"ckpt={cfg.checkpoint_dir}" in script, "seeds the directory the servers watch"
+    assert "python -m trainer generate" in script
+    _mount_for(init, cfg.checkpoint_dir)
     # Same uid as the server, so replicas can read what the trainer writes.
     assert pod["securityContext"]["runAsUser"] == 10001
     assert (ROOT / "trainer" / "__init__.py").is_file()
@@ -255,7 +281,10 @@ def test_compose_agrees_with_server_cli(monkeypatch: pytest.MonkeyPatch) -> None
     cfg = _config_from_env(env, monkeypatch)
     assert cfg.host == "0.0.0.0"
     assert {int(p) for p in server["expose"]} == {cfg.port, cfg.metrics_port}
-    assert f"checkpoints:{cfg.checkpoint_dir}:ro" in server["volumes"]
+    (ckpt_volume,) = [v for v in server["volumes"] if v.startswith("checkpoints:")]
+    _, mount_path, mode = ckpt_volume.split(":")
+    assert mode == "ro"
+    assert cfg.checkpoint_dir.startswith(mount_path + "/")
     health_cmd = " ".join(server["healthcheck"]["test"])
     assert f"service='{SERVICE_NAME}'" in health_cmd
     assert f"127.0.0.1:{cfg.port}" in health_cmd
@@ -266,9 +295,9 @@ def test_compose_agrees_with_server_cli(monkeypatch: pytest.MonkeyPatch) -> None
     assert envoy["ports"] == [f"127.0.0.1:{cfg.port}:{cfg.port}"]
     trainer = services["trainer"]
     assert trainer["entrypoint"][0] == "torchrun"
-    assert f"checkpoints:{cfg.checkpoint_dir}" in trainer["volumes"]
-    cmd = trainer["command"]
-    assert cmd[cmd.index("--checkpoint-dir") + 1] == cfg.checkpoint_dir
+    assert f"checkpoints:{mount_path}" in trainer["volumes"]
+    ns = _trainer_args(trainer["command"])
+    assert str(ns.out / "checkpoints") == cfg.checkpoint_dir
 
 
 def test_dockerfile_exposes_the_default_ports() -> None:
