@@ -75,6 +75,8 @@ def fuzz_storm(examples: int, log_dir: Path) -> dict[str, Any]:
                 run(stats)
             except AssertionError as e:  # an oracle violation (hypothesis shrank it)
                 stats.violations[str(e).splitlines()[0][:300]] += 1
+            except Exception as e:  # e.g. hypothesis FlakyFailure: report, do not abort
+                stats.violations[f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"] += 1
             for why, n in stats.violations.items():
                 violations.append(f"{name} fuzz ({n}×): {why}")
             out[f"{name}_examples"] = stats.examples
