@@ -21,8 +21,11 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
+from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo_server.batcher import Done
+from tamiyo_server.batcher import Done, Job
 from tamiyo_server.pipeline import DecisionPipeline, Evaluated
 from tamiyo_server.session import FrameRef, Pending, Session, budget_rules, deadline_s
 from tamiyo_server.validation import (
@@ -60,8 +63,11 @@ class StreamHandler:
         self.limit = max(1, pipeline.config.batch.outbound_queue)
         self.out: asyncio.Queue[pb.StreamTelemetryResponse | None] = asyncio.Queue()
         self.room = asyncio.Event()
-        self.idle = asyncio.Event()  # no evaluation pending
+        self.idle = asyncio.Event()  # no evaluation outstanding (any session of the stream)
         self.idle.set()
+        # Queued or running evaluations of this stream; several when a SessionOpen
+        # replaced the session while its evaluation was in flight (each is answered).
+        self.outstanding: set[Job[GraphSnapshot, Evaluated]] = set()
         self.session: Session | None = None
         self.closing = False
 
@@ -77,8 +83,8 @@ class StreamHandler:
                 await context.write(msg)
         finally:
             reader.cancel()
-            if self.session is not None and self.session.pending is not None:
-                self.p.batcher.cancel(self.session.pending.job)
+            for job in list(self.outstanding):
+                self.p.batcher.cancel(job)
             await asyncio.gather(reader, return_exceptions=True)
             if self.session is not None:
                 self.p.experience.close_session(self.session.session_id)
@@ -118,6 +124,16 @@ class StreamHandler:
                     )
         except asyncio.CancelledError:
             raise
+        except DecodeError as e:  # bytes that are not a StreamTelemetryRequest
+            self.p.m.rejected.labels("undecodable").inc()
+            self.out.put_nowait(
+                _error(
+                    Code.STREAM_ERROR_CODE_INVALID_ARGUMENT,
+                    f"message: not a valid StreamTelemetryRequest ({e}); the stream ends "
+                    "because the rest of it cannot be trusted",
+                    "message",
+                )
+            )
         except Exception as e:  # transport error while reading: the stream is over
             log.debug("stream read ended: %s", e)
         await self.finish()
@@ -262,12 +278,15 @@ class StreamHandler:
             return
         pending = Pending(job, ref)
         s.pending = pending
+        self.outstanding.add(job)
         self.idle.clear()
         job.future.add_done_callback(partial(self._answered, s, pending))
 
     def _answered(self, s: Session, pending: Pending, fut: asyncio.Future[Done[Evaluated]]) -> None:
         if s.pending is pending:
             s.pending = None
+        self.outstanding.discard(pending.job)
+        if not self.outstanding:
             self.idle.set()
         if fut.cancelled():
             return
