@@ -53,7 +53,7 @@ def test_blocking_client_in_a_training_loop_survives_restart(server: ServerThrea
         assert client.poll_decisions() == []
         server.start(port=port)
         assert client.wait_for(lambda: client.stats.sessions == 2, 15)
-        got = list(client.decisions(timeout_s=5))  # iterate until 5 s pass without one
+        got = list(client.decisions(timeout_s=2))  # iterate until 2 s pass without one
         assert [g.decision.frame_step for g in got][-1:] == [29]
         assert got[-1].connection == 2
         assert client.stats.outcomes_sent == 1
