@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+import pytest
 
 from tamiyo.config import (
     BatchConfig,
@@ -120,6 +121,7 @@ async def run_host(port: int, host: Host, steps: range) -> list[decision_pb2.Ada
     return got
 
 
+@pytest.mark.slow
 async def test_closed_loop(tmp_path: Path) -> None:
     xp_dir, run_dir = tmp_path / "experience", tmp_path / "run"
     ckpt_dir = run_dir / "checkpoints"  # where train() writes; the server watches it

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from tamiyo.experience import ExperienceReader, ExperienceWriter, connect
 from tamiyo.policy.features import FEATURE_SCHEMA
@@ -88,6 +89,7 @@ async def _load_then_kill(proc: subprocess.Popen[str], port: int) -> tuple[dict[
     return received, killed_at
 
 
+@pytest.mark.slow
 def test_sigkill_under_load_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
     proc, port, drain = _start_server(tmp_path)
     try:
