@@ -120,7 +120,13 @@ def _q(x: np.ndarray[Any, Any], q: float) -> float:
 
 
 def measure(
-    reloads: int, latency_reloads: int, gap_s: float, poll_s: float, streams: int, rate: float
+    reloads: int,
+    latency_reloads: int,
+    gap_s: float,
+    poll_s: float,
+    streams: int,
+    rate: float,
+    plot_path: Path,
 ) -> dict[str, Any]:
     from tamiyo.policy.checkpoint import set_latest
 
@@ -200,6 +206,13 @@ def measure(
         in_win |= (sched >= a) & (sched < b)
     versions = [r[2] for r in recs]
     degraded = np.array([r[3] for r in recs], dtype=bool)
+    _plot(
+        sched[in_a] - t_begin,
+        lat[in_a],
+        degraded[in_a],
+        [(a - t_begin, b - t_begin) for a, b in windows],
+        plot_path,
+    )
     return {
         "reloads": reloads,
         "reloads_ok": int(final.reloads_ok),
@@ -237,11 +250,41 @@ def measure(
     }
 
 
+def _plot(
+    t: np.ndarray[Any, Any],
+    lat: np.ndarray[Any, Any],
+    degraded: np.ndarray[Any, Any],
+    windows: list[tuple[float, float]],
+    path: Path,
+) -> None:
+    """Latency of every decision of phase A over time, reload windows shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    for a, b in windows:
+        ax.axvspan(a, b, color="tab:orange", alpha=0.25, lw=0)
+    ax.scatter(t[~degraded], lat[~degraded], s=3, label="network decision")
+    ax.scatter(t[degraded], lat[degraded], s=3, c="tab:red", label="degraded (shed)")
+    ax.axhline(P99_BUDGET_MS, color="k", ls="--", lw=0.8, label="10 ms budget")
+    ax.set_yscale("log")
+    ax.set_xlabel("time since phase A start (s); shaded = reload windows")
+    ax.set_ylabel("client latency (ms)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(opts: BenchOptions) -> None:
+    png = opts.out_dir / f"{PART}.png"
     if opts.quick:
-        r = measure(reloads=20, latency_reloads=5, gap_s=0.5, poll_s=0.25, streams=8, rate=80)
+        r = measure(20, 5, gap_s=0.5, poll_s=0.25, streams=8, rate=80, plot_path=png)
     else:
-        r = measure(reloads=100, latency_reloads=20, gap_s=1.0, poll_s=0.25, streams=16, rate=160)
+        r = measure(100, 20, gap_s=1.0, poll_s=0.25, streams=16, rate=160, plot_path=png)
     r["p99_ratio"] = r["p99_reload_ms"] / r["p99_steady_ms"]
     checks = {
         "decisions_lost == 0": r["decisions_lost"] == 0,

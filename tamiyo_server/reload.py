@@ -8,11 +8,14 @@ One background thread (never the event loop, never the inference thread) does th
 reload: stat → ``load_checkpoint`` (manifest, sha256, feature schema, shapes, finite
 weights) → a warm-up forward on sample graphs whose outputs must be finite and whose
 CPU time must fit the decision budget (ms) unless it is no slower than the serving policy
-(see ``check_serving``) → ``PolicyHolder.swap``. The inference thread
-reads ``holder.current`` once per batch, so the swap lands between batches, never inside
-one. The thread runs at a lower OS priority (Linux ``nice``) so a reload yields the two
-cores to serving. After the swap nothing here keeps the old policy: the last in-flight
-batch drops the last reference and its memory is freed (no growth across reloads).
+(see ``check_serving``) → ``PolicyHolder.swap``. The inference thread reads
+``holder.current`` once per batch, so the swap lands between batches, never inside one.
+The thread is deliberately *not* reniced: it holds the GIL while it runs Python (model
+construction, state-dict copy), and a low-priority GIL holder preempted on a busy box
+would stall the event loop and the inference thread (priority inversion); its CPU
+(~30 ms per reload) is small and it yields the GIL between warm-up forwards. After the
+swap nothing here keeps the old policy: the last in-flight batch drops the last
+reference and its memory is freed (no growth across reloads).
 
 A refused checkpoint is logged, counted and reported (``PolicyHolder.refuse``) and
 remembered by its fingerprint — path plus size and mtime (ns) of the manifest and the
@@ -30,7 +33,6 @@ import argparse
 import functools
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -61,7 +63,6 @@ from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial
 log = logging.getLogger(__name__)
 
 SAMPLE_SIZES = (8, 16, 32)  # nodes per sample graph of the warm-up batch (56 nodes)
-WATCHER_NICE = 10  # added to the reload thread's nice value (Linux only)
 MAX_REMEMBERED = 256  # refused fingerprints kept (oldest forgotten first)
 SLOWER_LIMIT = 1.5  # x the serving policy's warm-up time, see check_serving
 
@@ -267,7 +268,6 @@ class CheckpointWatcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        _lower_priority()
         log.info("watching %s every %.2f s", self.root / LATEST, self.poll_interval_s)
         while not self._stop.is_set():
             try:
@@ -337,19 +337,6 @@ class CheckpointWatcher:
             str(pointer), f"{pointer} names {name!r}, which is not a checkpoint directory here"
         )
         return "refused"
-
-
-def _lower_priority() -> None:
-    """Renice the calling thread (Linux threads have their own nice value) so a reload
-    never takes CPU from the inference thread or the event loop. Elsewhere a no-op:
-    ``setpriority`` with a thread id would renice the whole process."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WATCHER_NICE)
-    except OSError as e:
-        log.debug("could not lower the reload thread's priority: %s", e)
 
 
 # ---------------------------------------------------------------------- operator CLI
