@@ -247,6 +247,42 @@ class KasminaLayer(nn.Module):
             self._watch(p)
         return params
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """Seed bookkeeping saved in ``state_dict`` (plain ints and strings), so that a
+        checkpoint of an adapted model loads into a freshly built, unadapted one."""
+        return {
+            "seed_states": [int(s) for s in self.seed_states],
+            "seed_kernel_ids": list(self.seed_kernel_ids),
+            "seed_steps": list(self.seed_steps),
+            "adaptation_count": self.adaptation_count,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Recreate the kernels a checkpoint had (torch loads this before the children,
+        so their weights are then filled from the same state_dict)."""
+        states = [health_pb2.SeedLifecycleState.ValueType(s) for s in state["seed_states"]]
+        if len(states) != self.num_seeds:
+            raise ValueError(
+                f"layer {self.layer_id!r}: checkpoint has {len(states)} seeds, layer has "
+                f"{self.num_seeds}"
+            )
+        for i, st in enumerate(states):
+            key, kid = str(i), state["seed_kernel_ids"][i]
+            if st in ACTIVE_STATES and key not in self.seed_kernels:
+                kernel = get_kernel(kid).build(self.in_features, self.out_features)
+                ref = next(self.base.parameters(), None)
+                if ref is not None:
+                    kernel = kernel.to(device=ref.device, dtype=ref.dtype)
+                self.seed_kernels[key] = kernel
+                for p in kernel.parameters():
+                    self._watch(p)
+            if st == FOSSILIZED:
+                self.seed_kernels[key].requires_grad_(False)
+        self.seed_states = states
+        self.seed_kernel_ids = list(state["seed_kernel_ids"])
+        self.seed_steps = list(state["seed_steps"])
+        self.adaptation_count = int(state["adaptation_count"])
+
     def cull(self, seed_index: int) -> None:
         """Remove the kernel of a failed seed; the slot becomes CULLED (reusable)."""
         kernel = self.seed_kernels[str(seed_index)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,30 @@ def test_sampling_measures_first_forward_of_each_window_then_every_nth() -> None
     assert layer._acc.n == len(X)
     layer(X)[:, 0].sum().backward()  # not a sampled forward: gradient not measured
     assert layer.take_gradient_norm() is None
+
+
+def test_adapted_model_checkpoint_loads_into_a_fresh_model(tmp_path: Path) -> None:
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        model[0] = KasminaLayer(model[0], "first", KasminaConfig(num_seeds=2))
+        return model
+
+    adapted = build()
+    layer = adapted[0]
+    assert isinstance(layer, KasminaLayer)
+    params = layer.germinate(1, "residual_mlp_r16")
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.5)  # make the kernel matter
+    adapted(X)  # GERMINATED -> TRAINING
+    path = tmp_path / "model.pt"
+    torch.save(adapted.state_dict(), path)
+    fresh = build()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    loaded = fresh[0]
+    assert isinstance(loaded, KasminaLayer)
+    assert loaded.seed_states == [DORMANT, TRAINING]
+    assert loaded.seed_kernel_ids == ["", "residual_mlp_r16"]
+    assert loaded.adaptation_count == 1
+    assert torch.equal(fresh(X), adapted(X))
