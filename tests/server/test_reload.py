@@ -222,6 +222,24 @@ async def test_old_policy_is_released_after_the_swap(
     assert ref() is None, "the replaced policy is still referenced"
 
 
+def test_replaced_policy_is_freed_by_refcount_alone(tmp_path: Path) -> None:
+    """No reference cycle keeps a replaced policy: it is freed at the swap, without
+    waiting for (or paying) a full garbage collection on the serving process."""
+    write(tmp_path, "v1", seed=1)
+    write(tmp_path, "v2", seed=2, latest=False)
+    holder = PolicyHolder(reload.load_served(tmp_path / "v1", "cpu", 1e9))
+    watcher = reload.CheckpointWatcher(tmp_path, holder)
+    refs = [weakref.ref(holder.current), weakref.ref(holder.current.engine.model)]
+    gc.disable()
+    try:
+        set_latest(tmp_path, "v2")
+        assert watcher.poll_once() == "loaded"
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+    assert watcher.poll_once() == "unchanged"
+
+
 def test_swap_lands_between_batches_never_inside_one(tmp_path: Path) -> None:
     """A swap arriving while a batch runs: the whole batch answers with the old policy,
     the next batch with the new one."""
