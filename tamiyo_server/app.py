@@ -164,7 +164,7 @@ class TamiyoServer:
             await asyncio.to_thread(self.experience.flush, grace)
         await self.server.stop(grace)
         if self.pipeline is not None:
-            await asyncio.to_thread(self.pipeline.batcher.stop)
+            await self.pipeline.stop()
         if self.experience is not None:
             await asyncio.to_thread(self.experience.close)
         self.metrics.stop()

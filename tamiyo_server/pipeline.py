@@ -30,6 +30,7 @@ from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
 from tamiyo_server.validation import validate_decide
 
+LAG_PROBE_S = 0.02
 _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 
 
@@ -61,11 +62,35 @@ class DecisionPipeline:
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
+        self.loop_lag_s = 0.0  # see _watch_lag
+        self._lag_task: asyncio.Task[None] | None = None
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
 
     def start(self) -> None:
         self.batcher.start()
+        self._lag_task = asyncio.get_running_loop().create_task(self._watch_lag())
+
+    async def stop(self) -> None:
+        """Stop the lag monitor and the inference thread (queued work runs first)."""
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
+        await asyncio.to_thread(self.batcher.stop)
+
+    async def _watch_lag(self) -> None:
+        """Event-loop lag (s): how late a 20 ms sleep wakes up. When the loop itself is
+        behind by more than twice the decision deadline, reading frames is the
+        bottleneck and every frame waiting in the transport is already late."""
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_PROBE_S)
+            lag = time.monotonic() - t0 - LAG_PROBE_S
+            self.loop_lag_s = lag if lag > self.loop_lag_s else 0.7 * self.loop_lag_s + 0.3 * lag
+
+    def swamped(self) -> bool:
+        """True when frames should be refused at the door without being processed."""
+        return self.loop_lag_s > 2.0 * self.config.batch.decision_deadline_ms / 1000.0
 
     def calibrate(self, rounds: int = 3) -> None:
         """Seed the batcher's cost model with measured batches of synthetic graphs, so

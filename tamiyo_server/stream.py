@@ -214,6 +214,22 @@ class StreamHandler:
         if s is None:
             self._no_session("frame")
             return
+        if frame.want_decision and self.p.swamped():
+            # The event loop is far behind: every frame still in the transport is late.
+            # Answer at the cheapest possible cost (no validation, no history update) so
+            # the backlog drains and nothing goes unanswered; say the telemetry was dropped.
+            self.p.m.shed.labels("swamped").inc()
+            self.out.put_nowait(
+                _error(
+                    Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
+                    "shed: server overloaded (event loop "
+                    f"{self.p.loop_lag_s * 1000:.0f} ms behind); this frame was not "
+                    "processed and its telemetry was dropped",
+                    "frame",
+                    frame,
+                )
+            )
+            return
         try:
             validate_frame(frame, s.info, self.p.config.limits, s.last_step)
         except ValidationError as err:

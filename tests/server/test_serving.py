@@ -341,3 +341,23 @@ async def test_policy_info_says_builtin(server: TamiyoServer) -> None:
     assert len(info.features) > 10
     assert info.feature_schema_version
     assert info.loaded_at.seconds > 0
+
+
+async def test_swamped_loop_refuses_at_the_door(
+    server: TamiyoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server.pipeline is not None
+    assert server.pipeline.loop_lag_s < 1.0  # the lag monitor runs and an idle loop is on time
+    monkeypatch.setattr(server.pipeline, "swamped", lambda: True)
+    async with channel(server) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        await call.write(hosts.frame(6, 1, tag="late"))
+        err = (await read(call)).error
+        assert err.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
+        assert (err.frame_request_id, err.field) == ("late", "frame")
+        assert "telemetry was dropped" in err.message
+        monkeypatch.undo()
+        await call.write(hosts.frame(6, 2, tag="ok"))
+        assert (await read(call)).decision.frame_request_id == "ok"
+        await call.done_writing()
+    assert server.metrics.registry.get_sample_value("tamiyo_shed_total", {"reason": "swamped"}) == 1
