@@ -25,10 +25,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tamiyo.config import ExperienceLogConfig
-from tamiyo.experience.encode import StateEncoder
 from tamiyo.experience.retention import enforce_retention
 from tamiyo.experience.schema import ACTION_LOAD_KERNEL, ACTION_NO_OP, DecisionRecord, OutcomeRecord
-from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 
@@ -127,14 +125,15 @@ def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
 
 # ------------------------------------- queued events (immutable; NamedTuple: cheapest to build)
 class Resync(NamedTuple):
-    """(Re)start a session's rings: empty at open, or the exact ``snap`` after a loss."""
+    """(Re)start a session: empty at open, or after a loss from ``state`` (serialised
+    ``ModelGraphState`` of the session's exact window, see ``tamiyo.experience.encode``)."""
 
     key: str
     host_id: str
     topology: graph_pb2.Topology
     kernels: tuple[graph_pb2.KernelSpec, ...]
     seq: int
-    snap: GraphSnapshot | None
+    state: bytes | None
     request_id: str = ""
 
 
@@ -191,7 +190,7 @@ class SessionState:
     """Background side of one session: encoded signal rings, pending states, last
     decision (for the end-of-stream outcome)."""
 
-    def __init__(self, ev: Resync, window: int, encoder: StateEncoder) -> None:
+    def __init__(self, ev: Resync, window: int) -> None:
         self.host_id = ev.host_id
         self.layers = {lay.layer_id: i for i, lay in enumerate(ev.topology.layers)}
         self.kernels = {k.kernel_id: i for i, k in enumerate(ev.kernels)}
@@ -208,11 +207,11 @@ class SessionState:
         self.last_seq = -1
         self.seq = ev.seq
         self.last_client: OutcomeRecord | None = None
-        if ev.snap is not None:
-            state = graph_pb2.ModelGraphState.FromString(encoder.encode([ev.snap])[0])
+        if ev.state is not None:
+            state = graph_pb2.ModelGraphState.FromString(ev.state)
             self._to_rings()
             self._append(state.signals)
-            self.step, self.epoch = ev.snap.step, ev.snap.epoch
+            self.step, self.epoch = int(state.step), int(state.epoch)
             self._mark(ev.seq, ev.request_id)
 
     def _to_rings(self) -> None:
@@ -275,7 +274,6 @@ class Assembler:
         self.window = window
         self.config = config
         self.directory = directory
-        self.encoder = StateEncoder()
         self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.unmatched = 0  # decisions whose state was lost with a dropped event
         self.current: Path | None = None
@@ -305,7 +303,7 @@ class Assembler:
                 if rec is not None:
                     out.append(rec)
             elif isinstance(ev, Resync):
-                self.sessions[ev.key] = SessionState(ev, self.window, self.encoder)
+                self.sessions[ev.key] = SessionState(ev, self.window)
                 self.sessions.move_to_end(ev.key)
                 while len(self.sessions) > MAX_SESSIONS:
                     self.sessions.popitem(last=False)

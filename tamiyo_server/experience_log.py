@@ -1,22 +1,23 @@
 """The server's experience log: every decision, what it saw, and what followed, in the store.
 
 Why it is built this way: logging must never slow a decision. The event loop only
-*appends* references to messages it already has (the validated frame, the decision, the
-outcome) to a bounded list: no serialisation, no thread wake-up. Threads:
+serialises messages it already has (the validated frame, the decision, the outcome: one
+``SerializeToString`` each, in C) and appends the bytes to a bounded list: no thread
+wake-up, no state assembly. A shipping thread writes the list to a pipe every ≤ 20 ms
+(the GIL is released while it writes). Everything else happens in a separate process,
+``tamiyo_server.experience_proc`` (own interpreter, own GIL): it replays each session's
+frames into encoded signal blocks so the ``ModelGraphState`` a decision saw is one
+``bytes.join`` (``tamiyo_server.experience_assembler``), and commits rows once per flush
+interval (``tamiyo.experience.writer``). Background *threads* doing that work in the
+server process competed with the event loop and inference thread for the GIL.
 
-* ``experience-ship`` (every ≤ 50 ms): takes the list and turns it into store records
-  (``tamiyo_server.experience_assembler``): it replays each session's frames into
-  already-encoded signal blocks, so the ``ModelGraphState`` a decision saw is one
-  ``bytes.join`` (each signal is serialised once, however many windows it appears in),
-  yielding the GIL every few events so serving threads are not held up;
-* ``experience-writer`` (``tamiyo.experience.writer``): commits the records once per
-  flush interval in one transaction (SQLite releases the GIL while it writes).
-
-When the writer falls behind (slow disk), events stay in the list; beyond ``max_queue``
-new ones are dropped and counted (``tamiyo_experience_dropped_total``), never waited
-for. A session that lost a frame re-sends its exact snapshot with its next frame
-(``Resync``), so no logged state ever differs from what the policy saw. A ``kill -9``
-loses at most the last ship period + flush interval (+ the commit in progress).
+When the store falls behind (slow disk), the experience process stops reading, the pipe
+fills, then the list; beyond ``max_queue`` new events are dropped and counted
+(``tamiyo_experience_dropped_total``), never waited for. A session that lost a frame
+sends its exact window with its next frame (``RESYNC``, encoded by
+``tamiyo.experience.encode``), so no logged state ever differs from what the policy saw.
+If the server is killed, the experience process reads EOF and commits all it received;
+if both are killed, at most the last ship period + flush interval (+ a commit) is lost.
 
 What a row holds: see ``tamiyo.experience.schema``. Outcomes:
 
@@ -36,30 +37,40 @@ step; the server requires frame steps to be non-decreasing, so they agree).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from tamiyo.config import ExperienceLogConfig
-from tamiyo.experience.writer import ExperienceWriter
+from tamiyo.experience.encode import StateEncoder
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo_server.experience_assembler import (
-    MAX_SESSIONS,
-    Assembler,
-    DecisionEvent,
-    EndEvent,
-    FrameEvent,
-    OutcomeEvent,
-    Resync,
-    UnaryEvent,
+from tamiyo_server.experience_assembler import MAX_SESSIONS
+from tamiyo_server.experience_proc import (
+    _RESYNC,
+    _U32,
+    _U64,
+    DECISION,
+    END,
+    FLUSH,
+    FRAME,
+    OPEN,
+    OUTCOME,
+    RESYNC,
+    UNARY,
+    record,
 )
 from tamiyo_server.session import Session
 
@@ -105,15 +116,14 @@ class NullExperienceLog:
 class _Live:
     """Event-loop side of one session: frame counter and what a resync needs."""
 
-    host_id: str
-    topology: graph_pb2.Topology
-    kernels: tuple[graph_pb2.KernelSpec, ...]
+    open_msg: pb.SessionOpen
     seq: int = 0
     resync: bool = False
 
 
 class ExperienceLog:
-    """Logging on: events to a bounded list, records to SQLite off the event loop."""
+    """Logging on: events serialised into a bounded buffer on the event loop, shipped
+    through a pipe to the experience process (``tamiyo_server.experience_proc``)."""
 
     def __init__(
         self,
@@ -126,155 +136,177 @@ class ExperienceLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = self.directory / f"{config.prefix}-{stamp}-{os.getpid()}.sqlite"
-        self._asm = Assembler(window, config, self.directory)
-        # Events wait in a plain list (append under a lock: no thread wake-up per event)
-        # and are shipped to the writer as one item every ``_ship_s``; a queue.put per
-        # event woke the writer thread thousands of times a second.
-        self._buf: list[object] = []
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tamiyo_server.experience_proc", "--path", str(path),
+             "--window", str(window), "--config", json.dumps(asdict(config))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False,
+        )  # fmt: skip
+        assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
+        self._pipe = self._proc.stdin
+        self._encoder = StateEncoder()  # resync only (after a drop), rare
+        # Serialised records wait here (append under a lock: no wake-up per event); a
+        # shipping thread writes them to the pipe every ``_ship_s`` (the GIL is released
+        # while it writes). A full buffer (the store cannot keep up) drops, never waits.
+        self._buf: list[bytes] = []
         self._buf_lock = threading.Lock()
         self._ship_lock = threading.Lock()
         self._max = config.max_queue
-        self._ship_s = min(0.05, config.flush_interval_s / 10)
+        self._ship_s = min(0.02, config.flush_interval_s / 10)
         self._n_dropped = 0
-        self.writer = ExperienceWriter(
-            path,
-            flush_interval_s=config.flush_interval_s,
-            max_queue=1024,  # shipped lists; the event bound is ``max_queue`` above
-            max_file_bytes=int(config.max_file_mb * 1e6),
-            max_file_age_s=config.max_file_age_s,
-            writer_name=f"tamiyo-server pid {os.getpid()}",
-            prepare=self._prepare,
-        )
-        # OrderedDict: a session re-opened on the same stream never gets close_session;
-        # the oldest entries beyond MAX_SESSIONS (>> concurrent streams) are forgotten.
+        self._stats: dict[str, Any] = {"files": [str(path)]}
+        self._acks: dict[str, threading.Event] = {}
+        self._tokens = itertools.count()
         self._live: OrderedDict[str, _Live] = OrderedDict()
         self._dropped = Counter(
             "tamiyo_experience_dropped",
-            "Experience events dropped because the log queue was full (slow disk).",
+            "Experience events dropped because the log buffer was full (slow disk).",
             ("kind",),
             registry=registry,
         )
         for kind in ("open", "frame", "decision", "outcome", "end"):
             self._dropped.labels(kind).inc(0)
         if registry is not None:
-            w = self.writer
             g = Gauge(
                 "tamiyo_experience_rows",
                 "Rows committed to the experience store, by table.",
                 ("table",),
                 registry=registry,
             )
-            g.labels("decisions").set_function(lambda: w.written_decisions)
-            g.labels("outcomes").set_function(lambda: w.written_outcomes)
+            g.labels("decisions").set_function(lambda: self._stats.get("decisions", 0))
+            g.labels("outcomes").set_function(lambda: self._stats.get("outcomes", 0))
             Gauge(
-                "tamiyo_experience_queue", "Events waiting for the writer.", registry=registry
+                "tamiyo_experience_queue", "Events waiting to be shipped.", registry=registry
             ).set_function(lambda: len(self._buf))
         self._closed = threading.Event()
-        self._shipper = threading.Thread(
-            target=self._ship_loop, name="experience-ship", daemon=True
-        )
+        self._reader = threading.Thread(target=self._read_stats, name="experience-stats",
+                                        daemon=True)  # fmt: skip
+        self._reader.start()
+        self._shipper = threading.Thread(target=self._ship_loop, name="experience-ship",
+                                         daemon=True)  # fmt: skip
         self._shipper.start()
         log.info("experience log: %s (flush every %.2f s)", path, config.flush_interval_s)
 
-    @staticmethod
-    def _prepare(batch: list[object]) -> list[object]:
-        """Writer thread: the shipped lists of records, flattened (it only does SQLite)."""
-        return [r for item in batch for r in (item if isinstance(item, list) else (item,))]
-
+    # ------------------------------------------------------------ figures
     @property
     def dropped(self) -> int:
-        """Events dropped because the buffer was full (the writer could not keep up)."""
-        return self._n_dropped + self.writer.dropped
+        """Events dropped: buffer full here, or queue full in the experience process."""
+        return self._n_dropped + int(self._stats.get("dropped", 0))
 
+    @property
+    def unmatched(self) -> int:
+        return int(self._stats.get("unmatched", 0))
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(f) for f in self._stats.get("files", [])]
+
+    def _read_stats(self) -> None:
+        out = self._proc.stdout
+        assert out is not None
+        for line in out:
+            kind, _, rest = line.decode().strip().partition(" ")
+            if kind == "ACK":
+                token, _, rest = rest.partition(" ")
+            self._stats = json.loads(rest)
+            if kind == "ACK" and token in self._acks:
+                self._acks[token].set()
+
+    # ------------------------------------------------------------- shipping thread
     def _ship(self) -> None:
-        """Turn the buffered events into records (``Assembler``, in small bursts every
-        ``_ship_s``, not one long GIL-holding burst per flush) and hand them to the
-        writer -- unless it is still behind: then they stay buffered, and new events
-        beyond ``max_queue`` are dropped and counted."""
-        with self._ship_lock:  # the shipper thread, or a flush() caller
-            if self.writer.queued > 1:
-                return
+        with self._ship_lock:
             with self._buf_lock:
                 if not self._buf:
                     return
                 batch, self._buf = self._buf, []
-            self._asm.current = self.writer.current_path
-            self.writer.offer(self._asm.prepare(batch))  # never full: <= 2 lists queued
+            try:
+                self._pipe.write(b"".join(batch))  # blocks while the process is behind
+                self._pipe.flush()
+            except (BrokenPipeError, ValueError):
+                log.error("experience process is gone; %d events lost", len(batch))
+                self._n_dropped += len(batch)
 
     def _ship_loop(self) -> None:
         while not self._closed.wait(self._ship_s):
             self._ship()
 
-    @property
-    def unmatched(self) -> int:
-        return self._asm.unmatched
-
-    @property
-    def files(self) -> list[Path]:
-        return list(self.writer.files)
-
     # ------------------------------------------------------------- event loop side
-    def _offer(self, kind: str, ev: object) -> bool:
+    def _offer(self, kind: str, rec: bytes) -> bool:
         with self._buf_lock:
             if len(self._buf) < self._max:
-                self._buf.append(ev)
+                self._buf.append(rec)
                 return True
             self._n_dropped += 1
         self._dropped.labels(kind).inc()
         return False
 
     def open_session(self, session_id: str, msg: pb.SessionOpen) -> None:
-        live = _Live(msg.host_id, msg.topology, tuple(msg.kernels))
+        live = _Live(msg)
         self._live[session_id] = live
-        if len(self._live) > MAX_SESSIONS:
+        if len(self._live) > MAX_SESSIONS:  # re-opened sessions are never closed
             self._live.popitem(last=False)
-        ev = Resync(session_id, live.host_id, live.topology, live.kernels, 0, None)
-        live.resync = not self._offer("open", ev)
+        rec = record(OPEN, session_id, time.time(), msg.SerializeToString())
+        live.resync = not self._offer("open", rec)
 
     def frame(self, session: Session, frame: pb.TelemetryFrame) -> None:
         """After ``session.apply_frame(frame)``."""
-        live = self._live.get(session.session_id)
+        sid = session.session_id
+        live = self._live.get(sid)
         if live is None:
             return
         live.seq += 1
         if live.resync:  # an earlier event was dropped: send the exact window instead
             snap = session.window.snapshot(frame.step, frame.epoch)
-            ev: object = Resync(
-                session.session_id, live.host_id, live.topology, live.kernels, live.seq,
-                snap, frame.request_id,
-            )  # fmt: skip
+            state = self._encoder.encode([snap])[0]
+            rid, om = frame.request_id.encode(), live.open_msg.SerializeToString()
+            payload = _RESYNC.pack(live.seq, len(rid), len(om)) + rid + om + state
+            rec = record(RESYNC, sid, time.time(), payload)
         else:
-            ev = FrameEvent(session.session_id, live.seq, frame)
-        live.resync = not self._offer("frame", ev)
+            payload = _U64.pack(live.seq) + frame.SerializeToString()
+            rec = record(FRAME, sid, 0.0, payload)
+        live.resync = not self._offer("frame", rec)
 
     def decision(self, session_id: str, msg: decision_pb2.AdaptationDecision) -> None:
         """Any decision sent on a stream (it echoes the frame whose state it saw)."""
-        self._offer("decision", DecisionEvent(session_id, msg, time.time()))
+        rec = record(DECISION, session_id, time.time(), msg.SerializeToString())
+        self._offer("decision", rec)
 
     def outcome(self, session_id: str, msg: pb.DecisionOutcome) -> None:
-        self._offer("outcome", OutcomeEvent(session_id, msg, time.time()))
+        self._offer("outcome", record(OUTCOME, session_id, time.time(), msg.SerializeToString()))
 
     def close_session(self, session_id: str) -> None:
         if self._live.pop(session_id, None) is not None:
-            self._offer("end", EndEvent(session_id, time.time()))
+            self._offer("end", record(END, session_id, time.time(), b""))
 
     def unary(self, state: graph_pb2.ModelGraphState, msg: decision_pb2.AdaptationDecision) -> None:
-        self._offer("decision", UnaryEvent(state, msg, time.time()))
+        st = state.SerializeToString()
+        payload = _U32.pack(len(st)) + st + msg.SerializeToString()
+        self._offer("decision", record(UNARY, "", time.time(), payload))
 
     # ------------------------------------------------------------------- lifecycle
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Block (off the event loop!) until everything logged so far is committed."""
-        deadline = time.monotonic() + timeout_s
-        while self._buf and time.monotonic() < deadline:
-            self._ship()
-            if self._buf:
-                time.sleep(self._ship_s)
-        return self.writer.flush(max(0.0, deadline - time.monotonic()))
+        token = str(next(self._tokens))
+        done = self._acks[token] = threading.Event()
+        with self._buf_lock:
+            self._buf.append(record(FLUSH, token, 0.0, b""))  # never dropped
+        self._ship()
+        ok = done.wait(timeout_s)
+        del self._acks[token]
+        return ok
 
     def close(self, timeout_s: float = 30.0) -> None:
+        """Ship what is buffered, end the pipe; the process commits everything and exits."""
         if self._closed.is_set():
             return
         self._closed.set()
         self._shipper.join(timeout_s)
-        self.flush(timeout_s)
-        self.writer.close(timeout_s)
+        self._ship()
+        with contextlib.suppress(BrokenPipeError):
+            self._pipe.close()
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("experience process did not exit in %.0f s; killing it", timeout_s)
+            self._proc.kill()
+        self._reader.join(timeout_s)

@@ -2,7 +2,9 @@
 
 The server runs as its own process from the real CLI (``python -m tamiyo_server``,
 port 0, ``--experience-dir``, ``--flush-interval-s``, exploration on). Eight streams
-drive it closed loop and remember when each decision arrived. Then SIGKILL, no warning.
+drive it closed loop and remember when each decision arrived. Then SIGKILL, no warning,
+to the server *and* its experience process together (killed alone, the server would let
+the experience process commit everything it had received: no loss at all).
 Afterwards every store file passes ``PRAGMA integrity_check``, every committed row is
 readable (its state parses and replays), the store opens for appending again, and every
 decision received more than one flush interval (+ commit slack) before the kill is in it.
@@ -82,8 +84,13 @@ async def _load_then_kill(proc: subprocess.Popen[str], port: int) -> tuple[dict[
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_drive(port, k, received, stop)) for k in range(STREAMS)]
     await asyncio.sleep(4.0)  # several flush intervals of logging under load
+    # The whole server dies at once, as in an OOM kill or a node loss: the server process
+    # and its experience process (which would otherwise commit everything it had).
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()  # noqa: ASYNC240
+    assert children, "the server has no experience process"
     killed_at = time.monotonic()
-    os.kill(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *map(int, children)]:
+        os.kill(pid, signal.SIGKILL)
     stop.set()
     await asyncio.wait(tasks, timeout=10)
     return received, killed_at
