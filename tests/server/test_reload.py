@@ -229,12 +229,14 @@ def test_replaced_policy_is_freed_by_refcount_alone(tmp_path: Path) -> None:
     write(tmp_path, "v2", seed=2, latest=False)
     holder = PolicyHolder(reload.load_served(tmp_path / "v1", "cpu", 1e9))
     watcher = reload.CheckpointWatcher(tmp_path, holder)
-    refs = [weakref.ref(holder.current), weakref.ref(holder.current.engine.model)]
+    served_ref = weakref.ref(holder.current)
+    model_ref = weakref.ref(holder.current.engine.model)
     gc.disable()
     try:
         set_latest(tmp_path, "v2")
         assert watcher.poll_once() == "loaded"
-        assert [r() for r in refs] == [None, None]
+        assert served_ref() is None
+        assert model_ref() is None
     finally:
         gc.enable()
     assert watcher.poll_once() == "unchanged"
