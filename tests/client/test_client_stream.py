@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -39,6 +40,66 @@ async def until(predicate: object, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+SHED = pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
+
+
+class Asker:
+    """Ask for a decision and wait for the answer to *that* frame. Under load the real
+    server may shed a frame instead (an explicit RESOURCE_EXHAUSTED notice naming its
+    request id); then the next step asks again. Other errors are kept in ``errors``."""
+
+    def __init__(self, client: TamiyoClient) -> None:
+        self.client = client
+        self.stream = client.decisions()
+        self.shed: set[str] = set()
+        self.errors: list[pb.StreamError] = []
+        client.add_error_callback(self._on_error)
+
+    def _on_error(self, err: pb.StreamError) -> None:
+        if err.code == SHED:
+            self.shed.add(err.frame_request_id)
+        else:
+            self.errors.append(err)
+
+    async def answer(
+        self, frame: pb.TelemetryFrame, timeout_s: float = 10.0
+    ) -> ReceivedDecision | pb.StreamError | None:
+        """The decision for ``frame`` (already sent), the error refusing it, or None if
+        it was shed."""
+        deadline = time.monotonic() + timeout_s
+        while frame.request_id not in self.shed:
+            assert time.monotonic() < deadline, f"no answer to {frame.request_id}"
+            refused = [e for e in self.errors if e.frame_request_id == frame.request_id]
+            if refused:
+                return refused[0]
+            try:
+                got = await asyncio.wait_for(anext(self.stream), 0.05)
+            except TimeoutError:
+                continue
+            if got.decision.frame_request_id == frame.request_id:
+                return got
+        return None
+
+    async def ask(
+        self, make: Callable[[int], pb.TelemetryFrame], step: int, tries: int = 20
+    ) -> ReceivedDecision:
+        """Send ``make(step)`` (a frame asking for a decision) until one is answered."""
+        got = await self.ask_any(make, step, tries)
+        assert isinstance(got, ReceivedDecision), got
+        return got
+
+    async def ask_any(
+        self, make: Callable[[int], pb.TelemetryFrame], step: int, tries: int = 20
+    ) -> ReceivedDecision | pb.StreamError:
+        """Like ``ask`` but a refusal (StreamError other than shed) is an answer too."""
+        for n in range(tries):
+            frame = make(step + n)
+            self.client.send_frame(frame)
+            if (got := await self.answer(frame)) is not None:
+                return got
+        raise AssertionError(f"all {tries} frames were shed")
+
+
 async def test_decisions_by_iterator_and_callback_and_outcomes(
     make_server: ServerFactory,
 ) -> None:
@@ -48,31 +109,30 @@ async def test_decisions_by_iterator_and_callback_and_outcomes(
     by_callback: list[ReceivedDecision] = []
     async with TamiyoClient(host.session_open(), config(srv.port)) as client:
         client.add_callback(by_callback.append)
-        stream = client.decisions()
+        asker = Asker(client)
         assert await client.wait_connected(5)
         assert client.session_id
-        sent, got = [], []
-        for step in range(5):
+        got: list[ReceivedDecision] = []
+        step = 0
+        for _ in range(5):
             train_step(model, opt)
-            frame = host.frame(step, 0, want_decision=True)
-            client.send_frame(frame)
-            sent.append(frame.request_id)
-            got.append(await asyncio.wait_for(anext(stream), 5))
-        assert [g.decision.frame_request_id for g in got] == sent  # ids assigned, echoed
-        assert [g.decision.frame_step for g in got] == list(range(5))
+            d = await asker.ask(lambda k: host.frame(k, 0, want_decision=True), step)
+            step = d.decision.frame_step + 1
+            got.append(d)
+        assert all(g.decision.frame_request_id for g in got)  # ids assigned, echoed
         assert all(g.latency_ms is not None and g.latency_ms > 0 for g in got)
         assert all(g.connection == 1 and g.session_id == client.session_id for g in got)
-        assert [g.decision.decision_id for g in by_callback] == [
-            g.decision.decision_id for g in got
-        ]
+        answered = {g.decision.decision_id for g in got}
+        assert answered <= {g.decision.decision_id for g in by_callback}  # same, by callback
         for g in got:
             client.report_outcome(host.outcome(host.apply(g.decision), reward=0.0))
         await until(lambda: client.stats.outcomes_sent == 5)
         # a frame round trip after the outcomes proves they were read without error
-        client.send_frame(host.frame(5, 0, want_decision=True))
-        await asyncio.wait_for(anext(stream), 5)
+        await asker.ask(lambda k: host.frame(k, 0, want_decision=True), step)
+        assert asker.errors == []
         assert client.stats.stream_errors == 0, list(client.stream_errors)
         assert client.stats.latency_percentile(50) is not None
+        stream = asker.stream
     with pytest.raises(StopAsyncIteration):  # closing the client ends the iterator
         await asyncio.wait_for(anext(stream), 1)
 
@@ -84,19 +144,22 @@ async def test_reconnects_and_resumes_after_server_restart(make_server: ServerFa
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     cfg = config(port, frame_buffer=4)
     async with TamiyoClient(host.session_open(), cfg) as client:
-        stream = client.decisions()
+        asker = Asker(client)
         assert await client.wait_connected(5)
         first_session = client.session_id
         train_step(model, opt)
-        client.send_frame(host.frame(0, 0, want_decision=True))
-        d1 = await asyncio.wait_for(anext(stream), 5)
+        d1 = await asker.ask(lambda k: host.frame(k, 0, want_decision=True), 0)
         assert d1.connection == 1
+        start = d1.decision.frame_step + 1
 
         await srv.stop()  # the server goes away (it sends SessionClosing first)
         await until(lambda: not client.connected)
-        for step in range(1, 41):  # training goes on while it is down
+        last = None
+        for step in range(start, start + 40):  # training goes on while it is down
             train_step(model, opt)
-            client.send_frame(host.frame(step, 0, want_decision=step % 10 == 0))
+            last = host.frame(step, 0, want_decision=step % 10 == 0)
+            client.send_frame(last)
+        assert last is not None
         assert client.pending() <= cfg.frame_buffer  # bounded: coalesced, not queued
         assert client.frames_coalesced >= 40 - cfg.frame_buffer
         # reconnect attempts fail while it is down (after the server's 1 s closing hint)
@@ -106,17 +169,13 @@ async def test_reconnects_and_resumes_after_server_restart(make_server: ServerFa
         await until(lambda: client.stats.sessions == 2)
         assert client.session_id != first_session  # SessionOpen was sent again
         assert len(srv2.servicer.streams) == 1 if srv2.servicer else False
-        # The buffered frames were delivered after SessionOpen: the newest step that
-        # asked is answered (an older pending one may be superseded or answered first).
-        resumed = await asyncio.wait_for(anext(stream), 5)
-        while resumed.decision.frame_step != 40:
-            assert resumed.decision.frame_step < 40
-            resumed = await asyncio.wait_for(anext(stream), 5)
-        assert resumed.connection == 2
+        # The frames buffered while it was down go out after SessionOpen.
+        await until(lambda: client.stats.frames_sent >= 2)
         train_step(model, opt)
-        client.send_frame(host.frame(41, 0, want_decision=True))
-        nxt = await asyncio.wait_for(anext(stream), 5)
-        assert (nxt.decision.frame_step, nxt.connection) == (41, 2)
+        nxt = await asker.ask(lambda k: host.frame(k, 0, want_decision=True), start + 40)
+        assert nxt.connection == 2
+        assert nxt.decision.frame_step >= start + 40
+        assert asker.errors == []
         assert client.stats.stream_errors == 0, list(client.stream_errors)
 
 
@@ -126,24 +185,20 @@ async def test_bad_frame_gets_in_stream_error_and_stream_goes_on(
     srv = await make_server()
     model, host = make_host()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    errors: list[pb.StreamError] = []
     async with TamiyoClient(host.session_open(), config(srv.port)) as client:
-        client.add_error_callback(errors.append)
-        stream = client.decisions()
+        asker = Asker(client)
         assert await client.wait_connected(5)
-        bad = pb.TelemetryFrame(
-            step=0,
-            want_decision=True,
-            signals=[health_pb2.HealthSignal(layer_id="no-such-layer", step=0, total_seeds=0)],
-        )
-        client.send_frame(bad)
-        await until(lambda: bool(errors))
-        assert "no-such-layer" in errors[0].message
-        assert errors[0].frame_request_id == bad.request_id
+
+        def bad(step: int) -> pb.TelemetryFrame:
+            sig = health_pb2.HealthSignal(layer_id="no-such-layer", step=step, total_seeds=0)
+            return pb.TelemetryFrame(step=step, want_decision=True, signals=[sig])
+
+        err = await asker.ask_any(bad, 0)
+        assert isinstance(err, pb.StreamError), err
+        assert "no-such-layer" in err.message
         train_step(model, opt)
-        client.send_frame(host.frame(1, 0, want_decision=True))
-        ok = await asyncio.wait_for(anext(stream), 5)
-        assert ok.decision.frame_step == 1
+        ok = await asker.ask(lambda k: host.frame(k, 0, want_decision=True), err.frame_step + 1)
+        assert ok.decision.frame_step > err.frame_step
         assert client.stats.sessions == 1  # same stream throughout
 
 
@@ -152,22 +207,19 @@ async def test_update_session_resends_topology(make_server: ServerFactory) -> No
     _, host = make_host()  # layers "0", "2", "4"
     _, other = make_host(width=16, depth=4)  # layers "0", "2", "4", "6"
     opt = torch.optim.SGD(other.model.parameters(), lr=0.01)
-    errors: list[pb.StreamError] = []
     async with TamiyoClient(host.session_open(), config(srv.port)) as client:
-        client.add_error_callback(errors.append)
-        stream = client.decisions()
+        asker = Asker(client)
         assert await client.wait_connected(5)
         train_step(other.model, opt)
-        client.send_frame(other.frame(0, 0, want_decision=True))
-        await until(lambda: bool(errors))  # layer "6" is unknown to the first topology
-        assert '"6"' in errors[0].message or "6" in errors[0].field + errors[0].message
+        err = await asker.ask_any(lambda k: other.frame(k, 0, want_decision=True), 0)
+        assert isinstance(err, pb.StreamError), err  # layer "6" is unknown to the first topology
+        assert "6" in err.field + err.message
         client.update_session(other.session_open())
         await until(lambda: client.stats.sessions == 2)
         train_step(other.model, opt)
-        client.send_frame(other.frame(1, 0, want_decision=True))
-        d = await asyncio.wait_for(anext(stream), 5)
-        assert d.decision.frame_step == 1
-        assert len(errors) == 1  # the new topology knows layer "6"
+        d = await asker.ask(lambda k: other.frame(k, 0, want_decision=True), err.frame_step + 1)
+        assert d.decision.frame_step > err.frame_step
+        assert len(asker.errors) == 1  # the new topology knows layer "6"
 
 
 async def test_wrong_token_stops_client_without_hurting_training(
@@ -184,12 +236,12 @@ async def test_wrong_token_stops_client_without_hurting_training(
         bad.send_frame(host.frame(0, 0, want_decision=True))  # still never raises
     good = TamiyoClient(host.session_open(), config(srv.port), ClientSecurity(token="s3cret-token"))
     async with good:
-        stream = good.decisions()
+        asker = Asker(good)
         assert await good.wait_connected(5)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         train_step(model, opt)
-        good.send_frame(host.frame(0, 0, want_decision=True))
-        assert (await asyncio.wait_for(anext(stream), 5)).decision.decision_id
+        d = await asker.ask(lambda k: host.frame(k, 0, want_decision=True), 0)
+        assert d.decision.decision_id
 
 
 async def test_tls_and_mtls(make_server: ServerFactory, pki: Pki) -> None:
@@ -202,11 +254,11 @@ async def test_tls_and_mtls(make_server: ServerFactory, pki: Pki) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mtls = ClientSecurity.from_files(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
     async with TamiyoClient(host.session_open(), config(srv.port), mtls) as client:
-        stream = client.decisions()
+        asker = Asker(client)
         assert await client.wait_connected(5)
         train_step(model, opt)
-        client.send_frame(host.frame(0, 0, want_decision=True))
-        assert (await asyncio.wait_for(anext(stream), 5)).decision.decision_id
+        d = await asker.ask(lambda k: host.frame(k, 0, want_decision=True), 0)
+        assert d.decision.decision_id
     # TLS without a client certificate: the server refuses the handshake; the client
     # keeps retrying (a network-level failure), reports why, and never connects.
     no_cert = ClientSecurity.from_files(ca=pki.ca)
@@ -258,14 +310,19 @@ async def test_server_decision_changes_model_and_next_frames_report_it(
     async with TamiyoClient(
         host.session_open(), config(srv.port, decision_deadline_ms=1)
     ) as client:
-        stream = client.decisions()
+        asker = Asker(client)
         assert await client.wait_connected(5)
-        step()
-        first = host.frame(0, 0, want_decision=True)
-        health = {s.layer_id: s.health_score for s in first.signals}
+        frames: dict[int, pb.TelemetryFrame] = {}
+
+        def make(k: int) -> pb.TelemetryFrame:
+            step()
+            frames[k] = host.frame(k, 0, want_decision=True)
+            return frames[k]
+
+        got = await asker.ask(make, 0)
+        d = got.decision
+        health = {s.layer_id: s.health_score for s in frames[d.frame_step].signals}
         assert health["hidden"] < 0.1  # the dead block is reported as such
-        client.send_frame(first)
-        d = (await asyncio.wait_for(anext(stream), 5)).decision
         assert d.action == decision_pb2.ADAPTATION_ACTION_LOAD_KERNEL, d
         assert health[d.target_layer_id] == min(health.values())
         n_params = sum(p.numel() for p in model.parameters())
@@ -274,13 +331,10 @@ async def test_server_decision_changes_model_and_next_frames_report_it(
         extend_optimizer(opt, result.new_parameters)
         assert sum(p.numel() for p in model.parameters()) > n_params
         client.report_outcome(host.outcome(result))
-        step()
-        after = host.frame(1, 0, want_decision=True)
-        nxt = {s.layer_id: s for s in after.signals}[d.target_layer_id]
-        assert nxt.active_seeds == 1
-        assert nxt.adaptation_count == 1
-        assert nxt.seed_states[d.seed_index] == TRAINING
-        client.send_frame(after)
-        answer = await asyncio.wait_for(anext(stream), 5)  # the server took the new state
-        assert answer.decision.frame_step == 1
+        answer = await asker.ask(make, d.frame_step + 1)  # the server takes the new state
+        nxt = {s.layer_id: s for s in frames[answer.decision.frame_step].signals}
+        assert nxt[d.target_layer_id].active_seeds == 1
+        assert nxt[d.target_layer_id].adaptation_count == 1
+        assert nxt[d.target_layer_id].seed_states[d.seed_index] == TRAINING
+        assert asker.errors == []
         assert client.stats.stream_errors == 0, list(client.stream_errors)
