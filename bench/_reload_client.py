@@ -77,7 +77,8 @@ async def _client(target: str, streams: int, rate: float, layers: int, out: str)
         target=lambda: (sys.stdin.readline(), loop.call_soon_threadsafe(stop.set)), daemon=True
     ).start()
     period = streams / rate  # s between frames of one stream
-    rec: list[tuple[float, float, str, int]] = []  # sched, latency ms, version, degraded
+    # sched (monotonic s), client latency ms, version, degraded, server latency ms
+    rec: list[tuple[float, float, str, int, float]] = []
     counts = {"asked": 0, "errors": 0, "shed_errors": 0, "lost": 0, "rpc_errors": 0}
     notes: list[str] = []  # first few degraded reasons and error messages
     opened_all = asyncio.Event()  # every session accepted: schedules start together
@@ -105,7 +106,8 @@ async def _client(target: str, streams: int, rate: float, layers: int, out: str)
                     d = msg.decision
                     t = pending.pop(d.frame_request_id)
                     lat = (time.monotonic() - t) * 1e3
-                    rec.append((t, lat, d.policy_version, int(d.degraded)))
+                    srv = d.server_latency_us / 1e3
+                    rec.append((t, lat, d.policy_version, int(d.degraded), srv))
                     if d.degraded and len(notes) < 5:
                         notes.append(f"degraded: {d.reason}")
                 elif kind == "error":

@@ -206,6 +206,7 @@ def measure(
         in_win |= (sched >= a) & (sched < b)
     versions = [r[2] for r in recs]
     degraded = np.array([r[3] for r in recs], dtype=bool)
+    server = np.array([r[4] for r in recs])  # server_latency_us of each decision, ms
     _plot(
         sched[in_a] - t_begin,
         lat[in_a],
@@ -239,6 +240,10 @@ def measure(
         "samples_reload": int((in_a & in_win).sum()),
         "samples_steady": int((in_a & ~in_win).sum()),
         "p99_all_ms": _q(lat, 99),
+        # The server's own latency (arrival → answer), free of the client process's
+        # scheduling delays on a busy box.
+        "p99_server_reload_ms": _q(server[in_a & in_win], 99),
+        "p99_server_steady_ms": _q(server[in_a & ~in_win], 99),
         "reload_wall_ms_median": float(np.median(load_s) * 1e3),
         "rss_first_mib": rss_first / 1024,
         "rss_after_latency_phase_mib": rss_after_a / 1024,
@@ -314,6 +319,8 @@ def run(opts: BenchOptions) -> None:
             ("p99_steady_ms", "p99 steady ms"),
             ("p99_reload_ms", "p99 reload ms"),
             ("p99_ratio", "reload/steady"),
+            ("p99_server_steady_ms", "server p99 steady"),
+            ("p99_server_reload_ms", "server p99 reload"),
             ("reload_wall_ms_median", "pickup ms"),
             ("rss_first_mib", "RSS 1st MiB"),
             ("rss_last_mib", "RSS last MiB"),
