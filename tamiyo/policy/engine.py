@@ -111,9 +111,12 @@ class InferenceEngine:
         logp = torch.log_softmax(logits, dim=1)
         pair_logp = logp[:, : n * k]
         noop_logp = logp[:, n * k]
-        adapt = 1.0 - noop_logp.exp()
-        node_p = pair_logp.exp().view(b, n, k).sum(dim=2)
-        target_probs = node_p / adapt.clamp_min(1e-30).unsqueeze(1)
+        adapt = -torch.expm1(noop_logp)  # 1 - P(no-op), accurate when no-op is near certain
+        # P(layer | adapt) from a softmax over the pairs alone: dividing the joint by
+        # (1 - P(no-op)) cancels catastrophically in float32 when no-op is near certain.
+        # A graph without a valid pair gets all zeros (its row is all -inf → NaN).
+        cond = torch.softmax(out.pair_logits.reshape(b, n * k), dim=1).nan_to_num_(0.0)
+        target_probs = cond.view(b, n, k).sum(dim=2)
         if n * k:
             best_lp, best_idx = pair_logp.max(dim=1)
         else:

@@ -129,3 +129,20 @@ def test_chunked_forwards_give_the_same_outputs(engine: InferenceEngine) -> None
         [6, 7],
         [8],
     ]
+
+
+def test_target_probs_sum_to_one_when_noop_is_near_certain() -> None:
+    """P(layer | adapt) must not be computed as joint / (1 - P(no-op)): in float32 that
+    cancels when no-op is near certain and the layer scores stopped summing to 1 (found by
+    the fuzz suite: a sum of 0.88)."""
+    p = builtin_policy()
+    with torch.no_grad():
+        p.model.graph_head[2].bias[0] += 40.0  # no-op logit: P(no-op) ≈ 1 - e^-40
+    eng = InferenceEngine(p.model, "cpu", version=p.version)
+    graphs = random_graphs(11, [3, 9, 40], k=2)
+    outs = eng.infer(graphs)
+    for o, g in zip(outs, graphs, strict=True):
+        assert o.adapt_prob < 1e-6
+        if g.target_mask.any():
+            assert float(o.target_probs.sum()) == pytest.approx(1.0, abs=1e-5)
+            assert int(np.argmax(o.target_probs)) == o.best_node
