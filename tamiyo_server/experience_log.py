@@ -205,11 +205,16 @@ class ExperienceLog:
         out = self._proc.stdout
         assert out is not None
         for line in out:
-            kind, _, rest = line.decode().strip().partition(" ")
+            kind, _, rest = line.decode(errors="replace").strip().partition(" ")
+            token = ""
             if kind == "ACK":
                 token, _, rest = rest.partition(" ")
-            self._stats = json.loads(rest)
-            if kind == "ACK" and token in self._acks:
+            try:
+                self._stats = json.loads(rest)
+            except ValueError:
+                log.warning("experience process said %r", line[:200])
+                continue
+            if token in self._acks:
                 self._acks[token].set()
 
     # ------------------------------------------------------------- shipping thread
@@ -297,7 +302,7 @@ class ExperienceLog:
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Ship what is buffered, end the pipe; the process commits everything and exits."""
-        if self._closed.is_set():
+        if self._proc.stdin is None or self._pipe.closed:
             return
         self._closed.set()
         self._shipper.join(timeout_s)

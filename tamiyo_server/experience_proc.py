@@ -26,6 +26,7 @@ with ``ACK <token> <stats JSON>`` once everything before it is committed. Stats 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -145,14 +146,16 @@ def serve(fd: int, out: Any, config: ExperienceLogConfig, path: Path, window: in
             ship()
             next_ship = now + SHIP_S
         if now >= next_stats:
-            out.write(f"STATS {_stats(writer, asm)}\n")
-            out.flush()
+            with contextlib.suppress(BrokenPipeError):
+                out.write(f"STATS {_stats(writer, asm)}\n")
+                out.flush()
             next_stats = now + config.flush_interval_s
         if chunk == b"":  # EOF: the server closed the pipe (or died)
             break
     writer.close()
-    out.write(f"STATS {_stats(writer, asm)}\n")
-    out.flush()
+    with contextlib.suppress(BrokenPipeError):  # the server may be gone: nobody to tell
+        out.write(f"STATS {_stats(writer, asm)}\n")
+        out.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
