@@ -14,9 +14,10 @@ first batches on the new policy); everything else in phase A is steady, the base
 measured in the same run. Phase B: back-to-back reloads up to ``reloads`` while the load
 continues, then RSS of the server process is compared with RSS after the first reload.
 
-Load: 16 hosts, each sending a 16-layer frame 10 times a second (160 frames/s; quick: 8
-at 10/s), well inside what this 2-core box sustains, because a reload must be judged
-against steady serving, not against overload (that is the serving bench's subject).
+Load: 8 hosts, each sending a 16-layer frame 10 times a second (80 frames/s), well inside
+what this 2-core box sustains even when shared with other jobs (160 frames/s already shed
+most work at load average ~6), because a reload must be judged against steady serving,
+not against overload (that is the serving bench's subject).
 Shed work is answered degraded and reported per window (``degraded_*_pct``).
 
 Targets (issue 5): decisions_lost 0, errors 0, p99_reload_ms ≤ 10 ms (the decision
@@ -289,7 +290,7 @@ def run(opts: BenchOptions) -> None:
     if opts.quick:
         r = measure(20, 5, gap_s=0.5, poll_s=0.25, streams=8, rate=80, plot_path=png)
     else:
-        r = measure(100, 20, gap_s=1.0, poll_s=0.25, streams=16, rate=160, plot_path=png)
+        r = measure(100, 20, gap_s=1.0, poll_s=0.25, streams=8, rate=80, plot_path=png)
     r["p99_ratio"] = r["p99_reload_ms"] / r["p99_steady_ms"]
     checks = {
         "decisions_lost == 0": r["decisions_lost"] == 0,
