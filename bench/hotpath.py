@@ -59,9 +59,9 @@ def measure(layers: int, streams: int, iters: int) -> dict[str, Any]:
             fr = pb.StreamTelemetryRequest.FromString(h.frame_bytes).frame
             fr.step = it + 1
             t1 = ns()
-            validate_frame(fr, s.info, cfg.limits, s.last_step)
+            cols = validate_frame(fr, s.info, cfg.limits, s.last_step)
             t2 = ns()
-            s.apply_frame(fr)
+            s.apply_frame(fr, cols)
             t3 = ns()
             snaps.append(s.snapshot(fr))
             t4 = ns()

@@ -22,7 +22,13 @@ from typing import Any
 from tamiyo.config import BatchConfig, Limits, RuleConfig
 from tamiyo.policy.features import FEATURE_SCHEMA
 from tamiyo.policy.rules import DecisionRules, RuleState
-from tamiyo.policy.snapshot import GraphSnapshot, GraphTopology, KernelSet, SignalWindow
+from tamiyo.policy.snapshot import (
+    GraphSnapshot,
+    GraphTopology,
+    KernelSet,
+    SignalColumns,
+    SignalWindow,
+)
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Job
 from tamiyo_server.validation import TopologyInfo
@@ -127,9 +133,10 @@ class Session:
             )
         )
 
-    def apply_frame(self, frame: pb.TelemetryFrame) -> None:
-        """Record a *validated* frame's signals in the history window."""
-        self.window.update(frame.signals, frame.step)
+    def apply_frame(self, frame: pb.TelemetryFrame, cols: SignalColumns | None = None) -> None:
+        """Record a *validated* frame's signals in the history window (``cols``: the
+        signals as ``validate_frame`` decoded them, so they are not decoded twice)."""
+        self.window.update(frame.signals if cols is None else cols, frame.step)
         self.last_step = frame.step
 
     def snapshot(self, frame: pb.TelemetryFrame) -> GraphSnapshot:

@@ -231,11 +231,11 @@ class StreamHandler:
             )
             return
         try:
-            validate_frame(frame, s.info, self.p.config.limits, s.last_step)
+            cols = validate_frame(frame, s.info, self.p.config.limits, s.last_step)
         except ValidationError as err:
             self._reject(err, frame)
             return
-        s.apply_frame(frame)
+        s.apply_frame(frame, cols)
         self.p.experience.frame(s, frame)
         if not frame.want_decision:
             return

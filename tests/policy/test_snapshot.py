@@ -97,6 +97,34 @@ def test_signal_window_matches_snapshot_from_state() -> None:
         assert win.snapshot(step, 1).equals(snapshot_from_state(state, 4))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    frames=st.lists(st.lists(st.integers(0, 2), max_size=9), min_size=1, max_size=6),
+    window=st.integers(1, 4),
+    decoded=st.booleans(),
+)
+def test_vectorised_window_matches_state_with_repeated_layers(
+    frames: list[list[int]], window: int, decoded: bool
+) -> None:
+    """Several signals of one layer in one frame (more than the window, too): the
+    vectorised scatter must keep exactly the newest ``window`` per layer, in message
+    order, like the full-state path; pre-decoded columns give the same result."""
+    state = make_state(3, step=0)
+    win = SignalWindow(
+        GraphTopology.from_proto(state.topology), KernelSet.from_proto(state.kernels), window
+    )
+    step = 0
+    for f, layers in enumerate(frames):
+        frame = []
+        for li in layers:
+            step += 1
+            frame.append(signal(f"l{li}", step, (step % 97) / 97.0))
+        win.update(win.decode(frame) if decoded else frame, step)
+        state.signals.extend(frame)
+        state.step = step
+        assert win.snapshot(step, 1).equals(snapshot_from_state(state, window)), f"frame {f}"
+
+
 def test_snapshot_is_immutable_and_independent_of_later_updates() -> None:
     state = make_state(2)
     win = SignalWindow(
