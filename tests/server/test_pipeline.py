@@ -9,12 +9,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.policy.synthetic import random_snapshot
+from tamiyo.v1 import decision_pb2
 from tamiyo_server import pipeline as pipeline_mod
 from tamiyo_server.metrics import ServerMetrics
-from tamiyo_server.pipeline import DecisionPipeline
+from tamiyo_server.pipeline import DecisionPipeline, layer_scores_bytes
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 
 from .conftest import make_config
@@ -84,3 +87,25 @@ async def test_first_decision_with_ample_deadline_is_not_shed(
         assert done.result is not None
     finally:
         await p.stop()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ids=st.lists(st.text(min_size=1, max_size=200), min_size=1, max_size=40, unique=True),
+    data=st.data(),
+)
+def test_layer_scores_bytes_match_built_messages(ids: list[str], data: st.DataObject) -> None:
+    """The cached wire template gives exactly the LayerScores built field by field
+    (ids of any length and script, zeros, subnormals, 1.0)."""
+    probs = data.draw(st.lists(st.floats(0, 1, width=32), min_size=len(ids), max_size=len(ids)))
+    want = decision_pb2.AdaptationDecision(decision_id="d", reason="r")
+    want.layer_scores.extend(
+        decision_pb2.LayerScore(layer_id=i, target_probability=p)
+        for i, p in zip(ids, probs, strict=True)
+    )
+    got = decision_pb2.AdaptationDecision(decision_id="d", reason="r")
+    for _ in range(2):  # the second call hits the cached template
+        got.ClearField("layer_scores")
+        got.MergeFromString(layer_scores_bytes(tuple(ids), np.array(probs, np.float32)))
+        assert got == want
+        assert got.SerializeToString() == want.SerializeToString()
