@@ -209,7 +209,10 @@ SOURCE_DIRS = ("tamiyo", "tamiyo_server", "tamiyo_client", "trainer", "tools", "
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve"}
 
 
-def _unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
+def _unsafe_calls(tree: ast.AST, allow_save: bool = False) -> list[tuple[int, str]]:
+    """Pickle-family imports and unsafe loads. ``allow_save``: tests may ``torch.save`` a
+    file they read straight back with ``torch.load(weights_only=True)`` (a host model's
+    own state_dict round trip), which the project rules allow; product code may not."""
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
@@ -225,9 +228,8 @@ def _unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
         # Exact names: safetensors.torch.load/save are the safe format, not pickle.
         if f in ("torch.load", "torch.serialization.load") and kw.get("weights_only") != "True":
             found.append((node.lineno, "torch.load without weights_only=True"))
-        if f in ("torch.save", "torch.serialization.save") or f.endswith(
-            (".to_pickle", "read_pickle")
-        ):
+        saves = f in ("torch.save", "torch.serialization.save") and not allow_save
+        if saves or f.endswith((".to_pickle", "read_pickle")):
             found.append((node.lineno, f"{f} writes/reads pickle"))
         if f.endswith(("np.load", "numpy.load")) and kw.get("allow_pickle") == "True":
             found.append((node.lineno, "np.load(allow_pickle=True)"))
@@ -246,7 +248,9 @@ def test_no_code_path_deserialises_pickle() -> None:
     problems = [
         f"{p.relative_to(ROOT)}:{line}: {what}"
         for p in files
-        for line, what in _unsafe_calls(ast.parse(p.read_text(), str(p)))
+        for line, what in _unsafe_calls(
+            ast.parse(p.read_text(), str(p)), allow_save=p.is_relative_to(ROOT / "tests")
+        )
     ]
     assert problems == []
 
@@ -260,6 +264,7 @@ def test_the_scanner_finds_what_it_looks_for() -> None:
     assert len(_unsafe_calls(ast.parse(bad))) == 7
     ok = "import torch\ntorch.load('x', weights_only=True)\nimport yaml\nyaml.safe_load('x')\n"
     assert _unsafe_calls(ast.parse(ok)) == []
+    assert len(_unsafe_calls(ast.parse(bad), allow_save=True)) == 6  # torch.save allowed
 
 
 # ------------------------------------------------------ checkpoints cannot run code
