@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ FORMAT = "tamiyo-policy-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+# Far above any policy this project trains (~0.1 MB), far below what hurts a server.
+MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
 LATEST = "latest"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_MANIFEST_BYTES = 1 << 20
@@ -169,12 +172,25 @@ def _fail(path: Path, reason: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} refused: {reason}")
 
 
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of regular file ``path``. A FIFO or device in place of a
+    checkpoint file would block (or never end) a plain read; it raises OSError instead."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit)
+    finally:
+        os.close(fd)
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Parse and check the manifest of checkpoint directory ``path`` (not the weights)."""
     path = Path(path)
     mpath = path / MANIFEST
     try:
-        raw = mpath.read_bytes()[: MAX_MANIFEST_BYTES + 1]
+        raw = _read_regular(mpath, MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise _fail(path, f"manifest missing ({MANIFEST})") from None
     except OSError as e:
@@ -230,10 +246,26 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         or config.kernel_features != KERNEL_SCHEMA.num_features
     ):
         raise _fail(path, "model_config feature widths do not match the feature schema")
+    # Size and file type are checked before reading: a huge (or sparse) file must not be
+    # read into memory, and a FIFO or device in its place must not block the reload thread.
     try:
-        blob = (path / WEIGHTS).read_bytes()
+        st = (path / WEIGHTS).stat()
     except FileNotFoundError:
         raise _fail(path, f"weights missing ({WEIGHTS})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(path, f"weights ({WEIGHTS}) is not a regular file")
+    if st.st_size > MAX_WEIGHTS_BYTES:
+        raise _fail(path, f"weights are {st.st_size} bytes, over the {MAX_WEIGHTS_BYTES} limit")
+    if st.st_size != m.get("weights_bytes"):
+        raise _fail(
+            path,
+            f"weights are {st.st_size} bytes, manifest says "
+            f"{m.get('weights_bytes')} (truncated or replaced)",
+        )
+    try:
+        blob = _read_regular(path / WEIGHTS, MAX_WEIGHTS_BYTES + 1)
+    except OSError as e:
+        raise _fail(path, f"weights unreadable: {e}") from None
     if len(blob) != m.get("weights_bytes"):
         raise _fail(
             path,

@@ -24,6 +24,8 @@ from torch import nn
 from tamiyo.policy.batch import Batch
 from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA
 
+MAX_DIM = 4096  # upper bound of every PolicyConfig field accepted from a manifest
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -47,8 +49,11 @@ class PolicyConfig:
         if unknown:
             raise ValueError(f"model_config: unknown keys {sorted(unknown)}")
         for k, v in d.items():
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"model_config.{k}: expected a positive integer, got {v!r}")
+            # The bound keeps a hostile manifest from making the loader allocate a huge model.
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_DIM:
+                raise ValueError(
+                    f"model_config.{k}: expected an integer in [1, {MAX_DIM}], got {v!r}"
+                )
         return PolicyConfig(**d)
 
 

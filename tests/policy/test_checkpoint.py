@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -206,3 +207,22 @@ def test_crash_while_writing_leaves_latest_on_the_old_checkpoint(
     assert not (tmp_path / "v2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]  # temp removed
     assert load_checkpoint(resolve_latest(tmp_path) or ckpt).version == "v1"
+
+
+def test_huge_weights_file_is_refused_without_reading_it(ckpt: Path) -> None:
+    """A sparse 2 GiB file once pushed the loader to 2.3 GB of memory before refusal."""
+    weights = ckpt / "model.safetensors"
+    weights.unlink()
+    with weights.open("wb") as f:
+        f.truncate(2 << 30)  # sparse: costs no disk
+    with pytest.raises(CheckpointError, match=r"over the .* limit"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "manifest.json"])
+def test_fifo_in_place_of_a_file_is_refused_not_waited_on(ckpt: Path, name: str) -> None:
+    target = ckpt / name
+    target.unlink()
+    os.mkfifo(target)
+    with pytest.raises(CheckpointError, match=r"not a regular file|manifest unreadable"):
+        load_checkpoint(ckpt)
