@@ -137,7 +137,8 @@ def test_target_probs_sum_to_one_when_noop_is_near_certain() -> None:
     the fuzz suite: a sum of 0.88)."""
     p = builtin_policy()
     with torch.no_grad():
-        p.model.graph_head[2].bias[0] += 40.0  # no-op logit: P(no-op) ≈ 1 - e^-40
+        # graph head output 0 is the no-op logit: P(no-op) ≈ 1 - e^-40
+        dict(p.model.named_parameters())["graph_head.2.bias"][0] += 40.0
     eng = InferenceEngine(p.model, "cpu", version=p.version)
     graphs = random_graphs(11, [3, 9, 40], k=2)
     outs = eng.infer(graphs)
