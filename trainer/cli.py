@@ -69,6 +69,14 @@ def load_config(path: Path | None, sets: Sequence[str]) -> tuple[TrainConfig, Si
     return train, simic
 
 
+def publish_target(arg: str) -> Path | None:
+    """``--checkpoint-dir`` value → directory, or None for "do not publish" when empty.
+
+    Never ``Path("")``: that is ".", and publishing would write into the current directory.
+    """
+    return Path(arg) if arg.strip() else None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tamiyo-train", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -82,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("pipeline", help="data → BC/IQL × seeds → evaluation → report")
     common(pp)
     pp.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    pp.add_argument("--checkpoint-dir", type=Path, default=DEFAULT_CHECKPOINTS,
+    pp.add_argument("--checkpoint-dir", type=str, default=str(DEFAULT_CHECKPOINTS),
                     help="where the default policy is published ('' to skip)")  # fmt: skip
     pt = sub.add_parser("train", help="train one algorithm on experience stores")
     common(pt)
@@ -111,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "pipeline":
         from trainer.pipeline import run_pipeline
 
-        ckpt = args.checkpoint_dir if str(args.checkpoint_dir) else None
+        ckpt = publish_target(args.checkpoint_dir)
         report = run_pipeline(cfg, simic, args.out, ckpt, progress=progress)
         for name, t in report["targets"].items():
             print(f"  {name}: {t}")

@@ -13,7 +13,7 @@ import pytest
 from tamiyo.config import SimicConfig
 from tamiyo.experience import ExperienceWriter
 from tamiyo.policy.checkpoint import load_checkpoint, resolve_latest
-from trainer.cli import load_config, main
+from trainer.cli import load_config, main, publish_target
 from trainer.simic.policies import BehaviourPolicy
 from trainer.simic.rollout import episodes_for, run_policy
 
@@ -35,6 +35,13 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"TrainConfig\.steps"):
         load_config(None, ["steps=many"])
     assert main(["train", "--data", "x", "--out", "y", "--set", "nope=1"]) == 2
+
+
+def test_empty_checkpoint_dir_means_do_not_publish() -> None:
+    # Regression: Path("") is "." and once made the pipeline publish into the repo root.
+    assert publish_target("") is None
+    assert publish_target("  ") is None
+    assert publish_target("checkpoints/default") == Path("checkpoints/default")
 
 
 def _store(path: Path) -> Path:
