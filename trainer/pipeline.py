@@ -27,7 +27,12 @@ import numpy as np
 
 from tamiyo.config import SimicConfig, TrainConfig
 from tamiyo.experience import ExperienceWriter
-from tamiyo.policy.checkpoint import load_checkpoint, resolve_latest, save_checkpoint
+from tamiyo.policy.checkpoint import (
+    load_checkpoint,
+    prune_versions,
+    resolve_latest,
+    save_checkpoint,
+)
 from trainer.dataset import OfflineDataset, load_dataset
 from trainer.evaluate import NetworkPolicy, Reference, bootstrap_ci
 from trainer.fqe import fit_q
@@ -288,9 +293,8 @@ def publish_default(src: Path, checkpoint_dir: Path, report: dict[str, Any],
                "targets": report["targets"], "fqe": report["fqe"]}  # fmt: skip
     final = save_checkpoint(checkpoint_dir, loaded.model, loaded.config, metrics=metrics,
                             provenance=loaded.manifest.get("provenance", {}))  # fmt: skip
-    for old in checkpoint_dir.iterdir():
-        if old.is_dir() and old != final and resolve_latest(checkpoint_dir) == final:
-            shutil.rmtree(old)
+    if resolve_latest(checkpoint_dir) == final:
+        prune_versions(checkpoint_dir, keep=1)  # deletes verified checkpoint dirs only
     write_json(report, checkpoint_dir / "report.json")
     shutil.copyfile(png, checkpoint_dir / "report.png")
     return final

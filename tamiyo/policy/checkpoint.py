@@ -164,6 +164,31 @@ def resolve_latest(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def prune_versions(root: str | Path, keep: int = 1) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoint versions of ``root``; never ``latest``.
+
+    Only a directory whose name is a version and whose manifest parses as a Tamiyo
+    checkpoint is ever deleted: pointed at the wrong directory (a repository, a home
+    directory) this removes nothing else. Returns the deleted paths.
+    """
+    root = Path(root)
+    latest = resolve_latest(root)
+    found: list[tuple[float, Path]] = []
+    for d in root.iterdir() if root.is_dir() else ():
+        if not _VERSION_RE.match(d.name) or d.is_symlink() or not d.is_dir() or d == latest:
+            continue
+        try:
+            created = float(read_manifest(d).get("created_unix_s", 0.0))
+        except (CheckpointError, TypeError, ValueError):
+            continue  # not a checkpoint of ours: leave it alone
+        found.append((created, d))
+    found.sort()
+    doomed = [d for _, d in found[: max(0, len(found) - max(0, keep - (latest is not None)))]]
+    for d in doomed:
+        shutil.rmtree(d)
+    return doomed
+
+
 def _dt(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 

@@ -14,6 +14,7 @@ import torch
 from tamiyo.policy.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    prune_versions,
     resolve_latest,
     save_checkpoint,
     set_latest,
@@ -226,3 +227,23 @@ def test_fifo_in_place_of_a_file_is_refused_not_waited_on(ckpt: Path, name: str)
     os.mkfifo(target)
     with pytest.raises(CheckpointError, match=r"not a regular file|manifest unreadable"):
         load_checkpoint(ckpt)
+
+
+def test_prune_deletes_only_old_checkpoint_versions(tmp_path: Path) -> None:
+    """Pointed at a directory that holds other things (a repository, say), pruning must
+    delete nothing but verified checkpoint versions, and never the one ``latest`` names."""
+    model = TamiyoPolicy(SMALL)
+    for v in ("v1", "v2", "v3"):
+        save_checkpoint(tmp_path, model, version=v)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "manifest.json").write_text("{}")  # looks like, is not, a checkpoint
+    deleted = prune_versions(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["v1"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".git", "latest", "notes", "src", "v2", "v3"]
+    assert resolve_latest(tmp_path) == tmp_path / "v3"
+    assert prune_versions(tmp_path, keep=1) == [tmp_path / "v2"]
+    assert (tmp_path / "src" / "code.py").exists()
