@@ -110,7 +110,9 @@ class ClientConfig:
     target: str = "127.0.0.1:50051"
     connect_timeout_s: float = 5.0  # per connection attempt (channel ready + SessionAccepted)
     backoff_initial_s: float = 0.1  # first reconnect delay
-    backoff_max_s: float = 5.0  # cap on the reconnect delay
+    # Cap on the reconnect delay: ≤ 1 s so a host resumes within ~1 s of a restarted server
+    # being ready (make soak checks 2 s); jitter spreads a fleet's reconnects.
+    backoff_max_s: float = 1.0
     backoff_multiplier: float = 2.0
     backoff_jitter: float = 0.5  # delay drawn uniformly from [d·(1-jitter), d]
     frame_buffer: int = 8  # frames waiting to be sent; more are coalesced (latest wins)
