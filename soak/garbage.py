@@ -20,6 +20,7 @@ from soak.fuzz import FuzzStats, _require
 from soak.harness import healthy_topology
 from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.wire import varint
 
 _SERVICE = "/tamiyo.v1.TamiyoService/"
 TIMEOUT_S = 10.0
@@ -36,18 +37,6 @@ ALLOWED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _PARSE_FAILURE = ("error parsing message", "deserializ")
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def field_bytes(number: int, payload: bytes) -> bytes:

@@ -29,6 +29,7 @@ from tamiyo.experience.retention import enforce_retention
 from tamiyo.experience.schema import ACTION_LOAD_KERNEL, ACTION_NO_OP, DecisionRecord, OutcomeRecord
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.wire import varint
 
 MAX_SESSIONS = 65536  # sessions remembered (a lost "end" event cannot leak memory)
 MARKS_PER_SESSION = 8  # states kept for decisions not yet logged (superseded frames)
@@ -48,19 +49,10 @@ def _len_prefix(n: int) -> bytes:
 _PREFIX = [_len_prefix(n) for n in range(4096)]
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | 0x80 if v else b)
-        if not v:
-            return bytes(out)
-
-
 def _state_tail(step: int, epoch: int) -> bytes:
     """``ModelGraphState.step`` (4) and ``.epoch`` (5) as varint fields (zeros written
     explicitly: valid proto3, and cheaper than building a message). ``step`` >= 0."""
-    return b"\x20" + _varint(step) + b"\x28" + _varint(epoch)
+    return b"\x20" + varint(step) + b"\x28" + varint(epoch)
 
 
 def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:

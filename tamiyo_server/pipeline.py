@@ -24,6 +24,7 @@ from tamiyo.policy.snapshot import GraphSnapshot, snapshot_from_state
 from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo.wire import varint
 from tamiyo_server.batcher import Batcher, Done, Job
 from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
 from tamiyo_server.metrics import ServerMetrics
@@ -239,15 +240,6 @@ def _build(
     return msg
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
 class _ScoreTemplate(NamedTuple):
     buf: npt.NDArray[np.uint8]  # every LayerScore of the graph, floats zeroed
     float_at: npt.NDArray[np.int64]  # [N*4] byte positions of the N float32 values
@@ -265,8 +257,8 @@ def _template(layer_ids: tuple[str, ...]) -> _ScoreTemplate:
         pos = 0
         for lid in layer_ids:
             b = lid.encode()
-            inner = b"\x0a" + _varint(len(b)) + b + b"\x15"  # layer_id = 1; float = 2 (fixed32)
-            head = b"\x4a" + _varint(len(inner) + 4) + inner  # layer_scores = 9
+            inner = b"\x0a" + varint(len(b)) + b + b"\x15"  # layer_id = 1; float = 2 (fixed32)
+            head = b"\x4a" + varint(len(inner) + 4) + inner  # layer_scores = 9
             at.append(pos + len(head))
             parts.append(head + b"\x00\x00\x00\x00")
             pos += len(head) + 4

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from tamiyo.policy.snapshot import FLOAT_FIELDS, INT_FIELDS, GraphSnapshot, GraphTopology, KernelSet
 from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo.wire import varint
 
 U8 = npt.NDArray[np.uint8]
 BoolA = npt.NDArray[np.bool_]
@@ -34,20 +35,8 @@ _SIGNALS_FIELD = graph_pb2.ModelGraphState.DESCRIPTOR.fields_by_name["signals"].
 _MAX_ROWS = 32768  # signal rows encoded per numpy pass (bounds temporary memory)
 
 
-def _varint_bytes(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _tag(name: str, wire_type: int) -> bytes:
-    return _varint_bytes((_FIELDS[name].number << 3) | wire_type)
+    return varint((_FIELDS[name].number << 3) | wire_type)
 
 
 def _varint(v: npt.NDArray[np.uint64]) -> tuple[U8, BoolA]:
@@ -113,7 +102,7 @@ class StateEncoder:
         if hit is None:
             head = graph_pb2.ModelGraphState(topology=t.to_proto()).SerializeToString()
             ids = [
-                _tag("layer_id", 2) + _varint_bytes(len(b)) + b
+                _tag("layer_id", 2) + varint(len(b)) + b
                 for b in (lid.encode() for lid in t.layer_ids)
             ]
             w = max(len(b) for b in ids)
@@ -230,7 +219,7 @@ class StateEncoder:
         mask = np.concatenate([k for _, k in segs], axis=1)
         inner = mask.sum(axis=1).astype(np.uint64)
         hd, hk = _varint(inner)
-        head = _with_tag(_varint_bytes((_SIGNALS_FIELD << 3) | 2), hd, hk)
+        head = _with_tag(varint((_SIGNALS_FIELD << 3) | 2), hd, hk)
         data = np.concatenate([head[0], data], axis=1)
         mask = np.concatenate([head[1], mask], axis=1)
         row_len = mask.sum(axis=1)
