@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from tamiyo.policy.synthetic import chain_topology
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -29,23 +30,12 @@ LAYERS = 16  # layers per simulated host
 def _host(k: int, layers: int) -> tuple[pb.StreamTelemetryRequest, pb.StreamTelemetryRequest]:
     """SessionOpen and a reusable frame (step/request id rewritten per send) of a chain
     of ``layers`` layers whose layer 2 is degrading."""
-    specs = [
-        graph_pb2.LayerSpec(
-            layer_id=f"l{i}",
-            layer_type=graph_pb2.LAYER_TYPE_LINEAR,
-            input_size=64,
-            output_size=64,
-            parameter_count=4160,
-            seed_count=2,
-        )
-        for i in range(layers)
-    ]
-    edges = [graph_pb2.Edge(source=i, target=i + 1) for i in range(layers - 1)]
+    topology = chain_topology(layers)
     opened = pb.StreamTelemetryRequest(
         session_open=pb.SessionOpen(
             host_id=f"bench-{k}",
             model_id="m",
-            topology=graph_pb2.Topology(layers=specs, edges=edges),
+            topology=topology,
             kernels=[graph_pb2.KernelSpec(kernel_id="residual_r8", parameter_count=1024)],
         )
     )

@@ -24,6 +24,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tamiyo.config import ServerConfig
+from tamiyo.policy.synthetic import chain_topology
 from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import health_pb2 as signal_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -115,20 +116,7 @@ def health_status(target: str, timeout_s: float = 5.0) -> int:
 # ----------------------------------------------------------------- healthy messages
 def healthy_topology(n: int = 8, seeds: int = 2) -> graph_pb2.Topology:
     """A chain of ``n`` linear layers with ``seeds`` free seed slots each."""
-    return graph_pb2.Topology(
-        layers=[
-            graph_pb2.LayerSpec(
-                layer_id=f"h{i}",
-                layer_type=graph_pb2.LAYER_TYPE_LINEAR,
-                input_size=256,
-                output_size=256,
-                parameter_count=65792,
-                seed_count=seeds,
-            )
-            for i in range(n)
-        ],
-        edges=[graph_pb2.Edge(source=i, target=i + 1) for i in range(n - 1)],
-    )
+    return chain_topology(n, width=256, seeds=seeds, prefix="h")
 
 
 HEALTHY_KERNELS = (graph_pb2.KernelSpec(kernel_id="residual_r8", parameter_count=4096),)

@@ -17,6 +17,28 @@ from tamiyo.policy.snapshot import (
     GraphTopology,
     KernelSet,
 )
+from tamiyo.v1 import graph_pb2
+
+
+def chain_topology(
+    n: int, *, width: int = 64, seeds: int = 2, prefix: str = "l"
+) -> graph_pb2.Topology:
+    """A chain of ``n`` square linear layers (``width`` in and out, ids ``{prefix}{i}``) with
+    ``seeds`` free seed slots each: the well-formed host of tests, benches and the soak."""
+    return graph_pb2.Topology(
+        layers=[
+            graph_pb2.LayerSpec(
+                layer_id=f"{prefix}{i}",
+                layer_type=graph_pb2.LAYER_TYPE_LINEAR,
+                input_size=width,
+                output_size=width,
+                parameter_count=width * width + width,
+                seed_count=seeds,
+            )
+            for i in range(n)
+        ],
+        edges=[graph_pb2.Edge(source=i, target=i + 1) for i in range(n - 1)],
+    )
 
 
 def random_topology(rng: np.random.Generator, n: int, extra_edges: float = 0.5) -> GraphTopology:

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
+from tamiyo.policy.synthetic import chain_topology
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 
 
 def topology(n: int = 6, seeds: int = 2) -> graph_pb2.Topology:
-    layers = [
-        graph_pb2.LayerSpec(
-            layer_id=f"block{i}",
-            layer_type=graph_pb2.LAYER_TYPE_LINEAR,
-            input_size=64,
-            output_size=64,
-            parameter_count=4160,
-            seed_count=seeds,
-        )
-        for i in range(n)
-    ]
-    edges = [graph_pb2.Edge(source=i, target=i + 1) for i in range(n - 1)]
-    return graph_pb2.Topology(layers=layers, edges=edges)
+    return chain_topology(n, width=64, seeds=seeds, prefix="block")
 
 
 KERNELS = [graph_pb2.KernelSpec(kernel_id="residual_r8", parameter_count=1024)]
