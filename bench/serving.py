@@ -9,7 +9,9 @@ work. Hosts have 4-64-layer graphs. Everything shares this machine's cores, so f
 are comparable only within one run (and ``load_avg_1min`` is recorded with them).
 
 Scenarios (``--quick``: the first, a 64-stream closed loop and a small open loop):
-closed loop at 1, 16, 64, 256, 1000 streams; open loop, 1000 streams at 2,000 frames/s;
+closed loop at 1, 16, 64, 256, 1000 streams; the SLO capacity at 64 streams (the highest
+open-loop rate served with p99 ≤ 10 ms and no shedding, searched for Tamiyo and echo:
+``slo_capacity``); open loop, 1000 streams at 2,000 frames/s;
 overload: open loop at 2× the best closed-loop decisions/s (256 streams).
 ``decisions_per_s`` and the percentiles count decisions made by the network only;
 degraded decisions and shed notices are in ``shed`` (``answered_per_s`` counts every
@@ -34,6 +36,7 @@ from bench import BenchOptions
 from bench.report import environment, print_table, write_json
 
 PART = "serving"
+SLO_MS = 10.0  # the decision budget: p99 of network decisions must stay within it
 ORDER = 50
 ROOT = Path(__file__).resolve().parents[1]
 Row = dict[str, Any]
@@ -157,6 +160,44 @@ def _row(t: Row, e: Row) -> Row:
     }
 
 
+def slo_capacity(
+    port: int, streams: int, hi: float, duration_s: float, warmup_s: float, probes: int
+) -> tuple[float, Row | None]:
+    """Highest open-loop rate (frames/s, every frame asking for a decision) that the
+    server on ``port`` serves within the SLO: p99 ≤ ``SLO_MS`` on network decisions,
+    ≥ 99% of offered frames answered by the network (no shedding) and nothing lost.
+
+    Why: closed-loop rows measure a saturated server, where latency is whatever the queue
+    makes it (Little's law: 64 streams at 3,000/s wait ~21 ms each even on a bare echo
+    server), so "decisions/s with p99 ≤ 10 ms" needs the rate to be searched. Halving
+    from ``hi`` until a rate passes, then bisecting (``probes`` runs in all). Returns
+    (0, None) if even the lowest probed rate fails.
+    """
+
+    def ok(r: Row) -> bool:
+        p99 = r["p99_ms"]
+        return (
+            p99 is not None
+            and p99 <= SLO_MS
+            and r["decisions_per_s"] >= 0.99 * r["offered_per_s"]
+            and r["lost"] == 0
+        )
+
+    good: tuple[float, Row | None] = (0.0, None)
+    bad = hi
+    rate = hi
+    for _ in range(probes):
+        r = loadgen(port, streams, "open", rate, duration_s, warmup_s)
+        if ok(r):
+            good = (rate, r)
+        else:
+            bad = rate
+        rate = rate / 2.0 if good[1] is None else (good[0] + bad) / 2.0
+        if rate < 1.0:
+            break
+    return good
+
+
 def _verdicts(rows: list[Row]) -> list[str]:
     """The issue's targets, checked against this run (reported, never asserted)."""
     out = []
@@ -164,11 +205,16 @@ def _verdicts(rows: list[Row]) -> list[str]:
     def ok(cond: bool) -> str:
         return "MET" if cond else "NOT MET"
 
+    ceiling = {r["streams"]: r["echo_per_s"] for r in rows if r["mode"] == "closed"}
     for r in rows:
-        if r["mode"] == "closed" and r["streams"] == 64:
+        if r.get("scenario") == "slo64":
+            top = ceiling.get(64) or 0.0
+            vs_ceiling = r["decisions_per_s"] / top if top else 0.0
             out.append(
-                f"64 streams closed: ratio {r['ratio']} (target >= 0.70), p99 {r['p99_ms']} ms "
-                f"(target <= 10): {ok((r['ratio'] or 0) >= 0.7 and (r['p99_ms'] or 1e9) <= 10)}"
+                f"64 streams within the SLO: {r['decisions_per_s']}/s with p99 {r['p99_ms']} ms "
+                f"= {vs_ceiling:.2f} of the echo ceiling ({top}/s closed loop) and "
+                f"{r['ratio']} of echo's own SLO capacity (target >= 0.70 of the ceiling, "
+                f"p99 <= 10): {ok(vs_ceiling >= 0.7 and (r['p99_ms'] or 1e9) <= 10)}"
             )
         if r["mode"] == "open" and r.get("scenario") == "1000@2000":
             out.append(
@@ -202,6 +248,29 @@ def run(opts: BenchOptions) -> None:
                 f"{e['decisions_per_s']:8.1f}/s",
                 flush=True,
             )
+        # The SLO capacity at 64 streams, Tamiyo and echo each searched from echo's
+        # closed-loop ceiling (see slo_capacity).
+        top = next((r["echo_per_s"] for r in rows if r["streams"] == 64), 2000.0)
+        probes = 4 if quick else 7
+        t_cap, t_row = slo_capacity(t_port, 64, top, duration, warm, probes)
+        e_cap, e_row = slo_capacity(e_port, 64, top, duration, warm, probes)
+        if t_row is not None and e_row is not None:
+            rows.append(_row(t_row, e_row) | {"scenario": "slo64"})
+        else:  # nothing passed: say so in the table rather than dropping the row
+            rows.append(
+                {
+                    "scenario": "slo64",
+                    "streams": 64,
+                    "mode": "open",
+                    "ratio": 0.0,
+                    "decisions_per_s": t_cap,
+                    "echo_per_s": e_cap,
+                    "p99_ms": None,
+                    "shed": None,
+                    "lost": None,
+                }
+            )
+        print(f"  SLO capacity at 64 streams: {t_cap:.0f}/s vs echo {e_cap:.0f}/s", flush=True)
         opens = [(256, 500.0, "256@500")] if quick else [(1000, 2000.0, "1000@2000")]
         if not quick:
             # Saturation = the best closed-loop rate of decisions made by the network
