@@ -8,8 +8,11 @@ wait for company longer than its most urgent member can afford.
   an earliest-deadline-first heap guarded by a ``threading.Condition``.
 * The inference thread closes a batch on whichever comes first: the node/edge budget,
   ``max_batch_graphs``, the earliest deadline's slack falling below the predicted
-  inference time (:class:`CostModel`, learned online from measured batches), or the
-  oldest job having waited ``max_queue_delay_ms``.
+  inference time (:class:`CostModel`, learned online from measured batches), the
+  oldest job having waited ``max_queue_delay_ms``, or company being unlikely: when the
+  mean gap between submissions (an EWMA) is longer than the wait that is left, nobody is
+  expected in time, so waiting would only add latency (one closed-loop stream would
+  otherwise pay the whole ``max_queue_delay_ms`` on every decision).
 * A job that can no longer make its deadline even alone is *shed*: its future resolves
   with ``shed="deadline"`` and the caller answers with a degraded decision. The queue is
   bounded (``max_queued``); a full queue makes ``submit`` return ``None``.
@@ -45,6 +48,7 @@ R = TypeVar("R")
 
 _QUEUED, _TAKEN, _GONE = 0, 1, 2
 PROBE_INTERVAL_S = 0.1  # see Batcher._probe_due
+ARRIVAL_GAP_WEIGHT = 0.2  # EWMA weight of the newest gap between submissions
 
 
 class CostModel:
@@ -177,6 +181,8 @@ class Batcher(Generic[P, R]):
         self._idle = asyncio.Event()
         self._last_run = time.monotonic()  # end of the last measured batch
         self.probe_interval_s = PROBE_INTERVAL_S
+        self._last_submit = 0.0
+        self.arrival_gap_s = 1.0  # EWMA of the gap between submissions (s); see module doc
 
     # ----------------------------------------------------------------- event-loop side
     def start(self) -> None:
@@ -207,6 +213,11 @@ class Batcher(Generic[P, R]):
                 payload, nodes, edges, arrival, deadline, self._loop.create_future()
             )
             job.seq = next(self._seq)
+            gap = arrival - self._last_submit
+            self._last_submit = arrival
+            # capped, so one quiet spell is forgotten after a few dense arrivals
+            cap = 4.0 * self.config.max_queue_delay_ms / 1000.0
+            self.arrival_gap_s += ARRIVAL_GAP_WEIGHT * (min(gap, cap) - self.arrival_gap_s)
             heapq.heappush(self._heap, (deadline, job.seq, job))
             self._fifo.append(job)
             self._queued += 1
@@ -307,7 +318,8 @@ class Batcher(Generic[P, R]):
                 waited = now - self._oldest_arrival()
                 wait_left = c.max_queue_delay_ms / 1000.0 - waited
                 full = self._queued >= c.max_batch_graphs or self._queued_nodes >= c.max_batch_nodes
-                if full or slack <= 0 or wait_left <= 0 or self._stopping:
+                lonely = self.arrival_gap_s > wait_left  # nobody expected before the wait ends
+                if full or slack <= 0 or wait_left <= 0 or lonely or self._stopping:
                     break
                 self._cond.wait(timeout=min(slack, wait_left))
             self._busy = True

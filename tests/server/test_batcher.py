@@ -171,3 +171,42 @@ async def test_backlog_prediction_grows_with_the_queue() -> None:
     await asyncio.gather(*(j.future for j in [*jobs, extra] if j is not None))
     assert b.backlog_ms() == 0.0
     b.stop()
+
+
+async def test_a_lone_submitter_is_not_held_for_company() -> None:
+    """Sparse arrivals (one closed-loop stream): waiting max_queue_delay for graphs that
+    will not come only adds latency, so the batch closes at once."""
+    rec = Recorder()
+    wait_s = 0.5
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_queue_delay_ms=wait_s * 1000.0))
+    b.start()
+    took = []
+    for i in range(3):
+        now = time.monotonic()
+        job = b.submit(i, 4, 3, now, now + 10.0)
+        assert job is not None
+        await job.future
+        took.append(time.monotonic() - now)
+        await asyncio.sleep(0.6)  # gaps longer than the wait: nobody could join
+    assert max(took) < 0.5 * wait_s, took
+    assert rec.batches == [[0], [1], [2]]
+    b.stop()
+
+
+async def test_dense_arrivals_still_wait_for_company() -> None:
+    """Submissions closer together than the wait: the batch waits and fills."""
+    rec = Recorder()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_queue_delay_ms=300.0))
+    b.start()
+    now = time.monotonic()
+    for i in range(20):  # teach the gap estimate that arrivals are dense
+        b.submit(i, 4, 3, now, now + 10.0)
+    jobs = []
+    for i in range(20, 30):
+        await asyncio.sleep(0.005)
+        t = time.monotonic()
+        jobs.append(b.submit(i, 4, 3, t, t + 10.0))
+    await asyncio.gather(*(j.future for j in jobs if j is not None))
+    later = [bt for bt in rec.batches if any(x >= 20 for x in bt)]
+    assert len(later) < 10, rec.batches  # the spaced submissions shared batches
+    b.stop()

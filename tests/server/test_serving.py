@@ -270,6 +270,10 @@ async def test_shutdown_answers_in_flight_work(make_server: ServerFactory) -> No
     # Batches wait up to 300 ms to fill, so both requests are surely queued at shutdown.
     slow_fill = replace(BatchConfig(), decision_deadline_ms=3000.0, max_queue_delay_ms=300.0)
     srv = await make_server(make_config(batch=slow_fill))
+    assert srv.pipeline is not None
+    # ...and the batcher believes arrivals are dense (it would not wait for company
+    # after a long quiet spell otherwise: see tamiyo_server.batcher).
+    srv.pipeline.batcher.arrival_gap_s = 0.0
     async with channel(srv) as ch:
         stub = pb_grpc.TamiyoServiceStub(ch)
         call = await open_stream(stub)
