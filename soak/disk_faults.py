@@ -231,7 +231,13 @@ def disk_full(log_dir: Path, work: Path, seconds: float = 10.0) -> dict[str, Any
         srv.check()
         out["log_rows_lost"] = srv.sums["write_failed"]
         out["log_write_failures"] = srv.counts["write_failed"]
-        out["queue_drops"] = srv.metric("tamiyo_experience_dropped_total")
+        drops = "tamiyo_experience_dropped_total"
+        out["queue_drops"] = srv.metric(drops, reason="buffer_full")
+        # The loss must be in the metric an operator alerts on, with a disk reason.
+        out["metric_rows_lost_disk_full"] = srv.metric(drops, kind="row", reason="disk_full")
+        out["metric_rows_lost_other"] = sum(
+            srv.metric(drops, kind="row", reason=r) for r in ("io_error", "write_error")
+        )
         for h in hs:
             h.phase = "after"
         hs[0].wait_decisions("after", 20)
@@ -245,6 +251,8 @@ def disk_full(log_dir: Path, work: Path, seconds: float = 10.0) -> dict[str, Any
         violations.append(f"shutdown on a full disk exited {code}")
     if out.get("log_write_failures", 0) == 0:
         violations.append("the disk never filled (no write failure seen)")
+    elif out.get("metric_rows_lost_disk_full", 0) == 0:
+        violations.append("rows lost on the full disk are not in tamiyo_experience_dropped_total")
     files = sorted(exp.glob("*.sqlite"))
     integrity = []
     for f in files:

@@ -13,7 +13,10 @@ server process competed with the event loop and inference thread for the GIL.
 
 When the store falls behind (slow disk), the experience process stops reading, the pipe
 fills, then the list; beyond ``max_queue`` new events are dropped and counted
-(``tamiyo_experience_dropped_total``), never waited for. A session that lost a frame
+(``tamiyo_experience_dropped_total{reason="buffer_full"}``), never waited for. A commit
+the store refuses (full disk: ``reason="disk_full"``; ``io_error``, ``write_error``) loses
+its rows; the experience process counts them (``experience_proc.LossCounter``) and they
+are exported with ``kind="row"``. Decisions go on either way. A session that lost a frame
 sends its exact window with its next frame (``RESYNC``, encoded by
 ``tamiyo.experience.encode``), so no logged state ever differs from what the policy saw.
 If the server is killed, the experience process reads EOF and commits all it received;
@@ -66,6 +69,7 @@ from tamiyo_server.experience_proc import (
     END,
     FLUSH,
     FRAME,
+    LOSS_REASONS,
     OPEN,
     OUTCOME,
     RESYNC,
@@ -160,12 +164,20 @@ class ExperienceLog:
         self._live: OrderedDict[str, _Live] = OrderedDict()
         self._dropped = Counter(
             "tamiyo_experience_dropped",
-            "Experience events dropped because the log buffer was full (slow disk).",
-            ("kind",),
+            "Experience lost, by kind and reason: events (kind open/frame/decision/"
+            "outcome/end) dropped because the log buffer was full (reason buffer_full: "
+            "slow store) or the experience process was gone (kind event, reason "
+            "process_gone); store rows (kind row) whose commit failed (reason disk_full, "
+            "io_error or write_error).",
+            ("kind", "reason"),
             registry=registry,
         )
         for kind in ("open", "frame", "decision", "outcome", "end"):
-            self._dropped.labels(kind).inc(0)
+            self._dropped.labels(kind, "buffer_full").inc(0)
+        for reason in LOSS_REASONS:
+            self._dropped.labels("row", reason).inc(0)
+        self._dropped.labels("event", "process_gone").inc(0)
+        self._rows_lost = dict.fromkeys(LOSS_REASONS, 0)  # last totals the process sent
         if registry is not None:
             g = Gauge(
                 "tamiyo_experience_rows",
@@ -214,8 +226,24 @@ class ExperienceLog:
             except ValueError:
                 log.warning("experience process said %r", line[:200])
                 continue
+            self._count_store_losses(self._stats.get("lost"))
             if token in self._acks:
                 self._acks[token].set()
+
+    def _count_store_losses(self, lost: object) -> None:
+        """The process sends running totals of rows lost per reason; count the increase."""
+        if not isinstance(lost, dict):
+            return
+        for reason, total in lost.items():
+            old = self._rows_lost.get(reason)
+            if old is not None and isinstance(total, int) and total > old:
+                self._dropped.labels("row", reason).inc(total - old)
+                self._rows_lost[reason] = total
+
+    @property
+    def rows_lost(self) -> dict[str, int]:
+        """Store rows lost because a commit failed, by reason (see ``loss_reason``)."""
+        return dict(self._rows_lost)
 
     # ------------------------------------------------------------- shipping thread
     def _ship(self) -> None:
@@ -230,6 +258,7 @@ class ExperienceLog:
             except (BrokenPipeError, ValueError):
                 log.error("experience process is gone; %d events lost", len(batch))
                 self._n_dropped += len(batch)
+                self._dropped.labels("event", "process_gone").inc(len(batch))
 
     def _ship_loop(self) -> None:
         while not self._closed.wait(self._ship_s):
@@ -242,7 +271,7 @@ class ExperienceLog:
                 self._buf.append(rec)
                 return True
             self._n_dropped += 1
-        self._dropped.labels(kind).inc()
+        self._dropped.labels(kind, "buffer_full").inc()
         return False
 
     def open_session(self, session_id: str, msg: pb.SessionOpen) -> None:

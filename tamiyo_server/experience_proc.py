@@ -21,23 +21,35 @@ Wire format (little endian), one record per event::
 ``ModelGraphState`` + ``AdaptationDecision``; ``FLUSH``: key = token, answered on stdout
 with ``ACK <token> <stats JSON>`` once everything before it is committed. Stats lines
 ``STATS <json>`` are also written once per flush interval.
+
+Losses at the store: a commit that fails (full disk, I/O error) loses its rows; the
+writer logs them. ``LossCounter`` classifies each such failure by its exception
+(``loss_reason``) and the stats carry ``lost`` = rows lost per reason, which the server
+exports as ``tamiyo_experience_dropped_total{kind="row", reason=...}``: a full disk is
+counted where an operator can alert on it, not only written to a log.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import logging
 import os
+import resource
 import select
+import sqlite3
 import struct
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tamiyo.config import ExperienceLogConfig
+from tamiyo.experience import writer as writer_module
 from tamiyo.experience.writer import ExperienceWriter
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -57,6 +69,83 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _RESYNC = struct.Struct("<QHI")
 SHIP_S = 0.05  # events are assembled at least this often (s)
+LOSS_REASONS = ("disk_full", "io_error", "write_error")
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10  # primary result codes (low byte of the extended code)
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+ROOM_BYTES = 1 << 20  # less free space than this next to the store counts as a full disk
+
+
+def no_room(store: Path) -> bool:
+    """True when ``store`` cannot grow by a few pages: its filesystem has less than
+    ``ROOM_BYTES`` free for this user, or the store (or its WAL / journal) is within
+    ``ROOM_BYTES`` of this process's file-size limit (RLIMIT_FSIZE)."""
+    try:
+        st = os.statvfs(store.parent)
+    except OSError:
+        return False
+    if st.f_bavail * st.f_frsize < ROOM_BYTES:
+        return True
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return False
+    sizes = [0]
+    for suffix in ("", "-wal", "-journal"):
+        f = store.with_name(store.name + suffix)
+        with contextlib.suppress(OSError):
+            sizes.append(f.stat().st_size)
+    return max(sizes) + ROOM_BYTES >= limit
+
+
+def loss_reason(exc: BaseException | None, store: Path | None = None) -> str:
+    """Why a store commit failed, as a metric label.
+
+    ``disk_full``: SQLite's SQLITE_FULL (the OS said ENOSPC, or wrote only part of a
+    page), an ``OSError`` ENOSPC / EDQUOT / EFBIG, or an SQLITE_IOERR while ``store`` has
+    no room left (``no_room``: SQLite reports a write refused with EFBIG or EDQUOT as
+    SQLITE_IOERR_WRITE, the same code as a failing device); ``io_error``: any other I/O
+    error; ``write_error``: anything else (locked, corrupt, a bug).
+    """
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF == _SQLITE_FULL:
+            return "disk_full"
+        if isinstance(code, int) and code & 0xFF == _SQLITE_IOERR:
+            return "disk_full" if store is not None and no_room(store) else "io_error"
+        return "write_error"
+    if isinstance(exc, OSError):
+        if exc.errno in _DISK_FULL_ERRNOS or (store is not None and no_room(store)):
+            return "disk_full"
+        return "io_error"
+    return "write_error"
+
+
+class LossCounter(logging.Handler):
+    """Counts the rows of every failed store commit by ``loss_reason``.
+
+    The writer (``tamiyo.experience.writer``) reports a failed commit only by logging it
+    with the exception and the number of records lost (``"...; %d records lost"``); this
+    handler on its logger turns those into counters. Logging still reaches stderr.
+    """
+
+    def __init__(self, store: Callable[[], Path] | None = None) -> None:
+        super().__init__(logging.ERROR)
+        self._store = store  # the file being written (it changes on rotation)
+        self.rows = dict.fromkeys(LOSS_REASONS, 0)  # rows lost, by reason
+        self.failures = dict.fromkeys(LOSS_REASONS, 0)  # failed commits, by reason
+        self._mu = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        reason = loss_reason(exc, self._store() if self._store is not None else None)
+        args = record.args if isinstance(record.args, tuple) else ()
+        n = args[0] if len(args) == 1 and isinstance(args[0], int) else 0
+        with self._mu:
+            self.failures[reason] += 1
+            self.rows[reason] += n
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self._mu:
+            return {"lost": dict(self.rows), "failed_commits": dict(self.failures)}
 
 
 def record(kind: int, key: str, ts_s: float, payload: bytes) -> bytes:
@@ -87,16 +176,35 @@ def _event(kind: int, key: str, ts: float, p: bytes) -> object:
     raise ValueError(f"experience pipe: unknown record kind {kind}")
 
 
-def _stats(w: ExperienceWriter, asm: Assembler) -> str:
+def _stats(w: ExperienceWriter, asm: Assembler, losses: LossCounter) -> str:
     return json.dumps({
         "decisions": w.written_decisions, "outcomes": w.written_outcomes,
         "dropped": w.dropped, "write_errors": w.write_errors, "unmatched": asm.unmatched,
-        "files": [str(f) for f in w.files],
+        "files": [str(f) for f in w.files], **losses.snapshot(),
     })  # fmt: skip
 
 
 def serve(fd: int, out: Any, config: ExperienceLogConfig, path: Path, window: int) -> None:
     """Read records from ``fd`` until EOF; commit everything; report on ``out``."""
+    current: list[Path] = [path]
+    losses = LossCounter(lambda: current[0])
+    writer_log = logging.getLogger(writer_module.__name__)
+    writer_log.addHandler(losses)
+    try:
+        _serve(fd, out, config, path, window, losses, current)
+    finally:
+        writer_log.removeHandler(losses)
+
+
+def _serve(
+    fd: int,
+    out: Any,
+    config: ExperienceLogConfig,
+    path: Path,
+    window: int,
+    losses: LossCounter,
+    current: list[Path],
+) -> None:
     asm = Assembler(window, config, Path(config.dir))
     writer = ExperienceWriter(
         path,
@@ -112,7 +220,7 @@ def serve(fd: int, out: Any, config: ExperienceLogConfig, path: Path, window: in
     next_ship = next_stats = time.monotonic()
 
     def ship() -> None:
-        asm.current = writer.current_path
+        asm.current = current[0] = writer.current_path
         if events:
             records = asm.prepare(events)
             while writer.queued > 2:  # slow disk: stop reading; the pipe, then the
@@ -134,7 +242,7 @@ def serve(fd: int, out: Any, config: ExperienceLogConfig, path: Path, window: in
             if kind == FLUSH:
                 ship()
                 writer.flush()
-                out.write(f"ACK {key} {_stats(writer, asm)}\n")
+                out.write(f"ACK {key} {_stats(writer, asm, losses)}\n")
                 out.flush()
             else:
                 events.append(_event(kind, key, ts, bytes(view[o + HEADER.size + klen : end])))
@@ -147,14 +255,14 @@ def serve(fd: int, out: Any, config: ExperienceLogConfig, path: Path, window: in
             next_ship = now + SHIP_S
         if now >= next_stats:
             with contextlib.suppress(BrokenPipeError):
-                out.write(f"STATS {_stats(writer, asm)}\n")
+                out.write(f"STATS {_stats(writer, asm, losses)}\n")
                 out.flush()
             next_stats = now + config.flush_interval_s
         if chunk == b"":  # EOF: the server closed the pipe (or died)
             break
     writer.close()
     with contextlib.suppress(BrokenPipeError):  # the server may be gone: nobody to tell
-        out.write(f"STATS {_stats(writer, asm)}\n")
+        out.write(f"STATS {_stats(writer, asm, losses)}\n")
         out.flush()
 
 
@@ -164,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--path", required=True, help="first store file")
     p.add_argument("--window", type=int, required=True)
     a = p.parse_args(argv)
+    # stderr is the server's: say which process speaks (lastResort would print bare text)
+    logging.basicConfig(level=logging.WARNING, format="experience process: %(message)s")
     config = ExperienceLogConfig(**json.loads(a.config))
     serve(sys.stdin.fileno(), sys.stdout, config, Path(a.path), a.window)
 

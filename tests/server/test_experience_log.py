@@ -10,6 +10,7 @@ exact afterwards (resync); retention deletes the oldest idle files only.
 from __future__ import annotations
 
 import os
+import resource
 import sqlite3
 import time
 from dataclasses import replace
@@ -381,3 +382,55 @@ def test_frame_signal_block_is_the_frames_signals(
     block = frame_signal_block(f)
     assert block is not None
     assert list(graph_pb2.ModelGraphState.FromString(block).signals) == list(f.signals)
+
+
+# ------------------------------------------------------------------ full disk
+def _row_losses(server: Any, reason: str) -> float:
+    value = server.metrics.registry.get_sample_value(
+        "tamiyo_experience_dropped_total", {"kind": "row", "reason": reason}
+    )
+    return float(value or 0.0)
+
+
+async def test_full_disk_losses_are_counted_and_serving_goes_on(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The store's disk fills while a stream is served: the experience process gets a
+    file-size limit just above the store's size (the kernel refuses writes past it with
+    EFBIG, or writes only part of a page: what a full disk does to SQLite). Every
+    decision is still answered, and the lost rows show up in the Prometheus counter
+    with a disk reason, not only in a log line."""
+    n = 32  # ~10 KB of state per logged decision: the limit is reached within a few steps
+    server = await make_server(_xp_config(tmp_path))
+    xp = server.experience
+    assert xp is not None
+    assert xp.flush()
+    store = xp.files[0]
+    limit = store.stat().st_size + (256 << 10)
+    resource.prlimit(xp._proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    answered = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch), n)
+        step = 0
+        t0 = time.monotonic()
+        while sum(xp.rows_lost.values()) == 0 and time.monotonic() - t0 < 60:
+            step += 1
+            await call.write(hosts.frame(n, step, tag=f"s{step}"))
+            assert (await read(call)).WhichOneof("message") == "decision"
+            answered += 1
+        assert sum(xp.rows_lost.values()) > 0, f"no loss counted after {step} decisions"
+        for k in range(step + 1, step + 21):  # the disk stays full: serving goes on
+            await call.write(hosts.frame(n, k, tag=f"s{k}"))
+            msg = await read(call)
+            assert msg.WhichOneof("message") == "decision", msg
+            assert not msg.decision.degraded
+            answered += 1
+        await call.done_writing()
+    assert xp.flush()  # the process still answers (the full disk did not kill it)
+    assert _row_losses(server, "disk_full") == xp.rows_lost["disk_full"] > 0
+    assert _row_losses(server, "io_error") == _row_losses(server, "write_error") == 0
+    await server.stop()
+    committed = len(list(ExperienceReader([tmp_path]).decisions()))
+    assert committed < answered  # some were lost (counted above), none invented
+    with sqlite3.connect(store) as conn:  # what was committed is intact
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
