@@ -140,10 +140,14 @@ class KasminaConfig:
     error_decay: float = 0.5  # each non-finite forward in the window halves the health
     memory_budget_bytes: int = 256 * 1024 * 1024  # memory_utilization denominator
     fossilize_after_steps: int = 200  # training forwards before a seed is fossilized (frozen)
-    # Activations, non-finite outputs and gradient norms are measured on the first training
-    # forward of each reporting window and every Nth after it (latency on every forward):
-    # on small models full measurement costs more than the layer itself.
+    # Activations, non-finite outputs and gradient norms are measured on every Nth training
+    # forward (the first included), counted across reporting windows so that a frame every
+    # step does not mean a measurement every step; latency on every forward. On small
+    # models full measurement costs more than the layer itself.
     sample_every: int = 4
+    # A sampled output contributes at most this many rows (evenly strided over the batch)
+    # to the activation statistics; the non-finite check covers all rows. 0 = all rows.
+    sample_rows: int = 64
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,20 @@
 """The reference KasminaLayer: wraps one ``nn.Module``, measures it, grows seeds.
 
-Telemetry comes from hooks, so the wrapped module's own code is untouched:
+Telemetry is measured around the wrapped module, whose own code is untouched:
 
-- a forward pre-hook and a forward hook on the KasminaLayer time each forward (ms,
-  host-side: on CUDA that is launch time unless the caller synchronises) and feed the
-  output into a ``WindowAccumulator`` (training mode only; the first forward of each
-  window and every ``sample_every``-th after it);
-- a post-accumulate-grad hook on every parameter (the base's and every seed's) records
-  the squared gradient norm of the latest backward, kept as a 0-d tensor so that no
-  hook forces a device sync; it is read once per ``collect_signal``.
+- ``forward`` times each call (ms, host-side: on CUDA that is launch time unless the
+  caller synchronises) and feeds the output into a ``WindowAccumulator`` (training mode
+  only; every ``sample_every``-th training forward, counted across reporting windows, so
+  a frame every step does not mean a measurement every step);
+- the gradient norm is read from the parameters' ``.grad`` when a signal is collected
+  after a sampled forward (see ``take_gradient_norm``).
+
+Cost on the training thread matters (issue #8: the same step time with or without
+Tamiyo). Measured on this 2-core VM, forward hooks cost ~60 µs per layer per forward
+(they force ``nn.Module``'s slow call path) and a gradient hook ~20 µs per parameter
+per backward, so there are none: an unsampled forward costs two ``perf_counter`` calls
+and a deque append, a sampled one a few numpy calls on at most ``sample_rows`` rows
+(no torch ops on CPU, each of which costs ~10 µs of fixed overhead here).
 
 A seed is a slot for an adaptation kernel (``tamiyo_client.kernels``). Its lifecycle:
 DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
@@ -25,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from tamiyo.config import KasminaConfig
 from tamiyo.v1 import graph_pb2, health_pb2
@@ -33,8 +38,11 @@ from tamiyo_client.kernels import get_kernel
 from tamiyo_client.telemetry import (
     WindowAccumulator,
     WindowStats,
+    all_finite,
     flatten_units,
     reference_health,
+    squared_norm,
+    to_numpy,
 )
 
 DORMANT = health_pb2.SEED_LIFECYCLE_STATE_DORMANT
@@ -47,6 +55,19 @@ _F32_MAX = 3.0e38
 
 _LINEAR = graph_pb2.LAYER_TYPE_LINEAR
 _CONV = graph_pb2.LAYER_TYPE_CONV
+
+
+class _Tally:
+    """Per-forward counters, kept off the ``nn.Module``: its ``__setattr__`` checks for
+    parameters, buffers and submodules and costs µs per assignment on the hot path."""
+
+    __slots__ = ("forwards", "grad_due", "grad_norm", "output_bytes")
+
+    def __init__(self) -> None:
+        self.forwards = 0  # training forwards since creation (drives sampling)
+        self.output_bytes = 0  # of the latest sampled output
+        self.grad_due = False  # a sampled forward ran since the gradients were read
+        self.grad_norm: float | None = None  # the latest reading
 
 
 class SeedError(ValueError):
@@ -125,52 +146,51 @@ class KasminaLayer(nn.Module):
         self.last_stats: WindowStats | None = None
         self.last_health: float | None = None
         self._acc = WindowAccumulator(self.config)
-        self._grad_sq: dict[int, torch.Tensor] = {}
-        self._grad_handles: dict[int, RemovableHandle] = {}
-        self._t0 = 0.0
-        self._output_bytes = 0
-        self._since_collect = 0  # training forwards since the last collect_signal
-        self._grad_armed = True
-        self.register_forward_pre_hook(self._before_forward)
-        self.register_forward_hook(self._after_forward)
-        for p in base.parameters():
-            self._watch(p)
+        self._tally = _Tally()
+        self._sample_every = max(1, self.config.sample_every)
+        self._params: list[nn.Parameter] = []  # refreshed when the structure changes
+        self._refresh_params()
+
+    def _refresh_params(self) -> None:
+        """Cache the parameter list (walked every frame by memory_bytes). ``.to()`` keeps
+        the Parameter objects, so only germinate / cull / loading change it."""
+        self._params = list(self.parameters())
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
         y = self.base(x, *args, **kwargs)
+        if len(self.seed_kernels):
+            y = self._add_seeds(x, y)
+        if self.training:
+            self._measure(y, (time.perf_counter() - t0) * 1e3)
+        return y
+
+    def _add_seeds(self, x: torch.Tensor, y: Any) -> Any:
         for key in list(self.seed_kernels.keys()):
             i = int(key)
             if self.seed_states[i] not in ACTIVE_STATES:
                 continue
             out = self.seed_kernels[key](x)
-            if self.training and not bool(torch.isfinite(out).all()):
+            if self.training and not all_finite(to_numpy(out.detach())):
                 self.cull(i)
                 self._acc.add_error()
                 continue
             y = y + out
         return y
 
-    def _before_forward(self, module: nn.Module, args: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        elapsed_ms = (time.perf_counter() - self._t0) * 1e3
-        if not self.training:
-            return
+    def _measure(self, output: Any, elapsed_ms: float) -> None:
+        """After a training forward: its time, and on sampled forwards its output."""
         y = output[0] if isinstance(output, tuple) else output
         if not isinstance(y, torch.Tensor):
             return
-        y = y.detach()
         self._acc.add_latency(elapsed_ms)
-        self._output_bytes = y.numel() * y.element_size()
-        sample = self._since_collect % max(1, self.config.sample_every) == 0
-        self._since_collect += 1
-        self._grad_armed = sample  # measure the gradients of this forward's backward
-        if sample and bool(torch.isfinite(y).all()):
-            self._acc.add_output(flatten_units(y, self.layer_type == _CONV))
-        elif sample:
-            self._acc.add_error()
+        tally = self._tally
+        if tally.forwards % self._sample_every == 0:
+            tally.grad_due = True  # read the gradients this forward's backward leaves
+            tally.output_bytes = y.numel() * y.element_size()
+            self._acc.add_output(flatten_units(y.detach(), self.layer_type == _CONV))
+        tally.forwards += 1
         for i, state in enumerate(self.seed_states):
             if state in (GERMINATED, TRAINING):  # this forward trained the kernel
                 self.seed_states[i] = TRAINING
@@ -180,31 +200,23 @@ class KasminaLayer(nn.Module):
                     self.seed_kernels[str(i)].requires_grad_(False)
 
     # -- gradients -----------------------------------------------------------------
-    def _watch(self, p: nn.Parameter) -> None:
-        key = id(p)
-
-        def hook(param: torch.Tensor) -> None:
-            if self._grad_armed and param.grad is not None:
-                self._grad_sq[key] = torch.linalg.vector_norm(param.grad.detach()) ** 2
-
-        # torch ships this method without annotations.
-        handle = p.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
-        self._grad_handles[key] = handle
-
-    def _unwatch(self, p: nn.Parameter) -> None:
-        handle = self._grad_handles.pop(id(p), None)
-        if handle is not None:
-            handle.remove()
-        self._grad_sq.pop(id(p), None)
-
     def take_gradient_norm(self) -> float | None:
-        """L2 norm over all parameters' gradients of the latest backward(s) in this
-        window; None when no backward reached the layer. Starts a new window."""
-        if not self._grad_sq:
-            return None
-        total = torch.stack(list(self._grad_sq.values())).sum()
-        self._grad_sq.clear()
-        return math.sqrt(float(total))
+        """L2 norm over the layer's parameter gradients (``p.grad``, base and seeds) as
+        they are now, read only if a sampled forward ran since the last read; otherwise
+        the previous reading (at most ``sample_every`` forwards old). None when no
+        gradient was there to read.
+
+        Why read ``p.grad`` at frame time instead of hooking every backward: a Python
+        hook per parameter per backward cost ~20 µs each on the training thread. In the
+        usual loop (zero_grad, forward, backward, step, then the frame) ``p.grad`` holds
+        the latest backward's gradient (accumulated over micro-batches, if any); build
+        the frame before ``zero_grad`` if your loop zeroes right after ``step``."""
+        tally = self._tally
+        if tally.grad_due:
+            tally.grad_due = False
+            grads = [p.grad for p in self._params if p.grad is not None]
+            tally.grad_norm = math.sqrt(sum(squared_norm(g) for g in grads)) if grads else None
+        return tally.grad_norm
 
     # -- seeds ---------------------------------------------------------------------
     @property
@@ -243,8 +255,7 @@ class KasminaLayer(nn.Module):
         self.seed_steps[seed_index] = 0
         self.adaptation_count += 1
         params = list(kernel.parameters())
-        for p in params:
-            self._watch(p)
+        self._refresh_params()
         return params
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -274,10 +285,9 @@ class KasminaLayer(nn.Module):
                 if ref is not None:
                     kernel = kernel.to(device=ref.device, dtype=ref.dtype)
                 self.seed_kernels[key] = kernel
-                for p in kernel.parameters():
-                    self._watch(p)
             if st == FOSSILIZED:
                 self.seed_kernels[key].requires_grad_(False)
+        self._refresh_params()
         self.seed_states = states
         self.seed_kernel_ids = list(state["seed_kernel_ids"])
         self.seed_steps = list(state["seed_steps"])
@@ -285,11 +295,9 @@ class KasminaLayer(nn.Module):
 
     def cull(self, seed_index: int) -> None:
         """Remove the kernel of a failed seed; the slot becomes CULLED (reusable)."""
-        kernel = self.seed_kernels[str(seed_index)]
-        for p in kernel.parameters():
-            self._unwatch(p)
         del self.seed_kernels[str(seed_index)]
         self.seed_states[seed_index] = CULLED
+        self._refresh_params()
 
     # -- telemetry -----------------------------------------------------------------
     def layer_spec(self) -> graph_pb2.LayerSpec:
@@ -304,11 +312,12 @@ class KasminaLayer(nn.Module):
 
     def memory_bytes(self) -> int:
         """Parameters + gradients + the latest output, in bytes."""
-        total = self._output_bytes
-        for p in self.parameters():
+        total = self._tally.output_bytes
+        for p in self._params:
             total += p.numel() * p.element_size()
-            if p.grad is not None:
-                total += p.grad.numel() * p.grad.element_size()
+            g = p.grad
+            if g is not None:
+                total += g.numel() * g.element_size()
         return total
 
     def collect_signal(self, step: int, epoch: int) -> health_pb2.HealthSignal | None:
@@ -318,7 +327,6 @@ class KasminaLayer(nn.Module):
             return None
         stats = self._acc.collect()
         grad = self.take_gradient_norm()
-        self._since_collect = 0
         health = reference_health(stats, grad, self.config)
         errors = stats.error_count
         if grad is not None and not math.isfinite(grad):

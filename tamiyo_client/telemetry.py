@@ -42,7 +42,7 @@ from tamiyo.config import KasminaConfig
 class WindowStats:
     """What one layer measured over one reporting window."""
 
-    samples: int  # N, rows of the flattened output
+    samples: int  # N, rows of the flattened output sampled in this window (0: stats carried)
     activation_variance: float
     dead_neuron_ratio: float  # [0, 1]
     avg_correlation: float  # [0, 1]
@@ -77,72 +77,146 @@ def reference_health(
     return float(min(1.0, max(0.0, health)))
 
 
+def to_numpy(t: torch.Tensor) -> NDArray[np.floating]:
+    """A detached tensor as a numpy array, without a copy for CPU float32/float64 tensors.
+
+    Why numpy: on small per-layer tensors a numpy call costs ~1-5 µs where a torch op
+    costs ~10 µs of fixed overhead, and these run on the training thread. Other devices
+    are copied to the host (a sync; only on sampled forwards), other dtypes to float32.
+    """
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return t.numpy()
+
+
+def all_finite(a: NDArray[np.floating]) -> bool:
+    """True when no entry of ``a`` is NaN or ±inf, by one BLAS dot product of ``a`` with
+    itself (no temporary; NaN and inf propagate). It also flags float32 entries above
+    ~1.8e19, whose squares overflow: an exploding output, which should be flagged too."""
+    flat = a.reshape(-1)
+    return math.isfinite(float(np.dot(flat, flat)))
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """Σ t² of a gradient: numpy for contiguous CPU float tensors (~µs, no torch op),
+    else one torch op in float64 (a device sync on GPU; read once per window)."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+        flat = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
+        return float(np.dot(flat, flat))
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
+
+
+_RESUM = 4096  # latencies appended between exact recomputations of the running sums
+
+
 class WindowAccumulator:
-    """Running sums of a layer's outputs and forward times over one reporting window."""
+    """Running sums of a layer's outputs and forward times over one reporting window.
+
+    ``add_output`` (training thread, sampled forwards only) does a handful of numpy calls
+    on at most ``sample_rows`` rows of the output; ``collect`` turns the sums into
+    ``WindowStats``. A window in which no forward was sampled (the layer samples every
+    ``sample_every``-th forward, frames may come every step) reports the activation
+    statistics of the latest window that had a sample, with its own latencies and
+    errors: the stats are at most ``sample_every`` forwards old, never made up.
+    """
 
     def __init__(self, config: KasminaConfig) -> None:
         self.config = config
         self.latencies_ms: deque[float] = deque(maxlen=config.window)
+        self._lat_sum = 0.0  # running Σ and Σ² of latencies_ms (O(1) per forward and
+        self._lat_sq = 0.0  # per collect); recomputed exactly every _RESUM appends
+        self._lat_count = 0
+        self.forwards = 0  # forwards timed since the last collect
+        self._last: tuple[int, float, float, float] | None = None  # N, var, dead, corr
         self._reset()
 
     def _reset(self) -> None:
         self.n = 0
         self.errors = 0
-        self.sum: torch.Tensor | None = None  # [D] float64
-        self.sumsq: torch.Tensor | None = None  # [D] float64
-        self.ever_positive: torch.Tensor | None = None  # [D] bool
-        self.cross: torch.Tensor | None = None  # [C, C] float64, C = min(D, max_corr_units)
+        self.forwards = 0
+        self.sum: NDArray[np.float64] | None = None  # [D]
+        self.sumsq: NDArray[np.float64] | None = None  # [D]
+        self.max: NDArray[np.float64] | None = None  # [D] largest value seen per unit
+        self.cross: NDArray[np.float64] | None = None  # [C, C], C = min(D, max_corr_units)
 
     def add_latency(self, ms: float) -> None:
-        self.latencies_ms.append(ms)
+        lat = self.latencies_ms
+        if len(lat) == lat.maxlen:
+            old = lat[0]
+            self._lat_sum -= old
+            self._lat_sq -= old * old
+        lat.append(ms)
+        self._lat_sum += ms
+        self._lat_sq += ms * ms
+        self.forwards += 1
+        self._lat_count += 1
+        if self._lat_count % _RESUM == 0:  # keep rounding drift from accumulating
+            self._lat_sum = math.fsum(lat)
+            self._lat_sq = math.fsum(t * t for t in lat)
 
     def add_error(self) -> None:
         self.errors += 1
 
-    def add_output(self, y2d: torch.Tensor) -> None:
-        """Accumulate one forward's output, [N, D] (already detached)."""
-        y = y2d.to(torch.float64)
-        if self.sum is None or self.sum.shape[0] != y.shape[1]:
-            d = y.shape[1]
+    def add_output(self, y2d: torch.Tensor | NDArray[np.floating]) -> bool:
+        """Accumulate one forward's output, [N, D] (detached). A non-finite output is
+        counted as an error and adds nothing; returns whether it was finite. When N >
+        ``sample_rows``, every ceil(N / sample_rows)-th row is used (the finiteness check
+        still covers all rows)."""
+        a = to_numpy(y2d) if isinstance(y2d, torch.Tensor) else y2d
+        if not all_finite(a):
+            self.errors += 1
+            return False
+        rows = self.config.sample_rows
+        if 0 < rows < a.shape[0]:
+            a = a[:: -(-a.shape[0] // rows)]
+        z = a.astype(np.float64)
+        d = z.shape[1]
+        if self.sum is None or self.sum.shape[0] != d:
             c = min(d, self.config.max_corr_units)
             self.n = 0
-            self.sum = torch.zeros(d, dtype=torch.float64)
-            self.sumsq = torch.zeros(d, dtype=torch.float64)
-            self.ever_positive = torch.zeros(d, dtype=torch.bool)
-            self.cross = torch.zeros(c, c, dtype=torch.float64)
+            self.sum = np.zeros(d)
+            self.sumsq = np.zeros(d)
+            self.max = np.full(d, -np.inf)
+            self.cross = np.zeros((c, c))
         assert self.sumsq is not None
-        assert self.ever_positive is not None
+        assert self.max is not None
         assert self.cross is not None
-        self.n += y.shape[0]
-        self.sum += y.sum(0)
-        self.sumsq += (y * y).sum(0)
-        self.ever_positive |= (y > 0).any(0)
-        yc = y[:, : self.cross.shape[0]]
-        self.cross += yc.T @ yc
+        if z.shape[0] == 0:
+            return True
+        self.n += z.shape[0]
+        self.sum += z.sum(0)
+        self.sumsq += np.einsum("ij,ij->j", z, z)
+        np.maximum(self.max, z.max(0), out=self.max)
+        zc = z[:, : self.cross.shape[0]]
+        self.cross += zc.T @ zc
+        return True
 
     @property
     def has_data(self) -> bool:
-        return self.n > 0 or self.errors > 0
+        """Anything to report: a timed forward, a sampled output or an error."""
+        return self.n > 0 or self.errors > 0 or self.forwards > 0
 
     def collect(self) -> WindowStats:
         """Statistics of the window so far, then start a new window (latencies roll).
 
-        The sums are tiny ([D] and [C, C]), so they are moved to numpy once here: a few
-        numpy calls cost microseconds where the same torch calls cost ~10 µs each."""
-        lat = list(self.latencies_ms)  # <= window floats: plain Python is cheapest
-        lat_mean = sum(lat) / len(lat) if lat else 0.0
-        lat_var = sum((t - lat_mean) ** 2 for t in lat) / len(lat) if lat else 0.0
-        variance = dead = corr = 0.0
+        The sums are tiny ([D] and [C, C]): a few numpy calls, microseconds."""
+        k = len(self.latencies_ms)
+        lat_mean = self._lat_sum / k if k else 0.0
+        lat_var = max(self._lat_sq / k - lat_mean * lat_mean, 0.0) if k else 0.0
         if self.n > 0 and self.sum is not None:
             assert self.sumsq is not None
-            assert self.ever_positive is not None
+            assert self.max is not None
             assert self.cross is not None
             d = self.sum.shape[0]
-            mean = self.sum.cpu().numpy() / self.n
-            var = np.maximum(self.sumsq.cpu().numpy() / self.n - mean * mean, 0.0)
+            mean = self.sum / self.n
+            var = np.maximum(self.sumsq / self.n - mean * mean, 0.0)
             variance = float(var.sum()) / d
-            dead = 1.0 - float(np.count_nonzero(self.ever_positive.cpu().numpy())) / d
-            corr = _mean_abs_correlation(self.cross.cpu().numpy() / self.n, mean, var)
+            dead = 1.0 - float(np.count_nonzero(self.max > 0)) / d
+            corr = _mean_abs_correlation(self.cross / self.n, mean, var)
+            self._last = (self.n, variance, dead, corr)
+        _, variance, dead, corr = self._last if self._last else (0, 0.0, 0.0, 0.0)
         stats = WindowStats(
             samples=self.n,
             activation_variance=variance,

@@ -26,6 +26,7 @@ from tamiyo_client.telemetry import reference_health
 from .test_telemetry import HAND_CORR, HAND_DEAD, HAND_VARIANCE
 
 X = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [3.0, 1.0]])
+DEAD_X = torch.tensor([[-10.0, 10.0], [-9.0, 11.0]])  # every unit of tiny_layer < 0
 
 
 def tiny_layer(config: KasminaConfig | None = None) -> KasminaLayer:
@@ -146,7 +147,7 @@ def test_describe_and_non_linear_layers_get_no_seeds() -> None:
     assert health_pb2.SEED_LIFECYCLE_STATE_DORMANT == DORMANT
 
 
-def test_sampling_measures_first_forward_of_each_window_then_every_nth() -> None:
+def test_sampling_is_every_nth_forward_across_windows_and_carries_stats() -> None:
     layer = tiny_layer(KasminaConfig(sample_every=3))
     for _ in range(5):  # forwards 0 and 3 are measured, 1, 2, 4 only timed
         layer(X)
@@ -155,9 +156,21 @@ def test_sampling_measures_first_forward_of_each_window_then_every_nth() -> None
     sig = layer.collect_signal(0, 0)
     assert sig is not None
     assert sig.activation_variance == pytest.approx(HAND_VARIANCE, rel=1e-6)
-    layer(X)  # a new window starts measured
-    assert layer._acc.n == len(X)
-    layer(X)[:, 0].sum().backward()  # not a sampled forward: gradient not measured
+    # forward 5: timed only. A frame every step still gets a signal, with the latest
+    # measured statistics (not reset by the window boundary, not made up).
+    layer(DEAD_X)  # would be all-dead if it were measured
+    assert layer._acc.n == 0
+    carried = layer.collect_signal(1, 0)
+    assert carried is not None
+    assert layer.last_stats is not None
+    assert layer.last_stats.samples == 0
+    assert carried.activation_variance == pytest.approx(HAND_VARIANCE, rel=1e-6)
+    assert carried.dead_neuron_ratio == pytest.approx(HAND_DEAD, rel=1e-6)
+    layer(DEAD_X)  # forward 6 is measured: all units dead now
+    fresh = layer.collect_signal(2, 0)
+    assert fresh is not None
+    assert fresh.dead_neuron_ratio == 1.0
+    layer(X)[:, 0].sum().backward()  # forward 7 is not sampled: gradient not measured
     assert layer.take_gradient_norm() is None
 
 

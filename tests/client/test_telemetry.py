@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -42,7 +43,36 @@ def test_window_statistics_match_hand_computation() -> None:
     assert stats.error_count == 0
     # collect() starts a new window: activations reset, latencies keep rolling.
     assert not acc.has_data
-    assert acc.collect().samples == 0
+    acc.add_latency(2.0)  # a forward that was timed but not sampled
+    assert acc.forwards == 1  # (has_data again; mypy keeps the narrowing above)
+    carried = acc.collect()
+    # no sample in this window: the latest measured statistics are carried, marked N = 0
+    assert carried.samples == 0
+    assert carried.activation_variance == pytest.approx(HAND_VARIANCE, rel=1e-12)
+    assert carried.avg_correlation == pytest.approx(HAND_CORR, rel=1e-12)
+    assert carried.latency_variance == pytest.approx(2 / 3)  # latencies 1, 3, 2
+
+
+def test_non_finite_output_is_an_error_and_adds_nothing() -> None:
+    acc = WindowAccumulator(KasminaConfig())
+    assert acc.add_output(Y)
+    for bad in (math.nan, math.inf, -math.inf):
+        y = Y.clone()
+        y[1, 2] = bad
+        assert not acc.add_output(y)
+    stats = acc.collect()
+    assert (stats.samples, stats.error_count) == (4, 3)
+    assert stats.activation_variance == pytest.approx(HAND_VARIANCE, rel=1e-12)
+
+
+def test_sample_rows_strides_over_the_batch() -> None:
+    # 8 rows, at most 4 used: every 2nd row, i.e. Y itself from the interleaved batch
+    y = torch.stack([Y, torch.full_like(Y, 100.0)], dim=1).reshape(8, 3)
+    acc = WindowAccumulator(KasminaConfig(sample_rows=4))
+    acc.add_output(y)
+    stats = acc.collect()
+    assert stats.samples == 4
+    assert stats.activation_variance == pytest.approx(HAND_VARIANCE, rel=1e-12)
 
 
 def test_correlation_leaves_out_constant_units_and_caps_units() -> None:
@@ -99,3 +129,15 @@ def test_flatten_units_conv_channels_are_units() -> None:
     assert flat.shape == (8, 3)
     assert torch.equal(flat[:, 1].sort().values, y[:, 1].reshape(-1).sort().values)
     assert flatten_units(y, channels_first=False).shape == (12, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.0, 1e3), min_size=1, max_size=200), st.integers(1, 40))
+def test_latency_running_sums_match_the_window(lat: list[float], window: int) -> None:
+    acc = WindowAccumulator(KasminaConfig(window=window))
+    for ms in lat:
+        acc.add_latency(ms)
+    kept = lat[-window:]
+    stats = acc.collect()
+    assert stats.avg_execution_time_ms == pytest.approx(statistics.fmean(kept), abs=1e-9)
+    assert stats.latency_variance == pytest.approx(statistics.pvariance(kept), rel=1e-6, abs=1e-6)
