@@ -28,16 +28,13 @@ Run: ``python -m bench --only reload [--quick]`` or ``python -m bench.reload [--
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +42,8 @@ import grpc
 import numpy as np
 
 from bench import BenchOptions
+from bench._reload_server import VARIANTS
 from bench.report import environment, print_table
-from tamiyo.config import ServerConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 
@@ -56,33 +53,6 @@ TAIL_S = 0.2  # after a swap, still counted as the reload window (s)
 P99_BUDGET_MS = 10.0
 P99_RATIO_TARGET = 1.5
 RSS_TARGET_PCT = 5.0
-
-
-# ------------------------------------------------------------------ server process
-def _serve(checkpoint_dir: str, poll_s: float, threads: int) -> None:
-    from tamiyo_server.app import TamiyoServer
-
-    logging.basicConfig(level=logging.WARNING, format="server %(levelname)s %(message)s")
-    cfg = replace(
-        ServerConfig(),
-        port=0,
-        metrics_port=0,
-        checkpoint_dir=checkpoint_dir,
-        poll_interval_s=poll_s,
-        torch_threads=threads,
-    )
-
-    async def main() -> None:
-        server = TamiyoServer(cfg)
-        port = await server.start()
-        print(f"PORT {port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await server.stop()
-
-    asyncio.run(main())
 
 
 # ------------------------------------------------------------------ driver
@@ -128,6 +98,7 @@ def measure(
     streams: int,
     rate: float,
     plot_path: Path,
+    variant: str = "current",
 ) -> dict[str, Any]:
     from tamiyo.policy.checkpoint import set_latest
 
@@ -136,7 +107,7 @@ def measure(
         root = Path(tmp) / "ckpt"
         names = _write_versions(root, reloads)
         srv = subprocess.Popen(
-            [py, "-m", "bench.reload", "_serve", str(root), str(poll_s)],
+            [py, "-m", "bench._reload_server", str(root), str(poll_s), variant],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -193,6 +164,9 @@ def measure(
             cli.stdin.flush()
             cli.wait(60)
             data = json.loads(out.read_text())
+            srv.send_signal(signal.SIGTERM)
+            rest, _ = srv.communicate(timeout=60)
+            diag = json.loads(rest.split("DIAG ", 1)[1]) if "DIAG " in rest else {}
         finally:
             for proc in (cli, srv):
                 if proc is not None and proc.poll() is None:
@@ -208,6 +182,9 @@ def measure(
     versions = [r[2] for r in recs]
     degraded = np.array([r[3] for r in recs], dtype=bool)
     server = np.array([r[4] for r in recs])  # server_latency_us of each decision, ms
+    gc_a = [(t, g, ms) for t, g, ms in diag.get("gc", []) if t_begin <= t < t_end_a]
+    gc_win = [x for x in gc_a if any(a <= x[0] < b for a, b in windows)]
+    steps = diag.get("steps", [])
     _plot(
         sched[in_a] - t_begin,
         lat[in_a],
@@ -216,6 +193,7 @@ def measure(
         plot_path,
     )
     return {
+        "variant": variant,
         "reloads": reloads,
         "reloads_ok": int(final.reloads_ok),
         "reloads_failed": int(final.reloads_failed),
@@ -250,6 +228,18 @@ def measure(
         "rss_after_latency_phase_mib": rss_after_a / 1024,
         "rss_last_mib": rss_last / 1024,
         "rss_growth_pct": 100.0 * (rss_last - rss_first) / rss_first,
+        # GC pauses of phase A (count, longest ms) in and out of reload windows, and the
+        # median wall time (ms) of each reload step over all reloads.
+        "gc_reload": [len(gc_win), max((x[2] for x in gc_win), default=0.0)],
+        "gc_steady": [
+            len(gc_a) - len(gc_win),
+            max((x[2] for x in gc_a if x not in gc_win), default=0.0),
+        ],
+        "gc_gen2_all": sum(1 for _, g, _ in diag.get("gc", []) if g == 2),
+        "step_ms_median": {
+            k: float(np.median([s[k] for s in steps if k in s]))
+            for k in (steps[0] if steps else {})
+        },
         "poll_interval_s": poll_s,
         "streams": streams,
         "rate_per_s": rate,
@@ -285,12 +275,7 @@ def _plot(
     plt.close(fig)
 
 
-def run(opts: BenchOptions) -> None:
-    png = opts.out_dir / f"{PART}.png"
-    if opts.quick:
-        r = measure(20, 5, gap_s=0.5, poll_s=0.25, streams=8, rate=80, plot_path=png)
-    else:
-        r = measure(100, 20, gap_s=1.0, poll_s=0.25, streams=8, rate=80, plot_path=png)
+def _judge(r: dict[str, Any]) -> None:
     r["p99_ratio"] = r["p99_reload_ms"] / r["p99_steady_ms"]
     checks = {
         "decisions_lost == 0": r["decisions_lost"] == 0,
@@ -304,12 +289,36 @@ def run(opts: BenchOptions) -> None:
     # If steady serving already sheds, the box could not sustain the load (other jobs on
     # it): latency figures then measure the machine, not the reload.
     r["machine_overloaded"] = bool(r["degraded_steady_pct"] > 5.0 or r["shed_errors"] > 0)
+    r["load_avg_1min_after"] = os.getloadavg()[0]
+
+
+def run(opts: BenchOptions, variants: tuple[str, ...] = ("current",)) -> None:
+    """One measurement per variant, back to back (``VARIANTS``; the default is the code
+    as committed). Each variant's ratio compares its own reload windows with its own
+    steady periods, interleaved in time, so a box whose load drifts between variants
+    still gives comparable ratios."""
+    png = opts.out_dir / f"{PART}.png"
+    rows = []
+    for v in variants:
+        plot = png if v == variants[0] else png.with_name(f"{PART}-{v}.png")
+        if opts.quick:
+            r = measure(20, 10, gap_s=0.5, poll_s=0.25, streams=8, rate=80, plot_path=plot,
+                        variant=v)  # fmt: skip
+        else:
+            r = measure(100, 20, gap_s=1.0, poll_s=0.25, streams=8, rate=80, plot_path=plot,
+                        variant=v)  # fmt: skip
+        _judge(r)
+        rows.append(r)
+    r = dict(rows[0])
+    if len(rows) > 1:
+        r["variants"] = rows
     r["quick"] = opts.quick
     r.update(environment())
     print_table(
         f"hot reload under load ({r['streams']} streams, {r['rate_per_s']:.0f} frames/s)",
-        [r],
+        rows,
         [
+            ("variant", "variant"),
             ("reloads", "reloads"),
             ("decisions", "decisions"),
             ("decisions_lost", "lost"),
@@ -326,15 +335,19 @@ def run(opts: BenchOptions) -> None:
             ("rss_first_mib", "RSS 1st MiB"),
             ("rss_last_mib", "RSS last MiB"),
             ("rss_growth_pct", "RSS growth %"),
+            ("load_avg_1min_after", "load avg"),
             ("ok", "targets met"),
         ],
     )
+    for row in rows:
+        print(f"  {row['variant']}: steps ms {row['step_ms_median']}, GC pauses in reload "
+              f"windows {row['gc_reload']}, steady {row['gc_steady']} [count, max ms]")  # fmt: skip
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     path = opts.out_dir / f"{PART}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(r, indent=2) + "\n")  # one object: the issue names its keys
     tmp.replace(path)
-    for name, passed in checks.items():
+    for name, passed in r["checks"].items():
         print(f"  {'PASS' if passed else 'FAIL'}  {name}")
     if r["machine_overloaded"]:
         print(
@@ -347,14 +360,32 @@ def run(opts: BenchOptions) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] == "_serve":
-        _serve(args[1], float(args[2]), threads=1)
-        return 0
     ap = argparse.ArgumentParser(prog="python -m bench.reload", description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument(
+        "--variants",
+        default="current",
+        help=f"comma-separated, measured back to back: {', '.join(VARIANTS)} "
+        "(the first is the headline; e.g. current,before,null)",
+    )
+    ap.add_argument(
+        "--gil",
+        action="store_true",
+        help="instead: in-process A/B of before,current (bench._reload_gil), interleaved",
+    )
     a = ap.parse_args(args)
-    run(BenchOptions(quick=a.quick, out_dir=a.out))
+    variants = tuple(v for v in a.variants.split(",") if v)
+    if a.gil:
+        gil_variants = variants if variants != ("current",) else ("before", "current")
+        from bench._reload_gil import run_gil
+
+        run_gil(a.out, 8 if a.quick else 20, gil_variants)
+        return 0
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    run(BenchOptions(quick=a.quick, out_dir=a.out), variants)
     return 0
 
 

@@ -10,18 +10,25 @@ weights) → a warm-up forward on sample graphs whose outputs must be finite and
 CPU time must fit the decision budget (ms) unless it is no slower than the serving policy
 (see ``check_serving``) → ``PolicyHolder.swap``. The inference thread reads
 ``holder.current`` once per batch, so the swap lands between batches, never inside one.
-The thread is deliberately *not* reniced: it holds the GIL while it runs Python (model
-construction, state-dict copy), and a low-priority GIL holder preempted on a busy box
-would stall the event loop and the inference thread (priority inversion); its CPU
-(~30 ms per reload) is small and it yields the GIL between warm-up forwards. After the
-swap nothing here keeps the old policy: the last in-flight batch drops the last
-reference and its memory is freed (no growth across reloads).
+After the swap nothing here keeps the old policy: the last in-flight batch drops the
+last reference and its memory is freed (no growth across reloads).
+
+What a reload costs serving is GIL time, not CPU: ~20 ms of CPU per reload, but while
+the reload thread runs Python (model construction, state-dict checks) every GIL
+hand-off of the event loop and of the inference thread (an eager forward re-acquires
+the GIL per torch op) waited up to CPython's 5 ms switch interval. So while it loads,
+the reload lowers the switch interval to ``SWITCH_INTERVAL_S`` (``_short_gil_turns``)
+and pauses ``PAUSE_S`` between steps. Measured with ``python -m bench.reload --gil``
+(one process, variants interleaved reload by reload; load average 6-9): inference p99
+inside reload windows 50-121 ms without, 4-36 ms with. The thread is *not* reniced: a
+low-priority thread preempted while holding the GIL would stall both serving threads
+(priority inversion). The steps' times are logged and kept in ``last_stages``.
 
 A refused checkpoint is logged, counted and reported (``PolicyHolder.refuse``) and
 remembered by its fingerprint — path plus size and mtime (ns) of the manifest and the
 weights — so it is tried again only if those files change: never in a tight loop.
 
-Rollback (operator side, see docs/runbook.md)::
+Rollback (operator side, ``tamiyo_server.rollback``; see docs/runbook.md)::
 
     python -m tamiyo_server.reload list --checkpoint-dir D
     python -m tamiyo_server.reload rollback --checkpoint-dir D [--to VERSION]
@@ -29,7 +36,7 @@ Rollback (operator side, see docs/runbook.md)::
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -37,7 +44,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,20 +58,25 @@ from tamiyo.policy.checkpoint import (
     WEIGHTS,
     CheckpointError,
     load_checkpoint,
-    read_manifest,
     resolve_latest,
-    set_latest,
 )
 from tamiyo.policy.engine import resolve_device
 from tamiyo.policy.features import GraphTensors
 from tamiyo.policy.synthetic import random_graphs
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial, serve_loaded
+from tamiyo_server.rollback import main, rollback, versions
+
+__all__ = ["CheckpointWatcher", "load_served", "main", "rollback", "versions"]
 
 log = logging.getLogger(__name__)
 
 SAMPLE_SIZES = (8, 16, 32)  # nodes per sample graph of the warm-up batch (56 nodes)
 MAX_REMEMBERED = 256  # refused fingerprints kept (oldest forgotten first)
 SLOWER_LIMIT = 1.5  # x the serving policy's warm-up time, see check_serving
+# How a reload shares the GIL with serving (see ``_short_gil_turns``); module-level so
+# ``python -m bench.reload --variants`` can measure the code without them.
+SWITCH_INTERVAL_S: float | None = 0.0005  # GIL switch interval while a reload runs, s
+PAUSE_S = 0.001  # sleep between reload steps and warm-up forwards, s
 
 
 @dataclass(frozen=True)
@@ -95,8 +107,34 @@ def _sample_graphs() -> list[GraphTensors]:
     return random_graphs(0, list(SAMPLE_SIZES))
 
 
+@contextlib.contextmanager
+def _short_gil_turns() -> Iterator[None]:
+    """Lower CPython's GIL switch interval (default 5 ms) to ``SWITCH_INTERVAL_S`` while
+    a reload runs, restoring it after.
+
+    Why: a thread that wants the GIL while another runs Python waits for the holder to
+    release it or for the switch interval to expire. The reload runs Python for ~10 ms at
+    a time (model construction, state-dict checks), so the event loop and the inference
+    thread each waited up to 5 ms per GIL hand-off during a reload, several times per
+    decision. With 0.5 ms they wait at most ~0.5 ms; the reload gets a little slower
+    (more hand-offs), which costs nothing that matters. Process-wide, hence restored.
+    """
+    old = sys.getswitchinterval()
+    if SWITCH_INTERVAL_S is not None:
+        sys.setswitchinterval(min(old, SWITCH_INTERVAL_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def _pause() -> None:
+    """Give the GIL (and the core) back between reload steps."""
+    time.sleep(PAUSE_S)
+
+
 def _forward_cpu_ms(served: ServedPolicy, graphs: list[GraphTensors]) -> float:
-    time.sleep(0)  # let the event loop / inference thread take the GIL between forwards
+    _pause()  # let the event loop / inference thread take the GIL between forwards
     t0 = time.thread_time()
     served.engine.infer(graphs)
     return (time.thread_time() - t0) * 1000.0
@@ -145,12 +183,30 @@ def check_serving(
 
 
 def load_served(
-    path: Path, device: str, budget_ms: float, current: ServedPolicy | None = None
+    path: Path,
+    device: str,
+    budget_ms: float,
+    current: ServedPolicy | None = None,
+    stages: dict[str, float] | None = None,
 ) -> ServedPolicy:
-    """Verify and warm up the checkpoint at ``path``; raises ``CheckpointError``."""
-    loaded = load_checkpoint(path, device)
-    served = serve_loaded(loaded, device, warmup=False)
-    check_serving(served, budget_ms, current)
+    """Verify and warm up the checkpoint at ``path``; raises ``CheckpointError``.
+
+    ``stages``, when given, receives the wall time (ms) of each step: ``load`` (read,
+    sha256, parse, build and verify the model), ``engine`` (inference engine),
+    ``warmup`` (``check_serving``).
+    """
+    times = stages if stages is not None else {}
+    with _short_gil_turns():
+        t0 = time.perf_counter()
+        loaded = load_checkpoint(path, device)
+        t1 = time.perf_counter()
+        _pause()
+        t2 = time.perf_counter()
+        served = serve_loaded(loaded, device, warmup=False)
+        t3 = time.perf_counter()
+        check_serving(served, budget_ms, current)
+        t4 = time.perf_counter()
+    times.update(load=(t1 - t0) * 1e3, engine=(t3 - t2) * 1e3, warmup=(t4 - t3) * 1e3)
     return served
 
 
@@ -237,6 +293,7 @@ class CheckpointWatcher:
         self.attempts = 0  # load attempts (ok + refused), for tests and the bench
         self.swapped_at_poll = 0  # value of ``polls`` at the last swap
         self.last_load_s = 0.0  # wall time of the last attempt, s
+        self.last_stages: dict[str, float] = {}  # ms per step of the last load (load_served)
         self._refused: OrderedDict[Fingerprint, str] = OrderedDict()
         self._bad_pointer: tuple[int, int] | None = None
         cur = holder.current.checkpoint_path
@@ -295,8 +352,11 @@ class CheckpointWatcher:
     def _attempt(self, path: Path, fp: Fingerprint) -> str:
         self.attempts += 1
         t0 = time.monotonic()
+        self.last_stages = {}
         try:
-            served = load_served(path, self.device, self.budget_ms, self.holder.current)
+            served = load_served(
+                path, self.device, self.budget_ms, self.holder.current, self.last_stages
+            )
         except CheckpointError as e:
             return self._refuse(fp, str(e), t0)
         except Exception as e:  # e.g. OSError mid-read, torch errors: refuse, never crash
@@ -306,7 +366,14 @@ class CheckpointWatcher:
         self._serving = fp
         self.swapped_at_poll = self.polls
         self.last_load_s = time.monotonic() - t0
-        log.info("reloaded %s from %s in %.0f ms", served.version, path, self.last_load_s * 1e3)
+        steps = ", ".join(f"{k} {v:.0f}" for k, v in self.last_stages.items())
+        log.info(
+            "reloaded %s from %s in %.0f ms (%s ms)",
+            served.version,
+            path,
+            self.last_load_s * 1e3,
+            steps,
+        )
         return "loaded"
 
     def _refuse(self, fp: Fingerprint, reason: str, t0: float) -> str:
@@ -341,79 +408,5 @@ class CheckpointWatcher:
         return "refused"
 
 
-# ---------------------------------------------------------------------- operator CLI
-def versions(root: Path) -> list[tuple[float, str]]:
-    """(created_unix_s, name) of every version directory with a readable manifest,
-    oldest first (the manifest's creation time; the directory mtime if unreadable)."""
-    out: list[tuple[float, str]] = []
-    for d in root.iterdir() if root.is_dir() else ():
-        if d.name.startswith(".") or not d.is_dir():
-            continue
-        try:
-            created = float(read_manifest(d).get("created_unix_s", d.stat().st_mtime))
-        except (CheckpointError, TypeError, ValueError):
-            created = d.stat().st_mtime
-        out.append((created, d.name))
-    return sorted(out)
-
-
-def rollback(root: Path, to: str = "", dry_run: bool = False) -> tuple[str, str]:
-    """Point ``root/latest`` at ``to`` (or the newest verified version older than the
-    current one) after verifying it with ``load_checkpoint``; returns (old, new).
-    Raises ``CheckpointError`` when there is nothing valid to roll back to."""
-    cur = resolve_latest(root)
-    cur_name = cur.name if cur is not None else ""
-    names = [n for _, n in versions(root)]
-    if to:
-        candidates = [to]
-    else:
-        if cur_name not in names:
-            raise CheckpointError(f"{root}/latest names no known version; use --to VERSION")
-        candidates = list(reversed(names[: names.index(cur_name)]))
-    reasons = []
-    for name in candidates:
-        try:
-            load_checkpoint(root / name)
-        except CheckpointError as e:
-            reasons.append(str(e))
-            continue
-        if not dry_run:
-            set_latest(root, name)
-        return cur_name, name
-    detail = "; ".join(reasons) or "no older version"
-    raise CheckpointError(f"nothing to roll back to in {root}: {detail}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m tamiyo_server.reload",
-        description="Inspect a checkpoint directory and roll its 'latest' pointer back.",
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    ls = sub.add_parser("list", help="versions, oldest first; '*' marks latest")
-    rb = sub.add_parser("rollback", help="point latest at the previous verified version")
-    for sp in (ls, rb):
-        sp.add_argument("--checkpoint-dir", required=True, type=Path)
-    rb.add_argument("--to", default="", help="version to roll back to (default: previous)")
-    rb.add_argument("--dry-run", action="store_true", help="verify and print, change nothing")
-    a = p.parse_args(argv)
-    root: Path = a.checkpoint_dir
-    if a.cmd == "list":
-        cur = resolve_latest(root)
-        for created, name in versions(root):
-            mark = "*" if cur is not None and cur.name == name else " "
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
-            print(f"{mark} {name}  {stamp}")
-        return 0
-    try:
-        old, new = rollback(root, a.to, a.dry_run)
-    except (CheckpointError, ValueError) as e:
-        print(f"rollback failed: {e}", file=sys.stderr)
-        return 1
-    verb = "would move" if a.dry_run else "moved"
-    print(f"{verb} {root / LATEST}: {old or '<none>'} -> {new}")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the operator CLI lives in tamiyo_server.rollback
     raise SystemExit(main())

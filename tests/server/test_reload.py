@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import sys
 import threading
 import time
 import weakref
@@ -240,6 +241,35 @@ def test_replaced_policy_is_freed_by_refcount_alone(tmp_path: Path) -> None:
     finally:
         gc.enable()
     assert watcher.poll_once() == "unchanged"
+
+
+def test_reload_shortens_gil_turns_only_while_it_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a reload runs Python (model build, checks) a thread that wants the GIL
+    waits at most the switch interval: it is lowered for the load and restored after,
+    also when the checkpoint is refused. The steps' times are recorded."""
+    write(tmp_path, "v1", seed=1)
+    seen: list[float] = []
+    check = reload.check_serving
+
+    def spying(*args: object, **kw: object) -> float:
+        seen.append(sys.getswitchinterval())
+        return check(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reload, "check_serving", spying)
+    before = sys.getswitchinterval()
+    stages: dict[str, float] = {}
+    reload.load_served(tmp_path / "v1", "cpu", 1e9, stages=stages)
+    assert reload.SWITCH_INTERVAL_S is not None
+    assert seen == [min(before, reload.SWITCH_INTERVAL_S)]
+    assert sys.getswitchinterval() == before
+    assert set(stages) == {"load", "engine", "warmup"}
+    assert all(v > 0 for v in stages.values())
+    _nan_weights(tmp_path)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        reload.load_served(tmp_path / "bad", "cpu", 1e9)
+    assert sys.getswitchinterval() == before
 
 
 def test_swap_lands_between_batches_never_inside_one(tmp_path: Path) -> None:

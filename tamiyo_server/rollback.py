@@ -1,0 +1,105 @@
+"""Operator side of hot reload: list a checkpoint directory's versions and roll its
+``latest`` pointer back to a verified one.
+
+Why a pointer move: every server watching the directory (``tamiyo_server.reload``)
+follows ``latest``, so one atomic replace rolls back every replica; a rollback target is
+verified with ``load_checkpoint`` first, so it can never point at a broken version.
+See docs/runbook.md::
+
+    python -m tamiyo_server.reload list --checkpoint-dir D
+    python -m tamiyo_server.reload rollback --checkpoint-dir D [--to VERSION] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tamiyo.policy.checkpoint import (
+    LATEST,
+    CheckpointError,
+    load_checkpoint,
+    read_manifest,
+    resolve_latest,
+    set_latest,
+)
+
+
+def versions(root: Path) -> list[tuple[float, str]]:
+    """(created_unix_s, name) of every version directory with a readable manifest,
+    oldest first (the manifest's creation time; the directory mtime if unreadable)."""
+    out: list[tuple[float, str]] = []
+    for d in root.iterdir() if root.is_dir() else ():
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            created = float(read_manifest(d).get("created_unix_s", d.stat().st_mtime))
+        except (CheckpointError, TypeError, ValueError):
+            created = d.stat().st_mtime
+        out.append((created, d.name))
+    return sorted(out)
+
+
+def rollback(root: Path, to: str = "", dry_run: bool = False) -> tuple[str, str]:
+    """Point ``root/latest`` at ``to`` (or the newest verified version older than the
+    current one) after verifying it with ``load_checkpoint``; returns (old, new).
+    Raises ``CheckpointError`` when there is nothing valid to roll back to."""
+    cur = resolve_latest(root)
+    cur_name = cur.name if cur is not None else ""
+    names = [n for _, n in versions(root)]
+    if to:
+        candidates = [to]
+    else:
+        if cur_name not in names:
+            raise CheckpointError(f"{root}/latest names no known version; use --to VERSION")
+        candidates = list(reversed(names[: names.index(cur_name)]))
+    reasons = []
+    for name in candidates:
+        try:
+            load_checkpoint(root / name)
+        except CheckpointError as e:
+            reasons.append(str(e))
+            continue
+        if not dry_run:
+            set_latest(root, name)
+        return cur_name, name
+    detail = "; ".join(reasons) or "no older version"
+    raise CheckpointError(f"nothing to roll back to in {root}: {detail}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tamiyo_server.reload",
+        description="Inspect a checkpoint directory and roll its 'latest' pointer back.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="versions, oldest first; '*' marks latest")
+    rb = sub.add_parser("rollback", help="point latest at the previous verified version")
+    for sp in (ls, rb):
+        sp.add_argument("--checkpoint-dir", required=True, type=Path)
+    rb.add_argument("--to", default="", help="version to roll back to (default: previous)")
+    rb.add_argument("--dry-run", action="store_true", help="verify and print, change nothing")
+    a = p.parse_args(argv)
+    root: Path = a.checkpoint_dir
+    if a.cmd == "list":
+        cur = resolve_latest(root)
+        for created, name in versions(root):
+            mark = "*" if cur is not None and cur.name == name else " "
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+            print(f"{mark} {name}  {stamp}")
+        return 0
+    try:
+        old, new = rollback(root, a.to, a.dry_run)
+    except (CheckpointError, ValueError) as e:
+        print(f"rollback failed: {e}", file=sys.stderr)
+        return 1
+    verb = "would move" if a.dry_run else "moved"
+    print(f"{verb} {root / LATEST}: {old or '<none>'} -> {new}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
