@@ -1,38 +1,66 @@
-"""Batched inference: many graphs in, one inference-mode forward, per-graph outputs out.
+"""Batched inference: many graphs in, one compiled forward, per-graph outputs out.
 
-One code path for CPU and CUDA: the batch is collated on the host; on CUDA it is copied
-from page-locked memory with ``non_blocking=True`` so the copy overlaps the launch. All
-post-processing (per-graph softmax as ONE ``log_softmax`` over the padded [B, N_max·K_max
-+ 1] logits, best action, node probabilities) runs on the device as a few batched ops;
-results come back in one host copy per tensor and are split into per-graph views (O(1)
-Python per graph).
+Why compiled: on this VM an eager torch op costs ~9 µs of fixed overhead and releases
+and re-acquires the GIL; a forward plus its per-graph post-processing is ~80 ops, so
+under a GIL-holding event loop the inference thread waited for the GIL ~80 times per
+batch. The engine therefore runs ``ServingForward`` (the policy's ``forward_tensors`` +
+per-graph softmax, best action, sigmoid) as ONE TorchScript call, scripted and frozen
+from the eager ``TamiyoPolicy`` at construction (the trainer trains the eager module;
+there is one definition of the network). The GIL is released once per forward and op
+dispatch is cheaper. If scripting fails, or the compiled module disagrees with the
+eager one on a sample batch, the engine logs a warning and runs eagerly (``.mode``).
+
+One code path for CPU and CUDA: the batch is collated on the host (flat layout, see
+``batch.py``); on CUDA it is copied from page-locked memory with ``non_blocking=True``.
+Results come back in three host copies (``pair_logp``, ``target_probs`` and a [6, B]
+block of per-graph scalars) and are split into per-graph numpy views by slicing
+(O(1) Python per graph).
 
 Threads: use 1 intra-op thread (``configure_threads(1)``; the server's
 ``ServerConfig.torch_threads`` default). On a 2-core box the inference thread and the
-gRPC event loop share the cores, and one batch's matrices are small (≤ 16k × 64) so a
-second torch thread has little to split. Measured on this box while others were
-running: with 2 threads a 1024² sgemm fell from 45-75 to 16-26 GFLOP/s and the sparse
-aggregation got 2-7× slower than with 1 (threads spinning for a core someone else
-holds). ``python -m bench --only inference --threads 2`` repeats the comparison.
-
-Padding: graphs of one call are grouped by size (``size_groups``) so the padded layout
-never wastes more than ~2× compute; a batch of similar graphs is one forward.
+gRPC event loop share the cores, and one batch's matrices are small (≤ 4096 × 64) so a
+second torch thread has little to split. ``python -m bench --only inference --threads 2``
+repeats the comparison.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from itertools import pairwise
 from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch import nn
 
 from tamiyo.policy.batch import Batch, collate
 from tamiyo.policy.features import GraphTensors
-from tamiyo.policy.model import TamiyoPolicy
+from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from tamiyo.policy.synthetic import random_graphs
+
+log = logging.getLogger(__name__)
+
+# torch 2.13 marks torch.jit.script / freeze deprecated in favour of torch.compile, which
+# needs a C++ toolchain and seconds of compilation per shape on this box; TorchScript is
+# what gives one GIL release per forward with ~25 ms of build per engine. Known, so quiet.
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
+)
+
+FORWARD_NODE_BUDGET = 4096
+"""Nodes per CPU forward: [4096, 64] float32 activations = 1 MiB, half the L2 (measured
+~10-15% less CPU per graph at 12.8k nodes than one 12.8k-node forward)."""
+
+SELF_CHECK_SIZES = (1, 6, 23)
+"""Graph sizes of the sample batch on which a compiled module must match the eager one."""
 
 
 def configure_threads(num_threads: int) -> None:
@@ -67,27 +95,174 @@ class PolicyOutput(NamedTuple):
     value: float
 
 
+# Rows of ServingForward's per-graph block [6, B].
+_NOOP_LOGP, _ADAPT, _BEST_NODE, _BEST_KERNEL, _URGENCY, _VALUE = range(6)
+
+
+class ServingForward(nn.Module):
+    """The policy plus its per-graph post-processing, as one module (what is compiled).
+
+    ``forward(x, adj, node_batch, ptr, counts, kernel_x, pair_invalid)`` (``Batch``
+    tensors, ``ptr`` int64 [B+1]) → (``pair_logp`` float32 [N, K]: log-probability of each
+    adapt(node, kernel) under the per-graph distribution over (node × kernel) ∪ {no-op},
+    -inf where invalid; ``target_probs`` float32 [N]: P(layer | adapt), 0 where invalid;
+    per-graph block float32 [6, B]: no-op log-prob, adapt probability, best node (index
+    within its graph, -1 none), best kernel (-1 none), urgency in [0, 1], value).
+    """
+
+    def __init__(self, policy: TamiyoPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        adj: torch.Tensor,
+        node_batch: torch.Tensor,
+        ptr: torch.Tensor,
+        counts: torch.Tensor,
+        kernel_x: torch.Tensor,
+        pair_invalid: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pair, g = self.policy.forward_tensors(x, adj, node_batch, counts, kernel_x, pair_invalid)
+        b, n = g.shape[0], pair.shape[0]
+        noop = g[:, 0]
+        # Per-graph max valid pair logit; -1e30 (not -inf) for a graph without one, so
+        # that no NaN appears below (a real logit is never near -1e30).
+        row_max = pair.amax(dim=1)  # [N]
+        pair_max = torch.full([b], -1e30, dtype=pair.dtype, device=pair.device)
+        pair_max = pair_max.scatter_reduce(0, node_batch, row_max, reduce="amax")
+        node_max = pair_max.index_select(0, node_batch)  # [N]
+        # P(layer | adapt) from a softmax over the pairs alone (relative to the pair max):
+        # dividing the joint by 1 - P(no-op) cancels in float32 when no-op is near certain.
+        e = torch.exp(pair - node_max.unsqueeze(1)).sum(dim=1)  # [N], 0 where invalid
+        z = torch.zeros([b], dtype=pair.dtype, device=pair.device).index_add(0, node_batch, e)
+        # z ≥ 1 whenever the graph has a valid pair (its max contributes exp(0)) and 0 when
+        # it has none (then every e is 0): clamping at 1 changes nothing but 0/0.
+        target_probs = e / z.clamp(min=1.0).index_select(0, node_batch)
+        # log Σ over (node × kernel) ∪ {no-op} = m + log(z·e^(pair_max-m) + e^(noop-m)).
+        m = torch.maximum(pair_max, noop)
+        lse = m + torch.log(z * torch.exp(pair_max - m) + torch.exp(noop - m))
+        pair_logp = pair - lse.index_select(0, node_batch).unsqueeze(1)
+        noop_logp = noop - lse
+        # Best pair: the first node (in graph order) holding its graph's max, then the
+        # first kernel of that node with it (= argmax over the graph's row-major pairs).
+        node_ids = torch.arange(n, dtype=torch.int64, device=pair.device)
+        cand = torch.where(row_max == node_max, node_ids, n)
+        best = torch.full([b], n, dtype=torch.int64, device=pair.device)
+        best = best.scatter_reduce(0, node_batch, cand, reduce="amin")
+        has = best < n  # False: no valid pair (or a NaN logit)
+        best_kernel = pair.index_select(0, best.clamp(max=n - 1)).argmax(dim=1)
+        per_graph = torch.stack(
+            [
+                noop_logp,
+                -torch.expm1(noop_logp),  # 1 - P(no-op), accurate when no-op is near certain
+                torch.where(has, best - ptr[:-1], -1).to(g.dtype),
+                torch.where(has, best_kernel, -1).to(g.dtype),
+                torch.sigmoid(g[:, 1]),
+                g[:, 2],
+            ]
+        )
+        return pair_logp, target_probs, per_graph
+
+
+def _unoptimized() -> AbstractContextManager[None]:
+    """TorchScript's profiling executor off for a call: on CPU it has no fuser to gain
+    from, and its first two calls per graph (profiling, then optimisation) cost ~30 ms
+    and re-specialise on new shapes; unoptimised, the first call costs what later do."""
+    ctx: AbstractContextManager[None] = torch.jit.optimized_execution(False)  # type: ignore[attr-defined]
+    return ctx
+
+
+ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+_TEMPLATES: dict[PolicyConfig, torch.jit.ScriptModule] = {}
+_TEMPLATE_LOCK = threading.Lock()
+
+
+def compile_serving(model: TamiyoPolicy, device: torch.device) -> torch.jit.ScriptModule:
+    """``ServingForward(model)`` scripted and frozen on ``device`` (eval mode).
+
+    Scripting parses Python source and costs ~55-150 ms of GIL-holding CPU, so it is done
+    once per process and ``PolicyConfig``: later engines deep-copy that scripted template
+    (~3 ms), load their weights into the copy and freeze it (~15 ms; weights become
+    constants, weight-only ops are folded). The copy is private to the engine, so the
+    frozen constants can never change under it.
+    """
+    with _TEMPLATE_LOCK:
+        template = _TEMPLATES.get(model.config)
+        if template is None:
+            template = torch.jit.script(ServingForward(copy.deepcopy(model).cpu()).eval())
+            _TEMPLATES[model.config] = template
+        scripted = copy.deepcopy(template)
+    scripted.policy.load_state_dict(model.state_dict())
+    frozen: torch.jit.ScriptModule = torch.jit.freeze(scripted.to(device).eval())
+    return frozen
+
+
+_SAMPLE: list[Batch] = []
+
+
+def _sample_batch() -> Batch:
+    """The self-check batch (``SELF_CHECK_SIZES``), built once per process (CPU)."""
+    if not _SAMPLE:
+        _SAMPLE.append(collate(random_graphs(0, list(SELF_CHECK_SIZES))))
+    return _SAMPLE[0]
+
+
 class InferenceEngine:
     """Owns a model on a device and turns lists of ``GraphTensors`` into ``PolicyOutput``s.
 
-    Call ``infer`` from one dedicated thread (torch releases the GIL inside ops). The
-    model is put in eval mode; parameters are never mutated after construction, so a
-    server swaps policies by swapping engines between batches.
+    Call ``infer`` from one dedicated thread (the compiled forward releases the GIL once
+    per call). The model is put in eval mode; parameters are never mutated after
+    construction (the compiled module holds frozen copies), so a server swaps policies by
+    swapping engines between batches. ``compile=False`` runs the same module eagerly
+    (baseline for benches, and the fallback). ``mode`` says which one runs;
+    ``build_ms`` / ``build_cpu_ms`` what construction (script + freeze + self-check) cost.
     """
 
     def __init__(
-        self, model: TamiyoPolicy, device: str | torch.device = "cpu", version: str = "unversioned"
+        self,
+        model: TamiyoPolicy,
+        device: str | torch.device = "cpu",
+        version: str = "unversioned",
+        compile: bool = True,
     ) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.pack_for_inference()
         self.version = version
         self._cuda = self.device.type == "cuda"
         self.parameter_count = sum(p.numel() for p in self.model.parameters())
-        # Padded nodes per forward on CPU (cache-sized activations); one forward on CUDA.
+        # Nodes per forward on CPU (cache-sized activations); one forward on CUDA.
         self.forward_node_budget = 1 << 30 if self._cuda else FORWARD_NODE_BUDGET
+        self.eager: ServingForward = ServingForward(self.model)
+        self._forward: ForwardFn = self.eager
+        self.mode = "eager"
+        if compile:
+            self._compile()
+        self.build_ms = (time.perf_counter() - t0) * 1000.0
+        self.build_cpu_ms = (time.thread_time() - c0) * 1000.0
+
+    def _compile(self) -> None:
+        """Swap in the compiled module if it scripts and matches eager on a sample."""
+        try:
+            compiled = compile_serving(self.model, self.device)
+            batch = self._device_batch(_sample_batch())
+            with torch.inference_mode(), _unoptimized():
+                want = self.eager(*_inputs(batch))
+                got = compiled(*_inputs(batch))
+            for w, g in zip(want, got, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        except Exception as exc:  # any failure: serve eagerly rather than not at all
+            log.warning(
+                "policy %s: TorchScript unavailable, running eagerly: %s", self.version, exc
+            )
+            return
+        self._forward = compiled
+        self.mode = "torchscript"
 
     def warmup(self, sizes: Sequence[int] = (4, 16, 64), repeats: int = 2) -> None:
         """Run a few forwards so allocator and kernels are hot before serving."""
@@ -100,38 +275,7 @@ class InferenceEngine:
     def _device_batch(self, batch: Batch) -> Batch:
         if self._cuda:
             return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
-
-    def _padded_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per-graph softmax over (node × kernel) ∪ {no-op} in the padded layout: one
-        ``log_softmax`` over [B, N_max·K_max + 1] (padding and invalid pairs are -inf)."""
-        b, n, k = batch.num_graphs, batch.n_max, batch.k_max
-        out = self.model.forward_padded(batch)
-        logits = torch.cat([out.pair_logits.reshape(b, n * k), out.noop_logit.unsqueeze(1)], 1)
-        logp = torch.log_softmax(logits, dim=1)
-        pair_logp = logp[:, : n * k]
-        noop_logp = logp[:, n * k]
-        adapt = -torch.expm1(noop_logp)  # 1 - P(no-op), accurate when no-op is near certain
-        # P(layer | adapt) from a softmax over the pairs alone: dividing the joint by
-        # (1 - P(no-op)) cancels catastrophically in float32 when no-op is near certain.
-        # A graph without a valid pair gets all zeros (its row is all -inf → NaN).
-        cond = torch.softmax(out.pair_logits.reshape(b, n * k), dim=1).nan_to_num_(0.0)
-        target_probs = cond.view(b, n, k).sum(dim=2)
-        if n * k:
-            best_lp, best_idx = pair_logp.max(dim=1)
-        else:
-            best_lp = torch.full((b,), float("-inf"), device=logp.device)
-            best_idx = torch.zeros(b, dtype=torch.int64, device=logp.device)
-        return {
-            "pair_logp": pair_logp.view(b, n, k),
-            "target_probs": target_probs,
-            "noop_logp": noop_logp,
-            "adapt_prob": adapt,
-            "best_lp": best_lp,
-            "best_idx": best_idx,
-            "urgency": torch.sigmoid(out.urgency_logit),
-            "value": out.value,
-        }
+        return batch
 
     def forward_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Device tensors for a collated batch in the flat per-node layout:
@@ -139,110 +283,86 @@ class InferenceEngine:
         ``noop_logp``, ``adapt_prob``, ``best_node`` (-1 = none), ``best_kernel``,
         ``urgency``, ``value`` (used by the trainer's evaluation and by tests)."""
         batch = self._device_batch(batch)
-        with torch.inference_mode():
-            t = self._padded_outputs(batch)
-            k = max(batch.k_max, 1)
-            has = torch.isfinite(t["best_lp"])
-            idx = batch.node_index
-            return {
-                "pair_logp": t["pair_logp"].reshape(-1, batch.k_max)[idx],
-                "target_probs": t["target_probs"].reshape(-1)[idx],
-                "noop_logp": t["noop_logp"],
-                "adapt_prob": t["adapt_prob"],
-                "best_node": torch.where(has, t["best_idx"] // k, -1),
-                "best_kernel": torch.where(has, t["best_idx"] % k, -1),
-                "urgency": t["urgency"],
-                "value": t["value"],
-            }
+        with torch.inference_mode(), _unoptimized():
+            pair_logp, target_probs, per = self._forward(*_inputs(batch))
+        return {
+            "pair_logp": pair_logp,
+            "target_probs": target_probs,
+            "noop_logp": per[_NOOP_LOGP],
+            "adapt_prob": per[_ADAPT],
+            "best_node": per[_BEST_NODE].long(),
+            "best_kernel": per[_BEST_KERNEL].long(),
+            "urgency": per[_URGENCY],
+            "value": per[_VALUE],
+        }
 
     def infer(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
         """Batched forward(s) for ``graphs``; outputs in the same order.
 
-        Graphs are grouped by size so that padding stays under ~2× (a batch of similar
-        graphs is one group), and a group is cut into forwards of at most
-        ``forward_node_budget`` padded nodes so activations stay cache-sized (measured
-        ~10-15% less CPU per graph at 12.8k nodes with 4096-node chunks on this box).
+        One forward per ``forward_node_budget`` nodes (consecutive graphs; a batch of a
+        few thousand nodes is one forward) so activations stay cache-sized.
         """
         if not graphs:
             raise ValueError("collate: empty batch")
         counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))
-        groups = [
-            chunk
-            for group in size_groups(counts)
-            for chunk in node_chunks(group, counts, self.forward_node_budget)
-        ]
-        if len(groups) == 1:
-            return self._infer_group(graphs)
-        results: list[PolicyOutput | None] = [None] * len(graphs)
-        for idx in groups:
-            for i, o in zip(idx.tolist(), self._infer_group([graphs[i] for i in idx]), strict=True):
-                results[i] = o
-        return [o for o in results if o is not None]
+        cuts = node_chunks(counts, self.forward_node_budget)
+        if len(cuts) == 2:
+            return self._infer_chunk(graphs)
+        out: list[PolicyOutput] = []
+        for lo, hi in pairwise(cuts):
+            out.extend(self._infer_chunk(graphs[lo:hi]))
+        return out
 
-    def _infer_group(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
+    def _infer_chunk(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
         batch = self._device_batch(collate(graphs))
-        with torch.inference_mode():
-            t = {k: v.cpu().numpy() for k, v in self._padded_outputs(batch).items()}
-        k = max(batch.k_max, 1)
-        has = np.isfinite(t["best_lp"])
-        best_node = np.where(has, t["best_idx"] // k, -1).tolist()
-        best_kernel = np.where(has, t["best_idx"] % k, -1).tolist()
-        pl, tp = t["pair_logp"], t["target_probs"]
-        k_list = list(map(len, map(_KX, graphs)))
-        if batch.num_nodes == batch.num_graphs * batch.n_max and min(k_list) == batch.k_max:
-            tps, pls = list(tp), list(pl)  # homogeneous batch: row views, no slicing
+        with torch.inference_mode(), _unoptimized():
+            pl_t, tp_t, per_t = self._forward(*_inputs(batch))
+            if self._cuda:
+                pl_t, tp_t, per_t = pl_t.cpu(), tp_t.cpu(), per_t.cpu()
+        # CPU: .numpy() shares memory and, unlike .cpu(), does not release the GIL.
+        pl, tp, per = pl_t.numpy(), tp_t.numpy(), per_t.numpy()
+        ptr, ks = batch.ptr_list, batch.k_list
+        bounds = list(pairwise(ptr))
+        tps = [tp[a:b] for a, b in bounds]
+        if min(ks) == batch.k_max:
+            pls = [pl[a:b] for a, b in bounds]
         else:
-            ns = np.diff(batch.ptr_list).tolist()
-            tps = [tp[i, :n] for i, n in enumerate(ns)]
-            pls = [pl[i, :n, :k] for i, (n, k) in enumerate(zip(ns, k_list, strict=True))]
+            pls = [pl[a:b, :k] for (a, b), k in zip(bounds, ks, strict=True)]
         return list(
             map(
                 PolicyOutput,
                 tps,
                 pls,
-                t["noop_logp"].tolist(),
-                t["adapt_prob"].tolist(),
-                best_node,
-                best_kernel,
-                t["urgency"].tolist(),
-                t["value"].tolist(),
+                per[_NOOP_LOGP].tolist(),
+                per[_ADAPT].tolist(),
+                per[_BEST_NODE].astype(np.int64).tolist(),
+                per[_BEST_KERNEL].astype(np.int64).tolist(),
+                per[_URGENCY].tolist(),
+                per[_VALUE].tolist(),
             )
         )
 
 
-_X, _KX = attrgetter("x"), attrgetter("kernel_x")  # len() = node / kernel count
+_X = attrgetter("x")  # len() = node count
 
 
-FORWARD_NODE_BUDGET = 4096
-"""Padded nodes per CPU forward: [4096, 64] float32 activations = 1 MiB, half the L2."""
+def _inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """``ServingForward`` arguments of a batch."""
+    x, adj, node_batch, counts, kernel_x, pair_invalid = batch.tensors()
+    return (x, adj, node_batch, batch.ptr, counts, kernel_x, pair_invalid)
 
 
-def node_chunks(
-    idx: npt.NDArray[np.int64], counts: npt.NDArray[np.int64], budget: int
-) -> list[npt.NDArray[np.int64]]:
-    """Cut the graph indices ``idx`` into consecutive chunks whose padded node count
-    (len × largest graph) stays within ``budget`` (at least one graph per chunk)."""
-    n_max = int(counts[idx].max())
-    per = max(1, budget // max(n_max, 1))
-    if idx.size <= per:
-        return [idx]
-    return np.split(idx, range(per, idx.size, per))
-
-
-def size_groups(
-    counts: npt.NDArray[np.int64], max_ratio: float = 2.0
-) -> list[npt.NDArray[np.int64]]:
-    """Split graph indices into groups whose padded size wastes < ``max_ratio``× compute.
-
-    One group when B·N_max ≤ max_ratio·ΣN (the usual case); otherwise graphs sorted by
-    size are cut wherever a group's largest graph exceeds ``max_ratio``× its smallest.
-    """
-    if counts.size * counts.max() <= max_ratio * counts.sum():
-        return [np.arange(counts.size)]
-    order = np.argsort(counts, kind="stable")
-    sc = counts[order]
-    starts = [0]
-    for i in range(1, sc.size):  # O(B) integer compares; only on very mixed batches
-        if sc[i] > max_ratio * sc[starts[-1]]:
-            starts.append(i)
-    return np.split(order, starts[1:])
+def node_chunks(counts: npt.NDArray[np.int64], budget: int) -> list[int]:
+    """Cut points (``[0, …, B]``) splitting consecutive graphs with ``counts`` nodes into
+    forwards of at most ``budget`` nodes each (at least one graph per forward)."""
+    cuts = [0]
+    total = 0
+    if int(counts.sum()) <= budget:
+        return [0, int(counts.size)]
+    for i, c in enumerate(counts.tolist()):  # O(B) ints; only for very large batches
+        if total and total + c > budget:
+            cuts.append(i)
+            total = 0
+        total += c
+    cuts.append(int(counts.size))
+    return cuts

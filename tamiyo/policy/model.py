@@ -8,7 +8,9 @@ softmax across the batch). Trainer (BC / IQL / CQL), simulator and server all us
 one module.
 
 The GCN propagation is Â·(H W) + b with Â the cached symmetric-normalised adjacency
-(see ``topology.py``); a test checks it against torch_geometric's ``GCNConv``.
+(see ``topology.py``); a test checks it against torch_geometric's ``GCNConv``. Batches
+are flat (``batch.py``); everything below is TorchScript-compatible so the inference
+engine can run the same module as one compiled call (``engine.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from tamiyo.policy.batch import Batch
@@ -70,16 +71,6 @@ class PolicyForward(NamedTuple):
     value: torch.Tensor
 
 
-class PaddedForward(NamedTuple):
-    """Raw outputs in the padded layout: ``pair_logits`` float32 [B, N_max, K_max] (-inf
-    where invalid or padding); ``noop_logit``, ``urgency_logit``, ``value`` float32 [B]."""
-
-    pair_logits: torch.Tensor
-    noop_logit: torch.Tensor
-    urgency_logit: torch.Tensor
-    value: torch.Tensor
-
-
 class GCNLayer(nn.Module):
     """One GCN propagation: out = Â (h Wᵀ) + b, same parameters as ``GCNConv``.
 
@@ -93,41 +84,31 @@ class GCNLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out))
         nn.init.xavier_uniform_(self.weight)  # GCNConv's default (glorot)
 
-    def forward(
-        self, h: torch.Tensor, adj: torch.Tensor, weight_t: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """h float32 [B·N_max, H_in] (padded-flat) → float32 [B·N_max, H_out].
-
-        ``adj`` is dense Â blocks [B, N_max, N_max] (one ``baddbmm``, bias fused) or a
-        block-diagonal sparse CSR [B·N_max, B·N_max]. ``weight_t``: optional packed
-        ``weight.t().contiguous()`` (inference only).
-        """
-        hw = h @ (self.weight.t() if weight_t is None else weight_t)
-        if adj.layout == torch.strided:
-            b, n = adj.shape[0], adj.shape[1]
-            out = torch.baddbmm(self.bias, adj, hw.view(b, n, -1))
-            return out.view(b * n, -1)
-        # addmm with a CSR matrix measured ~5x cheaper than sparse.mm + bias here.
-        return torch.addmm(self.bias, adj, hw)
+    def forward(self, h: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        """h float32 [N, H_in] → float32 [N, H_out]; ``adj`` Â [N, N], sparse CSR (the
+        batch's block-diagonal matrix) or dense. addmm with a CSR matrix measured ~5x
+        cheaper than ``sparse.mm`` + bias here."""
+        return torch.addmm(self.bias, adj, h @ self.weight.t())
 
 
 def segment_max(
     values: torch.Tensor, index: torch.Tensor, num: int, init: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Max of ``values`` [N, ...] per segment ``index`` [N] → [num, ...]."""
-    shape = (num, *values.shape[1:])
-    out = (
-        init.clone()
-        if init is not None
-        else torch.full(shape, float("-inf"), dtype=values.dtype, device=values.device)
-    )
-    idx = index.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    """Max of ``values`` [N, ...] per segment ``index`` int64 [N] → [num, ...] (-inf for
+    an empty segment, or ``init`` [num, ...] folded in)."""
+    if init is not None:
+        out = init.clone()
+    else:
+        shape = [num] + list(values.shape[1:])  # noqa: RUF005 (TorchScript: no *unpack)
+        out = torch.full(shape, float("-inf"), dtype=values.dtype, device=values.device)
+    idx = index.view([-1] + [1] * (values.dim() - 1)).expand_as(values)
     return out.scatter_reduce(0, idx, values, reduce="amax", include_self=True)
 
 
 def segment_sum(values: torch.Tensor, index: torch.Tensor, num: int) -> torch.Tensor:
-    """Sum of ``values`` [N, ...] per segment ``index`` [N] → [num, ...]."""
-    out = torch.zeros((num, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    """Sum of ``values`` [N, ...] per segment ``index`` int64 [N] → [num, ...]."""
+    shape = [num] + list(values.shape[1:])  # noqa: RUF005 (TorchScript: no *unpack)
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
     return out.index_add(0, index, values)
 
 
@@ -142,10 +123,10 @@ def per_graph_log_softmax(
     ``pair_logp[ptr[g] + node, kernel]`` and the no-op's is ``noop_logp[g]``.
     """
     b = noop_logit.shape[0]
-    if pair_logits.shape[1]:
+    if pair_logits.shape[1] > 0:
         row_max = pair_logits.amax(dim=1)
     else:  # no kernel offered anywhere in the batch: only no-op is valid
-        row_max = pair_logits.new_full((pair_logits.shape[0],), float("-inf"))
+        row_max = pair_logits.new_full([pair_logits.shape[0]], float("-inf"))
     m = segment_max(row_max, node_batch, b, init=noop_logit.detach()).detach()
     shifted = torch.exp(pair_logits - m[node_batch].unsqueeze(1)).sum(dim=1)
     z = segment_sum(shifted, node_batch, b) + torch.exp(noop_logit - m)
@@ -154,7 +135,12 @@ def per_graph_log_softmax(
 
 
 class TamiyoPolicy(nn.Module):
-    """The policy network. ``forward(batch) -> PolicyForward`` (see module docstring)."""
+    """The policy network. ``forward(batch) -> PolicyForward`` (see module docstring).
+
+    The arithmetic lives in ``forward_tensors`` (plain tensors in and out, TorchScript-able)
+    so that the trainer's eager module and the engine's compiled copy of it are one
+    definition; ``forward`` only unpacks a ``Batch``.
+    """
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__()
@@ -174,91 +160,45 @@ class TamiyoPolicy(nn.Module):
         self.graph_head = nn.Sequential(
             nn.Linear(2 * h, c.head_hidden), nn.ReLU(inplace=True), nn.Linear(c.head_hidden, 3)
         )
-        self._scale = 1.0 / math.sqrt(hk)
-        # Typed handles on the Linear layers for the functional forward (a tuple is not
-        # registered as a submodule, so state_dict keys stay those of the Sequentials).
-        lin = [
-            m
-            for m in (*self.encoder, *self.kernel_encoder, *self.graph_head)
-            if isinstance(m, nn.Linear)
-        ]
-        self._lin: tuple[nn.Linear, ...] = tuple(lin)
-        self._packed: list[torch.Tensor] | None = None
+        self.scale = 1.0 / math.sqrt(hk)
 
-    def pack_for_inference(self) -> None:
-        """Cache each weight transposed and contiguous ([in, out]) for inference.
-
-        ``x @ Wᵀ`` with a pre-transposed contiguous weight was ~1.4-1.9x faster than
-        ``F.linear`` for the skinny matrices here (N×64 @ 64×64) on this CPU. Only used
-        when autograd is off; ``train()`` and ``load_state_dict`` drop the cache, and the
-        engine never mutates its model, so the copies cannot go stale.
-        """
-        with torch.no_grad():
-            ws = [m.weight for m in self._lin] + [c.weight for c in self._convs()]
-            ws.append(self.node_head.weight)
-            self._packed = [w.detach().t().contiguous() for w in ws]
-
-    def train(self, mode: bool = True) -> TamiyoPolicy:
-        self._packed = None
-        return super().train(mode)
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self._packed = None
-        return super().load_state_dict(*args, **kwargs)
-
-    def _convs(self) -> list[GCNLayer]:
-        return [c for c in self.convs if isinstance(c, GCNLayer)]
-
-    def _linear(self, x: torch.Tensor, i: int, layer: nn.Linear) -> torch.Tensor:
-        """``layer(x)``; from the packed weight ``i`` when packed and autograd is off."""
-        p = self._packed
-        if p is not None and not torch.is_grad_enabled():
-            if x.dim() == 2:
-                return torch.addmm(layer.bias, x, p[i])
-            return torch.matmul(x, p[i]).add_(layer.bias)
-        return F.linear(x, layer.weight, layer.bias)
-
-    def embed(self, batch: Batch) -> torch.Tensor:
-        """Node embeddings float32 [B·N_max, H] (padded-flat; padding rows are junk that
-        never reaches real rows, because Â has no entries for them).
-
-        Functional calls (``F.linear``, ``conv.forward``) instead of module ``__call__``:
-        same parameters, fewer Python layers per op, which is most of the cost of a
-        small batch on a CPU.
-        """
-        lin = self._lin
-        h = self._linear(batch.x, 0, lin[0]).relu_()
-        h = self._linear(h, 1, lin[1])
-        packed = self._packed
-        if torch.is_grad_enabled():
-            for conv in self.convs:
-                h = h + conv.forward(h, batch.adj).relu()
-        else:  # inference: same arithmetic in place (≈2x less memory traffic per layer)
-            for i, conv in enumerate(self._convs()):
-                wt = packed[6 + i] if packed is not None else None
-                h.add_(conv.forward(h, batch.adj, wt).relu_())
-        return h
-
-    def forward_padded(self, batch: Batch) -> PaddedForward:
-        """The network on the padded layout (~30 tensor ops whatever B is)."""
-        b, n = batch.num_graphs, batch.n_max
-        lin = self._lin
-        h = self.embed(batch)
-        nh = self._linear(h, len(lin) + len(self.convs), self.node_head).view(b, n, -1)
-        score, query = nh[:, :, :1], nh[:, :, 1:]
-        kemb = self._linear(self._linear(batch.kernel_x, 2, lin[2]).relu_(), 3, lin[3])
-        # pair logit (i, j) = s_i + <q_i, k_j> / sqrt(Hk): one batched matmul.
-        pair = torch.baddbmm(score, query, kemb.transpose(1, 2), alpha=self._scale)
-        pair = pair.masked_fill_(batch.pair_invalid, float("-inf"))
-        h3 = h.view(b, n, -1)
-        mean = torch.bmm(batch.pool_weight, h3).squeeze(1)  # masked mean over nodes
-        mx = (h3 if batch.pad_neg is None else h3 + batch.pad_neg).amax(dim=1)
-        g = self._linear(torch.cat([mean, mx], dim=1), 4, lin[4]).relu_()
-        g = self._linear(g, 5, lin[5])
-        return PaddedForward(pair, g[:, 0], g[:, 1], g[:, 2])
-
+    @torch.jit.ignore  # type: ignore[untyped-decorator]
     def forward(self, batch: Batch) -> PolicyForward:
         """Flat per-node outputs (what the trainer's losses use)."""
-        out = self.forward_padded(batch)
-        pair = out.pair_logits.reshape(-1, batch.k_max)[batch.node_index]
-        return PolicyForward(pair, out.noop_logit, out.urgency_logit, out.value)
+        pair, g = self.forward_tensors(*batch.tensors())
+        return PolicyForward(pair, g[:, 0], g[:, 1], g[:, 2])
+
+    @torch.jit.export
+    def forward_tensors(
+        self,
+        x: torch.Tensor,
+        adj: torch.Tensor,
+        node_batch: torch.Tensor,
+        counts: torch.Tensor,
+        kernel_x: torch.Tensor,
+        pair_invalid: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network on a flat batch (``Batch.tensors()``): ~35 tensor ops whatever B is.
+
+        x float32 [N, F], adj Â [N, N] (sparse CSR), node_batch int64 [N], counts float32
+        [B], kernel_x float32 [B, K, Fk], pair_invalid bool [N, K] → (pair logits float32
+        [N, K] with -inf where invalid, graph outputs float32 [B, 3] = [no-op logit,
+        urgency logit, value]).
+        """
+        h = self.encoder(x)
+        for conv in self.convs:
+            h = h + conv(h, adj).relu_()
+        nh = self.node_head(h)
+        score, query = nh[:, :1], nh[:, 1:]
+        # pair logit (i, j) = s_i + <q_i, k_j> / sqrt(Hk), k_j the kernels of i's graph:
+        # one baddbmm over N tiny [K, Hk] @ [Hk, 1] products.
+        kemb = self.kernel_encoder(kernel_x).index_select(0, node_batch)  # [N, K, Hk]
+        pair = torch.baddbmm(score.unsqueeze(2), kemb, query.unsqueeze(2), alpha=self.scale)
+        pair = pair.squeeze(2).masked_fill(pair_invalid, float("-inf"))  # [N, K]
+        b, d = counts.shape[0], h.shape[1]
+        total = torch.zeros([b, d], dtype=h.dtype, device=h.device).index_add(0, node_batch, h)
+        mean = total / counts.unsqueeze(1)
+        idx = node_batch.unsqueeze(1).expand(-1, d)
+        mx = torch.full([b, d], float("-inf"), dtype=h.dtype, device=h.device)
+        mx = mx.scatter_reduce(0, idx, h, reduce="amax", include_self=True)
+        return pair, self.graph_head(torch.cat([mean, mx], dim=1))

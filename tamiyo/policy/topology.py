@@ -47,6 +47,11 @@ class NormAdjacency:
     def nnz(self) -> int:
         return int(self.col.shape[0])
 
+    @property
+    def crow_tail(self) -> IntArray:
+        """``crow[1:]`` (what ``collate`` concatenates into the batch's block-diagonal CSR)."""
+        return self.crow[1:]
+
     def dense(self) -> npt.NDArray[np.float32]:
         """Â as a dense float32 [N, N] matrix (tests and small-graph kernels)."""
         out = np.zeros((self.num_nodes, self.num_nodes), np.float32)

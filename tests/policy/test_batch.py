@@ -13,35 +13,43 @@ from tamiyo.policy.synthetic import random_graphs
 from .conftest import make_state
 
 
-@pytest.mark.parametrize("dense", [True, False])
-def test_layout_and_flat_view(dense: bool) -> None:
+def test_flat_layout() -> None:
     graphs = random_graphs(3, [4, 1, 6], k=2)
     graphs.append(featurize(snapshot_from_state(make_state(2, kernels=()), 4)))
-    b = collate(graphs, dense=dense)
-    assert (b.num_graphs, b.num_nodes, b.n_max, b.k_max) == (4, 13, 6, 2)
+    b = collate(graphs)
+    assert (b.num_graphs, b.num_nodes, b.k_max) == (4, 13, 2)
     assert b.ptr_list == [0, 4, 5, 11, 13]
+    assert b.k_list == [2, 2, 2, 0]
     assert b.node_batch.tolist() == [0] * 4 + [1] + [2] * 6 + [3] * 2
-    x_flat = np.concatenate([g.x for g in graphs])
-    np.testing.assert_array_equal(b.x[b.node_index].numpy(), x_flat)
-    assert b.node_mask.sum().item() == 13
-    pad = torch.ones(b.x.shape[0], dtype=torch.bool)
-    pad[b.node_index] = False
-    assert bool((b.x[pad] == 0).all())
-    assert b.dense_adj == dense
+    np.testing.assert_array_equal(b.x.numpy(), np.concatenate([g.x for g in graphs]))
+    assert b.counts.tolist() == [4, 1, 6, 2]
     assert b.kernel_x.shape == (4, 2, 2)
-    assert b.pair_invalid[3].all()  # no kernels offered → nothing valid
-    valid = ~b.pair_invalid.reshape(-1, 2)[b.node_index]
+    assert bool((b.kernel_x[3] == 0).all())
+    assert b.pair_invalid.shape == (13, 2)
+    assert b.pair_invalid[11:].all()  # no kernels offered → nothing valid
     np.testing.assert_array_equal(
-        valid.any(1).numpy(), np.concatenate([g.target_mask for g in graphs])
+        (~b.pair_invalid).any(1).numpy(), np.concatenate([g.target_mask for g in graphs])
     )
-    torch.testing.assert_close(b.pool_weight.sum(2).squeeze(1), torch.ones(4))
-    assert b.pad_neg is not None
 
 
-def test_homogeneous_batch_needs_no_padding() -> None:
-    b = collate(random_graphs(4, [5, 5, 5]))
-    assert b.pad_neg is None
-    assert b.node_index.tolist() == list(range(15))
+def test_adjacency_is_block_diagonal() -> None:
+    graphs = random_graphs(5, [7, 1, 12, 3])
+    b = collate(graphs)
+    dense = b.adj.to_dense().numpy()
+    want = np.zeros((23, 23), np.float32)
+    for g, lo in zip(graphs, b.ptr_list, strict=False):
+        want[lo : lo + g.num_nodes, lo : lo + g.num_nodes] = g.adj.dense()
+    np.testing.assert_array_equal(dense, want)
+    assert b.adj.crow_indices().dtype == torch.int32
+
+
+def test_no_kernel_anywhere_pads_one_invalid_column() -> None:
+    g = featurize(snapshot_from_state(make_state(3, kernels=()), 4))
+    b = collate([g, g])
+    assert b.k_max == 1
+    assert b.k_list == [0, 0]
+    assert b.kernel_x.shape == (2, 1, 2)
+    assert bool(b.pair_invalid.all())
 
 
 def test_empty_batch_refused() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from tamiyo.policy.batch import collate
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import InferenceEngine, PolicyOutput, node_chunks, size_groups
+from tamiyo.policy.engine import InferenceEngine, PolicyOutput, node_chunks
 from tamiyo.policy.features import GraphTensors, featurize, snapshot_from_state
 from tamiyo.policy.model import per_graph_log_softmax
 from tamiyo.policy.synthetic import random_graphs
@@ -90,16 +90,6 @@ def test_cuda_matches_cpu() -> None:
         assert (a.best_node, a.best_kernel) == (b.best_node, b.best_kernel)
 
 
-def test_size_groups_bound_padding() -> None:
-    same = np.array([10, 12, 9, 11])
-    assert [g.tolist() for g in size_groups(same)] == [[0, 1, 2, 3]]
-    mixed = np.array([200, 3, 4, 150, 5, 60])
-    groups = size_groups(mixed)
-    assert sorted(i for g in groups for i in g.tolist()) == list(range(6))
-    for g in groups:
-        assert mixed[g].max() <= 2 * mixed[g].min()
-
-
 def test_infer_mixed_sizes_matches_alone(engine: InferenceEngine) -> None:
     graphs = random_graphs(13, [200, 3, 4, 150, 5, 60])
     outs = engine.infer(graphs)
@@ -121,14 +111,9 @@ def test_chunked_forwards_give_the_same_outputs(engine: InferenceEngine) -> None
     for a, b in zip(whole, chunked, strict=True):
         np.testing.assert_allclose(a.pair_logp, b.pair_logp, atol=1e-5)
         assert a.value == pytest.approx(b.value, abs=1e-5)
-    idx = np.arange(9)
-    assert [c.tolist() for c in node_chunks(idx, np.full(9, 40), 100)] == [
-        [0, 1],
-        [2, 3],
-        [4, 5],
-        [6, 7],
-        [8],
-    ]
+    assert node_chunks(np.full(9, 40), 100) == [0, 2, 4, 6, 8, 9]
+    assert node_chunks(np.array([150, 3, 4, 95]), 100) == [0, 1, 3, 4]  # big graph alone
+    assert node_chunks(np.array([5, 6]), 100) == [0, 2]
 
 
 def test_target_probs_sum_to_one_when_noop_is_near_certain() -> None:
@@ -147,3 +132,114 @@ def test_target_probs_sum_to_one_when_noop_is_near_certain() -> None:
         if g.target_mask.any():
             assert float(o.target_probs.sum()) == pytest.approx(1.0, abs=1e-5)
             assert int(np.argmax(o.target_probs)) == o.best_node
+
+
+# --- the compiled (TorchScript) forward against the eager module it was built from ---
+
+
+@pytest.fixture(scope="module")
+def eager() -> InferenceEngine:
+    p = builtin_policy()
+    return InferenceEngine(p.model, "cpu", version=p.version, compile=False)
+
+
+def _assert_same(a: list[PolicyOutput], b: list[PolicyOutput]) -> None:
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x.target_probs, y.target_probs, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(x.pair_logp, y.pair_logp, atol=1e-5, rtol=1e-5)
+        assert (x.best_node, x.best_kernel) == (y.best_node, y.best_kernel)
+        for f in ("noop_logp", "adapt_prob", "urgency", "value"):
+            assert getattr(x, f) == pytest.approx(getattr(y, f), abs=1e-5, rel=1e-5)
+
+
+def test_engine_is_compiled(engine: InferenceEngine, eager: InferenceEngine) -> None:
+    assert engine.mode == "torchscript"
+    assert eager.mode == "eager"
+    assert engine.build_ms > 0
+    assert engine.build_cpu_ms > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_equals_eager_on_random_batches(
+    engine: InferenceEngine, eager: InferenceEngine, seed: int
+) -> None:
+    """Random batches of mixed sizes, including 1-node graphs, graphs without kernels
+    and graphs without a free seed (no valid target)."""
+    rng = np.random.default_rng(seed)
+    sizes = [int(n) for n in rng.integers(1, 90, int(rng.integers(1, 24)))]
+    graphs = random_graphs(seed, sizes, k=int(rng.integers(1, 5)))
+    if seed % 2:
+        graphs.append(featurize(snapshot_from_state(make_state(1, kernels=()), 4)))
+        graphs.insert(0, featurize(snapshot_from_state(make_state(5, seeds=[0] * 5), 4)))
+    outs = engine.infer(graphs)
+    _check(outs, graphs)
+    _assert_same(outs, eager.infer(graphs))
+    _assert_same(engine.infer(graphs[:1]), eager.infer(graphs[:1]))
+
+
+def test_compiled_equals_eager_without_any_valid_target(
+    engine: InferenceEngine, eager: InferenceEngine
+) -> None:
+    graphs = [
+        featurize(snapshot_from_state(make_state(1, kernels=()), 4)),
+        featurize(snapshot_from_state(make_state(4, seeds=[0] * 4), 4)),
+    ]
+    outs = engine.infer(graphs)
+    _check(outs, graphs)
+    assert all(o.noop_logp == 0.0 and o.adapt_prob == 0.0 for o in outs)
+    _assert_same(outs, eager.infer(graphs))
+    fb = engine.forward_batch(collate(graphs))
+    assert fb["best_node"].tolist() == [-1, -1]
+    assert fb["pair_logp"].shape == (5, 2)
+    # No kernel offered anywhere: K_max is padded to 1 (an all-invalid column).
+    only = engine.infer(graphs[:1])
+    assert only[0].pair_logp.shape == (1, 0)
+    _assert_same(only, eager.infer(graphs[:1]))
+    assert engine.forward_batch(collate(graphs[:1]))["pair_logp"].shape == (1, 1)
+
+
+def test_forward_batch_matches_infer(engine: InferenceEngine) -> None:
+    graphs = random_graphs(21, [3, 17, 1, 8], k=2)
+    fb = engine.forward_batch(collate(graphs))
+    ptr = np.cumsum([0] + [g.num_nodes for g in graphs])
+    for i, o in enumerate(engine.infer(graphs)):
+        np.testing.assert_array_equal(fb["pair_logp"][ptr[i] : ptr[i + 1]].numpy(), o.pair_logp)
+        assert int(fb["best_node"][i]) == o.best_node
+        assert int(fb["best_kernel"][i]) == o.best_kernel
+        assert float(fb["value"][i]) == o.value
+
+
+def test_engines_own_their_weights() -> None:
+    """Two engines built one after the other from different weights (the reload path)
+    keep their own: the scripted template is copied, never shared."""
+    a_model = builtin_policy().model
+    b_model = builtin_policy().model
+    with torch.no_grad():
+        for p in b_model.parameters():
+            p.mul_(1.5)
+    graphs = random_graphs(4, [6, 30])
+    a = InferenceEngine(a_model, "cpu")
+    before = a.infer(graphs)
+    b = InferenceEngine(b_model, "cpu")
+    after_a, out_b = a.infer(graphs), b.infer(graphs)
+    _assert_same(before, after_a)
+    assert not np.allclose(out_b[1].pair_logp, after_a[1].pair_logp)
+    _assert_same(out_b, InferenceEngine(b_model, "cpu", compile=False).infer(graphs))
+
+
+def test_falls_back_to_eager_when_scripting_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tamiyo.policy.engine as engine_mod
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(engine_mod, "compile_serving", broken)
+    p = builtin_policy()
+    with caplog.at_level("WARNING"):
+        eng = InferenceEngine(p.model, "cpu", version=p.version)
+    assert eng.mode == "eager"
+    assert "no TorchScript here" in caplog.text
+    graphs = random_graphs(2, [5, 9])
+    _check(eng.infer(graphs), graphs)
