@@ -229,14 +229,11 @@ _STEPS = attrgetter("steps")
 _SLEN = attrgetter("seed_state_len")
 _STATES = attrgetter("seed_states")
 _SEEDS = attrgetter("seed_counts")
-_STATIC_CACHE = LruCache[FloatArray](4096)
+_PIECES = LruCache[tuple[FloatArray, NormAdjacency]](4096)
 
 
 def _static_block(topo: GraphTopology, num_features: int) -> FloatArray:
-    """Topology-only part of x (one-hot type, sizes, degrees): cached per topology."""
-    cached = _STATIC_CACHE.get(topo.key)
-    if cached is not None:
-        return cached
+    """Topology-only part of x (one-hot type, sizes, degrees), float32 [N, F]."""
     n = topo.num_nodes
     x = np.zeros((n, num_features), np.float32)
     x[np.arange(n), np.clip(topo.layer_types, 0, len(_LAYER_TYPES) - 1)] = 1.0
@@ -254,8 +251,22 @@ def _static_block(topo: GraphTopology, num_features: int) -> FloatArray:
     x[:, [_IDX[f] for f in _STATIC]] = _log(raw, _STATIC_SCALE)
     x[:, _IDX["seed_capacity"]] = topo.seed_counts / MAX_SEEDS
     x.setflags(write=False)
-    _STATIC_CACHE.put(topo.key, x)
     return x
+
+
+def _topology_pieces(
+    topos: list[GraphTopology], num_features: int
+) -> tuple[list[FloatArray], list[NormAdjacency]]:
+    """Static feature block and Â of each topology, cached per topology key: one cache
+    lock per batch, one lookup per graph (a session's topology rarely changes)."""
+    found = _PIECES.get_many([t.key for t in topos])
+    for i, (t, hit) in enumerate(zip(topos, found, strict=True)):
+        if hit is None:
+            hit = (_static_block(t, num_features), ADJACENCY_CACHE.get_for(t))
+            _PIECES.put(t.key, hit)
+            found[i] = hit
+    pieces = [p for p in found if p is not None]
+    return [p[0] for p in pieces], [p[1] for p in pieces]
 
 
 def featurize(snap: GraphSnapshot, schema: FeatureSchema = FEATURE_SCHEMA) -> GraphTensors:
@@ -289,7 +300,8 @@ def featurize_many(
     kcounts = np.fromiter(map(len, map(_KERNEL_IDS, kernels)), np.int64, b)
     steps_g = np.fromiter(map(_STEP, snaps), np.int64, b)
     n = int(counts.sum())
-    x = np.concatenate([_static_block(t, schema.num_features) for t in topos])  # a copy
+    statics, adjs = _topology_pieces(topos, schema.num_features)
+    x = np.concatenate(statics)  # a fresh copy
     # Whole windows are stacked once per array (one concatenate each) and sliced after:
     # fewer numpy calls than slicing every graph first (the per-call cost dominates).
     valid = _cat(list(map(_VALID, snaps)))  # [N, W]
@@ -380,7 +392,6 @@ def featurize_many(
     # Split back per graph by slicing (np.split costs ~3 µs per piece in Python).
     bounds = list(pairwise(np.concatenate([[0], np.cumsum(counts)]).tolist()))
     kbounds = list(pairwise(np.concatenate([[0], np.cumsum(kcounts)]).tolist()))
-    adjs = [ADJACENCY_CACHE.get_for(t) for t in topos]
     return list(
         map(
             GraphTensors,

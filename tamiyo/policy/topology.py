@@ -108,6 +108,21 @@ class LruCache(Generic[T]):
             self.hits += 1
             return value
 
+    def get_many(self, keys: list[str]) -> list[T | None]:
+        """``get`` of every key under one lock acquisition (a batch's topologies)."""
+        out: list[T | None] = []
+        with self._lock:
+            items = self._items
+            for key in keys:
+                value = items.get(key)
+                if value is None:
+                    self.misses += 1
+                else:
+                    items.move_to_end(key)
+                    self.hits += 1
+                out.append(value)
+        return out
+
     def put(self, key: str, value: T) -> None:
         with self._lock:
             self._items[key] = value

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamiyo.policy.snapshot import GraphTopology
-from tamiyo.policy.topology import AdjacencyCache, normalized_adjacency
+from tamiyo.policy.topology import AdjacencyCache, LruCache, normalized_adjacency
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,3 +50,13 @@ def test_cache_is_per_topology_and_bounded() -> None:
     cache.get_for(t2)
     assert len(cache) == 1
     assert cache.get_for(t1) is not a  # evicted, recomputed
+
+
+def test_lru_get_many_counts_and_refreshes() -> None:
+    cache = LruCache[int](capacity=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get_many(["a", "x", "a"]) == [1, None, 1]
+    assert (cache.hits, cache.misses) == (2, 1)
+    cache.put("c", 3)  # "a" was used last, so "b" is evicted
+    assert cache.get_many(["b", "a", "c"]) == [None, 1, 3]
