@@ -1,9 +1,11 @@
 """Per-stage cost of the serving hot path, in process (no gRPC), in µs.
 
 Why: the serving bench says *that* Tamiyo is slower than the echo server; this part says
-*where* the time goes. For hosts of ``loadgen`` graphs (32 layers) at 1 and 64 streams it
-times, per frame, the stages the event loop runs (decode, validate, window update,
-snapshot, rules + proto build, serialize) and, per batch, the inference thread's stages
+*where* the time goes. For hosts of ``loadgen`` graphs (32 layers) at 1 and 64 streams,
+with frames in either signal form (``signal_columns``, what clients send, and the readable
+``signals`` messages), it times per frame the stages the event loop runs (decode,
+validate, window update, snapshot, rules + proto build, serialize) and, per batch, the
+inference thread's stages
 (featurize_many, engine.infer). Medians over iterations after a warm-up; process CPU time
 per iteration is reported too (the box is shared, wall time includes preemption).
 """
@@ -25,8 +27,9 @@ EVENT_LOOP = ("decode", "validate", "update", "snapshot", "rules_build", "serial
 INFERENCE = ("featurize_batch", "infer_batch")
 
 
-def measure(layers: int, streams: int, iters: int) -> dict[str, Any]:
-    """Median µs per stage (per frame for event-loop stages, per batch for the rest)."""
+def measure(layers: int, streams: int, iters: int, form: str = "columns") -> dict[str, Any]:
+    """Median µs per stage (per frame for event-loop stages, per batch for the rest).
+    ``form``: the frames' signal form (``loadgen.SIGNAL_FORMS``)."""
     from tamiyo.config import ServerConfig
     from tamiyo.policy.builtin import load_policy
     from tamiyo.policy.engine import InferenceEngine
@@ -40,7 +43,7 @@ def measure(layers: int, streams: int, iters: int) -> dict[str, Any]:
 
     cfg = ServerConfig()
     rng = random.Random(0)
-    hosts = [make_host(rng, i, layers, layers) for i in range(streams)]
+    hosts = [make_host(rng, i, layers, layers, form) for i in range(streams)]
     sessions = []
     for h in hosts:
         op = pb.StreamTelemetryRequest.FromString(h.open_bytes).session_open
@@ -87,7 +90,7 @@ def measure(layers: int, streams: int, iters: int) -> dict[str, Any]:
             t["serialize"].append(t2 - t1)
         if it >= iters // 5:
             cpu += time.process_time() - c0
-    row: dict[str, Any] = {"layers": layers, "streams": streams}
+    row: dict[str, Any] = {"layers": layers, "streams": streams, "form": form}
     for k, v in t.items():
         row[f"{k}_us"] = round(float(np.median(np.array(v[len(v) // 5 :]))) / 1000.0, 1)
     row["event_loop_per_frame_us"] = round(sum(row[f"{k}_us"] for k in EVENT_LOOP), 1)
@@ -97,14 +100,19 @@ def measure(layers: int, streams: int, iters: int) -> dict[str, Any]:
 
 def run(opts: BenchOptions) -> None:
     from tamiyo.policy.engine import configure_threads
+    from tamiyo_client.loadgen import SIGNAL_FORMS
 
     configure_threads(opts.threads)
     iters = 60 if opts.quick else 300
-    rows = [measure(32, n, iters if n == 1 else iters // 5) for n in (1, 64)]
+    rows = [
+        measure(32, n, iters if n == 1 else iters // 5, form)
+        for form in SIGNAL_FORMS
+        for n in (1, 64)
+    ]
     env = environment()
     for r in rows:
         r["env"] = env
-    cols = [("streams", "streams"), ("layers", "layers")]
+    cols = [("form", "signals"), ("streams", "streams"), ("layers", "layers")]
     cols += [(f"{k}_us", k) for k in EVENT_LOOP + INFERENCE]
     cols += [("event_loop_per_frame_us", "loop/frame"), ("cpu_per_iter_us", "cpu/iter")]
     print_table("hot path: median µs per frame (event loop) / per batch (inference)", rows, cols)

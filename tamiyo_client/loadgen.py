@@ -38,7 +38,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc
 
-from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo.signal_columns import encode_signal_columns
+from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 
 METHOD = "/tamiyo.v1.TamiyoService/StreamTelemetry"
@@ -56,8 +57,14 @@ class Host:
     frame_bytes: bytes
 
 
-def make_host(rng: random.Random, i: int, min_layers: int, max_layers: int) -> Host:
-    """A chain of 4-64 layers with a few skip edges, 2 kernels, one degrading layer."""
+def make_host(
+    rng: random.Random, i: int, min_layers: int, max_layers: int, form: str = "columns"
+) -> Host:
+    """A chain of 4-64 layers with a few skip edges, 2 kernels, one degrading layer.
+
+    ``form``: how the frame carries its signals, ``"columns"`` (``signal_columns``, what
+    real clients send; built by the shared encoder) or ``"message"`` (``signals``, the
+    readable form). Both carry the same values for the same ``rng``."""
     n = rng.randint(min_layers, max_layers)
     layers = [
         graph_pb2.LayerSpec(
@@ -84,26 +91,52 @@ def make_host(rng: random.Random, i: int, min_layers: int, max_layers: int) -> H
         session_open=pb.SessionOpen(host_id=f"loadgen-{i}", topology=topo, kernels=kernels)
     )
     sick = rng.randrange(n)
-    signals = [
-        health_pb2.HealthSignal(
-            layer_id=f"l{j}",
-            step=0,
-            timestamp_s=1.7e9,
-            health_score=0.3 if j == sick else rng.uniform(0.7, 1.0),
-            avg_execution_time_ms=rng.uniform(0.1, 3.0),
-            active_seeds=0,
-            total_seeds=layers[j].seed_count,
-            activation_variance=rng.uniform(0.0, 2.0),
-            dead_neuron_ratio=rng.uniform(0.0, 0.5),
-            avg_correlation=rng.uniform(0.0, 1.0),
-            gradient_norm=rng.uniform(0.0, 5.0),
-            latency_variance=rng.uniform(0.0, 0.1),
-            memory_utilization=rng.uniform(0.0, 1.0),
+    draws = [
+        (
+            0.3 if j == sick else rng.uniform(0.7, 1.0),
+            rng.uniform(0.1, 3.0),
+            rng.uniform(0.0, 2.0),
+            rng.uniform(0.0, 0.5),
+            rng.uniform(0.0, 1.0),
+            rng.uniform(0.0, 5.0),
+            rng.uniform(0.0, 0.1),
+            rng.uniform(0.0, 1.0),
         )
         for j in range(n)
     ]
-    frame = pb.StreamTelemetryRequest(frame=pb.TelemetryFrame(signals=signals, want_decision=True))
-    return Host(f"loadgen-{i}", n, open_req.SerializeToString(), frame.SerializeToString())
+    values = dict(zip(_DRAWN, np.array(draws, np.float64).T, strict=True))
+    ids = [lay.layer_id for lay in layers]
+    seeds = np.array([lay.seed_count for lay in layers], np.int64)
+    frame = pb.TelemetryFrame(want_decision=True)
+    if form == "columns":
+        frame.signal_columns.MergeFromString(
+            encode_signal_columns(ids, step=0, timestamp_s=1.7e9, total_seeds=seeds, **values)
+        )
+    elif form == "message":
+        for j, lid in enumerate(ids):
+            frame.signals.add(
+                layer_id=lid,
+                timestamp_s=1.7e9,
+                total_seeds=int(seeds[j]),
+                **{k: float(v[j]) for k, v in values.items()},
+            )
+    else:
+        raise ValueError(f"form: 'columns' or 'message', not {form!r}")
+    req = pb.StreamTelemetryRequest(frame=frame)
+    return Host(f"loadgen-{i}", n, open_req.SerializeToString(), req.SerializeToString())
+
+
+_DRAWN = (
+    "health_score",
+    "avg_execution_time_ms",
+    "activation_variance",
+    "dead_neuron_ratio",
+    "avg_correlation",
+    "gradient_norm",
+    "latency_variance",
+    "memory_utilization",
+)
+SIGNAL_FORMS = ("columns", "message")
 
 
 def suffix(step: int, tag: str) -> bytes:
@@ -334,9 +367,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-layers", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--token", default="", help="bearer token, if the server wants one")
+    p.add_argument(
+        "--signal-form",
+        choices=SIGNAL_FORMS,
+        default="columns",
+        help="frames carry signal_columns (default, as real clients) or signals messages",
+    )
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
-    hosts = [make_host(rng, i, a.min_layers, a.max_layers) for i in range(a.streams)]
+    hosts = [make_host(rng, i, a.min_layers, a.max_layers, a.signal_form) for i in range(a.streams)]
     plan = Plan(a.mode, a.streams, a.rate, a.warmup_s, a.duration_s, a.drain_s)
     st = asyncio.run(run(a.target, hosts, plan, a.token))
     json.dump(summarize(st, plan, hosts), sys.stdout)

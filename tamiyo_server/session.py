@@ -136,7 +136,13 @@ class Session:
     def apply_frame(self, frame: pb.TelemetryFrame, cols: SignalColumns | None = None) -> None:
         """Record a *validated* frame's signals in the history window (``cols``: the
         signals as ``validate_frame`` decoded them, so they are not decoded twice)."""
-        self.window.update(frame.signals if cols is None else cols, frame.step)
+        if cols is None:
+            cols = (
+                self.window.decode_columns(frame.signal_columns)
+                if frame.HasField("signal_columns")
+                else self.window.decode(frame.signals)
+            )
+        self.window.update(cols, frame.step)
         self.last_step = frame.step
 
     def snapshot(self, frame: pb.TelemetryFrame) -> GraphSnapshot:

@@ -12,13 +12,21 @@ The functions are pure: they never mutate the message.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from tamiyo.config import Limits
 from tamiyo.policy.snapshot import FLOAT_FIELDS, INT_FIELDS, SignalColumns
+from tamiyo.signal_columns import (
+    FrameLayout,
+    column_length_error,
+    full_frame_layout,
+    signals_from_columns,
+)
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 
@@ -59,6 +67,18 @@ class TopologyInfo:
     layer_index: Mapping[str, int]  # layer id -> node index
     seed_counts: tuple[int, ...]  # per node
     num_edges: int
+    # ``full_frame_layout`` of the layers in node order (how a full columnar frame lies)
+    layout: FrameLayout | None = None
+    # seed_counts as int64 [N] (read-only), for the vectorised checks
+    seed_array: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    max_seeds: int = 0  # max(seed_counts)
+
+    @staticmethod
+    def build(index: Mapping[str, int], seeds: Sequence[int], num_edges: int) -> TopologyInfo:
+        arr = np.array(seeds, np.int64)
+        arr.setflags(write=False)
+        layout = full_frame_layout(tuple(index))
+        return TopologyInfo(index, tuple(seeds), num_edges, layout, arr, max(seeds, default=0))
 
 
 def _fmt(x: float) -> str:
@@ -146,7 +166,7 @@ def validate_topology(topo: graph_pb2.Topology, limits: Limits, path: str) -> To
         if key in seen:
             raise ValidationError(p, f"duplicate of edges[{seen[key]}]", "bad_edge")
         seen[key] = j
-    return TopologyInfo(layer_index=index, seed_counts=tuple(seeds), num_edges=m)
+    return TopologyInfo.build(index, seeds, m)
 
 
 def validate_kernels(kernels: Sequence[graph_pb2.KernelSpec], limits: Limits, path: str) -> None:
@@ -224,6 +244,46 @@ def validate_signal(
 _FAST_LO = np.array([lo for _, lo, _ in _SIGNAL_RANGES], np.float32)
 _FAST_HI = np.array([np.inf if hi is None else hi for _, _, hi in _SIGNAL_RANGES], np.float32)
 assert tuple(name for name, _, _ in _SIGNAL_RANGES) == FLOAT_FIELDS  # column order
+_STATE_LO, _STATE_HI = min(_SEED_STATES), max(_SEED_STATES)
+assert frozenset(range(_STATE_LO, _STATE_HI + 1)) == _SEED_STATES  # a contiguous range
+_TOTAL = INT_FIELDS.index("total_seeds")
+_ACTIVE = INT_FIELDS.index("active_seeds")
+_count = np.count_nonzero  # (the C function: ~3x cheaper than ndarray.any() here)
+
+
+def columns_look_valid(
+    cols: SignalColumns, topo: TopologyInfo, limits: Limits, unique: bool
+) -> bool:
+    """Every check of ``validate_signal`` (and uniqueness) on decoded columns, in a few
+    numpy calls. A False says only "something is wrong"; the per-field checks then name
+    it. Never True for an input the per-field checks would refuse (property tests)."""
+    layer = cols.layer
+    m = len(layer)
+    if not m:
+        return True
+    if unique and not cols.all_layers and np.bincount(layer).max() > 1:
+        return False  # (np.unique is ~50x slower here)
+    fl = cols.floats
+    if _count(fl < _FAST_LO) or _count(fl > _FAST_HI) or _count(cols.timestamps < 0.0):
+        return False
+    ints = cols.ints
+    total = ints[:, _TOTAL]
+    declared = topo.seed_array if cols.all_layers else topo.seed_array[layer]
+    # total in {0, declared}; then max(total, declared) == declared, and declared was
+    # checked against max_seeds_per_layer at SessionOpen.
+    if _count(total * (total - declared)) or _count(ints[:, _ACTIVE] > declared):
+        return False
+    if topo.max_seeds > limits.max_seeds_per_layer or _count(cols.steps < 0):
+        return False
+    n_states = cols.seed_state_len
+    if not _count(n_states):
+        return True
+    values = cols.seed_values
+    return not (
+        _count(n_states * (n_states - total))
+        or _count(values < _STATE_LO)
+        or _count(values > _STATE_HI)
+    )
 
 
 def decode_valid_signals(
@@ -234,39 +294,13 @@ def decode_valid_signals(
 ) -> SignalColumns | None:
     """Vectorised check of many signals (the common, valid case): decode them once into
     numpy columns (``SignalColumns``, reused by the session's window update) and check
-    every range in a few numpy calls instead of ~15 Python checks per signal. ``None``
-    means "something is wrong": the caller then runs the per-field checks, which name the
-    field. Never returns columns for an input the per-field checks would refuse (a
-    property test holds both to that)."""
+    every range with ``columns_look_valid``. ``None`` means "something is wrong": the
+    caller then runs the per-field checks, which name the field."""
     try:
         cols = SignalColumns(signals, topo.layer_index)
     except (ValueError, OverflowError):
         return None
-    if not len(cols.layer):
-        return cols
-    if unique and np.bincount(cols.layer).max() > 1:  # (np.unique is ~50x slower here)
-        return None
-    if (cols.timestamps < 0.0).any():
-        return None
-    if (cols.floats < _FAST_LO).any() or (cols.floats > _FAST_HI).any():
-        return None
-    total = cols.ints[:, _TOTAL]
-    active = cols.ints[:, _ACTIVE]
-    declared = np.asarray(topo.seed_counts, np.int64)[cols.layer]
-    if (cols.steps < 0).any() or (total > limits.max_seeds_per_layer).any():
-        return None
-    if ((total != 0) & (total != declared)).any() or (active > np.maximum(total, declared)).any():
-        return None
-    n_states = cols.seed_state_len
-    if ((n_states != 0) & (n_states != total)).any():
-        return None
-    if n_states.any() and not all(_SEED_STATES.issuperset(s.seed_states) for s in signals):
-        return None  # (the columns are clipped to uint8: check the wire values)
-    return cols
-
-
-_TOTAL = INT_FIELDS.index("total_seeds")
-_ACTIVE = INT_FIELDS.index("active_seeds")
+    return cols if columns_look_valid(cols, topo, limits, unique) else None
 
 
 def signals_look_valid(
@@ -277,6 +311,17 @@ def signals_look_valid(
 ) -> bool:
     """True when ``decode_valid_signals`` accepts the signals (see there)."""
     return decode_valid_signals(signals, topo, limits, unique) is not None
+
+
+def decode_valid_columns(
+    columns: health_pb2.HealthSignalColumns, topo: TopologyInfo, limits: Limits
+) -> SignalColumns | None:
+    """``decode_valid_signals`` for the columnar form (at most one signal per layer)."""
+    try:
+        cols = SignalColumns.from_columns(columns, topo.layer_index, topo.layout)
+    except (ValueError, OverflowError):
+        return None
+    return cols if columns_look_valid(cols, topo, limits, unique=True) else None
 
 
 def validate_budget(budget: pb.SessionBudget, path: str) -> None:
@@ -314,6 +359,14 @@ def validate_frame(
             f"{path}.step", f"{frame.step} < previous step {last_step}", "step_regressed"
         )
     check_id(frame.request_id, f"{path}.request_id", limits.max_request_id_chars, allow_empty=True)
+    if frame.HasField("signal_columns"):
+        if len(frame.signals):
+            raise ValidationError(
+                f"{path}.signal_columns",
+                "set either frame.signals or frame.signal_columns, not both",
+                "conflicting_fields",
+            )
+        return _validate_columns(frame.signal_columns, topo, limits, f"{path}.signal_columns")
     n = len(frame.signals)
     if n > limits.max_signals_per_frame:
         raise ValidationError(
@@ -322,17 +375,74 @@ def validate_frame(
     cols = decode_valid_signals(frame.signals, topo, limits, unique=True)
     if cols is not None:
         return cols
+    _check_frame_signals(frame.signals, f"{path}.signals", topo, limits)
+    return SignalColumns(frame.signals, topo.layer_index)
+
+
+def _check_frame_signals(
+    signals: Sequence[health_pb2.HealthSignal], path: str, topo: TopologyInfo, limits: Limits
+) -> None:
+    """The per-field checks of a frame's signals, in order; raises for the first bad
+    field (``path[i].name``)."""
     seen: dict[int, int] = {}
-    for i, sig in enumerate(frame.signals):
-        node = validate_signal(sig, f"{path}.signals[{i}]", topo, limits)
+    last = path.rsplit(".", 1)[-1]
+    for i, sig in enumerate(signals):
+        node = validate_signal(sig, f"{path}[{i}]", topo, limits)
         if node in seen:
             raise ValidationError(
-                f"{path}.signals[{i}].layer_id",
-                f"second signal for {sig.layer_id!r} (also signals[{seen[node]}])",
+                f"{path}[{i}].layer_id",
+                f"second signal for {sig.layer_id!r} (also {last}[{seen[node]}])",
                 "duplicate_id",
             )
         seen[node] = i
-    return SignalColumns(frame.signals, topo.layer_index)
+
+
+_SIGNAL_PATH = re.compile(r"^signals\[(\d+)\]\.(\w+)(?:\[(\d+)\])?$")
+
+
+def _validate_columns(
+    columns: health_pb2.HealthSignalColumns, topo: TopologyInfo, limits: Limits, path: str
+) -> SignalColumns:
+    """``TelemetryFrame.signal_columns``: the same checks as ``signals``, in the same
+    order, and errors that name the column entry (``path.health_score[3]``)."""
+    m = len(columns.layer_id)
+    if m > limits.max_signals_per_frame:
+        raise ValidationError(
+            f"{path}.layer_id",
+            f"{m} signals > limit {limits.max_signals_per_frame}",
+            "too_large",
+        )
+    cols = decode_valid_columns(columns, topo, limits)
+    if cols is not None:
+        return cols
+    bad = column_length_error(columns)
+    if bad is not None:
+        raise ValidationError(f"{path}.{bad[0]}", bad[1], "bad_length")
+    try:
+        _check_frame_signals(signals_from_columns(columns), "signals", topo, limits)
+    except ValidationError as err:
+        raise _columnar_error(err, columns, path) from None
+    return SignalColumns.from_columns(columns, topo.layer_index, topo.layout)
+
+
+def _columnar_error(
+    err: ValidationError, columns: health_pb2.HealthSignalColumns, path: str
+) -> ValidationError:
+    """The error of ``signals[i].name[k]`` (message form) for the columnar form:
+    ``name[i]``; a seed state ``seed_states[offset of i + k]``; the seed-state list
+    length ``seed_state_counts[i]``."""
+    match = _SIGNAL_PATH.match(err.field)
+    if match is None:  # (every per-signal check names signals[i].field)
+        return ValidationError(path, str(err), err.reason)
+    i, name, k = int(match[1]), match[2], match[3]
+    if name == "seed_states" and k is not None:
+        field_path = f"{path}.seed_states[{sum(columns.seed_state_counts[:i]) + int(k)}]"
+    elif name == "seed_states":
+        field_path = f"{path}.seed_state_counts[{i}]"
+    else:
+        field_path = f"{path}.{name}[{i}]"
+    message = str(err).removeprefix(f"{err.field}: ").replace("(also signals[", "(also layer_id[")
+    return ValidationError(field_path, message, err.reason)
 
 
 def validate_outcome(outcome: pb.DecisionOutcome, limits: Limits) -> None:

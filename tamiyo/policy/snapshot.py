@@ -15,38 +15,24 @@ A layer without any signal has ``valid[i, :] == False``; the featurizer encodes 
 from __future__ import annotations
 
 import hashlib
-from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
-from operator import attrgetter
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from tamiyo.policy.signal_decode import FLOAT_FIELDS as FLOAT_FIELDS
+from tamiyo.policy.signal_decode import INT_FIELDS as INT_FIELDS
+from tamiyo.policy.signal_decode import MAX_SEEDS as MAX_SEEDS
+from tamiyo.policy.signal_decode import SignalColumns as SignalColumns
+from tamiyo.signal_columns import full_frame_layout
 from tamiyo.v1 import graph_pb2, health_pb2
-
-MAX_SEEDS = 64
-"""Seeds per layer the snapshot can hold (HealthSignal.total_seeds <= 64)."""
-
-FLOAT_FIELDS: tuple[str, ...] = (
-    "health_score",
-    "avg_execution_time_ms",
-    "activation_variance",
-    "dead_neuron_ratio",
-    "avg_correlation",
-    "gradient_norm",
-    "latency_variance",
-    "memory_utilization",
-)
-"""HealthSignal float32 fields, in the order of ``GraphSnapshot.floats[..., s]``."""
-
-INT_FIELDS: tuple[str, ...] = ("error_count", "active_seeds", "total_seeds", "adaptation_count")
-"""HealthSignal integer fields, in the order of ``GraphSnapshot.ints[..., s]``."""
 
 F_HEALTH = FLOAT_FIELDS.index("health_score")
 
+_count = np.count_nonzero
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -234,75 +220,6 @@ _WINDOW_FIELDS = (
 )
 
 
-_GET_FLOATS = attrgetter(*FLOAT_FIELDS, "timestamp_s")
-_GET_INTS = attrgetter(*INT_FIELDS, "step", "epoch")
-
-
-class SignalColumns:
-    """Flat per-signal columns decoded from HealthSignal messages (decode once per frame:
-    the server's validation and the window update share them).
-
-    Per signal one C-level ``attrgetter`` call fetches all floats and one all ints, then
-    one ``np.array`` per group (per-field Python reads were ~5-10x slower, and numpy row
-    assignments inside a Python loop slower still). Shapes: ``layer`` int64 [M],
-    ``floats`` float32 [M, 8], ``ints`` int64 [M, 4], ``steps``, ``epochs``,
-    ``seed_state_len`` int64 [M], ``timestamps`` float64 [M], ``seed_states`` uint8
-    [M, MAX_SEEDS]. Raises ValueError naming the field (unknown layer, non-finite float,
-    too many seed states).
-    """
-
-    __slots__ = (
-        "epochs",
-        "floats",
-        "ints",
-        "layer",
-        "seed_state_len",
-        "seed_states",
-        "steps",
-        "timestamps",
-    )
-
-    def __init__(
-        self, signals: Sequence[health_pb2.HealthSignal], index: Mapping[str, int]
-    ) -> None:
-        sigs = list(signals)  # (iterating a upb repeated field builds wrappers once)
-        m = len(sigs)
-        try:
-            layer = [index[s.layer_id] for s in sigs]
-        except KeyError:
-            j = next(j for j, s in enumerate(sigs) if s.layer_id not in index)
-            lid = sigs[j].layer_id
-            raise ValueError(f"signals[{j}].layer_id: unknown layer id {lid[:128]!r}") from None
-        self.layer = np.array(layer, np.int64)
-        nf = len(FLOAT_FIELDS)
-        # one flat C array per group: ~3x faster than np.array of a list of tuples
-        fl = np.frombuffer(array("d", chain.from_iterable(map(_GET_FLOATS, sigs))), np.float64)
-        fl = fl.reshape(m, nf + 1)
-        self.floats = fl[:, :nf].astype(np.float32)
-        self.timestamps = np.ascontiguousarray(fl[:, nf])
-        ni = len(INT_FIELDS)
-        it = np.frombuffer(array("q", chain.from_iterable(map(_GET_INTS, sigs))), np.int64)
-        it = it.reshape(m, ni + 2)
-        self.ints = np.ascontiguousarray(it[:, :ni])
-        self.steps = np.ascontiguousarray(it[:, ni])
-        self.epochs = np.ascontiguousarray(it[:, ni + 1])
-        states = [s.seed_states for s in sigs]
-        self.seed_state_len = np.array([len(ss) for ss in states], np.int64)
-        self.seed_states = np.zeros((m, MAX_SEEDS), np.uint8)
-        if m and self.seed_state_len.max() > MAX_SEEDS:
-            j = int(np.argmax(self.seed_state_len > MAX_SEEDS))
-            raise ValueError(f"signals[{j}].seed_states: more than {MAX_SEEDS} entries")
-        if m and self.seed_state_len.any():
-            flat = [v for ss in states for v in ss]
-            lens = self.seed_state_len
-            rows = np.repeat(np.arange(m), lens)
-            offs = np.cumsum(lens) - lens
-            cols = np.arange(len(flat)) - np.repeat(offs, lens)
-            self.seed_states[rows, cols] = np.array(flat, np.int64).clip(0, 255)
-        if not np.isfinite(fl).all():
-            raise ValueError("signals: every float must be finite (NaN/inf found)")
-
-
 def snapshot_from_state(state: graph_pb2.ModelGraphState, window: int) -> GraphSnapshot:
     """Build the snapshot of a full ``ModelGraphState`` (Decide path, trainer replay).
 
@@ -408,16 +325,52 @@ def state_from_snapshot(snap: GraphSnapshot) -> graph_pb2.ModelGraphState:
     return state
 
 
+_RECORD = np.dtype(
+    [
+        ("floats", np.float32, (len(FLOAT_FIELDS),)),
+        ("ints", np.int64, (len(INT_FIELDS),)),
+        ("steps", np.int64),
+        ("epochs", np.int64),
+        ("timestamps", np.float64),
+        ("seed_state_len", np.int64),
+        ("seed_states", np.uint8, (MAX_SEEDS,)),
+    ]
+)
+"""One stored signal: every per-slot array of ``GraphSnapshot`` as one record."""
+_max = np.maximum.reduce
+
+
+@lru_cache(maxsize=1024)
+def _valid_rows(n: int, window: int, filled: int) -> BoolArray:
+    """Read-only ``valid`` [N, W] when every layer holds ``filled`` signals."""
+    v = np.zeros((n, window), np.bool_)
+    v[:, window - filled :] = True
+    v.setflags(write=False)
+    return v
+
+
+@lru_cache(maxsize=1024)
+def _roll(window: int, count: int) -> IntArray:
+    """Ring slots in output order (oldest to newest) after ``count`` writes per layer."""
+    r = (count - window + np.arange(window, dtype=np.int64)) % window
+    r.setflags(write=False)
+    return r
+
+
 class SignalWindow:
     """Mutable per-session ring buffer of the last ``window`` signals of every layer.
 
-    The server keeps one per stream and the simulator one per environment. Layout: each
-    window array is stored flat as [N·W, ...] rows (layer i, ring slot k at row i·W + k),
-    so ``update`` is one fancy-index scatter per array and ``snapshot`` one ``np.take`` of
-    rows per array, whatever N is (µs, not per-layer Python). Ring rows never written stay
-    zero, which is exactly what an invalid snapshot slot must hold, so no masking pass.
-    ``snapshot`` returns immutable copies, so the inference thread never sees a
-    half-written window. Not thread-safe: one owner (the session) writes and snapshots.
+    The server keeps one per stream and the simulator one per environment. Layout: one
+    structured array ``[N, W]`` of records (``_RECORD``: a signal's floats, ints, step,
+    epoch, timestamp, seed states), ring slot ``count % W`` of each layer written next.
+    Why records: a snapshot is then one ``take`` of the whole window (the snapshot's
+    arrays are field views of that copy) instead of one per array, and a full frame
+    (every layer once: the usual case, when all layers hold as many signals) writes one
+    ring column, slot for slot, without index arithmetic. Other frames scatter by rows
+    (µs, not per-layer Python). Slots never written stay zero, which is exactly what an
+    invalid snapshot slot must hold. ``snapshot`` returns immutable copies, so the
+    inference thread never sees a half-written window. Not thread-safe: one owner (the
+    session) writes and snapshots.
     """
 
     def __init__(self, topology: GraphTopology, kernels: KernelSet, window: int = 8) -> None:
@@ -427,16 +380,12 @@ class SignalWindow:
         self.kernels = kernels
         self.window = window
         self._index = {lid: i for i, lid in enumerate(topology.layer_ids)}
+        self._layout = full_frame_layout(topology.layer_ids)
         n = topology.num_nodes
-        rows = n * window
+        self._ring = np.zeros((n, window), _RECORD)
+        self._flat = self._ring.reshape(-1)  # view: row i*W + k = layer i, slot k
         self._count = np.zeros(n, np.int64)  # signals ever written per layer
-        self._floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
-        self._ints = np.zeros((rows, len(INT_FIELDS)), np.int64)
-        self._steps = np.zeros(rows, np.int64)
-        self._epochs = np.zeros(rows, np.int64)
-        self._timestamps = np.zeros(rows, np.float64)
-        self._seed_states = np.zeros((rows, MAX_SEEDS), np.uint8)
-        self._seed_state_len = np.zeros(rows, np.int64)
+        self._even: int | None = 0  # the count of every layer when they are all equal
         self._base = np.arange(n, dtype=np.int64) * window  # first ring row of each layer
         self._slots = np.arange(window, dtype=np.int64)
         self.last_step = 0
@@ -446,6 +395,10 @@ class SignalWindow:
         """Decode a frame's signals against this window's layers (ValueError naming the
         field); pass the result to ``update`` to avoid decoding twice."""
         return SignalColumns(signals, self._index)
+
+    def decode_columns(self, columns: health_pb2.HealthSignalColumns) -> SignalColumns:
+        """``decode`` for the columnar form (``TelemetryFrame.signal_columns``)."""
+        return SignalColumns.from_columns(columns, self._index, self._layout)
 
     def update(
         self,
@@ -465,59 +418,82 @@ class SignalWindow:
         m = len(cols.layer)
         if m:
             w = self.window
-            layer = cols.layer
-            per_layer = np.bincount(layer, minlength=len(self._count))
-            if per_layer.max() == 1:  # the server's case: one signal per layer per frame
+            full = m == len(self._count) and (cols.all_layers or _is_arange(cols.layer))
+            if self._even is not None and full:
+                target = self._ring[:, self._even % w]  # one ring column, layer order
                 src: IntArray | slice = slice(None)
-                rows = self._base[layer] + self._count[layer] % w
-            else:  # k-th signal of a layer in this frame goes k slots later
-                order = np.argsort(layer, kind="stable")
-                starts = np.cumsum(per_layer) - per_layer
-                occ = np.empty(m, np.int64)
-                occ[order] = np.arange(m) - starts[layer[order]]
-                keep = occ >= per_layer[layer] - w  # only the newest w can survive
-                src = np.flatnonzero(keep)
-                lk = layer[src]
-                rows = self._base[lk] + (self._count[lk] + occ[src]) % w
-            self._count += per_layer
-            self._floats[rows] = cols.floats[src]
-            self._ints[rows] = cols.ints[src]
-            self._steps[rows] = cols.steps[src]
-            self._epochs[rows] = cols.epochs[src]
-            self._timestamps[rows] = cols.timestamps[src]
-            self._seed_states[rows] = cols.seed_states[src]
-            self._seed_state_len[rows] = cols.seed_state_len[src]
-            self.last_step = max(self.last_step, int(cols.steps.max()))
-            self.last_epoch = max(self.last_epoch, int(cols.epochs.max()))
+                self._even += 1
+                self._count += 1
+            else:
+                layer = cols.layer
+                per_layer = np.bincount(layer, minlength=len(self._count))
+                if per_layer.max() == 1:  # one signal per layer
+                    src = slice(None)
+                    rows = self._base[layer] + self._count[layer] % w
+                else:  # k-th signal of a layer in this frame goes k slots later
+                    order = np.argsort(layer, kind="stable")
+                    starts = np.cumsum(per_layer) - per_layer
+                    occ = np.empty(m, np.int64)
+                    occ[order] = np.arange(m) - starts[layer[order]]
+                    keep = occ >= per_layer[layer] - w  # only the newest w can survive
+                    src = np.flatnonzero(keep)
+                    lk = layer[src]
+                    rows = self._base[lk] + (self._count[lk] + occ[src]) % w
+                self._count += per_layer
+                self._even = None
+                target = self._flat[rows]  # (a copy: written back below)
+            target["floats"] = cols.floats[src]
+            target["ints"] = cols.ints[src]
+            target["steps"] = cols.steps[src]
+            target["epochs"] = cols.epochs[src]
+            target["timestamps"] = cols.timestamps[src]
+            target["seed_state_len"] = cols.seed_state_len[src]
+            target["seed_states"] = cols.seed_states[src]
+            if self._even is None:
+                self._flat[rows] = target
+                self._even = self._even_count()
+            self.last_step = max(self.last_step, int(_max(cols.steps)))
+            self.last_epoch = max(self.last_epoch, int(_max(cols.epochs)))
         if step is not None:
             self.last_step = max(self.last_step, int(step))
+
+    def _even_count(self) -> int | None:
+        c = self._count
+        first = int(c[0]) if len(c) else 0
+        return first if not _count(c != first) else None
 
     def snapshot(self, step: int | None = None, epoch: int | None = None) -> GraphSnapshot:
         """Immutable right-aligned copy of the window at host ``step`` / ``epoch``."""
         w = self.window
         n = len(self._count)
-        count = self._count[:, None]
-        # Output slot k of layer i holds ring slot (count_i - w + k) mod w.
-        rows = (self._base[:, None] + (count - w + self._slots) % w).reshape(-1)
-        valid = self._slots >= w - np.minimum(count, w)
-
-        def take(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
-            out = a.take(rows, axis=0).reshape((n, w, *a.shape[1:]))
-            out.setflags(write=False)
-            return out
-
-        valid.setflags(write=False)
+        if self._even is not None:
+            out = self._ring.take(_roll(w, self._even % w), axis=1)
+            valid = _valid_rows(n, w, min(self._even, w))
+        else:
+            count = self._count[:, None]
+            # Output slot k of layer i holds ring slot (count_i - w + k) mod w.
+            rows = (self._base[:, None] + (count - w + self._slots) % w).reshape(-1)
+            out = self._flat.take(rows).reshape(n, w)
+            valid = self._slots >= w - np.minimum(count, w)
+            valid.setflags(write=False)
+        out.setflags(write=False)
         return GraphSnapshot(
             self.topology,
             self.kernels,
             valid,
-            take(self._floats),
-            take(self._ints),
-            take(self._steps),
-            take(self._epochs),
-            take(self._timestamps),
-            take(self._seed_states),
-            take(self._seed_state_len),
+            out["floats"],
+            out["ints"],
+            out["steps"],
+            out["epochs"],
+            out["timestamps"],
+            out["seed_states"],
+            out["seed_state_len"],
             step=self.last_step if step is None else int(step),
             epoch=self.last_epoch if epoch is None else int(epoch),
         )
+
+
+def _is_arange(layer: IntArray) -> bool:
+    """``layer == arange(len(layer))`` (message-form frames of every layer in order)."""
+    m = len(layer)
+    return bool(layer[0] == 0 and layer[-1] == m - 1 and not _count(np.diff(layer) != 1))

@@ -134,6 +134,7 @@ class TelemetryFrame(_message.Message):
     SIGNALS_FIELD_NUMBER: _builtins.int
     WANT_DECISION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SIGNAL_COLUMNS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Host training step, >= 0 and non-decreasing within a session."""
     epoch: _builtins.int
@@ -145,6 +146,14 @@ class TelemetryFrame(_message.Message):
     def signals(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthSignal]:
         """At most the server's max_signals_per_frame (default 1024); at most one per layer."""
 
+    @_builtins.property
+    def signal_columns(self) -> _health_pb2.HealthSignalColumns:
+        """The same signals in columnar form (see HealthSignalColumns): cheaper for the server
+        to decode. Use either `signals` or `signal_columns`, never both in one frame (a frame
+        with both is refused with an error naming both). The limits of `signals` apply to
+        its number of entries.
+        """
+
     def __init__(
         self,
         *,
@@ -153,10 +162,11 @@ class TelemetryFrame(_message.Message):
         signals: _abc.Iterable[_health_pb2.HealthSignal] | None = ...,
         want_decision: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        signal_columns: _health_pb2.HealthSignalColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signal_columns", b"signal_columns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "request_id", b"request_id", "signals", b"signals", "step", b"step", "want_decision", b"want_decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "request_id", b"request_id", "signal_columns", b"signal_columns", "signals", b"signals", "step", b"step", "want_decision", b"want_decision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

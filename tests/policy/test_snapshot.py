@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from tamiyo.policy.features import SignalWindow, snapshot_from_state, state_from_snapshot
 from tamiyo.policy.snapshot import GraphTopology, KernelSet
 from tamiyo.policy.synthetic import random_snapshot
+from tamiyo.signal_columns import columns_from_signals
 from tamiyo.v1 import health_pb2
 
 from .conftest import make_state, signal
@@ -154,3 +155,47 @@ def test_bad_input_is_named() -> None:
 def test_random_snapshot_round_trips() -> None:
     snap = random_snapshot(np.random.default_rng(1), 30, 4)
     assert snapshot_from_state(state_from_snapshot(snap), snap.window).equals(snap)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    frames=st.lists(
+        st.one_of(st.just("full"), st.lists(st.integers(0, 2), max_size=5)),
+        min_size=1,
+        max_size=12,
+    ),
+    window=st.integers(1, 4),
+    form=st.sampled_from(["message", "decoded", "columns"]),
+)
+def test_window_mixing_full_and_partial_frames(
+    frames: list[str | list[int]], window: int, form: str
+) -> None:
+    """Full frames (every layer once, in order: the ring-column fast path) interleaved
+    with partial and repeated-layer frames (the scatter path), in each signal form:
+    always the snapshot of the accumulated history."""
+    state = make_state(3, step=0)
+    win = SignalWindow(
+        GraphTopology.from_proto(state.topology), KernelSet.from_proto(state.kernels), window
+    )
+    step = 0
+    for f, spec in enumerate(frames):
+        layers = [0, 1, 2] if spec == "full" else spec
+        frame = []
+        for li in layers:
+            step += 1
+            states = [1 + step % 5, 1 + (step + 1) % 5] if step % 3 else []
+            frame.append(
+                signal(f"l{li}", step, (step % 97) / 97.0, error_count=step, seed_states=states)
+            )
+        if form == "message":
+            win.update(frame, step)
+        elif form == "decoded":
+            win.update(win.decode(frame), step)
+        else:
+            win.update(win.decode_columns(columns_from_signals(frame)), step)
+        state.signals.extend(frame)
+        state.step = step
+        snap = win.snapshot(step, 1)
+        assert snap.equals(snapshot_from_state(state, window)), f"frame {f}"
+        assert not snap.floats.flags.writeable
+        assert not snap.valid.flags.writeable
