@@ -18,18 +18,22 @@ per-layer rings of encoded signals (one ``SerializeToString`` per signal).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from tamiyo.config import ExperienceLogConfig
 from tamiyo.experience.retention import enforce_retention
 from tamiyo.experience.schema import ACTION_LOAD_KERNEL, ACTION_NO_OP, DecisionRecord, OutcomeRecord
+from tamiyo.signal_columns import signals_from_columns
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.wire import varint
+
+log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 65536  # sessions remembered (a lost "end" event cannot leak memory)
 MARKS_PER_SESSION = 8  # states kept for decisions not yet logged (superseded frames)
@@ -53,6 +57,19 @@ def _state_tail(step: int, epoch: int) -> bytes:
     """``ModelGraphState.step`` (4) and ``.epoch`` (5) as varint fields (zeros written
     explicitly: valid proto3, and cheaper than building a message). ``step`` >= 0."""
     return b"\x20" + varint(step) + b"\x28" + varint(epoch)
+
+
+def frame_column_signals(f: pb.TelemetryFrame) -> list[health_pb2.HealthSignal]:
+    """The signals of a frame sent in the columnar form (``TelemetryFrame.signal_columns``,
+    see ``tamiyo.signal_columns``) as ``HealthSignal`` messages, so a logged state is the
+    same bytes whichever form the host used. The server validated the columns before
+    the frame reached the log; columns that still do not decode give no signals (logged
+    as a warning) rather than stopping the experience process."""
+    try:
+        return signals_from_columns(f.signal_columns)
+    except ValueError as e:
+        log.warning("experience: frame step %d has malformed signal columns: %s", f.step, e)
+        return []
 
 
 def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
@@ -247,13 +264,18 @@ class SessionState:
     def frame(self, ev: FrameEvent) -> None:
         f = ev.frame
         block = None
-        if self.blocks is not None and len(f.signals) == len(self.layers):
+        signals: Sequence[health_pb2.HealthSignal] = f.signals
+        if f.HasField("signal_columns"):  # columnar form: the same signals, as messages
+            signals = frame_column_signals(f)
+            if self.blocks is not None and len(signals) == len(self.layers):
+                block = graph_pb2.ModelGraphState(signals=signals).SerializeToString()
+        elif self.blocks is not None and len(signals) == len(self.layers):
             block = frame_signal_block(f)
         if block is not None and self.blocks is not None:
             self.blocks.append(block)
         else:
             self._to_rings()
-            self._append(f.signals)
+            self._append(signals)
         self.seq, self.step, self.epoch = ev.seq, int(f.step), int(f.epoch)
         if f.want_decision:
             self._mark(ev.seq, f.request_id)

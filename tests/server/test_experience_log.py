@@ -38,6 +38,7 @@ from tamiyo.policy.snapshot import (
     state_from_snapshot,
 )
 from tamiyo.policy.synthetic import random_snapshot
+from tamiyo.signal_columns import columns_from_signals
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -354,6 +355,38 @@ def test_assembler_matches_decisions_to_the_frames_they_answer(tmp_path: Path) -
     assert asm.unmatched == 0
     assert asm.prepare([DecisionEvent("s", _decision("d9", frames[1]), 4.0)]) == []
     assert asm.unmatched == 1  # session ended: counted, not invented
+
+
+def test_columnar_frames_log_the_same_states_as_message_frames(tmp_path: Path) -> None:
+    """A host may send a frame's signals as columns (``TelemetryFrame.signal_columns``):
+    the logged state is byte for byte the one the message form gives, with every layer
+    present (fast path) and with some missing (per-layer rings)."""
+    n = 5
+    msg = hosts.session_open(n).session_open
+    states: list[list[bytes]] = []
+    for columnar in (False, True):
+        asm = Assembler(W, ExperienceLogConfig(), tmp_path)
+        evs: list[object] = [Resync("s", "h", msg.topology, tuple(msg.kernels), 0, None)]
+        for k in range(1, 8):
+            f = hosts.frame(n, k, tag=f"t{k}").frame
+            if k in (4, 6):  # a layer's telemetry is late: the rings path
+                del f.signals[k % n]
+            if columnar:
+                cols = columns_from_signals(f.signals)
+                del f.signals[:]
+                f.signal_columns.CopyFrom(cols)
+            evs += [FrameEvent("s", k, f), DecisionEvent("s", _decision(f"d{k}", f), 1.0 + k)]
+        out = asm.prepare(evs)
+        states.append([r.state for r in out if isinstance(r, DecisionRecord)])
+    assert len(states[0]) == 7
+    assert states[1] == states[0]
+    window = _window(n)
+    for k in range(1, 8):  # and they are the states the policy saw
+        f = hosts.frame(n, k).frame
+        if k in (4, 6):
+            del f.signals[k % n]
+        window.update(f.signals, k)
+        assert _parse(states[1][k - 1]).equals(window.snapshot(k, 0)), k
 
 
 @settings(max_examples=30, deadline=None)
