@@ -26,6 +26,7 @@ repeats the comparison.
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import threading
 import time
@@ -66,6 +67,28 @@ SELF_CHECK_SIZES = (1, 6, 23)
 def configure_threads(num_threads: int) -> None:
     """Set torch's intra-op threads (process-wide); inter-op is left alone."""
     torch.set_num_threads(max(1, num_threads))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
+
+
+def configure_allocator(trim_mb: int = 64, mmap_mb: int = 32) -> bool:
+    """Make glibc keep freed heap memory for reuse (process-wide; opt-in like threads).
+
+    Why: a forward allocates and frees activations of up to ~1 MiB ([4096, 64] float32).
+    With glibc's defaults the top of the heap is handed back to the OS once 128 KiB+ are
+    free and large blocks are mmapped afresh, so every forward page-faults its
+    activations in again. Measured on this box (infer, one thread): 64 graphs of 4-64
+    nodes 6.6 → 4.4 ms, 20 graphs of 200 nodes 10.4 → 7.7 ms; same in a worker thread.
+    Cost: up to ``trim_mb`` MiB of freed memory stays in the process. Returns False
+    (nothing changed) where there is no glibc ``mallopt``.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20) == 1
+        return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_mb << 20) == 1)
+    except (OSError, AttributeError):
+        return False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

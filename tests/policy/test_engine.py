@@ -243,3 +243,28 @@ def test_falls_back_to_eager_when_scripting_fails(
     assert "no TorchScript here" in caplog.text
     graphs = random_graphs(2, [5, 9])
     _check(eng.infer(graphs), graphs)
+
+
+def test_configure_allocator_keeps_inference_correct() -> None:
+    """In a child process: mallopt is process-wide and must not leak into other tests."""
+    import platform
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from tamiyo.policy.builtin import builtin_policy\n"
+        "from tamiyo.policy.engine import InferenceEngine, configure_allocator\n"
+        "from tamiyo.policy.synthetic import random_graphs\n"
+        "e = InferenceEngine(builtin_policy().model)\n"
+        "g = random_graphs(30, [64] * 40)\n"
+        "before = e.infer(g)\n"
+        "print(configure_allocator())\n"
+        "after = e.infer(g)\n"
+        "assert all(np.allclose(a.pair_logp, b.pair_logp) for a, b in zip(before, after))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out.stdout.split()[-1] == ("True" if glibc else "False")
