@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from soak.harness import StreamCall
 from soak.messages import decide_requests, frame_signals, mutations, session_opens
+from tamiyo.signal_columns import columns_from_signals
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -48,6 +49,7 @@ class FuzzStats:
     examples: int = 0
     messages: int = 0
     mutated: int = 0
+    columnar: int = 0  # frames sent with TelemetryFrame.signal_columns
     outcomes: Counter[str] = field(default_factory=Counter)
     violations: Counter[str] = field(default_factory=Counter)  # non-strict runs only
 
@@ -55,6 +57,7 @@ class FuzzStats:
         self.examples += other.examples
         self.messages += other.messages
         self.mutated += other.mutated
+        self.columnar += other.columnar
         self.outcomes.update(other.outcomes)
         self.violations.update(other.violations)
 
@@ -282,6 +285,11 @@ def _frame_op(s: _StreamState, data: st.DataObject) -> None:
             step=s.step, epoch=0, signals=signals, want_decision=want, request_id=tag
         )
     )
+    columnar: bool = data.draw(st.booleans())
+    if signals and columnar:  # the same signals in the columnar form
+        del req.frame.signals[:]
+        req.frame.signal_columns.CopyFrom(columns_from_signals(signals))
+        s.stats.columnar += 1
     done = mutations(data.draw, req.frame, protect=frozenset({"request_id", "want_decision"}))
     if data.draw(st.integers(0, 9)) == 0:  # hostile request id, still unique
         tag = req.frame.request_id = tag + data.draw(st.sampled_from(("x" * 100, "\x00", "\n")))

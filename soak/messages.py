@@ -197,11 +197,11 @@ def _hostile_scalar(draw: Draw, fd: Any) -> object:
     t = fd.type
     if t in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
         return draw(st.sampled_from(HOSTILE_FLOATS))
-    if t == FD.TYPE_INT64:
+    if t in (FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64):
         return draw(st.sampled_from(HOSTILE_INT64))
-    if t == FD.TYPE_UINT32:
+    if t in (FD.TYPE_UINT32, FD.TYPE_FIXED32):  # fixed32: the columnar signal counts
         return draw(st.sampled_from(HOSTILE_UINT32))
-    if t == FD.TYPE_UINT64:
+    if t in (FD.TYPE_UINT64, FD.TYPE_FIXED64):
         return draw(st.sampled_from(HOSTILE_UINT64))
     if t == FD.TYPE_ENUM:
         return draw(st.sampled_from(HOSTILE_ENUMS))

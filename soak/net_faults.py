@@ -80,6 +80,8 @@ def fuzz_storm(examples: int, log_dir: Path) -> dict[str, Any]:
             for why, n in stats.violations.items():
                 violations.append(f"{name} fuzz ({n}×): {why}")
             out[f"{name}_examples"] = stats.examples
+            if stats.columnar:
+                out[f"{name}_columnar_frames"] = stats.columnar
             out[f"{name}_s"] = round(time.monotonic() - t0, 1)
             total.merge(stats)
             srv.check()
