@@ -204,8 +204,12 @@ class TrainConfig:
     reward_offset: float = -1.0
     target_tau: float = 0.02  # Polyak rate of the target critic
     iql_expectile: float = 0.8
-    iql_beta: float = 10.0  # inverse temperature of advantage-weighted regression
-    iql_max_weight: float = 100.0
+    # Inverse temperature of advantage-weighted regression. The greedy AWR policy is
+    # argmax μ(a|s)·exp(β·A): an early repair that the ε-behaviour takes with μ ≈ 0.004
+    # (vs 0.9 for no-op) wins only if β·A > ln(0.9/0.004) ≈ 5.4, i.e. A > 0.18 at β = 30
+    # (A > 0.54 at the old β = 10, which only late repairs reach). Weights clip at 1000.
+    iql_beta: float = 30.0
+    iql_max_weight: float = 1000.0
     cql_alpha: float = 0.5
     value_weight: float = 0.5  # actor's value head regressed on the critic's V (IQL)
     eval_every: int = 1000  # steps between periodic evaluations (0 = only at the end)

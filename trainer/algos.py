@@ -143,8 +143,10 @@ class Learner:
         cfg, b = self.cfg, mb.node.shape[0]
         q_a, out = self._critic_q(self.modules["critic"], mb)
         v, v_next = out.value[:b], out.value[b:]
-        with torch.no_grad():
-            qt_a, _ = self._critic_q(self.target, mb)
+        with torch.no_grad():  # the target is only needed at (s, a): B graphs, not 2B
+            t_out: PolicyForward = self.target(mb.states)
+            qt_a = losses.taken(t_out.pair_logits, t_out.noop_logit, mb.states.ptr, mb.node,
+                                mb.kernel)  # fmt: skip
         v_loss = losses.expectile_loss(qt_a - v, cfg.iql_expectile)
         q_loss = losses.td_loss(q_a, mb.reward, mb.done, v_next, cfg.gamma)
         self._step("critic", q_loss + v_loss)

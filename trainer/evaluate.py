@@ -16,11 +16,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from tamiyo.config import SimicConfig
+from tamiyo.config import RuleConfig, SimicConfig
 from tamiyo.policy.batch import collate
 from tamiyo.policy.engine import InferenceEngine
 from tamiyo.policy.features import GraphTensors
 from tamiyo.policy.model import TamiyoPolicy
+from tamiyo.policy.rules import DecisionRules, RuleState
 from trainer.simic.env import SimicBatch
 from trainer.simic.episodes import Episode
 from trainer.simic.policies import RULE_POLICY, Actions, NoopPolicy, OraclePolicy
@@ -31,20 +32,45 @@ F64 = npt.NDArray[np.float64]
 
 class NetworkPolicy:
     """Greedy action of a ``TamiyoPolicy``: argmax of the per-graph distribution over
-    (node × kernel) ∪ {no-op}. Runs on a frozen copy through the server's engine."""
+    (node × kernel) ∪ {no-op}. Runs on a frozen copy through the server's engine.
+
+    With ``rules`` the network's output goes through the server's ``DecisionRules``
+    (confidence, health threshold, epoch budget, cooldown; one ``RuleState`` per episode)
+    exactly as ``tamiyo_server`` decides, so the score is that of the policy *as served*.
+    """
 
     uses_features = True
 
-    def __init__(self, model: TamiyoPolicy, name: str, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: TamiyoPolicy,
+        name: str,
+        device: str | torch.device = "cpu",
+        rules: RuleConfig | None = None,
+    ) -> None:
         self.name = name
         self.engine = InferenceEngine(copy.deepcopy(model), device)
+        self.rules = DecisionRules(rules) if rules is not None else None
+        self._states: list[RuleState] = []
 
     def reset(self, env: SimicBatch) -> None:
-        return None
+        self._states = [RuleState() for _ in range(env.E)]
+
+    def _served(self, env: SimicBatch, graphs: Sequence[GraphTensors]) -> Actions:
+        assert self.rules is not None
+        a = Actions.noop(env.E)
+        step, epoch = env.host_step(env.t), env.epoch_of(env.t)
+        for i, (g, out) in enumerate(zip(graphs, self.engine.infer(graphs), strict=True)):
+            d = self.rules.decide(out, g, self._states[i], step, epoch)
+            a.node[i], a.kernel[i], a.rule[i] = d.node, d.kernel, int(d.rule)
+            a.propensity[i] = d.propensity
+        return a
 
     def act(self, env: SimicBatch, graphs: Sequence[GraphTensors] | None) -> Actions:
         if graphs is None:
             raise ValueError("NetworkPolicy needs featurized graphs")
+        if self.rules is not None:
+            return self._served(env, graphs)
         out = self.engine.forward_batch(collate(graphs))
         best_node = out["best_node"].cpu().numpy()
         best_kernel = out["best_kernel"].cpu().numpy()
@@ -78,15 +104,13 @@ class Reference:
     episodes: list[Episode]
     noop: F64
     oracle: F64
+    oracle_run: RolloutResult | None = None  # the oracle's own decision statistics
 
     @staticmethod
     def build(episodes: Sequence[Episode], cfg: SimicConfig) -> Reference:
         eps = list(episodes)
-        return Reference(
-            eps,
-            run_policy(NoopPolicy(), eps, cfg).returns,
-            run_policy(OraclePolicy(), eps, cfg).returns,
-        )
+        orc = run_policy(OraclePolicy(), eps, cfg)
+        return Reference(eps, run_policy(NoopPolicy(), eps, cfg).returns, orc.returns, orc)
 
     def score(self, returns: F64) -> float:
         """Score of per-episode returns [E] or [seeds, E] (mean over all)."""

@@ -62,8 +62,15 @@ def fit_q(
     *,
     steps: int = 1500,
     progress: bool = True,
+    tau: float | None = None,
 ) -> FqeResult:
-    """Fit Q^π for ``model``'s greedy policy on ``ds`` and return its J estimate."""
+    """Fit Q^π for ``model``'s greedy policy on ``ds`` and return its J estimate.
+
+    ``tau``: Polyak rate of the target network (default ``cfg.target_tau``). Values
+    propagate one bootstrap per ~1/tau steps and need several times 1/(1−γ) bootstraps,
+    so ``steps`` × ``tau`` must be large enough.
+    """
+    tau = cfg.target_tau if tau is None else tau
     torch.manual_seed(cfg.seed + 7919)
     rng = np.random.default_rng(cfg.seed + 7919)
     pi_node, pi_kernel = greedy_actions(model, ds)
@@ -94,7 +101,7 @@ def fit_q(
         opt.step()
         with torch.no_grad():
             for tp, p in zip(target.parameters(), q.parameters(), strict=True):
-                tp.lerp_(p, 0.01)
+                tp.lerp_(p, tau)
         loss_v = float(loss.detach())
     first = ds.initial_indices()
     with torch.no_grad():

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tamiyo.config import SimicConfig, TrainConfig
+from tamiyo.config import RuleConfig, SimicConfig, TrainConfig
 from tamiyo.experience import ExperienceWriter
 from tamiyo.policy.checkpoint import (
     load_checkpoint,
@@ -148,6 +148,7 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
     sets = {"heldout_seeds": ref("test", cfg.final_eval_episodes, simic.train_sizes),
             "unseen_sizes": ref("unseen", cfg.final_eval_episodes, simic.unseen_sizes)}  # fmt: skip
     runs_dir = out / "runs"
+    served_algo = "iql" if "iql" in cfg.algos else cfg.algos[0]
 
     def train_job(algo: str, seed: int) -> Callable[[], dict[str, Any]]:
         def fn() -> dict[str, Any]:
@@ -158,7 +159,12 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
             assert res.checkpoint is not None
             pol = NetworkPolicy(res.learner.policy, algo)
             ev = {k: _rollout_stats(run_policy(pol, r.episodes, simic)) for k, r in sets.items()}
-            return {"checkpoint": str(res.checkpoint), "eval": ev}
+            out: dict[str, Any] = {"checkpoint": str(res.checkpoint), "eval": ev}
+            if algo == served_algo:  # the same network behind the server's DecisionRules
+                srv = NetworkPolicy(res.learner.policy, algo, rules=RuleConfig())
+                out["served"] = {k: _rollout_stats(run_policy(srv, r.episodes, simic))
+                                 for k, r in sets.items()}  # fmt: skip
+            return out
 
         return fn
 
@@ -198,7 +204,11 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
             add(n, [results[n]["eval"][set_name]])
         for a in cfg.algos:
             add(a, [results[f"{a}-s{s}"]["eval"][set_name] for s in range(cfg.train_seeds)])
-        add("oracle", [{"returns": r.oracle.tolist(), **zero}])
+        if served_algo in cfg.algos:
+            add(f"{served_algo}_served", [results[f"{served_algo}-s{s}"]["served"][set_name]
+                                          for s in range(cfg.train_seeds)])  # fmt: skip
+        add("oracle", [_rollout_stats(r.oracle_run) if r.oracle_run is not None
+                       else {"returns": r.oracle.tolist(), **zero}])  # fmt: skip
         report["evaluation"][set_name] = {"episodes": len(r.episodes), "normalized_score": scores,
                                           "stats": stats}  # fmt: skip
 
