@@ -107,6 +107,10 @@ def _sample_graphs() -> list[GraphTensors]:
     return random_graphs(0, list(SAMPLE_SIZES))
 
 
+_TURNS_LOCK = threading.Lock()
+_turns: list[float] = [0, 0.0]  # loads in progress, switch interval to restore (s)
+
+
 @contextlib.contextmanager
 def _short_gil_turns() -> Iterator[None]:
     """Lower CPython's GIL switch interval (default 5 ms) to ``SWITCH_INTERVAL_S`` while
@@ -119,13 +123,21 @@ def _short_gil_turns() -> Iterator[None]:
     decision. With 0.5 ms they wait at most ~0.5 ms; the reload gets a little slower
     (more hand-offs), which costs nothing that matters. Process-wide, hence restored.
     """
-    old = sys.getswitchinterval()
-    if SWITCH_INTERVAL_S is not None:
-        sys.setswitchinterval(min(old, SWITCH_INTERVAL_S))
+    if SWITCH_INTERVAL_S is None:
+        yield
+        return
+    with _TURNS_LOCK:  # several watchers in one process (tests): the last one restores
+        if _turns[0] == 0:
+            _turns[1] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_turns[1], SWITCH_INTERVAL_S))
+        _turns[0] += 1
     try:
         yield
     finally:
-        sys.setswitchinterval(old)
+        with _TURNS_LOCK:
+            _turns[0] -= 1
+            if _turns[0] == 0:
+                sys.setswitchinterval(_turns[1])
 
 
 def _pause() -> None:

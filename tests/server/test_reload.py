@@ -270,6 +270,12 @@ def test_reload_shortens_gil_turns_only_while_it_loads(
     with pytest.raises(CheckpointError, match="non-finite"):
         reload.load_served(tmp_path / "bad", "cpu", 1e9)
     assert sys.getswitchinterval() == before
+    # overlapping loads (two watchers in one process): the last one out restores
+    with reload._short_gil_turns():
+        with reload._short_gil_turns():
+            pass
+        assert sys.getswitchinterval() == reload.SWITCH_INTERVAL_S
+    assert sys.getswitchinterval() == before
 
 
 def test_swap_lands_between_batches_never_inside_one(tmp_path: Path) -> None:
