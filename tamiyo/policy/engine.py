@@ -4,8 +4,8 @@ Why compiled: on this VM an eager torch op costs ~9 µs of fixed overhead and re
 and re-acquires the GIL; a forward plus its per-graph post-processing is ~80 ops, so
 under a GIL-holding event loop the inference thread waited for the GIL ~80 times per
 batch. The engine therefore runs ``ServingForward`` (the policy's ``forward_tensors`` +
-per-graph softmax, best action, sigmoid) as ONE TorchScript call, scripted and frozen
-from the eager ``TamiyoPolicy`` at construction (the trainer trains the eager module;
+per-graph softmax, best action, sigmoid) as ONE TorchScript call, scripted from the
+eager ``TamiyoPolicy`` at construction (the trainer trains the eager module;
 there is one definition of the network). The GIL is released once per forward and op
 dispatch is cheaper. If scripting fails, or the compiled module disagrees with the
 eager one on a sample batch, the engine logs a warning and runs eagerly (``.mode``).
@@ -49,7 +49,7 @@ from tamiyo.policy.synthetic import random_graphs
 
 log = logging.getLogger(__name__)
 
-# torch 2.13 marks torch.jit.script / freeze deprecated in favour of torch.compile, which
+# torch 2.13 marks torch.jit.script deprecated in favour of torch.compile, which
 # needs a C++ toolchain and seconds of compilation per shape on this box; TorchScript is
 # what gives one GIL release per forward with ~25 ms of build per engine. Known, so quiet.
 warnings.filterwarnings(
@@ -204,23 +204,23 @@ _TEMPLATE_LOCK = threading.Lock()
 
 
 def compile_serving(model: TamiyoPolicy, device: torch.device) -> torch.jit.ScriptModule:
-    """``ServingForward(model)`` scripted and frozen on ``device`` (eval mode).
+    """``ServingForward(model)`` as a TorchScript module on ``device`` (eval mode).
 
-    Scripting parses Python source and costs ~55-150 ms of GIL-holding CPU, so it is done
-    once per process and ``PolicyConfig``: later engines deep-copy that scripted template
-    (~3 ms), load their weights into the copy and freeze it (~15 ms; weights become
-    constants, weight-only ops are folded). The copy is private to the engine, so the
-    frozen constants can never change under it.
+    Scripting parses Python source and holds the GIL for ~55-150 ms, so it is done once
+    per process and ``PolicyConfig``: later engines deep-copy that scripted template
+    (~2-5 ms) and load their weights into the copy (per-tensor copies, which release the
+    GIL). The copy is private to the engine, so its weights never change under it.
+    Not frozen: ``torch.jit.freeze`` held the GIL for 11-57 ms in one call (an event-loop
+    stall on every hot reload) for a forward only 0-8% faster (measured here).
     """
     with _TEMPLATE_LOCK:
         template = _TEMPLATES.get(model.config)
         if template is None:
             template = torch.jit.script(ServingForward(copy.deepcopy(model).cpu()).eval())
             _TEMPLATES[model.config] = template
-        scripted = copy.deepcopy(template)
+        scripted: torch.jit.ScriptModule = copy.deepcopy(template)
     scripted.policy.load_state_dict(model.state_dict())
-    frozen: torch.jit.ScriptModule = torch.jit.freeze(scripted.to(device).eval())
-    return frozen
+    return scripted.to(device).eval()
 
 
 _SAMPLE: list[Batch] = []
@@ -238,10 +238,10 @@ class InferenceEngine:
 
     Call ``infer`` from one dedicated thread (the compiled forward releases the GIL once
     per call). The model is put in eval mode; parameters are never mutated after
-    construction (the compiled module holds frozen copies), so a server swaps policies by
+    construction (the compiled module holds its own copy), so a server swaps policies by
     swapping engines between batches. ``compile=False`` runs the same module eagerly
     (baseline for benches, and the fallback). ``mode`` says which one runs;
-    ``build_ms`` / ``build_cpu_ms`` what construction (script + freeze + self-check) cost.
+    ``build_ms`` / ``build_cpu_ms`` what construction (script or copy + self-check) cost.
     """
 
     def __init__(
