@@ -70,6 +70,11 @@ _NO_STATES.setflags(write=False)
 
 
 @lru_cache(maxsize=256)
+def _range_list(n: int) -> list[int]:
+    return list(range(n))
+
+
+@lru_cache(maxsize=256)
 def _arange(n: int) -> IntArray:
     a = np.arange(n, dtype=np.int64)
     a.setflags(write=False)
@@ -128,25 +133,35 @@ class SignalColumns:
             j = next(j for j, s in enumerate(sigs) if s.layer_id not in index)
             lid = sigs[j].layer_id
             raise ValueError(f"signals[{j}].layer_id: unknown layer id {lid[:128]!r}") from None
-        self.layer = np.array(layer, np.int64)
-        self.all_layers = False
+        if m == len(index) and layer == _range_list(m):  # every layer once, in order
+            self.layer = _arange(m)
+            self.all_layers = True
+        else:
+            self.layer = np.array(layer, np.int64)
+            self.all_layers = False
         nf = len(FLOAT_FIELDS)
-        # one flat C array per group: ~3x faster than np.array of a list of tuples
+        # one flat C array per group: ~3x faster than np.array of a list of tuples; the
+        # columns are views of it (readers copy what they keep)
         fl = np.frombuffer(array("d", chain.from_iterable(map(_GET_FLOATS, sigs))), np.float64)
         fl = fl.reshape(m, nf + 1)
         self.floats = fl[:, :nf].astype(np.float32)
-        self.timestamps = np.ascontiguousarray(fl[:, nf])
+        self.timestamps = fl[:, nf]
         ni = len(INT_FIELDS)
         it = np.frombuffer(array("q", chain.from_iterable(map(_GET_INTS, sigs))), np.int64)
         it = it.reshape(m, ni + 2)
-        self.ints = np.ascontiguousarray(it[:, :ni])
-        self.steps = np.ascontiguousarray(it[:, ni])
-        self.epochs = np.ascontiguousarray(it[:, ni + 1])
+        self.ints = it[:, :ni]
+        self.steps = it[:, ni]
+        self.epochs = it[:, ni + 1]
         states = [s.seed_states for s in sigs]
-        self.seed_state_len = np.array([len(ss) for ss in states], np.int64)
-        flat = [v for ss in states for v in ss]
-        self._scatter_seed_states(np.array(flat, np.int64), "signals[{}].seed_states")
-        if not np.isfinite(fl).all():
+        lens = [len(ss) for ss in states]
+        if any(lens):
+            self.seed_state_len = np.array(lens, np.int64)
+            flat = [v for ss in states for v in ss]
+            self._scatter_seed_states(np.array(flat, np.int64), "signals[{}].seed_states")
+        else:
+            self.seed_state_len, self.seed_states = _no_seeds(m)
+            self.seed_values = _NO_STATES
+        if _count(np.isfinite(fl)) != fl.size:
             raise ValueError("signals: every float must be finite (NaN/inf found)")
 
     def _scatter_seed_states(self, flat: IntArray, path: str) -> None:
