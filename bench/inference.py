@@ -19,6 +19,18 @@ target ratios) therefore use the process CPU time per call (one torch thread, so
 time = our compute), median over interleaved repeats (ours, seed, sgemm, repeat);
 wall-clock medians are kept in the JSON (``wall_us_per_graph``, ``seed_wall_us_per_graph``).
 
+Before/after in the same run: ``eager_us_per_graph`` is the same engine with
+``compile=False`` (the network run op by op from Python, as before the TorchScript path).
+
+Serving batches (``bench-results/inference-serving.json``): for loadgen-like batches of
+1, 16 and 64 graphs of 4-64 nodes, the inference thread's whole cost per batch
+(``featurize_many`` + ``InferenceEngine.infer``) compiled vs eager, and batches/s with and
+without a concurrent GIL-holding Python thread (a spinner, standing in for a busy event
+loop): ``spin_ratio`` = rate under the spinner ÷ quiet rate, wall clock. Engine
+construction (script/copy + freeze + self-check) is timed too, cold (first engine of the
+process: scripting) and warm (later engines, e.g. a hot reload), with the longest time a
+concurrent Python thread could not run during it (``max_gil_gap_ms``: GIL held).
+
 Threads: 1 by default. The server runs inference on one dedicated thread while the
 gRPC event loop needs the other core; on this box a second intra-op thread made small
 batches slower (pool wake-up) and only large ones faster. ``--threads 2`` measures that.
@@ -27,6 +39,8 @@ batches slower (pool wake-up) and only large ones faster. ``--threads 2`` measur
 from __future__ import annotations
 
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -38,12 +52,13 @@ from torch_geometric.data import Batch as PygBatch
 from torch_geometric.data import Data
 from tqdm import tqdm
 
+import tamiyo.policy.engine as engine_mod
 from bench import BenchOptions
 from bench.report import Row, environment, print_table, write_json
 from bench.seed_reference import SeedPolicyConfig, SeedTamiyoPolicyGNN
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import InferenceEngine, configure_threads
-from tamiyo.policy.features import GraphTensors, featurize_many
+from tamiyo.policy.engine import InferenceEngine, configure_allocator, configure_threads
+from tamiyo.policy.features import GraphSnapshot, GraphTensors, featurize_many
 from tamiyo.policy.model import PolicyConfig
 from tamiyo.policy.synthetic import random_snapshot
 
@@ -54,6 +69,7 @@ BATCHES = (1, 8, 64, 256)
 KERNELS = 3
 FLOOR_TARGET = 2.0  # per-graph cost at batch >= 64 within 2x of the compute floor
 SEED_TARGET = 2.5  # >= 2.5x the seed reference's batched throughput at 10 and 50 nodes
+FAST_SWITCH_S = 0.0005  # sys.setswitchinterval tried under the spinner (default 0.005)
 
 
 def policy_flops(c: PolicyConfig, nodes: int, nnz: int, kernels: int) -> int:
@@ -93,6 +109,8 @@ def run(opts: BenchOptions) -> None:
     policy = builtin_policy()
     engine = InferenceEngine(policy.model, "cpu", version=policy.version)
     engine.warmup()
+    eager = InferenceEngine(builtin_policy().model, "cpu", version=policy.version, compile=False)
+    eager.warmup()
     cfg = policy.config
     seed_model = SeedTamiyoPolicyGNN(
         SeedPolicyConfig(cfg.node_features, cfg.hidden, cfg.gcn_layers)
@@ -119,12 +137,17 @@ def run(opts: BenchOptions) -> None:
         def ours(graphs: list[GraphTensors] = graphs) -> None:
             engine.infer(graphs)
 
+        def eager_call(graphs: list[GraphTensors] = graphs) -> None:
+            eager.infer(graphs)
+
         ours_t: list[tuple[float, float]] = []
+        eager_t: list[float] = []
         seed_t: list[tuple[float, float]] = []
         gemm: list[float] = []
         feat: list[float] = []
         for _ in range(repeats):
             ours_t.append(_per_call(ours, min_time))
+            eager_t.append(_per_call(eager_call, min_time)[1])
             seed_t.append(_per_call(seed_call, min_time))
             gemm.append(_sgemm_flops_per_s(min_time / 2))
             feat.append(_per_call(partial(featurize_many, snaps), min_time / 2)[1])
@@ -133,6 +156,7 @@ def run(opts: BenchOptions) -> None:
         rate = statistics.median(gemm)
         us = statistics.median(c for _, c in ours_t) / b * 1e6
         seed_us = statistics.median(c for _, c in seed_t) / b * 1e6
+        eager_us = statistics.median(eager_t) / b * 1e6
         floor_us = flops / rate * 1e6
         rows.append(
             {
@@ -141,6 +165,9 @@ def run(opts: BenchOptions) -> None:
                 "threads": opts.threads,
                 "us_per_graph": us,
                 "graphs_per_s": 1e6 / us,
+                "engine_mode": engine.mode,
+                "eager_us_per_graph": eager_us,
+                "x_vs_eager": eager_us / us,
                 "seed_us_per_graph": seed_us,
                 "seed_graphs_per_s": 1e6 / seed_us,
                 "floor_us_per_graph": floor_us,
@@ -165,6 +192,8 @@ def run(opts: BenchOptions) -> None:
             ("nodes", "nodes"),
             ("batch", "batch"),
             ("us_per_graph", "ours µs"),
+            ("eager_us_per_graph", "eager µs"),
+            ("x_vs_eager", "eager/ours"),
             ("graphs_per_s", "ours graphs/s"),
             ("seed_us_per_graph", "seed µs"),
             ("floor_us_per_graph", "floor µs"),
@@ -180,6 +209,10 @@ def run(opts: BenchOptions) -> None:
     _verdict(rows)
     _plot(rows, opts)
     print(f"wrote {path}")
+    serving = _serving_batches(engine, eager, opts) + _construction(opts)
+    for r in serving:
+        r.update(env)
+    print(f"wrote {write_json(opts.out_dir, 'inference-serving', serving)}")
 
 
 def _verdict(rows: list[Row]) -> None:
@@ -226,3 +259,188 @@ def _plot(rows: list[Row], opts: BenchOptions) -> None:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(opts.out_dir / "inference.png", dpi=110)
     plt.close(fig)
+
+
+# --- serving batches: the inference thread's cost, quiet and under a GIL spinner -------
+
+
+def _rate(fn: Callable[[], Any], secs: float) -> float:
+    """Calls of ``fn`` per wall-clock second over ``secs``."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while (t := time.perf_counter() - t0) < secs:
+        fn()
+        n += 1
+    return n / t
+
+
+class _Spinner:
+    """A Python thread that never releases the GIL voluntarily (a busy event loop)."""
+
+    def __init__(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self) -> None:
+        x = 0
+        while not self._stop:
+            x += 1
+
+    def __enter__(self) -> _Spinner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+def _serving_batches(
+    engine: InferenceEngine, eager: InferenceEngine, opts: BenchOptions
+) -> list[Row]:
+    """Per loadgen-like batch: CPU ms of featurize_many / infer (ours, eager), then
+    wall-clock rates with and without a spinner for infer alone and for the whole batch
+    (featurize_many + infer), ours and eager interleaved; last, infer again after
+    ``configure_allocator()`` (process-wide, so measured after everything else)."""
+    rng = np.random.default_rng(1)
+    secs = 0.3 if opts.quick else 0.8
+    repeats = 2 if opts.quick else 3
+    cases = []
+    for b in (1, 16, 64):
+        snaps = [random_snapshot(rng, int(n), KERNELS) for n in rng.integers(4, 65, b)]
+        cases.append((snaps, featurize_many(snaps)))
+    engines = {"ours": engine, "eager": eager}
+    rows: list[Row] = []
+    for snaps, graphs in cases:
+        cpu: dict[str, list[float]] = {"feat": [], "ours": [], "eager": []}
+        rates: dict[str, list[float]] = {}
+        for _ in range(repeats):  # interleaved so drift in load hits both paths alike
+            cpu["feat"].append(_per_call(partial(featurize_many, snaps), 0.02)[1])
+            for name, eng in engines.items():
+                cpu[name].append(_per_call(partial(eng.infer, graphs), 0.02)[1])
+                calls: dict[str, Callable[[], Any]] = {
+                    "infer": partial(eng.infer, graphs),
+                    "batch": partial(_batch, eng, snaps),
+                }
+                for what, fn in calls.items():
+                    rates.setdefault(f"{name}_{what}_quiet", []).append(_rate(fn, secs))
+                    with _Spinner():
+                        rates.setdefault(f"{name}_{what}_spin", []).append(_rate(fn, secs))
+            # The server could shorten the GIL switch interval (default 5 ms: how long a
+            # thread waits before forcing a GIL holder to yield); same spinner, 0.5 ms.
+            old_si = sys.getswitchinterval()
+            sys.setswitchinterval(FAST_SWITCH_S)
+            try:
+                with _Spinner():
+                    fast = _rate(partial(_batch, engine, snaps), secs)
+            finally:
+                sys.setswitchinterval(old_si)
+            rates.setdefault("ours_batch_spin_fastswitch", []).append(fast)
+        med = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
+        r = {k: statistics.median(v) for k, v in rates.items()}
+        rows.append(
+            {
+                "kind": "serving_batch",
+                "graphs": len(snaps),
+                "nodes": sum(s.topology.num_nodes for s in snaps),
+                "featurize_ms": med["feat"],
+                "infer_ms": med["ours"],
+                "eager_infer_ms": med["eager"],
+                "batch_ms": med["feat"] + med["ours"],
+                "eager_batch_ms": med["feat"] + med["eager"],
+                **{f"{k}_per_s": v for k, v in r.items()},
+                "infer_spin_ratio": r["ours_infer_spin"] / r["ours_infer_quiet"],
+                "eager_infer_spin_ratio": r["eager_infer_spin"] / r["eager_infer_quiet"],
+                "x_infer_spin_vs_eager": r["ours_infer_spin"] / r["eager_infer_spin"],
+                "batch_spin_ratio": r["ours_batch_spin"] / r["ours_batch_quiet"],
+                "eager_batch_spin_ratio": r["eager_batch_spin"] / r["eager_batch_quiet"],
+                "x_batch_spin_vs_eager": r["ours_batch_spin"] / r["eager_batch_spin"],
+                "batch_spin_ratio_fastswitch": r["ours_batch_spin_fastswitch"]
+                / r["ours_batch_quiet"],
+                "timing": "*_ms: median process CPU per batch; *_per_s: wall-clock calls/s; "
+                "spin = with a GIL-holding Python thread running",
+            }
+        )
+    tuned = configure_allocator()
+    for row, (_, graphs) in zip(rows, cases, strict=True):
+        t = [_per_call(partial(engine.infer, graphs), 0.02)[1] for _ in range(repeats)]
+        row["allocator_tuned"] = tuned
+        row["infer_tuned_alloc_ms"] = statistics.median(t) * 1e3
+    print_table(
+        "serving batches (graphs of 4-64 nodes): CPU ms per batch, and calls/s under a "
+        "GIL-holding spinner thread ÷ quiet (ours = TorchScript engine, eager = same "
+        "engine op by op)",
+        rows,
+        [
+            ("graphs", "graphs"),
+            ("nodes", "nodes"),
+            ("featurize_ms", "featurize ms"),
+            ("infer_ms", "infer ms"),
+            ("eager_infer_ms", "eager infer ms"),
+            ("batch_ms", "feat+infer ms"),
+            ("eager_batch_ms", "eager feat+infer ms"),
+            ("infer_tuned_alloc_ms", "infer ms, malloc tuned"),
+            ("infer_spin_ratio", "infer spin/quiet"),
+            ("eager_infer_spin_ratio", "eager infer spin/quiet"),
+            ("x_infer_spin_vs_eager", "infer/s ours÷eager, spin"),
+            ("batch_spin_ratio", "batch spin/quiet"),
+            ("eager_batch_spin_ratio", "eager batch spin/quiet"),
+            ("batch_spin_ratio_fastswitch", "batch spin/quiet, 0.5 ms switch"),
+        ],
+    )
+    return rows
+
+
+def _batch(eng: InferenceEngine, snaps: list[GraphSnapshot]) -> None:
+    """What the server's inference thread does per batch."""
+    eng.infer(featurize_many(snaps))
+
+
+def _construction(opts: BenchOptions) -> list[Row]:
+    """Engine build time (cold: scripting; warm: template copy), wall and CPU ms, and the
+    longest stretch a 0.5 ms ticker thread was kept from running (GIL held)."""
+    rows: list[Row] = []
+    for kind in ("cold", "warm", "warm"):
+        if kind == "cold":
+            engine_mod._TEMPLATES.clear()
+        model = builtin_policy().model
+        gaps: list[float] = []
+        done = threading.Event()
+
+        def tick(gaps: list[float] = gaps, done: threading.Event = done) -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                time.sleep(0.0005)
+                gaps.append(time.perf_counter() - t0)
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        time.sleep(0.05)
+        idle = max(gaps, default=0.0)
+        n_idle = len(gaps)
+        eng = InferenceEngine(model, "cpu", version="bench")
+        done.set()
+        ticker.join()
+        rows.append(
+            {
+                "kind": f"construction_{kind}",
+                "mode": eng.mode,
+                "build_ms": eng.build_ms,
+                "build_cpu_ms": eng.build_cpu_ms,
+                "max_gil_gap_ms": max(gaps[n_idle:], default=0.0) * 1e3,
+                "idle_max_gap_ms": idle * 1e3,
+            }
+        )
+    print_table(
+        "engine construction (script or template copy + freeze + self-check)",
+        rows,
+        [
+            ("kind", "kind"),
+            ("mode", "mode"),
+            ("build_ms", "wall ms"),
+            ("build_cpu_ms", "CPU ms"),
+            ("max_gil_gap_ms", "max GIL hold ms"),
+            ("idle_max_gap_ms", "ticker gap idle ms"),
+        ],
+    )
+    return rows
