@@ -266,8 +266,11 @@ class SignalColumns:
             raise ValueError(f"signal_columns.seed_state_counts: {n_counts} values, expected {m}")
         if n_counts:
             self.seed_state_len = np.array(msg.seed_state_counts, np.int64)
-            b, e = (0, 0) if spans is None else spans.get(SEED_STATES, (0, 0))
-            self._seeds_from_wire(msg, np.frombuffer(raw, np.uint8, e - b, b))
+            if spans is None:
+                self._seeds_from_wire(msg, None)
+            else:
+                b, e = spans.get(SEED_STATES, (0, 0))
+                self._seeds_from_wire(msg, np.frombuffer(raw, np.uint8, e - b, b))
         else:
             if len(msg.seed_states):
                 raise ValueError("signal_columns.seed_state_counts: empty, but seed_states is not")
@@ -275,13 +278,14 @@ class SignalColumns:
             self.seed_values = _NO_STATES
 
     def _seeds_from_wire(
-        self, msg: health_pb2.HealthSignalColumns, u8: npt.NDArray[np.uint8]
+        self, msg: health_pb2.HealthSignalColumns, u8: npt.NDArray[np.uint8] | None
     ) -> None:
         """Seed states from their packed varint bytes (one byte per value when every
         value is < 128, as every valid state is; else protobuf's container)."""
-        flat: IntArray = (
-            u8.astype(np.int64) if not _count(u8 >= 0x80) else np.array(msg.seed_states, np.int64)
-        )
+        if u8 is not None and not _count(u8 >= 0x80):
+            flat: IntArray = u8.astype(np.int64)
+        else:  # (not canonical bytes, or a value >= 128: protobuf's container)
+            flat = np.array(msg.seed_states, np.int64)
         total = int(self.seed_state_len.sum())
         if flat.size != total:
             raise ValueError(

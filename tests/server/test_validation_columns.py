@@ -263,3 +263,23 @@ def _small() -> Case:
         for i in range(3)
     ]
     return open_, pb.TelemetryFrame(step=5, signals=sigs, want_decision=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(opens_and_frames(), st.sampled_from([b"\xa8\x06\x05", b"\xab\x06\x08\x01\xac\x06"]))
+def test_unknown_fields_in_columns_take_the_general_paths(case: Case, unknown: bytes) -> None:
+    """A newer client's unknown field (here a varint, or a group, which the raw column
+    reader does not walk) moves decoding off the strided fast path: to the per-column
+    byte reader or to protobuf's containers. The result is the same either way."""
+    open_, frame = case
+    col = columnar(frame)
+    raw = col.signal_columns.SerializeToString() + unknown
+    col.signal_columns.Clear()
+    col.signal_columns.MergeFromString(raw)
+    a, b = outcome(frame, open_), outcome(col, open_)
+    assert isinstance(a, SignalColumns)
+    assert isinstance(b, SignalColumns)
+    assert not b.all_layers
+    for name in SignalColumns.__slots__:
+        if name != "all_layers":
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
