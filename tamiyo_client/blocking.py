@@ -17,6 +17,7 @@ from types import TracebackType
 from tamiyo.config import ClientConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client.client import TamiyoClient
+from tamiyo_client.coalesce import Frame
 from tamiyo_client.received import ClientStats, DecisionCallback, ReceivedDecision
 from tamiyo_client.security import ClientSecurity
 
@@ -123,7 +124,8 @@ class BlockingTamiyoClient:
         self.close()
 
     # -- training-thread API (never blocks unless a timeout is given) ---------------
-    def send_frame(self, frame: pb.TelemetryFrame) -> None:
+    def send_frame(self, frame: Frame) -> None:
+        """Queue a frame (see ``TamiyoClient.send_frame``); returns at once."""
         self.client.send_frame(frame)
 
     def report_outcome(self, outcome: pb.DecisionOutcome) -> None:
@@ -146,11 +148,17 @@ class BlockingTamiyoClient:
             yield item
 
     def wait_connected(self, timeout_s: float) -> bool:
+        """True once a session is accepted (now or within about ``timeout_s``). Never
+        raises for a slow event loop (a loaded box): then it answers ``connected``."""
         loop = self._loop
         if loop is None:
             return False
         fut = asyncio.run_coroutine_threadsafe(self.client.wait_connected(timeout_s), loop)
-        return fut.result(timeout_s + 1.0)
+        try:
+            return fut.result(timeout_s + 1.0)
+        except TimeoutError:  # the loop thread did not get to it in time
+            fut.cancel()
+            return self.connected
 
     def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         """Poll ``predicate()`` every 10 ms until true or ``timeout_s``; for tests/demos."""

@@ -39,7 +39,8 @@ from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_client.backoff import Backoff
-from tamiyo_client.coalesce import CoalescingBuffer
+from tamiyo_client.coalesce import CoalescingBuffer, Frame
+from tamiyo_client.frame_data import SIGNAL_FORMS, FrameData, SignalForm
 from tamiyo_client.received import (
     ClientError,
     ClientStats,
@@ -85,6 +86,11 @@ class TamiyoClient:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config or ClientConfig()
+        if self.config.signal_form not in SIGNAL_FORMS:
+            raise ValueError(
+                f"ClientConfig.signal_form must be one of {SIGNAL_FORMS},"
+                f" got {self.config.signal_form!r}"
+            )
         self.security = security or ClientSecurity()
         self._session_open = self._with_budget(session_open)
         self._rng = rng
@@ -173,10 +179,22 @@ class TamiyoClient:
             outcomes = len(self._outcomes)
         return len(self._frames) + outcomes
 
+    def _form(self, frame: FrameData) -> SignalForm:
+        """The encoding of ``frame`` under ``config.signal_form`` (see ClientConfig)."""
+        form = self.config.signal_form
+        if form == "auto":
+            big = len(frame.signals) >= self.config.columns_min_signals
+            return "columns" if big else "message"
+        return "columns" if form == "columns" else "message"
+
     # -- what the training loop calls (any thread, never blocks) -------------------
-    def send_frame(self, frame: pb.TelemetryFrame) -> None:
+    def send_frame(self, frame: Frame) -> None:
         """Queue a frame. Assigns ``frame.request_id`` when a decision is wanted and the
-        id is empty. Returns at once; coalesces when the stream cannot keep up."""
+        id is empty. Returns at once; coalesces when the stream cannot keep up.
+
+        Pass ``KasminaHost.frame_data()`` (a ``FrameData``) from a training loop: its
+        protobuf is built on the client's thread, in ``config.signal_form``. A
+        ``TelemetryFrame`` is sent as it is."""
         if frame.want_decision and not frame.request_id:
             frame.request_id = f"f{next(self._ids)}"
         self.stats.frames_submitted += 1
@@ -378,8 +396,9 @@ class TamiyoClient:
                     self._sent_at[frame.request_id] = time.monotonic()
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up
                         self._sent_at.pop(next(iter(self._sent_at)))
+                msg = frame.to_frame(self._form(frame)) if isinstance(frame, FrameData) else frame
                 try:
-                    await call.write(pb.StreamTelemetryRequest(frame=frame))
+                    await call.write(pb.StreamTelemetryRequest(frame=msg))
                 except BaseException:
                     self._sent_at.pop(frame.request_id, None)
                     self._frames.push_front([frame])

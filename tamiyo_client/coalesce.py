@@ -14,7 +14,11 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from tamiyo.signal_columns import signals_from_columns
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_client.frame_data import FrameData, merge
+
+Frame = pb.TelemetryFrame | FrameData  # what send_frame takes; FrameData is built later
 
 
 def merge_frames(older: pb.TelemetryFrame, newer: pb.TelemetryFrame) -> pb.TelemetryFrame:
@@ -24,8 +28,11 @@ def merge_frames(older: pb.TelemetryFrame, newer: pb.TelemetryFrame) -> pb.Telem
     request id win (unless only the older one asked for a decision); ``want_decision``
     is the OR of both. When ``newer`` already has a signal for every layer of ``older``
     (the usual case: a host reports all its layers each frame) ``newer`` itself is
-    updated and returned, which costs microseconds instead of a copy.
+    updated and returned, which costs microseconds instead of a copy. Frames carrying
+    ``signal_columns`` are merged in the message form.
     """
+    if older.HasField("signal_columns") or newer.HasField("signal_columns"):
+        older, newer = _as_messages(older), _as_messages(newer)
     newer_ids = {sig.layer_id for sig in newer.signals}
     if all(sig.layer_id in newer_ids for sig in older.signals):
         if older.want_decision and not newer.want_decision:
@@ -52,6 +59,27 @@ def merge_frames(older: pb.TelemetryFrame, newer: pb.TelemetryFrame) -> pb.Telem
     return merged
 
 
+def merge_any(older: Frame, newer: Frame) -> Frame:
+    """``merge`` for two ``FrameData``, else ``merge_frames`` (a ``FrameData`` on either
+    side is turned into a message-form frame first: mixing the two kinds is rare)."""
+    if isinstance(older, FrameData) and isinstance(newer, FrameData):
+        return merge(older, newer)
+    old = older.to_frame("message") if isinstance(older, FrameData) else older
+    new = newer.to_frame("message") if isinstance(newer, FrameData) else newer
+    return merge_frames(old, new)
+
+
+def _as_messages(frame: pb.TelemetryFrame) -> pb.TelemetryFrame:
+    """``frame`` with its ``signal_columns`` (if any) turned into ``signals``."""
+    if not frame.HasField("signal_columns"):
+        return frame
+    out = pb.TelemetryFrame()
+    out.CopyFrom(frame)
+    out.ClearField("signal_columns")
+    out.signals.extend(signals_from_columns(frame.signal_columns))
+    return out
+
+
 class CoalescingBuffer:
     """At most ``capacity`` pending frames (>= 1); ``put`` never blocks on the consumer.
 
@@ -65,34 +93,34 @@ class CoalescingBuffer:
             raise ValueError(f"frame buffer capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.on_put = on_put
-        self._frames: deque[pb.TelemetryFrame] = deque()
+        self._frames: deque[Frame] = deque()
         self._lock = threading.Lock()
         self.coalesced = 0  # frames folded into a newer one since creation
 
-    def put(self, frame: pb.TelemetryFrame) -> None:
+    def put(self, frame: Frame) -> None:
         with self._lock:
             self._frames.append(frame)
             while len(self._frames) > self.capacity:
                 oldest = self._frames.popleft()
-                self._frames[0] = merge_frames(oldest, self._frames[0])
+                self._frames[0] = merge_any(oldest, self._frames[0])
                 self.coalesced += 1
         if self.on_put is not None:
             self.on_put()
 
-    def pop(self) -> pb.TelemetryFrame | None:
+    def pop(self) -> Frame | None:
         """The oldest pending frame, or None. The sender takes one at a time, so while a
         write is stuck in flow control the rest keep coalescing here."""
         with self._lock:
             return self._frames.popleft() if self._frames else None
 
-    def drain(self) -> list[pb.TelemetryFrame]:
+    def drain(self) -> list[Frame]:
         """All pending frames, oldest first, leaving the buffer empty."""
         with self._lock:
             frames = list(self._frames)
             self._frames.clear()
         return frames
 
-    def push_front(self, frames: list[pb.TelemetryFrame]) -> None:
+    def push_front(self, frames: list[Frame]) -> None:
         """Put back frames that could not be sent (stream broke), keeping the bound."""
         if not frames:
             return
@@ -100,7 +128,7 @@ class CoalescingBuffer:
             self._frames.extendleft(reversed(frames))
             while len(self._frames) > self.capacity:
                 oldest = self._frames.popleft()
-                self._frames[0] = merge_frames(oldest, self._frames[0])
+                self._frames[0] = merge_any(oldest, self._frames[0])
                 self.coalesced += 1
 
     def __len__(self) -> int:

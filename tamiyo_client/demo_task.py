@@ -135,7 +135,7 @@ def run(
         if client is None:
             continue
         ask = step % cfg.decision_every == 0
-        client.send_frame(host.frame(step, epoch, want_decision=ask))
+        client.send_frame(host.frame_data(step, epoch, want_decision=ask))
         for received in client.poll_decisions():
             result = host.apply(received.decision)
             out.decisions.append(received)

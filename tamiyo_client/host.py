@@ -1,12 +1,14 @@
 """A host model as Tamiyo sees it: its KasminaLayers, topology, kernels and decisions.
 
 ``KasminaHost`` is the glue a training loop uses between the model and the client:
-``session_open()`` for the client, ``frame()`` each reporting step, ``apply()`` for each
+``session_open()`` for the client, ``frame_data()`` (or ``frame()``, the same as a
+protobuf message) each reporting step, ``apply()`` for each
 decision that arrives (between steps, on the training thread), then ``outcome()``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ from torch import nn
 from tamiyo.config import KasminaConfig
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_client.frame_data import FrameData, SignalForm
 from tamiyo_client.kasmina import KasminaLayer, SeedError
 from tamiyo_client.kernels import DEFAULT_KERNELS, get_kernel, kernel_specs
 from tamiyo_client.topology import Selector, derive_topology, wrap_layers
@@ -95,23 +98,32 @@ class KasminaHost:
             budget=budget,
         )
 
-    def frame(
+    def frame_data(
         self, step: int, epoch: int, want_decision: bool = False, request_id: str = ""
-    ) -> pb.TelemetryFrame:
-        """Collect every layer's signal for the window since the previous frame. Layers
-        that did not run in that window send no signal (the server marks them stale)."""
+    ) -> FrameData:
+        """Collect every layer's signal for the window since the previous frame, as
+        plain values: what a training loop passes to ``send_frame`` (the client builds
+        the protobuf on its own thread). Layers that did not run in that window send no
+        signal (the server marks them stale)."""
+        now = time.time()
         signals = [
             sig
             for layer in self.layers.values()
-            if (sig := layer.collect_signal(step, epoch)) is not None
+            if (sig := layer.collect_values(step, epoch, now)) is not None
         ]
-        return pb.TelemetryFrame(
-            step=step,
-            epoch=epoch,
-            signals=signals,
-            want_decision=want_decision,
-            request_id=request_id,
-        )
+        return FrameData(step, epoch, signals, want_decision, request_id)
+
+    def frame(
+        self,
+        step: int,
+        epoch: int,
+        want_decision: bool = False,
+        request_id: str = "",
+        form: SignalForm = "message",
+    ) -> pb.TelemetryFrame:
+        """``frame_data(...)`` as a ``TelemetryFrame`` built here (HealthSignal messages
+        by default, readable; ``form="columns"`` for HealthSignalColumns)."""
+        return self.frame_data(step, epoch, want_decision, request_id).to_frame(form)
 
     def apply(self, decision: decision_pb2.AdaptationDecision) -> ApplyResult:
         """Carry out one decision. NO_OP is trivially applied; LOAD_KERNEL germinates the

@@ -34,6 +34,7 @@ from torch import nn
 
 from tamiyo.config import KasminaConfig
 from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo_client.frame_data import SignalValues
 from tamiyo_client.kernels import get_kernel
 from tamiyo_client.telemetry import (
     WindowAccumulator,
@@ -61,13 +62,24 @@ class _Tally:
     """Per-forward counters, kept off the ``nn.Module``: its ``__setattr__`` checks for
     parameters, buffers and submodules and costs µs per assignment on the hot path."""
 
-    __slots__ = ("forwards", "grad_due", "grad_norm", "output_bytes")
+    __slots__ = (
+        "forwards",
+        "grad_due",
+        "grad_norm",
+        "kernels",
+        "last_health",
+        "last_stats",
+        "output_bytes",
+    )
 
     def __init__(self) -> None:
         self.forwards = 0  # training forwards since creation (drives sampling)
+        self.kernels = 0  # len(seed_kernels), kept in step by _refresh_params
         self.output_bytes = 0  # of the latest sampled output
         self.grad_due = False  # a sampled forward ran since the gradients were read
         self.grad_norm: float | None = None  # the latest reading
+        self.last_stats: WindowStats | None = None  # behind the latest signal
+        self.last_health: float | None = None
 
 
 class SeedError(ValueError):
@@ -143,8 +155,6 @@ class KasminaLayer(nn.Module):
         self.seed_kernel_ids: list[str] = [""] * self.num_seeds
         self.seed_steps: list[int] = [0] * self.num_seeds
         self.adaptation_count = 0
-        self.last_stats: WindowStats | None = None
-        self.last_health: float | None = None
         self._acc = WindowAccumulator(self.config)
         self._tally = _Tally()
         self._sample_every = max(1, self.config.sample_every)
@@ -155,15 +165,22 @@ class KasminaLayer(nn.Module):
         """Cache the parameter list (walked every frame by memory_bytes). ``.to()`` keeps
         the Parameter objects, so only germinate / cull / loading change it."""
         self._params = list(self.parameters())
+        self._tally.kernels = len(self.seed_kernels)
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         y = self.base(x, *args, **kwargs)
-        if len(self.seed_kernels):
+        tally = self._tally  # plain attributes only here: nn.Module lookups cost µs
+        if tally.kernels:
             y = self._add_seeds(x, y)
         if self.training:
-            self._measure(y, (time.perf_counter() - t0) * 1e3)
+            self._acc.add_latency((time.perf_counter() - t0) * 1e3)
+            if tally.forwards % self._sample_every == 0:
+                self._sample(y)
+            tally.forwards += 1
+            if tally.kernels:
+                self._advance_seeds()
         return y
 
     def _add_seeds(self, x: torch.Tensor, y: Any) -> Any:
@@ -179,18 +196,18 @@ class KasminaLayer(nn.Module):
             y = y + out
         return y
 
-    def _measure(self, output: Any, elapsed_ms: float) -> None:
-        """After a training forward: its time, and on sampled forwards its output."""
+    def _sample(self, output: Any) -> None:
+        """A sampled training forward: its output's statistics, and its gradients later."""
         y = output[0] if isinstance(output, tuple) else output
         if not isinstance(y, torch.Tensor):
             return
-        self._acc.add_latency(elapsed_ms)
         tally = self._tally
-        if tally.forwards % self._sample_every == 0:
-            tally.grad_due = True  # read the gradients this forward's backward leaves
-            tally.output_bytes = y.numel() * y.element_size()
-            self._acc.add_output(flatten_units(y.detach(), self.layer_type == _CONV))
-        tally.forwards += 1
+        tally.grad_due = True  # read the gradients this forward's backward leaves
+        tally.output_bytes = y.numel() * y.element_size()
+        self._acc.add_output(flatten_units(y.detach(), self.layer_type == _CONV))
+
+    def _advance_seeds(self) -> None:
+        """After a training forward: germinated seeds train, long-trained ones fossilize."""
         for i, state in enumerate(self.seed_states):
             if state in (GERMINATED, TRAINING):  # this forward trained the kernel
                 self.seed_states[i] = TRAINING
@@ -323,6 +340,14 @@ class KasminaLayer(nn.Module):
     def collect_signal(self, step: int, epoch: int) -> health_pb2.HealthSignal | None:
         """The HealthSignal of the window since the previous call, or None when the
         layer ran no training forward in it (the server then sees it as stale)."""
+        values = self.collect_values(step, epoch)
+        return None if values is None else values.message()
+
+    def collect_values(
+        self, step: int, epoch: int, now: float | None = None
+    ) -> SignalValues | None:
+        """``collect_signal`` as plain values (no protobuf on the training thread);
+        ``now`` = the timestamp to report (s since the epoch; default ``time.time()``)."""
         if not self._acc.has_data:
             return None
         stats = self._acc.collect()
@@ -332,23 +357,35 @@ class KasminaLayer(nn.Module):
         if grad is not None and not math.isfinite(grad):
             errors += 1
             grad = None
-        self.last_stats, self.last_health = stats, health
-        return health_pb2.HealthSignal(
-            layer_id=self.layer_id,
-            step=step,
-            epoch=epoch,
-            timestamp_s=time.time(),
-            health_score=health,
-            avg_execution_time_ms=stats.avg_execution_time_ms,
-            error_count=errors,
-            active_seeds=self.active_seeds,
-            total_seeds=self.num_seeds,
-            activation_variance=min(stats.activation_variance, _F32_MAX),
-            dead_neuron_ratio=stats.dead_neuron_ratio,
-            avg_correlation=stats.avg_correlation,
-            gradient_norm=min(grad or 0.0, _F32_MAX),
-            latency_variance=min(stats.latency_variance, _F32_MAX),
-            memory_utilization=min(1.0, self.memory_bytes() / self.config.memory_budget_bytes),
-            seed_states=self.seed_states,
-            adaptation_count=self.adaptation_count,
+        tally = self._tally
+        tally.last_stats, tally.last_health = stats, health
+        states = self.seed_states
+        return SignalValues(
+            self.layer_id,
+            step,
+            epoch,
+            time.time() if now is None else now,
+            health,
+            stats.avg_execution_time_ms,
+            errors,
+            sum(1 for s in states if s in ACTIVE_STATES),
+            self.num_seeds,
+            min(stats.activation_variance, _F32_MAX),
+            stats.dead_neuron_ratio,
+            stats.avg_correlation,
+            min(grad or 0.0, _F32_MAX),
+            min(stats.latency_variance, _F32_MAX),
+            min(1.0, self.memory_bytes() / self.config.memory_budget_bytes),
+            tuple(states),
+            self.adaptation_count,
         )
+
+    @property
+    def last_stats(self) -> WindowStats | None:
+        """The window statistics behind the latest signal (None before the first)."""
+        return self._tally.last_stats
+
+    @property
+    def last_health(self) -> float | None:
+        """The health score of the latest signal (None before the first)."""
+        return self._tally.last_health

@@ -4,15 +4,18 @@ Run as ``python -m tests.client.serverproc [delay_ms] [chunk_bytes]``: prints
 ``PORTS <server> <proxy>`` once serving, and shuts down when stdin closes. The proxy
 forwards bytes in both directions in chunks of at most ``chunk_bytes``, sleeping
 ``delay_ms`` before each one: a server reachable only through a slow, narrow link.
-Used by the training-speed test so that the server's CPU use stays out of the
-training process, as in production.
+Used by the training-speed test and ``bench.client`` (through ``spawn``) so that the
+server's CPU use stays out of the training process, as in production.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
 
 from tamiyo.config import ServerConfig
 from tamiyo_server.app import TamiyoServer
@@ -50,6 +53,52 @@ async def main(delay_ms: float, chunk: int) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until EOF
     proxy.close()
     await srv.stop()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m tests.client.serverproc``; ``close()`` ends it."""
+
+    proc: subprocess.Popen[str]
+    log: IO[str]
+    server_port: int
+    proxy_port: int
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def spawn(log_path: Path, delay_ms: float = 50.0, chunk: int = 1024) -> ServerProcess:
+    """Start the server + slow proxy process and wait for its ports (the built-in policy
+    loads in a few seconds). Raises RuntimeError with the log tail if it fails."""
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.client.serverproc", str(delay_ms), str(chunk)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("PORTS"):
+        proc.kill()
+        proc.wait()
+        log.close()
+        raise RuntimeError(f"server process did not start: {log_path.read_text()[-2000:]}")
+    _, server, proxy = line.split()
+    return ServerProcess(proc, log, int(server), int(proxy))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from tamiyo.config import ClientConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client.blocking import BlockingTamiyoClient, DecisionInbox
 from tamiyo_client.client import ReceivedDecision
+from tamiyo_client.coalesce import Frame
+from tamiyo_client.frame_data import FrameData
 from tamiyo_server.policy_holder import ServedPolicy
 
 from .conftest import ServerThread
@@ -69,9 +71,37 @@ def test_blocking_client_in_a_training_loop_survives_restart(server: ServerThrea
     assert not client.client.connected
 
 
-def ask(
-    client: BlockingTamiyoClient, make: Callable[[int], pb.TelemetryFrame], step: int
-) -> ReceivedDecision:
+@pytest.mark.parametrize("form", ["columns", "message", "auto"])
+def test_frame_data_is_sent_in_the_configured_signal_form(server: ServerThread, form: str) -> None:
+    """Frames handed over as plain values are encoded on the client's thread, in either
+    form, and the real server decides on them."""
+    assert server.server is not None
+    model, host = make_host()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = replace(ClientConfig(), target=f"127.0.0.1:{server.server.port}", signal_form=form)
+    with BlockingTamiyoClient(host.session_open(), cfg) as client:
+        assert client.wait_connected(10)
+
+        def make(k: int) -> FrameData:
+            train_step(model, opt)
+            return host.frame_data(k, 0, want_decision=True)
+
+        for k in range(3):
+            d = ask(client, make, 10 * k)
+            assert d.decision.frame_step >= 10 * k
+        assert client.stats.stream_errors == 0
+        assert client.stats.frames_sent >= 3
+        # 3 layers: "auto" sends messages (columns only pay off from many signals)
+        assert client.client._form(make(100)) == ("columns" if form == "columns" else "message")
+
+
+def test_unknown_signal_form_is_refused() -> None:
+    _, host = make_host()
+    with pytest.raises(ValueError, match="signal_form must be one of"):
+        BlockingTamiyoClient(host.session_open(), replace(ClientConfig(), signal_form="xml"))
+
+
+def ask(client: BlockingTamiyoClient, make: Callable[[int], Frame], step: int) -> ReceivedDecision:
     """Send ``make(step)`` and wait for its decision; under load the server may shed the
     frame (an explicit RESOURCE_EXHAUSTED notice), then the next step asks again."""
     for k in range(step, step + 20):

@@ -1,0 +1,260 @@
+"""What Tamiyo's client side costs a training loop: training-thread µs per step.
+
+Issue #8: a training loop with the client attached runs at the same speed (within 10 %)
+whether the server is up, slow or down. One process trains two copies of the same real
+MLP (8 -> width -> ... -> 1, ReLU, SGD, batch ``BATCH``) in short interleaved segments
+(so machine noise hits every mode alike), in five modes:
+
+- ``bare``: the plain model, no KasminaLayers, no client: the baseline;
+- ``telemetry``: KasminaLayers on every Linear and a frame built every step, not sent;
+- ``up`` / ``slow`` / ``down``: as ``telemetry`` plus a ``BlockingTamiyoClient`` to a
+  real server process, to the same server behind a slow narrow TCP proxy (50 ms per
+  1 KiB chunk), or to a port where nothing listens; each step sends its frame (a
+  decision asked every 5th), polls decisions and reports an outcome per decision.
+
+Step time = wall time minus the time the thread sat runnable waiting for a CPU (Linux
+schedstat), so a step that waited for the client (a lock, the GIL) keeps that time and
+time stolen by other processes is taken out. Reported per mode: median of that
+(``own_us``), median thread CPU time (``cpu_us``), ``ratio`` = own / bare's own,
+``overhead_us`` = own - bare's own. All in the same run; absolute µs depend on the box.
+Run: ``python -m bench --only client [--quick]``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench import BenchOptions
+from bench.report import environment, print_table, write_json
+
+PART = "client"
+ORDER = 70
+MODES = ("bare", "telemetry", "up", "slow", "down")
+CLIENT_MODES = ("up", "slow", "down")
+BATCH = 128
+TARGET_RATIO = 1.10  # issue #8
+
+
+def build_model(width: int, depth: int, seed: int = 0) -> nn.Sequential:
+    """[B, 8] -> [B, 1]: ``depth`` Linear layers of ``width`` units with ReLUs."""
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = [nn.Linear(8, width), nn.ReLU()]
+    for _ in range(depth - 2):
+        mods += [nn.Linear(width, width), nn.ReLU()]
+    mods.append(nn.Linear(width, 1))
+    return nn.Sequential(*mods)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: int) -> None:
+    """One SGD step on y = x0·x1 (a random batch each step)."""
+    x = torch.randn(batch, 8)
+    loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def runqueue_wait_s() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat)."""
+    with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+@dataclass
+class Rig:
+    """A bare model, a host model with KasminaLayers, and clients by mode."""
+
+    bare: nn.Module
+    bare_opt: torch.optim.Optimizer
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    host: Any  # tamiyo_client.host.KasminaHost
+    clients: dict[str, Any]  # mode -> tamiyo_client.blocking.BlockingTamiyoClient
+    batch: int = BATCH
+    frame_step: int = 0  # frame steps only increase (the server requires it)
+
+    def step(self, mode: str) -> None:
+        """One training step in ``mode`` (see the module docstring)."""
+        from tamiyo_client.host import ApplyResult
+
+        if mode == "bare":
+            train_step(self.bare, self.bare_opt, self.batch)
+            return
+        train_step(self.model, self.opt, self.batch)
+        k = self.frame_step
+        self.frame_step += 1
+        frame = self.host.frame_data(k, 0, want_decision=k % 5 == 0)
+        client = self.clients.get(mode)
+        if client is None:
+            return
+        client.send_frame(frame)
+        for d in client.poll_decisions():
+            result = ApplyResult(d.decision.decision_id, False, "overhead bench")
+            client.report_outcome(self.host.outcome(result))
+
+
+@dataclass
+class Timings:
+    """Per-step samples of one mode, in seconds."""
+
+    own: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+
+
+def measure(rig: Rig, rounds: int, per_segment: int, modes: tuple[str, ...] = MODES) -> dict[
+    str, Timings
+]:  # fmt: skip
+    """``rounds`` rounds of a ``per_segment``-step segment per mode, the mode order
+    rotating each round; returns every step's timings by mode."""
+    out = {m: Timings() for m in modes}
+    for rnd in range(rounds):
+        k = rnd % len(modes)
+        for mode in modes[k:] + modes[:k]:
+            t = out[mode]
+            for _ in range(per_segment):
+                t0, c0, q0 = time.perf_counter(), time.thread_time(), runqueue_wait_s()
+                rig.step(mode)
+                elapsed = time.perf_counter() - t0
+                t.wall.append(elapsed)
+                t.cpu.append(time.thread_time() - c0)
+                t.own.append(elapsed - (runqueue_wait_s() - q0))
+    return out
+
+
+def summarize(timings: dict[str, Timings]) -> list[dict[str, Any]]:
+    """One row per mode: medians in µs, ratio and overhead against ``bare``."""
+    base = statistics.median(timings["bare"].own)
+    rows = []
+    for mode, t in timings.items():
+        own = statistics.median(t.own)
+        rows.append(
+            {
+                "mode": mode,
+                "steps": len(t.own),
+                "own_us": round(own * 1e6, 1),
+                "cpu_us": round(statistics.median(t.cpu) * 1e6, 1),
+                "wall_us": round(statistics.median(t.wall) * 1e6, 1),
+                "ratio": round(own / base, 3),
+                "overhead_us": round((own - base) * 1e6, 1),
+            }
+        )
+    return rows
+
+
+@contextmanager
+def rig(width: int = 256, depth: int = 4, log_dir: Path | None = None) -> Iterator[Rig]:
+    """Start the server process and the three clients, warm up, yield the rig; clean up.
+    Frames are not sent during the warm-up (no client is called)."""
+    from tamiyo.config import ClientConfig, KasminaConfig
+    from tamiyo_client.blocking import BlockingTamiyoClient
+    from tamiyo_client.host import KasminaHost
+    from tamiyo_client.topology import select_types
+    from tests.client.serverproc import spawn
+
+    with tempfile.TemporaryDirectory(prefix="tamiyo-client-bench-") as tmp:
+        server = spawn((log_dir or Path(tmp)) / "client-bench-server.log")
+        clients: dict[str, BlockingTamiyoClient] = {}
+        try:
+            bare = build_model(width, depth)
+            model = build_model(width, depth)
+            host = KasminaHost.attach(
+                model,
+                select_types(nn.Linear),
+                host_id="overhead-bench",
+                config=KasminaConfig(num_seeds=2),
+            )
+            base = replace(
+                ClientConfig(), connect_timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=1.0
+            )
+            ports = {"up": server.server_port, "slow": server.proxy_port, "down": _dead_port()}
+            for mode, port in ports.items():
+                cfg = replace(base, target=f"127.0.0.1:{port}")
+                clients[mode] = BlockingTamiyoClient(host.session_open(), cfg)
+                clients[mode].start()
+            for mode in ("up", "slow"):
+                if not clients[mode].wait_connected(15):
+                    raise RuntimeError(f"{mode}: no session: {clients[mode].last_error}")
+            r = Rig(
+                bare,
+                torch.optim.SGD(bare.parameters(), lr=1e-3),
+                model,
+                torch.optim.SGD(model.parameters(), lr=1e-3),
+                host,
+                clients,
+            )
+            for _ in range(20):  # warm up models, allocator and optimizers
+                r.step("bare")
+                r.step("telemetry")
+            yield r
+        finally:
+            for c in clients.values():
+                c.close()
+            server.close()
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_threads(n: int, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with ``n`` torch intra-op threads (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(opts: BenchOptions) -> None:
+    rounds, per_segment = (6, 20) if opts.quick else (20, 25)
+
+    def go() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        with rig() as r:
+            rows = summarize(measure(r, rounds, per_segment))
+            up, slow, down = (r.clients[m] for m in CLIENT_MODES)
+            facts = {
+                "up_decisions": up.stats.decisions,
+                "up_latency_p50_ms": up.stats.latency_percentile(50),
+                "slow_decisions": slow.stats.decisions,
+                "slow_latency_p50_ms": slow.stats.latency_percentile(50),
+                "down_frames_coalesced": down.client.frames_coalesced,
+                "down_connected": down.connected,
+            }
+        return rows, facts
+
+    rows, facts = with_threads(opts.threads, go)
+    env = environment()
+    worst = max(row["ratio"] for row in rows if row["mode"] in CLIENT_MODES)
+    for row in rows:
+        row["env"] = env
+        row["target_ratio"] = TARGET_RATIO
+        row["met"] = row["ratio"] <= TARGET_RATIO
+    rows.append({"mode": "facts", **facts, "worst_client_ratio": worst, "env": env})
+    cols = [("mode", "mode"), ("steps", "steps"), ("own_us", "own µs/step")]
+    cols += [("cpu_us", "cpu µs"), ("wall_us", "wall µs"), ("ratio", "vs bare")]
+    cols += [("overhead_us", "+µs/step"), ("met", f"<= {TARGET_RATIO}")]
+    print_table("client overhead: training-thread µs per step", rows[:-1], cols)
+    print(
+        f"  up: {facts['up_decisions']} decisions, p50 {facts['up_latency_p50_ms']} ms;"
+        f" slow: {facts['slow_decisions']} decisions, p50 {facts['slow_latency_p50_ms']} ms;"
+        f" down: {facts['down_frames_coalesced']} frames coalesced"
+    )
+    print(f"  (load average: {env.get('load_avg_1min')}; 2 cores shared by all)")
+    print(f"  wrote {write_json(opts.out_dir, PART, rows)}")
