@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -283,3 +284,25 @@ def test_unknown_fields_in_columns_take_the_general_paths(case: Case, unknown: b
     for name in SignalColumns.__slots__:
         if name != "all_layers":
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@settings(max_examples=300, deadline=None)
+@given(opens_and_frames(), st.binary(max_size=300), st.integers(0, 400))
+def test_garbage_in_columns_is_refused_by_name_never_crashes(
+    case: Case, garbage: bytes, cut: int
+) -> None:
+    """Arbitrary bytes that protobuf parses as HealthSignalColumns (spliced into a real
+    frame's columns, or alone): a ValidationError naming a signal_columns field, or
+    valid columns; never another exception (which the stream would report as internal)."""
+    open_, frame = case
+    raw = columnar(frame).signal_columns.SerializeToString()
+    for data in (garbage, raw[:cut] + garbage + raw[cut:]):
+        col = pb.TelemetryFrame(step=frame.step)
+        try:
+            col.signal_columns.MergeFromString(data)
+        except DecodeError:  # not a message at all: grpc refuses it before we see it
+            continue
+        got = outcome(col, open_)
+        if isinstance(got, ValidationError):
+            assert got.field.startswith("frame.signal_columns")
+            assert str(got).startswith(f"{got.field}: ")
