@@ -9,6 +9,7 @@ comes back, so session state has a single owner and needs no lock.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -65,6 +66,7 @@ class DecisionPipeline:
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
         self.loop_lag_s = 0.0  # see _watch_lag
+        self._swamped_seen = 0  # frames that arrived while swamped (see swamped)
         self._lag_task: asyncio.Task[None] | None = None
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
@@ -91,8 +93,21 @@ class DecisionPipeline:
             self.loop_lag_s = lag if lag > self.loop_lag_s else 0.7 * self.loop_lag_s + 0.3 * lag
 
     def swamped(self) -> bool:
-        """True when frames should be refused at the door without being processed."""
-        return self.loop_lag_s > 2.0 * self.config.batch.decision_deadline_ms / 1000.0
+        """True when a frame should be refused at the door without being processed: the
+        loop is more than twice the decision deadline behind, so every frame waiting in
+        the transport is already late.
+
+        Even then one frame in ``k = ceil(lag / limit)`` is admitted. Refusing all of them
+        is a trap a saturated closed loop never leaves: the cheap refusals come back as
+        new frames at once, keep the loop behind, and goodput stays at zero (measured: 64
+        closed-loop streams got 0 network decisions/s). Admitting a share that shrinks as
+        the lag grows keeps real decisions flowing while the backlog drains.
+        """
+        limit = 2.0 * self.config.batch.decision_deadline_ms / 1000.0
+        if self.loop_lag_s <= limit:
+            return False
+        self._swamped_seen += 1
+        return self._swamped_seen % math.ceil(self.loop_lag_s / limit) != 0
 
     def calibrate(self, rounds: int = 3) -> None:
         """Seed the batcher's cost model with measured batches of synthetic graphs, so

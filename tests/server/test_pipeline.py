@@ -109,3 +109,18 @@ def test_layer_scores_bytes_match_built_messages(ids: list[str], data: st.DataOb
         got.MergeFromString(layer_scores_bytes(tuple(ids), np.array(probs, np.float32)))
         assert got == want
         assert got.SerializeToString() == want.SerializeToString()
+
+
+def test_a_swamped_loop_still_admits_a_share_of_frames(served_policy: ServedPolicy) -> None:
+    """Refusing every frame while the loop is behind would keep a saturated closed loop at
+    zero goodput forever; the share admitted shrinks as the lag grows."""
+    p = DecisionPipeline(
+        make_config(), PolicyHolder(served_policy, ServerMetrics()), ServerMetrics()
+    )
+    limit = 2.0 * p.config.batch.decision_deadline_ms / 1000.0
+    p.loop_lag_s = 0.5 * limit
+    assert not any(p.swamped() for _ in range(100))
+    for times, admitted in ((2.0, 50), (10.0, 10), (100.0, 1)):
+        p.loop_lag_s = times * limit
+        got = sum(not p.swamped() for _ in range(100))
+        assert abs(got - admitted) <= 1, (times, got)
