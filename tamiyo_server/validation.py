@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tamiyo.config import Limits
-from tamiyo.policy.snapshot import FLOAT_FIELDS, INT_FIELDS, SignalColumns
+from tamiyo.policy.snapshot import INT_FIELDS, SignalColumns
 from tamiyo.signal_columns import (
     FrameLayout,
     column_length_error,
@@ -29,23 +29,19 @@ from tamiyo.signal_columns import (
 )
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_server.signal_checks import (
+    ACTIVE,
+    SEED_STATES,
+    SIGNAL_RANGES,
+    TOTAL,
+    UNBOUNDED,
+    decode_valid_columns,
+    decode_valid_signals,
+)
+from tamiyo_server.signal_checks import columns_look_valid as columns_look_valid
+from tamiyo_server.signal_checks import signals_look_valid as signals_look_valid
 
 _LAYER_TYPES = frozenset(graph_pb2.LayerType.values())
-_SEED_STATES = frozenset(health_pb2.SeedLifecycleState.values())
-
-# HealthSignal float fields and their closed ranges (None = unbounded above).
-_SIGNAL_RANGES: tuple[tuple[str, float, float | None], ...] = (
-    ("health_score", 0.0, 1.0),
-    ("avg_execution_time_ms", 0.0, None),
-    ("activation_variance", 0.0, None),
-    ("dead_neuron_ratio", 0.0, 1.0),
-    ("avg_correlation", 0.0, 1.0),
-    ("gradient_norm", 0.0, None),
-    ("latency_variance", 0.0, None),
-    ("memory_utilization", 0.0, 1.0),
-)
-
-
 # uint64 counts must fit the featurizer's int64 arrays; 2**53 (exact in float64) is far
 # beyond any real layer (the largest models have ~2**41 parameters in all).
 MAX_PARAMETER_COUNT = 2**53
@@ -82,8 +78,8 @@ class TopologyInfo:
         arr = np.array(seeds, np.int64)
         arr.setflags(write=False)
         layout = full_frame_layout(tuple(index))
-        bounds = np.full((len(arr), len(INT_FIELDS)), _UNBOUNDED, np.int64)
-        bounds[:, _TOTAL] = bounds[:, _ACTIVE] = arr
+        bounds = np.full((len(arr), len(INT_FIELDS)), UNBOUNDED, np.int64)
+        bounds[:, TOTAL] = bounds[:, ACTIVE] = arr
         bounds.setflags(write=False)
         top = max(seeds, default=0)
         return TopologyInfo(index, tuple(seeds), num_edges, layout, arr, top, bounds)
@@ -213,7 +209,7 @@ def validate_signal(
     if sig.step < 0:
         raise ValidationError(f"{path}.step", f"{sig.step} < 0", "out_of_range")
     check_float(sig.timestamp_s, f"{path}.timestamp_s", 0.0, None)
-    for name, lo, hi in _SIGNAL_RANGES:
+    for name, lo, hi in SIGNAL_RANGES:
         check_float(getattr(sig, name), f"{path}.{name}", lo, hi)
     if sig.total_seeds > limits.max_seeds_per_layer:
         raise ValidationError(
@@ -242,103 +238,11 @@ def validate_signal(
             "out_of_range",
         )
     for k, state in enumerate(sig.seed_states):
-        if state not in _SEED_STATES:
+        if state not in SEED_STATES:
             raise ValidationError(
                 f"{path}.seed_states[{k}]", f"unknown value {state}", "out_of_range"
             )
     return node
-
-
-assert all(lo == 0.0 for _, lo, _ in _SIGNAL_RANGES)  # (columns_look_valid relies on it)
-_FAST_HI = np.array([np.inf if hi is None else hi for _, _, hi in _SIGNAL_RANGES], np.float32)
-assert tuple(name for name, _, _ in _SIGNAL_RANGES) == FLOAT_FIELDS  # column order
-_STATE_LO, _STATE_HI = min(_SEED_STATES), max(_SEED_STATES)
-assert frozenset(range(_STATE_LO, _STATE_HI + 1)) == _SEED_STATES  # a contiguous range
-_TOTAL = INT_FIELDS.index("total_seeds")
-_ACTIVE = INT_FIELDS.index("active_seeds")
-_count = np.count_nonzero  # (~3x cheaper than ndarray.any() here)
-_min = np.minimum.reduce  # (the ufunc's C reduce; ndarray.min() goes through Python)
-_UNBOUNDED = 2**62  # bound of the count columns that have none
-
-
-def columns_look_valid(
-    cols: SignalColumns, topo: TopologyInfo, limits: Limits, unique: bool
-) -> bool:
-    """Every check of ``validate_signal`` (and uniqueness) on decoded columns, in ~10
-    numpy calls (each costs µs on the event loop: they are counted, not looped). A False
-    says only "something is wrong"; the per-field checks then name it. Never True for an
-    input the per-field checks would refuse (property tests hold both to that)."""
-    layer = cols.layer
-    if not len(layer):
-        return True
-    if topo.max_seeds > limits.max_seeds_per_layer:
-        return False
-    if cols.all_layers:
-        bounds, declared = topo.int_bounds, topo.seed_array
-    else:
-        if unique and np.bincount(layer).max() > 1:  # (np.unique is ~50x slower here)
-            return False
-        bounds, declared = topo.int_bounds[layer], topo.seed_array[layer]
-    fl = cols.floats  # finite: SignalColumns refuses NaN/inf; every lower bound is 0
-    if _min(fl, None) < 0 or _count(fl > _FAST_HI):
-        return False
-    if _min(cols.timestamps) < 0 or _min(cols.steps) < 0:
-        return False
-    ints = cols.ints
-    if _count(ints > bounds):  # active_seeds, total_seeds <= the declared seed_count
-        return False
-    total = ints[:, _TOTAL]
-    # total in {0, declared} (then max(total, declared) == declared, which was checked
-    # against max_seeds_per_layer above); usually total == declared: one bytes compare
-    if total.tobytes() != declared.tobytes() and _count(total * (declared - total)):
-        return False
-    n_states = cols.seed_state_len
-    if not _count(n_states):
-        return True
-    values = cols.seed_values
-    return not (
-        _count(n_states * (n_states - total))
-        or _count(values < _STATE_LO)
-        or _count(values > _STATE_HI)
-    )
-
-
-def decode_valid_signals(
-    signals: Sequence[health_pb2.HealthSignal],
-    topo: TopologyInfo,
-    limits: Limits,
-    unique: bool,
-) -> SignalColumns | None:
-    """Vectorised check of many signals (the common, valid case): decode them once into
-    numpy columns (``SignalColumns``, reused by the session's window update) and check
-    every range with ``columns_look_valid``. ``None`` means "something is wrong": the
-    caller then runs the per-field checks, which name the field."""
-    try:
-        cols = SignalColumns(signals, topo.layer_index)
-    except (ValueError, OverflowError):
-        return None
-    return cols if columns_look_valid(cols, topo, limits, unique) else None
-
-
-def signals_look_valid(
-    signals: Sequence[health_pb2.HealthSignal],
-    topo: TopologyInfo,
-    limits: Limits,
-    unique: bool,
-) -> bool:
-    """True when ``decode_valid_signals`` accepts the signals (see there)."""
-    return decode_valid_signals(signals, topo, limits, unique) is not None
-
-
-def decode_valid_columns(
-    columns: health_pb2.HealthSignalColumns, topo: TopologyInfo, limits: Limits
-) -> SignalColumns | None:
-    """``decode_valid_signals`` for the columnar form (at most one signal per layer)."""
-    try:
-        cols = SignalColumns.from_columns(columns, topo.layer_index, topo.layout)
-    except (ValueError, OverflowError):
-        return None
-    return cols if columns_look_valid(cols, topo, limits, unique=True) else None
 
 
 def validate_budget(budget: pb.SessionBudget, path: str) -> None:
