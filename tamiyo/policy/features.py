@@ -269,6 +269,38 @@ def _topology_pieces(
     return [p[0] for p in pieces], [p[1] for p in pieces]
 
 
+_KERNEL_FEATURES = LruCache[tuple[KernelSet, FloatArray]](4096)
+
+
+def _kernel_block(kernels: KernelSet) -> FloatArray:
+    """Kernel features float32 [K, Fk]: log size, and size relative to the largest
+    kernel the host offered (0 when that is 0)."""
+    kp = kernels.parameter_counts
+    kx = np.zeros((len(kp), KERNEL_SCHEMA.num_features), np.float32)
+    if len(kp):
+        kx[:, 0] = _log(kp, 20)
+        kmax = kp.max()
+        if kmax > 0:
+            kx[:, 1] = kp / kmax
+    kx.setflags(write=False)
+    return kx
+
+
+def _kernel_features(kernels: list[KernelSet]) -> list[FloatArray]:
+    """``_kernel_block`` of each graph's kernel set, cached per KernelSet object (a
+    session keeps one for its lifetime). The entry holds the set itself, so its id
+    cannot be reused by another object while cached."""
+    keys = [str(id(ks)) for ks in kernels]
+    found = _KERNEL_FEATURES.get_many(keys)
+    out: list[FloatArray] = []
+    for key, ks, hit in zip(keys, kernels, found, strict=True):
+        if hit is None or hit[0] is not ks:
+            hit = (ks, _kernel_block(ks))
+            _KERNEL_FEATURES.put(key, hit)
+        out.append(hit[1])
+    return out
+
+
 def featurize(snap: GraphSnapshot, schema: FeatureSchema = FEATURE_SCHEMA) -> GraphTensors:
     """Node and kernel features of one snapshot (``featurize_many`` of one graph)."""
     return featurize_many([snap], schema)[0]
@@ -302,15 +334,16 @@ def featurize_many(
     n = int(counts.sum())
     statics, adjs = _topology_pieces(topos, schema.num_features)
     x = np.concatenate(statics)  # a fresh copy
-    # Whole windows are stacked once per array (one concatenate each) and sliced after:
-    # fewer numpy calls than slicing every graph first (the per-call cost dominates).
+    # Only the slices the features use are stacked: copying whole [N, W, 8] windows cost
+    # more than the per-graph slicing it saves once a batch has a few thousand nodes.
+    floats = list(map(_FLOATS, snaps))
+    ints = list(map(_INTS, snaps))
     valid = _cat(list(map(_VALID, snaps)))  # [N, W]
-    floats = _cat(list(map(_FLOATS, snaps)))  # [N, W, 8]
-    ints = _cat(list(map(_INTS, snaps)))  # [N, W, 4]
     steps = _cat(list(map(_STEPS, snaps)))  # [N, W]
-    hw = floats[:, :, F_HEALTH].astype(np.float64)  # 0 if invalid
-    newest_f = floats[:, w - 1]
-    newest_i = ints[:, w - 1]
+    hw = _cat([f[:, :, F_HEALTH] for f in floats]).astype(np.float64)  # 0 if invalid
+    newest_f = _cat([f[:, w - 1] for f in floats])  # [N, 8]
+    newest_i = _cat([i[:, w - 1] for i in ints])  # [N, 4]
+    errs = _cat([i[:, :, _I_ERR] for i in ints])  # [N, W]
     slen = _cat([sl[:, w - 1] for sl in map(_SLEN, snaps)])
     seeds = _cat(list(map(_SEEDS, topos)))
     # Seed lists are ≤ 64 long but usually short: look only at the used columns.
@@ -329,7 +362,7 @@ def featurize_many(
         [
             newest_f[:, _LOG_F_SRC],
             newest_i[:, _I_ERR],
-            ints[:, :, _I_ERR].sum(axis=1),
+            errs.sum(axis=1),
             newest_i[:, _I_ADAPT],
             age,
         ]
@@ -378,25 +411,15 @@ def featurize_many(
     health = np.where(has, newest_f[:, F_HEALTH], np.nan).astype(np.float32)
     free_seed = free_seed.astype(np.int64)
 
-    # Kernel features: log size, and size relative to the largest kernel of its graph.
-    kx = np.zeros((int(kcounts.sum()), KERNEL_SCHEMA.num_features), np.float32)
-    if len(kx):
-        kp = _cat([ks.parameter_counts for ks in kernels])
-        kx[:, 0] = _log(kp, 20)
-        nonempty = kcounts > 0
-        kstart = (np.cumsum(kcounts) - kcounts)[nonempty]
-        kmax = np.repeat(np.maximum.reduceat(kp, kstart), kcounts[nonempty])
-        kx[:, 1] = np.divide(kp, kmax, out=np.zeros(len(kp)), where=kmax > 0)
-    for a in (x, kx, target, health, free_seed):
+    for a in (x, target, health, free_seed):
         a.setflags(write=False)
     # Split back per graph by slicing (np.split costs ~3 µs per piece in Python).
     bounds = list(pairwise(np.concatenate([[0], np.cumsum(counts)]).tolist()))
-    kbounds = list(pairwise(np.concatenate([[0], np.cumsum(kcounts)]).tolist()))
     return list(
         map(
             GraphTensors,
             [x[lo:hi] for lo, hi in bounds],
-            [kx[lo:hi] for lo, hi in kbounds],
+            _kernel_features(kernels),
             [target[lo:hi] for lo, hi in bounds],
             [health[lo:hi] for lo, hi in bounds],
             [free_seed[lo:hi] for lo, hi in bounds],
