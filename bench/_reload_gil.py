@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import threading
 import time
@@ -157,6 +158,7 @@ def run_gil(out_dir: Path, reloads: int, variants: tuple[str, ...]) -> None:
     from bench.report import environment, print_table
 
     r = stalls(reloads, variants=variants)
+    r["sched_fifo"] = os.sched_getscheduler(0) == os.SCHED_FIFO
     r.update(environment())
     print_table(
         f"reload vs serving threads in one process ({reloads} reloads per variant, "

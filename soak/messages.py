@@ -231,7 +231,7 @@ def mutate(draw: Draw, msg: Message, protect: frozenset[str] = frozenset()) -> s
                 proto = value[0] if len(value) else fd.message_type._concrete_class()
                 value.extend([proto] * n)
             else:
-                value.extend([draw(st.sampled_from(HOSTILE_ENUMS))] * n)
+                value.extend([_hostile_scalar(draw, fd)] * n)  # enums, numbers, strings
             return f"{site.path}: +{n} elements"
         if len(value) == 0:
             if fd.type == FD.TYPE_MESSAGE:
