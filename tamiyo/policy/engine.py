@@ -163,9 +163,9 @@ class ServingForward(nn.Module):
         # z ≥ 1 whenever the graph has a valid pair (its max contributes exp(0)) and 0 when
         # it has none (then every e is 0): clamping at 1 changes nothing but 0/0.
         target_probs = e / z.clamp(min=1.0).index_select(0, node_batch)
-        # log Σ over (node × kernel) ∪ {no-op} = m + log(z·e^(pair_max-m) + e^(noop-m)).
-        m = torch.maximum(pair_max, noop)
-        lse = m + torch.log(z * torch.exp(pair_max - m) + torch.exp(noop - m))
+        # log Σ over (node × kernel) ∪ {no-op} = logaddexp(pair_max + log z, noop); a graph
+        # without a valid pair has z = 0, so its first term is -inf and lse = noop.
+        lse = torch.logaddexp(pair_max + torch.log(z), noop)
         pair_logp = pair - lse.index_select(0, node_batch).unsqueeze(1)
         noop_logp = noop - lse
         # Best pair: the first node (in graph order) holding its graph's max, then the
