@@ -40,7 +40,7 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_client.backoff import Backoff
 from tamiyo_client.coalesce import CoalescingBuffer, Frame
-from tamiyo_client.frame_data import SIGNAL_FORMS, FrameData, SignalForm
+from tamiyo_client.frame_data import FrameData, resolve_form
 from tamiyo_client.received import (
     ClientError,
     ClientStats,
@@ -86,11 +86,7 @@ class TamiyoClient:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config or ClientConfig()
-        if self.config.signal_form not in SIGNAL_FORMS:
-            raise ValueError(
-                f"ClientConfig.signal_form must be one of {SIGNAL_FORMS},"
-                f" got {self.config.signal_form!r}"
-            )
+        resolve_form(self.config.signal_form, 0, 0)  # raises ValueError when unknown
         self.security = security or ClientSecurity()
         self._session_open = self._with_budget(session_open)
         self._rng = rng
@@ -179,13 +175,12 @@ class TamiyoClient:
             outcomes = len(self._outcomes)
         return len(self._frames) + outcomes
 
-    def _form(self, frame: FrameData) -> SignalForm:
-        """The encoding of ``frame`` under ``config.signal_form`` (see ClientConfig)."""
-        form = self.config.signal_form
-        if form == "auto":
-            big = len(frame.signals) >= self.config.columns_min_signals
-            return "columns" if big else "message"
-        return "columns" if form == "columns" else "message"
+    def _encode(self, frame: FrameData) -> pb.TelemetryFrame:
+        """``frame`` as protobuf, in ``config.signal_form`` (on the event loop thread)."""
+        c = self.config
+        return frame.to_frame(
+            resolve_form(c.signal_form, c.columns_min_signals, len(frame.signals))
+        )
 
     # -- what the training loop calls (any thread, never blocks) -------------------
     def send_frame(self, frame: Frame) -> None:
@@ -396,7 +391,7 @@ class TamiyoClient:
                     self._sent_at[frame.request_id] = time.monotonic()
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up
                         self._sent_at.pop(next(iter(self._sent_at)))
-                msg = frame.to_frame(self._form(frame)) if isinstance(frame, FrameData) else frame
+                msg = frame if isinstance(frame, pb.TelemetryFrame) else self._encode(frame)
                 try:
                     await call.write(pb.StreamTelemetryRequest(frame=msg))
                 except BaseException:

@@ -50,6 +50,18 @@ class SignalValues(NamedTuple):
         return health_pb2.HealthSignal(**self._asdict())
 
 
+def resolve_form(signal_form: str, columns_min_signals: int, signals: int) -> SignalForm:
+    """The encoding of a frame of ``signals`` signals under ``ClientConfig.signal_form``
+    ("auto": columns from ``columns_min_signals`` up). ValueError names a bad value."""
+    if signal_form not in SIGNAL_FORMS:
+        raise ValueError(
+            f"ClientConfig.signal_form must be one of {SIGNAL_FORMS}, got {signal_form!r}"
+        )
+    if signal_form == "auto":
+        return "columns" if signals >= columns_min_signals else "message"
+    return "columns" if signal_form == "columns" else "message"
+
+
 _NUMERIC = tuple(NUMERIC_COLUMNS)  # every SignalValues field but layer_id and seed_states
 assert set(_NUMERIC) | {"layer_id", "seed_states"} == set(SignalValues._fields)
 

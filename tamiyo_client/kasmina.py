@@ -10,7 +10,7 @@ Telemetry is measured around the wrapped module, whose own code is untouched:
   after a sampled forward (see ``take_gradient_norm``).
 
 Cost on the training thread matters (issue #8: the same step time with or without
-Tamiyo). Measured on this 2-core VM, forward hooks cost ~60 µs per layer per forward
+Tamiyo). Measured on this 2-core VM, forward hooks cost tens of µs per layer per forward
 (they force ``nn.Module``'s slow call path) and a gradient hook ~20 µs per parameter
 per backward, so there are none: an unsampled forward costs two ``perf_counter`` calls
 and a deque append, a sampled one a few numpy calls on at most ``sample_rows`` rows

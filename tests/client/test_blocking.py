@@ -15,7 +15,7 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client.blocking import BlockingTamiyoClient, DecisionInbox
 from tamiyo_client.client import ReceivedDecision
 from tamiyo_client.coalesce import Frame
-from tamiyo_client.frame_data import FrameData
+from tamiyo_client.frame_data import FrameData, resolve_form
 from tamiyo_server.policy_holder import ServedPolicy
 
 from .conftest import ServerThread
@@ -92,7 +92,8 @@ def test_frame_data_is_sent_in_the_configured_signal_form(server: ServerThread, 
         assert client.stats.stream_errors == 0
         assert client.stats.frames_sent >= 3
         # 3 layers: "auto" sends messages (columns only pay off from many signals)
-        assert client.client._form(make(100)) == ("columns" if form == "columns" else "message")
+        got = resolve_form(form, cfg.columns_min_signals, len(make(100).signals))
+        assert got == ("columns" if form == "columns" else "message")
 
 
 def test_unknown_signal_form_is_refused() -> None:
