@@ -126,3 +126,14 @@ def decode_valid_columns(
     except (ValueError, OverflowError):
         return None
     return cols if columns_look_valid(cols, topo, limits, unique=True) else None
+
+
+def steps_ordered_per_layer(cols: SignalColumns) -> bool:
+    """Each layer's signals are oldest first: steps non-decreasing in message order
+    within every layer (a ``ModelGraphState`` history). One stable sort by layer."""
+    m = len(cols.layer)
+    if m < 2:
+        return True
+    order = np.argsort(cols.layer, kind="stable")
+    layer, steps = cols.layer[order], cols.steps[order]
+    return not _count((layer[1:] == layer[:-1]) & (steps[1:] < steps[:-1]))

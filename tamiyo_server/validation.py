@@ -37,6 +37,7 @@ from tamiyo_server.signal_checks import (
     UNBOUNDED,
     decode_valid_columns,
     decode_valid_signals,
+    steps_ordered_per_layer,
 )
 from tamiyo_server.signal_checks import columns_look_valid as columns_look_valid
 from tamiyo_server.signal_checks import signals_look_valid as signals_look_valid
@@ -393,10 +394,22 @@ def validate_state(state: graph_pb2.ModelGraphState, limits: Limits, path: str) 
         raise ValidationError(
             f"{path}.signals", f"{n} signals > limit {limits.max_signals_per_state}", "too_large"
         )
+    cols = decode_valid_signals(state.signals, info, limits, unique=False)
+    if cols is not None and steps_ordered_per_layer(cols):
+        return info  # (the common case, in ~20 numpy calls instead of ~15 checks a signal)
+    _check_state_signals(state.signals, f"{path}.signals", info, limits)
+    return info
+
+
+def _check_state_signals(
+    signals: Sequence[health_pb2.HealthSignal], path: str, topo: TopologyInfo, limits: Limits
+) -> None:
+    """The per-field checks of a state's signal history, in order; raises for the first
+    bad field (``path[i].name``)."""
     last: dict[int, int] = {}
-    for i, sig in enumerate(state.signals):
-        p = f"{path}.signals[{i}]"
-        node = validate_signal(sig, p, info, limits)
+    for i, sig in enumerate(signals):
+        p = f"{path}[{i}]"
+        node = validate_signal(sig, p, topo, limits)
         if node in last and sig.step < last[node]:
             raise ValidationError(
                 f"{p}.step",
@@ -404,7 +417,6 @@ def validate_state(state: graph_pb2.ModelGraphState, limits: Limits, path: str) 
                 "step_regressed",
             )
         last[node] = sig.step
-    return info
 
 
 def validate_decide(req: pb.DecideRequest, limits: Limits) -> TopologyInfo:

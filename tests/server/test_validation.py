@@ -326,3 +326,41 @@ def test_fast_path_agrees_with_per_field_checks(
         slow_ok = False
     fast_ok = signals_look_valid(frame.signals, info, LIMITS, unique=True)
     assert fast_ok == slow_ok
+
+
+@st.composite
+def states_with_history(draw: st.DrawFn) -> graph_pb2.ModelGraphState:
+    """Several signals per layer, steps in any order (so some regress), maybe a bad one."""
+    topo = draw(topologies(max_layers=6))
+    sigs: list[health_pb2.HealthSignal] = []
+    for _ in range(draw(st.integers(0, 24))):
+        layer = topo.layers[draw(st.integers(0, len(topo.layers) - 1))]
+        sigs.append(draw(signals(layer, draw(st.integers(0, 40)))))
+    bad = draw(st.booleans())
+    if sigs and bad:
+        name, value = draw(
+            st.sampled_from([*BAD_FLOAT_FIELDS, ("total_seeds", 70), ("active_seeds", 9)])
+        )
+        sig = sigs[draw(st.integers(0, len(sigs) - 1))]
+        setattr(sig, name, type(getattr(sig, name))(value))
+    return graph_pb2.ModelGraphState(topology=topo, signals=sigs, step=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(states_with_history())
+def test_state_fast_path_agrees_with_per_field_checks(state: graph_pb2.ModelGraphState) -> None:
+    """Decide's vectorised history check accepts exactly what the per-field loop accepts,
+    and a refusal names the same field either way."""
+    from tamiyo_server.validation import _check_state_signals
+
+    def outcome(fn: object) -> tuple[str, str] | None:
+        try:
+            fn()  # type: ignore[operator]
+        except ValidationError as e:
+            return (e.field, e.reason)
+        return None
+
+    info = validate_session_open(pb.SessionOpen(host_id="h", topology=state.topology), LIMITS)
+    fast = outcome(lambda: validate_decide(pb.DecideRequest(state=state), LIMITS))
+    slow = outcome(lambda: _check_state_signals(state.signals, "state.signals", info, LIMITS))
+    assert fast == slow
