@@ -303,8 +303,9 @@ def _serving_batches(
     (featurize_many + infer), ours and eager interleaved; last, infer again after
     ``configure_allocator()`` (process-wide, so measured after everything else)."""
     rng = np.random.default_rng(1)
-    secs = 0.3 if opts.quick else 0.8
-    repeats = 2 if opts.quick else 3
+    secs = 0.3 if opts.quick else 0.5
+    repeats = 2 if opts.quick else 5
+    min_cpu = 0.02 if opts.quick else 0.05
     cases = []
     for b in (1, 16, 64):
         snaps = [random_snapshot(rng, int(n), KERNELS) for n in rng.integers(4, 65, b)]
@@ -315,9 +316,9 @@ def _serving_batches(
         cpu: dict[str, list[float]] = {"feat": [], "ours": [], "eager": []}
         rates: dict[str, list[float]] = {}
         for _ in range(repeats):  # interleaved so drift in load hits both paths alike
-            cpu["feat"].append(_per_call(partial(featurize_many, snaps), 0.02)[1])
+            cpu["feat"].append(_per_call(partial(featurize_many, snaps), min_cpu)[1])
             for name, eng in engines.items():
-                cpu[name].append(_per_call(partial(eng.infer, graphs), 0.02)[1])
+                cpu[name].append(_per_call(partial(eng.infer, graphs), min_cpu)[1])
                 calls: dict[str, Callable[[], Any]] = {
                     "infer": partial(eng.infer, graphs),
                     "batch": partial(_batch, eng, snaps),
@@ -363,7 +364,7 @@ def _serving_batches(
         )
     tuned = configure_allocator()
     for row, (_, graphs) in zip(rows, cases, strict=True):
-        t = [_per_call(partial(engine.infer, graphs), 0.02)[1] for _ in range(repeats)]
+        t = [_per_call(partial(engine.infer, graphs), min_cpu)[1] for _ in range(repeats)]
         row["allocator_tuned"] = tuned
         row["infer_tuned_alloc_ms"] = statistics.median(t) * 1e3
     print_table(
@@ -432,7 +433,7 @@ def _construction(opts: BenchOptions) -> list[Row]:
             }
         )
     print_table(
-        "engine construction (script or template copy + freeze + self-check)",
+        "engine construction (script or template copy + weights + self-check)",
         rows,
         [
             ("kind", "kind"),
