@@ -383,6 +383,14 @@ def validate_outcome(outcome: pb.DecisionOutcome, limits: Limits) -> None:
 def validate_state(state: graph_pb2.ModelGraphState, limits: Limits, path: str) -> TopologyInfo:
     """A self-contained snapshot (Decide): topology, kernels, and a signal history in
     which each layer's signals are oldest first (steps non-decreasing per layer)."""
+    return validate_state_decoded(state, limits, path)[0]
+
+
+def validate_state_decoded(
+    state: graph_pb2.ModelGraphState, limits: Limits, path: str
+) -> tuple[TopologyInfo, SignalColumns]:
+    """``validate_state``, also returning the decoded signals (for
+    ``snapshot_from_state(state, window, columns)``, so Decide decodes them once)."""
     if not state.HasField("topology"):
         raise ValidationError(f"{path}.topology", "is required", "missing")
     info = validate_topology(state.topology, limits, f"{path}.topology")
@@ -396,9 +404,9 @@ def validate_state(state: graph_pb2.ModelGraphState, limits: Limits, path: str) 
         )
     cols = decode_valid_signals(state.signals, info, limits, unique=False)
     if cols is not None and steps_ordered_per_layer(cols):
-        return info  # (the common case, in ~20 numpy calls instead of ~15 checks a signal)
+        return info, cols  # (the common case, in ~20 numpy calls, not ~15 checks a signal)
     _check_state_signals(state.signals, f"{path}.signals", info, limits)
-    return info
+    return info, SignalColumns(state.signals, info.layer_index)
 
 
 def _check_state_signals(
@@ -420,9 +428,18 @@ def _check_state_signals(
 
 
 def validate_decide(req: pb.DecideRequest, limits: Limits) -> TopologyInfo:
+    return validate_decide_decoded(req, limits)[0]
+
+
+def validate_decide_decoded(
+    req: pb.DecideRequest, limits: Limits
+) -> tuple[TopologyInfo, SignalColumns]:
+    """``validate_decide``, also returning the state's decoded signals (pass them to
+    ``snapshot_from_state(req.state, window, columns)``: ~1 ms less event loop for a
+    32-layer x 8-window state)."""
     if not req.HasField("state"):
         raise ValidationError("state", "is required", "missing")
-    info = validate_state(req.state, limits, "state")
+    info, cols = validate_state_decoded(req.state, limits, "state")
     validate_budget(req.budget, "budget")
     check_id(req.request_id, "request_id", limits.max_request_id_chars, allow_empty=True)
-    return info
+    return info, cols

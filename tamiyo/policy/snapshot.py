@@ -220,18 +220,24 @@ _WINDOW_FIELDS = (
 )
 
 
-def snapshot_from_state(state: graph_pb2.ModelGraphState, window: int) -> GraphSnapshot:
+def snapshot_from_state(
+    state: graph_pb2.ModelGraphState, window: int, columns: SignalColumns | None = None
+) -> GraphSnapshot:
     """Build the snapshot of a full ``ModelGraphState`` (Decide path, trainer replay).
 
     Per layer, signals are stably ordered by step (message order breaks ties) and the
-    newest ``window`` are kept. Raises ValueError naming the offending field.
+    newest ``window`` are kept. ``columns``: ``state.signals`` already decoded against
+    the topology's layer order (the server's validation decodes them; decoding is most
+    of the cost). Raises ValueError naming the offending field.
     """
     if window < 1:
         raise ValueError("window must be >= 1")
     topo = GraphTopology.from_proto(state.topology)
     kernels = KernelSet.from_proto(state.kernels)
-    index = {lid: i for i, lid in enumerate(topo.layer_ids)}
-    cols = SignalColumns(state.signals, index)
+    if columns is None:
+        index = {lid: i for i, lid in enumerate(topo.layer_ids)}
+        columns = SignalColumns(state.signals, index)
+    cols = columns
     n, m = topo.num_nodes, len(cols.layer)
     # Order signals by (layer, step, message position); then rank within each layer
     # from the newest (rank 0) to place them right-aligned into the window.

@@ -364,3 +364,19 @@ def test_state_fast_path_agrees_with_per_field_checks(state: graph_pb2.ModelGrap
     fast = outcome(lambda: validate_decide(pb.DecideRequest(state=state), LIMITS))
     slow = outcome(lambda: _check_state_signals(state.signals, "state.signals", info, LIMITS))
     assert fast == slow
+
+
+@settings(max_examples=60, deadline=None)
+@given(states_with_history(), st.integers(1, 6))
+def test_decided_columns_give_the_same_snapshot(
+    state: graph_pb2.ModelGraphState, window: int
+) -> None:
+    """Decide can pass validation's decoded signals to snapshot_from_state: same snapshot."""
+    from tamiyo.policy.snapshot import snapshot_from_state
+    from tamiyo_server.validation import validate_decide_decoded
+
+    try:
+        _, cols = validate_decide_decoded(pb.DecideRequest(state=state), LIMITS)
+    except ValidationError:
+        return
+    assert snapshot_from_state(state, window, cols).equals(snapshot_from_state(state, window))
