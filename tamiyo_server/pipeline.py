@@ -31,7 +31,7 @@ from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
 from tamiyo_server.metrics import ServerMetrics
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
-from tamiyo_server.validation import validate_decide
+from tamiyo_server.validation import validate_decide_decoded
 
 LAG_PROBE_S = 0.02
 _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
@@ -200,8 +200,8 @@ class DecisionPipeline:
         Raises ``RefusedError`` when it cannot be queued; a missed deadline gives a degraded
         decision."""
         arrival = time.monotonic()
-        validate_decide(req, self.config.limits)
-        snap = snapshot_from_state(req.state, self.holder.current.schema.window)
+        _, cols = validate_decide_decoded(req, self.config.limits)  # decoded once, used twice
+        snap = snapshot_from_state(req.state, self.holder.current.schema.window, cols)
         budget = deadline_s(self.config.batch, req.budget)
         if time_remaining_s is not None:
             budget = min(budget, time_remaining_s)
