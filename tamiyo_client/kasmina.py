@@ -66,9 +66,11 @@ class _Tally:
         "forwards",
         "grad_due",
         "grad_norm",
+        "health_key",
         "kernels",
         "last_health",
         "last_stats",
+        "memory",
         "output_bytes",
     )
 
@@ -80,6 +82,8 @@ class _Tally:
         self.grad_norm: float | None = None  # the latest reading
         self.last_stats: WindowStats | None = None  # behind the latest signal
         self.last_health: float | None = None
+        self.health_key: object = None  # what last_health was computed from
+        self.memory: float | None = None  # memory_utilization as of the latest sample
 
 
 class SeedError(ValueError):
@@ -351,14 +355,24 @@ class KasminaLayer(nn.Module):
         if not self._acc.has_data:
             return None
         stats = self._acc.collect()
+        tally = self._tally
+        sampled = tally.grad_due
         grad = self.take_gradient_norm()
-        health = reference_health(stats, grad, self.config)
+        # Health depends on these only: frames without a new sample reuse it (µs each).
+        key = (stats[1:4], stats.error_count, grad)
+        if key != tally.health_key or tally.last_health is None:
+            tally.health_key = key
+            tally.last_health = reference_health(stats, grad, self.config)
+        memory = tally.memory
+        if sampled or memory is None:  # memory use as of the latest sampled forward
+            memory = min(1.0, self.memory_bytes() / self.config.memory_budget_bytes)
+            tally.memory = memory
+        tally.last_stats = stats
+        health = tally.last_health
         errors = stats.error_count
         if grad is not None and not math.isfinite(grad):
             errors += 1
             grad = None
-        tally = self._tally
-        tally.last_stats, tally.last_health = stats, health
         states = self.seed_states
         return SignalValues(
             self.layer_id,
@@ -368,14 +382,14 @@ class KasminaLayer(nn.Module):
             health,
             stats.avg_execution_time_ms,
             errors,
-            sum(1 for s in states if s in ACTIVE_STATES),
+            sum(1 for s in states if s in ACTIVE_STATES) if tally.kernels else 0,
             self.num_seeds,
             min(stats.activation_variance, _F32_MAX),
             stats.dead_neuron_ratio,
             stats.avg_correlation,
             min(grad or 0.0, _F32_MAX),
             min(stats.latency_variance, _F32_MAX),
-            min(1.0, self.memory_bytes() / self.config.memory_budget_bytes),
+            memory,
             tuple(states),
             self.adaptation_count,
         )

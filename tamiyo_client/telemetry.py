@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,9 +38,8 @@ from numpy.typing import NDArray
 from tamiyo.config import KasminaConfig
 
 
-@dataclass(frozen=True)
-class WindowStats:
-    """What one layer measured over one reporting window."""
+class WindowStats(NamedTuple):
+    """What one layer measured over one reporting window (a tuple: built every frame)."""
 
     samples: int  # N, rows of the flattened output sampled in this window (0: stats carried)
     activation_variance: float

@@ -210,14 +210,19 @@ async def test_update_session_resends_topology(make_server: ServerFactory) -> No
     async with TamiyoClient(host.session_open(), config(srv.port)) as client:
         asker = Asker(client)
         assert await client.wait_connected(5)
-        train_step(other.model, opt)
-        err = await asker.ask_any(lambda k: other.frame(k, 0, want_decision=True), 0)
+
+        def trained_frame(k: int) -> pb.TelemetryFrame:
+            # train first: a frame whose layers did not run carries no signals (and a
+            # shed frame's retry must still name layer "6")
+            train_step(other.model, opt)
+            return other.frame(k, 0, want_decision=True)
+
+        err = await asker.ask_any(trained_frame, 0)
         assert isinstance(err, pb.StreamError), err  # layer "6" is unknown to the first topology
         assert "6" in err.field + err.message
         client.update_session(other.session_open())
         await until(lambda: client.stats.sessions == 2)
-        train_step(other.model, opt)
-        d = await asker.ask(lambda k: other.frame(k, 0, want_decision=True), err.frame_step + 1)
+        d = await asker.ask(trained_frame, err.frame_step + 1)
         assert d.decision.frame_step > err.frame_step
         assert len(asker.errors) == 1  # the new topology knows layer "6"
 
