@@ -15,10 +15,11 @@ MLP (8 -> width -> ... -> 1, ReLU, SGD, batch ``BATCH``) in short interleaved se
 Step time = wall time minus the time the thread sat runnable waiting for a CPU (Linux
 schedstat), so a step that waited for the client (a lock, the GIL) keeps that time and
 time stolen by other processes is taken out. Reported per mode: median of that
-(``own_us``), median thread CPU time (``cpu_us``), ``ratio`` = own / bare's own,
-``overhead_us`` = own - bare's own, and for the client modes ``vs_loop`` = own /
-telemetry's own (the client's own cost; issue #8's bound, 1.10, applies to it and, as a
-stretch, to ``ratio``). All in the same run; absolute µs depend on the box.
+(``own_us``), median thread CPU time (``cpu_us``), ``overhead_us`` = own - bare's own,
+``ratio`` = own / bare's own and, for the client modes, ``vs_loop`` = own / telemetry's
+own (the client's own cost; issue #8's bound, 1.10, applies to it and, as a stretch, to
+``ratio``); both ratios are medians of per-round ratios (``paired_ratio``). All in the
+same run; absolute µs depend on the box.
 Run: ``python -m bench --only client [--quick]``.
 """
 
@@ -113,6 +114,7 @@ class Timings:
     own: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
+    segment: int = 1  # steps per segment: own[k * segment : (k + 1) * segment] = round k
 
 
 def measure(rig: Rig, rounds: int, per_segment: int, modes: tuple[str, ...] = MODES) -> dict[
@@ -120,7 +122,7 @@ def measure(rig: Rig, rounds: int, per_segment: int, modes: tuple[str, ...] = MO
 ]:  # fmt: skip
     """``rounds`` rounds of a ``per_segment``-step segment per mode, the mode order
     rotating each round; returns every step's timings by mode."""
-    out = {m: Timings() for m in modes}
+    out = {m: Timings(segment=per_segment) for m in modes}
     for rnd in range(rounds):
         k = rnd % len(modes)
         for mode in modes[k:] + modes[:k]:
@@ -135,15 +137,30 @@ def measure(rig: Rig, rounds: int, per_segment: int, modes: tuple[str, ...] = MO
     return out
 
 
+def paired_ratio(t: Timings, base: Timings) -> float:
+    """Median over rounds of (median step of ``t``'s segment / median step of ``base``'s
+    segment in the same round): segments of one round run back to back, so a burst of
+    foreign load that spans a few rounds cancels out instead of skewing the ratio."""
+    n = t.segment
+    rounds = min(len(t.own), len(base.own)) // n
+    return statistics.median(
+        statistics.median(t.own[k * n : (k + 1) * n])
+        / statistics.median(base.own[k * n : (k + 1) * n])
+        for k in range(rounds)
+    )
+
+
 def summarize(timings: dict[str, Timings]) -> list[dict[str, Any]]:
-    """One row per mode: medians in µs, ratio and overhead against ``bare``, and for
-    the client modes ``vs_loop`` = own / the no-client loop's (``telemetry``) own."""
-    base = statistics.median(timings["bare"].own)
-    loop = statistics.median(timings["telemetry"].own) if "telemetry" in timings else None
+    """One row per mode: medians in µs, overhead against ``bare``'s median, ``ratio``
+    = ``paired_ratio`` against ``bare`` and, for the client modes, ``vs_loop`` =
+    ``paired_ratio`` against the no-client loop (``telemetry``)."""
+    bare = timings["bare"]
+    base = statistics.median(bare.own)
+    loop = timings.get("telemetry")
     rows = []
     for mode, t in timings.items():
         own = statistics.median(t.own)
-        vs_loop = round(own / loop, 3) if loop and mode in CLIENT_MODES else None
+        vs_loop = paired_ratio(t, loop) if loop and mode in CLIENT_MODES else None
         rows.append(
             {
                 "mode": mode,
@@ -151,10 +168,10 @@ def summarize(timings: dict[str, Timings]) -> list[dict[str, Any]]:
                 "own_us": round(own * 1e6, 1),
                 "cpu_us": round(statistics.median(t.cpu) * 1e6, 1),
                 "wall_us": round(statistics.median(t.wall) * 1e6, 1),
-                "ratio": round(own / base, 3),
+                "ratio": round(paired_ratio(t, bare), 3),
                 "overhead_us": round((own - base) * 1e6, 1),
             }
-            | ({"vs_loop": vs_loop} if vs_loop is not None else {})
+            | ({"vs_loop": round(vs_loop, 3)} if vs_loop is not None else {})
         )
     return rows
 
