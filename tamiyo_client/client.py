@@ -175,12 +175,19 @@ class TamiyoClient:
             outcomes = len(self._outcomes)
         return len(self._frames) + outcomes
 
-    def _encode(self, frame: FrameData) -> pb.TelemetryFrame:
-        """``frame`` as protobuf, in ``config.signal_form`` (on the event loop thread)."""
+    def _encode(self, frame: FrameData) -> pb.TelemetryFrame | None:
+        """``frame`` as protobuf, in ``config.signal_form`` (on the event loop thread).
+        Values protobuf cannot hold (a hand-made FrameData) drop that frame with the
+        reason in ``last_error`` and the log, rather than breaking the stream."""
         c = self.config
-        return frame.to_frame(
-            resolve_form(c.signal_form, c.columns_min_signals, len(frame.signals))
-        )
+        try:
+            form = resolve_form(c.signal_form, c.columns_min_signals, len(frame.signals))
+            return frame.to_frame(form)
+        except (TypeError, ValueError) as exc:
+            self.last_error = f"frame at step {frame.step} not sent: {exc}"
+            self.stats.frames_unencodable += 1
+            log.error("tamiyo client: %s", self.last_error)
+            return None
 
     # -- what the training loop calls (any thread, never blocks) -------------------
     def send_frame(self, frame: Frame) -> None:
@@ -387,11 +394,13 @@ class TamiyoClient:
                     raise
                 self.stats.outcomes_sent += 1
             while (frame := self._frames.pop()) is not None:
+                msg = frame if isinstance(frame, pb.TelemetryFrame) else self._encode(frame)
+                if msg is None:
+                    continue
                 if frame.want_decision:  # before the write: the answer can beat its return
                     self._sent_at[frame.request_id] = time.monotonic()
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up
                         self._sent_at.pop(next(iter(self._sent_at)))
-                msg = frame if isinstance(frame, pb.TelemetryFrame) else self._encode(frame)
                 try:
                     await call.write(pb.StreamTelemetryRequest(frame=msg))
                 except BaseException:

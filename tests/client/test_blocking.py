@@ -96,6 +96,30 @@ def test_frame_data_is_sent_in_the_configured_signal_form(server: ServerThread, 
         assert got == ("columns" if form == "columns" else "message")
 
 
+@pytest.mark.parametrize("form", ["columns", "message"])
+def test_unencodable_frame_data_is_dropped_with_a_reason(server: ServerThread, form: str) -> None:
+    assert server.server is not None
+    model, host = make_host()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = replace(ClientConfig(), target=f"127.0.0.1:{server.server.port}", signal_form=form)
+    with BlockingTamiyoClient(host.session_open(), cfg) as client:
+        assert client.wait_connected(10)
+        train_step(model, opt)
+        bad = host.frame_data(0, 0, want_decision=True)
+        bad.signals[0] = bad.signals[0]._replace(error_count=-1)  # not a uint32
+        client.send_frame(bad)
+
+        def make(k: int) -> FrameData:
+            train_step(model, opt)
+            return host.frame_data(k, 0, want_decision=True)
+
+        d = ask(client, make, 1)  # the stream goes on
+        assert d.decision.frame_step >= 1
+        assert client.stats.frames_unencodable == 1
+        assert "frame at step 0 not sent" in client.last_error
+        assert "error_count" in client.last_error or "-1" in client.last_error
+
+
 def test_unknown_signal_form_is_refused() -> None:
     _, host = make_host()
     with pytest.raises(ValueError, match="signal_form must be one of"):
