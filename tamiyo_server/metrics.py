@@ -13,6 +13,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -46,6 +47,14 @@ LATENCY_BUCKETS = (
 )
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 NODE_BUCKETS = (8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@lru_cache(maxsize=4096)
+def child(metric: Any, *labels: str) -> Any:
+    """The child of a labelled prometheus metric, looked up once per label values:
+    ``labels()`` costs ~20 µs per call on this box (argument checks and a lock),
+    ``inc()``/``observe()`` ~1 µs, and the hot paths record several metrics per frame."""
+    return metric.labels(*labels)
 
 
 class ServerMetrics:

@@ -28,7 +28,7 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.wire import varint
 from tamiyo_server.batcher import Batcher, Done, Job
 from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
-from tamiyo_server.metrics import ServerMetrics
+from tamiyo_server.metrics import ServerMetrics, child
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
 from tamiyo_server.validation import validate_decide_decoded
@@ -178,7 +178,7 @@ class DecisionPipeline:
             g = pre if isinstance(pre, GraphTensors) else featurize(snap)
             rd = rules.fallback(g, state, snap.step, snap.epoch)
             version = self.holder.current.version
-            self.m.shed.labels(reason).inc()
+            child(self.m.shed, reason).inc()
             out = None
         else:
             g, out = ev.graph, ev.output
@@ -189,8 +189,8 @@ class DecisionPipeline:
             msg.reason = f"{msg.reason} [shed: {reason}]"
         latency = time.monotonic() - frame.arrival
         msg.server_latency_us = min(int(latency * 1e6), 2**32 - 1)
-        self.m.decision_seconds.labels(path, "true" if rd.degraded else "false").observe(latency)
-        self.m.decisions.labels(_RULE_NAMES.get(rd.rule, "UNKNOWN")).inc()
+        child(self.m.decision_seconds, path, "true" if rd.degraded else "false").observe(latency)
+        child(self.m.decisions, _RULE_NAMES.get(rd.rule, "UNKNOWN")).inc()
         return msg
 
     async def decide_unary(
@@ -209,7 +209,7 @@ class DecisionPipeline:
             raise RefusedError("UNAVAILABLE", "server is shutting down; retry on another replica")
         job = self.submit(snap, len(req.state.topology.edges), arrival, arrival + budget)
         if job is None:
-            self.m.shed.labels("queue_full").inc()
+            child(self.m.shed, "queue_full").inc()
             raise RefusedError(
                 "RESOURCE_EXHAUSTED",
                 f"inference queue full ({self.config.batch.max_queued} graphs); retry later",

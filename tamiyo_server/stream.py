@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Done, Job
+from tamiyo_server.metrics import child
 from tamiyo_server.pipeline import DecisionPipeline, Evaluated
 from tamiyo_server.session import FrameRef, Pending, Session, budget_rules, deadline_s
 from tamiyo_server.validation import (
@@ -38,14 +39,6 @@ from tamiyo_server.validation import (
 log = logging.getLogger(__name__)
 
 Code = pb.StreamErrorCode
-
-
-@lru_cache(maxsize=1024)
-def _child(metric: Any, label: str) -> Any:
-    """The child of a one-label prometheus metric, looked up once: ``labels()`` costs
-    ~20 µs of event-loop time per call (argument checks and a lock), ``inc()`` ~1 µs, and
-    the shed paths run once per frame under overload."""
-    return metric.labels(label)
 
 
 _RESERVE = 3  # responses one request can cause beyond the queue bound (see module doc)
@@ -132,7 +125,7 @@ class StreamHandler:
                     self._handle(req)
                 except Exception:  # a bug must not end the stream silently
                     log.exception("failed to handle a %s", req.WhichOneof("message"))
-                    _child(self.p.m.rejected, "internal").inc()
+                    child(self.p.m.rejected, "internal").inc()
                     self.out.put_nowait(
                         _error(
                             Code.STREAM_ERROR_CODE_INTERNAL,
@@ -142,7 +135,7 @@ class StreamHandler:
         except asyncio.CancelledError:
             raise
         except DecodeError as e:  # bytes that are not a StreamTelemetryRequest
-            _child(self.p.m.rejected, "undecodable").inc()
+            child(self.p.m.rejected, "undecodable").inc()
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_INVALID_ARGUMENT,
@@ -156,7 +149,7 @@ class StreamHandler:
         await self.finish()
 
     def _reject(self, err: ValidationError, frame: pb.TelemetryFrame | None = None) -> None:
-        _child(self.p.m.rejected, err.reason).inc()
+        child(self.p.m.rejected, err.reason).inc()
         self.out.put_nowait(
             _error(Code.STREAM_ERROR_CODE_INVALID_ARGUMENT, str(err), err.field, frame)
         )
@@ -170,7 +163,7 @@ class StreamHandler:
         elif kind == "outcome":
             self._outcome(req.outcome)
         else:
-            _child(self.p.m.rejected, "missing").inc()
+            child(self.p.m.rejected, "missing").inc()
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_INVALID_ARGUMENT,
@@ -203,7 +196,7 @@ class StreamHandler:
             self._reject(err)
             return
         if not s.knows_decision(msg.decision_id):
-            _child(self.p.m.rejected, "unknown_decision").inc()
+            child(self.p.m.rejected, "unknown_decision").inc()
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_NOT_FOUND,
@@ -216,7 +209,7 @@ class StreamHandler:
         self.p.experience.outcome(s.session_id, msg)
 
     def _no_session(self, what: str) -> None:
-        _child(self.p.m.rejected, "no_session").inc()
+        child(self.p.m.rejected, "no_session").inc()
         self.out.put_nowait(
             _error(
                 Code.STREAM_ERROR_CODE_FAILED_PRECONDITION,
@@ -235,7 +228,7 @@ class StreamHandler:
             # The event loop is far behind: every frame still in the transport is late.
             # Answer at the cheapest possible cost (no validation, no history update) so
             # the backlog drains and nothing goes unanswered; say the telemetry was dropped.
-            _child(self.p.m.shed, "swamped").inc()
+            child(self.p.m.shed, "swamped").inc()
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
@@ -268,7 +261,7 @@ class StreamHandler:
         if self.p.batcher.backlog_ms() > s.deadline_s * 1000.0 and s.pending is None:
             # Hopeless backlog: answer at once, cheaply (no snapshot, no featurize), so
             # overload sheds at the door instead of queueing in the transport.
-            _child(self.p.m.shed, "overload").inc()
+            child(self.p.m.shed, "overload").inc()
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
@@ -286,7 +279,7 @@ class StreamHandler:
             pending.job, snap, snap.topology.num_nodes, s.num_edges
         ):
             old, pending.frame = pending.frame, ref
-            _child(self.p.m.shed, "superseded").inc()
+            child(self.p.m.shed, "superseded").inc()
             resp = _error(
                 Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
                 f"frame step {old.step} superseded by step {frame.step} before "
