@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tamiyo.config import ServerConfig
-from tamiyo.policy.engine import configure_threads
+from tamiyo.policy.engine import configure_allocator, configure_threads
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.auth import BearerTokenInterceptor, server_credentials
@@ -125,6 +125,9 @@ class TamiyoServer:
             self.experience = ExperienceLog(c.experience, window, self.metrics.registry)
             self.pipeline.experience = self.experience
         configure_threads(c.torch_threads)
+        # glibc keeps freed activations for reuse instead of page-faulting them in on every
+        # forward (policy.engine.configure_allocator: 64 graphs 6.6 → 4.4 ms on this box)
+        configure_allocator()
         await asyncio.to_thread(self.pipeline.calibrate)
         self.pipeline.start()
         if c.checkpoint_dir and not c.pin_checkpoint:
