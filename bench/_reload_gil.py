@@ -34,17 +34,23 @@ import numpy as np
 TAIL_S = 0.05  # after the swap, still the reload's window (first batches on the new policy)
 PROBE_SLEEP_S = 0.0005
 INFER_HZ = 80.0
-GIL_VARIANTS = ("before", "current", "switch-only", "pause-only")
+GIL_VARIANTS = ("before", "current", "switch-only", "pause-only", "nofreeze")
 
 
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
     """``current``: the reload as committed; ``before``: without the GIL-sharing
     changes (5 ms switch interval, no pauses); ``switch-only`` / ``pause-only``: one of
-    the two."""
+    the two; ``nofreeze``: current, with ``torch.jit.freeze`` made a no-op while the
+    engine is built (what the engine would gain by not freezing: measured only here)."""
+    import torch
+
     from tamiyo_server import reload
 
     saved = (reload.SWITCH_INTERVAL_S, reload.PAUSE_S)
+    freeze = torch.jit.freeze
+    if name == "nofreeze":
+        torch.jit.freeze = lambda mod, *a, **k: mod
     if name in ("before", "pause-only"):
         reload.SWITCH_INTERVAL_S = None
     if name in ("before", "switch-only"):
@@ -55,6 +61,7 @@ def _variant(name: str) -> Iterator[None]:
         yield
     finally:
         reload.SWITCH_INTERVAL_S, reload.PAUSE_S = saved
+        torch.jit.freeze = freeze
 
 
 def _q(x: list[float], q: float) -> float:

@@ -13,25 +13,23 @@ CPU time must fit the decision budget (ms) unless it is no slower than the servi
 After the swap nothing here keeps the old policy: the last in-flight batch drops the
 last reference and its memory is freed (no growth across reloads).
 
-What a reload costs serving is GIL time, not CPU: ~20 ms of CPU per reload, but while
-the reload thread runs Python (model construction, state-dict checks) every GIL
-hand-off of the event loop and of the inference thread (an eager forward re-acquires
-the GIL per torch op) waited up to CPython's 5 ms switch interval. So while it loads,
-the reload lowers the switch interval to ``SWITCH_INTERVAL_S`` (``_short_gil_turns``)
-and pauses ``PAUSE_S`` between steps. Measured with ``python -m bench.reload --gil``
-(one process, variants interleaved reload by reload; load average 6-9): inference p99
-inside reload windows 50-121 ms without, 4-36 ms with. The thread is *not* reniced: a
-low-priority thread preempted while holding the GIL would stall both serving threads
-(priority inversion). The steps' times are logged and kept in ``last_stages``.
+What a reload costs serving is mostly GIL time (~25 ms of CPU: load, engine build,
+warm-up): while the reload thread runs Python, a thread that wants the GIL (the event
+loop, several times per decision; the inference thread, per batch) waited up to
+CPython's 5 ms switch interval. So while it loads, the reload lowers the switch interval
+to ``SWITCH_INTERVAL_S`` and pauses ``PAUSE_S`` between steps (``_short_gil_turns``).
+``python -m bench.reload --gil`` (one process, variants interleaved reload by reload):
+probe lag p99 in reload windows 1.59 → 0.84 ms, inference p99 6.05 → 5.03 ms (steady
+0.30 / 2.62 ms); skipping ``torch.jit.freeze`` (one ~9 ms GIL-holding call) changed
+nothing measurable. The thread is *not* reniced: a low-priority thread preempted while
+holding the GIL would stall both serving threads (priority inversion). Step times are
+logged and kept in ``last_stages``.
 
 A refused checkpoint is logged, counted and reported (``PolicyHolder.refuse``) and
 remembered by its fingerprint — path plus size and mtime (ns) of the manifest and the
 weights — so it is tried again only if those files change: never in a tight loop.
 
-Rollback (operator side, ``tamiyo_server.rollback``; see docs/runbook.md)::
-
-    python -m tamiyo_server.reload list --checkpoint-dir D
-    python -m tamiyo_server.reload rollback --checkpoint-dir D [--to VERSION]
+Rollback: ``python -m tamiyo_server.reload rollback`` (``tamiyo_server.rollback``).
 """
 
 from __future__ import annotations
@@ -114,15 +112,7 @@ _turns: list[float] = [0, 0.0]  # loads in progress, switch interval to restore 
 @contextlib.contextmanager
 def _short_gil_turns() -> Iterator[None]:
     """Lower CPython's GIL switch interval (default 5 ms) to ``SWITCH_INTERVAL_S`` while
-    a reload runs, restoring it after.
-
-    Why: a thread that wants the GIL while another runs Python waits for the holder to
-    release it or for the switch interval to expire. The reload runs Python for ~10 ms at
-    a time (model construction, state-dict checks), so the event loop and the inference
-    thread each waited up to 5 ms per GIL hand-off during a reload, several times per
-    decision. With 0.5 ms they wait at most ~0.5 ms; the reload gets a little slower
-    (more hand-offs), which costs nothing that matters. Process-wide, hence restored.
-    """
+    a reload runs, then restore it (process-wide; see the module doc for why)."""
     if SWITCH_INTERVAL_S is None:
         yield
         return
