@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tamiyo.v1 import health_pb2
-from tamiyo.wire import varint
+from tamiyo.wire import varint, varint_tail
 
 _DESC = health_pb2.HealthSignalColumns.DESCRIPTOR
 
@@ -231,29 +231,13 @@ def split_columns(raw: bytes, start: int = 0) -> dict[int, tuple[int, int]] | No
         tag = raw[j]
         j += 1
         if tag >= 0x80:
-            tag &= 0x7F
-            shift = 7
-            while True:
-                b = raw[j]
-                j += 1
-                tag |= (b & 0x7F) << shift
-                shift += 7
-                if b < 0x80:
-                    break
+            tag, j = varint_tail(raw, j, tag)
         wt = tag & 7
         if wt == 2:
             ln = raw[j]
             j += 1
             if ln >= 0x80:
-                ln &= 0x7F
-                shift = 7
-                while True:
-                    b = raw[j]
-                    j += 1
-                    ln |= (b & 0x7F) << shift
-                    shift += 7
-                    if b < 0x80:
-                        break
+                ln, j = varint_tail(raw, j, ln)
             num = tag >> 3
             if num != LAYER_ID:
                 if num in out:
@@ -356,14 +340,10 @@ def locate_seed_columns(raw: bytes, lay: FrameLayout) -> tuple[int, int, int] | 
     if raw[j : j + 2] != _SEED_STATES_TAG:
         return None
     j += 2
-    ln = shift = 0
-    while True:
-        b = raw[j]
-        j += 1
-        ln |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            break
+    ln = raw[j]
+    j += 1
+    if ln >= 0x80:
+        ln, j = varint_tail(raw, j, ln)
     states = (j, j + ln)
     j += ln
     head = _COUNTS_TAG + varint(4 * lay.m)

@@ -15,3 +15,18 @@ def varint(v: int) -> bytes:
         v >>= 7
     out.append(v)
     return bytes(out)
+
+
+def varint_tail(buf: bytes | bytearray | memoryview, j: int, first: int) -> tuple[int, int]:
+    """Finish reading a multi-byte varint whose first byte ``first`` (>= 0x80) was at
+    ``j - 1``; returns (value, index after it). Decoders read the common one-byte case
+    inline (a call per value would cost more than the read) and call this for the rest."""
+    v = first & 0x7F
+    shift = 7
+    while True:
+        b = buf[j]
+        j += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return v, j

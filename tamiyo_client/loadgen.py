@@ -38,6 +38,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc
 
+from tamiyo.policy.snapshot import FLOAT_FIELDS
 from tamiyo.signal_columns import encode_signal_columns
 from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -126,16 +127,7 @@ def make_host(
     return Host(f"loadgen-{i}", n, open_req.SerializeToString(), req.SerializeToString())
 
 
-_DRAWN = (
-    "health_score",
-    "avg_execution_time_ms",
-    "activation_variance",
-    "dead_neuron_ratio",
-    "avg_correlation",
-    "gradient_norm",
-    "latency_variance",
-    "memory_utilization",
-)
+_DRAWN = FLOAT_FIELDS  # one random draw per float field of HealthSignal
 SIGNAL_FORMS = ("columns", "message")
 
 

@@ -31,7 +31,7 @@ from tamiyo.experience.schema import ACTION_LOAD_KERNEL, ACTION_NO_OP, DecisionR
 from tamiyo.signal_columns import signals_from_columns
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo.wire import varint
+from tamiyo.wire import varint, varint_tail
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,7 @@ def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
         tag = out[j]
         j += 1
         if tag >= 0x80:  # field number >= 16: multi-byte tag (unknown field)
-            tag &= 0x7F
-            shift = 7
-            while True:
-                x = out[j]
-                j += 1
-                tag |= (x & 0x7F) << shift
-                shift += 7
-                if x < 0x80:
-                    break
+            tag, j = varint_tail(out, j, tag)
         if tag == _FRAME_SIGNAL_TAG:
             if end >= 0:
                 return None  # a second run of signals
@@ -111,15 +103,7 @@ def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
             ln = out[j]
             j += 1
             if ln >= 0x80:
-                ln &= 0x7F
-                shift = 7
-                while True:
-                    x = out[j]
-                    j += 1
-                    ln |= (x & 0x7F) << shift
-                    shift += 7
-                    if x < 0x80:
-                        break
+                ln, j = varint_tail(out, j, ln)
             j += ln
         elif wt in (1, 5):
             j += 8 if wt == 1 else 4
