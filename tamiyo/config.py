@@ -205,7 +205,7 @@ class TrainConfig:
 
     algo: str = "iql"  # "iql" (default), "bc" or "cql"
     seed: int = 0
-    steps: int = 2000  # gradient steps (validation seeds: 2500 was worse than 2000 for 2 of 3 IQL seeds)
+    steps: int = 2000  # gradient steps (validation: 2500 was worse for 2 of 3 IQL seeds)
     batch_size: int = 48  # graphs (transitions) per step, per process
     lr: float = 1e-3
     weight_decay: float = 0.0
