@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tamiyo.config import ExperienceLogConfig
+from tamiyo.experience.column_block import FrameBlock, encode_column_blocks
 from tamiyo.experience.retention import enforce_retention
 from tamiyo.experience.schema import ACTION_LOAD_KERNEL, ACTION_NO_OP, DecisionRecord, OutcomeRecord
 from tamiyo.signal_columns import signals_from_columns
@@ -245,24 +246,56 @@ class SessionState:
             del self.marks[seq]
         return hit, state, st, ep
 
-    def frame(self, ev: FrameEvent) -> None:
+    def frame(self, ev: FrameEvent, encoded: FrameBlock | None = None) -> None:
+        """Apply a frame; ``encoded``: its columnar signals already encoded as entries
+        (``tamiyo.experience.column_block``, batched by ``Assembler.prepare``)."""
         f = ev.frame
         block = None
-        signals: Sequence[health_pb2.HealthSignal] = f.signals
-        if f.HasField("signal_columns"):  # columnar form: the same signals, as messages
-            signals = frame_column_signals(f)
-            if self.blocks is not None and len(signals) == len(self.layers):
-                block = graph_pb2.ModelGraphState(signals=signals).SerializeToString()
-        elif self.blocks is not None and len(signals) == len(self.layers):
-            block = frame_signal_block(f)
-        if block is not None and self.blocks is not None:
-            self.blocks.append(block)
+        if encoded is not None:  # columnar form, already in the message form's bytes
+            if self.blocks is not None and len(encoded.layer_ids) == len(self.layers):
+                self.blocks.append(encoded.block)
+            else:
+                self._to_rings()
+                rings, layers = self.rings, self.layers
+                for lid, entry in zip(encoded.layer_ids, encoded.entries(), strict=True):
+                    rings[layers[lid]].append(entry)
         else:
-            self._to_rings()
-            self._append(signals)
+            signals: Sequence[health_pb2.HealthSignal] = f.signals
+            if f.HasField("signal_columns"):  # not canonical columns: decode as messages
+                signals = frame_column_signals(f)
+                if self.blocks is not None and len(signals) == len(self.layers):
+                    block = graph_pb2.ModelGraphState(signals=signals).SerializeToString()
+            elif self.blocks is not None and len(signals) == len(self.layers):
+                block = frame_signal_block(f)
+            if block is not None and self.blocks is not None:
+                self.blocks.append(block)
+            else:
+                self._to_rings()
+                self._append(signals)
         self.seq, self.step, self.epoch = ev.seq, int(f.step), int(f.epoch)
         if f.want_decision:
             self._mark(ev.seq, f.request_id)
+
+
+_COLUMN_BATCH = 256  # columnar frames encoded per numpy pass (bounds temporary memory)
+
+
+def _encode_columns(events: Sequence[object]) -> dict[int, FrameBlock]:
+    """The columnar frames among ``events``, encoded in a few batched numpy passes
+    (``tamiyo.experience.column_block``), by ``id`` of their event; frames whose
+    columns are not canonical are left out (decoded message by message later)."""
+    frames = [
+        ev for ev in events if isinstance(ev, FrameEvent) and ev.frame.HasField("signal_columns")
+    ]
+    out: dict[int, FrameBlock] = {}
+    for i in range(0, len(frames), _COLUMN_BATCH):
+        chunk = frames[i : i + _COLUMN_BATCH]
+        cols = [ev.frame.signal_columns for ev in chunk]
+        blocks = encode_column_blocks([(c.SerializeToString(), tuple(c.layer_id)) for c in cols])
+        for ev, b in zip(chunk, blocks, strict=True):
+            if b is not None:
+                out[id(ev)] = b
+    return out
 
 
 class Assembler:
@@ -288,14 +321,15 @@ class Assembler:
         """Records for a flush's worth of items: events, or lists of events (shipped in
         bulk by ``ExperienceLog``), processed in order."""
         out: list[object] = []
-        events = itertools.chain.from_iterable(x if isinstance(x, list) else (x,) for x in batch)
-        for i, ev in enumerate(events):
-            if i % 32 == 31:
-                time.sleep(0)  # let the event loop and inference threads have the GIL
+        events = list(
+            itertools.chain.from_iterable(x if isinstance(x, list) else (x,) for x in batch)
+        )
+        encoded = _encode_columns(events)
+        for ev in events:
             if isinstance(ev, FrameEvent):
                 s = self._get(ev.key)
                 if s is not None:
-                    s.frame(ev)
+                    s.frame(ev, encoded.get(id(ev)))
             elif isinstance(ev, DecisionEvent):
                 rec = self._decision(ev)
                 if rec is not None:
