@@ -118,17 +118,19 @@ def stalls(
             t.start()
         windows: list[tuple[str, float, float]] = []
         loads: dict[str, list[float]] = {v: [] for v in variants}
+        cpus: dict[str, list[float]] = {v: [] for v in variants}  # reload thread CPU ms
         try:
             time.sleep(1.0)
             for i, name in enumerate(names[1:]):
                 v = variants[i % len(variants)]
                 with _variant(v):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     served = reload.load_served(root / name, "cpu", float("inf"), holder.current)
                     holder.swap(served)
-                    t1 = time.perf_counter()
+                    t1, c1 = time.perf_counter(), time.thread_time()
                 windows.append((v, t0, t1 + TAIL_S))
                 loads[v].append((t1 - t0) * 1e3)
+                cpus[v].append((c1 - c0) * 1e3)
                 time.sleep(gap_s)
         finally:
             stop.set()
@@ -155,6 +157,9 @@ def stalls(
             {
                 "variant": v,
                 "reload_ms_median": float(np.median(loads[v])),
+                # CPU time of the reloading thread: what it can take from serving (GIL,
+                # core), and unlike the wall time nearly independent of the box's load
+                "reload_cpu_ms_median": float(np.median(cpus[v])),
                 "lag_p99_ms": _q(wl, 99),
                 "lag_max_ms": _q(wl, 100),
                 "infer_p99_ms": _q(wi, 99),
@@ -181,6 +186,7 @@ def run_gil(out_dir: Path, reloads: int, variants: tuple[str, ...]) -> None:
         [
             ("variant", "variant"),
             ("reload_ms_median", "reload ms"),
+            ("reload_cpu_ms_median", "reload CPU ms"),
             ("lag_p99_ms", "probe lag p99 ms"),
             ("lag_max_ms", "probe lag max ms"),
             ("lag_p99_ratio", "lag p99 / steady"),

@@ -147,19 +147,22 @@ def check_serving(
 ) -> float:
     """Warm up ``served`` on sample graphs and refuse it unless it can serve.
 
-    Runs one untimed forward (pays one-off costs), then ``repeats`` timed ones on the
-    same batch of ``SAMPLE_SIZES`` graphs. Every output must be finite (finite weights
-    can still overflow). Speed: the fastest forward's CPU time of this thread (ms) is
-    compared with ``budget_ms``; CPU time, not wall time, so waiting for a core does not
-    count. On 2 busy vCPUs CPU time still inflates (shared core, caches), so when it is
-    over the budget and the ``current`` policy is given, both are timed again on the same
-    batch, interleaved, and the new one is refused only if it is also over
-    ``SLOWER_LIMIT`` × the current one: a machine that is slow for every policy does not
-    refuse a good checkpoint. The usual reload pays 1 + ``repeats`` small forwards.
-    Returns the new policy's time in ms; raises ``CheckpointError`` naming the problem.
+    One forward on a batch of ``SAMPLE_SIZES`` graphs: every output must be finite
+    (finite weights can still overflow), and its CPU time of this thread (ms) must fit
+    ``budget_ms``; CPU time, not wall time, so waiting for a core does not count. That
+    one forward is all the usual reload pays (~1-2 ms; it was 1 untimed + 3 timed ones,
+    GIL time taken from serving in every reload). Only when it is over the budget —
+    a cold cache, a shared core, or a slower policy — ``repeats`` more are timed, and
+    when the ``current`` policy is given both are timed on the same batch, interleaved,
+    and the new one is refused only if it is also over ``SLOWER_LIMIT`` × the current
+    one: a machine that is slow for every policy does not refuse a good checkpoint.
+    Returns the new policy's (fastest) time in ms; raises ``CheckpointError`` naming
+    the problem.
     """
     graphs = _sample_graphs()
+    t0 = time.thread_time()
     outs = served.engine.infer(graphs)
+    best = (time.thread_time() - t0) * 1000.0
     where = served.checkpoint_path
     for i, o in enumerate(outs):
         scalars = (o.adapt_prob, o.urgency, o.value, o.noop_logp)
@@ -168,7 +171,9 @@ def check_serving(
                 f"checkpoint {where} refused: warm-up forward gave non-finite outputs "
                 f"on sample graph {i} ({SAMPLE_SIZES[i]} nodes)"
             )
-    best = min(_forward_cpu_ms(served, graphs) for _ in range(repeats))
+    if best <= budget_ms:
+        return best
+    best = min(best, *(_forward_cpu_ms(served, graphs) for _ in range(repeats)))
     cur = math.inf
     if best > budget_ms and current is not None:
         for _ in range(repeats):
@@ -206,9 +211,11 @@ def load_served(
         t2 = time.perf_counter()
         served = serve_loaded(loaded, device, warmup=False)
         t3 = time.perf_counter()
-        check_serving(served, budget_ms, current)
+        _pause()
         t4 = time.perf_counter()
-    times.update(load=(t1 - t0) * 1e3, engine=(t3 - t2) * 1e3, warmup=(t4 - t3) * 1e3)
+        check_serving(served, budget_ms, current)
+        t5 = time.perf_counter()
+    times.update(load=(t1 - t0) * 1e3, engine=(t3 - t2) * 1e3, warmup=(t5 - t4) * 1e3)
     return served
 
 
