@@ -49,13 +49,20 @@ class BatchConfig:
     max_batch_nodes: int = 16384
     max_batch_edges: int = 65536
     max_queue_delay_ms: float = 2.0  # a batch never waits longer than this to fill
-    max_queued: int = 8192  # evaluations waiting for the inference thread
+    max_queued: int = 8192  # evaluations waiting for a batch
     outbound_queue: int = 64  # responses waiting to be written on one stream
     # Online inference-time model (tamiyo_server.batcher.CostModel): prior until measured.
     prior_batch_ms: float = 1.0  # fixed cost of one batch before any measurement
     prior_node_us: float = 5.0  # cost per node before any measurement
     cost_forgetting: float = 0.98  # per-batch forgetting factor of the online fit
     safety_ms: float = 0.5  # slack kept for writing the answer after inference
+    # Pushback on overload refusals (StreamError.retry_after_ms, gRPC's
+    # grpc-retry-pushback-ms on Decide): the predicted drain time, within these bounds.
+    min_pushback_ms: float = 10.0  # shortest pushback on an overload refusal
+    max_pushback_ms: float = 1000.0  # longest pushback on an overload refusal
+    # "loop": no GIL hand-offs between loop and inference, best on CPU; "thread":
+    # overlaps device time on CUDA (see tamiyo_server.batcher).
+    run_on: str = "auto"  # where batches run: "loop", "thread", "auto" (thread on CUDA)
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class ServerConfig:
     # hot reload off; empty = follow checkpoint_dir/latest (tamiyo_server.reload).
     pin_checkpoint: str = ""
     grace_s: float = 5.0
-    torch_threads: int = 1  # intra-op threads of the inference thread (see policy.engine)
+    torch_threads: int = 1  # torch intra-op threads for batches (see policy.engine)
     # Security (tamiyo_server.auth); empty = off. The token is read from the
     # TAMIYO_AUTH_TOKEN environment variable or --auth-token-file, never a flag value.
     auth_token: str = ""

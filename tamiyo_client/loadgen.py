@@ -10,7 +10,9 @@ send only a tiny suffix (step + request id) is appended — protobuf merges a re
 embedded message field, so ``frame_bytes + suffix`` is a valid request with the new step
 and tag. Responses are parsed (the tag is needed to match latency).
 
-* closed loop: each stream sends a frame, waits for its answer, sends the next.
+* closed loop: each stream sends a frame, waits for its answer, sends the next; after a
+  refusal carrying pushback (``StreamError.retry_after_ms``) it waits that long first,
+  as ``tamiyo_client`` does (``--ignore-pushback``: a client that re-asks at once).
 * open loop: each stream sends at ``rate / streams`` per second on a fixed schedule,
   whatever the answers; latency is measured from the *scheduled* send time (no
   coordinated omission). At the end, frames without any answer after ``--drain-s``
@@ -148,12 +150,13 @@ class Stats:
     overloaded: int = 0  # refused at the door (RESOURCE_EXHAUSTED): explicit shed
     errors: int = 0
     lost: int = 0
+    pushback_s: float = 0.0  # closed loop: time spent honouring the server's pushback
     error_samples: list[str] = field(default_factory=list)
 
-    def answer(self, raw: bytes, sent_at: dict[str, float], since: float) -> str:
+    def answer(self, raw: bytes, sent_at: dict[str, float], since: float) -> tuple[str, int]:
         """Classify one response; count it if the frame it answers was sent at or after
-        ``since``; returns the tag of that frame ('' if none) and pops it from
-        ``sent_at``."""
+        ``since``; returns the tag of that frame ('' if none), popped from ``sent_at``,
+        and the pushback it carries (ms, 0 = none)."""
         msg = pb.StreamTelemetryResponse.FromString(raw)
         kind = msg.WhichOneof("message")
         if kind == "decision":
@@ -161,10 +164,11 @@ class Stats:
         elif kind == "error":
             tag = msg.error.frame_request_id
         else:
-            return ""
+            return "", 0
+        retry_ms = msg.error.retry_after_ms if kind == "error" else 0
         t = sent_at.pop(tag, None)
         if t is None or t < since:
-            return tag
+            return tag, retry_ms
         if kind == "decision":
             self.decisions += 1
             self.degraded += msg.decision.degraded
@@ -180,7 +184,7 @@ class Stats:
             self.errors += 1
             if len(self.error_samples) < 5:
                 self.error_samples.append(msg.error.message[:200])
-        return tag
+        return tag, retry_ms
 
 
 @dataclass
@@ -191,6 +195,7 @@ class Plan:
     warmup_s: float
     duration_s: float
     drain_s: float
+    honor_pushback: bool = True
 
     def __post_init__(self) -> None:
         self.t0 = time.perf_counter() + 0.0
@@ -218,8 +223,13 @@ async def closed_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> N
             raw = await call.read()
             if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
                 return
-            if st.answer(raw, sent_at, plan.measure_from) == tag:
+            got, retry_ms = st.answer(raw, sent_at, plan.measure_from)
+            if got == tag:
                 break
+        if retry_ms and plan.honor_pushback:
+            wait_s = min(retry_ms / 1000.0, max(plan.end - time.perf_counter(), 0.0))
+            st.pushback_s += wait_s
+            await asyncio.sleep(wait_s)
 
 
 async def open_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> None:
@@ -341,6 +351,7 @@ def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
         "errors": st.errors,
         "error_samples": st.error_samples,
         "lost": st.lost,
+        "pushback_pct": round(100.0 * st.pushback_s / max(plan.duration_s * plan.streams, 1e-9), 1),
         "duration_s": plan.duration_s,
         "mean_layers": round(sum(h.layers for h in hosts) / max(len(hosts), 1), 1),
     }
@@ -365,10 +376,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="columns",
         help="frames carry signal_columns (default, as real clients) or signals messages",
     )
+    p.add_argument(
+        "--ignore-pushback",
+        action="store_true",
+        help="closed loop: ask again at once after a refusal (a client that ignores "
+        "StreamError.retry_after_ms)",
+    )
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
     hosts = [make_host(rng, i, a.min_layers, a.max_layers, a.signal_form) for i in range(a.streams)]
-    plan = Plan(a.mode, a.streams, a.rate, a.warmup_s, a.duration_s, a.drain_s)
+    plan = Plan(
+        a.mode, a.streams, a.rate, a.warmup_s, a.duration_s, a.drain_s, not a.ignore_pushback
+    )
     st = asyncio.run(run(a.target, hosts, plan, a.token))
     json.dump(summarize(st, plan, hosts), sys.stdout)
     sys.stdout.write("\n")

@@ -2,7 +2,7 @@
 and graceful shutdown.
 
 Lifecycle: health is NOT_SERVING from the first moment; ``start()`` loads and warms up
-the policy (off the event loop), starts the inference thread, and only then reports
+the policy (off the event loop), starts the batcher, and only then reports
 SERVING. ``stop()`` reverses it: NOT_SERVING, streams told to close (SessionClosing),
 in-flight evaluations answered, streams ended, then ``server.stop(grace)``.
 """

@@ -1,4 +1,5 @@
-"""Deadline-aware dynamic batching between the event loop and ONE inference thread.
+"""Deadline-aware dynamic batching of graph evaluations, run on the event loop or on ONE
+inference thread.
 
 Why: a GCN forward over 64 small graphs costs little more than over one, so graphs from
 all streams are batched; but every decision has a 10 ms deadline, so a batch must not
@@ -6,7 +7,7 @@ wait for company longer than its most urgent member can afford.
 
 * The event loop calls :meth:`Batcher.submit` (non-blocking, O(log n)); the job lands in
   an earliest-deadline-first heap guarded by a ``threading.Condition``.
-* The inference thread closes a batch on whichever comes first: the node/edge budget,
+* A batch closes on whichever comes first: the node/edge budget,
   ``max_batch_graphs``, the earliest deadline's slack falling below the predicted
   inference time (:class:`CostModel`, learned online from measured batches), the
   oldest job having waited ``max_queue_delay_ms``, or company being unlikely: when the
@@ -16,7 +17,21 @@ wait for company longer than its most urgent member can afford.
 * A job that can no longer make its deadline even alone is *shed*: its future resolves
   with ``shed="deadline"`` and the caller answers with a degraded decision. The queue is
   bounded (``max_queued``); a full queue makes ``submit`` return ``None``.
-* Results go back with one ``loop.call_soon_threadsafe`` per batch.
+* Where batches run (``BatchConfig.run_on``):
+
+  - ``"loop"`` (default): on the event loop itself, from a callback scheduled when the
+    batch should close (``call_soon`` / ``call_later``), so I/O is polled between
+    batches. Why: with a separate thread, the inference thread and a busy asyncio loop
+    fight over the GIL. Each time the inference thread gives the GIL up (the compiled
+    forward releases it), getting it back from a busy loop takes up to the interpreter's
+    switch interval (5 ms), several times per batch. Measured on this 2-core box: a
+    batch took 2-3x its CPU time in wall time under load, the online cost model learned
+    those inflated times and shed work that would have made its deadline. On the loop
+    there is nobody to wait for; the loop is blocked for the batch (~1-5 ms here),
+    which only delays reading frames that will join the next batch anyway.
+  - ``"thread"``: a dedicated inference thread blocks on a ``threading.Condition``;
+    results go back with one ``loop.call_soon_threadsafe`` per batch. For CUDA, where the
+    forward is mostly waiting for the device and the loop can work meanwhile.
 
 The batcher is generic over the payload and result types: the runner passed in does the
 featurize + forward (see ``tamiyo_server.pipeline``), so this module knows no torch.
@@ -60,7 +75,7 @@ class CostModel:
     the fit by at most 2× per step, while one below it is taken at face value, so a
     pessimistic model recovers in a few batches. The prediction is inflated by twice the
     EWMA of the *relative* error: the batcher needs a safe bound, not the mean.
-    Thread-safety: only the inference thread calls ``update``; ``predict_ms`` reads a
+    Thread-safety: only the thread that runs batches calls ``update``; ``predict_ms`` reads a
     tuple that is swapped atomically.
     """
 
@@ -151,7 +166,7 @@ class Done(Generic[R]):
 
 
 class Batcher(Generic[P, R]):
-    """EDF queue + inference thread. ``runner(payloads) -> results`` runs on the thread;
+    """EDF queue + where batches run. ``runner(payloads) -> results`` runs there;
     ``prepare_shed(payloads)`` (optional) too, for jobs about to be shed, so the cheap
     degraded answer needs no per-job work on the event loop."""
 
@@ -183,12 +198,16 @@ class Batcher(Generic[P, R]):
         self.probe_interval_s = PROBE_INTERVAL_S
         self._last_submit = 0.0
         self.arrival_gap_s = 1.0  # EWMA of the gap between submissions (s); see module doc
+        self.on_loop = config.run_on == "loop"
+        self._tick_handle: asyncio.Handle | None = None  # on_loop: the scheduled _tick
+        self._tick_at = 0.0  # when that tick runs (monotonic s)
 
     # ----------------------------------------------------------------- event-loop side
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._idle.set()
-        self._thread.start()
+        if not self.on_loop:
+            self._thread.start()
 
     @property
     def queued(self) -> int:
@@ -224,6 +243,8 @@ class Batcher(Generic[P, R]):
             self._queued_nodes += nodes
             self._idle.clear()
             self._cond.notify()
+        if self.on_loop:
+            self._schedule()
         return job
 
     def replace(self, job: Job[P, R], payload: P, nodes: int, edges: int) -> bool:
@@ -258,11 +279,23 @@ class Batcher(Generic[P, R]):
         return True
 
     def stop(self) -> None:
-        """Stop the thread; whatever is still queued is shed with reason "shutdown"."""
+        """Run what is queued, then stop (thread mode: the thread; loop mode: call it
+        from the loop thread). Jobs that cannot run are shed with reason "shutdown"."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread.is_alive():
+        if self.on_loop:  # queued work runs first, as the thread does
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+                self._tick_handle = None
+            while True:
+                with self._cond:
+                    batch = self._take_batch() if self._pop_live() is not None else None
+                if batch is None:
+                    break
+                self._execute(*batch)
+            self._shed_rest()
+        elif self._thread.is_alive():
             self._thread.join(timeout=10.0)
 
     def _check_idle(self) -> None:
@@ -275,7 +308,7 @@ class Batcher(Generic[P, R]):
                 job.future.set_result(done)
         self._check_idle()
 
-    # ---------------------------------------------------------------- inference thread
+    # ------------------------------------------------------- closing and running batches
     def _pop_live(self) -> Job[P, R] | None:
         while self._heap:
             job = self._heap[0][2]
@@ -295,10 +328,23 @@ class Batcher(Generic[P, R]):
         self._queued -= 1
         self._queued_nodes -= job.nodes
 
-    def _next_batch(self) -> tuple[list[Job[P, R]], list[Job[P, R]]] | None:
-        """Block until a batch closes; returns (to run, to shed) or None to exit."""
+    def _wait_s(self, head: Job[P, R], now: float) -> float:
+        """How long the batch headed by ``head`` may still wait for company (s); ≤ 0 =
+        close it now. Call with the lock held."""
         c = self.config
-        safety = c.safety_ms / 1000.0
+        graphs = min(self._queued, c.max_batch_graphs)
+        nodes = min(self._queued_nodes, c.max_batch_nodes)
+        slack = head.deadline - now - self.cost.predict_ms(nodes, graphs) / 1000.0
+        slack -= c.safety_ms / 1000.0
+        wait_left = c.max_queue_delay_ms / 1000.0 - (now - self._oldest_arrival())
+        full = self._queued >= c.max_batch_graphs or self._queued_nodes >= c.max_batch_nodes
+        lonely = self.arrival_gap_s > wait_left  # nobody expected before the wait ends
+        if full or lonely or self._stopping:
+            return 0.0
+        return min(slack, wait_left)
+
+    def _next_batch(self) -> tuple[list[Job[P, R]], list[Job[P, R]]] | None:
+        """Thread mode: block until a batch closes; (to run, to shed) or None to exit."""
         with self._cond:
             while True:
                 head = self._pop_live()
@@ -310,43 +356,79 @@ class Batcher(Generic[P, R]):
                         self._post_idle_check()
                     self._cond.wait()
                     continue
-                now = time.monotonic()
-                graphs = min(self._queued, c.max_batch_graphs)
-                nodes = min(self._queued_nodes, c.max_batch_nodes)
-                slack = head.deadline - now - self.cost.predict_ms(nodes, graphs) / 1000.0
-                slack -= safety
-                waited = now - self._oldest_arrival()
-                wait_left = c.max_queue_delay_ms / 1000.0 - waited
-                full = self._queued >= c.max_batch_graphs or self._queued_nodes >= c.max_batch_nodes
-                lonely = self.arrival_gap_s > wait_left  # nobody expected before the wait ends
-                if full or slack <= 0 or wait_left <= 0 or lonely or self._stopping:
+                wait = self._wait_s(head, time.monotonic())
+                if wait <= 0:
                     break
-                self._cond.wait(timeout=min(slack, wait_left))
-            self._busy = True
-            run: list[Job[P, R]] = []
-            shed: list[Job[P, R]] = []
-            nodes = edges = 0
-            batch_deadline = 0.0
-            while (job := self._pop_live()) is not None and len(run) < c.max_batch_graphs:
-                if nodes + job.nodes > c.max_batch_nodes and run:
-                    break
-                if edges + job.edges > c.max_batch_edges and run:
-                    break
-                alone = self.cost.predict_ms(job.nodes, 1, safe=False) / 1000.0
-                if job.deadline < now + alone + safety:
-                    self._take(job)
-                    shed.append(job)
-                    continue
-                finish = now + self.cost.predict_ms(nodes + job.nodes, len(run) + 1) / 1000.0
-                if run and finish + safety > batch_deadline:
-                    break  # adding it would make the batch miss its earliest deadline
+                self._cond.wait(timeout=wait)
+            return self._take_batch()
+
+    # ------------------------------------------------------------------ loop mode
+    def _schedule(self) -> None:
+        """Loop mode: make sure a ``_tick`` runs when the queued batch should close
+        (earlier than planned if a submission made it full or more urgent)."""
+        assert self._loop is not None
+        with self._cond:
+            head = self._pop_live()
+            if head is None:
+                return
+            now = time.monotonic()
+            at = now + max(self._wait_s(head, now), 0.0)
+        if self._tick_handle is not None:
+            if self._tick_at <= at:
+                return
+            self._tick_handle.cancel()
+        self._tick_at = at
+        if at <= now:
+            self._tick_handle = self._loop.call_soon(self._tick)
+        else:
+            self._tick_handle = self._loop.call_at(self._loop.time() + (at - now), self._tick)
+
+    def _tick(self) -> None:
+        """Loop mode: run the batch that is due (or reschedule if it is not yet)."""
+        self._tick_handle = None
+        with self._cond:
+            head = self._pop_live()
+            due = head is not None and self._wait_s(head, time.monotonic()) <= 0
+            batch = self._take_batch() if due else None
+        if batch is not None:
+            try:
+                self._execute(*batch)
+            finally:
+                self._busy = False
+            self._check_idle()
+        self._schedule()  # the rest: due at once runs after the loop polled I/O again
+
+    def _take_batch(self) -> tuple[list[Job[P, R]], list[Job[P, R]]]:
+        """Pop the batch to run now, and the jobs that cannot make their deadline
+        even alone (to shed). Call with the lock held."""
+        c = self.config
+        safety = c.safety_ms / 1000.0
+        now = time.monotonic()
+        self._busy = True
+        run: list[Job[P, R]] = []
+        shed: list[Job[P, R]] = []
+        nodes = edges = 0
+        batch_deadline = 0.0
+        while (job := self._pop_live()) is not None and len(run) < c.max_batch_graphs:
+            if nodes + job.nodes > c.max_batch_nodes and run:
+                break
+            if edges + job.edges > c.max_batch_edges and run:
+                break
+            alone = self.cost.predict_ms(job.nodes, 1, safe=False) / 1000.0
+            if job.deadline < now + alone + safety:
                 self._take(job)
-                if not run:
-                    batch_deadline = job.deadline
-                run.append(job)
-                nodes += job.nodes
-                edges += job.edges
-            return run, shed
+                shed.append(job)
+                continue
+            finish = now + self.cost.predict_ms(nodes + job.nodes, len(run) + 1) / 1000.0
+            if run and finish + safety > batch_deadline:
+                break  # adding it would make the batch miss its earliest deadline
+            self._take(job)
+            if not run:
+                batch_deadline = job.deadline
+            run.append(job)
+            nodes += job.nodes
+            edges += job.edges
+        return run, shed
 
     def _probe(self, run: list[Job[P, R]], shed: list[Job[P, R]]) -> None:
         """Measure a batch of one shed job when nothing else was measured for a while.
@@ -426,6 +508,9 @@ class Batcher(Generic[P, R]):
 
     def _post(self, out: list[tuple[Job[P, R], Done[R]]]) -> None:
         assert self._loop is not None
+        if self.on_loop:
+            self._deliver(out)
+            return
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(self._deliver, out)
 

@@ -78,10 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest a batch waits to fill",
     )
     p.add_argument(
+        "--run-batches-on",
+        choices=("auto", "loop", "thread"),
+        default=_env("run_batches_on", d.batch.run_on),
+        help="where batches run: the event loop, an inference thread, or auto (thread on "
+        "CUDA, loop otherwise)",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=int(_env("torch_threads", d.torch_threads)),
-        help="intra-op threads of the inference thread",
+        help="torch intra-op threads for batches",
     )
     _experience_flags(p, d)
     return p
@@ -163,7 +170,10 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         tls_client_ca_file=a.tls_client_ca,
         torch_threads=a.torch_threads,
         batch=replace(
-            d.batch, decision_deadline_ms=a.deadline_ms, max_queue_delay_ms=a.max_queue_delay_ms
+            d.batch,
+            decision_deadline_ms=a.deadline_ms,
+            max_queue_delay_ms=a.max_queue_delay_ms,
+            run_on=a.run_batches_on,
         ),
         host=a.host,
         port=a.port,

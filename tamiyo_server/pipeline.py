@@ -1,8 +1,9 @@
 """From a graph snapshot to an ``AdaptationDecision``: batcher → engine → rules → proto.
 
-Both paths use it: streams (``tamiyo_server.stream``) and unary ``Decide``. The
-inference thread only featurizes and runs the network (``_run_batch``); the decision
-rules, which read and update per-session state, run on the event loop when the result
+Both paths use it: streams (``tamiyo_server.stream``) and unary ``Decide``. A batch
+(``_run_batch``: featurize and run the network) runs where ``BatchConfig.run_on`` says,
+on the event loop by default on CPU or on the inference thread; the decision rules,
+which read and update per-session state, always run on the event loop when the result
 comes back, so session state has a single owner and needs no lock.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -38,7 +41,7 @@ _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.Deci
 
 
 class Evaluated(NamedTuple):
-    """What the inference thread hands back for one graph."""
+    """What a batch hands back for one graph."""
 
     graph: GraphTensors
     output: PolicyOutput
@@ -46,11 +49,14 @@ class Evaluated(NamedTuple):
 
 
 class RefusedError(Exception):
-    """A unary request that cannot be served now (queue full, shutting down)."""
+    """A unary request that cannot be served now (queue full, shutting down);
+    ``retry_after_ms`` > 0 is the pushback the servicer sends as gRPC's
+    ``grpc-retry-pushback-ms`` trailer."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms
 
 
 class DecisionPipeline:
@@ -60,8 +66,14 @@ class DecisionPipeline:
         self.config = config
         self.holder = holder
         self.m = metrics
+        run_on = config.batch.run_on
+        if run_on == "auto":
+            run_on = "thread" if holder.current.engine.device.type == "cuda" else "loop"
         self.batcher: Batcher[GraphSnapshot, Evaluated] = Batcher(
-            self._run_batch, config.batch, metrics, prepare_shed=featurize_many
+            self._run_batch,
+            replace(config.batch, run_on=run_on),
+            metrics,
+            prepare_shed=featurize_many,
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
@@ -76,11 +88,14 @@ class DecisionPipeline:
         self._lag_task = asyncio.get_running_loop().create_task(self._watch_lag())
 
     async def stop(self) -> None:
-        """Stop the lag monitor and the inference thread (queued work runs first)."""
+        """Stop the lag monitor and the batcher (queued work runs first)."""
         if self._lag_task is not None:
             self._lag_task.cancel()
             await asyncio.gather(self._lag_task, return_exceptions=True)
-        await asyncio.to_thread(self.batcher.stop)
+        if self.batcher.on_loop:
+            self.batcher.stop()
+        else:
+            await asyncio.to_thread(self.batcher.stop)
 
     async def _watch_lag(self) -> None:
         """Event-loop lag (s): how late a 20 ms sleep wakes up. When the loop itself is
@@ -109,6 +124,21 @@ class DecisionPipeline:
         self._swamped_seen += 1
         return self._swamped_seen % math.ceil(self.loop_lag_s / limit) != 0
 
+    def pushback_ms(self, drain_ms: float) -> int:
+        """How long a refused client should wait before asking again (ms): ``drain_ms``
+        (the predicted time for the overload to clear), within
+        ``[min_pushback_ms, max_pushback_ms]``, spread by ±25 % so that streams refused
+        together do not all come back in the same millisecond.
+
+        Why: a refusal is the cheapest answer the server gives, so a client that asks
+        again at once turns it into a storm. Measured before pushback existed: 16
+        closed-loop streams that re-asked on every refusal kept the event loop saturated
+        with refusals and got 0 network decisions/s.
+        """
+        c = self.config.batch
+        ms = min(max(drain_ms, c.min_pushback_ms), c.max_pushback_ms)
+        return max(1, round(ms * random.uniform(0.75, 1.25)))
+
     def calibrate(self, rounds: int = 3) -> None:
         """Seed the batcher's cost model with measured batches of synthetic graphs, so
         the first real deadlines are judged by this machine's speed, not by the prior
@@ -135,7 +165,7 @@ class DecisionPipeline:
             ]
         )
 
-    # ------------------------------------------------------------ inference thread
+    # --------------------------------------------- batches (loop or inference thread)
     def _run_batch(self, snaps: Sequence[GraphSnapshot]) -> list[Evaluated]:
         """Featurize + one batched forward; the policy is read once per batch so a
         hot swap never splits a batch."""
@@ -213,6 +243,7 @@ class DecisionPipeline:
             raise RefusedError(
                 "RESOURCE_EXHAUSTED",
                 f"inference queue full ({self.config.batch.max_queued} graphs); retry later",
+                self.pushback_ms(self.batcher.backlog_ms()),
             )
         try:
             done = await job.future

@@ -79,7 +79,10 @@ class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
             p.m.rejected.labels(err.reason).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except RefusedError as r:
-            await context.abort(grpc.StatusCode[r.code], str(r))
+            pushback = (("grpc-retry-pushback-ms", str(r.retry_after_ms)),)
+            await context.abort(
+                grpc.StatusCode[r.code], str(r), pushback if r.retry_after_ms else ()
+            )
         return pb.DecideResponse(decision=decision)
 
     async def GetPolicyInfo(

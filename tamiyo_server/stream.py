@@ -50,6 +50,7 @@ def _error(
     message: str,
     field: str = "",
     frame: pb.TelemetryFrame | None = None,
+    retry_after_ms: int = 0,
 ) -> pb.StreamTelemetryResponse:
     # (fields set in place: ~2.5x cheaper than building a StreamError and copying it in,
     # and the shed paths answer nearly every frame under overload)
@@ -62,6 +63,8 @@ def _error(
     if frame is not None:
         err.frame_step = frame.step
         err.frame_request_id = frame.request_id
+    if retry_after_ms:
+        err.retry_after_ms = retry_after_ms
     return resp
 
 
@@ -229,14 +232,15 @@ class StreamHandler:
             # Answer at the cheapest possible cost (no validation, no history update) so
             # the backlog drains and nothing goes unanswered; say the telemetry was dropped.
             child(self.p.m.shed, "swamped").inc()
+            lag_ms = self.p.loop_lag_s * 1000.0
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
-                    "shed: server overloaded (event loop "
-                    f"{self.p.loop_lag_s * 1000:.0f} ms behind); this frame was not "
-                    "processed and its telemetry was dropped",
+                    f"shed: server overloaded (event loop {lag_ms:.0f} ms behind); this "
+                    "frame was not processed and its telemetry was dropped",
                     "frame",
                     frame,
+                    self.p.pushback_ms(lag_ms),
                 )
             )
             return
@@ -258,7 +262,8 @@ class StreamHandler:
                 )
             )
             return
-        if self.p.batcher.backlog_ms() > s.deadline_s * 1000.0 and s.pending is None:
+        backlog_ms = self.p.batcher.backlog_ms()
+        if backlog_ms > s.deadline_s * 1000.0 and s.pending is None:
             # Hopeless backlog: answer at once, cheaply (no snapshot, no featurize), so
             # overload sheds at the door instead of queueing in the transport.
             child(self.p.m.shed, "overload").inc()
@@ -269,6 +274,7 @@ class StreamHandler:
                     "telemetry was recorded, ask again with a later frame",
                     "frame.want_decision",
                     frame,
+                    self.p.pushback_ms(backlog_ms),
                 )
             )
             return

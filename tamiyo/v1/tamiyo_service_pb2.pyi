@@ -285,6 +285,7 @@ class StreamError(_message.Message):
     FIELD_FIELD_NUMBER: _builtins.int
     FRAME_STEP_FIELD_NUMBER: _builtins.int
     FRAME_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     code: Global___StreamErrorCode.ValueType
     message: _builtins.str
     """What was wrong, naming the field, e.g. "frame.signals[3].health_score: 1.7 not in [0, 1]"."""
@@ -293,6 +294,12 @@ class StreamError(_message.Message):
     frame_step: _builtins.int
     """The step / request id of the frame concerned, when it was a frame."""
     frame_request_id: _builtins.str
+    retry_after_ms: _builtins.int
+    """Pushback, set on RESOURCE_EXHAUSTED when the server is overloaded: do not ask this
+    stream for another decision (want_decision) for this many ms. Telemetry frames without
+    want_decision stay welcome. A client that asks again at once only adds to the overload
+    (a closed loop that does so gets nothing but refusals), like gRPC's retry pushback.
+    """
     def __init__(
         self,
         *,
@@ -301,10 +308,11 @@ class StreamError(_message.Message):
         field: _builtins.str = ...,
         frame_step: _builtins.int = ...,
         frame_request_id: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "frame_request_id", b"frame_request_id", "frame_step", b"frame_step", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "frame_request_id", b"frame_request_id", "frame_step", b"frame_step", "message", b"message", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

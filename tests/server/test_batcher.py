@@ -1,4 +1,7 @@
-"""The batcher: EDF order, batching across submitters, shedding, bounds, replace, cancel."""
+"""The batcher: EDF order, batching across submitters, shedding, bounds, replace, cancel.
+
+Tests that hold the runner inside a batch (a gate) need the inference thread; the others
+run in both modes (``run_on`` "thread" and "loop")."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import pytest
 from tamiyo.config import BatchConfig
 from tamiyo_server.batcher import Batcher, CostModel
 
-CFG = BatchConfig()
+CFG = BatchConfig(run_on="thread")
+MODES = pytest.mark.parametrize("mode", ["thread", "loop"])
 
 
 class Recorder:
@@ -33,9 +37,10 @@ class Recorder:
         return [p * 10 for p in payloads]
 
 
-async def test_results_come_back_batched() -> None:
+@MODES
+async def test_results_come_back_batched(mode: str) -> None:
     rec = Recorder(sleep_s=0.002)
-    b: Batcher[int, int] = Batcher(rec, CFG)
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, run_on=mode))
     b.start()
     now = time.monotonic()
     jobs = [b.submit(i, 4, 3, now, now + 1.0) for i in range(50)]
@@ -71,9 +76,10 @@ async def test_earliest_deadline_first_and_replace() -> None:
     b.stop()
 
 
-async def test_hopeless_deadline_is_shed_not_run() -> None:
+@MODES
+async def test_hopeless_deadline_is_shed_not_run(mode: str) -> None:
     rec = Recorder()
-    b: Batcher[int, int] = Batcher(rec, CFG)
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, run_on=mode))
     b.start()
     now = time.monotonic()
     job = b.submit(7, 10, 0, now - 1.0, now - 0.5)  # already late
@@ -111,11 +117,12 @@ async def test_queue_is_bounded_and_cancel_and_stop_shed() -> None:
     assert [d.result for d in rest] == [20, 30]
 
 
-async def test_runner_error_is_answered() -> None:
+@MODES
+async def test_runner_error_is_answered(mode: str) -> None:
     def boom(payloads: Sequence[int]) -> list[int]:
         raise RuntimeError("broken engine")
 
-    b: Batcher[int, int] = Batcher(boom, CFG)
+    b: Batcher[int, int] = Batcher(boom, replace(CFG, run_on=mode))
     b.start()
     now = time.monotonic()
     job = b.submit(1, 1, 0, now, now + 1.0)
@@ -135,10 +142,11 @@ def test_cost_model_learns_linear_cost() -> None:
         assert model.predict_ms(nodes, graphs) == pytest.approx(truth, rel=0.1, abs=0.1)
 
 
-async def test_pessimistic_model_recovers_by_probing() -> None:
+@MODES
+async def test_pessimistic_model_recovers_by_probing(mode: str) -> None:
     rec = Recorder()
     # A prior of 10 s per batch: every 50 ms deadline looks hopeless.
-    b: Batcher[int, int] = Batcher(rec, replace(CFG, prior_batch_ms=10_000.0))
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, run_on=mode, prior_batch_ms=10_000.0))
     b.probe_interval_s = 0.0
     b.start()
     sheds = 0
@@ -173,12 +181,15 @@ async def test_backlog_prediction_grows_with_the_queue() -> None:
     b.stop()
 
 
-async def test_a_lone_submitter_is_not_held_for_company() -> None:
+@MODES
+async def test_a_lone_submitter_is_not_held_for_company(mode: str) -> None:
     """Sparse arrivals (one closed-loop stream): waiting max_queue_delay for graphs that
     will not come only adds latency, so the batch closes at once."""
     rec = Recorder()
     wait_s = 0.5
-    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_queue_delay_ms=wait_s * 1000.0))
+    b: Batcher[int, int] = Batcher(
+        rec, replace(CFG, run_on=mode, max_queue_delay_ms=wait_s * 1000.0)
+    )
     b.start()
     took = []
     for i in range(3):
@@ -193,10 +204,11 @@ async def test_a_lone_submitter_is_not_held_for_company() -> None:
     b.stop()
 
 
-async def test_dense_arrivals_still_wait_for_company() -> None:
+@MODES
+async def test_dense_arrivals_still_wait_for_company(mode: str) -> None:
     """Submissions closer together than the wait: the batch waits and fills."""
     rec = Recorder()
-    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_queue_delay_ms=300.0))
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, run_on=mode, max_queue_delay_ms=300.0))
     b.start()
     now = time.monotonic()
     for i in range(20):  # teach the gap estimate that arrivals are dense
@@ -210,3 +222,33 @@ async def test_dense_arrivals_still_wait_for_company() -> None:
     later = [bt for bt in rec.batches if any(x >= 20 for x in bt)]
     assert len(later) < 10, rec.batches  # the spaced submissions shared batches
     b.stop()
+
+
+async def test_on_the_loop_a_full_batch_runs_without_waiting() -> None:
+    """Loop mode schedules the batch when it should close: a submission that fills it
+    makes it run at once, not when the (long) queue delay ends."""
+    rec = Recorder()
+    cfg = replace(CFG, run_on="loop", max_queue_delay_ms=5_000.0, max_batch_graphs=4)
+    b: Batcher[int, int] = Batcher(rec, cfg)
+    b.start()
+    b.arrival_gap_s = 0.0  # dense arrivals: the batch would wait for company
+    now = time.monotonic()
+    jobs = [b.submit(i, 4, 3, now, now + 30.0) for i in range(4)]
+    done = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs if j)), 1.0)
+    assert [d.result for d in done] == [0, 10, 20, 30]
+    assert rec.batches == [[0, 1, 2, 3]]
+    b.stop()
+
+
+async def test_on_the_loop_stop_runs_queued_work_first() -> None:
+    rec = Recorder()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, run_on="loop", max_queue_delay_ms=5_000.0))
+    b.start()
+    b.arrival_gap_s = 0.0
+    now = time.monotonic()
+    jobs = [b.submit(i, 4, 3, now, now + 30.0) for i in range(3)]
+    assert rec.batches == []  # still waiting for company
+    b.stop()
+    assert b.submit(9, 4, 3, now, now + 30.0) is None
+    done = await asyncio.gather(*(j.future for j in jobs if j))
+    assert [d.result for d in done] == [0, 10, 20]

@@ -230,6 +230,11 @@ async def test_overload_is_answered_explicitly(make_server: ServerFactory) -> No
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Decide(pb.DecideRequest(state=state))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # pushback in gRPC's own trailer, within the configured bounds (± jitter)
+        trailer = dict(err.value.trailing_metadata() or ())
+        cfg = BatchConfig()
+        assert 0.75 * cfg.min_pushback_ms <= int(trailer["grpc-retry-pushback-ms"])
+        assert int(trailer["grpc-retry-pushback-ms"]) <= 1.25 * cfg.max_pushback_ms
         await call.done_writing()
     assert srv.metrics.registry.get_sample_value("tamiyo_shed_total", {"reason": "queue_full"}) == 2
 
@@ -360,6 +365,7 @@ async def test_swamped_loop_refuses_at_the_door(
         assert err.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
         assert (err.frame_request_id, err.field) == ("late", "frame")
         assert "telemetry was dropped" in err.message
+        assert err.retry_after_ms >= 0.75 * BatchConfig().min_pushback_ms  # pushback
         monkeypatch.undo()
         await call.write(hosts.frame(6, 2, tag="ok"))
         assert (await read(call)).decision.frame_request_id == "ok"
