@@ -31,7 +31,8 @@ ALGOS = ("iql", "bc", "cql")
 @dataclass
 class Minibatch:
     """B transitions on the training device. ``both`` collates [s_1..s_B, s'_1..s'_B]
-    (None for BC); ``states`` collates s_1..s_B; the rest are float32/int64 [B]."""
+    (None for BC); ``states`` collates s_1..s_B; the rest are float32/int64 [B]
+    (``propensity`` = μ(a_data|s) logged by the behaviour policy)."""
 
     states: Batch
     both: Batch | None
@@ -40,6 +41,7 @@ class Minibatch:
     reward: torch.Tensor
     done: torch.Tensor
     mc_return: torch.Tensor
+    propensity: torch.Tensor
 
 
 def _f(t: torch.Tensor) -> float:
@@ -153,7 +155,8 @@ class Learner:
         self._polyak()
         adv = (qt_a - v).detach()
         logp, actor_v = self._actor_logp(mb)
-        pi_loss = losses.awr_loss(logp, adv, cfg.iql_beta, cfg.iql_max_weight)
+        pi_loss = losses.awr_loss(logp, adv, cfg.iql_beta, cfg.iql_max_weight, mb.propensity,
+                                  cfg.iql_prior_power)  # fmt: skip
         av_loss = (actor_v - v.detach()).pow(2).mean()
         self._step("actor", pi_loss + cfg.value_weight * av_loss)
         return {

@@ -26,9 +26,15 @@ from tqdm import tqdm
 
 from tamiyo.config import SimicConfig, TrainConfig
 from tamiyo.policy.batch import collate
-from tamiyo.policy.checkpoint import save_checkpoint
+from tamiyo.policy.checkpoint import (
+    load_checkpoint,
+    prune_versions,
+    read_manifest,
+    resolve_latest,
+    save_checkpoint,
+)
 from tamiyo.policy.engine import resolve_device
-from tamiyo.policy.model import PolicyConfig
+from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from trainer.algos import Learner, Minibatch
 from trainer.dataset import OfflineDataset
 from trainer.evaluate import Reference, evaluate_network
@@ -39,12 +45,19 @@ LOG_EVERY = 25  # steps averaged into one metrics line
 
 @dataclass
 class TrainResult:
+    """``policy`` is the network that was checkpointed: the weights with the best
+    validation score when ``TrainConfig.keep_best`` (from step ``selected_step``),
+    else the final ones. ``learner`` holds the final weights (what a resume continues)."""
+
     run_dir: Path
     checkpoint: Path | None  # None on ranks > 0
     steps: int
     start_step: int
     last_eval_score: float | None
     learner: Learner
+    policy: TamiyoPolicy
+    selected_step: int
+    selected_score: float | None
 
 
 def make_minibatch(
@@ -72,6 +85,7 @@ def make_minibatch(
         reward=t(ds.reward[idx] + np.float32(reward_offset)),
         done=t(ds.done[idx]),
         mc_return=t(ds.mc_return[idx]),
+        propensity=t(ds.propensity[idx]),
     )
 
 
@@ -139,8 +153,11 @@ def train(
             log.write(json.dumps(clean, allow_nan=False) + "\n")
             log.flush()
 
+    best_dir = run_dir / "best"
+    best = _best_so_far(best_dir) if start and cfg.keep_best else None
+
     def evaluate(step: int) -> None:
-        nonlocal last_eval
+        nonlocal last_eval, best
         if validation is None or not lead:
             return
         res = evaluate_network(learner.policy, cfg.algo, validation, simic)
@@ -148,6 +165,11 @@ def train(
         write({"step": step, "kind": "eval", "algo": cfg.algo, "seed": cfg.seed,
                "eval_score": last_eval, "agreement": res.oracle_layer_agreement,
                "time_s": time.monotonic() - t0})  # fmt: skip
+        if cfg.keep_best and (best is None or last_eval > best[1]):
+            path = save_checkpoint(best_dir, learner.policy, metrics={
+                "steps": step, "algo": cfg.algo, "validation_score": last_eval})  # fmt: skip
+            prune_versions(best_dir, keep=1)
+            best = (step, last_eval, path)
 
     try:
         for step in bar:
@@ -171,12 +193,17 @@ def train(
         if start < cfg.steps or last_eval is None:
             evaluate(final)
         ckpt = None
+        policy, sel_step, sel_score = learner.policy, final, last_eval
+        if best is not None and (last_eval is None or best[1] > last_eval):
+            policy = load_checkpoint(best[2]).model.to(device)
+            sel_step, sel_score = best[0], best[1]
         if lead:
             _save(state_dir, learner, final, rng, rank, cfg)
             ckpt = save_checkpoint(
                 run_dir / "checkpoints",
-                learner.policy,
-                metrics={"steps": final, "algo": cfg.algo, "validation_score": last_eval},
+                policy,
+                metrics={"steps": final, "algo": cfg.algo, "validation_score": sel_score,
+                         "selected_step": sel_step, "final_validation_score": last_eval},
                 provenance={"train_config": asdict(cfg), "world_size": world,
                             **(provenance or {})},
             )  # fmt: skip
@@ -185,7 +212,19 @@ def train(
             log.close()
         if world > 1 and dist.is_initialized():
             dist.barrier()
-    return TrainResult(run_dir, ckpt, cfg.steps, start, last_eval, learner)
+    return TrainResult(run_dir, ckpt, cfg.steps, start, last_eval, learner, policy, sel_step,
+                       sel_score)  # fmt: skip
+
+
+def _best_so_far(best_dir: Path) -> tuple[int, float, Path] | None:
+    """(step, validation score, checkpoint dir) of the best checkpoint a resumed run kept."""
+    path = resolve_latest(best_dir)
+    if path is None:
+        return None
+    m = read_manifest(path).get("metrics", {})
+    if m.get("validation_score") is None:
+        return None
+    return int(m["steps"]), float(m["validation_score"]), path
 
 
 def _save(

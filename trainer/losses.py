@@ -9,6 +9,8 @@ critic (its value head gives V), so every algorithm trains the one ``TamiyoPolic
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tamiyo.policy.model import per_graph_log_softmax, segment_max
@@ -75,10 +77,24 @@ def td_loss(
 
 
 def awr_loss(
-    logp_a: torch.Tensor, advantage: torch.Tensor, beta: float, max_weight: float
+    logp_a: torch.Tensor,
+    advantage: torch.Tensor,
+    beta: float,
+    max_weight: float,
+    propensity: torch.Tensor | None = None,
+    prior_power: float = 0.0,
 ) -> torch.Tensor:
-    """IQL's policy extraction: −mean min(exp(β·A), max_weight) · log π(a|s), A fixed."""
-    w = torch.exp(beta * advantage.detach()).clamp(max=max_weight)
+    """IQL's policy extraction: −mean min(exp(β·A) / μ^α, max_weight) · log π(a|s), A fixed.
+
+    Its optimum is π(a|s) ∝ μ(a|s)^(1−α) · exp(β·A(s,a)) (μ = the logged ``propensity``
+    float32 [B], α = ``prior_power``). α = 0 is plain AWR, whose greedy action must beat
+    the behaviour prior's log-odds (≈ ln(0.9·(1 + 2·layers)/ε) for an exploratory repair):
+    that makes the policy late and more so on bigger graphs. α = 1 removes the prior.
+    """
+    logw = beta * advantage.detach()
+    if propensity is not None and prior_power != 0.0:
+        logw = logw - prior_power * torch.log(propensity.clamp_min(1e-12))
+    w = torch.exp(logw.clamp(max=math.log(max_weight)))
     return -(w * logp_a).mean()
 
 

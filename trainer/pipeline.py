@@ -43,7 +43,6 @@ from trainer.simic.rollout import RolloutResult, episodes_for, run_policy
 
 SEED_BASE = {"data": 0, "fqe": 1_000_000, "val": 2_000_000, "test": 3_000_000,
              "unseen": 4_000_000}  # fmt: skip
-VALIDATION_EPISODES = 48
 
 
 def _log(msg: str) -> None:
@@ -144,7 +143,7 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
         return Reference.build(episodes_for(range(SEED_BASE[kind], SEED_BASE[kind] + n),
                                             sizes, simic), simic)  # fmt: skip
 
-    val = ref("val", VALIDATION_EPISODES, simic.train_sizes)
+    val = ref("val", cfg.eval_episodes, simic.train_sizes)
     sets = {"heldout_seeds": ref("test", cfg.final_eval_episodes, simic.train_sizes),
             "unseen_sizes": ref("unseen", cfg.final_eval_episodes, simic.unseen_sizes)}  # fmt: skip
     runs_dir = out / "runs"
@@ -157,11 +156,13 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
                         resume=True, progress=progress,
                         provenance={"data": str(data_path), "transitions": len(data)})  # fmt: skip
             assert res.checkpoint is not None
-            pol = NetworkPolicy(res.learner.policy, algo)
+            pol = NetworkPolicy(res.policy, algo)
             ev = {k: _rollout_stats(run_policy(pol, r.episodes, simic)) for k, r in sets.items()}
-            out: dict[str, Any] = {"checkpoint": str(res.checkpoint), "eval": ev}
+            out: dict[str, Any] = {"checkpoint": str(res.checkpoint), "eval": ev,
+                                   "selected_step": res.selected_step,
+                                   "validation_score": res.selected_score}  # fmt: skip
             if algo == served_algo:  # the same network behind the server's DecisionRules
-                srv = NetworkPolicy(res.learner.policy, algo, rules=RuleConfig())
+                srv = NetworkPolicy(res.policy, algo, rules=RuleConfig())
                 out["served"] = {k: _rollout_stats(run_policy(srv, r.episodes, simic))
                                  for k, r in sets.items()}  # fmt: skip
             return out
@@ -212,6 +213,10 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
         report["evaluation"][set_name] = {"episodes": len(r.episodes), "normalized_score": scores,
                                           "stats": stats}  # fmt: skip
 
+    # Which step each run's checkpoint comes from (best validation score, train sizes).
+    report["selection"] = {f"{a}-s{s}": {k: results[f"{a}-s{s}"][k] for k in
+                                         ("selected_step", "validation_score")}
+                           for s in range(cfg.train_seeds) for a in cfg.algos}  # fmt: skip
     best_algo = "iql" if "iql" in cfg.algos else cfg.algos[0]
     default_ckpt = Path(results[f"{best_algo}-s0"]["checkpoint"])
     report["fqe"] = _fqe(cfg, simic, default_ckpt, fqe_path, progress)

@@ -3,6 +3,7 @@ continues from the saved step with the same result as an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,13 +13,15 @@ import torch
 
 from tamiyo.config import SimicConfig, TrainConfig
 from tamiyo.policy.batch import collate
-from tamiyo.policy.checkpoint import load_checkpoint, resolve_latest
+from tamiyo.policy.checkpoint import load_checkpoint, read_manifest, resolve_latest
 from tamiyo.policy.features import FEATURE_SCHEMA, GraphTensors
 from tamiyo.policy.model import PolicyConfig
 from tamiyo.policy.synthetic import random_graphs
 from trainer.dataset import OfflineDataset
+from trainer.evaluate import Reference
 from trainer.fqe import greedy_actions
 from trainer.loop import train
+from trainer.simic.rollout import episodes_for
 
 FEATURE = FEATURE_SCHEMA.names.index("dead_neuron_ratio")
 SMALL = PolicyConfig(hidden=16, gcn_layers=1, kernel_hidden=8, head_hidden=16)  # fast tests
@@ -118,3 +121,51 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     assert loaded.manifest["metrics"]["steps"] == 20
     out = loaded.model(collate(data.graphs[:3]))
     assert torch.isfinite(out.value).all()
+
+
+def _eval_scores(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        if '"kind": "eval"' in line:
+            rec = json.loads(line)
+            out[int(rec["step"])] = float(rec["eval_score"])
+    return out
+
+
+def test_keep_best_checkpoints_the_best_validation_step_across_a_resume(tmp_path: Path) -> None:
+    simic = replace(
+        SimicConfig(),
+        horizon=8,
+        train_sizes=(4, 6),
+        onset_range=(1, 3),
+        fault_rate_range=(0.2, 0.3),
+    )
+    val = Reference.build(episodes_for(range(2_000_000, 2_000_006), simic.train_sizes, simic),
+                          simic)  # fmt: skip
+    data = bandit_dataset(40)
+    base = TrainConfig(algo="iql", steps=8, batch_size=8, eval_every=2, checkpoint_every=4,
+                       lr=3e-2, iql_beta=10.0)  # fmt: skip
+    train(base, data, tmp_path / "run", simic=simic, validation=val, progress=False,
+          policy_config=SMALL)  # fmt: skip
+    res = train(replace(base, steps=16), data, tmp_path / "run", simic=simic, validation=val,
+                resume=True, progress=False, policy_config=SMALL)  # fmt: skip
+    scores = _eval_scores(tmp_path / "run")
+    assert sorted(scores) == [2, 4, 6, 8, 10, 12, 14, 16]
+    best_step = max(scores, key=lambda k: (scores[k], -k))  # the first of equal maxima
+    assert res.selected_step == best_step
+    assert res.selected_score == pytest.approx(scores[best_step])
+    assert res.checkpoint is not None
+    metrics = read_manifest(res.checkpoint)["metrics"]
+    assert metrics["selected_step"] == best_step
+    assert metrics["steps"] == 16
+    served = load_checkpoint(res.checkpoint).model.state_dict()
+    for k, v in res.policy.state_dict().items():
+        torch.testing.assert_close(served[k], v)
+    final = res.learner.policy.state_dict()
+    same = all(torch.equal(final[k], v) for k, v in res.policy.state_dict().items())
+    assert same == (best_step == 16)
+    # keep_best off: the final weights, whatever validation said.
+    off = train(replace(base, keep_best=False), data, tmp_path / "off", simic=simic,
+                validation=val, progress=False, policy_config=SMALL)  # fmt: skip
+    assert off.selected_step == 8
+    assert not (tmp_path / "off" / "best").exists()

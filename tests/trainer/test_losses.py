@@ -84,6 +84,21 @@ def test_awr_loss_weights_and_clips() -> None:
     assert losses.awr_loss(logp, adv, 1.0, 5.0).item() == pytest.approx(want)
 
 
+def test_awr_loss_divides_by_the_behaviour_prior() -> None:
+    logp = torch.tensor([-1.0, -2.0])
+    adv = torch.tensor([0.0, math.log(2.0)])
+    mu = torch.tensor([0.5, 0.25])
+    # α = 1: weights e^0 / 0.5 = 2 and 2 / 0.25 = 8, clipped at 5.
+    want = -(2 * -1.0 + 5 * -2.0) / 2
+    assert losses.awr_loss(logp, adv, 1.0, 5.0, mu, 1.0).item() == pytest.approx(want)
+    # α = 0.5: 1/√0.5 and 2/√0.25 = 4.
+    want = -(math.sqrt(2.0) * -1.0 + 4 * -2.0) / 2
+    assert losses.awr_loss(logp, adv, 1.0, 5.0, mu, 0.5).item() == pytest.approx(want)
+    # α = 0 (or no propensities) is plain AWR.
+    plain = losses.awr_loss(logp, adv, 1.0, 5.0)
+    assert losses.awr_loss(logp, adv, 1.0, 5.0, mu, 0.0).item() == pytest.approx(plain.item())
+
+
 def test_cql_penalty() -> None:
     lse = losses.graph_logsumexp(PAIR, NOOP, NB)
     q_a = torch.tensor([2.0, 1.0])
