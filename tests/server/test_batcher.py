@@ -252,3 +252,27 @@ async def test_on_the_loop_stop_runs_queued_work_first() -> None:
     assert b.submit(9, 4, 3, now, now + 30.0) is None
     done = await asyncio.gather(*(j.future for j in jobs if j))
     assert [d.result for d in done] == [0, 10, 20]
+
+
+async def test_on_the_loop_an_urgent_job_brings_the_batch_forward() -> None:
+    """A batch planned to wait for company runs early when a job with a near deadline
+    joins (its slack, not the queue delay, now decides), and EDF puts that job first."""
+    rec = Recorder()
+    cfg = replace(CFG, run_on="loop", max_queue_delay_ms=2_000.0)
+    b: Batcher[int, int] = Batcher(rec, cfg)
+    b.start()
+    b.arrival_gap_s = 0.0  # dense arrivals: the batch waits for company
+    # ~20 ms per batch (whatever its size): the batch closes ~20 ms before the urgent
+    # deadline, so a loop that runs the callback a few ms late does not shed the job
+    b.cost.fit([(4, 1, 20.0), (8, 2, 20.0), (40, 10, 20.0)])
+    now = time.monotonic()
+    relaxed = b.submit(1, 4, 3, now, now + 30.0)
+    await asyncio.sleep(0.05)
+    assert rec.batches == []  # still waiting (2 s of queue delay left)
+    urgent = b.submit(2, 4, 3, now, time.monotonic() + 0.3)
+    assert relaxed
+    assert urgent
+    await asyncio.wait_for(urgent.future, 0.5)  # long before the 2 s queue delay ends
+    assert rec.batches[0][0] == 2, rec.batches
+    assert (await relaxed.future).result == 10
+    b.stop()
