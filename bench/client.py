@@ -7,10 +7,14 @@ MLP (8 -> width -> ... -> 1, ReLU, SGD, batch ``BATCH``) in short interleaved se
 
 - ``bare``: the plain model, no KasminaLayers, no client: the baseline;
 - ``telemetry``: KasminaLayers on every Linear and a frame built every step, not sent;
-- ``up`` / ``slow`` / ``down``: as ``telemetry`` plus a ``BlockingTamiyoClient`` to a
-  real server process, to the same server behind a slow narrow TCP proxy (50 ms per
-  1 KiB chunk), or to a port where nothing listens; each step sends its frame (a
-  decision asked every 5th), polls decisions and reports an outcome per decision.
+- ``up`` / ``slow`` / ``down``: as ``telemetry`` plus a ``ProcessTamiyoClient`` (the
+  streaming client in a sidecar process, fed through a pipe) to a real server process,
+  to the same server behind a slow narrow TCP proxy (50 ms per 1 KiB chunk), or to a
+  port where nothing listens; each step sends its frame (a decision asked every 5th),
+  polls decisions and reports an outcome per decision;
+- ``thread-up`` / ``thread-slow`` / ``thread-down``: the same with a
+  ``BlockingTamiyoClient`` (the client on a thread of the training process): the A/B of
+  the two front ends in the same run.
 
 Step time = wall time minus the time the thread sat runnable waiting for a CPU (Linux
 schedstat), so a step that waited for the client (a lock, the GIL) keeps that time and
@@ -43,8 +47,9 @@ from bench.report import environment, print_table, write_json
 
 PART = "client"
 ORDER = 70
-MODES = ("bare", "telemetry", "up", "slow", "down")
-CLIENT_MODES = ("up", "slow", "down")
+CLIENT_MODES = ("up", "slow", "down")  # ProcessTamiyoClient
+THREAD_MODES = ("thread-up", "thread-slow", "thread-down")  # BlockingTamiyoClient
+MODES = ("bare", "telemetry", *CLIENT_MODES, *THREAD_MODES)
 BATCH = 128
 TARGET_RATIO = 1.10  # issue #8
 
@@ -83,7 +88,7 @@ class Rig:
     model: nn.Module
     opt: torch.optim.Optimizer
     host: Any  # tamiyo_client.host.KasminaHost
-    clients: dict[str, Any]  # mode -> tamiyo_client.blocking.BlockingTamiyoClient
+    clients: dict[str, Any]  # mode -> ProcessTamiyoClient or BlockingTamiyoClient
     batch: int = BATCH
     frame_step: int = 0  # frame steps only increase (the server requires it)
 
@@ -160,7 +165,8 @@ def summarize(timings: dict[str, Timings]) -> list[dict[str, Any]]:
     rows = []
     for mode, t in timings.items():
         own = statistics.median(t.own)
-        vs_loop = paired_ratio(t, loop) if loop and mode in CLIENT_MODES else None
+        client_mode = mode in CLIENT_MODES or mode in THREAD_MODES
+        vs_loop = paired_ratio(t, loop) if loop and client_mode else None
         rows.append(
             {
                 "mode": mode,
@@ -177,18 +183,24 @@ def summarize(timings: dict[str, Timings]) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def rig(width: int = 256, depth: int = 4, log_dir: Path | None = None) -> Iterator[Rig]:
-    """Start the server process and the three clients, warm up, yield the rig; clean up.
-    Frames are not sent during the warm-up (no client is called)."""
+def rig(
+    width: int = 256,
+    depth: int = 4,
+    log_dir: Path | None = None,
+    modes: tuple[str, ...] = MODES,
+) -> Iterator[Rig]:
+    """Start the server process and a client per client mode in ``modes``, warm up, yield
+    the rig; clean up. Frames are not sent during the warm-up (no client is called)."""
     from tamiyo.config import ClientConfig, KasminaConfig
     from tamiyo_client.blocking import BlockingTamiyoClient
     from tamiyo_client.host import KasminaHost
+    from tamiyo_client.process import ProcessTamiyoClient
     from tamiyo_client.topology import select_types
     from tests.client.serverproc import spawn
 
     with tempfile.TemporaryDirectory(prefix="tamiyo-client-bench-") as tmp:
         server = spawn((log_dir or Path(tmp)) / "client-bench-server.log")
-        clients: dict[str, BlockingTamiyoClient] = {}
+        clients: dict[str, BlockingTamiyoClient | ProcessTamiyoClient] = {}
         try:
             bare = build_model(width, depth)
             model = build_model(width, depth)
@@ -202,13 +214,17 @@ def rig(width: int = 256, depth: int = 4, log_dir: Path | None = None) -> Iterat
                 ClientConfig(), connect_timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=1.0
             )
             ports = {"up": server.server_port, "slow": server.proxy_port, "down": _dead_port()}
-            for mode, port in ports.items():
-                cfg = replace(base, target=f"127.0.0.1:{port}")
-                clients[mode] = BlockingTamiyoClient(host.session_open(), cfg)
+            for mode in modes:
+                kind, _, where = mode.rpartition("-")
+                if where not in ports:
+                    continue
+                cfg = replace(base, target=f"127.0.0.1:{ports[where]}")
+                front = BlockingTamiyoClient if kind == "thread" else ProcessTamiyoClient
+                clients[mode] = front(host.session_open(), cfg)
                 clients[mode].start()
-            for mode in ("up", "slow"):
-                if not clients[mode].wait_connected(15):
-                    raise RuntimeError(f"{mode}: no session: {clients[mode].last_error}")
+            for mode, c in clients.items():
+                if not mode.endswith("down") and not c.wait_connected(20):
+                    raise RuntimeError(f"{mode}: no session: {c.last_error}")
             r = Rig(
                 bare,
                 torch.optim.SGD(bare.parameters(), lr=1e-3),
@@ -257,7 +273,7 @@ def run(opts: BenchOptions) -> None:
                 "up_latency_p50_ms": up.stats.latency_percentile(50),
                 "slow_decisions": slow.stats.decisions,
                 "slow_latency_p50_ms": slow.stats.latency_percentile(50),
-                "down_frames_coalesced": down.client.frames_coalesced,
+                "down_frames_coalesced": down.frames_coalesced,
                 "down_connected": down.connected,
             }
         return rows, facts
@@ -267,10 +283,12 @@ def run(opts: BenchOptions) -> None:
     client_rows = [row for row in rows if row["mode"] in CLIENT_MODES]
     worst = max(row["vs_loop"] for row in client_rows)
     worst_bare = max(row["ratio"] for row in client_rows)
+    thread_rows = [row for row in rows if row["mode"] in THREAD_MODES]
+    worst_thread = max(row["vs_loop"] for row in thread_rows)
     for row in rows:
         row["env"] = env
         row["target_ratio"] = TARGET_RATIO
-        if row["mode"] in CLIENT_MODES:
+        if row["mode"] in CLIENT_MODES or row["mode"] in THREAD_MODES:
             row["met"] = row["vs_loop"] <= TARGET_RATIO
     rows.append(
         {
@@ -278,6 +296,7 @@ def run(opts: BenchOptions) -> None:
             **facts,
             "worst_vs_loop": worst,
             "worst_vs_bare": worst_bare,
+            "worst_thread_vs_loop": worst_thread,
             "env": env,
         }
     )

@@ -187,5 +187,21 @@ class BlockingTamiyoClient:
         return self.client.last_error
 
     @property
+    def policy_version(self) -> str:
+        return self.client.policy_version
+
+    @property
+    def decision_deadline_ms(self) -> int:
+        return self.client.decision_deadline_ms
+
+    @property
+    def frames_coalesced(self) -> int:
+        return self.client.frames_coalesced
+
+    def pending(self) -> int:
+        """Frames and outcomes not yet written to the stream."""
+        return self.client.pending()
+
+    @property
     def fatal_error(self) -> str:
         return self.client.fatal_error

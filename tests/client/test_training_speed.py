@@ -5,18 +5,21 @@ One real model trained in one loop, in the five modes of ``bench.client`` (the s
 harness as ``make bench``), interleaved in short segments so machine noise hits all
 alike: ``bare`` (the model without KasminaLayers), ``telemetry`` (KasminaLayers, a frame
 built every step, no client: the no-client baseline), and ``up`` / ``slow`` / ``down``
-(that loop plus a ``BlockingTamiyoClient`` to a real server process, to the same server
-behind a slow narrow TCP proxy, or to a port where nothing listens).
+(that loop plus a ``ProcessTamiyoClient``, the streaming client in a sidecar process, to
+a real server process, to the same server behind a slow narrow TCP proxy, or to a port
+where nothing listens).
 
 Asserted, as ratios of median step times measured in the same run (medians over rounds
 of per-round ratios, ``bench.client.paired_ratio``; step time = wall minus the time the
 thread sat runnable waiting for a CPU, so waits on the client's locks or the GIL count
 and time stolen by other processes does not):
 
-- up, slow and down are each within ``MAX_RATIO`` of the no-client baseline. Issue #8
-  asks for 10 %; ``make bench`` measured 1.08 / 1.08 / 1.00 on the quiet box, but clean-clone
-  CI runs on the same quiet box measured up 1.09-1.27 and slow 1.12-1.21 across attempts, so
-  10 % is not a bound today's client holds every time, and the test asserts 1.25;
+- up, slow and down are each within ``MAX_RATIO`` = 1.10 (issue #8) of the no-client
+  baseline. With the client on a thread of the training process (``BlockingTamiyoClient``)
+  clean-clone CI measured up 1.09-1.27: the client thread took the GIL whenever a torch op
+  released it, and a GIL holder preempted by another process stalled the training thread
+  for its whole time slice. The sidecar runs in its own process; the training thread only
+  packs a frame and writes it to a pipe (``bench.client`` rows ``thread-*`` are the A/B);
 - the telemetry itself stays within ``MAX_TELEMETRY_RATIO`` of the bare model: before
   the KasminaLayer hot-path work it cost 2.7x on this model (hooks and ~40 torch ops per
   layer per step), now ~1.05-1.13x; the bound catches a return to per-step torch work.
@@ -29,17 +32,18 @@ from __future__ import annotations
 
 from bench.client import CLIENT_MODES, measure, rig, summarize, with_threads
 
-MAX_RATIO = 1.25  # client modes vs the no-client baseline (issue #8's 1.10: see above)
+MAX_RATIO = 1.10  # client modes vs the no-client baseline (issue #8)
+MODES = ("bare", "telemetry", *CLIENT_MODES)
 MAX_TELEMETRY_RATIO = 1.25  # KasminaLayers + a frame every step vs the bare model
 
 
 def test_training_speed_is_the_same_whether_server_is_up_slow_or_down() -> None:
     def run() -> None:
-        with rig() as r:
+        with rig(modes=MODES) as r:
             detail = ""
             ok = False
             for attempt in range(3):
-                rows = {row["mode"]: row for row in summarize(measure(r, 10, 20))}
+                rows = {row["mode"]: row for row in summarize(measure(r, 10, 20, MODES))}
                 ratios = {m: rows[m]["vs_loop"] for m in CLIENT_MODES}
                 tele = rows["telemetry"]["ratio"]
                 detail = " ".join(
@@ -56,7 +60,7 @@ def test_training_speed_is_the_same_whether_server_is_up_slow_or_down() -> None:
             assert up.stats.decisions > 0
             assert not down.connected
             assert down.stats.frames_sent == 0
-            assert down.client.frames_coalesced > 0
+            assert down.frames_coalesced > 0
             up_p50 = up.stats.latency_percentile(50)
             slow_p50 = slow.stats.latency_percentile(50)
             assert up_p50 is not None
