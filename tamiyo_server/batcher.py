@@ -64,10 +64,11 @@ R = TypeVar("R")
 _QUEUED, _TAKEN, _GONE = 0, 1, 2
 PROBE_INTERVAL_S = 0.1  # see Batcher._probe_due
 ARRIVAL_GAP_WEIGHT = 0.2  # EWMA weight of the newest gap between submissions
-TIMER_SLACK_S = 0.001
-"""Loop mode closes a batch this much before its computed time: a callback can run late
-by a busy loop iteration, and a batch closed at exactly zero slack then sheds its most
-urgent job (seen in a test: the urgent job shed, the relaxed one run alone)."""
+TIMER_SLACK_S = 0.002
+"""A batch closes this much before its computed latest time. A timer or a condition
+wait can fire late (epoll rounds timeouts up to whole ms; a busy loop runs callbacks
+late), and a batch closed at exactly zero slack then sheds its most urgent job as
+hopeless (seen in a test: the urgent job shed, the relaxed one run alone)."""
 
 
 class CostModel:
@@ -360,7 +361,7 @@ class Batcher(Generic[P, R]):
                         self._post_idle_check()
                     self._cond.wait()
                     continue
-                wait = self._wait_s(head, time.monotonic())
+                wait = self._wait_s(head, time.monotonic()) - TIMER_SLACK_S
                 if wait <= 0:
                     break
                 self._cond.wait(timeout=wait)

@@ -262,9 +262,9 @@ async def test_on_the_loop_an_urgent_job_brings_the_batch_forward() -> None:
     b: Batcher[int, int] = Batcher(rec, cfg)
     b.start()
     b.arrival_gap_s = 0.0  # dense arrivals: the batch waits for company
-    # ~20 ms per batch (whatever its size): the batch closes ~20 ms before the urgent
-    # deadline, so a loop that runs the callback a few ms late does not shed the job
-    b.cost.fit([(4, 1, 20.0), (8, 2, 20.0), (40, 10, 20.0)])
+    # 1 ms + 10 ms per graph: the 2-graph batch closes ~21 ms before the urgent deadline,
+    # while the job alone needs ~11 ms, so a callback a few ms late does not shed it
+    b.cost.fit([(4, 1, 11.0), (8, 2, 21.0), (40, 10, 101.0)])
     now = time.monotonic()
     relaxed = b.submit(1, 4, 3, now, now + 30.0)
     await asyncio.sleep(0.05)
