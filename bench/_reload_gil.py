@@ -5,16 +5,22 @@ jobs the end-to-end p99 moves by more between runs than a reload changes it. Her
 process plays the server's two serving threads while a third thread reloads, and the
 variants alternate reload by reload, so both see the same machine:
 
-* an **event-loop stand-in** sleeps 0.5 ms, wakes, and does a few µs of Python, over
-  and over; its *lag* (wake-up later than asked, ms) is how long it waited for the GIL
-  or a core — what each of the event loop's many GIL hand-offs per decision pays;
-* an **inference stand-in** runs the serving engine on 2 graphs of 16 nodes 80 times a
-  second on a fixed schedule; its latency (ms, from the scheduled time) is a batch's;
+* an **event-loop stand-in** does ``LOOP_WORK_MS`` of pure Python ``LOOP_HZ`` times a
+  second on a fixed schedule (a frame's validate/update/answer); its latency (ms, from
+  the scheduled time to the end of the work) is what a decision's event-loop part pays;
+* an **inference stand-in** featurizes 2 snapshots of 16 layers and runs the serving
+  engine on them ``INFER_HZ`` times a second (one batch of ``_run_batch``); latency as above;
 * the **reload** calls ``tamiyo_server.reload.load_served`` on a fresh checkpoint, then
   swaps, every ``gap_s``; its window runs from the call to ``TAIL_S`` after the swap.
 
-Figures per variant: p99 / max of both in its reload windows, and the same outside all
-windows (steady, shared). ``python -m bench.reload --gil`` runs it.
+Besides latency, each stand-in reports its **GIL wait** per item: wall time minus the
+thread's CPU time minus its time waiting for a core (``/proc/.../schedstat``), i.e. the
+time it was blocked on the GIL (plus ~0.05 ms of timer slack). Unlike latency this
+hardly depends on how loaded the box is, so variants can be compared on a busy machine.
+The reload's own CPU time (ms per reload) is reported too.
+
+Figures per variant: p99 / max in its reload windows, and the same outside all windows
+(steady, shared). ``python -m bench.reload --gil [--variants current,noidle,before]``.
 """
 
 from __future__ import annotations
@@ -25,48 +31,80 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 TAIL_S = 0.05  # after the swap, still the reload's window (first batches on the new policy)
-PROBE_SLEEP_S = 0.0005
+LOOP_HZ = 200.0  # event-loop stand-in items per second
+LOOP_WORK_MS = 0.3  # pure-Python work per item (calibrated at start), ms
 INFER_HZ = 80.0
-GIL_VARIANTS = ("before", "current", "switch-only", "pause-only", "nofreeze", "niced")
+GIL_VARIANTS = ("before", "current", "noidle", "switch-only", "pause-only", "niced")
+
+
+class _ThreadClock:
+    """CPU and run-queue wait (ms) of the calling thread, from /proc (Linux)."""
+
+    def __init__(self) -> None:
+        path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        self.fd = os.open(path, os.O_RDONLY) if os.path.exists(path) else -1
+
+    def read(self) -> tuple[float, float]:
+        if self.fd < 0:
+            return (float("nan"), float("nan"))
+        cpu, runq = os.pread(self.fd, 64, 0).split()[:2]
+        return int(cpu) / 1e6, int(runq) / 1e6
+
+
+def _busy(n: int) -> int:
+    """Pure-Python work (the event loop's kind: attribute reads, small objects)."""
+    acc = 0
+    for i in range(n):
+        acc += len(str(i))
+    return acc
+
+
+def _calibrate(ms: float) -> int:
+    """Iterations of ``_busy`` that take about ``ms`` of CPU here (best of 5)."""
+    n = 1000
+    best = min(_timed(n) for _ in range(5))
+    return max(1, int(n * ms / best))
+
+
+def _timed(n: int) -> float:
+    c0 = time.thread_time()
+    _busy(n)
+    return (time.thread_time() - c0) * 1e3
 
 
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
-    """``current``: the reload as committed; ``before``: without the GIL-sharing
-    changes (5 ms switch interval, no pauses); ``switch-only`` / ``pause-only``: one of
-    the two; ``nofreeze``: current, with ``torch.jit.freeze`` made a no-op while the
-    engine is built (what the engine would gain by not freezing: measured only here);
-    ``niced``: current, with the reloading thread at nice +5 (not under SCHED_FIFO)."""
-    import torch
-
+    """``current``: the reload as committed; ``noidle``: without waiting for the serving
+    threads to go idle between steps (``reload.IDLE_WAIT_MAX_S`` = 0); ``before``:
+    without any GIL sharing (5 ms switch interval, no pauses, no idle wait);
+    ``switch-only`` / ``pause-only``: one of the first two, no idle wait; ``niced``:
+    current, with the reloading thread at nice +5 (not under SCHED_FIFO)."""
     from tamiyo_server import reload
 
-    saved = (reload.SWITCH_INTERVAL_S, reload.PAUSE_S)
-    freeze = torch.jit.freeze
-    if name == "nofreeze":
-        torch.jit.freeze = lambda mod, *a, **k: mod
+    saved = (reload.SWITCH_INTERVAL_S, reload.PAUSE_S, reload.IDLE_WAIT_MAX_S)
     tid = threading.get_native_id()
     nice = os.getpriority(os.PRIO_PROCESS, tid)
+    if name not in GIL_VARIANTS:
+        raise ValueError(f"unknown GIL-probe variant {name!r}; known: {GIL_VARIANTS}")
     if name == "niced":  # this (the reloading) thread only
         os.setpriority(os.PRIO_PROCESS, tid, nice + 5)
     if name in ("before", "pause-only"):
         reload.SWITCH_INTERVAL_S = None
     if name in ("before", "switch-only"):
         reload.PAUSE_S = 0.0
-    if name not in GIL_VARIANTS:
-        raise ValueError(f"unknown GIL-probe variant {name!r}; known: {GIL_VARIANTS}")
+    if name in ("before", "switch-only", "pause-only", "noidle"):
+        reload.IDLE_WAIT_MAX_S = 0.0
     try:
         yield
     finally:
-        reload.SWITCH_INTERVAL_S, reload.PAUSE_S = saved
-        torch.jit.freeze = freeze
+        reload.SWITCH_INTERVAL_S, reload.PAUSE_S, reload.IDLE_WAIT_MAX_S = saved
         os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
@@ -82,7 +120,8 @@ def stalls(
     """Interleaved reloads of each variant under the two stand-ins; see the module doc."""
     from bench.reload import _write_versions
     from tamiyo.policy.engine import configure_threads
-    from tamiyo.policy.synthetic import random_graphs
+    from tamiyo.policy.features import featurize_many
+    from tamiyo.policy.synthetic import random_snapshot
     from tamiyo_server import reload
     from tamiyo_server.policy_holder import PolicyHolder
 
@@ -92,45 +131,62 @@ def stalls(
         root = Path(tmp)
         names = _write_versions(root, n)
         holder = PolicyHolder(reload.load_served(root / names[0], "cpu", float("inf")))
-        graphs = random_graphs(1, [16, 16])
+        rng = np.random.default_rng(1)
+        snaps = [random_snapshot(rng, 16), random_snapshot(rng, 16)]
+        work = _calibrate(LOOP_WORK_MS)
         stop = threading.Event()
-        lags: list[tuple[float, float]] = []  # (wake time s, lag ms)
-        lat: list[tuple[float, float]] = []  # (scheduled s, latency ms)
+        # (scheduled s, latency ms, GIL wait ms) per item of each stand-in
+        loop_rec: list[tuple[float, float, float]] = []
+        inf_rec: list[tuple[float, float, float]] = []
 
-        def probe() -> None:
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                time.sleep(PROBE_SLEEP_S)
-                t1 = time.perf_counter()
-                lags.append((t1, (t1 - t0 - PROBE_SLEEP_S) * 1e3))
-                sum(range(100))  # a few µs of Python, as a callback would run
+        def paced(hz: float, item: Callable[[], object], rec: list[Any]) -> Callable[[], None]:
+            def run() -> None:
+                clock = _ThreadClock()
+                t_next = time.perf_counter()
+                while not stop.is_set():
+                    cpu0, rq0 = clock.read()
+                    t_from = max(t_next, time.perf_counter())  # asleep until then
+                    time.sleep(max(0.0, t_next - time.perf_counter()))
+                    item()
+                    t_end = time.perf_counter()
+                    cpu1, rq1 = clock.read()
+                    gil = (t_end - t_from) * 1e3 - (cpu1 - cpu0) - (rq1 - rq0)
+                    rec.append((t_next, (t_end - t_next) * 1e3, gil))
+                    # behind schedule (a starved process): restart from now, so one
+                    # stall is counted once, not again by every item queued behind it
+                    t_next = max(t_next + 1.0 / hz, t_end)
 
-        def infer() -> None:
-            t_next = time.perf_counter()
-            while not stop.is_set():
-                time.sleep(max(0.0, t_next - time.perf_counter()))
-                holder.current.engine.infer(graphs)
-                lat.append((t_next, (time.perf_counter() - t_next) * 1e3))
-                t_next += 1.0 / INFER_HZ
+            return run
 
-        threads = [threading.Thread(target=f, daemon=True) for f in (probe, infer)]
+        def batch() -> None:
+            holder.current.engine.infer(featurize_many(snaps))
+
+        loop = paced(LOOP_HZ, lambda: _busy(work), loop_rec)
+        infer = paced(INFER_HZ, batch, inf_rec)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (loop, infer)]
         for t in threads:
             t.start()
         windows: list[tuple[str, float, float]] = []
         loads: dict[str, list[float]] = {v: [] for v in variants}
         cpus: dict[str, list[float]] = {v: [] for v in variants}  # reload thread CPU ms
+        waits: dict[str, list[float]] = {v: [] for v in variants}  # yielding, ms
         try:
             time.sleep(1.0)
             for i, name in enumerate(names[1:]):
                 v = variants[i % len(variants)]
                 with _variant(v):
                     t0, c0 = time.perf_counter(), time.thread_time()
-                    served = reload.load_served(root / name, "cpu", float("inf"), holder.current)
+                    stages: dict[str, float] = {}
+                    served = reload.load_served(
+                        root / name, "cpu", float("inf"), holder.current, stages
+                    )
                     holder.swap(served)
                     t1, c1 = time.perf_counter(), time.thread_time()
                 windows.append((v, t0, t1 + TAIL_S))
                 loads[v].append((t1 - t0) * 1e3)
                 cpus[v].append((c1 - c0) * 1e3)
+                waits[v].append(stages.get("waited", 0.0))
                 time.sleep(gap_s)
         finally:
             stop.set()
@@ -141,33 +197,41 @@ def stalls(
         return any(a <= t < b for w, a, b in windows if v is None or w == v)
 
     t_first, t_last = windows[0][1], windows[-1][2]
-    steady_lag = [x for t, x in lags if t_first <= t < t_last and not inside(t, None)]
-    steady_lat = [x for t, x in lat if t_first <= t < t_last and not inside(t, None)]
+
+    def steady(rec: list[tuple[float, float, float]], k: int) -> list[float]:
+        return [r[k] for r in rec if t_first <= r[0] < t_last and not inside(r[0], None)]
+
+    def within(rec: list[tuple[float, float, float]], k: int, v: str) -> list[float]:
+        return [r[k] for r in rec if inside(r[0], v)]
+
     out: dict[str, Any] = {
         "reloads_per_variant": reloads_per_variant,
-        "steady_lag_p99_ms": _q(steady_lag, 99),
-        "steady_lag_max_ms": _q(steady_lag, 100),
-        "steady_infer_p99_ms": _q(steady_lat, 99),
+        "loop_hz": LOOP_HZ,
+        "loop_work_ms": LOOP_WORK_MS,
+        "infer_hz": INFER_HZ,
+        "steady_loop_p99_ms": _q(steady(loop_rec, 1), 99),
+        "steady_loop_gil_p99_ms": _q(steady(loop_rec, 2), 99),
+        "steady_infer_p99_ms": _q(steady(inf_rec, 1), 99),
+        "steady_infer_gil_p99_ms": _q(steady(inf_rec, 2), 99),
         "variants": [],
     }
     for v in variants:
-        wl = [x for t, x in lags if inside(t, v)]
-        wi = [x for t, x in lat if inside(t, v)]
-        out["variants"].append(
-            {
-                "variant": v,
-                "reload_ms_median": float(np.median(loads[v])),
-                # CPU time of the reloading thread: what it can take from serving (GIL,
-                # core), and unlike the wall time nearly independent of the box's load
-                "reload_cpu_ms_median": float(np.median(cpus[v])),
-                "lag_p99_ms": _q(wl, 99),
-                "lag_max_ms": _q(wl, 100),
-                "infer_p99_ms": _q(wi, 99),
-                "infer_max_ms": _q(wi, 100),
-                "lag_p99_ratio": _q(wl, 99) / out["steady_lag_p99_ms"],
-                "infer_p99_ratio": _q(wi, 99) / out["steady_infer_p99_ms"],
-            }
-        )
+        row: dict[str, Any] = {
+            "variant": v,
+            "reload_ms_median": float(np.median(loads[v])),
+            # CPU time of the reloading thread: what it can take from serving (GIL,
+            # core), and unlike the wall time nearly independent of the box's load
+            "reload_cpu_ms_median": float(np.median(cpus[v])),
+            "reload_waited_ms_median": float(np.median(waits[v])),
+        }
+        for name, rec in (("loop", loop_rec), ("infer", inf_rec)):
+            lat, gil = within(rec, 1, v), within(rec, 2, v)
+            row[f"{name}_p99_ms"] = _q(lat, 99)
+            row[f"{name}_max_ms"] = _q(lat, 100)
+            row[f"{name}_p99_ratio"] = _q(lat, 99) / out[f"steady_{name}_p99_ms"]
+            row[f"{name}_gil_p99_ms"] = _q(gil, 99)
+            row[f"{name}_gil_max_ms"] = _q(gil, 100)
+        out["variants"].append(row)
     return out
 
 
@@ -179,20 +243,24 @@ def run_gil(out_dir: Path, reloads: int, variants: tuple[str, ...]) -> None:
     r["sched_fifo"] = os.sched_getscheduler(0) == os.SCHED_FIFO
     r.update(environment())
     print_table(
-        f"reload vs serving threads in one process ({reloads} reloads per variant, "
-        f"steady: probe lag p99 {r['steady_lag_p99_ms']:.2f} ms, "
-        f"inference p99 {r['steady_infer_p99_ms']:.2f} ms)",
+        f"reload vs serving threads in one process ({reloads} reloads per variant; steady "
+        f"p99: loop {r['steady_loop_p99_ms']:.2f} ms (GIL wait {r['steady_loop_gil_p99_ms']:.2f}),"
+        f" inference {r['steady_infer_p99_ms']:.2f} ms (GIL wait "
+        f"{r['steady_infer_gil_p99_ms']:.2f}))",
         r["variants"],
         [
             ("variant", "variant"),
             ("reload_ms_median", "reload ms"),
             ("reload_cpu_ms_median", "reload CPU ms"),
-            ("lag_p99_ms", "probe lag p99 ms"),
-            ("lag_max_ms", "probe lag max ms"),
-            ("lag_p99_ratio", "lag p99 / steady"),
-            ("infer_p99_ms", "inference p99 ms"),
-            ("infer_max_ms", "inference max ms"),
-            ("infer_p99_ratio", "infer p99 / steady"),
+            ("reload_waited_ms_median", "yielded ms"),
+            ("loop_p99_ms", "loop p99 ms"),
+            ("loop_p99_ratio", "loop p99/steady"),
+            ("loop_gil_p99_ms", "loop GIL wait p99"),
+            ("loop_gil_max_ms", "loop GIL wait max"),
+            ("infer_p99_ms", "infer p99 ms"),
+            ("infer_p99_ratio", "infer p99/steady"),
+            ("infer_gil_p99_ms", "infer GIL wait p99"),
+            ("infer_gil_max_ms", "infer GIL wait max"),
         ],
     )
     print(f"load average {r['load_avg_1min']:.1f}")

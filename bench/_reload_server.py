@@ -43,12 +43,20 @@ def _variant_null() -> None:
 
 
 def _variant_before() -> None:
-    """The reload as it was before the GIL-sharing changes (switch interval left at
-    CPython's 5 ms, no pauses between steps)."""
+    """The reload without any GIL sharing (switch interval left at CPython's 5 ms, no
+    pauses and no waiting for idle between steps)."""
     from tamiyo_server import reload
 
     reload.SWITCH_INTERVAL_S = None
     reload.PAUSE_S = 0.0
+    reload.IDLE_WAIT_MAX_S = 0.0
+
+
+def _variant_noidle() -> None:
+    """The reload without waiting for the serving threads to go idle between steps."""
+    from tamiyo_server import reload
+
+    reload.IDLE_WAIT_MAX_S = 0.0
 
 
 def _variant_niced() -> None:
@@ -71,6 +79,7 @@ def _variant_niced() -> None:
 VARIANTS = {
     "current": lambda: None,
     "before": _variant_before,
+    "noidle": _variant_noidle,
     "null": _variant_null,
     "niced": _variant_niced,
 }

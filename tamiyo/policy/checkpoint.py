@@ -29,6 +29,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,8 +275,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return m
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedPolicy:
-    """Load and verify checkpoint directory ``path``; raises ``CheckpointError``."""
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    between: Callable[[], object] | None = None,
+) -> LoadedPolicy:
+    """Load and verify checkpoint directory ``path``; raises ``CheckpointError``.
+
+    ``between``, when given, is called between the steps (read + sha256, parse, model
+    build, checks; each ≤ ~1-2 ms of CPU): a server's hot reload passes a function that
+    gives the GIL back to the serving threads until they are idle, so the load never
+    holds it for long stretches (``tamiyo_server.reload``).
+    """
+    step = between or (lambda: None)
     path = Path(path)
     m = read_manifest(path)
     try:
@@ -319,11 +331,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             path,
             f"weights sha256 {sha[:16]}… does not match the manifest ({m['weights_sha256'][:16]}…)",
         )
+    step()
     try:
         tensors = safetensors.torch.load(blob)
     except Exception as e:  # safetensors raises its own error types for malformed input
         raise _fail(path, f"weights are not valid safetensors ({e})") from None
+    step()
     model = TamiyoPolicy(config)
+    step()
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -342,6 +357,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             )
         if got.is_floating_point() and not _finite(got):
             raise _fail(path, f"tensor {name} has non-finite values (NaN/inf)")
+    step()
     model.load_state_dict(tensors, strict=True)
     if torch.device(device).type != "cpu":  # built on the CPU: no tree walk for nothing
         model.to(device)

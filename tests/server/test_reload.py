@@ -264,7 +264,7 @@ def test_reload_shortens_gil_turns_only_while_it_loads(
     assert reload.SWITCH_INTERVAL_S is not None
     assert seen == [min(before, reload.SWITCH_INTERVAL_S)]
     assert sys.getswitchinterval() == before
-    assert set(stages) == {"load", "engine", "warmup"}
+    assert set(stages) == {"load", "engine", "warmup", "waited", "cpu"}
     assert all(v > 0 for v in stages.values())
     _nan_weights(tmp_path)
     with pytest.raises(CheckpointError, match="non-finite"):

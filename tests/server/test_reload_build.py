@@ -1,9 +1,11 @@
-"""What a hot reload pays to build an engine: the compiled-vs-eager self-check runs once
-per (PolicyConfig, device) in a process, and still guards every new configuration."""
+"""What a hot reload pays and how it shares the GIL: the compiled-vs-eager self-check runs
+once per (PolicyConfig, device) in a process and still guards every new configuration;
+between its steps the reload waits (boundedly) for the serving threads to go idle."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +13,11 @@ import torch
 
 from tamiyo.policy import engine as engine_mod
 from tamiyo.policy.batch import Batch
+from tamiyo.policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tamiyo.policy.engine import InferenceEngine
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from tamiyo.policy.synthetic import random_graphs
+from tamiyo_server import reload
 
 
 def _model(seed: int, config: PolicyConfig) -> TamiyoPolicy:
@@ -72,3 +76,53 @@ def test_a_new_config_whose_compilation_disagrees_still_runs_eagerly(
     good = InferenceEngine(_model(2, config), "cpu")  # checked again, now it agrees
     assert good.mode == "torchscript"
     assert (config, "cpu") in engine_mod._CHECKED
+
+
+class _FakeClock:
+    """Stands in for the ``time`` module inside ``tamiyo_server.reload``: every sleep
+    returns ``late`` s after it should, as when another thread holds the GIL."""
+
+    def __init__(self, late: float) -> None:
+        self.now, self.late, self.sleeps = 0.0, late, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.sleeps += 1
+        self.now += s + self.late
+
+
+def test_yield_waits_for_idle_serving_threads_but_not_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    idle = _FakeClock(late=0.0)
+    monkeypatch.setattr(reload, "time", idle)
+    reload._yield()
+    assert idle.sleeps == 2, "idle: the pause and one on-time probe, then the step runs"
+    busy = _FakeClock(late=2 * reload.IDLE_LATE_S)
+    monkeypatch.setattr(reload, "time", busy)
+    reload._yield()
+    assert busy.sleeps > 2, "late probes: it waits for the serving threads"
+    probe = reload.IDLE_SLEEP_S + busy.late
+    assert busy.now < reload.IDLE_WAIT_MAX_S + probe, "but never past IDLE_WAIT_MAX_S"
+    monkeypatch.setattr(reload, "IDLE_WAIT_MAX_S", 0.0)
+    off = _FakeClock(late=2 * reload.IDLE_LATE_S)
+    monkeypatch.setattr(reload, "time", off)
+    reload._yield()
+    assert off.sleeps == 1, "IDLE_WAIT_MAX_S = 0: only the pause"
+
+
+def test_loader_yields_between_its_steps_and_still_refuses(tmp_path: Path) -> None:
+    model = _model(1, PolicyConfig())
+    good = save_checkpoint(tmp_path, model, version="good")
+    calls: list[int] = []
+    loaded = load_checkpoint(good, between=lambda: calls.append(1))
+    assert len(calls) >= 3
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0)
+    with torch.no_grad():
+        next(iter(model.parameters())).view(-1)[0] = float("inf")
+    bad = save_checkpoint(tmp_path, model, version="bad")
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        load_checkpoint(bad, between=lambda: calls.append(1))
