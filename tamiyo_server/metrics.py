@@ -94,7 +94,7 @@ class ServerMetrics:
         )
         self.inference_seconds = Histogram(
             "tamiyo_inference_seconds",
-            "Featurize + batched forward of one batch on the inference thread, seconds.",
+            "Featurize + batched forward of one batch (event loop or inference thread), seconds.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
