@@ -21,9 +21,11 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+from google.protobuf.message import DecodeError
 
 from tamiyo.config import ExperienceLogConfig
 from tamiyo.experience.column_block import FrameBlock, encode_column_blocks
@@ -60,16 +62,17 @@ def _state_tail(step: int, epoch: int) -> bytes:
     return b"\x20" + varint(step) + b"\x28" + varint(epoch)
 
 
-def frame_column_signals(f: pb.TelemetryFrame) -> list[health_pb2.HealthSignal]:
-    """The signals of a frame sent in the columnar form (``TelemetryFrame.signal_columns``,
-    see ``tamiyo.signal_columns``) as ``HealthSignal`` messages, so a logged state is the
-    same bytes whichever form the host used. The server validated the columns before
-    the frame reached the log; columns that still do not decode give no signals (logged
-    as a warning) rather than stopping the experience process."""
+def column_signals(columns: bytes, step: int) -> list[health_pb2.HealthSignal]:
+    """The signals of a frame sent in the columnar form (serialised
+    ``HealthSignalColumns``, see ``tamiyo.signal_columns``) as ``HealthSignal`` messages,
+    so a logged state is the same bytes whichever form the host used (the slow path:
+    ``tamiyo.experience.column_block`` does it for canonical columns). The server
+    validated the columns before the frame reached the log; columns that still do not
+    decode give no signals (logged as a warning) rather than stopping the process."""
     try:
-        return signals_from_columns(f.signal_columns)
-    except ValueError as e:
-        log.warning("experience: frame step %d has malformed signal columns: %s", f.step, e)
+        return signals_from_columns(health_pb2.HealthSignalColumns.FromString(columns))
+    except (ValueError, DecodeError) as e:
+        log.warning("experience: frame step %d has malformed signal columns: %s", step, e)
         return []
 
 
@@ -137,6 +140,27 @@ class FrameEvent(NamedTuple):
     frame: pb.TelemetryFrame
 
 
+class ColumnFrameEvent(NamedTuple):
+    """A frame sent in the columnar form, as the server shipped it: its scalars and its
+    serialised ``HealthSignalColumns`` (never parsed here when canonical)."""
+
+    key: str
+    seq: int
+    step: int
+    epoch: int
+    want_decision: bool
+    request_id: str
+    columns: bytes
+
+    @staticmethod
+    def of(ev: FrameEvent) -> ColumnFrameEvent:
+        f = ev.frame
+        return ColumnFrameEvent(
+            ev.key, ev.seq, int(f.step), int(f.epoch), bool(f.want_decision), f.request_id,
+            f.signal_columns.SerializeToString(),
+        )  # fmt: skip
+
+
 class DecisionEvent(NamedTuple):
     key: str
     msg: decision_pb2.AdaptationDecision
@@ -187,6 +211,7 @@ class SessionState:
     def __init__(self, ev: Resync, window: int) -> None:
         self.host_id = ev.host_id
         self.layers = {lay.layer_id: i for i, lay in enumerate(ev.topology.layers)}
+        self.layer_order = tuple(self.layers)  # how a full columnar frame lists them
         self.kernels = {k.kernel_id: i for i, k in enumerate(ev.kernels)}
         head = graph_pb2.ModelGraphState(topology=ev.topology, kernels=ev.kernels)
         self.header = head.SerializeToString()
@@ -246,56 +271,92 @@ class SessionState:
             del self.marks[seq]
         return hit, state, st, ep
 
-    def frame(self, ev: FrameEvent, encoded: FrameBlock | None = None) -> None:
-        """Apply a frame; ``encoded``: its columnar signals already encoded as entries
-        (``tamiyo.experience.column_block``, batched by ``Assembler.prepare``)."""
+    def frame(self, ev: FrameEvent) -> None:
+        """Apply a frame of ``HealthSignal`` messages."""
         f = ev.frame
+        signals: Sequence[health_pb2.HealthSignal] = f.signals
         block = None
-        if encoded is not None:  # columnar form, already in the message form's bytes
-            if self.blocks is not None and len(encoded.layer_ids) == len(self.layers):
-                self.blocks.append(encoded.block)
-            else:
-                self._to_rings()
-                rings, layers = self.rings, self.layers
-                for lid, entry in zip(encoded.layer_ids, encoded.entries(), strict=True):
-                    rings[layers[lid]].append(entry)
+        if self.blocks is not None and len(signals) == len(self.layers):
+            block = frame_signal_block(f)
+        self._apply(block, signals)
+        self._advance(ev.seq, int(f.step), int(f.epoch), f.want_decision, f.request_id)
+
+    def column_frame(self, ev: ColumnFrameEvent, encoded: FrameBlock | None) -> None:
+        """Apply a columnar frame; ``encoded``: its signals already in the message form's
+        bytes (``tamiyo.experience.column_block``, batched by ``Assembler.prepare``), or
+        None (columns not in protobuf's canonical layout: decoded message by message)."""
+        if encoded is None:
+            signals = column_signals(ev.columns, ev.step)
+            block = None
+            if self.blocks is not None and len(signals) == len(self.layers):
+                block = graph_pb2.ModelGraphState(signals=signals).SerializeToString()
+            self._apply(block, signals)
+        elif self.blocks is not None and len(encoded.layer_ids) == len(self.layers):
+            self.blocks.append(encoded.block)
         else:
-            signals: Sequence[health_pb2.HealthSignal] = f.signals
-            if f.HasField("signal_columns"):  # not canonical columns: decode as messages
-                signals = frame_column_signals(f)
-                if self.blocks is not None and len(signals) == len(self.layers):
-                    block = graph_pb2.ModelGraphState(signals=signals).SerializeToString()
-            elif self.blocks is not None and len(signals) == len(self.layers):
-                block = frame_signal_block(f)
-            if block is not None and self.blocks is not None:
-                self.blocks.append(block)
-            else:
-                self._to_rings()
-                self._append(signals)
-        self.seq, self.step, self.epoch = ev.seq, int(f.step), int(f.epoch)
-        if f.want_decision:
-            self._mark(ev.seq, f.request_id)
+            self._to_rings()
+            rings, layers = self.rings, self.layers
+            for lid, entry in zip(encoded.layer_ids, encoded.entries(), strict=True):
+                rings[layers[lid]].append(entry)
+        self._advance(ev.seq, ev.step, ev.epoch, ev.want_decision, ev.request_id)
+
+    def _apply(self, block: bytes | None, signals: Sequence[health_pb2.HealthSignal]) -> None:
+        if block is not None and self.blocks is not None:
+            self.blocks.append(block)
+        else:
+            self._to_rings()
+            self._append(signals)
+
+    def _advance(self, seq: int, step: int, epoch: int, want: bool, request_id: str) -> None:
+        self.seq, self.step, self.epoch = seq, step, epoch
+        if want:
+            self._mark(seq, request_id)
 
 
 _COLUMN_BATCH = 256  # columnar frames encoded per numpy pass (bounds temporary memory)
 
 
-def _encode_columns(events: Sequence[object]) -> dict[int, FrameBlock]:
+def _encode_columns(
+    events: Sequence[object], sessions: Mapping[str, SessionState]
+) -> dict[int, FrameBlock]:
     """The columnar frames among ``events``, encoded in a few batched numpy passes
     (``tamiyo.experience.column_block``), by ``id`` of their event; frames whose
-    columns are not canonical are left out (decoded message by message later)."""
-    frames = [
-        ev for ev in events if isinstance(ev, FrameEvent) and ev.frame.HasField("signal_columns")
-    ]
+    columns are not canonical are left out (decoded message by message later).
+
+    A frame's ``layer_id`` entries are first assumed to be its session's layers in
+    topology order (what clients send; checked byte for byte by the layout); only
+    frames listing other layers, or another order, have their columns parsed for them."""
+    opened: dict[str, tuple[str, ...]] = {}  # sessions (re)started within this batch
+    todo: list[tuple[ColumnFrameEvent, tuple[str, ...]]] = []
+    for ev in events:
+        if isinstance(ev, ColumnFrameEvent):
+            ids = opened.get(ev.key)
+            if ids is None:
+                s = sessions.get(ev.key)
+                ids = s.layer_order if s is not None else ()
+            todo.append((ev, ids))
+        elif isinstance(ev, Resync):
+            opened[ev.key] = tuple(lay.layer_id for lay in ev.topology.layers)
     out: dict[int, FrameBlock] = {}
-    for i in range(0, len(frames), _COLUMN_BATCH):
-        chunk = frames[i : i + _COLUMN_BATCH]
-        cols = [ev.frame.signal_columns for ev in chunk]
-        blocks = encode_column_blocks([(c.SerializeToString(), tuple(c.layer_id)) for c in cols])
-        for ev, b in zip(chunk, blocks, strict=True):
-            if b is not None:
-                out[id(ev)] = b
+    for attempt in range(2):
+        retry: list[tuple[ColumnFrameEvent, tuple[str, ...]]] = []
+        for i in range(0, len(todo), _COLUMN_BATCH):
+            chunk = todo[i : i + _COLUMN_BATCH]
+            blocks = encode_column_blocks([(ev.columns, ids) for ev, ids in chunk])
+            for (ev, _), b in zip(chunk, blocks, strict=True):
+                if b is not None:
+                    out[id(ev)] = b
+                elif attempt == 0 and (own := _column_ids(ev.columns)) is not None:
+                    retry.append((ev, own))
+        todo = retry
     return out
+
+
+def _column_ids(columns: bytes) -> tuple[str, ...] | None:
+    try:
+        return tuple(health_pb2.HealthSignalColumns.FromString(columns).layer_id)
+    except DecodeError:
+        return None
 
 
 class Assembler:
@@ -324,12 +385,22 @@ class Assembler:
         events = list(
             itertools.chain.from_iterable(x if isinstance(x, list) else (x,) for x in batch)
         )
-        encoded = _encode_columns(events)
+        events = [
+            ColumnFrameEvent.of(ev)
+            if isinstance(ev, FrameEvent) and ev.frame.HasField("signal_columns")
+            else ev
+            for ev in events
+        ]
+        encoded = _encode_columns(events, self.sessions)
         for ev in events:
-            if isinstance(ev, FrameEvent):
+            if isinstance(ev, ColumnFrameEvent):
                 s = self._get(ev.key)
                 if s is not None:
-                    s.frame(ev, encoded.get(id(ev)))
+                    s.column_frame(ev, encoded.get(id(ev)))
+            elif isinstance(ev, FrameEvent):
+                s = self._get(ev.key)
+                if s is not None:
+                    s.frame(ev)
             elif isinstance(ev, DecisionEvent):
                 rec = self._decision(ev)
                 if rec is not None:

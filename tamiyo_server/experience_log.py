@@ -20,7 +20,8 @@ are exported with ``kind="row"``. Decisions go on either way. A session that los
 sends its exact window with its next frame (``RESYNC``, encoded by
 ``tamiyo.experience.encode``), so no logged state ever differs from what the policy saw.
 If the server is killed, the experience process reads EOF and commits all it received;
-if both are killed, at most the last ship period + flush interval (+ a commit) is lost.
+if both are killed, at most the last ship period (≤ 20 ms) + flush interval (+ a commit)
+is lost.
 
 What a row holds: see ``tamiyo.experience.schema``. Outcomes:
 
@@ -74,6 +75,7 @@ from tamiyo_server.experience_proc import (
     OUTCOME,
     RESYNC,
     UNARY,
+    column_record,
     record,
 )
 from tamiyo_server.session import Session
@@ -295,6 +297,10 @@ class ExperienceLog:
             rid, om = frame.request_id.encode(), live.open_msg.SerializeToString()
             payload = _RESYNC.pack(live.seq, len(rid), len(om)) + rid + om + state
             rec = record(RESYNC, sid, time.time(), payload)
+        elif frame.HasField("signal_columns"):  # scalars + columns: nothing to parse there
+            cols = frame.signal_columns.SerializeToString()
+            rec = column_record(sid, live.seq, frame.step, frame.epoch, frame.want_decision,
+                                frame.request_id, cols)  # fmt: skip
         else:
             payload = _U64.pack(live.seq) + frame.SerializeToString()
             rec = record(FRAME, sid, 0.0, payload)

@@ -301,20 +301,28 @@ def _encode(cols: Sequence[_Cols]) -> list[FrameBlock] | None:
 def encode_column_blocks(
     frames: Sequence[tuple[bytes, tuple[str, ...]]],
 ) -> list[FrameBlock | None]:
-    """For each frame, (serialised ``HealthSignalColumns``, its ``layer_id`` entries):
-    its ``FrameBlock``, or None when its bytes are not in the canonical layout (or its
-    seed columns do not add up) — the caller then decodes that frame message by
-    message. One numpy pass for all frames given (~60 array operations in all)."""
+    """For each frame, (serialised ``HealthSignalColumns``, the ``layer_id`` entries it
+    is expected to start with): its ``FrameBlock``, or None when its bytes are not the
+    canonical layout of exactly those layers (or its seed columns do not add up) — the
+    caller then finds out the frame's own ids, or decodes it message by message. One
+    numpy pass for all frames given (~60 array operations in all)."""
     parsed = [_columns(raw, ids) if ids else None for raw, ids in frames]
     ok = [c for c in parsed if c is not None]
-    blocks = _encode(ok) if ok else []
-    if blocks is None:  # a malformed seed column somewhere: each frame on its own
-        blocks = [b for c in ok for b in (_encode([c]) or [None])]  # type: ignore[list-item]
+    blocks: list[FrameBlock | None] = []
+    whole = _encode(ok) if ok else []
+    if whole is None:  # a malformed seed column somewhere: each frame on its own
+        for cols in ok:
+            one = _encode([cols])
+            blocks.append(one[0] if one is not None else None)
+    else:
+        blocks.extend(whole)
     it = iter(blocks)
     out: list[FrameBlock | None] = []
-    for (_, ids), c in zip(frames, parsed, strict=True):
-        if not ids:
+    for (raw, ids), parsed_cols in zip(frames, parsed, strict=True):
+        if parsed_cols is not None:
+            out.append(next(it))
+        elif not ids and not raw:  # no signals at all
             out.append(FrameBlock(b"", (), _NO_ENDS, 0))
         else:
-            out.append(next(it) if c is not None else None)
+            out.append(None)
     return out

@@ -52,6 +52,7 @@ from tamiyo_server.experience_assembler import (
     frame_signal_block,
 )
 from tamiyo_server.experience_log import ExperienceLog
+from tamiyo_server.experience_proc import COLUMNS, HEADER, _event, column_record
 from tamiyo_server.session import Session
 from tamiyo_server.validation import validate_session_open
 from tests.server import hosts
@@ -357,36 +358,56 @@ def test_assembler_matches_decisions_to_the_frames_they_answer(tmp_path: Path) -
     assert asm.unmatched == 1  # session ended: counted, not invented
 
 
+def _shuffled(f: pb.TelemetryFrame) -> None:
+    """The frame's signals in reverse layer order (still every layer once)."""
+    sigs = list(f.signals)[::-1]
+    del f.signals[:]
+    f.signals.extend(sigs)
+
+
 def test_columnar_frames_log_the_same_states_as_message_frames(tmp_path: Path) -> None:
     """A host may send a frame's signals as columns (``TelemetryFrame.signal_columns``):
     the logged state is byte for byte the one the message form gives, with every layer
-    present (fast path) and with some missing (per-layer rings)."""
+    present (fast path), in another order than the session's, with some missing
+    (per-layer rings), and with columns not in protobuf's canonical layout (decoded
+    message by message); also through the pipe records the server ships."""
     n = 5
     msg = hosts.session_open(n).session_open
-    states: list[list[bytes]] = []
-    for columnar in (False, True):
+    states: dict[str, list[bytes]] = {}
+    for form in ("message", "columns", "pipe"):
         asm = Assembler(W, ExperienceLogConfig(), tmp_path)
         evs: list[object] = [Resync("s", "h", msg.topology, tuple(msg.kernels), 0, None)]
-        for k in range(1, 8):
+        for k in range(1, 9):
             f = hosts.frame(n, k, tag=f"t{k}").frame
             if k in (4, 6):  # a layer's telemetry is late: the rings path
                 del f.signals[k % n]
-            if columnar:
+            if k == 2:
+                _shuffled(f)
+            if form != "message":
                 cols = columns_from_signals(f.signals)
                 del f.signals[:]
                 f.signal_columns.CopyFrom(cols)
-            evs += [FrameEvent("s", k, f), DecisionEvent("s", _decision(f"d{k}", f), 1.0 + k)]
+            if form == "pipe":
+                raw = f.signal_columns.SerializeToString()
+                if k == 8:  # an unknown field after the columns: not the canonical layout
+                    raw += b"\xa8\x06\x01"
+                rec = column_record("s", k, f.step, f.epoch, f.want_decision, f.request_id, raw)
+                evs.append(_event(COLUMNS, "s", 0.0, rec[HEADER.size + 1 :]))
+            else:
+                evs.append(FrameEvent("s", k, f))
+            evs.append(DecisionEvent("s", _decision(f"d{k}", f), 1.0 + k))
         out = asm.prepare(evs)
-        states.append([r.state for r in out if isinstance(r, DecisionRecord)])
-    assert len(states[0]) == 7
-    assert states[1] == states[0]
+        states[form] = [r.state for r in out if isinstance(r, DecisionRecord)]
+    assert len(states["message"]) == 8
+    assert states["columns"] == states["message"]
+    assert states["pipe"] == states["message"]
     window = _window(n)
-    for k in range(1, 8):  # and they are the states the policy saw
+    for k in range(1, 9):  # and they are the states the policy saw
         f = hosts.frame(n, k).frame
         if k in (4, 6):
             del f.signals[k % n]
         window.update(f.signals, k)
-        assert _parse(states[1][k - 1]).equals(window.snapshot(k, 0)), k
+        assert _parse(states["message"][k - 1]).equals(window.snapshot(k, 0)), k
 
 
 @settings(max_examples=30, deadline=None)
