@@ -219,12 +219,14 @@ async def test_old_policy_is_released_after_the_swap(
     await until(lambda: c.watcher.swapped_at_poll > 0)
     for _ in range(3):
         assert await c.version() == "v2"
+    await c.polls(1)  # the watcher drops its last reference at the next poll
     gc.collect()
     assert ref() is None, "the replaced policy is still referenced"
 
 
 def test_replaced_policy_is_freed_by_refcount_alone(tmp_path: Path) -> None:
-    """No reference cycle keeps a replaced policy: it is freed at the swap, without
+    """No reference cycle keeps a replaced policy: it is freed when the watcher drops it
+    at the poll after the swap (on the watcher's thread, not in a decision), without
     waiting for (or paying) a full garbage collection on the serving process."""
     write(tmp_path, "v1", seed=1)
     write(tmp_path, "v2", seed=2, latest=False)
@@ -236,11 +238,12 @@ def test_replaced_policy_is_freed_by_refcount_alone(tmp_path: Path) -> None:
     try:
         set_latest(tmp_path, "v2")
         assert watcher.poll_once() == "loaded"
+        assert served_ref() is not None, "kept until the next poll"
+        assert watcher.poll_once() == "unchanged"
         assert served_ref() is None
         assert model_ref() is None
     finally:
         gc.enable()
-    assert watcher.poll_once() == "unchanged"
 
 
 def test_reload_shortens_gil_turns_only_while_it_loads(
