@@ -5,11 +5,13 @@ jobs the end-to-end p99 moves by more between runs than a reload changes it. Her
 process plays the server's two serving threads while a third thread reloads, and the
 variants alternate reload by reload, so both see the same machine:
 
-* an **event-loop stand-in** does ``LOOP_WORK_MS`` of pure Python ``LOOP_HZ`` times a
-  second on a fixed schedule (a frame's validate/update/answer); its latency (ms, from
-  the scheduled time to the end of the work) is what a decision's event-loop part pays;
-* an **inference stand-in** featurizes 2 snapshots of 16 layers and runs the serving
-  engine on them ``INFER_HZ`` times a second (one batch of ``_run_batch``); latency as above;
+* an **event-loop stand-in**, ``LOOP_HZ`` times a second on a fixed schedule, does
+  ``LOOP_WORK_MS`` of pure Python (a frame's validate/update/answer) and, as the server
+  does on a CPU since batches run on the event loop, one batch: featurize 2 snapshots of
+  16 layers and run the serving engine on them (``_run_batch``). Its latency (ms, from
+  the scheduled time to the end of the batch) is what a decision pays on the server;
+* with ``batches_on="thread"`` (the server's inference-thread mode) the batch runs in
+  an **inference stand-in** thread instead, ``INFER_HZ`` times a second;
 * the **reload** calls ``tamiyo_server.reload.load_served`` on a fresh checkpoint, then
   swaps, every ``gap_s``; its window runs from the call to ``TAIL_S`` after the swap.
 
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 
 TAIL_S = 0.05  # after the swap, still the reload's window (first batches on the new policy)
-LOOP_HZ = 200.0  # event-loop stand-in items per second
+LOOP_HZ = 80.0  # event-loop stand-in items per second
 LOOP_WORK_MS = 0.3  # pure-Python work per item (calibrated at start), ms
 INFER_HZ = 80.0
 GIL_VARIANTS = ("before", "current", "noidle", "switch-only", "pause-only", "niced")
@@ -116,6 +118,7 @@ def stalls(
     reloads_per_variant: int = 15,
     gap_s: float = 0.3,
     variants: tuple[str, ...] = ("before", "current"),
+    batches_on: str = "loop",
 ) -> dict[str, Any]:
     """Interleaved reloads of each variant under the two stand-ins; see the module doc."""
     from bench.reload import _write_versions
@@ -161,10 +164,15 @@ def stalls(
         def batch() -> None:
             holder.current.engine.infer(featurize_many(snaps))
 
-        loop = paced(LOOP_HZ, lambda: _busy(work), loop_rec)
-        infer = paced(INFER_HZ, batch, inf_rec)
+        def frame() -> None:
+            _busy(work)
+            if batches_on == "loop":
+                batch()
 
-        threads = [threading.Thread(target=f, daemon=True) for f in (loop, infer)]
+        runs = [paced(LOOP_HZ, frame, loop_rec)]
+        if batches_on == "thread":
+            runs.append(paced(INFER_HZ, batch, inf_rec))
+        threads = [threading.Thread(target=f, daemon=True) for f in runs]
         for t in threads:
             t.start()
         windows: list[tuple[str, float, float]] = []
@@ -206,15 +214,18 @@ def stalls(
 
     out: dict[str, Any] = {
         "reloads_per_variant": reloads_per_variant,
+        "batches_on": batches_on,
         "loop_hz": LOOP_HZ,
         "loop_work_ms": LOOP_WORK_MS,
         "infer_hz": INFER_HZ,
         "steady_loop_p99_ms": _q(steady(loop_rec, 1), 99),
         "steady_loop_gil_p99_ms": _q(steady(loop_rec, 2), 99),
-        "steady_infer_p99_ms": _q(steady(inf_rec, 1), 99),
-        "steady_infer_gil_p99_ms": _q(steady(inf_rec, 2), 99),
         "variants": [],
     }
+    stand_ins = [("loop", loop_rec)] + ([("infer", inf_rec)] if batches_on == "thread" else [])
+    for name, rec in stand_ins:
+        out[f"steady_{name}_p99_ms"] = _q(steady(rec, 1), 99)
+        out[f"steady_{name}_gil_p99_ms"] = _q(steady(rec, 2), 99)
     for v in variants:
         row: dict[str, Any] = {
             "variant": v,
@@ -224,7 +235,7 @@ def stalls(
             "reload_cpu_ms_median": float(np.median(cpus[v])),
             "reload_waited_ms_median": float(np.median(waits[v])),
         }
-        for name, rec in (("loop", loop_rec), ("infer", inf_rec)):
+        for name, rec in stand_ins:
             lat, gil = within(rec, 1, v), within(rec, 2, v)
             row[f"{name}_p99_ms"] = _q(lat, 99)
             row[f"{name}_max_ms"] = _q(lat, 100)
@@ -235,33 +246,38 @@ def stalls(
     return out
 
 
-def run_gil(out_dir: Path, reloads: int, variants: tuple[str, ...]) -> None:
+def run_gil(
+    out_dir: Path, reloads: int, variants: tuple[str, ...], batches_on: str = "loop"
+) -> None:
     """``stalls`` → table on stdout and ``out_dir/reload_gil.json``."""
     from bench.report import environment, print_table
 
-    r = stalls(reloads, variants=variants)
+    r = stalls(reloads, variants=variants, batches_on=batches_on)
     r["sched_fifo"] = os.sched_getscheduler(0) == os.SCHED_FIFO
     r.update(environment())
+    names = ("loop", "infer") if batches_on == "thread" else ("loop",)
+    steady = ", ".join(
+        f"{n} {r[f'steady_{n}_p99_ms']:.2f} ms (GIL wait {r[f'steady_{n}_gil_p99_ms']:.2f})"
+        for n in names
+    )
+    cols = [
+        ("variant", "variant"),
+        ("reload_ms_median", "reload ms"),
+        ("reload_cpu_ms_median", "reload CPU ms"),
+        ("reload_waited_ms_median", "yielded ms"),
+    ]
+    for n in names:
+        cols += [
+            (f"{n}_p99_ms", f"{n} p99 ms"),
+            (f"{n}_p99_ratio", f"{n} p99/steady"),
+            (f"{n}_gil_p99_ms", f"{n} GIL wait p99"),
+            (f"{n}_gil_max_ms", f"{n} GIL wait max"),
+        ]
     print_table(
-        f"reload vs serving threads in one process ({reloads} reloads per variant; steady "
-        f"p99: loop {r['steady_loop_p99_ms']:.2f} ms (GIL wait {r['steady_loop_gil_p99_ms']:.2f}),"
-        f" inference {r['steady_infer_p99_ms']:.2f} ms (GIL wait "
-        f"{r['steady_infer_gil_p99_ms']:.2f}))",
+        f"reload vs serving threads in one process, batches on the {batches_on} "
+        f"({reloads} reloads per variant; steady p99: {steady})",
         r["variants"],
-        [
-            ("variant", "variant"),
-            ("reload_ms_median", "reload ms"),
-            ("reload_cpu_ms_median", "reload CPU ms"),
-            ("reload_waited_ms_median", "yielded ms"),
-            ("loop_p99_ms", "loop p99 ms"),
-            ("loop_p99_ratio", "loop p99/steady"),
-            ("loop_gil_p99_ms", "loop GIL wait p99"),
-            ("loop_gil_max_ms", "loop GIL wait max"),
-            ("infer_p99_ms", "infer p99 ms"),
-            ("infer_p99_ratio", "infer p99/steady"),
-            ("infer_gil_p99_ms", "infer GIL wait p99"),
-            ("infer_gil_max_ms", "infer GIL wait max"),
-        ],
+        cols,
     )
     print(f"load average {r['load_avg_1min']:.1f}")
     out_dir.mkdir(parents=True, exist_ok=True)
