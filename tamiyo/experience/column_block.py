@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from tamiyo.signal_columns import full_frame_layout, locate_seed_columns
+from tamiyo.signal_columns import FrameLayout, full_frame_layout, locate_seed_columns
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.wire import varint
 
@@ -91,7 +91,7 @@ class _Cols(NamedTuple):
 def _columns(raw: bytes, ids: tuple[str, ...]) -> _Cols | None:
     """Views of serialised ``HealthSignalColumns`` whose ``layer_id`` entries are
     ``ids``; None when the bytes are not in the canonical full-frame layout."""
-    lay = full_frame_layout(ids)
+    lay = _per_ids(ids).layout
     if lay is None:
         return None
     seeds = locate_seed_columns(raw, lay)
@@ -109,23 +109,48 @@ def _columns(raw: bytes, ids: tuple[str, ...]) -> _Cols | None:
 
 
 def _varint(v: npt.NDArray[np.uint64], width: int) -> tuple[U8, BoolA]:
-    """Varints of unsigned values (any shape S) → (bytes uint8 [*S, width], present
-    [*S, width]); ``width`` must hold the largest value (``_width``)."""
-    data = np.empty((*v.shape, width), np.uint8)
-    mask = np.empty((*v.shape, width), np.bool_)
-    mask[..., 0] = True
+    """Varints of unsigned values (any shape S) → (bytes uint8 [width, *S], present
+    [width, *S]), byte-major; ``width`` must hold the largest value (``_width``)."""
+    data = np.empty((width, *v.shape), np.uint8)
+    mask = np.empty((width, *v.shape), np.bool_)
+    mask[0] = True
     for i in range(width):
-        data[..., i] = (v >> np.uint64(7 * i)).astype(np.uint8)
+        data[i] = (v >> np.uint64(7 * i)).astype(np.uint8)
         if i + 1 < width:
-            mask[..., i + 1] = (v >> np.uint64(7 * (i + 1))) != 0
+            mask[i + 1] = (v >> np.uint64(7 * (i + 1))) != 0
     data &= 0x7F
-    data[..., :-1] |= mask[..., 1:].view(np.uint8) << 7
+    data[:-1] |= mask[1:].view(np.uint8) << 7
     return data, mask
 
 
 def _width(v: npt.NDArray[np.uint64]) -> int:
     """Bytes of the longest varint among ``v`` (1..10)."""
     return max(1, -(-int(v.max(initial=0)).bit_length() // 7))
+
+
+class _PerIds(NamedTuple):
+    ids: tuple[str, ...]
+    layout: FrameLayout | None
+    table: U8  # layer_id field bytes, padded [M, w]
+    lens: I64  # their lengths [M]
+    padded: dict[int, U8]  # by width: ``_padded``
+
+
+_PER_IDS: dict[int, _PerIds] = {}  # by id() of the tuple, which each entry keeps alive
+
+
+def _per_ids(ids: tuple[str, ...]) -> _PerIds:
+    """What depends only on a frame's layer ids, cached by tuple *identity*: a
+    session's frames share one tuple, and hashing a tuple of ~60 strings per frame
+    (what an lru_cache does) costs more than the lookup is worth."""
+    hit = _PER_IDS.get(id(ids))
+    if hit is not None and hit.ids is ids:
+        return hit
+    if len(_PER_IDS) >= 4096:
+        _PER_IDS.clear()
+    table, lens = _layer_table(ids)
+    hit = _PER_IDS[id(ids)] = _PerIds(ids, full_frame_layout(ids), table, lens, {})
+    return hit
 
 
 @lru_cache(maxsize=1024)
@@ -144,15 +169,15 @@ def _layer_table(ids: tuple[str, ...]) -> tuple[U8, I64]:
     return table, lens
 
 
-@lru_cache(maxsize=1024)
-def _padded(ids: tuple[str, ...], width: int) -> U8:
-    """``_layer_table(ids)`` padded with zeros to ``width`` columns."""
-    t = _layer_table(ids)[0]
-    if t.shape[1] == width:
-        return t
-    out = np.zeros((t.shape[0], width), np.uint8)
-    out[:, : t.shape[1]] = t
-    out.setflags(write=False)
+def _padded(p: _PerIds, width: int) -> U8:
+    """``p.table`` transposed and padded to ``width`` rows: uint8 [width, M] (cached)."""
+    out = p.padded.get(width)
+    if out is None:
+        t = p.table
+        out = np.zeros((width, t.shape[0]), np.uint8)
+        out[: t.shape[1]] = t.T
+        out.setflags(write=False)
+        p.padded[width] = out
     return out
 
 
@@ -185,6 +210,7 @@ def _seed_spans(cols: Sequence[_Cols]) -> tuple[U8, I64, I64] | None:
 
 _SEED_TAG = np.frombuffer(_tag("seed_states", 2), np.uint8)
 _ADAPT_TAG = np.frombuffer(_tag("adaptation_count", 0), np.uint8)
+assert _SEED_TAG.size == _ADAPT_TAG.size == 2  # fields 16 and 17: two-byte tags
 _TAGS1 = {n: _tag(n, 0)[0] for n in ("step", "epoch", *_COUNTS[:3])}
 _FTAGS = np.frombuffer(b"".join(_tag(n, 5) for n in _FLOATS), np.uint8)
 _TS_TAG = _tag("timestamp_s", 1)[0]
@@ -192,25 +218,26 @@ _TS_TAG = _tag("timestamp_s", 1)[0]
 
 def _encode(cols: Sequence[_Cols]) -> list[FrameBlock] | None:
     """One pass for all frames: every row's fields are written at fixed positions of a
-    [R, W] byte matrix (W = the widest row), with a mask of the bytes present; the
-    entries are the masked bytes in row order."""
+    [W, R] byte matrix (field-major: W = the widest row's bytes, each field a few
+    contiguous rows of R values), with a mask of the bytes present; the entries are the
+    masked bytes in signal order (the transposed matrix read row by row)."""
     seeds = _seed_spans(cols)
     if seeds is None:
         return None
     sbytes, sstart, slen = seeds
-    floats = np.concatenate([c.floats for c in cols])  # [R, 8]
-    r = floats.shape[0]
-    ints = np.empty((r, 6), np.uint64)  # step, epoch, error, active, total, adaptation
-    ints[:, 0] = np.concatenate([c.step for c in cols]).view(np.uint64)
-    ints[:, 1] = np.concatenate([c.epoch for c in cols])
-    ints[:, 2:] = np.concatenate([c.counts for c in cols])
+    floats = np.concatenate([c.floats.T for c in cols], axis=1)  # [8, R]
+    r = floats.shape[1]
+    ints = np.empty((6, r), np.uint64)  # step, epoch, error, active, total, adaptation
+    ints[0] = np.concatenate([c.step for c in cols]).view(np.uint64)
+    ints[1] = np.concatenate([c.epoch for c in cols])
+    ints[2:] = np.concatenate([c.counts.T for c in cols], axis=1)
     ts = np.concatenate([c.ts for c in cols]).view(np.uint64)
-    tables = [_layer_table(c.ids) for c in cols]
-    lid_w = max(t.shape[1] for t, _ in tables)
-    w_step, w_int = _width(ints[:, 0]), _width(ints[:, 1:])
+    per = [_per_ids(c.ids) for c in cols]
+    lid_w = max(p.table.shape[1] for p in per)
+    w_step, w_int = _width(ints[0]), _width(ints[1:])
     w_slen = _width(slen.astype(np.uint64))
     s_w = int(slen.max(initial=0))
-    # column positions of each piece
+    # row positions of each piece
     p_lid = 3  # after the entry tag and a 2-byte length (widened below if needed)
     p_step = p_lid + lid_w
     p_epoch = p_step + 1 + w_step
@@ -221,17 +248,17 @@ def _encode(cols: Sequence[_Cols]) -> list[FrameBlock] | None:
     p_seed = p_f6 + 30
     p_adapt = p_seed + 2 + w_slen + s_w
     width = p_adapt + 2 + w_int
-    # column-major: each field's bytes are a few contiguous columns of R values
-    d = np.zeros((r, width), np.uint8, order="F")
-    k = np.zeros((r, width), np.bool_, order="F")
+    # (bytes of d outside the mask k are never read: no need to clear them)
+    d = np.empty((width, r), np.uint8)
+    k = np.zeros((width, r), np.bool_)
     # layer ids
-    d[:, p_lid : p_lid + lid_w] = np.concatenate([_padded(c.ids, lid_w) for c in cols])
-    lens = np.concatenate([n for _, n in tables])
-    k[:, p_lid : p_lid + lid_w] = np.arange(lid_w) < lens[:, None]
+    d[p_lid : p_lid + lid_w] = np.concatenate([_padded(p, lid_w) for p in per], axis=1)
+    lens = np.concatenate([p.lens for p in per])
+    k[p_lid : p_lid + lid_w] = np.arange(lid_w)[:, None] < lens
     # varint fields: step, epoch, then the three counts, then adaptation_count
-    vd, vk = _varint(ints, max(w_step, w_int))
+    vd, vk = _varint(ints, max(w_step, w_int))  # [w, 6, R]
     present = ints != 0
-    vk &= present[:, :, None]
+    vk &= present
     for j, (pos, w, tag) in enumerate(
         (
             (p_step, w_step, _TAGS1["step"]),
@@ -241,57 +268,63 @@ def _encode(cols: Sequence[_Cols]) -> list[FrameBlock] | None:
             (p_cnt + 2 * (1 + w_int), w_int, _TAGS1["total_seeds"]),
         )
     ):
-        d[:, pos] = tag
-        k[:, pos] = present[:, j]
-        d[:, pos + 1 : pos + 1 + w] = vd[:, j, :w]
-        k[:, pos + 1 : pos + 1 + w] = vk[:, j, :w]
-    d[:, p_adapt : p_adapt + 2] = _ADAPT_TAG
-    k[:, p_adapt : p_adapt + 2] = present[:, 5:6]
-    d[:, p_adapt + 2 : p_adapt + 2 + w_int] = vd[:, 5, :w_int]
-    k[:, p_adapt + 2 : p_adapt + 2 + w_int] = vk[:, 5, :w_int]
+        d[pos] = tag
+        k[pos] = present[j]
+        d[pos + 1 : pos + 1 + w] = vd[:w, j]
+        k[pos + 1 : pos + 1 + w] = vk[:w, j]
+    d[p_adapt : p_adapt + 2] = _ADAPT_TAG[:, None]
+    k[p_adapt : p_adapt + 2] = present[5]
+    d[p_adapt + 2 : p_adapt + 2 + w_int] = vd[:w_int, 5]
+    k[p_adapt + 2 : p_adapt + 2 + w_int] = vk[:w_int, 5]
     # fixed-width fields: timestamp, 2 + 6 floats (tag byte, then little-endian value)
-    d[:, p_ts] = _TS_TAG
-    d[:, p_ts + 1 : p_ts + 9] = ts[:, None].view(np.uint8)
-    k[:, p_ts : p_ts + 9] = (ts != 0)[:, None]
-    fb = np.ascontiguousarray(floats).view(np.uint8).reshape(r, 8, 4)
-    fpresent = np.ascontiguousarray(floats).view(np.uint32) != 0
+    d[p_ts] = _TS_TAG
+    d[p_ts + 1 : p_ts + 9] = ts.view(np.uint8).reshape(r, 8).T
+    ts_present = ts != 0
+    k[p_ts : p_ts + 9] = ts_present
+    fbits = floats.view(np.uint32)  # [8, R]
+    fpresent = fbits != 0
+    fb = fbits.view(np.uint8).reshape(8, r, 4)
     for pos, lo, hi in ((p_f2, 0, 2), (p_f6, 2, 8)):
-        fd = d[:, pos : pos + 5 * (hi - lo)].reshape(r, hi - lo, 5)
-        fd[:, :, 0] = _FTAGS[lo:hi]
-        fd[:, :, 1:] = fb[:, lo:hi]
-        fk = k[:, pos : pos + 5 * (hi - lo)].reshape(r, hi - lo, 5)
-        fk[...] = fpresent[:, lo:hi, None]
+        for i in range(lo, hi):
+            q = pos + 5 * (i - lo)
+            d[q] = _FTAGS[i]
+            d[q + 1 : q + 5] = fb[i].T
+            k[q : q + 5] = fpresent[i]
+    # entry header: tag + varint length of the signal's bytes, i.e. of what k selects,
+    # added up field by field ([R] arrays: cheaper than a pass over k)
+    inner = lens + vk.sum(axis=(0, 1), dtype=np.int64) + present[:5].sum(axis=0)
+    inner += 2 * present[5] + 9 * ts_present + 5 * fpresent.sum(axis=0)
     # seed states: tag, byte length, the packed values as they came
     if s_w:
         has = slen > 0
-        d[:, p_seed : p_seed + 2] = _SEED_TAG
-        k[:, p_seed : p_seed + 2] = has[:, None]
-        ld, lk = _varint(slen.astype(np.uint64), w_slen)
-        d[:, p_seed + 2 : p_seed + 2 + w_slen] = ld
-        k[:, p_seed + 2 : p_seed + 2 + w_slen] = lk & has[:, None]
+        d[p_seed : p_seed + 2] = _SEED_TAG[:, None]
+        k[p_seed : p_seed + 2] = has
+        ld, lk = _varint(slen.astype(np.uint64), w_slen)  # [w, R]
+        lk &= has
+        d[p_seed + 2 : p_seed + 2 + w_slen] = ld
+        k[p_seed + 2 : p_seed + 2 + w_slen] = lk
         span = np.arange(s_w)
         q = p_seed + 2 + w_slen
-        d[:, q : q + s_w] = sbytes[np.minimum(sstart[:, None] + span, sbytes.size - 1)]
-        k[:, q : q + s_w] = span < slen[:, None]
-    # entry header: tag + varint length of the signal's bytes
-    inner = k.view(np.uint8).T.sum(axis=0, dtype=np.int64)  # F order: add columns
+        d[q : q + s_w] = sbytes[np.minimum(sstart + span[:, None], sbytes.size - 1)]
+        k[q : q + s_w] = span[:, None] < slen
+        inner += 2 * has + lk.sum(axis=0) + slen
     w_len = _width(inner.astype(np.uint64))
     if w_len > 2:  # a signal over 16 KB: room for a longer length
-        d = np.concatenate([np.zeros((r, w_len - 2), np.uint8), d], axis=1)
-        k = np.concatenate([np.zeros((r, w_len - 2), np.bool_), k], axis=1)
-    d[:, 0] = _ENTRY_TAG[0]
-    k[:, 0] = True
+        d = np.concatenate([np.zeros((w_len - 2, r), np.uint8), d])
+        k = np.concatenate([np.zeros((w_len - 2, r), np.bool_), k])
+    d[0] = _ENTRY_TAG[0]
+    k[0] = True
     hd, hk = _varint(inner.astype(np.uint64), w_len)
-    d[:, 1 : 1 + w_len] = hd
-    k[:, 1 : 1 + w_len] = hk
-    out = d[k].tobytes()
-    ends = np.cumsum(inner + 1 + hk.sum(axis=1))
-    last = ends.tolist()
+    d[1 : 1 + w_len] = hd
+    k[1 : 1 + w_len] = hk
+    out = d.T[k.T].tobytes()
+    ends = np.cumsum(inner + 1 + hk.sum(axis=0))
+    m_of = [len(c.ids) for c in cols]
+    frame_end = np.cumsum(m_of)
+    last = np.concatenate(([0], ends))[frame_end].tolist()
     blocks = []
     row = pos = 0
-    for c in cols:
-        m = len(c.ids)
-        end = last[row + m - 1] if m else pos
+    for c, m, end in zip(cols, m_of, last, strict=True):
         blocks.append(FrameBlock(out[pos:end], c.ids, ends[row : row + m], pos))
         row += m
         pos = end
