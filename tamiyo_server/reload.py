@@ -8,21 +8,29 @@ One background thread (never the event loop, never the inference thread) does th
 reload: stat → ``load_checkpoint`` (manifest, sha256, feature schema, shapes, finite
 weights) → a warm-up forward on sample graphs whose outputs must be finite and whose
 CPU time must fit the decision budget (ms) unless it is no slower than the serving policy
-(see ``check_serving``) → ``PolicyHolder.swap``. The inference thread reads
-``holder.current`` once per batch, so the swap lands between batches, never inside one.
-After the swap nothing here keeps the old policy: the last in-flight batch drops the
-last reference and its memory is freed (no growth across reloads).
+(see ``check_serving``) → ``PolicyHolder.swap``. Serving reads ``holder.current`` once
+per batch, so the swap lands between batches, never inside one. The watcher drops the
+replaced policy at its next poll (usually the last reference, so it is freed on this
+thread rather than inside a decision; no growth across reloads).
 
-What a reload costs serving is mostly GIL time (~25 ms of CPU: load, engine build,
-warm-up): while the reload thread runs Python, a thread that wants the GIL (the event
-loop, several times per decision; the inference thread, per batch) waited up to
-CPython's 5 ms switch interval. So while it loads, the reload lowers the switch interval
-to ``SWITCH_INTERVAL_S`` and pauses ``PAUSE_S`` between steps (``_short_gil_turns``).
-``python -m bench.reload --gil`` (one process, variants interleaved reload by reload):
-probe lag p99 in reload windows 1.59 → 0.84 ms, inference p99 6.05 → 5.03 ms (steady
-0.30 / 2.62 ms); skipping ``torch.jit.freeze`` (one ~9 ms GIL-holding call) changed
-nothing measurable. The thread is *not* reniced: a low-priority thread preempted while
-holding the GIL would stall both serving threads (priority inversion). Step times are
+What a reload costs serving is GIL time, so it is kept small and handed out politely:
+* little of it: ~6-8 ms of CPU per reload on this box (it was ~25-35 ms): the engine's
+  compiled-vs-eager self-check runs once per ``PolicyConfig`` in a process, the engine
+  copies the scripted template's C++ module (no Python wrappers), the warm-up is one
+  forward unless that one is over budget, the loader checks finiteness through numpy;
+* in short steps: ``load_checkpoint`` calls back between read+sha256 (hashlib releases
+  the GIL), parse, model build, checks and weight copy, then engine and warm-up; each
+  step holds the GIL for ≲ 1-2 ms;
+* in the gaps: between steps ``_yield`` sleeps, then waits (≤ ``IDLE_WAIT_MAX_S`` a
+  step) until a short probe sleep wakes on time, i.e. no serving thread is running
+  Python; and while it loads the switch interval is ``SWITCH_INTERVAL_S`` (0.5 ms, not
+  CPython's 5 ms), which bounds how long serving waits behind a step.
+``python -m bench.reload --gil`` (one process, variants interleaved reload by reload,
+GIL wait of the serving stand-in from /proc schedstat so the box's load hardly moves it):
+4 runs at load 5-7, p99 GIL wait in reload windows current 3.2-5.3 ms vs 5.1-8.0 without
+the idle wait vs 5.2-17 with no GIL sharing at all (steady 4.2-5.0; inference-thread
+layout). The thread is *not* reniced: a low-priority thread preempted while holding the
+GIL would stall serving (priority inversion). Step times (ms; ``waited``, ``cpu``) are
 logged and kept in ``last_stages``.
 
 A refused checkpoint is logged, counted and reported (``PolicyHolder.refuse``) and
