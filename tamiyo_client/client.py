@@ -15,6 +15,10 @@ Why it is built this way:
   UNIMPLEMENTED, INVALID_ARGUMENT, or an in-stream error answering SessionOpen. Then
   ``last_error`` says why; frames are still accepted (and coalesced), nothing raises
   into the training loop, and decision iterators end with ``ClientError``.
+- **Pushback is honoured.** An overload refusal (RESOURCE_EXHAUSTED) carrying
+  ``StreamError.retry_after_ms`` stops this stream from asking for decisions for that
+  long: frames still go out (telemetry keeps flowing), with ``want_decision`` cleared
+  (``stats.decision_requests_deferred``), so a loaded server is not asked again at once.
 
 Decisions arrive via ``decisions()`` (async iterator) or ``add_callback`` (called on the
 event loop thread). Latency is client-observed: from the frame's write to the decision's
@@ -100,6 +104,8 @@ class TamiyoClient:
         self._frames = CoalescingBuffer(self.config.frame_buffer, on_put=self._wake_threadsafe)
         self._outcomes: deque[pb.DecisionOutcome] = deque()
         self._outcome_lock = threading.Lock()
+        self._in_flight = 0  # popped from a buffer, its call.write not yet returned
+        self._pushback_until = 0.0  # time.monotonic() before which no decision is asked
         self._ids = itertools.count(1)
         self._sent_at: dict[str, float] = {}
         self._callbacks: list[DecisionCallback] = []
@@ -173,7 +179,7 @@ class TamiyoClient:
         """Frames and outcomes not yet written to the stream."""
         with self._outcome_lock:
             outcomes = len(self._outcomes)
-        return len(self._frames) + outcomes
+        return len(self._frames) + outcomes + self._in_flight
 
     def _encode(self, frame: FrameData) -> pb.TelemetryFrame | None:
         """``frame`` as protobuf, in ``config.signal_form`` (on the event loop thread).
@@ -386,14 +392,20 @@ class TamiyoClient:
                     outcome = self._outcomes.popleft() if self._outcomes else None
                 if outcome is None:
                     break
+                self._in_flight = 1  # close() waits for it (pending() counts it)
                 try:
                     await call.write(pb.StreamTelemetryRequest(outcome=outcome))
                 except BaseException:
                     with self._outcome_lock:
                         self._outcomes.appendleft(outcome)
                     raise
+                finally:
+                    self._in_flight = 0
                 self.stats.outcomes_sent += 1
             while (frame := self._frames.pop()) is not None:
+                if frame.want_decision and time.monotonic() < self._pushback_until:
+                    frame.want_decision = False  # the server asked for a pause
+                    self.stats.decision_requests_deferred += 1
                 msg = frame if isinstance(frame, pb.TelemetryFrame) else self._encode(frame)
                 if msg is None:
                     continue
@@ -401,12 +413,15 @@ class TamiyoClient:
                     self._sent_at[frame.request_id] = time.monotonic()
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up
                         self._sent_at.pop(next(iter(self._sent_at)))
+                self._in_flight = 1
                 try:
                     await call.write(pb.StreamTelemetryRequest(frame=msg))
                 except BaseException:
                     self._sent_at.pop(frame.request_id, None)
                     self._frames.push_front([frame])
                     raise
+                finally:
+                    self._in_flight = 0
                 self.stats.frames_sent += 1
             self._drained.set()
 
@@ -423,6 +438,10 @@ class TamiyoClient:
                 self._sent_at.pop(err.frame_request_id, None)  # no decision will follow
                 if err.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED:
                     self.stats.frames_shed += 1  # load, not a bad message
+                    if err.retry_after_ms:
+                        self.stats.pushbacks += 1
+                        until = time.monotonic() + err.retry_after_ms / 1000
+                        self._pushback_until = max(self._pushback_until, until)
                     log.debug("tamiyo shed a frame: %s", err.message)
                 else:
                     self.stats.stream_errors += 1

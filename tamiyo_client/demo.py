@@ -25,10 +25,17 @@ import torch
 
 from tamiyo.config import ClientConfig, DemoConfig
 from tamiyo.v1 import decision_pb2
-from tamiyo_client.blocking import BlockingTamiyoClient
 from tamiyo_client.client import ReceivedDecision
-from tamiyo_client.demo_task import RunResult, TeacherTask, attach, make_student, run
+from tamiyo_client.demo_task import (
+    RunResult,
+    TeacherTask,
+    attach,
+    fault_step,
+    make_student,
+    run,
+)
 from tamiyo_client.host import ApplyResult
+from tamiyo_client.process import ProcessTamiyoClient
 from tamiyo_client.security import ClientSecurity
 
 
@@ -77,7 +84,7 @@ def print_decision(step: int, r: ReceivedDecision, result: ApplyResult) -> None:
     print(line, flush=True)
 
 
-def plot(baseline: RunResult, tamiyo: RunResult, path: Path) -> None:
+def plot(baseline: RunResult, tamiyo: RunResult, path: Path, broken: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,13 +94,14 @@ def plot(baseline: RunResult, tamiyo: RunResult, path: Path) -> None:
     for res, label in ((baseline, "without Tamiyo"), (tamiyo, "with Tamiyo")):
         steps, losses = zip(*res.curve, strict=True)
         ax.plot(steps, losses, label=label)
+    ax.axvline(broken, color="red", ls="--", lw=1, label="fault: hidden block damaged")
     for i, (step, result) in enumerate(tamiyo.applied):
         ax.axvline(step, color="grey", ls=":", lw=1, label="adaptation" if i == 0 else None)
         ax.annotate(result.layer_id, (step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation MSE (log)")
-    ax.set_title("Teacher-student MLP with a damaged block")
+    ax.set_title("Teacher-student MLP; one block breaks mid-run")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -101,15 +109,18 @@ def plot(baseline: RunResult, tamiyo: RunResult, path: Path) -> None:
 
 
 def summarize(
-    cfg: DemoConfig, baseline: RunResult, tamiyo: RunResult, client: BlockingTamiyoClient
+    cfg: DemoConfig, baseline: RunResult, tamiyo: RunResult, client: ProcessTamiyoClient
 ) -> dict[str, Any]:
     stats = client.stats
     decisions = [r.decision for r in tamiyo.decisions]
     server_ms = sorted(d.server_latency_us / 1000 for d in decisions)
+    broken = fault_step(cfg)
+    after = [d for d in decisions if d.frame_step >= broken and not d.degraded]
     return {
         "config": asdict(cfg),
-        "policy_version": client.client.policy_version,
-        "decision_deadline_ms": client.client.decision_deadline_ms,
+        "fault_step": broken,
+        "policy_version": client.policy_version,
+        "decision_deadline_ms": client.decision_deadline_ms,
         "decisions": len(decisions),
         "decisions_by_action": dict(Counter(_action(d) for d in decisions)),
         "decisions_by_rule": dict(Counter(_rule(d) for d in decisions)),
@@ -120,9 +131,21 @@ def summarize(
         ],
         "adaptations_refused": sum(1 for r in tamiyo.decisions if r.decision.action == 2)
         - len(tamiyo.applied),
+        "adaptations_by_policy": sum(
+            d.rule == decision_pb2.DECISION_RULE_POLICY
+            and d.action == decision_pb2.ADAPTATION_ACTION_LOAD_KERNEL
+            for d in decisions
+        ),
+        # The network's P(adapt) (a decision's confidence) after the fault, for the
+        # summary's explanation when it never reached the confidence threshold.
+        "max_confidence_after_fault": max((d.confidence for d in after), default=None),
         "extra_parameters": tamiyo.extra_parameters,
         "outcome_rewards": dict(tamiyo.rewards),
         "final_val_loss": {"without": baseline.curve[-1][1], "with": tamiyo.curve[-1][1]},
+        "mean_val_loss_after_fault": {
+            "without": _mean_after(baseline.curve, broken),
+            "with": _mean_after(tamiyo.curve, broken),
+        },
         "best_val_loss": {
             "without": min(v for _, v in baseline.curve),
             "with": min(v for _, v in tamiyo.curve),
@@ -133,13 +156,20 @@ def summarize(
         },
         "server_latency_ms_p50": server_ms[len(server_ms) // 2] if server_ms else None,
         "frames": {"submitted": stats.frames_submitted, "sent": stats.frames_sent},
-        "frames_coalesced": client.client.frames_coalesced,
+        "frames_coalesced": client.frames_coalesced,
         "frames_shed": stats.frames_shed,
         "stream_errors": stats.stream_errors,
         "sessions": stats.sessions,
         "train_seconds": {"without": baseline.seconds, "with": tamiyo.seconds},
         "curves": {"without": baseline.curve, "with": tamiyo.curve},
     }
+
+
+def _mean_after(curve: list[tuple[int, float]], step: int) -> float | None:
+    """Mean validation loss at the curve points from ``step`` on: how fast a run
+    recovered from the fault, not only where it ended."""
+    after = [v for s, v in curve if s >= step]
+    return sum(after) / len(after) if after else None
 
 
 def print_summary(s: dict[str, Any], out: Path) -> None:
@@ -157,9 +187,24 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
           f" refused {s['adaptations_refused']}")  # fmt: skip
     for a in s["adaptations_applied"]:
         print(f"    step {a['step']:5d}: {a['kernel']} into {a['layer']}[{a['seed']}]")
+    print(f"fault                  step {s['fault_step']}: hidden block's bias set to"
+          f" {s['config']['damage_bias']}")  # fmt: skip
+    if s["adaptations_by_policy"]:
+        print(f"                       {s['adaptations_by_policy']} adaptation(s) chosen by"
+              " the served policy network (rule POLICY)")  # fmt: skip
+    else:
+        conf = s["max_confidence_after_fault"]
+        seen = f"{conf:.2f}" if conf is not None else "n/a"
+        print("                       the served policy chose no adaptation: its P(adapt)"
+              f" after the fault peaked at {seen}, under the rules' confidence threshold"
+              " (0.5 by default), or a later rule vetoed it (see 'by rule')")  # fmt: skip
     fv, bv = s["final_val_loss"], s["best_val_loss"]
     print(f"final val loss         without {fv['without']:.4f}   with {fv['with']:.4f}")
     print(f"best val loss          without {bv['without']:.4f}   with {bv['with']:.4f}")
+    mv = s["mean_val_loss_after_fault"]
+    if mv["without"] is not None and mv["with"] is not None:
+        print(f"mean val loss from the fault on  without {mv['without']:.4f}"
+              f"   with {mv['with']:.4f}")  # fmt: skip
     print(f"decision latency       client p50 {ms(lat['p50'])}  p99 {ms(lat['p99'])};"
           f" server p50 {ms(s['server_latency_ms_p50'])}")  # fmt: skip
     t = s["train_seconds"]
@@ -199,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = run(cfg, task, None, attach(make_student(cfg), cfg))
         host = attach(make_student(cfg), cfg)
         print("host topology:\n  " + host.topology_summary().replace("\n", "\n  "))
-        client = BlockingTamiyoClient(
+        client = ProcessTamiyoClient(
             host.session_open(),
             replace(ClientConfig(), target=target, decision_deadline_ms=cfg.decision_deadline_ms),
             security,
@@ -219,17 +264,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(
             f"connected in {time.monotonic() - t0:.1f} s, session {client.session_id},"
-            f" policy {client.client.policy_version},"
-            f" decision deadline {client.client.decision_deadline_ms} ms"
+            f" policy {client.policy_version},"
+            f" decision deadline {client.decision_deadline_ms} ms"
         )
         print(f"2/2 training {cfg.steps} steps with Tamiyo (decisions as they arrive):")
         try:
             tamiyo = run(cfg, task, client, host, print_decision)
-            client.wait_for(lambda: client.client.pending() == 0, 2.0)  # last outcomes
+            client.wait_for(lambda: client.pending() == 0, 2.0)  # last outcomes
         finally:
             client.close()
         summary = summarize(cfg, baseline, tamiyo, client)
-        plot(baseline, tamiyo, out / "loss.png")
+        plot(baseline, tamiyo, out / "loss.png", fault_step(cfg))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, out)
         return 0

@@ -1,12 +1,23 @@
-"""The demo's task and training run: a student MLP with a damaged block learns a random
-teacher function, generated locally (no downloads), with or without Tamiyo.
+"""The demo's task and training run: a student MLP learns a random teacher function,
+generated locally (no downloads), with or without Tamiyo, and one block breaks mid-run.
 
-The damaged block starts with a large negative bias, so most of its ReLU units are dead:
-its KasminaLayer reports a high dead-neuron ratio and a low health score. A residual
-kernel loaded into that block bypasses the dead units (the block is Linear+ReLU and the
-kernel's output is added after the ReLU), which is the kind of fix Tamiyo is for.
-Both runs share the seed, the initial weights and the data order, so the curves differ
-only by the adaptations applied.
+The fault: at ``fault_step`` (the start of the second epoch, or half-way through a run
+shorter than that) the ``hidden`` block's bias is set to ``damage_bias``, so most of its
+ReLU units die: its KasminaLayer reports a high dead-neuron ratio and a low health
+score while the other layers stay healthy. A residual kernel loaded into that block
+bypasses the dead units (the block is Linear+ReLU and the kernel's output is added after
+the ReLU), which is the kind of fix Tamiyo is for. Both runs share the seed, the initial
+weights, the data order and the fault, so the curves differ only by the adaptations.
+
+Why a fault during training rather than a block dead from the first step (what this demo
+did before): the served policy is trained in Simic on layers that degrade after an
+onset while the rest of the model stays partly healthy. A block dead from step 0 left
+no gradient to the layers before it and a constant input to those after it, so every
+layer reported health 0.0, a picture unlike anything in training; the policy answered
+NO_OP (P(adapt) 0.2-0.3, under the 0.5 confidence threshold) to all of it. To the same
+kind of fault after a healthy first epoch it answers LOAD_KERNEL into ``hidden``
+(P(adapt) 0.6-0.98 within a few decisions of the fault, measured offline with the
+default checkpoint).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from tamiyo.v1 import decision_pb2
 from tamiyo_client.blocking import BlockingTamiyoClient
 from tamiyo_client.client import ReceivedDecision
 from tamiyo_client.host import ApplyResult, KasminaHost, extend_optimizer
+from tamiyo_client.process import ProcessTamiyoClient
 
 
 class Block(nn.Module):
@@ -68,8 +80,9 @@ class TeacherTask:
 
 
 def make_student(cfg: DemoConfig) -> nn.Sequential:
+    """The healthy student (the fault comes later, see ``damage``)."""
     torch.manual_seed(cfg.seed)
-    model = nn.Sequential(
+    return nn.Sequential(
         OrderedDict(
             encoder=Block(cfg.in_features, cfg.width),
             hidden=Block(cfg.width, cfg.width),
@@ -77,11 +90,22 @@ def make_student(cfg: DemoConfig) -> nn.Sequential:
             head=nn.Linear(cfg.width, 1),
         )
     )
+
+
+def fault_step(cfg: DemoConfig) -> int:
+    """The step at which ``hidden`` breaks: the start of the second epoch, or half-way
+    through a run shorter than an epoch."""
+    return min(cfg.steps_per_epoch, cfg.steps // 2)
+
+
+def damage(model: nn.Module, cfg: DemoConfig) -> None:
+    """The fault: the ``hidden`` block's bias set to ``damage_bias`` (most units die).
+    Works on the bare student and on one whose blocks are wrapped in KasminaLayers."""
     hidden = model.get_submodule("hidden")
-    assert isinstance(hidden, Block)
+    block = hidden if isinstance(hidden, Block) else hidden.get_submodule("base")
+    assert isinstance(block, Block)
     with torch.no_grad():
-        hidden.linear.bias.fill_(cfg.damage_bias)
-    return model
+        block.linear.bias.fill_(cfg.damage_bias)
 
 
 def attach(model: nn.Module, cfg: DemoConfig) -> KasminaHost:
@@ -111,19 +135,23 @@ DecisionPrinter = Callable[[int, ReceivedDecision, ApplyResult], None]
 def run(
     cfg: DemoConfig,
     task: TeacherTask,
-    client: BlockingTamiyoClient | None,
+    client: ProcessTamiyoClient | BlockingTamiyoClient | None,
     host: KasminaHost,
     on_decision: DecisionPrinter | None = None,
 ) -> RunResult:
-    """Train ``host.model`` for ``cfg.steps``; with a client, stream a frame every step
-    (asking for a decision every ``decision_every``) and apply decisions between steps."""
+    """Train ``host.model`` for ``cfg.steps`` (the ``hidden`` block breaks at
+    ``fault_step``); with a client, stream a frame every step (asking for a decision
+    every ``decision_every``) and apply decisions between steps."""
     model = host.model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = torch.Generator().manual_seed(cfg.seed + 2)
     out = RunResult()
     pending: list[tuple[int, ApplyResult, float]] = []  # (due step, result, loss before)
     start = time.perf_counter()
+    broken = fault_step(cfg)
     for step in range(cfg.steps):
+        if step == broken:
+            damage(model, cfg)
         epoch = step // cfg.steps_per_epoch
         x, y = task.batch(data, cfg.batch_size)
         loss = nn.functional.mse_loss(model(x), y)

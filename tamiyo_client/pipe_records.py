@@ -33,6 +33,7 @@ FRAME_PB = 4  # a serialized TelemetryFrame (passed to send_frame as protobuf)
 OUTCOME = 5  # a serialized DecisionOutcome
 SESSION = 6  # a serialized SessionOpen (initial and update_session)
 CLOSE = 7  # flush, end the stream, exit
+QUERY = 8  # <Q sequence number: answer with a STATUS carrying "query": that number
 # sidecar -> parent
 DECISION = 10  # <dIH latency (NaN: unmatched), connection, session id length; id; decision
 STATUS = 11  # JSON: the sidecar client's counters and state (see sidecar.status)

@@ -85,6 +85,9 @@ class ProcessTamiyoClient:
         self._frame: Frame | None = None  # next frame to write (coalesced while waiting)
         self._outcomes: deque[pb.DecisionOutcome] = deque()
         self._session_dirty = False
+        self._query = 0  # latest QUERY asked (see pending)
+        self._query_sent = 0
+        self._answered = 0  # latest QUERY the sidecar answered
         self._decisions: deque[ReceivedDecision] = deque()
         self._status: dict[str, Any] = {}
         self._ids = 0
@@ -246,6 +249,9 @@ class ProcessTamiyoClient:
 
     # -- pipes ---------------------------------------------------------------------
     def _next_record(self) -> bytes | None:
+        if self._query > self._query_sent and not self._outcomes and self._frame is None:
+            self._query_sent = self._query  # after everything queued before it
+            return rec.record(rec.QUERY, str(self._query).encode())
         if self._session_dirty:
             self._session_dirty = False
             return rec.record(rec.SESSION, self._session_open.SerializeToString())
@@ -326,6 +332,7 @@ class ProcessTamiyoClient:
         elif kind == rec.STATUS:
             st = json.loads(payload)
             self._status = st
+            self._answered = max(self._answered, int(st.get("query", 0)))
             for name, value in st["stats"].items():
                 if name != "frames_submitted" and hasattr(self.stats, name):
                     total = value + self._base.get(name, 0) + self._local.get(name, 0)
@@ -395,10 +402,16 @@ class ProcessTamiyoClient:
         """Frames folded into newer ones, here (pipe full) and in the sidecar."""
         return self.local_coalesced + int(self._state("frames_coalesced", 0))
 
-    def pending(self) -> int:
-        """Frames and outcomes not yet written to the stream (as of the latest STATUS)."""
+    def pending(self, timeout_s: float = 1.0) -> int:
+        """Frames and outcomes not yet written to the stream. Asks the sidecar and waits
+        (up to ``timeout_s``) for its answer, so it is exact but not for every step: the
+        counters in ``stats`` are refreshed only every ~0.25 s."""
+        self._query += 1
+        asked = self._query
+        self._flush()
+        self.wait_for(lambda: self._answered >= asked or self._died_at is not None, timeout_s)
         here = len(self._outcomes) + (self._frame is not None) + (self._chunk is not None)
-        return here + int(self._state("pending", 0))
+        return here + int(self._status.get("pending", 0))
 
     @property
     def sidecar_pid(self) -> int | None:

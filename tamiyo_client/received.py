@@ -42,6 +42,8 @@ class ClientStats:
     stream_errors: int = 0  # in-stream StreamError answers refusing a message
     frames_shed: int = 0  # RESOURCE_EXHAUSTED answers: superseded or shed by the server
     frames_unencodable: int = 0  # FrameData whose values protobuf cannot hold (not sent)
+    pushbacks: int = 0  # overload refusals carrying StreamError.retry_after_ms
+    decision_requests_deferred: int = 0  # frames sent without want_decision (pushback)
     sessions: int = 0  # SessionAccepted received (first connect + reconnects)
     connect_failures: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))

@@ -176,7 +176,7 @@ def main() -> int:
             for kind, payload in pending:
                 if kind == rec.CLOSE:
                     return 0
-                _handle(client, kind, payload)
+                _handle(client, kind, payload, out)
             pending = _read_records(0, reader)
         return 0
     finally:
@@ -187,7 +187,7 @@ def main() -> int:
             out.write(rec.encode_json(rec.STATUS, status(client)))
 
 
-def _handle(client: BlockingTamiyoClient, kind: int, payload: bytes) -> None:
+def _handle(client: BlockingTamiyoClient, kind: int, payload: bytes, out: _Out) -> None:
     if kind in (rec.FRAME, rec.FRAME_JSON):
         client.send_frame(rec.decode_frame(kind, payload))
     elif kind == rec.FRAME_PB:
@@ -196,6 +196,8 @@ def _handle(client: BlockingTamiyoClient, kind: int, payload: bytes) -> None:
         client.report_outcome(pb.DecisionOutcome.FromString(payload))
     elif kind == rec.SESSION:
         client.update_session(pb.SessionOpen.FromString(payload))
+    elif kind == rec.QUERY:  # after every earlier record was handed to the client
+        out.write(rec.encode_json(rec.STATUS, status(client) | {"query": int(payload)}))
     else:
         log.error("sidecar: unknown record kind %d ignored", kind)
 

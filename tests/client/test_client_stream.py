@@ -293,7 +293,7 @@ async def test_server_decision_changes_model_and_next_frames_report_it(
     model, and the following frames carry the new seed state."""
     from tamiyo.config import DemoConfig
     from tamiyo.v1 import decision_pb2
-    from tamiyo_client.demo_task import TeacherTask, attach, make_student
+    from tamiyo_client.demo_task import TeacherTask, attach, damage, make_student
     from tamiyo_client.host import extend_optimizer
     from tamiyo_client.kasmina import TRAINING
 
@@ -302,6 +302,7 @@ async def test_server_decision_changes_model_and_next_frames_report_it(
     task = TeacherTask(cfg)
     host = attach(make_student(cfg), cfg)
     model = host.model
+    damage(model, cfg)  # the demo's fault, here from the first step
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = torch.Generator().manual_seed(0)
 

@@ -29,7 +29,11 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert summary["decisions"] >= 1
     assert summary["decisions"] + summary["frames_shed"] >= 5
     assert summary["decision_deadline_ms"] == 50
-    assert summary["frames"] == {"submitted": 100, "sent": 100}
+    # every frame was sent or folded into a newer one (latest wins), none lost
+    assert summary["frames"]["submitted"] == 100
+    assert summary["frames"]["sent"] + summary["frames_coalesced"] == 100
+    assert summary["fault_step"] == 50  # half-way through a run shorter than an epoch
+    assert summary["adaptations_by_policy"] >= 0
     assert summary["stream_errors"] == 0
     assert summary["client_latency_ms"]["p50"] > 0
     # Both runs start from the same weights and see the same data: identical until the
