@@ -48,7 +48,7 @@ class BatchConfig:
     max_batch_graphs: int = 256
     max_batch_nodes: int = 16384
     max_batch_edges: int = 65536
-    max_queue_delay_ms: float = 2.0  # a batch never waits longer than this to fill
+    max_queue_delay_ms: float = 5.0  # a batch never waits longer than this to fill
     max_queued: int = 8192  # evaluations waiting for a batch
     outbound_queue: int = 64  # responses waiting to be written on one stream
     # Online inference-time model (tamiyo_server.batcher.CostModel): prior until measured.

@@ -13,7 +13,13 @@ wait for company longer than its most urgent member can afford.
   oldest job having waited ``max_queue_delay_ms``, or company being unlikely: when the
   mean gap between submissions (an EWMA) is longer than the wait that is left, nobody is
   expected in time, so waiting would only add latency (one closed-loop stream would
-  otherwise pay the whole ``max_queue_delay_ms`` on every decision).
+  otherwise pay the whole ``max_queue_delay_ms`` on every decision) — or company not
+  being worth it: waiting w ms brings ~w/gap more graphs, each saving one batch's fixed
+  cost ``a`` of CPU, and at a utilisation u each ms of CPU saved shortens the queueing of
+  later work by ~u/(1-u) ms (M/M/1), so waiting pays when ``a·u/(1-u) > gap``. Measured
+  here (256 streams, open loop): at 800 frames/s a 5 ms wait gave p99 20 vs 33 ms for
+  2 ms; at 150 frames/s over 64 streams it cost 18 vs 13 ms. ``utilization`` (the
+  server process's CPU share, set by the pipeline) decides; unknown (None) = wait.
 * A job that can no longer make its deadline even alone is *shed*: its future resolves
   with ``shed="deadline"`` and the caller answers with a degraded decision. The queue is
   bounded (``max_queued``); a full queue makes ``submit`` return ``None``.
@@ -94,6 +100,11 @@ class CostModel:
     @staticmethod
     def _x(nodes: int, graphs: int) -> np.ndarray:
         return np.array([1.0, nodes / 1000.0, graphs / 100.0])
+
+    def fixed_ms(self) -> float:
+        """The fitted cost of a batch regardless of its size (ms): what one more graph
+        joining a batch, instead of running in its own, saves."""
+        return max(self._coef[0], 0.05)
 
     def predict_ms(self, nodes: int, graphs: int, safe: bool = True) -> float:
         """Predicted ms; ``safe`` inflates by the error margin (closing a batch), while
@@ -204,6 +215,7 @@ class Batcher(Generic[P, R]):
         self._last_submit = 0.0
         self.arrival_gap_s = 1.0  # EWMA of the gap between submissions (s); see module doc
         self.on_loop = config.run_on == "loop"
+        self.utilization: float | None = None  # CPU share of the serving process (0-1)
         self._tick_handle: asyncio.Handle | None = None  # on_loop: the scheduled _tick
         self._tick_at = 0.0  # when that tick runs (monotonic s)
 
@@ -344,6 +356,9 @@ class Batcher(Generic[P, R]):
         wait_left = c.max_queue_delay_ms / 1000.0 - (now - self._oldest_arrival())
         full = self._queued >= c.max_batch_graphs or self._queued_nodes >= c.max_batch_nodes
         lonely = self.arrival_gap_s > wait_left  # nobody expected before the wait ends
+        if not lonely and self.utilization is not None:  # is company worth waiting for?
+            u = min(self.utilization, 0.95)
+            lonely = self.cost.fixed_ms() / 1000.0 * u / (1.0 - u) < self.arrival_gap_s
         if full or lonely or self._stopping:
             return 0.0
         return min(slack, wait_left)

@@ -100,12 +100,22 @@ class DecisionPipeline:
     async def _watch_lag(self) -> None:
         """Event-loop lag (s): how late a 20 ms sleep wakes up. When the loop itself is
         behind by more than twice the decision deadline, reading frames is the
-        bottleneck and every frame waiting in the transport is already late."""
+        bottleneck and every frame waiting in the transport is already late.
+
+        Also the process's CPU utilisation (CPU s per wall s, EWMA over ~100 ms) for the
+        batcher's decision whether waiting for company pays (see ``tamiyo_server.batcher``).
+        """
+        cpu0 = time.process_time()
+        u = 0.0
         while True:
             t0 = time.monotonic()
             await asyncio.sleep(LAG_PROBE_S)
-            lag = time.monotonic() - t0 - LAG_PROBE_S
+            t1, cpu1 = time.monotonic(), time.process_time()
+            lag = t1 - t0 - LAG_PROBE_S
             self.loop_lag_s = lag if lag > self.loop_lag_s else 0.7 * self.loop_lag_s + 0.3 * lag
+            u += 0.2 * (min((cpu1 - cpu0) / max(t1 - t0, 1e-6), 1.0) - u)
+            self.batcher.utilization = u
+            cpu0 = cpu1
 
     def swamped(self) -> bool:
         """True when a frame should be refused at the door without being processed: the

@@ -276,3 +276,23 @@ async def test_on_the_loop_an_urgent_job_brings_the_batch_forward() -> None:
     assert rec.batches[0][0] == 2, rec.batches
     assert (await relaxed.future).result == 10
     b.stop()
+
+
+@pytest.mark.parametrize(("utilization", "waits"), [(0.05, False), (0.9, True)])
+async def test_company_is_awaited_only_when_it_pays(utilization: float, waits: bool) -> None:
+    """Arrivals 2 ms apart, a 1 ms fixed batch cost: on an idle server (u = 0.05) the
+    saving is not worth any wait, on a busy one (u = 0.9: 1 ms · 9 > 2 ms) it is."""
+    rec = Recorder()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, run_on="loop", max_queue_delay_ms=500.0))
+    b.start()
+    b.cost.fit([(4, 1, 1.0), (8, 2, 1.0), (40, 10, 1.0)])
+    b.utilization = utilization
+    b.arrival_gap_s = 0.002
+    now = time.monotonic()
+    job = b.submit(1, 4, 3, now, now + 30.0)
+    assert job is not None
+    b.arrival_gap_s = 0.002  # (the first submission's gap is not representative)
+    await asyncio.sleep(0.1)
+    assert (rec.batches == []) == waits, rec.batches
+    await job.future
+    b.stop()
