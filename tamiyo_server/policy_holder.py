@@ -1,23 +1,32 @@
 """The serving policy behind one indirection, so it can be swapped between batches.
 
 Why: hot reload (issue 5) must replace the policy without touching a batch in flight.
-The inference thread reads ``holder.current`` once per batch; a swap is one attribute
-assignment (atomic under the GIL), so a batch runs entirely on the old or the new
-policy, never on a mix. Every decision carries the version of the policy that made it.
+Serving (the event loop, or the inference thread) reads ``holder.current`` once per
+batch; a swap is one attribute assignment (atomic under the GIL), so a batch runs
+entirely on the old or the new policy, never on a mix. Every decision carries the
+version of the policy that made it. Also here: what makes a ``ServedPolicy`` out of a
+verified checkpoint (``serve_loaded``) and the warm-up check it must pass before it may
+serve (``check_serving``), used at startup and by every hot reload.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from tamiyo.policy.builtin import load_policy
-from tamiyo.policy.checkpoint import LoadedPolicy
+from tamiyo.policy.checkpoint import CheckpointError, LoadedPolicy
 from tamiyo.policy.engine import InferenceEngine, resolve_device
-from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema
+from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema, GraphTensors
+from tamiyo.policy.synthetic import random_graphs
 from tamiyo_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -67,6 +76,77 @@ def serve_loaded(loaded: LoadedPolicy, device: str, warmup: bool = True) -> Serv
         schema=FEATURE_SCHEMA,
         builtin=builtin,
     )
+
+
+SAMPLE_SIZES = (8, 16, 32)  # nodes per sample graph of the warm-up batch (56 nodes)
+SLOWER_LIMIT = 1.5  # x the serving policy's warm-up time, see check_serving
+
+
+@functools.cache
+def _sample_graphs() -> list[GraphTensors]:
+    """Featurized once per process (read-only arrays, safe to share across reloads)."""
+    return random_graphs(0, list(SAMPLE_SIZES))
+
+
+def _forward_cpu_ms(
+    served: ServedPolicy, graphs: list[GraphTensors], between: Callable[[], object]
+) -> float:
+    between()  # e.g. let the serving threads take the GIL between forwards
+    t0 = time.thread_time()
+    served.engine.infer(graphs)
+    return (time.thread_time() - t0) * 1000.0
+
+
+def check_serving(
+    served: ServedPolicy,
+    budget_ms: float,
+    current: ServedPolicy | None = None,
+    repeats: int = 3,
+    between: Callable[[], object] = lambda: None,
+) -> float:
+    """Warm up ``served`` on sample graphs and refuse it unless it can serve.
+
+    One forward on a batch of ``SAMPLE_SIZES`` graphs: every output must be finite
+    (finite weights can still overflow), and its CPU time of this thread (ms) must fit
+    ``budget_ms``; CPU time, not wall time, so waiting for a core does not count. That
+    one forward is all the usual reload pays (~1-2 ms; it was 1 untimed + 3 timed ones,
+    GIL time taken from serving in every reload). Only when it is over the budget —
+    a cold cache, a shared core, or a slower policy — ``repeats`` more are timed, and
+    when the ``current`` policy is given both are timed on the same batch, interleaved,
+    and the new one is refused only if it is also over ``SLOWER_LIMIT`` × the current
+    one: a machine that is slow for every policy does not refuse a good checkpoint.
+    ``between`` runs before each of those extra forwards (a hot reload passes its
+    GIL-yielding step, ``tamiyo_server.reload._yield``). Returns the new policy's
+    (fastest) time in ms; raises ``CheckpointError`` naming the problem.
+    """
+    graphs = _sample_graphs()
+    t0 = time.thread_time()
+    outs = served.engine.infer(graphs)
+    best = (time.thread_time() - t0) * 1000.0
+    where = served.checkpoint_path
+    for i, o in enumerate(outs):
+        scalars = (o.adapt_prob, o.urgency, o.value, o.noop_logp)
+        if not (all(math.isfinite(v) for v in scalars) and np.isfinite(o.target_probs).all()):
+            raise CheckpointError(
+                f"checkpoint {where} refused: warm-up forward gave non-finite outputs "
+                f"on sample graph {i} ({SAMPLE_SIZES[i]} nodes)"
+            )
+    if best <= budget_ms:
+        return best
+    best = min(best, *(_forward_cpu_ms(served, graphs, between) for _ in range(repeats)))
+    cur = math.inf
+    if best > budget_ms and current is not None:
+        for _ in range(repeats):
+            cur = min(cur, _forward_cpu_ms(current, graphs, between))
+            best = min(best, _forward_cpu_ms(served, graphs, between))
+    if best > budget_ms and (current is None or best > SLOWER_LIMIT * cur):
+        vs = f" ({best / cur:.1f}x the serving policy)" if current is not None else ""
+        raise CheckpointError(
+            f"checkpoint {where} refused: warm-up forward of {len(graphs)} sample graphs "
+            f"({sum(SAMPLE_SIZES)} nodes) took {best:.2f} ms CPU{vs}, over the "
+            f"{budget_ms:g} ms decision budget"
+        )
+    return best
 
 
 def load_initial(checkpoint_dir: str, device: str) -> ServedPolicy:

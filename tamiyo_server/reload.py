@@ -43,7 +43,6 @@ Rollback: ``python -m tamiyo_server.reload rollback`` (``tamiyo_server.rollback`
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import sys
@@ -53,8 +52,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from tamiyo.config import ServerConfig
 from tamiyo.policy.builtin import builtin_policy
@@ -67,18 +64,20 @@ from tamiyo.policy.checkpoint import (
     resolve_latest,
 )
 from tamiyo.policy.engine import resolve_device
-from tamiyo.policy.features import GraphTensors
-from tamiyo.policy.synthetic import random_graphs
-from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy, load_initial, serve_loaded
+from tamiyo_server.policy_holder import (
+    PolicyHolder,
+    ServedPolicy,
+    check_serving,
+    load_initial,
+    serve_loaded,
+)
 from tamiyo_server.rollback import main, rollback, versions
 
-__all__ = ["CheckpointWatcher", "load_served", "main", "rollback", "versions"]
+__all__ = ["CheckpointWatcher", "check_serving", "load_served", "main", "rollback", "versions"]
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SIZES = (8, 16, 32)  # nodes per sample graph of the warm-up batch (56 nodes)
 MAX_REMEMBERED = 256  # refused fingerprints kept (oldest forgotten first)
-SLOWER_LIMIT = 1.5  # x the serving policy's warm-up time, see check_serving
 # How a reload shares the GIL with serving (see ``_short_gil_turns``); module-level so
 # ``python -m bench.reload --variants`` can measure the code without them.
 SWITCH_INTERVAL_S: float | None = 0.0005  # GIL switch interval while a reload runs, s
@@ -109,12 +108,6 @@ def _stat(path: Path) -> tuple[int, int] | None:
 
 def fingerprint(path: Path) -> Fingerprint:
     return Fingerprint(str(path), _stat(path / MANIFEST), _stat(path / WEIGHTS))
-
-
-@functools.cache
-def _sample_graphs() -> list[GraphTensors]:
-    """Featurized once per process (read-only arrays, safe to share across reloads)."""
-    return random_graphs(0, list(SAMPLE_SIZES))
 
 
 _TURNS_LOCK = threading.Lock()
@@ -175,60 +168,6 @@ def _yield() -> None:
     _waited.s += time.perf_counter() - t0
 
 
-def _forward_cpu_ms(served: ServedPolicy, graphs: list[GraphTensors]) -> float:
-    _yield()  # let the event loop / inference thread take the GIL between forwards
-    t0 = time.thread_time()
-    served.engine.infer(graphs)
-    return (time.thread_time() - t0) * 1000.0
-
-
-def check_serving(
-    served: ServedPolicy, budget_ms: float, current: ServedPolicy | None = None, repeats: int = 3
-) -> float:
-    """Warm up ``served`` on sample graphs and refuse it unless it can serve.
-
-    One forward on a batch of ``SAMPLE_SIZES`` graphs: every output must be finite
-    (finite weights can still overflow), and its CPU time of this thread (ms) must fit
-    ``budget_ms``; CPU time, not wall time, so waiting for a core does not count. That
-    one forward is all the usual reload pays (~1-2 ms; it was 1 untimed + 3 timed ones,
-    GIL time taken from serving in every reload). Only when it is over the budget —
-    a cold cache, a shared core, or a slower policy — ``repeats`` more are timed, and
-    when the ``current`` policy is given both are timed on the same batch, interleaved,
-    and the new one is refused only if it is also over ``SLOWER_LIMIT`` × the current
-    one: a machine that is slow for every policy does not refuse a good checkpoint.
-    Returns the new policy's (fastest) time in ms; raises ``CheckpointError`` naming
-    the problem.
-    """
-    graphs = _sample_graphs()
-    t0 = time.thread_time()
-    outs = served.engine.infer(graphs)
-    best = (time.thread_time() - t0) * 1000.0
-    where = served.checkpoint_path
-    for i, o in enumerate(outs):
-        scalars = (o.adapt_prob, o.urgency, o.value, o.noop_logp)
-        if not (all(math.isfinite(v) for v in scalars) and np.isfinite(o.target_probs).all()):
-            raise CheckpointError(
-                f"checkpoint {where} refused: warm-up forward gave non-finite outputs "
-                f"on sample graph {i} ({SAMPLE_SIZES[i]} nodes)"
-            )
-    if best <= budget_ms:
-        return best
-    best = min(best, *(_forward_cpu_ms(served, graphs) for _ in range(repeats)))
-    cur = math.inf
-    if best > budget_ms and current is not None:
-        for _ in range(repeats):
-            cur = min(cur, _forward_cpu_ms(current, graphs))
-            best = min(best, _forward_cpu_ms(served, graphs))
-    if best > budget_ms and (current is None or best > SLOWER_LIMIT * cur):
-        vs = f" ({best / cur:.1f}x the serving policy)" if current is not None else ""
-        raise CheckpointError(
-            f"checkpoint {where} refused: warm-up forward of {len(graphs)} sample graphs "
-            f"({sum(SAMPLE_SIZES)} nodes) took {best:.2f} ms CPU{vs}, over the "
-            f"{budget_ms:g} ms decision budget"
-        )
-    return best
-
-
 def load_served(
     path: Path,
     device: str,
@@ -256,7 +195,7 @@ def load_served(
         t3 = time.perf_counter()
         _yield()
         t4 = time.perf_counter()
-        check_serving(served, budget_ms, current)
+        check_serving(served, budget_ms, current, between=_yield)
         t5 = time.perf_counter()
         cpu = time.thread_time() - c0
     times.update(
