@@ -30,7 +30,14 @@ from google.protobuf.message import DecodeError
 from tamiyo.config import ExperienceLogConfig
 from tamiyo.experience.column_block import FrameBlock, encode_column_blocks
 from tamiyo.experience.retention import enforce_retention
-from tamiyo.experience.schema import ACTION_LOAD_KERNEL, ACTION_NO_OP, DecisionRecord, OutcomeRecord
+from tamiyo.experience.schema import (
+    ACTION_LOAD_KERNEL,
+    ACTION_NO_OP,
+    DecisionRecord,
+    OutcomeRecord,
+    PartsDecision,
+    StateParts,
+)
 from tamiyo.signal_columns import signals_from_columns
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -219,7 +226,7 @@ class SessionState:
         self.blocks: deque[bytes] | None = deque(maxlen=window)  # fast path; None = rings
         self.rings: list[deque[bytes]] = []
         # (frame step, request id) → (seq, state, step, epoch), oldest first
-        self.marks: OrderedDict[int, tuple[tuple[int, str], bytes, int, int]] = OrderedDict()
+        self.marks: OrderedDict[int, tuple[tuple[int, str], StateParts, int, int]] = OrderedDict()
         self.step = 0
         self.epoch = 0
         self.last_id = ""
@@ -249,17 +256,22 @@ class SessionState:
             rings[layers[sig.layer_id]].append((prefix[n] if n < 4096 else _len_prefix(n)) + b)
 
     def state(self) -> bytes:
+        return self.parts().join()
+
+    def parts(self) -> StateParts:
+        """The current state as pieces: on the fast path the frame blocks themselves
+        (the writer stores each once per file), else the rings joined into one."""
         tail = _state_tail(self.step, self.epoch)
         if self.blocks is not None:
-            return b"".join((self.header, tail, *self.blocks))
-        return b"".join(itertools.chain((self.header, tail), *self.rings))
+            return StateParts(self.header, tail, tuple(self.blocks))
+        return StateParts(self.header, tail, (b"".join(itertools.chain(*self.rings)),))
 
     def _mark(self, seq: int, request_id: str) -> None:
-        self.marks[seq] = ((self.step, request_id), self.state(), self.step, self.epoch)
+        self.marks[seq] = ((self.step, request_id), self.parts(), self.step, self.epoch)
         while len(self.marks) > MARKS_PER_SESSION:
             self.marks.popitem(last=False)
 
-    def take_mark(self, step: int, request_id: str) -> tuple[int, bytes, int, int] | None:
+    def take_mark(self, step: int, request_id: str) -> tuple[int, StateParts, int, int] | None:
         """The state of the newest frame answered by a decision echoing (step, request
         id); older marks are dropped (their frames were superseded or answered)."""
         key = (step, request_id)
@@ -423,7 +435,7 @@ class Assembler:
         self._retention()
         return out
 
-    def _decision(self, ev: DecisionEvent) -> DecisionRecord | None:
+    def _decision(self, ev: DecisionEvent) -> PartsDecision | None:
         s = self._get(ev.key)
         m = ev.msg
         mark = s.take_mark(int(m.frame_step), m.frame_request_id) if s is not None else None
@@ -433,10 +445,11 @@ class Assembler:
         seq, state, step, epoch = mark
         kind, node, kern, lid, kid = _action_indices(m, s.layers, s.kernels)
         s.last_id, s.last_seq, s.last_client = m.decision_id, seq, None
-        return DecisionRecord(
-            m.decision_id, ev.key, s.host_id, step, epoch, ev.ts_s, state, kind, node, kern,
+        rec = DecisionRecord(
+            m.decision_id, ev.key, s.host_id, step, epoch, ev.ts_s, b"", kind, node, kern,
             lid, kid, int(m.seed_index), _propensity(m), m.policy_version, int(m.rule),
         )  # fmt: skip
+        return PartsDecision(rec, state)
 
     def _outcome(self, ev: OutcomeEvent) -> OutcomeRecord:
         m = ev.msg

@@ -8,6 +8,8 @@ from tamiyo.experience.schema import (
     DecisionRecord,
     ExperienceStoreError,
     OutcomeRecord,
+    PartsDecision,
+    StateParts,
     connect,
 )
 from tamiyo.experience.writer import ExperienceWriter
@@ -21,6 +23,8 @@ __all__ = [
     "ExperienceStoreError",
     "ExperienceWriter",
     "OutcomeRecord",
+    "PartsDecision",
+    "StateParts",
     "Transition",
     "connect",
     "derived_reward",

@@ -3,9 +3,10 @@
 Why it joins in memory: decisions and their outcomes may sit in different files (rotated
 files, several replicas), so the reader loads every file given, then pairs each decision
 with its outcome by ``decision_id`` and with the next decision of its session (ordered
-by step) when the outcome carries no explicit next state. Each file is read inside one
-read transaction, so a file that a writer is still appending to is read as a consistent
-snapshot (WAL lets readers and the writer run concurrently).
+by step) when the outcome carries no explicit next state. States stored as references to
+shared pieces (schema version 2, see ``tamiyo.experience.schema``) are returned whole.
+Each file is read inside one read transaction, so a file that a writer is still
+appending to is read as a consistent snapshot (WAL lets readers and the writer run concurrently).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from tamiyo.experience.schema import (
     ExperienceStoreError,
     OutcomeRecord,
     connect,
+    resolve_state,
 )
 from tamiyo.v1 import graph_pb2
 
 STORE_SUFFIXES = (".sqlite", ".db", ".sqlite3")
+_STATE = 6  # index of ``state`` in a decisions row
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +91,15 @@ class ExperienceReader:
         try:
             conn.execute("PRAGMA query_only=1")
             conn.execute("BEGIN")  # one snapshot of a file that may still be written
+            has_blocks = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='blocks'"
+            ).fetchone()
+            blocks: dict[int, bytes] = (
+                dict(conn.execute("SELECT id, data FROM blocks")) if has_blocks else {}
+            )
             for row in conn.execute("SELECT * FROM decisions"):
+                if row[_STATE][:1] == b"\x00":  # a reference to shared pieces
+                    row = (*row[:_STATE], resolve_state(row[_STATE], blocks), *row[_STATE + 1 :])
                 rec = DecisionRecord(*row)
                 self._decisions.setdefault(rec.decision_id, rec)
             for row in conn.execute("SELECT * FROM outcomes"):

@@ -1,9 +1,10 @@
-"""The experience store's on-disk format: one SQLite file in WAL mode, schema version 1.
+"""The experience store's on-disk format: one SQLite file in WAL mode, schema version 2.
 
 Why one format: the server logs the decisions it serves and the Simic simulator logs its
 behaviour data in exactly the same rows, so the trainer has one reader for both.
 
-Schema version 1 (``meta.schema_version = "1"``)::
+Schema version 2 (``meta.schema_version = "2"``; version 1 files, which have no
+``blocks`` table and only whole states, are still read)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)
         schema_version, created_at_s (Unix s), writer (free text, e.g. "tamiyo-server")
@@ -15,7 +16,8 @@ Schema version 1 (``meta.schema_version = "1"``)::
         step           INTEGER,      -- host training step the state describes
         epoch          INTEGER,
         ts_s           REAL,         -- wall clock of the decision, Unix s
-        state          BLOB,         -- serialised tamiyo.v1.ModelGraphState the policy saw
+        state          BLOB,         -- serialised tamiyo.v1.ModelGraphState the policy saw,
+                                     -- or a reference to blocks (see below)
         action_kind    INTEGER,      -- tamiyo.v1.AdaptationAction value (1 NO_OP, 2 LOAD_KERNEL)
         node_index     INTEGER,      -- index into state.topology.layers; -1 for NO_OP
         kernel_index   INTEGER,      -- index into state.kernels; -1 for NO_OP
@@ -35,6 +37,20 @@ Schema version 1 (``meta.schema_version = "1"``)::
         next_state     BLOB NULL,    -- NULL: the session's next decision's state
         done           INTEGER)      -- 0/1: the episode / session ended after this decision
 
+    blocks(                          -- pieces of states, each stored once per file
+        id             INTEGER PRIMARY KEY,
+        data           BLOB)
+
+A state that starts with the byte 0x00 (never the start of a protobuf message: field
+number 0 does not exist) is a reference: ``00 01 | u16 n | tail (n bytes) | i64 ids...``
+(little endian) stands for ``blocks[ids[0]] + tail + blocks[ids[1]] + blocks[ids[2]] ...``
+(``resolve_state``). Why: the server logs the state each decision saw, a session's window
+of the last W frames; consecutive decisions share W-1 frames and the topology, so storing
+each frame's encoded signals once and the states as references writes ~W times fewer
+bytes (the experience process's SQLite cost per decision fell accordingly). Blocks a
+reference names are committed in the same transaction as the reference or before it, in
+the same file; the reader returns whole states either way.
+
 Rows are joined by ``decision_id`` across all files given to the reader, so an outcome
 may land in a later (rotated) file or another replica's file than its decision.
 
@@ -46,10 +62,14 @@ between the state and the next state, each taken as the latest signal per layer:
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 # Page size of new files (bytes). States are 5-50 KB blobs: with SQLite's default 4 KB pages
 # each spans a chain of overflow pages, measured ~3x the CPU per logged decision.
 PAGE_SIZE = 65536
@@ -75,6 +95,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     rule INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_session_step ON decisions (session_id, step);
+CREATE TABLE IF NOT EXISTS blocks (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outcomes (
     decision_id TEXT PRIMARY KEY,
     ts_s REAL NOT NULL,
@@ -126,6 +147,62 @@ class DecisionRecord:
             self.node_index < 0 or self.kernel_index < 0
         ):
             raise ValueError("node_index/kernel_index: must be >= 0 for LOAD_KERNEL")
+
+
+_REF = b"\x00\x01"
+_REF_HEAD = struct.Struct("<2sH")
+
+
+class StateParts(NamedTuple):
+    """A serialised ``ModelGraphState`` as ``head + tail + b"".join(blocks)``: ``head``
+    and ``blocks`` are stored once per file however many states share them (pass the
+    *same* bytes objects: the writer recognises them by identity), ``tail`` (a few
+    bytes: step, epoch) with each state."""
+
+    head: bytes
+    tail: bytes
+    blocks: tuple[bytes, ...]
+
+    def join(self) -> bytes:
+        return b"".join((self.head, self.tail, *self.blocks))
+
+
+def state_reference(tail: bytes, block_ids: Sequence[int]) -> bytes:
+    """The ``decisions.state`` value standing for ``blocks[ids[0]] + tail + ...``."""
+    ids = struct.pack(f"<{len(block_ids)}q", *block_ids)
+    return b"".join((_REF_HEAD.pack(_REF, len(tail)), tail, ids))
+
+
+def resolve_state(state: bytes, blocks: Mapping[int, bytes]) -> bytes:
+    """A ``decisions.state`` value as the whole serialised state (references resolved
+    with ``blocks``: id → data; a missing block raises ``ExperienceStoreError``)."""
+    if state[:1] != b"\x00":
+        return state
+    if state[:2] != _REF:
+        raise ExperienceStoreError(f"state reference of unknown kind {state[:2]!r}")
+    n = _REF_HEAD.unpack_from(state)[1]
+    o = _REF_HEAD.size + n
+    if (len(state) - o) % 8:
+        raise ExperienceStoreError(f"state reference of {len(state)} bytes is truncated")
+    ids = struct.unpack_from(f"<{(len(state) - o) // 8}q", state, o)
+    try:
+        parts = [blocks[i] for i in ids]
+    except KeyError as exc:
+        raise ExperienceStoreError(f"state refers to block {exc} not in its file") from exc
+    return b"".join((parts[0], state[_REF_HEAD.size : o], *parts[1:]))
+
+
+@dataclass(frozen=True, slots=True)
+class PartsDecision:
+    """A decision whose state is given as ``StateParts`` (``record.state`` is unused):
+    what the server's experience process logs (see ``StateParts``)."""
+
+    record: DecisionRecord
+    parts: StateParts
+
+    def full(self) -> DecisionRecord:
+        """The decision with its whole state (what the reader returns)."""
+        return replace(self.record, state=self.parts.join())
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +259,8 @@ def check_version(conn: sqlite3.Connection, path: Path) -> None:
         raise ExperienceStoreError(f"{path}: no meta table ({exc})") from exc
     if row is None:
         raise ExperienceStoreError(f"{path}: meta.schema_version missing")
-    if row[0] != str(SCHEMA_VERSION):
+    if row[0] not in READABLE_VERSIONS:
         raise ExperienceStoreError(
-            f"{path}: meta.schema_version is {row[0]!r}, this reader knows {SCHEMA_VERSION}"
+            f"{path}: meta.schema_version is {row[0]!r}, this reader knows "
+            f"{', '.join(READABLE_VERSIONS)}"
         )

@@ -6,6 +6,12 @@ dropped and counted (``dropped``), never waited for. A background thread commits
 has queued up once per flush interval (default 1 s), in one transaction, so a
 ``kill -9`` loses at most the last interval and never corrupts earlier rows (WAL).
 
+Shared state pieces: a ``PartsDecision`` (the server's log) gives its state as
+``StateParts``; each piece (a bytes object, recognised by identity) is inserted into the
+``blocks`` table once per file, in the same transaction as the first decision naming it,
+and the row holds a reference (``schema.state_reference``). The last ``MAX_BLOCKS``
+pieces are remembered; an older one named again is simply stored again.
+
 Rotation: with ``max_file_bytes`` or ``max_file_age_s`` set, the writer moves on to a
 new file ``<stem>-NNNN<suffix>`` beside the first one once the current file is too big
 or too old; the reader joins all files (see ``tamiyo.experience.reader``).
@@ -18,17 +24,27 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import fields
 from operator import attrgetter
 from pathlib import Path
 
-from tamiyo.experience.schema import DecisionRecord, OutcomeRecord, connect
+from tamiyo.experience.schema import (
+    DecisionRecord,
+    OutcomeRecord,
+    PartsDecision,
+    connect,
+    state_reference,
+)
 
 _LOG = logging.getLogger(__name__)
 
 _INSERT_DECISION = "INSERT OR IGNORE INTO decisions VALUES (" + ",".join("?" * 16) + ")"
 _INSERT_OUTCOME = "INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?)"
+_INSERT_BLOCK = "INSERT INTO blocks(id, data) VALUES (?, ?)"
+MAX_BLOCKS = 8192  # state pieces remembered (by identity) for reuse; ~20 MB at 58 layers
+_STATE = 6  # index of ``state`` in a decision row
 # Row tuple of a decision; dataclasses.astuple deep-copies and cost ~25 µs per record.
 _DECISION_ROW = attrgetter(*(f.name for f in fields(DecisionRecord)))
 
@@ -82,6 +98,9 @@ class ExperienceWriter:
         self.write_errors = 0
         self.files: list[Path] = []
         self._file_index = 0
+        # state pieces in the current file: id(bytes) -> (the bytes, block id), LRU order
+        self._blocks: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
+        self._next_block = 1
         self._conn = self._open(self._first)
         self._opened_at = time.monotonic()
         self._closed = False
@@ -154,6 +173,9 @@ class ExperienceWriter:
                 (self._writer_name,),
             )
         self.files.append(path)
+        self._blocks.clear()
+        row = conn.execute("SELECT max(id) FROM blocks").fetchone()
+        self._next_block = (row[0] or 0) + 1
         return conn
 
     def _maybe_rotate(self) -> None:
@@ -187,7 +209,17 @@ class ExperienceWriter:
                     self.write_errors += 1
                     self.dropped += len(batch)
                 return
-        decisions = [_DECISION_ROW(r) for r in batch if isinstance(r, DecisionRecord)]
+        decisions: list[tuple[object, ...]] = []
+        new_blocks: list[tuple[int, bytes]] = []
+        for r in batch:
+            if isinstance(r, DecisionRecord):
+                decisions.append(_DECISION_ROW(r))
+            elif isinstance(r, PartsDecision):
+                row = list(_DECISION_ROW(r.record))
+                p = r.parts
+                ids = [self._block_id(b, new_blocks) for b in (p.head, *p.blocks)]
+                row[_STATE] = state_reference(p.tail, ids)
+                decisions.append(tuple(row))
         outcomes = [
             (r.decision_id, r.ts_s, int(r.applied), r.reward, r.reward_source, r.next_state,
              int(r.done))
@@ -198,11 +230,14 @@ class ExperienceWriter:
             return
         try:
             with self._conn:
+                if new_blocks:
+                    self._conn.executemany(_INSERT_BLOCK, new_blocks)
                 if decisions:
                     self._conn.executemany(_INSERT_DECISION, decisions)
                 if outcomes:
                     self._conn.executemany(_INSERT_OUTCOME, outcomes)
         except sqlite3.Error:
+            self._blocks.clear()  # rolled back: the blocks of this batch are not stored
             _LOG.exception("experience store write failed; %d records lost", len(batch))
             with self._lock:
                 self.write_errors += 1
@@ -212,6 +247,21 @@ class ExperienceWriter:
             self.written_decisions += len(decisions)
             self.written_outcomes += len(outcomes)
         self._maybe_rotate()
+
+    def _block_id(self, data: bytes, new: list[tuple[int, bytes]]) -> int:
+        """The block id of ``data`` in the current file; queued in ``new`` if not stored
+        yet (identity, not equality: equal pieces from different frames are rare)."""
+        hit = self._blocks.get(id(data))
+        if hit is not None and hit[0] is data:
+            self._blocks.move_to_end(id(data))
+            return hit[1]
+        bid = self._next_block
+        self._next_block += 1
+        new.append((bid, data))
+        self._blocks[id(data)] = (data, bid)
+        if len(self._blocks) > MAX_BLOCKS:
+            self._blocks.popitem(last=False)
+        return bid
 
     def _run(self) -> None:
         stop = False

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from tamiyo.experience import (
     ExperienceStoreError,
     ExperienceWriter,
     OutcomeRecord,
+    PartsDecision,
+    StateParts,
     connect,
 )
 from tamiyo.v1 import graph_pb2, health_pb2
@@ -189,3 +192,97 @@ def test_sigkill_loses_nothing_committed(tmp_path: Path) -> None:
     assert reader.num_decisions >= committed
     ids = {d.decision_id for d in reader.decisions()}
     assert all(f"s0-{i}" in ids for i in range(committed))
+
+
+# ------------------------------------------------- states as shared pieces (schema v2)
+def _windows(n: int, window: int = 3) -> tuple[list[PartsDecision], list[bytes]]:
+    """n decisions of one session whose states share a head and a sliding window of
+    per-frame blocks (as the server's experience process logs them), and their states."""
+    base = graph_pb2.ModelGraphState()
+    base.topology.layers.add(layer_id="a", seed_count=1)
+    head = base.SerializeToString()
+    frames = [
+        graph_pb2.ModelGraphState(
+            signals=[health_pb2.HealthSignal(layer_id="a", step=i, health_score=0.5)]
+        ).SerializeToString()
+        for i in range(n)
+    ]
+    out, states = [], []
+    for i in range(n):
+        tail = graph_pb2.ModelGraphState(step=i).SerializeToString()
+        parts = StateParts(head, tail, tuple(frames[max(0, i - window + 1) : i + 1]))
+        rec = _decision(i)
+        out.append(PartsDecision(replace(rec, state=b""), parts))
+        states.append(parts.join())
+    return out, states
+
+
+def test_shared_pieces_are_stored_once_and_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite"
+    decisions, states = _windows(20)
+    with ExperienceWriter(path, flush_interval_s=0.02) as w:
+        for d in decisions[:7]:
+            w.offer(d)
+        assert w.flush()
+        for d in decisions[7:]:  # later commits name pieces committed earlier
+            w.offer(d)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM blocks").fetchone()[0] == 21  # head + 20 frames
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    conn.close()
+    got = {d.decision_id: d.state for d in ExperienceReader([path]).decisions()}
+    assert got == {d.record.decision_id: s for d, s in zip(decisions, states, strict=True)}
+    for s in got.values():
+        graph_pb2.ModelGraphState.FromString(s)  # whole, parseable states
+
+
+def test_failed_commit_forgets_the_pieces_it_rolled_back(tmp_path: Path) -> None:
+    """A commit that fails takes its blocks with it: later states naming the same
+    pieces store them again (else their references would dangle)."""
+    path = tmp_path / "x.sqlite"
+    decisions, states = _windows(6)
+    w = ExperienceWriter(path, flush_interval_s=0.02)
+    other = sqlite3.connect(path)
+    other.execute("ALTER TABLE outcomes RENAME TO outcomes_away")  # the next commit fails
+    other.commit()
+    w.offer(decisions[2])
+    w.log_outcome(OutcomeRecord("s0-2", 1.0, True, 1.0, "client", None, False))
+    assert w.flush()
+    assert w.write_errors == 1
+    other.execute("ALTER TABLE outcomes_away RENAME TO outcomes")
+    other.commit()
+    other.close()
+    w.offer(decisions[3])  # shares the head and two frames with the lost one
+    w.close()
+    got = ExperienceReader([path]).decisions()
+    assert [d.state for d in got] == [states[3]]
+
+
+def test_rotation_restores_pieces_in_each_file(tmp_path: Path) -> None:
+    decisions, states = _windows(40)
+    w = ExperienceWriter(tmp_path / "log.sqlite", flush_interval_s=0.02, max_file_bytes=150_000)
+    for i, d in enumerate(decisions):
+        w.offer(d)
+        if i % 4 == 3:
+            assert w.flush()
+    w.close()
+    assert len(w.files) >= 2
+    seen = 0
+    for f in w.files:  # each file stands alone (retention may delete the others)
+        got = ExperienceReader([f]).decisions()
+        seen += len(got)
+        for rec in got:
+            assert rec.state == states[rec.step]
+    assert seen == len(decisions)
+
+
+def test_version_1_files_are_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite"
+    with ExperienceWriter(path) as w:
+        w.log_decision(_decision(0))
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE blocks")
+    conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    assert [d.state for d in ExperienceReader([path]).decisions()] == [_decision(0).state]

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamiyo.config import ExperienceLogConfig, RuleConfig, ServerConfig
-from tamiyo.experience import DecisionRecord, ExperienceReader, OutcomeRecord
+from tamiyo.experience import ExperienceReader, OutcomeRecord, PartsDecision
 from tamiyo.experience.encode import StateEncoder
 from tamiyo.experience.retention import enforce_retention
 from tamiyo.policy.features import FEATURE_SCHEMA
@@ -344,9 +344,10 @@ def test_assembler_matches_decisions_to_the_frames_they_answer(tmp_path: Path) -
     evs += [FrameEvent("s", 3, frames[3]), FrameEvent("s", 4, frames[4])]  # 4: no decision
     evs += [DecisionEvent("s", _decision("d3", frames[3]), 2.0), EndEvent("s", 3.0)]
     out = asm.prepare(evs)
-    d2, d3, end = out
-    assert isinstance(d2, DecisionRecord)
-    assert isinstance(d3, DecisionRecord)
+    p2, p3, end = out
+    assert isinstance(p2, PartsDecision)
+    assert isinstance(p3, PartsDecision)
+    d2, d3 = p2.full(), p3.full()
     assert _parse(d2.state).equals(snaps[2])
     assert _parse(d3.state).equals(snaps[3])
     assert isinstance(end, OutcomeRecord)
@@ -397,7 +398,7 @@ def test_columnar_frames_log_the_same_states_as_message_frames(tmp_path: Path) -
                 evs.append(FrameEvent("s", k, f))
             evs.append(DecisionEvent("s", _decision(f"d{k}", f), 1.0 + k))
         out = asm.prepare(evs)
-        states[form] = [r.state for r in out if isinstance(r, DecisionRecord)]
+        states[form] = [r.full().state for r in out if isinstance(r, PartsDecision)]
     assert len(states["message"]) == 8
     assert states["columns"] == states["message"]
     assert states["pipe"] == states["message"]
