@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from tamiyo.config import RuleConfig, SimicConfig, TrainConfig
 from tamiyo.experience import ExperienceWriter
@@ -128,6 +129,8 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
                  *, progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Everything ``make train`` does; returns the report dict."""
     t_start = time.monotonic()
+    if cfg.num_threads > 0:  # FQE runs here: 2 spinning OpenMP threads under load ran 20x slower
+        torch.set_num_threads(cfg.num_threads)
     out.mkdir(parents=True, exist_ok=True)
     _log(f"behaviour data: {cfg.data_episodes} + {cfg.heldout_data_episodes} episodes")
     data_path = generate(out / "data" / "behaviour.sqlite",
