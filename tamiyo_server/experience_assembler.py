@@ -83,6 +83,61 @@ def column_signals(columns: bytes, step: int) -> list[health_pb2.HealthSignal]:
         return []
 
 
+_STEP, _EPOCH, _SIGNALS, _WANT, _REQUEST_ID, _COLUMNS = 1, 2, 3, 4, 5, 6  # TelemetryFrame
+
+
+def column_frame_event(key: str, seq: int, raw: bytes) -> ColumnFrameEvent | None:
+    """A serialised ``TelemetryFrame`` in the columnar form as a ``ColumnFrameEvent``, from
+    one pass over its few top-level fields (no protobuf parse: the columns stay the
+    bytes they came as); None for a frame of ``HealthSignal`` messages (or bytes laid
+    out unexpectedly), which the caller parses. Why here and not on the event loop: the
+    server ships each frame with one ``SerializeToString`` and nothing else."""
+    step = epoch = 0
+    want = False
+    rid = ""
+    cols = b""
+    has_cols = False
+    n, j = len(raw), 0
+    while j < n:
+        tag = raw[j]
+        j += 1
+        if tag >= 0x80:
+            tag, j = varint_tail(raw, j, tag)
+        num, wt = tag >> 3, tag & 7
+        if wt == 0:
+            v = raw[j]
+            j += 1
+            if v >= 0x80:
+                v, j = varint_tail(raw, j, v)
+            if num == _STEP:
+                step = v - (1 << 64) if v >= 1 << 63 else v
+            elif num == _EPOCH:
+                epoch = v & 0xFFFFFFFF
+            elif num == _WANT:
+                want = v != 0
+        elif wt == 2:
+            ln = raw[j]
+            j += 1
+            if ln >= 0x80:
+                ln, j = varint_tail(raw, j, ln)
+            if num == _SIGNALS:
+                return None
+            if num == _REQUEST_ID:
+                rid = raw[j : j + ln].decode()
+            elif num == _COLUMNS:
+                if has_cols:
+                    return None  # split sub-message: let protobuf merge it
+                cols, has_cols = raw[j : j + ln], True
+            j += ln
+        elif wt in (1, 5):
+            j += 8 if wt == 1 else 4
+        else:
+            return None
+    if j != n or not has_cols:
+        return None
+    return ColumnFrameEvent(key, seq, step, epoch, want, rid, cols)
+
+
 def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
     """The frame's signals as consecutive ``ModelGraphState.signals`` entries, from one
     serialisation of the frame and one pass over its top-level fields (the signals are

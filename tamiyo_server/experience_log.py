@@ -70,12 +70,12 @@ from tamiyo_server.experience_proc import (
     END,
     FLUSH,
     FRAME,
+    HEADER,
     LOSS_REASONS,
     OPEN,
     OUTCOME,
     RESYNC,
     UNARY,
-    column_record,
     record,
 )
 from tamiyo_server.session import Session
@@ -123,6 +123,7 @@ class _Live:
     """Event-loop side of one session: frame counter and what a resync needs."""
 
     open_msg: pb.SessionOpen
+    key: bytes  # the session id, encoded (record key)
     seq: int = 0
     resync: bool = False
 
@@ -277,7 +278,7 @@ class ExperienceLog:
         return False
 
     def open_session(self, session_id: str, msg: pb.SessionOpen) -> None:
-        live = _Live(msg)
+        live = _Live(msg, session_id.encode())
         self._live[session_id] = live
         if len(self._live) > MAX_SESSIONS:  # re-opened sessions are never closed
             self._live.popitem(last=False)
@@ -297,13 +298,11 @@ class ExperienceLog:
             rid, om = frame.request_id.encode(), live.open_msg.SerializeToString()
             payload = _RESYNC.pack(live.seq, len(rid), len(om)) + rid + om + state
             rec = record(RESYNC, sid, time.time(), payload)
-        elif frame.HasField("signal_columns"):  # scalars + columns: nothing to parse there
-            cols = frame.signal_columns.SerializeToString()
-            rec = column_record(sid, live.seq, frame.step, frame.epoch, frame.want_decision,
-                                frame.request_id, cols)  # fmt: skip
-        else:
-            payload = _U64.pack(live.seq) + frame.SerializeToString()
-            rec = record(FRAME, sid, 0.0, payload)
+        else:  # one serialisation, one copy
+            ser = frame.SerializeToString()
+            k = live.key
+            head = HEADER.pack(FRAME, len(k), 0.0, len(ser) + 8)
+            rec = b"".join((head, k, _U64.pack(live.seq), ser))
         live.resync = not self._offer("frame", rec)
 
     def decision(self, session_id: str, msg: decision_pb2.AdaptationDecision) -> None:

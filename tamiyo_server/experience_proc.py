@@ -17,9 +17,8 @@ Wire format (little endian), one record per event::
 
     u8 kind | u16 key length | f64 ts (Unix s) | u32 payload length | key | payload
 
-``FRAME`` payload = u64 seq + ``TelemetryFrame`` (message form); ``COLUMNS`` (a frame in the
-columnar form) = u64 seq + i64 step + u32 epoch + u8 want_decision + u16 len + request id
-+ serialised ``HealthSignalColumns``; ``RESYNC`` = u64 seq + u16 len + request id
+``FRAME`` payload = u64 seq + ``TelemetryFrame`` (a columnar one is not parsed here:
+``column_frame_event``); ``RESYNC`` = u64 seq + u16 len + request id
 + u32 len + ``SessionOpen`` + serialised state (may be empty); ``UNARY`` = u32 len +
 ``ModelGraphState`` + ``AdaptationDecision``; ``FLUSH``: key = token, answered on stdout
 with ``ACK <token> <stats JSON>`` once everything before it is committed. Stats lines
@@ -59,21 +58,20 @@ from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.experience_assembler import (
     Assembler,
-    ColumnFrameEvent,
     DecisionEvent,
     EndEvent,
     FrameEvent,
     OutcomeEvent,
     Resync,
     UnaryEvent,
+    column_frame_event,
 )
 
 HEADER = struct.Struct("<BHdI")
-OPEN, FRAME, DECISION, OUTCOME, END, UNARY, RESYNC, FLUSH, COLUMNS = range(1, 10)
+OPEN, FRAME, DECISION, OUTCOME, END, UNARY, RESYNC, FLUSH = range(1, 9)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _RESYNC = struct.Struct("<QHI")
-_COLUMNS = struct.Struct("<QqI?H")  # seq, step, epoch, want_decision, request id length
 MAX_ASSEMBLE_S = 0.25  # events are assembled at least this often (s), see ``periods``
 NICE = 10
 """Niceness of the experience process: background work, so decisions win the CPU when
@@ -166,24 +164,12 @@ def record(kind: int, key: str, ts_s: float, payload: bytes) -> bytes:
     return HEADER.pack(kind, len(k), ts_s, len(payload)) + k + payload
 
 
-def column_record(
-    key: str, seq: int, step: int, epoch: int, want: bool, request_id: str, columns: bytes
-) -> bytes:
-    """A ``COLUMNS`` record (event loop: the frame's scalars and its columns' bytes)."""
-    k, rid = key.encode(), request_id.encode()
-    n = _COLUMNS.size + len(rid) + len(columns)
-    head = HEADER.pack(COLUMNS, len(k), 0.0, n) + k
-    return b"".join((head, _COLUMNS.pack(seq, step, epoch, want, len(rid)), rid, columns))
-
-
 def _event(kind: int, key: str, ts: float, p: bytes) -> object:
-    if kind == COLUMNS:
-        seq, step, epoch, want, rlen = _COLUMNS.unpack_from(p)
-        o = _COLUMNS.size + rlen
-        rid = p[_COLUMNS.size : o].decode()
-        return ColumnFrameEvent(key, seq, step, epoch, want, rid, p[o:])
     if kind == FRAME:
-        return FrameEvent(key, _U64.unpack_from(p)[0], pb.TelemetryFrame.FromString(p[8:]))
+        seq = _U64.unpack_from(p)[0]
+        raw = p[8:]
+        ev = column_frame_event(key, seq, raw)
+        return ev if ev is not None else FrameEvent(key, seq, pb.TelemetryFrame.FromString(raw))
     if kind == DECISION:
         return DecisionEvent(key, decision_pb2.AdaptationDecision.FromString(p), ts)
     if kind == OUTCOME:

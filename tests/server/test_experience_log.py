@@ -45,14 +45,16 @@ from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.cli import parse_config
 from tamiyo_server.experience_assembler import (
     Assembler,
+    ColumnFrameEvent,
     DecisionEvent,
     EndEvent,
     FrameEvent,
     Resync,
+    column_frame_event,
     frame_signal_block,
 )
 from tamiyo_server.experience_log import ExperienceLog
-from tamiyo_server.experience_proc import COLUMNS, HEADER, _event, column_record
+from tamiyo_server.experience_proc import _U64, FRAME, HEADER, _event, record
 from tamiyo_server.session import Session
 from tamiyo_server.validation import validate_session_open
 from tests.server import hosts
@@ -388,12 +390,13 @@ def test_columnar_frames_log_the_same_states_as_message_frames(tmp_path: Path) -
                 cols = columns_from_signals(f.signals)
                 del f.signals[:]
                 f.signal_columns.CopyFrom(cols)
-            if form == "pipe":
-                raw = f.signal_columns.SerializeToString()
-                if k == 8:  # an unknown field after the columns: not the canonical layout
-                    raw += b"\xa8\x06\x01"
-                rec = column_record("s", k, f.step, f.epoch, f.want_decision, f.request_id, raw)
-                evs.append(_event(COLUMNS, "s", 0.0, rec[HEADER.size + 1 :]))
+            if form == "pipe":  # the record the server ships, read as the process does
+                if k == 8:  # an unknown field in the columns: not the canonical layout
+                    f.signal_columns.MergeFromString(b"\xa8\x06\x01")
+                rec = record(FRAME, "s", 0.0, _U64.pack(k) + f.SerializeToString())
+                ev = _event(FRAME, "s", 0.0, rec[HEADER.size + 1 :])
+                assert isinstance(ev, ColumnFrameEvent)
+                evs.append(ev)
             else:
                 evs.append(FrameEvent("s", k, f))
             evs.append(DecisionEvent("s", _decision(f"d{k}", f), 1.0 + k))
@@ -437,6 +440,42 @@ def test_frame_signal_block_is_the_frames_signals(
     block = frame_signal_block(f)
     assert block is not None
     assert list(graph_pb2.ModelGraphState.FromString(block).signals) == list(f.signals)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 12),
+    step=st.integers(-(2**63), 2**63 - 1),
+    epoch=st.integers(0, 2**32 - 1),
+    want=st.booleans(),
+    tag=st.text(max_size=200),
+    unknown=st.booleans(),
+    columns=st.booleans(),
+)
+def test_column_frame_event_reads_what_protobuf_reads(
+    n: int, step: int, epoch: int, want: bool, tag: str, unknown: bool, columns: bool
+) -> None:
+    """The experience process reads a columnar frame's scalars and columns from its bytes
+    without parsing it: the same values protobuf gives (negative steps, long request
+    ids, unknown fields); a frame of messages is left to protobuf."""
+    f = pb.TelemetryFrame(step=step, epoch=epoch, want_decision=want, request_id=tag)
+    sigs = hosts.signals(n, 3) if n else []
+    if columns:
+        f.signal_columns.CopyFrom(columns_from_signals(sigs))
+    else:
+        f.signals.extend(sigs)
+    raw = f.SerializeToString() + (b"\x98\x06\x01" if unknown else b"")
+    ev = column_frame_event("k", 7, raw)
+    g = pb.TelemetryFrame.FromString(raw)
+    if not columns:
+        assert ev is None
+        return
+    assert ev is not None
+    assert (ev.step, ev.epoch, ev.want_decision, ev.request_id) == (
+        g.step, g.epoch, g.want_decision, g.request_id
+    )  # fmt: skip
+    assert ev.columns == g.signal_columns.SerializeToString()
+    assert (ev.key, ev.seq) == ("k", 7)
 
 
 # ------------------------------------------------------------------ full disk
