@@ -17,8 +17,9 @@ MLP (8 -> width -> ... -> 1, ReLU, SGD, batch ``BATCH``) in short interleaved se
   the two front ends in the same run.
 
 Step time = wall time minus the time the thread sat runnable waiting for a CPU (Linux
-schedstat), so a step that waited for the client (a lock, the GIL) keeps that time and
-time stolen by other processes is taken out. Reported per mode: median of that
+schedstat), kept between the step's CPU time and its wall time, so a step that waited
+for the client (a lock, the GIL) keeps that time and time stolen by other processes is
+taken out. Reported per mode: median of that
 (``own_us``), median thread CPU time (``cpu_us``), ``overhead_us`` = own - bare's own,
 ``ratio`` = own / bare's own and, for the client modes, ``vs_loop`` = own / telemetry's
 own (the client's own cost; issue #8's bound, 1.10, applies to it and, as a stretch, to
@@ -137,8 +138,12 @@ def measure(rig: Rig, rounds: int, per_segment: int, modes: tuple[str, ...] = MO
                 rig.step(mode)
                 elapsed = time.perf_counter() - t0
                 t.wall.append(elapsed)
-                t.cpu.append(time.thread_time() - c0)
-                t.own.append(elapsed - (runqueue_wait_s() - q0))
+                cpu = time.thread_time() - c0
+                t.cpu.append(cpu)
+                # wall - run-queue wait, kept within [cpu, wall]: under heavy load (load
+                # avg 5-6, nice 19) schedstat's run_delay grew more than the wall clock in
+                # some steps, giving "own" times below the CPU time and even negative.
+                t.own.append(min(elapsed, max(cpu, elapsed - (runqueue_wait_s() - q0))))
     return out
 
 

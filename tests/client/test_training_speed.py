@@ -11,8 +11,8 @@ where nothing listens).
 
 Asserted, as ratios of median step times measured in the same run (medians over rounds
 of per-round ratios, ``bench.client.paired_ratio``; step time = wall minus the time the
-thread sat runnable waiting for a CPU, so waits on the client's locks or the GIL count
-and time stolen by other processes does not):
+thread sat runnable waiting for a CPU, kept within [CPU time, wall], so waits on the
+client's locks or the GIL count and time stolen by other processes does not):
 
 - up, slow and down are each within ``MAX_RATIO`` = 1.10 (issue #8) of the no-client
   baseline. With the client on a thread of the training process (``BlockingTamiyoClient``)
