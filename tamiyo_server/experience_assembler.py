@@ -63,10 +63,18 @@ def _len_prefix(n: int) -> bytes:
 _PREFIX = [_len_prefix(n) for n in range(4096)]
 
 
+_TAILS = [b"\x28" + varint(e) for e in range(128)]  # ``.epoch`` fields of small epochs
+
+
 def _state_tail(step: int, epoch: int) -> bytes:
     """``ModelGraphState.step`` (4) and ``.epoch`` (5) as varint fields (zeros written
-    explicitly: valid proto3, and cheaper than building a message). ``step`` >= 0."""
-    return b"\x20" + varint(step) + b"\x28" + varint(epoch)
+    explicitly: valid proto3, and cheaper than building a message). ``step`` >= 0.
+    Once per decision: the common sizes without the generic varint loop."""
+    if step < 0x4000:
+        st = bytes((0x20, step)) if step < 0x80 else bytes((0x20, step & 0x7F | 0x80, step >> 7))
+    else:
+        st = b"\x20" + varint(step)
+    return st + (_TAILS[epoch] if epoch < 128 else b"\x28" + varint(epoch))
 
 
 def column_signals(columns: bytes, step: int) -> list[health_pb2.HealthSignal]:

@@ -50,6 +50,7 @@ from tamiyo_server.experience_assembler import (
     EndEvent,
     FrameEvent,
     Resync,
+    _state_tail,
     column_frame_event,
     frame_signal_block,
 )
@@ -476,6 +477,12 @@ def test_column_frame_event_reads_what_protobuf_reads(
     )  # fmt: skip
     assert ev.columns == g.signal_columns.SerializeToString()
     assert (ev.key, ev.seq) == ("k", 7)
+
+
+@given(step=st.integers(0, 2**63 - 1), epoch=st.integers(0, 2**32 - 1))
+def test_state_tail_is_step_and_epoch(step: int, epoch: int) -> None:
+    tail = graph_pb2.ModelGraphState.FromString(_state_tail(step, epoch))
+    assert (tail.step, tail.epoch) == (step, epoch)
 
 
 # ------------------------------------------------------------------ full disk
