@@ -43,7 +43,7 @@ TAIL_S = 0.05  # after the swap, still the reload's window (first batches on the
 LOOP_HZ = 80.0  # event-loop stand-in items per second
 LOOP_WORK_MS = 0.3  # pure-Python work per item (calibrated at start), ms
 INFER_HZ = 80.0
-GIL_VARIANTS = ("before", "current", "noidle", "switch-only", "pause-only", "niced")
+GIL_VARIANTS = ("before", "current", "noidle", "nobackoff", "switch-only", "pause-only", "niced")
 
 
 class _ThreadClock:
@@ -86,12 +86,18 @@ def _variant(name: str) -> Iterator[None]:
     """``current``: the reload as committed; ``noidle``: without waiting for the serving
     threads to go idle between steps (``reload.IDLE_WAIT_MAX_S`` = 0); ``before``:
     without any GIL sharing (5 ms switch interval, no pauses, no idle wait);
+    ``nobackoff``: idle probes every 0.2 ms instead of backing off;
     ``switch-only`` / ``pause-only``: one of the first two, no idle wait; ``niced``:
     current, with the reloading thread at nice +5 (not under SCHED_FIFO)."""
     from tamiyo_server import reload
 
     # (getattr: this harness also measures older trees, A/B, which lack the idle wait)
-    saved = (reload.SWITCH_INTERVAL_S, reload.PAUSE_S, getattr(reload, "IDLE_WAIT_MAX_S", 0.0))
+    saved = (
+        reload.SWITCH_INTERVAL_S,
+        reload.PAUSE_S,
+        getattr(reload, "IDLE_WAIT_MAX_S", 0.0),
+        getattr(reload, "IDLE_SLEEP_MAX_S", 0.0),
+    )
     tid = threading.get_native_id()
     nice = os.getpriority(os.PRIO_PROCESS, tid)
     if name not in GIL_VARIANTS:
@@ -104,10 +110,13 @@ def _variant(name: str) -> Iterator[None]:
         reload.PAUSE_S = 0.0
     if name in ("before", "switch-only", "pause-only", "noidle"):
         reload.IDLE_WAIT_MAX_S = 0.0
+    if name == "nobackoff":
+        reload.IDLE_SLEEP_MAX_S = reload.IDLE_SLEEP_S
     try:
         yield
     finally:
-        reload.SWITCH_INTERVAL_S, reload.PAUSE_S, reload.IDLE_WAIT_MAX_S = saved
+        reload.SWITCH_INTERVAL_S, reload.PAUSE_S = saved[:2]
+        reload.IDLE_WAIT_MAX_S, reload.IDLE_SLEEP_MAX_S = saved[2:]
         os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 

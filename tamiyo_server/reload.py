@@ -83,7 +83,8 @@ MAX_REMEMBERED = 256  # refused fingerprints kept (oldest forgotten first)
 SWITCH_INTERVAL_S: float | None = 0.0005  # GIL switch interval while a reload runs, s
 PAUSE_S = 0.001  # sleep between reload steps and warm-up forwards, s
 # Between steps the reload also waits for the serving threads to go idle (``_yield``):
-IDLE_SLEEP_S = 0.0002  # probe sleep, s
+IDLE_SLEEP_S = 0.0002  # first probe sleep, s (doubled after each late probe)
+IDLE_SLEEP_MAX_S = 0.002  # longest probe sleep, s
 IDLE_LATE_S = 0.00025  # a probe waking later than this saw another thread run Python, s
 IDLE_WAIT_MAX_S = 0.02  # longest wait for idle per step (then the step runs anyway), s
 
@@ -157,14 +158,19 @@ def _yield() -> None:
     featurizing), so the step waits and probes again instead of slicing that work with
     0.5 ms GIL turns. A step (≤ ~1-2 ms of CPU) then mostly runs in the gaps between
     decisions; a box that is never idle only delays a reload by ``IDLE_WAIT_MAX_S`` a step.
+    Each late probe doubles the next one's sleep (up to ``IDLE_SLEEP_MAX_S``): a waking
+    probe asks for the GIL, and a busy event loop then has to hand it over once, so a
+    long burst of serving work is probed a few times, not every 0.2 ms.
     """
     t0 = time.perf_counter()
     _pause()
     end = t0 + IDLE_WAIT_MAX_S
+    sleep = IDLE_SLEEP_S
     while (a := time.perf_counter()) < end:
-        time.sleep(IDLE_SLEEP_S)
-        if time.perf_counter() - a - IDLE_SLEEP_S < IDLE_LATE_S:
+        time.sleep(sleep)
+        if time.perf_counter() - a - sleep < IDLE_LATE_S:
             break
+        sleep = min(2 * sleep, IDLE_SLEEP_MAX_S)
     _waited.s += time.perf_counter() - t0
 
 

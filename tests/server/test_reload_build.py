@@ -104,8 +104,9 @@ def test_yield_waits_for_idle_serving_threads_but_not_forever(
     monkeypatch.setattr(reload, "time", busy)
     reload._yield()
     assert busy.sleeps > 2, "late probes: it waits for the serving threads"
-    probe = reload.IDLE_SLEEP_S + busy.late
+    probe = reload.IDLE_SLEEP_MAX_S + busy.late  # the longest probe
     assert busy.now < reload.IDLE_WAIT_MAX_S + probe, "but never past IDLE_WAIT_MAX_S"
+    assert busy.sleeps < 2 + reload.IDLE_WAIT_MAX_S / reload.IDLE_SLEEP_MAX_S + 5, "backs off"
     monkeypatch.setattr(reload, "IDLE_WAIT_MAX_S", 0.0)
     off = _FakeClock(late=2 * reload.IDLE_LATE_S)
     monkeypatch.setattr(reload, "time", off)
