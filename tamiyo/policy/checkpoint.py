@@ -358,7 +358,12 @@ def load_checkpoint(
         if got.is_floating_point() and not _finite(got):
             raise _fail(path, f"tensor {name} has non-finite values (NaN/inf)")
     step()
-    model.load_state_dict(tensors, strict=True)
+    # = load_state_dict(strict=True): names, shapes and dtypes were checked above, so copy
+    # straight into the parameters' storage (state_dict() tensors share it) without its
+    # module walk (~0.5 ms of a hot reload)
+    with torch.no_grad():
+        for name, want in expected.items():
+            want.copy_(tensors[name])
     if torch.device(device).type != "cpu":  # built on the CPU: no tree walk for nothing
         model.to(device)
     model.eval()
