@@ -142,6 +142,12 @@ def summarize(
         "extra_parameters": tamiyo.extra_parameters,
         "outcome_rewards": dict(tamiyo.rewards),
         "final_val_loss": {"without": baseline.curve[-1][1], "with": tamiyo.curve[-1][1]},
+        # The short-term recovery (reward horizon after the fault) and the whole tail.
+        "val_loss_after_fault": {
+            "step": broken + cfg.reward_after_steps,
+            "without": _at(baseline.curve, broken + cfg.reward_after_steps),
+            "with": _at(tamiyo.curve, broken + cfg.reward_after_steps),
+        },
         "mean_val_loss_after_fault": {
             "without": _mean_after(baseline.curve, broken),
             "with": _mean_after(tamiyo.curve, broken),
@@ -163,6 +169,11 @@ def summarize(
         "train_seconds": {"without": baseline.seconds, "with": tamiyo.seconds},
         "curves": {"without": baseline.curve, "with": tamiyo.curve},
     }
+
+
+def _at(curve: list[tuple[int, float]], step: int) -> float | None:
+    """The first curve point at or after ``step``."""
+    return next((v for s, v in curve if s >= step), None)
 
 
 def _mean_after(curve: list[tuple[int, float]], step: int) -> float | None:
@@ -201,6 +212,10 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
     fv, bv = s["final_val_loss"], s["best_val_loss"]
     print(f"final val loss         without {fv['without']:.4f}   with {fv['with']:.4f}")
     print(f"best val loss          without {bv['without']:.4f}   with {bv['with']:.4f}")
+    va = s["val_loss_after_fault"]
+    if va["without"] is not None and va["with"] is not None:
+        print(f"val loss at step {va['step']:<5d}   without {va['without']:.4f}"
+              f"   with {va['with']:.4f}   (reward horizon after the fault)")  # fmt: skip
     mv = s["mean_val_loss_after_fault"]
     if mv["without"] is not None and mv["with"] is not None:
         print(f"mean val loss from the fault on  without {mv['without']:.4f}"

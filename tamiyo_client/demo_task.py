@@ -16,8 +16,16 @@ no gradient to the layers before it and a constant input to those after it, so e
 layer reported health 0.0, a picture unlike anything in training; the policy answered
 NO_OP (P(adapt) 0.2-0.3, under the 0.5 confidence threshold) to all of it. To the same
 kind of fault after a healthy first epoch it answers LOAD_KERNEL into ``hidden``
-(P(adapt) 0.6-0.98 within a few decisions of the fault, measured offline with the
-default checkpoint).
+(P(adapt) 0.97-1.0 at the first or second decision after the fault, default checkpoint
+20261122T024158Z-8f61c2f0, load ~5).
+
+What the demo shows with that checkpoint (04:20, 3 runs): the policy also loads a kernel
+into ``mixer`` at step ~40, before any fault (its health is ~0.57 early on: low
+activation variance at init, which Simic only produces for damaged layers: a telemetry
+scale gap); after the fault, the run with Tamiyo recovers faster at first (val loss 25
+steps after it 0.26 vs 0.33 without, 50 steps 0.23 vs 0.25, equal by 100 steps) and
+ends slightly worse (0.096 vs 0.089): the low-rank r4 kernels the policy picks help
+only until the baseline has re-learned around the dead units.
 """
 
 from __future__ import annotations
