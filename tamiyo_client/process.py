@@ -194,13 +194,15 @@ class ProcessTamiyoClient:
         self._flush()
 
     def report_outcome(self, outcome: pb.DecisionOutcome) -> None:
-        """Queue a DecisionOutcome; beyond ``outcome_buffer`` waiting, the oldest is dropped."""
+        """Queue a DecisionOutcome; beyond ``outcome_buffer`` waiting, the oldest is dropped.
+        It is written with the next ``send_frame`` / ``poll_decisions`` (any call that
+        talks to the sidecar), in the same ``write`` as that call's records: a pipe write
+        costs ~50 µs right after a training step here."""
         if len(self._outcomes) >= self.config.outcome_buffer:
             self._outcomes.popleft()
             self._local["outcomes_dropped"] = self._local.get("outcomes_dropped", 0) + 1
             self.stats.outcomes_dropped += 1
         self._outcomes.append(outcome)
-        self._flush()
 
     def update_session(self, session_open: pb.SessionOpen) -> None:
         """Replace the topology/kernels (sent now, and by the sidecar on every reconnect)."""
@@ -249,7 +251,8 @@ class ProcessTamiyoClient:
 
     # -- pipes ---------------------------------------------------------------------
     def _next_record(self) -> bytes | None:
-        if self._query > self._query_sent and not self._outcomes and self._frame is None:
+        queued = self._outcomes or self._frame is not None or self._session_dirty
+        if self._query > self._query_sent and not queued:
             self._query_sent = self._query  # after everything queued before it
             return rec.record(rec.QUERY, str(self._query).encode())
         if self._session_dirty:
@@ -271,11 +274,13 @@ class ProcessTamiyoClient:
             if self._died_at is not None or self._proc is None:
                 return
         while True:
-            if self._chunk is None:
-                data = self._next_record()
-                if data is None:
+            if self._chunk is None:  # everything queued, in one write when it fits
+                parts = []
+                while (data := self._next_record()) is not None:
+                    parts.append(data)
+                if not parts:
                     return
-                self._chunk = memoryview(data)
+                self._chunk = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
             try:
                 n = os.write(self._to, self._chunk)
             except BlockingIOError:
