@@ -508,11 +508,25 @@ class Assembler:
         seq, state, step, epoch = mark
         kind, node, kern, lid, kid = _action_indices(m, s.layers, s.kernels)
         s.last_id, s.last_seq, s.last_client = m.decision_id, seq, None
-        rec = DecisionRecord(
-            m.decision_id, ev.key, s.host_id, step, epoch, ev.ts_s, b"", kind, node, kern,
-            lid, kid, int(m.seed_index), _propensity(m), m.policy_version, int(m.rule),
-        )  # fmt: skip
-        return PartsDecision(rec, state)
+        row = (
+            m.decision_id,
+            ev.key,
+            s.host_id,
+            step,
+            epoch,
+            ev.ts_s,
+            b"",
+            kind,
+            node,
+            kern,
+            lid,
+            kid,
+            int(m.seed_index),
+            _propensity(m),
+            m.policy_version,
+            int(m.rule),
+        )  # fmt: skip  (DecisionRecord's fields: _action_indices and _propensity make them valid)
+        return PartsDecision(row, state)
 
     def _outcome(self, ev: OutcomeEvent) -> OutcomeRecord:
         m = ev.msg

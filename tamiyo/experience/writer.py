@@ -31,6 +31,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from tamiyo.experience.schema import (
+    STATE_INDEX,
     DecisionRecord,
     OutcomeRecord,
     PartsDecision,
@@ -44,7 +45,7 @@ _INSERT_DECISION = "INSERT OR IGNORE INTO decisions VALUES (" + ",".join("?" * 1
 _INSERT_OUTCOME = "INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?)"
 _INSERT_BLOCK = "INSERT INTO blocks(id, data) VALUES (?, ?)"
 MAX_BLOCKS = 8192  # state pieces remembered (by identity) for reuse; ~20 MB at 58 layers
-_STATE = 6  # index of ``state`` in a decision row
+_STATE = STATE_INDEX
 # Row tuple of a decision; dataclasses.astuple deep-copies and cost ~25 µs per record.
 _DECISION_ROW = attrgetter(*(f.name for f in fields(DecisionRecord)))
 
@@ -215,11 +216,10 @@ class ExperienceWriter:
             if isinstance(r, DecisionRecord):
                 decisions.append(_DECISION_ROW(r))
             elif isinstance(r, PartsDecision):
-                row = list(_DECISION_ROW(r.record))
                 p = r.parts
                 ids = [self._block_id(b, new_blocks) for b in (p.head, *p.blocks)]
-                row[_STATE] = state_reference(p.tail, ids)
-                decisions.append(tuple(row))
+                ref = state_reference(p.tail, ids)
+                decisions.append((*r.row[:_STATE], ref, *r.row[_STATE + 1 :]))
         outcomes = [
             (r.decision_id, r.ts_s, int(r.applied), r.reward, r.reward_source, r.next_state,
              int(r.done))

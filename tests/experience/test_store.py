@@ -212,7 +212,7 @@ def _windows(n: int, window: int = 3) -> tuple[list[PartsDecision], list[bytes]]
         tail = graph_pb2.ModelGraphState(step=i).SerializeToString()
         parts = StateParts(head, tail, tuple(frames[max(0, i - window + 1) : i + 1]))
         rec = _decision(i)
-        out.append(PartsDecision(replace(rec, state=b""), parts))
+        out.append(PartsDecision.of(replace(rec, state=b""), parts))
         states.append(parts.join())
     return out, states
 
@@ -231,7 +231,8 @@ def test_shared_pieces_are_stored_once_and_read_whole(tmp_path: Path) -> None:
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
     conn.close()
     got = {d.decision_id: d.state for d in ExperienceReader([path]).decisions()}
-    assert got == {d.record.decision_id: s for d, s in zip(decisions, states, strict=True)}
+    assert got == {d.decision_id: s for d, s in zip(decisions, states, strict=True)}
+    assert decisions[5].full() == replace(_decision(5), state=states[5])
     for s in got.values():
         graph_pb2.ModelGraphState.FromString(s)  # whole, parseable states
 
