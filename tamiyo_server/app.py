@@ -10,6 +10,7 @@ in-flight evaluations answered, streams ended, then ``server.stop(grace)``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -173,10 +174,26 @@ class TamiyoServer:
         self.metrics.stop()
 
 
+def freeze_startup_heap() -> int:
+    """Move every object alive now (~250k after start: torch, grpc, protobuf modules,
+    the policy) out of the garbage collector's reach; returns how many.
+
+    Why: CPython's full (generation 2) collection walks every tracked object. With the
+    startup heap in it, one took 75-116 ms on this box, every few tens of seconds under
+    load, and the event loop (which runs the batches on CPU) stood still meanwhile:
+    ~30 decisions past their deadline per pause at 300 frames/s. Frozen, the same
+    collection took 0.7 ms. Process-wide, so ``serve`` calls it, not in-process tests.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     server = TamiyoServer(config)
     await server.start()
+    log.info("garbage collector: %d startup objects frozen", freeze_startup_heap())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -99,3 +101,25 @@ async def test_not_serving_until_the_policy_is_loaded(
         info = await pb_grpc.TamiyoServiceStub(channel).GetPolicyInfo(pb.GetPolicyInfoRequest())
         assert info.version == served_policy.version
     await srv.stop()
+
+
+def test_freezing_the_startup_heap_makes_full_collections_cheap() -> None:
+    """In a fresh process (the freeze is process-wide): after importing the server, a
+    full collection walks the whole startup heap; after ``freeze_startup_heap`` it walks
+    only what is new, so it is several times cheaper (measured ~100x here)."""
+    code = (
+        "import gc, time\n"
+        "import tamiyo_server.app as app\n"
+        "def full():\n"
+        "    t = time.perf_counter(); gc.collect(); return time.perf_counter() - t\n"
+        "before = min(full() for _ in range(3))\n"
+        "frozen = app.freeze_startup_heap()\n"
+        "after = min(full() for _ in range(3))\n"
+        "print(frozen, before / after)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    frozen, ratio = out.stdout.split()
+    assert int(frozen) > 10_000
+    assert float(ratio) > 5.0
