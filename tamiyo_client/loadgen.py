@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import sys
@@ -307,6 +308,10 @@ async def run(target: str, hosts: Sequence[Host], plan: Plan, token: str = "") -
             return call
 
     calls = await asyncio.gather(*(open_one(i) for i in range(len(hosts))))
+    # The generator's own full garbage collections (its startup heap: grpc, protobuf,
+    # numpy) stalled it for tens of ms, which the latencies it measures would include.
+    gc.collect()
+    gc.freeze()
     plan.__post_init__()  # the clock starts once every session is open
     loop_fn = closed_loop if plan.mode == "closed" else open_loop
     await asyncio.gather(
