@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -90,6 +91,8 @@ async def serve(host: str, port: int) -> None:
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    gc.collect()
+    gc.freeze()  # as Tamiyo's serve() does: the baseline gets the same GC treatment
     print(f"PORT {bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
