@@ -25,11 +25,14 @@ What a reload costs serving is GIL time, so it is kept small and handed out poli
   step) until a short probe sleep wakes on time, i.e. no serving thread is running
   Python; and while it loads the switch interval is ``SWITCH_INTERVAL_S`` (0.5 ms, not
   CPython's 5 ms), which bounds how long serving waits behind a step.
-``python -m bench.reload --gil`` (one process, variants interleaved reload by reload,
-GIL wait of the serving stand-in from /proc schedstat so the box's load hardly moves it):
-4 runs at load 5-7, p99 GIL wait in reload windows current 3.2-5.3 ms vs 5.1-8.0 without
-the idle wait vs 5.2-17 with no GIL sharing at all (steady 4.2-5.0; inference-thread
-layout). The thread is *not* reniced: a low-priority thread preempted while holding the
+Measured against the session-2 code (alternating processes, nice 19, load 3-7): reload
+CPU 16-19 → 7-8 ms and loop p99 in reload windows / steady 1.24-1.84 → 0.98-1.25
+(``python -m bench.reload --gil``, batches on the event loop, 4 pairs); end to end
+(``bench.reload`` quick settings, 3 pairs at load 3-4.4) p99 reload/steady 1.57, 1.14,
+1.15 → 1.04, 1.06, 0.80, GC pauses in reload windows 10 → 2 per run, 0 lost, 0 errors.
+With an inference thread the idle wait measurably helped (p99 GIL wait in reload windows
+3.2-5.3 ms vs 5.1-8.0 without it, 4 runs); with batches on the loop it is within noise.
+The thread is *not* reniced: a low-priority thread preempted while holding the
 GIL would stall serving (priority inversion). Step times (ms; ``waited``, ``cpu``) are
 logged and kept in ``last_stages``.
 
