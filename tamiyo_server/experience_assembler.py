@@ -1,9 +1,9 @@
 """Background half of the experience log: logged events → store records.
 
 Why here and not on the event loop: see ``tamiyo_server.experience_log``. Everything in
-this module runs on the log's shipping thread (``Assembler.prepare``, every ≤ 50 ms, one
-caller at a time); nothing is shared with the event loop except the immutable events
-and the protobuf messages they reference.
+this module runs in the experience process (``Assembler.prepare``, once per assembly
+period, see ``experience_proc.periods``), on the events of
+``tamiyo_server.experience_events``.
 
 State assembly: a session's ``ModelGraphState`` is topology + kernels (serialised once per
 session), step/epoch, and its signals, already encoded as ``ModelGraphState.signals``
@@ -11,8 +11,10 @@ entries. Fast path — every frame so far carried one signal per layer (frames a
 validated: at most one per layer, so N signals means all N): the last ``window`` frames'
 signal blocks *are* the per-layer windows, and each frame costs one
 ``SerializeToString`` plus re-tagging its entries (field 3 of ``TelemetryFrame`` → field 2
-of ``ModelGraphState``). After the first partial frame the session switches for good to
-per-layer rings of encoded signals (one ``SerializeToString`` per signal).
+of ``ModelGraphState``), or for a columnar frame its share of one batched numpy pass
+(``tamiyo.experience.column_block``). After the first partial frame the session switches
+for good to per-layer rings of encoded signals. A decision's state is logged as
+``StateParts`` (header, tail, the window's blocks), which the writer stores once each.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
@@ -38,31 +39,26 @@ from tamiyo.experience.schema import (
     PartsDecision,
     StateParts,
 )
-from tamiyo.signal_columns import signals_from_columns
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
-from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo.wire import varint, varint_tail
+from tamiyo.wire import varint
+from tamiyo_server.experience_events import (
+    _PREFIX,
+    ColumnFrameEvent,
+    DecisionEvent,
+    EndEvent,
+    FrameEvent,
+    OutcomeEvent,
+    Resync,
+    UnaryEvent,
+    _len_prefix,
+    column_signals,
+    frame_signal_block,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 65536  # sessions remembered (a lost "end" event cannot leak memory)
 MARKS_PER_SESSION = 8  # states kept for decisions not yet logged (superseded frames)
-_SIGNAL_TAG = 0x12  # ModelGraphState.signals = 2, wire type 2 (length-delimited)
-_FRAME_SIGNAL_TAG = 0x1A  # TelemetryFrame.signals = 3, wire type 2
-
-
-def _len_prefix(n: int) -> bytes:
-    out = bytearray((_SIGNAL_TAG,))
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
-_PREFIX = [_len_prefix(n) for n in range(4096)]
-
-
 _TAILS = [b"\x28" + varint(e) for e in range(128)]  # ``.epoch`` fields of small epochs
 
 
@@ -75,183 +71,6 @@ def _state_tail(step: int, epoch: int) -> bytes:
     else:
         st = b"\x20" + varint(step)
     return st + (_TAILS[epoch] if epoch < 128 else b"\x28" + varint(epoch))
-
-
-def column_signals(columns: bytes, step: int) -> list[health_pb2.HealthSignal]:
-    """The signals of a frame sent in the columnar form (serialised
-    ``HealthSignalColumns``, see ``tamiyo.signal_columns``) as ``HealthSignal`` messages,
-    so a logged state is the same bytes whichever form the host used (the slow path:
-    ``tamiyo.experience.column_block`` does it for canonical columns). The server
-    validated the columns before the frame reached the log; columns that still do not
-    decode give no signals (logged as a warning) rather than stopping the process."""
-    try:
-        return signals_from_columns(health_pb2.HealthSignalColumns.FromString(columns))
-    except (ValueError, DecodeError) as e:
-        log.warning("experience: frame step %d has malformed signal columns: %s", step, e)
-        return []
-
-
-_STEP, _EPOCH, _SIGNALS, _WANT, _REQUEST_ID, _COLUMNS = 1, 2, 3, 4, 5, 6  # TelemetryFrame
-
-
-def column_frame_event(key: str, seq: int, raw: bytes) -> ColumnFrameEvent | None:
-    """A serialised ``TelemetryFrame`` in the columnar form as a ``ColumnFrameEvent``, from
-    one pass over its few top-level fields (no protobuf parse: the columns stay the
-    bytes they came as); None for a frame of ``HealthSignal`` messages (or bytes laid
-    out unexpectedly), which the caller parses. Why here and not on the event loop: the
-    server ships each frame with one ``SerializeToString`` and nothing else."""
-    step = epoch = 0
-    want = False
-    rid = ""
-    cols = b""
-    has_cols = False
-    n, j = len(raw), 0
-    while j < n:
-        tag = raw[j]
-        j += 1
-        if tag >= 0x80:
-            tag, j = varint_tail(raw, j, tag)
-        num, wt = tag >> 3, tag & 7
-        if wt == 0:
-            v = raw[j]
-            j += 1
-            if v >= 0x80:
-                v, j = varint_tail(raw, j, v)
-            if num == _STEP:
-                step = v - (1 << 64) if v >= 1 << 63 else v
-            elif num == _EPOCH:
-                epoch = v & 0xFFFFFFFF
-            elif num == _WANT:
-                want = v != 0
-        elif wt == 2:
-            ln = raw[j]
-            j += 1
-            if ln >= 0x80:
-                ln, j = varint_tail(raw, j, ln)
-            if num == _SIGNALS:
-                return None
-            if num == _REQUEST_ID:
-                rid = raw[j : j + ln].decode()
-            elif num == _COLUMNS:
-                if has_cols:
-                    return None  # split sub-message: let protobuf merge it
-                cols, has_cols = raw[j : j + ln], True
-            j += ln
-        elif wt in (1, 5):
-            j += 8 if wt == 1 else 4
-        else:
-            return None
-    if j != n or not has_cols:
-        return None
-    return ColumnFrameEvent(key, seq, step, epoch, want, rid, cols)
-
-
-def frame_signal_block(f: pb.TelemetryFrame) -> bytes | None:
-    """The frame's signals as consecutive ``ModelGraphState.signals`` entries, from one
-    serialisation of the frame and one pass over its top-level fields (the signals are
-    re-tagged in place); None if the layout is unexpected (signals not contiguous), and
-    the caller falls back to encoding signal by signal."""
-    out = bytearray(f.SerializeToString())
-    n, j = len(out), 0
-    start = end = -1
-    while j < n:
-        e0 = j
-        tag = out[j]
-        j += 1
-        if tag >= 0x80:  # field number >= 16: multi-byte tag (unknown field)
-            tag, j = varint_tail(out, j, tag)
-        if tag == _FRAME_SIGNAL_TAG:
-            if end >= 0:
-                return None  # a second run of signals
-            if start < 0:
-                start = e0
-            out[e0] = _SIGNAL_TAG
-        elif start >= 0 and end < 0:
-            end = e0
-        wt = tag & 7
-        if wt == 0:
-            while out[j] >= 0x80:
-                j += 1
-            j += 1
-        elif wt == 2:
-            ln = out[j]
-            j += 1
-            if ln >= 0x80:
-                ln, j = varint_tail(out, j, ln)
-            j += ln
-        elif wt in (1, 5):
-            j += 8 if wt == 1 else 4
-        else:
-            return None
-    if j != n:
-        return None
-    if start < 0:
-        return b""
-    return bytes(out[start : n if end < 0 else end])
-
-
-# ------------------------------------- queued events (immutable; NamedTuple: cheapest to build)
-class Resync(NamedTuple):
-    """(Re)start a session: empty at open, or after a loss from ``state`` (serialised
-    ``ModelGraphState`` of the session's exact window, see ``tamiyo.experience.encode``)."""
-
-    key: str
-    host_id: str
-    topology: graph_pb2.Topology
-    kernels: tuple[graph_pb2.KernelSpec, ...]
-    seq: int
-    state: bytes | None
-    request_id: str = ""
-
-
-class FrameEvent(NamedTuple):
-    key: str
-    seq: int
-    frame: pb.TelemetryFrame
-
-
-class ColumnFrameEvent(NamedTuple):
-    """A frame sent in the columnar form, as the server shipped it: its scalars and its
-    serialised ``HealthSignalColumns`` (never parsed here when canonical)."""
-
-    key: str
-    seq: int
-    step: int
-    epoch: int
-    want_decision: bool
-    request_id: str
-    columns: bytes
-
-    @staticmethod
-    def of(ev: FrameEvent) -> ColumnFrameEvent:
-        f = ev.frame
-        return ColumnFrameEvent(
-            ev.key, ev.seq, int(f.step), int(f.epoch), bool(f.want_decision), f.request_id,
-            f.signal_columns.SerializeToString(),
-        )  # fmt: skip
-
-
-class DecisionEvent(NamedTuple):
-    key: str
-    msg: decision_pb2.AdaptationDecision
-    ts_s: float
-
-
-class OutcomeEvent(NamedTuple):
-    key: str
-    msg: pb.DecisionOutcome
-    ts_s: float
-
-
-class EndEvent(NamedTuple):
-    key: str
-    ts_s: float
-
-
-class UnaryEvent(NamedTuple):
-    state: graph_pb2.ModelGraphState
-    msg: decision_pb2.AdaptationDecision
-    ts_s: float
 
 
 def _action_indices(

@@ -56,8 +56,8 @@ from tamiyo.experience import writer as writer_module
 from tamiyo.experience.writer import ExperienceWriter
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo_server.experience_assembler import (
-    Assembler,
+from tamiyo_server.experience_assembler import Assembler
+from tamiyo_server.experience_events import (
     DecisionEvent,
     EndEvent,
     FrameEvent,

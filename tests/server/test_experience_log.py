@@ -43,14 +43,13 @@ from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.cli import parse_config
-from tamiyo_server.experience_assembler import (
-    Assembler,
+from tamiyo_server.experience_assembler import Assembler, _state_tail
+from tamiyo_server.experience_events import (
     ColumnFrameEvent,
     DecisionEvent,
     EndEvent,
     FrameEvent,
     Resync,
-    _state_tail,
     column_frame_event,
     frame_signal_block,
 )
