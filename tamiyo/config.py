@@ -261,7 +261,7 @@ class DemoConfig:
     in_features: int = 16
     width: int = 64
     teacher_width: int = 32
-    damage_bias: float = -1.5  # initial bias of the damaged block: most units start dead
+    damage_bias: float = -1.5  # hidden block bias set at the fault (2nd epoch): most units die
     steps_per_epoch: int = 250
     eval_every: int = 25  # steps between validation-loss points on the curves
     decision_every: int = 20  # steps between frames that ask for a decision
