@@ -22,7 +22,7 @@ hardly depends on how loaded the box is, so variants can be compared on a busy m
 The reload's own CPU time (ms per reload) is reported too.
 
 Figures per variant: p99 / max in its reload windows, and the same outside all windows
-(steady, shared). ``python -m bench.reload --gil [--variants current,noidle,before]``.
+(steady, shared). ``python -m bench.reload --gil [--variants current,idle,before]``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ TAIL_S = 0.05  # after the swap, still the reload's window (first batches on the
 LOOP_HZ = 80.0  # event-loop stand-in items per second
 LOOP_WORK_MS = 0.3  # pure-Python work per item (calibrated at start), ms
 INFER_HZ = 80.0
-GIL_VARIANTS = ("before", "current", "noidle", "nobackoff", "switch-only", "pause-only", "niced")
+GIL_VARIANTS = ("before", "current", "idle", "nobackoff", "switch-only", "pause-only", "niced")
 
 
 class _ThreadClock:
@@ -83,10 +83,10 @@ def _timed(n: int) -> float:
 
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
-    """``current``: the reload as committed; ``noidle``: without waiting for the serving
-    threads to go idle between steps (``reload.IDLE_WAIT_MAX_S`` = 0); ``before``:
+    """``current``: the reload as committed; ``idle``: also waiting (up to 20 ms a step)
+    for the serving threads to go idle between steps (``reload.IDLE_WAIT_MAX_S``); ``before``:
     without any GIL sharing (5 ms switch interval, no pauses, no idle wait);
-    ``nobackoff``: idle probes every 0.2 ms instead of backing off;
+    ``nobackoff``: ``idle`` with probes every 0.2 ms instead of backing off;
     ``switch-only`` / ``pause-only``: one of the first two, no idle wait; ``niced``:
     current, with the reloading thread at nice +5 (not under SCHED_FIFO)."""
     from tamiyo_server import reload
@@ -108,8 +108,10 @@ def _variant(name: str) -> Iterator[None]:
         reload.SWITCH_INTERVAL_S = None
     if name in ("before", "switch-only"):
         reload.PAUSE_S = 0.0
-    if name in ("before", "switch-only", "pause-only", "noidle"):
+    if name in ("before", "switch-only", "pause-only"):
         reload.IDLE_WAIT_MAX_S = 0.0
+    if name in ("idle", "nobackoff"):
+        reload.IDLE_WAIT_MAX_S = 0.02
     if name == "nobackoff":
         reload.IDLE_SLEEP_MAX_S = reload.IDLE_SLEEP_S
     try:

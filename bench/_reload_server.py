@@ -52,11 +52,12 @@ def _variant_before() -> None:
     reload.IDLE_WAIT_MAX_S = 0.0
 
 
-def _variant_noidle() -> None:
-    """The reload without waiting for the serving threads to go idle between steps."""
+def _variant_idle() -> None:
+    """The reload also waiting (up to 20 ms a step) for the serving threads to go idle
+    between steps (``reload.IDLE_WAIT_MAX_S``, off by default)."""
     from tamiyo_server import reload
 
-    reload.IDLE_WAIT_MAX_S = 0.0
+    reload.IDLE_WAIT_MAX_S = 0.02
 
 
 def _variant_niced() -> None:
@@ -79,7 +80,7 @@ def _variant_niced() -> None:
 VARIANTS = {
     "current": lambda: None,
     "before": _variant_before,
-    "noidle": _variant_noidle,
+    "idle": _variant_idle,
     "null": _variant_null,
     "niced": _variant_niced,
 }

@@ -408,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gil",
         action="store_true",
-        help="instead: in-process A/B of current,noidle,before (bench._reload_gil), interleaved",
+        help="instead: in-process A/B of current,idle,before (bench._reload_gil), interleaved",
     )
     a = ap.parse_args(args)
     variants = tuple(v for v in a.variants.split(",") if v)
     if a.gil:
-        gil_variants = variants if variants != ("current",) else ("current", "noidle", "before")
+        gil_variants = variants if variants != ("current",) else ("current", "idle", "before")
         from bench._reload_gil import run_gil
 
         run_gil(a.out, 8 if a.quick else 20, gil_variants)

@@ -21,17 +21,16 @@ What a reload costs serving is GIL time, so it is kept small and handed out poli
 * in short steps: ``load_checkpoint`` calls back between read+sha256 (hashlib releases
   the GIL), parse, model build, checks and weight copy, then engine and warm-up; each
   step holds the GIL for ≲ 1-2 ms;
-* in the gaps: between steps ``_yield`` sleeps, then waits (≤ ``IDLE_WAIT_MAX_S`` a
-  step) until a short probe sleep wakes on time, i.e. no serving thread is running
-  Python; and while it loads the switch interval is ``SWITCH_INTERVAL_S`` (0.5 ms, not
-  CPython's 5 ms), which bounds how long serving waits behind a step.
+* with gaps: between steps ``_yield`` sleeps ``PAUSE_S`` (and, if ``IDLE_WAIT_MAX_S`` is
+  set, off by default, waits until a short probe sleep wakes on time, i.e. no serving
+  thread is running Python); while it loads the switch interval is ``SWITCH_INTERVAL_S``
+  (0.5 ms, not CPython's 5 ms), which bounds how long serving waits behind a step.
 Measured against the session-2 code (alternating processes, nice 19, load 3-7): reload
 CPU 16-19 → 7-8 ms and loop p99 in reload windows / steady 1.24-1.84 → 0.98-1.25
 (``python -m bench.reload --gil``, batches on the event loop, 4 pairs); end to end
 (``bench.reload`` quick settings, 3 pairs at load 3-4.4) p99 reload/steady 1.57, 1.14,
 1.15 → 1.04, 1.06, 0.80, GC pauses in reload windows 10 → 2 per run, 0 lost, 0 errors.
-With an inference thread the idle wait measurably helped (p99 GIL wait in reload windows
-3.2-5.3 ms vs 5.1-8.0 without it, 4 runs); with batches on the loop it is within noise.
+The idle wait: see ``IDLE_WAIT_MAX_S``.
 The thread is *not* reniced: a low-priority thread preempted while holding the
 GIL would stall serving (priority inversion). Step times (ms; ``waited``, ``cpu``) are
 logged and kept in ``last_stages``.
@@ -89,7 +88,14 @@ PAUSE_S = 0.001  # sleep between reload steps and warm-up forwards, s
 IDLE_SLEEP_S = 0.0002  # first probe sleep, s (doubled after each late probe)
 IDLE_SLEEP_MAX_S = 0.002  # longest probe sleep, s
 IDLE_LATE_S = 0.00025  # a probe waking later than this saw another thread run Python, s
-IDLE_WAIT_MAX_S = 0.02  # longest wait for idle per step (then the step runs anyway), s
+# Longest wait for idle per step (then the step runs anyway), s. OFF (0) by default: with
+# batches on the event loop (the CPU default) it gained nothing measurable in the GIL bench
+# and, on a loaded box, reload windows shed more (a probe that finds the loop busy asks it
+# for the GIL, and a forced hand-over to a thread waiting for a core stalls the loop):
+# quick end-to-end run at load ~3, degraded in windows 20.8 % with it vs 1.5 % without.
+# With an inference thread (``run_on=thread``) it helped: p99 GIL wait in reload windows
+# 3.2-5.3 vs 5.1-8.0 ms (GIL bench, 4 runs); ``bench.reload --variants current,idle``.
+IDLE_WAIT_MAX_S = 0.0
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,9 @@ _waited = _Waited()
 
 
 def _yield() -> None:
-    """Between two reload steps: give the GIL back, then wait until the serving threads
-    look idle, at most ``IDLE_WAIT_MAX_S``.
+    """Between two reload steps: give the GIL back (``PAUSE_S``), then, if
+    ``IDLE_WAIT_MAX_S`` > 0 (off by default, see there), wait until the serving threads
+    look idle, at most that long.
 
     Idle is judged by a probe: sleep ``IDLE_SLEEP_S`` and see whether this thread got
     the GIL (and a core) back on time. Waking later than ``IDLE_LATE_S`` means another

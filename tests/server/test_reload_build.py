@@ -96,6 +96,7 @@ class _FakeClock:
 def test_yield_waits_for_idle_serving_threads_but_not_forever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(reload, "IDLE_WAIT_MAX_S", 0.02)  # off by default; see its comment
     idle = _FakeClock(late=0.0)
     monkeypatch.setattr(reload, "time", idle)
     reload._yield()
