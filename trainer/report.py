@@ -46,7 +46,7 @@ def plot_report(report: dict[str, Any], metrics_files: list[Path], out_png: Path
     axes[0].set(xlabel="gradient step", ylabel="loss", title="training loss", yscale="log")
     axes[0].legend(fontsize=7)
     axes[1].set(xlabel="gradient step", ylabel="normalised score",
-                title="validation score (held-out seeds)")  # fmt: skip
+                title="validation (seeds 2,000,000+, train sizes; picks the step)")  # fmt: skip
     axes[1].axhline(100, color="grey", lw=0.8, ls="--")
     axes[1].legend(fontsize=7)
     ax = axes[2]
