@@ -33,7 +33,11 @@ class RuleConfig:
     """The decision rules applied after the network (the seed's rules, made explicit)."""
 
     confidence_threshold: float = 0.5  # adapt only if P(adapt) >= this
-    health_threshold: float = 0.6  # adapt only a layer whose health is below this
+    health_threshold: float = 0.6  # the network may adapt only a layer below this health
+    # Separate from health_threshold so that turning the network's veto off (1.0, what the
+    # trained policy wants: it repairs before health drops) does not make every shed
+    # decision adapt something.
+    fallback_health_threshold: float = 0.6  # rules-only fallback adapts below this health
     max_adaptations_per_epoch: int = 2
     layer_cooldown_steps: int = 50
     exploration_epsilon: float = 0.0  # ε-exploration; off by default in the server
@@ -48,7 +52,7 @@ class BatchConfig:
     max_batch_graphs: int = 256
     max_batch_nodes: int = 16384
     max_batch_edges: int = 65536
-    max_queue_delay_ms: float = 5.0  # a batch never waits longer than this to fill
+    max_queue_delay_ms: float = 2.0  # a batch never waits longer than this to fill
     max_queued: int = 8192  # evaluations waiting for a batch
     outbound_queue: int = 64  # responses waiting to be written on one stream
     # Online inference-time model (tamiyo_server.batcher.CostModel): prior until measured.

@@ -16,10 +16,12 @@ wait for company longer than its most urgent member can afford.
   otherwise pay the whole ``max_queue_delay_ms`` on every decision) — or company not
   being worth it: waiting w ms brings ~w/gap more graphs, each saving one batch's fixed
   cost ``a`` of CPU, and at a utilisation u each ms of CPU saved shortens the queueing of
-  later work by ~u/(1-u) ms (M/M/1), so waiting pays when ``a·u/(1-u) > gap``. Measured
-  here (256 streams, open loop): at 800 frames/s a 5 ms wait gave p99 20 vs 33 ms for
-  2 ms; at 150 frames/s over 64 streams it cost 18 vs 13 ms. ``utilization`` (the
-  server process's CPU share, set by the pipeline) decides; unknown (None) = wait.
+  later work by ~u/(1-u) ms (M/M/1), so waiting pays when ``a·u/(1-u) > gap``.
+  ``utilization`` (the server process's CPU share, set by the pipeline) decides;
+  unknown (None) = wait. Measured here: open loop over 256 streams at 800 frames/s, a
+  5 ms ``max_queue_delay_ms`` gave p99 20 vs 33 ms for 2 ms, but closed loops lost
+  (1 stream: 184 vs 233 decisions/s; 64 streams: fewer network decisions), so the
+  default stays 2 ms.
 * A job that can no longer make its deadline even alone is *shed*: its future resolves
   with ``shed="deadline"`` and the caller answers with a degraded decision. The queue is
   bounded (``max_queued``); a full queue makes ``submit`` return ``None``.

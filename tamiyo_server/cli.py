@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA, loop otherwise)",
     )
     p.add_argument(
+        "--health-threshold",
+        type=float,
+        default=float(_env("health_threshold", d.rules.health_threshold)),
+        help="the network may adapt only a layer reporting health below this (1 = off: "
+        "the shipped trained policy repairs faults before health drops, see "
+        "trainer/README.md); the rules-only fallback keeps its own threshold",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=int(_env("torch_threads", d.torch_threads)),
@@ -147,6 +155,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     d = ServerConfig()
     if not 0.0 <= a.exploration_epsilon <= 1.0:
         raise SystemExit(f"--exploration-epsilon {a.exploration_epsilon}: must be in [0, 1]")
+    if not 0.0 <= a.health_threshold <= 1.0:
+        raise SystemExit(f"--health-threshold {a.health_threshold}: must be in [0, 1]")
     if a.flush_interval_s <= 0:
         raise SystemExit(f"--flush-interval-s {a.flush_interval_s}: must be > 0")
     if a.poll_interval_s <= 0:
@@ -163,7 +173,11 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     return replace(
         d,
         experience=experience,
-        rules=replace(d.rules, exploration_epsilon=a.exploration_epsilon),
+        rules=replace(
+            d.rules,
+            exploration_epsilon=a.exploration_epsilon,
+            health_threshold=a.health_threshold,
+        ),
         auth_token=_token(a),
         tls_cert_file=a.tls_cert,
         tls_key_file=a.tls_key,

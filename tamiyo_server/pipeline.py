@@ -79,6 +79,9 @@ class DecisionPipeline:
         self.closing = False
         self.loop_lag_s = 0.0  # see _watch_lag
         self._swamped_seen = 0  # frames that arrived while swamped (see swamped)
+        self.open_streams = 0  # StreamTelemetry streams open now (the servicer counts)
+        self.network_per_s = 0.0  # decisions made by the network, per s (EWMA ~0.4 s)
+        self._network_count = 0
         self._lag_task: asyncio.Task[None] | None = None
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
@@ -107,6 +110,7 @@ class DecisionPipeline:
         """
         cpu0 = time.process_time()
         u = 0.0
+        counted = self._network_count
         while True:
             t0 = time.monotonic()
             await asyncio.sleep(LAG_PROBE_S)
@@ -116,6 +120,9 @@ class DecisionPipeline:
             u += 0.2 * (min((cpu1 - cpu0) / max(t1 - t0, 1e-6), 1.0) - u)
             self.batcher.utilization = u
             cpu0 = cpu1
+            rate = (self._network_count - counted) / max(t1 - t0, 1e-6)
+            counted = self._network_count
+            self.network_per_s += 0.05 * (rate - self.network_per_s)
 
     def swamped(self) -> bool:
         """True when a frame should be refused at the door without being processed: the
@@ -135,8 +142,10 @@ class DecisionPipeline:
         return self._swamped_seen % math.ceil(self.loop_lag_s / limit) != 0
 
     def pushback_ms(self, drain_ms: float) -> int:
-        """How long a refused client should wait before asking again (ms): ``drain_ms``
-        (the predicted time for the overload to clear), within
+        """How long a refused client should wait before asking again (ms): the longer of
+        ``drain_ms`` (the predicted time for the overload to clear) and the stream's fair
+        share of the network's throughput (open streams ÷ network decisions/s: 256
+        streams served at 300/s can each ask about once per 0.85 s), within
         ``[min_pushback_ms, max_pushback_ms]``, spread by ±25 % so that streams refused
         together do not all come back in the same millisecond.
 
@@ -146,7 +155,8 @@ class DecisionPipeline:
         with refusals and got 0 network decisions/s.
         """
         c = self.config.batch
-        ms = min(max(drain_ms, c.min_pushback_ms), c.max_pushback_ms)
+        share_ms = 1000.0 * self.open_streams / max(self.network_per_s, 1.0)
+        ms = min(max(drain_ms, share_ms, c.min_pushback_ms), c.max_pushback_ms)
         return max(1, round(ms * random.uniform(0.75, 1.25)))
 
     def calibrate(self, rounds: int = 3) -> None:
@@ -223,6 +233,7 @@ class DecisionPipeline:
         else:
             g, out = ev.graph, ev.output
             rd = rules.decide(out, g, state, snap.step, snap.epoch)
+            self._network_count += 1
             version = ev.policy.version
         msg = _build(rd, g, out, version, frame)
         if ev is None:

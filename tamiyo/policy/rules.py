@@ -180,13 +180,13 @@ class DecisionRules:
         """Rules-only decision (no network) for work that cannot wait for inference.
 
         Adapts the valid, unblocked layer with the lowest known health when it is below
-        the health threshold, with the first offered kernel; otherwise no-op. Always
+        ``fallback_health_threshold``, with the first offered kernel; otherwise no-op. Always
         ``DEGRADED_FALLBACK`` and ``degraded=True``; deterministic, so propensity 1.
         """
         state.roll(epoch)
         c = self.config
         h = np.where(np.isnan(g.health), np.inf, g.health)
-        ok = g.target_mask & ~self._blocked(g, state, step) & (h < c.health_threshold)
+        ok = g.target_mask & ~self._blocked(g, state, step) & (h < c.fallback_health_threshold)
         rule = DecisionRule.DECISION_RULE_DEGRADED_FALLBACK
         if g.num_kernels == 0 or not ok.any():
             return self._finish(
@@ -209,7 +209,7 @@ class DecisionRules:
             0,
             rule,
             f"degraded: lowest health layer {g.layer_ids[node]} "
-            f"({h[node]:.2f} < {c.health_threshold:.2f})",
+            f"({h[node]:.2f} < {c.fallback_health_threshold:.2f})",
             1.0,
             True,
         )

@@ -117,6 +117,10 @@ def test_degraded_fallback_picks_lowest_known_health_and_respects_state() -> Non
     assert d.degraded
     healthy = graph([0.9, 0.95])
     assert rules.fallback(healthy, RuleState(), 100, 1).action == NO_OP
+    # the network's health veto off does not make the fallback adapt healthy layers
+    veto_off = DecisionRules(dataclasses.replace(CFG, health_threshold=1.0))
+    assert veto_off.fallback(healthy, RuleState(), 100, 1).action == NO_OP
+    assert veto_off.decide(output(healthy, 0, 0.9), healthy, RuleState(), 100, 1).action != NO_OP
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.3, 1.0])
