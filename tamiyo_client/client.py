@@ -104,6 +104,10 @@ class TamiyoClient:
         self._frames = CoalescingBuffer(self.config.frame_buffer, on_put=self._wake_threadsafe)
         self._outcomes: deque[pb.DecisionOutcome] = deque()
         self._outcome_lock = threading.Lock()
+        # decision id -> the connection (session) it came on; an outcome still queued when
+        # that session ended cannot be matched by the next one (the server would answer
+        # NOT_FOUND), so it is dropped and counted instead of sent
+        self._decided_on: dict[str, int] = {}
         self._in_flight = 0  # popped from a buffer, its call.write not yet returned
         self._pushback_until = 0.0  # time.monotonic() before which no decision is asked
         self._ids = itertools.count(1)
@@ -248,6 +252,9 @@ class TamiyoClient:
         latency = (time.monotonic() - sent) * 1e3 if sent is not None else None
         received = ReceivedDecision(decision, latency, self.session_id, connection)
         self.stats.decisions += 1
+        self._decided_on[decision.decision_id] = connection
+        if len(self._decided_on) > 4096:  # only recent decisions can still get an outcome
+            self._decided_on.pop(next(iter(self._decided_on)))
         if latency is not None:
             self.stats.latencies_ms.append(latency)
         for queue in self._queues:
@@ -368,7 +375,7 @@ class TamiyoClient:
         self._sent_at.clear()  # decisions of the old stream will never come
         self._live = True
         self._wake.set()  # flush what piled up while disconnected
-        writer = asyncio.create_task(self._writer(call))
+        writer = asyncio.create_task(self._writer(call, connection))
         reader = asyncio.create_task(self._reader(call, connection))
         try:
             done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -380,7 +387,7 @@ class TamiyoClient:
                 task.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
 
-    async def _writer(self, call: Call) -> None:
+    async def _writer(self, call: Call, connection: int) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -392,6 +399,9 @@ class TamiyoClient:
                     outcome = self._outcomes.popleft() if self._outcomes else None
                 if outcome is None:
                     break
+                if self._decided_on.get(outcome.decision_id, connection) != connection:
+                    self.stats.outcomes_dropped += 1  # its session is gone (see __init__)
+                    continue
                 self._in_flight = 1  # close() waits for it (pending() counts it)
                 try:
                     await call.write(pb.StreamTelemetryRequest(outcome=outcome))

@@ -155,7 +155,10 @@ class DecisionPipeline:
         with refusals and got 0 network decisions/s.
         """
         c = self.config.batch
-        share_ms = 1000.0 * self.open_streams / max(self.network_per_s, 1.0)
+        # throughput under-states capacity when demand is low (an idle server decides
+        # little), so the floor is what one-graph batches alone would sustain
+        floor = 1000.0 / self.batcher.cost.predict_ms(32, 1, safe=False)
+        share_ms = 1000.0 * self.open_streams / max(self.network_per_s, floor)
         ms = min(max(drain_ms, share_ms, c.min_pushback_ms), c.max_pushback_ms)
         return max(1, round(ms * random.uniform(0.75, 1.25)))
 

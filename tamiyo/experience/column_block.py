@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from tamiyo.policy.signal_decode import FLOAT_FIELDS
 from tamiyo.signal_columns import FrameLayout, full_frame_layout, locate_seed_columns
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.wire import varint
@@ -35,17 +36,8 @@ BoolA = npt.NDArray[np.bool_]
 I64 = npt.NDArray[np.int64]
 _SIG = health_pb2.HealthSignal.DESCRIPTOR.fields_by_name
 _ENTRY_TAG = varint(graph_pb2.ModelGraphState.DESCRIPTOR.fields_by_name["signals"].number << 3 | 2)
-# Float columns of HealthSignalColumns in their wire order (snapshot.FLOAT_FIELDS order).
-_FLOATS = (
-    "health_score",
-    "avg_execution_time_ms",
-    "activation_variance",
-    "dead_neuron_ratio",
-    "avg_correlation",
-    "gradient_norm",
-    "latency_variance",
-    "memory_utilization",
-)
+# Float columns of HealthSignalColumns in their wire order.
+_FLOATS = FLOAT_FIELDS
 _COUNTS = ("error_count", "active_seeds", "total_seeds", "adaptation_count")
 _F4, _U4, _I8, _F8 = (np.dtype(t) for t in ("<f4", "<u4", "<i8", "<f8"))
 

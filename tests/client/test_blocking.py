@@ -50,6 +50,8 @@ def test_blocking_client_in_a_training_loop_survives_restart(server: ServerThrea
         assert first.connection == 1
         client.report_outcome(host.outcome(host.apply(first.decision)))
         assert client.poll_decisions() == []  # nothing else pending; returns at once
+        # written before the stop (one still queued then is dropped: its session is gone)
+        assert client.wait_for(lambda: client.stats.outcomes_sent == 1, 5)
 
         server.stop()
         assert client.wait_for(lambda: not client.connected, 10)
@@ -144,7 +146,8 @@ def ask(client: BlockingTamiyoClient, make: Callable[[int], Frame], step: int) -
             if got is not None and got.decision.frame_request_id == frame.request_id:
                 return got
             if got is None and client.stats.frames_shed > shed_before:
-                break
+                time.sleep(1.3)  # the refusal's pushback (<= 1 s + 25 %): frames sent
+                break  # before it ends do not ask, so none would be answered
         else:
             raise AssertionError(f"no answer to frame {k}")
     raise AssertionError("every frame was shed")

@@ -97,6 +97,7 @@ class Asker:
             self.client.send_frame(frame)
             if (got := await self.answer(frame)) is not None:
                 return got
+            await asyncio.sleep(1.3)  # the shed's pushback: frames before it ends do not ask
         raise AssertionError(f"all {tries} frames were shed")
 
 

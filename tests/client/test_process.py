@@ -53,6 +53,7 @@ def ask(client: ProcessTamiyoClient, make: object, step: int) -> ReceivedDecisio
             if got is not None and got.decision.frame_request_id == frame.request_id:
                 return got
             if got is None and client.stats.frames_shed > shed:
+                time.sleep(1.3)  # the refusal's pushback: frames before it ends do not ask
                 break
         else:
             raise AssertionError(f"no answer to frame {k}: {client.last_error}")

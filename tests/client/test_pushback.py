@@ -59,7 +59,7 @@ async def test_overload_pushback_pauses_decision_requests(retry_ms: int) -> None
     await client.start()  # its connection task fails quietly: nothing listens there
     call = StubCall([refusal(retry_ms)])
     client._live = True
-    writer = asyncio.create_task(client._writer(call))  # type: ignore[arg-type]
+    writer = asyncio.create_task(client._writer(call, 1))  # type: ignore[arg-type]
     try:
         assert await written_asks(client, call, 1)  # before any refusal: asks
         await client._reader(call, 1)  # type: ignore[arg-type]  # the refusal, then EOF

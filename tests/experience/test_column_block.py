@@ -9,19 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamiyo.experience.column_block import encode_column_blocks
+from tamiyo.policy.signal_decode import FLOAT_FIELDS
 from tamiyo.signal_columns import encode_signal_columns, signals_from_columns
 from tamiyo.v1 import graph_pb2, health_pb2
 
-_FLOAT_COLS = (
-    "health_score",
-    "avg_execution_time_ms",
-    "activation_variance",
-    "dead_neuron_ratio",
-    "avg_correlation",
-    "gradient_norm",
-    "latency_variance",
-    "memory_utilization",
-)
+_FLOAT_COLS = FLOAT_FIELDS
 _U32_COLS = ("error_count", "active_seeds", "total_seeds", "adaptation_count", "epoch")
 
 
