@@ -81,3 +81,35 @@ async def test_overload_pushback_pauses_decision_requests(retry_ms: int) -> None
     finally:
         writer.cancel()
         await client.close()
+
+
+async def test_outcome_of_an_ended_session_is_dropped_not_sent() -> None:
+    """An outcome still queued when its decision's session ended cannot be matched by
+    the next session (the server would answer NOT_FOUND): the writer of the new
+    connection drops and counts it, and still sends outcomes of its own decisions."""
+    _, host = make_host()
+    client = TamiyoClient(host.session_open())
+    await client.start()
+    old = pb.StreamTelemetryResponse()
+    old.decision.decision_id = "d-old"
+    new = pb.StreamTelemetryResponse()
+    new.decision.decision_id = "d-new"
+    await client._reader(StubCall([old]), 1)  # type: ignore[arg-type]  # then EOF
+    await client._reader(StubCall([new]), 2)  # type: ignore[arg-type]
+    client.report_outcome(pb.DecisionOutcome(decision_id="d-old"))
+    client.report_outcome(pb.DecisionOutcome(decision_id="d-new"))
+    call = StubCall([])
+    client._live = True
+    writer = asyncio.create_task(client._writer(call, 2))  # type: ignore[arg-type]
+    try:
+        client._wake.set()
+        for _ in range(200):
+            await asyncio.sleep(0.001)
+            if call.written:
+                break
+        assert [w.outcome.decision_id for w in call.written] == ["d-new"]
+        assert client.stats.outcomes_dropped == 1
+        assert client.stats.outcomes_sent == 1
+    finally:
+        writer.cancel()
+        await client.close()
