@@ -3,8 +3,7 @@ running on its own thread: poll/get/iterate decisions, outcomes, restart."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -14,12 +13,11 @@ from tamiyo.config import ClientConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client.blocking import BlockingTamiyoClient, DecisionInbox
 from tamiyo_client.client import ReceivedDecision
-from tamiyo_client.coalesce import Frame
 from tamiyo_client.frame_data import FrameData, resolve_form
 from tamiyo_server.policy_holder import ServedPolicy
 
 from .conftest import ServerThread
-from .hosts import make_host, train_step
+from .hosts import ask, make_host, train_step
 
 
 @pytest.fixture
@@ -131,26 +129,6 @@ def test_unknown_signal_form_is_refused() -> None:
     _, host = make_host()
     with pytest.raises(ValueError, match="signal_form must be one of"):
         BlockingTamiyoClient(host.session_open(), replace(ClientConfig(), signal_form="xml"))
-
-
-def ask(client: BlockingTamiyoClient, make: Callable[[int], Frame], step: int) -> ReceivedDecision:
-    """Send ``make(step)`` and wait for its decision; under load the server may shed the
-    frame (an explicit RESOURCE_EXHAUSTED notice), then the next step asks again."""
-    for k in range(step, step + 20):
-        shed_before = client.stats.frames_shed
-        frame = make(k)
-        client.send_frame(frame)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            got = client.get_decision(timeout_s=0.05)
-            if got is not None and got.decision.frame_request_id == frame.request_id:
-                return got
-            if got is None and client.stats.frames_shed > shed_before:
-                time.sleep(1.3)  # the refusal's pushback (<= 1 s + 25 %): frames sent
-                break  # before it ends do not ask, so none would be answered
-        else:
-            raise AssertionError(f"no answer to frame {k}")
-    raise AssertionError("every frame was shed")
 
 
 def test_inbox_is_bounded_and_drops_oldest() -> None:

@@ -15,11 +15,10 @@ import torch
 from tamiyo.config import ClientConfig
 from tamiyo_client.frame_data import FrameData
 from tamiyo_client.process import ProcessTamiyoClient
-from tamiyo_client.received import ReceivedDecision
 from tamiyo_server.policy_holder import ServedPolicy
 
 from .conftest import ServerThread
-from .hosts import make_host, train_step
+from .hosts import ask, make_host, train_step
 
 
 @pytest.fixture
@@ -37,27 +36,6 @@ def config(server: ServerThread) -> ClientConfig:
         backoff_initial_s=0.05,
         backoff_max_s=0.5,
     )
-
-
-def ask(client: ProcessTamiyoClient, make: object, step: int) -> ReceivedDecision:
-    """Send ``make(step)`` until a frame gets its decision (the server may shed one under
-    load, with a notice; then the next step asks again)."""
-    assert callable(make)
-    for k in range(step, step + 20):
-        shed = client.stats.frames_shed
-        frame = make(k)
-        client.send_frame(frame)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            got = client.get_decision(timeout_s=0.05)
-            if got is not None and got.decision.frame_request_id == frame.request_id:
-                return got
-            if got is None and client.stats.frames_shed > shed:
-                time.sleep(1.3)  # the refusal's pushback: frames before it ends do not ask
-                break
-        else:
-            raise AssertionError(f"no answer to frame {k}: {client.last_error}")
-    raise AssertionError("every frame was shed")
 
 
 def test_sidecar_client_decides_survives_restart_and_a_killed_sidecar(
