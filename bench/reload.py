@@ -25,6 +25,12 @@ most work at load average ~6), because a reload must be judged against steady se
 not against overload (that is the serving bench's subject).
 Shed work is answered degraded and reported per window (``degraded_*_pct``).
 
+Baseline in the same run: the same client, streams and rate against the bare echo server
+(``bench.echo_server``: no work, a decision-sized answer), ``ECHO_S`` before and after the
+reload phases. ``p99_echo_ms`` is what this box's transport alone costs at this load
+(client and server wake-ups, gRPC, protobuf); on the 2-core VM it has been 3-10 ms at
+80 frames/s, so the client-observed 10 ms budget leaves Tamiyo only what echo leaves.
+
 Targets (issue 5): decisions_lost 0, errors 0, p99_reload_ms ≤ 10 ms (the decision
 budget) and ≤ 1.5 × p99_steady_ms, rss_growth_pct ≤ 5 %.
 Run: ``python -m bench --only reload [--quick]`` or ``python -m bench.reload [--quick]``.
@@ -60,6 +66,8 @@ RPC_SHADOW_S = 0.05  # after each driver RPC in phase A: in neither window nor s
 P99_BUDGET_MS = 10.0
 P99_RATIO_TARGET = 1.5
 RSS_TARGET_PCT = 5.0
+ECHO_S = 10.0  # echo baseline: seconds of load before and after the reload phases
+ECHO_WARMUP_S = 1.0  # first answers of each echo run left out (connections warming)
 
 
 # ------------------------------------------------------------------ driver
@@ -108,6 +116,52 @@ def _server_priority() -> list[str]:
     return ["chrt", "-f", str(prio)]
 
 
+def _load_client(target: str, streams: int, rate: float, out: Path) -> subprocess.Popen[str]:
+    """Start ``bench._reload_client`` against ``target``; returns once its sessions are
+    open (it printed READY)."""
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "bench._reload_client", target, str(streams), str(rate),
+         str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert cli.stdout is not None
+    if cli.stdout.readline().strip() != "READY":
+        cli.kill()
+        raise RuntimeError(f"load client did not start against {target}")
+    return cli
+
+
+def _stop_client(cli: subprocess.Popen[str], out: Path) -> dict[str, Any]:
+    """Tell the client to stop, wait for it to drain, return its records."""
+    assert cli.stdin is not None
+    cli.stdin.write("stop\n")
+    cli.stdin.flush()
+    cli.wait(60)
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def echo_baseline(streams: int, rate: float, seconds: float) -> list[float]:
+    """Client latencies (ms) of ``seconds`` of the reload bench's load against the bare
+    echo server, first ``ECHO_WARMUP_S`` left out."""
+    from bench.serving import start_echo  # the serving bench's echo, one implementation
+
+    proc, port = start_echo()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tamiyo-reload-echo-") as tmp:
+            out = Path(tmp) / "echo.json"
+            cli = _load_client(f"127.0.0.1:{port}", streams, rate, out)
+            time.sleep(seconds)
+            recs = _stop_client(cli, out)["records"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    t0 = min((r[0] for r in recs), default=0.0)
+    return [r[1] for r in recs if r[0] >= t0 + ECHO_WARMUP_S]
+
+
 def measure(
     reloads: int,
     latency_reloads: int,
@@ -117,10 +171,12 @@ def measure(
     rate: float,
     plot_path: Path,
     variant: str = "current",
+    echo_s: float = ECHO_S,
 ) -> dict[str, Any]:
     from tamiyo.policy.checkpoint import set_latest
 
     py = sys.executable
+    echo = echo_baseline(streams, rate, echo_s)
     with tempfile.TemporaryDirectory(prefix="tamiyo-reload-") as tmp:
         root = Path(tmp) / "ckpt"
         names = _write_versions(root, reloads)
@@ -136,15 +192,7 @@ def measure(
             port = int(srv.stdout.readline().split()[1])
             target = f"127.0.0.1:{port}"
             out = Path(tmp) / "client.json"
-            cli = subprocess.Popen(
-                [py, "-m", "bench._reload_client", target, str(streams), str(rate), str(out)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert cli.stdout is not None
-            if cli.stdout.readline().strip() != "READY":
-                raise RuntimeError("load client did not start")
+            cli = _load_client(target, streams, rate, out)
             with grpc.insecure_channel(target) as ch:
                 stub = pb_grpc.TamiyoServiceStub(ch)
 
@@ -183,11 +231,7 @@ def measure(
                 time.sleep(1.0)
                 rss_last = _rss_kib(srv.pid)
                 final = stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), timeout=10)
-            assert cli.stdin is not None
-            cli.stdin.write("stop\n")
-            cli.stdin.flush()
-            cli.wait(60)
-            data = json.loads(out.read_text())
+            data = _stop_client(cli, out)
             srv.send_signal(signal.SIGTERM)
             rest, _ = srv.communicate(timeout=60)
             diag = json.loads(rest.split("DIAG ", 1)[1]) if "DIAG " in rest else {}
@@ -196,6 +240,7 @@ def measure(
                 if proc is not None and proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(30)
+    echo += echo_baseline(streams, rate, echo_s)
     recs = data["records"]
     sched = np.array([r[0] for r in recs])
     lat = np.array([r[1] for r in recs])
@@ -257,6 +302,10 @@ def measure(
         # scheduling delays on a busy box.
         "p99_server_reload_ms": _q(server[in_a & in_win], 99),
         "p99_server_steady_ms": _q(server[in_a & ~in_win], 99),
+        # The same load against the bare echo server, before and after (ECHO_S each).
+        "p99_echo_ms": _q(np.array(echo), 99),
+        "p50_echo_ms": _q(np.array(echo), 50),
+        "samples_echo": len(echo),
         # pointer move -> first answer of the new version, phase A (poll wait included)
         "reload_wall_ms_median": float(np.median([b - TAIL_S - a for a, b in windows]) * 1e3),
         "rss_first_mib": rss_first / 1024,
@@ -338,7 +387,7 @@ def run(opts: BenchOptions, variants: tuple[str, ...] = ("current",)) -> None:
         plot = png if v == variants[0] else png.with_name(f"{PART}-{v}.png")
         if opts.quick:
             r = measure(20, 10, gap_s=0.5, poll_s=0.25, streams=8, rate=80, plot_path=plot,
-                        variant=v)  # fmt: skip
+                        variant=v, echo_s=ECHO_S / 2)  # fmt: skip
         else:
             r = measure(100, 20, gap_s=1.0, poll_s=0.25, streams=8, rate=80, plot_path=plot,
                         variant=v)  # fmt: skip
@@ -367,6 +416,7 @@ def run(opts: BenchOptions, variants: tuple[str, ...] = ("current",)) -> None:
             ("p99_ratio", "reload/steady"),
             ("p99_server_steady_ms", "server p99 steady"),
             ("p99_server_reload_ms", "server p99 reload"),
+            ("p99_echo_ms", "echo p99 (same load)"),
             ("reload_wall_ms_median", "pickup ms"),
             ("rss_first_mib", "RSS 1st MiB"),
             ("rss_last_mib", "RSS last MiB"),
@@ -385,6 +435,11 @@ def run(opts: BenchOptions, variants: tuple[str, ...] = ("current",)) -> None:
     tmp.replace(path)
     for name, passed in r["checks"].items():
         print(f"  {'PASS' if passed else 'FAIL'}  {name}")
+    print(
+        f"  INFO  the same load against the bare echo server: p99 {r['p99_echo_ms']:.1f} ms "
+        f"(p50 {r['p50_echo_ms']:.1f}); Tamiyo's own latency (arrival -> answer) in reload "
+        f"windows: p99 {r['p99_server_reload_ms']:.1f} ms"
+    )
     if r["machine_overloaded"]:
         print(
             f"  NOTE  steady serving shed {r['degraded_steady_pct']:.0f}% of decisions (load "
