@@ -232,13 +232,11 @@ class Batcher(Generic[P, R]):
     def queued(self) -> int:
         return self._queued
 
-    def backlog_ms(self, safe: bool = True) -> float:
-        """Predicted time to run everything queued now (ms): the wait a new job faces.
-        ``safe=False``: the plain fit, for deciding that a new job cannot make it at all
-        (see ``CostModel.predict_ms``)."""
+    def backlog_ms(self) -> float:
+        """Predicted time to run everything queued now (ms): the wait a new job faces."""
         if self._queued == 0:
             return 0.0
-        return self.cost.predict_ms(self._queued_nodes, self._queued, safe)
+        return self.cost.predict_ms(self._queued_nodes, self._queued)
 
     def submit(
         self, payload: P, nodes: int, edges: int, arrival: float, deadline: float

@@ -37,10 +37,6 @@ from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
 from tamiyo_server.validation import validate_decide_decoded
 
 LAG_PROBE_S = 0.02
-SWAMPED_AFTER_PROBES = 2
-"""Consecutive late lag probes before frames are refused at the door: one late probe is a
-stall (a preempted vCPU, a long batch) that is over once the probe runs; a backlog in the
-transport shows in every probe."""
 _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 
 
@@ -82,7 +78,6 @@ class DecisionPipeline:
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
         self.loop_lag_s = 0.0  # see _watch_lag
-        self.late_probes = 0  # consecutive lag probes later than the swamped limit
         self._swamped_seen = 0  # frames that arrived while swamped (see swamped)
         self.open_streams = 0  # StreamTelemetry streams open now (the servicer counts)
         self.network_per_s = 0.0  # decisions made by the network, per s (EWMA ~0.4 s)
@@ -122,7 +117,6 @@ class DecisionPipeline:
             t1, cpu1 = time.monotonic(), time.process_time()
             lag = t1 - t0 - LAG_PROBE_S
             self.loop_lag_s = lag if lag > self.loop_lag_s else 0.7 * self.loop_lag_s + 0.3 * lag
-            self.late_probes = self.late_probes + 1 if lag > self._swamped_limit_s() else 0
             u += 0.2 * (min((cpu1 - cpu0) / max(t1 - t0, 1e-6), 1.0) - u)
             self.batcher.utilization = u
             cpu0 = cpu1
@@ -132,8 +126,8 @@ class DecisionPipeline:
 
     def swamped(self) -> bool:
         """True when a frame should be refused at the door without being processed: the
-        loop is more than twice the decision deadline behind, in ``SWAMPED_AFTER_PROBES``
-        consecutive lag probes, so every frame waiting in the transport is already late.
+        loop is more than twice the decision deadline behind, so every frame waiting in
+        the transport is already late.
 
         Even then one frame in ``k = ceil(lag / limit)`` is admitted. Refusing all of them
         is a trap a saturated closed loop never leaves: the cheap refusals come back as
@@ -141,14 +135,11 @@ class DecisionPipeline:
         closed-loop streams got 0 network decisions/s). Admitting a share that shrinks as
         the lag grows keeps real decisions flowing while the backlog drains.
         """
-        limit = self._swamped_limit_s()
-        if self.loop_lag_s <= limit or self.late_probes < SWAMPED_AFTER_PROBES:
+        limit = 2.0 * self.config.batch.decision_deadline_ms / 1000.0
+        if self.loop_lag_s <= limit:
             return False
         self._swamped_seen += 1
         return self._swamped_seen % math.ceil(self.loop_lag_s / limit) != 0
-
-    def _swamped_limit_s(self) -> float:
-        return 2.0 * self.config.batch.decision_deadline_ms / 1000.0
 
     def pushback_ms(self, drain_ms: float) -> int:
         """How long a refused client should wait before asking again (ms): the longer of

@@ -262,9 +262,7 @@ class StreamHandler:
                 )
             )
             return
-        # The plain fit, not the safe bound: the safe bound (inflated by the fit's recent
-        # error, ~1.6-2x on a noisy box) shed frames at 80 frames/s that would have made it.
-        backlog_ms = self.p.batcher.backlog_ms(safe=False)
+        backlog_ms = self.p.batcher.backlog_ms()
         if backlog_ms > s.deadline_s * 1000.0 and s.pending is None:
             # Hopeless backlog: answer at once, cheaply (no snapshot, no featurize), so
             # overload sheds at the door instead of queueing in the transport.

@@ -175,7 +175,6 @@ async def test_backlog_prediction_grows_with_the_queue() -> None:
     four = b.backlog_ms()
     extra = b.submit(9, 400, 0, now, now + 9.0)
     assert b.backlog_ms() > four > 0.0
-    assert 0.0 < b.backlog_ms(safe=False) <= b.backlog_ms()  # the plain fit, no margin
     rec.gate.set()
     await asyncio.gather(*(j.future for j in [*jobs, extra] if j is not None))
     assert b.backlog_ms() == 0.0
