@@ -270,6 +270,7 @@ def measure(
         degraded[in_a],
         [(a - t_begin, b - t_begin) for a, b in windows],
         plot_path,
+        _q(np.array(echo), 99),
     )
     return {
         "variant": variant,
@@ -336,8 +337,10 @@ def _plot(
     degraded: np.ndarray[Any, Any],
     windows: list[tuple[float, float]],
     path: Path,
+    echo_p99_ms: float,
 ) -> None:
-    """Latency of every decision of phase A over time, reload windows shaded."""
+    """Latency of every decision of phase A over time, reload windows shaded, with the
+    bare echo server's p99 at the same load (the transport's share) as a reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,6 +352,7 @@ def _plot(
     ax.scatter(t[~degraded], lat[~degraded], s=3, label="network decision")
     ax.scatter(t[degraded], lat[degraded], s=3, c="tab:red", label="degraded (shed)")
     ax.axhline(P99_BUDGET_MS, color="k", ls="--", lw=0.8, label="10 ms budget")
+    ax.axhline(echo_p99_ms, color="tab:green", ls=":", lw=1.0, label="echo p99, same load")
     ax.set_yscale("log")
     ax.set_xlabel("time since phase A start (s); shaded = reload windows")
     ax.set_ylabel("client latency (ms)")
