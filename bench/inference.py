@@ -107,7 +107,7 @@ def _dense_layers(c: PolicyConfig, nodes: int) -> Callable[[], None]:
     """The policy's per-node dense layers alone (encoder, GCN weights, node head) as
     ``addmm`` into preallocated outputs for ``nodes`` rows: what the same BLAS achieves at
     the model's own shapes (K = 40-64 wide, unlike the 1024² of the sgemm rate), i.e. the
-    floor a forward made of library matmuls cannot go under. They are ~90 % of the
+    floor a forward made of library matmuls cannot go under. They are 93-96 % of the
     model's FLOPs; the sparse aggregation, element-wise passes and heads are left out."""
     h, f = c.hidden, c.node_features
     x = torch.randn(nodes, f)
