@@ -3,7 +3,7 @@
 Issue #8: a training loop with the client attached runs at the same speed (within 10 %)
 whether the server is up, slow or down. One process trains two copies of the same real
 MLP (8 -> width -> ... -> 1, ReLU, SGD, batch ``BATCH``) in short interleaved segments
-(so machine noise hits every mode alike), in five modes:
+(so machine noise hits every mode alike), in eight modes:
 
 - ``bare``: the plain model, no KasminaLayers, no client: the baseline;
 - ``telemetry``: KasminaLayers on every Linear and a frame built every step, not sent;

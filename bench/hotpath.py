@@ -5,7 +5,7 @@ Why: the serving bench says *that* Tamiyo is slower than the echo server; this p
 with frames in either signal form (``signal_columns``, what clients send, and the readable
 ``signals`` messages), it times per frame the stages the event loop runs (decode,
 validate, window update, snapshot, rules + proto build, serialize) and, per batch, the
-inference thread's stages
+batch stages (on the event loop on CPU, on an inference thread on CUDA)
 (featurize_many, engine.infer). Medians over iterations after a warm-up; process CPU time
 per iteration is reported too (the box is shared, wall time includes preemption).
 """

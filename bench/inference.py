@@ -23,17 +23,19 @@ Before/after in the same run: ``eager_us_per_graph`` is the same engine with
 ``compile=False`` (the network run op by op from Python, as before the TorchScript path).
 
 Serving batches (``bench-results/inference-serving.json``): for loadgen-like batches of
-1, 16 and 64 graphs of 4-64 nodes, the inference thread's whole cost per batch
-(``featurize_many`` + ``InferenceEngine.infer``) compiled vs eager, and batches/s with and
-without a concurrent GIL-holding Python thread (a spinner, standing in for a busy event
-loop): ``spin_ratio`` = rate under the spinner ÷ quiet rate, wall clock. Engine
+1, 16 and 64 graphs of 4-64 nodes, a batch's whole cost (``featurize_many`` +
+``InferenceEngine.infer``) compiled vs eager, and batches/s with and without a concurrent
+GIL-holding Python thread (a spinner, standing in for a busy event loop, which is what an
+inference thread faces: ``--run-batches-on thread``, the default on CUDA):
+``*_spin_ratio`` = rate under the spinner ÷ quiet rate, wall clock. Engine
 construction (script/copy + freeze + self-check) is timed too, cold (first engine of the
 process: scripting) and warm (later engines, e.g. a hot reload), with the longest time a
 concurrent Python thread could not run during it (``max_gil_gap_ms``: GIL held).
 
-Threads: 1 by default. The server runs inference on one dedicated thread while the
-gRPC event loop needs the other core; on this box a second intra-op thread made small
-batches slower (pool wake-up) and only large ones faster. ``--threads 2`` measures that.
+Threads: 1 by default. On CPU the server runs batches on its event loop and the other
+core goes to gRPC's own threads (and, here, the load generator); on this box a second
+intra-op thread made small batches slower (pool wake-up) and only large ones faster.
+``--threads 2`` measures that.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def _dense_layers(c: PolicyConfig, nodes: int) -> Callable[[], None]:
     """The policy's per-node dense layers alone (encoder, GCN weights, node head) as
     ``addmm`` into preallocated outputs for ``nodes`` rows: what the same BLAS achieves at
     the model's own shapes (K = 40-64 wide, unlike the 1024² of the sgemm rate), i.e. the
-    floor a forward made of library matmuls cannot go under. They are 93-96 % of the
+    floor a forward made of library matmuls cannot go under. They are 91-96 % of the
     model's FLOPs; the sparse aggregation, element-wise passes and heads are left out."""
     h, f = c.hidden, c.node_features
     x = torch.randn(nodes, f)

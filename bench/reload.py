@@ -28,7 +28,7 @@ Shed work is answered degraded and reported per window (``degraded_*_pct``).
 Baseline in the same run: the same client, streams and rate against the bare echo server
 (``bench.echo_server``: no work, a decision-sized answer), ``ECHO_S`` before and after the
 reload phases. ``p99_echo_ms`` is what this box's transport alone costs at this load
-(client and server wake-ups, gRPC, protobuf); on the 2-core VM it has been 3-10 ms at
+(client and server wake-ups, gRPC, protobuf); on the 2-core VM it has been 2.6-10 ms at
 80 frames/s, so the client-observed 10 ms budget leaves Tamiyo only what echo leaves.
 
 Targets (issue 5): decisions_lost 0, errors 0, p99_reload_ms ≤ 10 ms (the decision

@@ -83,7 +83,64 @@ def _field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
-def _dataclass_section(cls: type, flag_dests: set[str], prefix: str) -> list[str]:
+# Fields set from a file or in pairs, which one flag alone cannot move in _field_flags.
+_MANUAL_FLAGS = {
+    "auth_token": "--auth-token-file",
+    "tls_cert_file": "--tls-cert",
+    "tls_key_file": "--tls-key",
+    "tls_client_ca_file": "--tls-client-ca",
+}
+
+
+def _flat(obj: object, prefix: str = "") -> dict[str, object]:
+    """A config dataclass as ``{"batch.run_on": value, ...}``."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out |= _flat(value, key + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def _changed_value(action: argparse.Action) -> list[str]:
+    """Arguments that set ``action`` to a value other than its default (still valid)."""
+    flag = next(o for o in action.option_strings if o.startswith("--"))
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        return [flag]
+    if action.choices:
+        return [flag, next(str(c) for c in action.choices if c != action.default)]
+    default = action.default
+    if action.type is int:
+        return [flag, str(int(default) + 1)]
+    if action.type is float:
+        return [flag, str(float(default) / 2 if float(default) > 0 else 0.5)]
+    return [flag, "changed-by-gen-reference"]
+
+
+def _field_flags() -> dict[str, str]:
+    """ServerConfig field (``batch.run_on``) -> the flag that sets it: found by parsing each
+    flag with another value and seeing which field moves, so the table cannot drift from
+    ``tamiyo_server.cli.parse_config``."""
+    base = _flat(cli.parse_config([]))
+    found = dict(_MANUAL_FLAGS)
+    for action in cli.build_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        args = _changed_value(action)
+        try:
+            moved = _flat(cli.parse_config(args))
+        except (SystemExit, OSError):  # needs a companion flag or a real file: manual
+            continue
+        for key, value in moved.items():
+            if value != base[key]:
+                found.setdefault(key, args[0])
+    return found
+
+
+def _dataclass_section(cls: type, field_flags: dict[str, str], prefix: str) -> list[str]:
     instance = cls()
     doc = inspect.getdoc(cls) or ""
     if doc.startswith(f"{cls.__name__}("):  # dataclass' generated signature, not prose
@@ -97,14 +154,14 @@ def _dataclass_section(cls: type, flag_dests: set[str], prefix: str) -> list[str
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
             continue
-        by = f"`--{f.name.replace('_', '-')}`" if not prefix and f.name in flag_dests else "code"
+        flag = field_flags.get(f"{prefix}.{f.name}" if prefix else f.name)
+        by = f"`{flag}`" if flag else "code"
         out.append(f"| `{f.name}` | {_show(value)} | {by} | {_cell(comments.get(f.name, ''))} |")
     return [*out, ""]
 
 
 def render_configuration() -> str:
     rows = _flag_rows()
-    flag_dests = {r[1].removeprefix("TAMIYO_").lower() for r in rows}
     out = [
         HEADER,
         "# Configuration reference",
@@ -143,15 +200,16 @@ def render_configuration() -> str:
         "",
     ]
     server = config_module.ServerConfig()
-    out += _dataclass_section(config_module.ServerConfig, flag_dests, "")
+    field_flags = _field_flags()
+    out += _dataclass_section(config_module.ServerConfig, field_flags, "")
     for f in dataclasses.fields(server):
         value = getattr(server, f.name)
         if dataclasses.is_dataclass(value):
-            out += _dataclass_section(type(value), flag_dests, f.name)
+            out += _dataclass_section(type(value), field_flags, f.name)
     client = getattr(config_module, "ClientConfig", None)
     if client is not None:
         out += ["## Client defaults (`tamiyo_client`)", ""]
-        out += _dataclass_section(client, set(), "")
+        out += _dataclass_section(client, {}, "")
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -125,7 +125,7 @@ class ServerMetrics:
         self.shed = Counter(
             "tamiyo_shed",
             "Work not run through the network, by reason (deadline, queue_full, "
-            "superseded, shutdown); each was answered explicitly.",
+            "overload, swamped, superseded, shutdown, error); each was answered explicitly.",
             ("reason",),
             registry=r,
         )
