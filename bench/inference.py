@@ -105,16 +105,22 @@ def _sgemm_flops_per_s(min_time: float) -> float:
     return 2 * 1024**3 / _per_call(lambda: torch.mm(a, b, out=out), min_time)[1]
 
 
+def _dense_shapes(c: PolicyConfig) -> list[tuple[int, int]]:
+    """(in, out) of the policy's per-node dense layers: encoder, GCN weights, node head."""
+    h = c.hidden
+    return [(c.node_features, h), (h, h)] + [(h, h)] * c.gcn_layers + [(h, 1 + c.kernel_hidden)]
+
+
 def _dense_layers(c: PolicyConfig, nodes: int) -> Callable[[], None]:
     """The policy's per-node dense layers alone (encoder, GCN weights, node head) as
     ``addmm`` into preallocated outputs for ``nodes`` rows: what the same BLAS achieves at
     the model's own shapes (K = 40-64 wide, unlike the 1024² of the sgemm rate), i.e. the
     floor a forward made of library matmuls cannot go under. They are 91-96 % of the
     model's FLOPs; the sparse aggregation, element-wise passes and heads are left out."""
-    h, f = c.hidden, c.node_features
-    x = torch.randn(nodes, f)
-    shapes = [(f, h), (h, h)] + [(h, h)] * c.gcn_layers + [(h, 1 + c.kernel_hidden)]
-    ws = [(torch.randn(o, i).t(), torch.randn(o), torch.empty(nodes, o)) for i, o in shapes]
+    x = torch.randn(nodes, c.node_features)
+    ws = [
+        (torch.randn(o, i).t(), torch.randn(o), torch.empty(nodes, o)) for i, o in _dense_shapes(c)
+    ]
 
     def call() -> None:
         a = x
@@ -126,9 +132,7 @@ def _dense_layers(c: PolicyConfig, nodes: int) -> Callable[[], None]:
 
 def _dense_flops(c: PolicyConfig, nodes: int) -> int:
     """FLOPs of ``_dense_layers`` (multiply-add = 2)."""
-    h = c.hidden
-    per_node = c.node_features * h + h * h * (1 + c.gcn_layers) + h * (1 + c.kernel_hidden)
-    return 2 * nodes * per_node
+    return 2 * nodes * sum(i * o for i, o in _dense_shapes(c))
 
 
 def run(opts: BenchOptions) -> None:
