@@ -40,11 +40,14 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from tamiyo.policy.batch import Batch, collate
 from tamiyo.policy.features import GraphTensors
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
+from tamiyo.policy.single_graph import MAX_NODES as SINGLE_GRAPH_MAX_NODES
+from tamiyo.policy.single_graph import SingleGraphForward
 from tamiyo.policy.synthetic import random_graphs
 
 log = logging.getLogger(__name__)
@@ -65,8 +68,13 @@ SELF_CHECK_SIZES = (1, 6, 23)
 
 
 def configure_threads(num_threads: int) -> None:
-    """Set torch's intra-op threads (process-wide); inter-op is left alone."""
-    torch.set_num_threads(max(1, num_threads))
+    """Set torch's intra-op threads and numpy's BLAS threads (process-wide); inter-op is
+    left alone. numpy's BLAS matters too: the single-graph forward and the featurizer run
+    numpy matmuls, and an OpenBLAS pool left at its default would wake a second thread
+    for a [256, 256] @ [256, 64] product on a box whose other core serves gRPC."""
+    n = max(1, num_threads)
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n, user_api="blas")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
@@ -202,6 +210,7 @@ ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 _TEMPLATES: dict[PolicyConfig, torch.jit.ScriptModule] = {}
 _TEMPLATE_LOCK = threading.Lock()
 _CHECKED: set[tuple[PolicyConfig, str]] = set()  # (config, device) whose copy matched eager
+_SINGLE_CHECKED: set[PolicyConfig] = set()  # configs whose single-graph forward matched
 
 
 def compile_serving(model: TamiyoPolicy, device: torch.device) -> ForwardFn:
@@ -270,6 +279,7 @@ class InferenceEngine:
         device: str | torch.device = "cpu",
         version: str = "unversioned",
         compile: bool = True,
+        single_graph: bool = True,
     ) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         self.device = resolve_device(device)
@@ -288,6 +298,9 @@ class InferenceEngine:
         self.mode = "eager"
         if compile:
             self._compile()
+        self._single: SingleGraphForward | None = None
+        if single_graph and not self._cuda:
+            self._enable_single_graph()
         self.build_ms = (time.perf_counter() - t0) * 1000.0
         self.build_cpu_ms = (time.thread_time() - c0) * 1000.0
 
@@ -321,6 +334,37 @@ class InferenceEngine:
             return
         self._forward = compiled
         self.mode = "torchscript"
+
+    @property
+    def single_graph(self) -> bool:
+        """Whether lone small graphs run the numpy single-graph forward."""
+        return self._single is not None
+
+    def _enable_single_graph(self) -> None:
+        """Use the single-graph forward if it matches this engine's forward on the sample
+        graphs (checked once per ``PolicyConfig``, like the compiled module: a wrong
+        rendering of the network is a property of the code, not of the weights)."""
+        single = SingleGraphForward(self.model)
+        config = self.model.config
+        if config not in _SINGLE_CHECKED:
+            graphs = random_graphs(0, list(SELF_CHECK_SIZES))
+            try:
+                for g, want in zip(graphs, self._infer_chunk(graphs), strict=True):
+                    got = PolicyOutput(*single(g))
+                    for w, v in zip(want, got, strict=True):
+                        np.testing.assert_allclose(
+                            np.asarray(v), np.asarray(w), atol=1e-4, rtol=1e-4
+                        )
+            except AssertionError as exc:
+                log.warning(
+                    "policy %s: single-graph forward disagrees, batching every graph: %s",
+                    self.version,
+                    exc,
+                )
+                return
+            with _TEMPLATE_LOCK:
+                _SINGLE_CHECKED.add(config)
+        self._single = single
 
     def warmup(self, sizes: Sequence[int] = (4, 16, 64), repeats: int = 2) -> None:
         """Run a few forwards so allocator and kernels are hot before serving."""
@@ -358,10 +402,17 @@ class InferenceEngine:
         """Batched forward(s) for ``graphs``; outputs in the same order.
 
         One forward per ``forward_node_budget`` nodes (consecutive graphs; a batch of a
-        few thousand nodes is one forward) so activations stay cache-sized.
+        few thousand nodes is one forward) so activations stay cache-sized; a lone small
+        graph on CPU takes the single-graph forward (see the class docstring).
         """
         if not graphs:
             raise ValueError("collate: empty batch")
+        if (
+            len(graphs) == 1
+            and self._single is not None
+            and graphs[0].num_nodes <= SINGLE_GRAPH_MAX_NODES
+        ):
+            return [PolicyOutput(*self._single(graphs[0]))]
         counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))
         cuts = node_chunks(counts, self.forward_node_budget)
         if len(cuts) == 2:
