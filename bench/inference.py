@@ -5,6 +5,8 @@ For graphs of 10, 50 and 200 nodes at batch 1, 8, 64 and 256, one run measures:
 * ``us_per_graph`` — ``InferenceEngine.infer(graphs)`` (collate + one inference-mode
   forward + per-graph softmax/argmax + split into ``PolicyOutput``s) ÷ batch size, from
   already featurized graphs (featurizing is reported apart: ``featurize_us_per_graph``).
+  Batch 1 rows take the engine's numpy single-graph forward (``single_graph``: true);
+  ``batched_us_per_graph`` is the compiled forward on the same graphs, for comparison.
 * ``seed_us_per_graph`` — the seed's reference network (``bench.seed_reference``) run the
   seed's way: ``torch_geometric.data.Batch.from_data_list`` + one forward per call, with the
   same node-feature width, hidden width and GCN depth as Tamiyo's policy (so the ratio
@@ -26,7 +28,8 @@ Serving batches (``bench-results/inference-serving.json``): for loadgen-like bat
 1, 16 and 64 graphs of 4-64 nodes, a batch's whole cost (``featurize_many`` +
 ``InferenceEngine.infer``) compiled vs eager, and batches/s with and without a concurrent
 GIL-holding Python thread (a spinner, standing in for a busy event loop, which is what an
-inference thread faces: ``--run-batches-on thread``, the default on CUDA):
+inference thread faces: ``--run-batches-on thread``, the default on CUDA; so these
+rates run without the single-graph forward, as such a server does):
 ``*_spin_ratio`` = rate under the spinner ÷ quiet rate, wall clock. Engine
 construction (script/copy + freeze + self-check) is timed too, cold (first engine of the
 process: scripting) and warm (later engines, e.g. a hot reload), with the longest time a
@@ -59,9 +62,15 @@ from bench import BenchOptions
 from bench.report import Row, environment, print_table, write_json
 from bench.seed_reference import SeedPolicyConfig, SeedTamiyoPolicyGNN
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import InferenceEngine, configure_allocator, configure_threads
+from tamiyo.policy.engine import (
+    SINGLE_GRAPH_MAX_BATCH,
+    InferenceEngine,
+    configure_allocator,
+    configure_threads,
+)
 from tamiyo.policy.features import GraphSnapshot, GraphTensors, featurize_many
 from tamiyo.policy.model import PolicyConfig
+from tamiyo.policy.single_graph import MAX_NODES as SINGLE_GRAPH_MAX_NODES
 from tamiyo.policy.synthetic import random_snapshot
 
 PART = "inference"
@@ -141,8 +150,13 @@ def run(opts: BenchOptions) -> None:
     policy = builtin_policy()
     engine = InferenceEngine(policy.model, "cpu", version=policy.version)
     engine.warmup()
-    eager = InferenceEngine(builtin_policy().model, "cpu", version=policy.version, compile=False)
+    eager = InferenceEngine(
+        builtin_policy().model, "cpu", version=policy.version, compile=False, single_graph=False
+    )
     eager.warmup()
+    # The compiled forward even where the engine would take the single-graph forward.
+    batched = InferenceEngine(policy.model, "cpu", version=policy.version, single_graph=False)
+    batched.warmup()
     cfg = policy.config
     seed_model = SeedTamiyoPolicyGNN(
         SeedPolicyConfig(cfg.node_features, cfg.hidden, cfg.gcn_layers)
@@ -172,8 +186,14 @@ def run(opts: BenchOptions) -> None:
         def eager_call(graphs: list[GraphTensors] = graphs) -> None:
             eager.infer(graphs)
 
+        def batched_call(graphs: list[GraphTensors] = graphs) -> None:
+            batched.infer(graphs)
+
+        single = b <= SINGLE_GRAPH_MAX_BATCH and n <= SINGLE_GRAPH_MAX_NODES
+
         ours_t: list[tuple[float, float]] = []
         eager_t: list[float] = []
+        batched_t: list[float] = []
         seed_t: list[tuple[float, float]] = []
         gemm: list[float] = []
         feat: list[float] = []
@@ -182,6 +202,8 @@ def run(opts: BenchOptions) -> None:
         for _ in range(repeats):
             ours_t.append(_per_call(ours, min_time))
             eager_t.append(_per_call(eager_call, min_time)[1])
+            if single:
+                batched_t.append(_per_call(batched_call, min_time)[1])
             seed_t.append(_per_call(seed_call, min_time))
             gemm.append(_sgemm_flops_per_s(min_time / 2))
             feat.append(_per_call(partial(featurize_many, snaps), min_time / 2)[1])
@@ -192,6 +214,7 @@ def run(opts: BenchOptions) -> None:
         us = statistics.median(c for _, c in ours_t) / b * 1e6
         seed_us = statistics.median(c for _, c in seed_t) / b * 1e6
         eager_us = statistics.median(eager_t) / b * 1e6
+        batched_us = statistics.median(batched_t) / b * 1e6 if single else us
         floor_us = flops / rate * 1e6
         dense_us = statistics.median(dense) / b * 1e6
         rows.append(
@@ -202,6 +225,9 @@ def run(opts: BenchOptions) -> None:
                 "us_per_graph": us,
                 "graphs_per_s": 1e6 / us,
                 "engine_mode": engine.mode,
+                "single_graph": single,
+                # collate + one compiled forward (= us_per_graph unless single_graph)
+                "batched_us_per_graph": batched_us,
                 "eager_us_per_graph": eager_us,
                 "x_vs_eager": eager_us / us,
                 "seed_us_per_graph": seed_us,
@@ -235,6 +261,7 @@ def run(opts: BenchOptions) -> None:
             ("us_per_graph", "ours µs"),
             ("eager_us_per_graph", "eager µs"),
             ("x_vs_eager", "eager/ours"),
+            ("batched_us_per_graph", "one forward µs"),
             ("graphs_per_s", "ours graphs/s"),
             ("seed_us_per_graph", "seed µs"),
             ("floor_us_per_graph", "floor µs"),
@@ -372,8 +399,9 @@ def _serving_batches(
             cpu["feat"].append(_per_call(partial(featurize_many, snaps), min_cpu)[1])
             for name, eng in engines.items():
                 cpu[name].append(_per_call(partial(eng.infer, graphs), min_cpu)[1])
+                # As an inference thread runs it (no single-graph forward, see infer).
                 calls: dict[str, Callable[[], Any]] = {
-                    "infer": partial(eng.infer, graphs),
+                    "infer": partial(eng.infer, graphs, single_graph=False),
                     "batch": partial(_batch, eng, snaps),
                 }
                 for what, fn in calls.items():
@@ -447,7 +475,7 @@ def _serving_batches(
 
 def _batch(eng: InferenceEngine, snaps: list[GraphSnapshot]) -> None:
     """What the server's inference thread does per batch."""
-    eng.infer(featurize_many(snaps))
+    eng.infer(featurize_many(snaps), single_graph=False)
 
 
 def _construction(opts: BenchOptions) -> list[Row]:

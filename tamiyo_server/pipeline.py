@@ -194,7 +194,8 @@ class DecisionPipeline:
         hot swap never splits a batch."""
         served = self.holder.current
         graphs = featurize_many(snaps)
-        outs = served.engine.infer(graphs)
+        # The single-graph forward is for batches on the loop (see InferenceEngine.infer).
+        outs = served.engine.infer(graphs, single_graph=self.batcher.on_loop)
         return [Evaluated(g, o, served) for g, o in zip(graphs, outs, strict=True)]
 
     # ------------------------------------------------------------------ event loop

@@ -63,6 +63,14 @@ FORWARD_NODE_BUDGET = 4096
 """Nodes per CPU forward: [4096, 64] float32 activations = 1 MiB, half the L2 (measured
 ~10-15% less CPU per graph at 12.8k nodes than one 12.8k-node forward)."""
 
+SINGLE_GRAPH_MAX_BATCH = 4
+"""Batches of at most this many graphs (each ≤ ``SINGLE_GRAPH_MAX_NODES`` nodes) run as
+single-graph forwards, one per graph: each costs ~0.15 ms + ~3 µs/node against ~0.9 ms +
+~2.5 µs/node for collate + one compiled forward, so up to 4-5 small graphs the loop is
+cheaper (measured, graphs of 4-64 nodes: 2 graphs 0.64-0.77 vs 1.24-1.44 ms, 4 graphs
+0.74-0.89 vs 1.01-1.25 ms, 6 graphs about even; ``bench/inference.py``, column
+``batched_us_per_graph``). Small batches are what a server sees whenever it is not busy."""
+
 SELF_CHECK_SIZES = (1, 6, 23)
 """Graph sizes of the sample batch on which a compiled module must match the eager one."""
 
@@ -370,6 +378,7 @@ class InferenceEngine:
         """Run a few forwards so allocator and kernels are hot before serving."""
         graphs = random_graphs(0, list(sizes))
         for _ in range(repeats):
+            self.infer(graphs, single_graph=False)
             self.infer(graphs)
         if self._cuda:
             torch.cuda.synchronize(self.device)
@@ -398,21 +407,31 @@ class InferenceEngine:
             "value": per[_VALUE],
         }
 
-    def infer(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
+    def infer(
+        self, graphs: Sequence[GraphTensors], single_graph: bool = True
+    ) -> list[PolicyOutput]:
         """Batched forward(s) for ``graphs``; outputs in the same order.
 
         One forward per ``forward_node_budget`` nodes (consecutive graphs; a batch of a
-        few thousand nodes is one forward) so activations stay cache-sized; a lone small
-        graph on CPU takes the single-graph forward (see the class docstring).
+        few thousand nodes is one forward) so activations stay cache-sized; a batch of a
+        few small graphs on CPU takes the single-graph forward (see the class docstring).
+
+        ``single_graph=False``: never the single-graph forward for this call. A caller on a
+        thread that competes with a busy Python thread for the GIL wants that: the numpy
+        forward gives the GIL up at every matmul (~10 times) and waits up to the switch
+        interval (5 ms) to get it back each time, where the compiled forward releases it
+        once (measured, one graph under a GIL-holding spinner thread: 0.002x vs 0.11x of
+        the quiet rate).
         """
         if not graphs:
             raise ValueError("collate: empty batch")
+        single = self._single if single_graph else None
         if (
-            len(graphs) == 1
-            and self._single is not None
-            and graphs[0].num_nodes <= SINGLE_GRAPH_MAX_NODES
+            single is not None
+            and len(graphs) <= SINGLE_GRAPH_MAX_BATCH
+            and max(map(_NUM_NODES, graphs)) <= SINGLE_GRAPH_MAX_NODES
         ):
-            return [PolicyOutput(*self._single(graphs[0]))]
+            return [PolicyOutput(*single(g)) for g in graphs]
         counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))
         cuts = node_chunks(counts, self.forward_node_budget)
         if len(cuts) == 2:
@@ -453,6 +472,7 @@ class InferenceEngine:
 
 
 _X = attrgetter("x")  # len() = node count
+_NUM_NODES = attrgetter("num_nodes")
 
 
 def _inputs(batch: Batch) -> tuple[torch.Tensor, ...]:

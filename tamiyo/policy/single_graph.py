@@ -1,7 +1,7 @@
 """The serving forward of ONE small graph in numpy: what a lone decision costs on CPU.
 
-Why a second rendering of the network: at low load a batch holds one graph, and then the
-compiled forward's cost is all fixed overhead, not arithmetic. A 16-58-node graph is
+Why a second rendering of the network: at low load a batch holds one graph (or a few),
+and then the compiled forward's cost is all fixed overhead, not arithmetic. A 16-58-node graph is
 ~1 MFLOP, but ``collate`` + the TorchScript call are ~80 torch ops of ~10 µs each on this
 VM (0.9-1.0 ms); the same arithmetic as ~35 numpy calls on a cached dense Â takes
 0.23-0.31 ms (measured here, ``bench/inference.py`` column ``single_us``). A lone
@@ -107,6 +107,14 @@ class SingleGraphForward:
         n = g.num_nodes
         if not 1 <= n <= MAX_NODES:
             raise ValueError(f"single-graph forward: {n} nodes, limit 1..{MAX_NODES}")
+        # Like torch, no warning per call: an overflow shows as inf / NaN outputs, which
+        # the decision rules and the reload's warm-up check handle.
+        with np.errstate(all="ignore"):
+            return self._forward(g, n)
+
+    def _forward(
+        self, g: GraphTensors, n: int
+    ) -> tuple[F32, F32, float, float, int, int, float, float]:
         adj = g.adj.dense()  # [N, N]: two numpy calls, cheaper than any CSR product here
         h = self._mlp(g.x, self.encoder)  # [N, H]
         for w, b in self.convs:  # h + relu(Â (h W) + b)

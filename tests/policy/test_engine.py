@@ -8,7 +8,12 @@ import torch
 
 from tamiyo.policy.batch import collate
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import InferenceEngine, PolicyOutput, node_chunks
+from tamiyo.policy.engine import (
+    SINGLE_GRAPH_MAX_BATCH,
+    InferenceEngine,
+    PolicyOutput,
+    node_chunks,
+)
 from tamiyo.policy.features import GraphTensors, featurize, snapshot_from_state
 from tamiyo.policy.model import per_graph_log_softmax
 from tamiyo.policy.synthetic import random_graphs
@@ -199,7 +204,9 @@ def test_compiled_equals_eager_without_any_valid_target(
 
 
 def test_forward_batch_matches_infer(engine: InferenceEngine) -> None:
-    graphs = random_graphs(21, [3, 17, 1, 8], k=2)
+    # More graphs than SINGLE_GRAPH_MAX_BATCH: infer runs the same batched forward.
+    graphs = random_graphs(21, [3, 17, 1, 8, 5, 2], k=2)
+    assert len(graphs) > SINGLE_GRAPH_MAX_BATCH
     fb = engine.forward_batch(collate(graphs))
     ptr = np.cumsum([0] + [g.num_nodes for g in graphs])
     for i, o in enumerate(engine.infer(graphs)):

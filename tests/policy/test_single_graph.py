@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import InferenceEngine, PolicyOutput
+from tamiyo.policy.engine import SINGLE_GRAPH_MAX_BATCH, InferenceEngine, PolicyOutput
 from tamiyo.policy.features import featurize, snapshot_from_state
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from tamiyo.policy.single_graph import MAX_NODES, SingleGraphForward
@@ -95,15 +95,17 @@ def test_refuses_graphs_past_its_limit() -> None:
         SingleGraphForward(TamiyoPolicy())(g)
 
 
-def test_engine_uses_it_for_lone_small_graphs_only() -> None:
+def test_engine_uses_it_for_small_batches_of_small_graphs_only() -> None:
     p = builtin_policy()
     engine = InferenceEngine(p.model, "cpu", version=p.version)
     batched = InferenceEngine(p.model, "cpu", version=p.version, single_graph=False)
     assert engine.single_graph
     assert not batched.single_graph
     small, big = random_graphs(5, [30, MAX_NODES + 40])
-    for g in (small, big):  # the big one takes the batched forward in both engines
-        _assert_same(engine.infer([g])[0], batched.infer([g])[0])
+    few = random_graphs(6, [4, 17, 64, 9][:SINGLE_GRAPH_MAX_BATCH])
+    for graphs in ([small], [big], few, [*few, small]):
+        for got, want in zip(engine.infer(graphs), batched.infer(graphs), strict=True):
+            _assert_same(got, want)
     calls: list[int] = []
     real = engine._single
     assert real is not None
@@ -114,6 +116,10 @@ def test_engine_uses_it_for_lone_small_graphs_only() -> None:
 
     engine._single = counting  # type: ignore[assignment]
     engine.infer([small])
-    engine.infer([big])
-    engine.infer([small, small])
-    assert len(calls) == 1  # lone and small only
+    assert len(calls) == 1
+    engine.infer(few)
+    assert len(calls) == 1 + len(few)
+    engine.infer([big])  # too many nodes
+    engine.infer([small, big])
+    engine.infer([*few, small])  # too many graphs
+    assert len(calls) == 1 + len(few)
