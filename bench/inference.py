@@ -5,7 +5,8 @@ For graphs of 10, 50 and 200 nodes at batch 1, 8, 64 and 256, one run measures:
 * ``us_per_graph`` — ``InferenceEngine.infer(graphs)`` (collate + one inference-mode
   forward + per-graph softmax/argmax + split into ``PolicyOutput``s) ÷ batch size, from
   already featurized graphs (featurizing is reported apart: ``featurize_us_per_graph``).
-  Batch 1 rows take the engine's numpy single-graph forward (``single_graph``: true);
+  Called as the server's event loop calls it (``single_graph=True``): batch 1 rows take
+  the numpy single-graph forward (``single_graph``: true in the row) and
   ``batched_us_per_graph`` is the compiled forward on the same graphs, for comparison.
 * ``seed_us_per_graph`` — the seed's reference network (``bench.seed_reference``) run the
   seed's way: ``torch_geometric.data.Batch.from_data_list`` + one forward per call, with the
@@ -154,9 +155,6 @@ def run(opts: BenchOptions) -> None:
         builtin_policy().model, "cpu", version=policy.version, compile=False, single_graph=False
     )
     eager.warmup()
-    # The compiled forward even where the engine would take the single-graph forward.
-    batched = InferenceEngine(policy.model, "cpu", version=policy.version, single_graph=False)
-    batched.warmup()
     cfg = policy.config
     seed_model = SeedTamiyoPolicyGNN(
         SeedPolicyConfig(cfg.node_features, cfg.hidden, cfg.gcn_layers)
@@ -181,13 +179,13 @@ def run(opts: BenchOptions) -> None:
                 seed_model(pb.x, pb.edge_index, pb.batch)
 
         def ours(graphs: list[GraphTensors] = graphs) -> None:
-            engine.infer(graphs)
+            engine.infer(graphs, single_graph=True)  # as the server's event loop
 
         def eager_call(graphs: list[GraphTensors] = graphs) -> None:
             eager.infer(graphs)
 
         def batched_call(graphs: list[GraphTensors] = graphs) -> None:
-            batched.infer(graphs)
+            engine.infer(graphs)  # the compiled forward, whatever the batch
 
         single = b <= SINGLE_GRAPH_MAX_BATCH and n <= SINGLE_GRAPH_MAX_NODES
 
@@ -398,7 +396,9 @@ def _serving_batches(
         for _ in range(repeats):  # interleaved so drift in load hits both paths alike
             cpu["feat"].append(_per_call(partial(featurize_many, snaps), min_cpu)[1])
             for name, eng in engines.items():
-                cpu[name].append(_per_call(partial(eng.infer, graphs), min_cpu)[1])
+                cpu[name].append(
+                    _per_call(partial(eng.infer, graphs, single_graph=True), min_cpu)[1]
+                )
                 # As an inference thread runs it (no single-graph forward, see infer).
                 calls: dict[str, Callable[[], Any]] = {
                     "infer": partial(eng.infer, graphs, single_graph=False),
@@ -445,7 +445,8 @@ def _serving_batches(
         )
     tuned = configure_allocator()
     for row, (_, graphs) in zip(rows, cases, strict=True):
-        t = [_per_call(partial(engine.infer, graphs), min_cpu)[1] for _ in range(repeats)]
+        tuned_call = partial(engine.infer, graphs, single_graph=True)
+        t = [_per_call(tuned_call, min_cpu)[1] for _ in range(repeats)]
         row["allocator_tuned"] = tuned
         row["infer_tuned_alloc_ms"] = statistics.median(t) * 1e3
     print_table(

@@ -93,7 +93,7 @@ def _forward_cpu_ms(
 ) -> float:
     between()  # e.g. let the serving threads take the GIL between forwards
     t0 = time.thread_time()
-    served.engine.infer(graphs, single_graph=False)
+    served.engine.infer(graphs)
     return (time.thread_time() - t0) * 1000.0
 
 
@@ -121,9 +121,9 @@ def check_serving(
     """
     graphs = _sample_graphs()
     t0 = time.thread_time()
-    # The compiled forward, which serves every batch past a few graphs (the engine's
-    # single-graph forward renders the same weights; its own check is at engine build).
-    outs = served.engine.infer(graphs, single_graph=False)
+    # The compiled forward (infer's default), which serves every batch past a few graphs
+    # (the single-graph forward renders the same weights; its check is at engine build).
+    outs = served.engine.infer(graphs)
     best = (time.thread_time() - t0) * 1000.0
     where = served.checkpoint_path
     for i, o in enumerate(outs):

@@ -45,7 +45,7 @@ from torch import nn
 
 from tamiyo.policy.batch import Batch, collate
 from tamiyo.policy.features import GraphTensors
-from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
+from tamiyo.policy.model import TIE_TOL, PolicyConfig, TamiyoPolicy
 from tamiyo.policy.single_graph import MAX_NODES as SINGLE_GRAPH_MAX_NODES
 from tamiyo.policy.single_graph import SingleGraphForward
 from tamiyo.policy.synthetic import random_graphs
@@ -64,12 +64,14 @@ FORWARD_NODE_BUDGET = 4096
 ~10-15% less CPU per graph at 12.8k nodes than one 12.8k-node forward)."""
 
 SINGLE_GRAPH_MAX_BATCH = 4
-"""Batches of at most this many graphs (each ≤ ``SINGLE_GRAPH_MAX_NODES`` nodes) run as
-single-graph forwards, one per graph: each costs ~0.15 ms + ~3 µs/node against ~0.9 ms +
-~2.5 µs/node for collate + one compiled forward, so up to 4-5 small graphs the loop is
-cheaper (measured, graphs of 4-64 nodes: 2 graphs 0.64-0.77 vs 1.24-1.44 ms, 4 graphs
-0.74-0.89 vs 1.01-1.25 ms, 6 graphs about even; ``bench/inference.py``, column
-``batched_us_per_graph``). Small batches are what a server sees whenever it is not busy."""
+"""Batches of at most this many graphs, and at most ``SINGLE_GRAPH_MAX_NODES`` nodes in
+all, may run as single-graph forwards, one per graph (``infer(..., single_graph=True)``):
+each costs ~0.15 ms + ~3 µs/node against ~0.9 ms + ~2.5 µs/node for collate + one
+compiled forward, so for a few small graphs the loop is cheaper (measured, graphs of
+4-64 nodes: 2 graphs 0.64-0.77 vs 1.24-1.44 ms, 4 graphs 0.74-0.89 vs 1.01-1.25 ms, 6
+graphs about even), and near the node bound both cost about the same, so a batch's cost
+has no big jump where the path changes (the batcher's cost model is one linear fit).
+Small batches are what a server sees whenever it is not busy."""
 
 SELF_CHECK_SIZES = (1, 6, 23)
 """Graph sizes of the sample batch on which a compiled module must match the eager one."""
@@ -152,6 +154,7 @@ class ServingForward(nn.Module):
     def __init__(self, policy: TamiyoPolicy) -> None:
         super().__init__()
         self.policy = policy
+        self.tie_tol = TIE_TOL  # an attribute: TorchScript does not read float globals
 
     def forward(
         self,
@@ -184,14 +187,23 @@ class ServingForward(nn.Module):
         lse = torch.logaddexp(pair_max + torch.log(z), noop)
         pair_logp = pair - lse.index_select(0, node_batch).unsqueeze(1)
         noop_logp = noop - lse
-        # Best pair: the first node (in graph order) holding its graph's max, then the
-        # first kernel of that node with it (= argmax over the graph's row-major pairs).
+        # Best pair: the first node (in graph order) within TIE_TOL of its graph's max,
+        # then that node's first kernel within TIE_TOL of the node's max. Why a
+        # tolerance: twin layers (same features and neighbours, e.g. parallel q/k/v
+        # projections) tie exactly in exact arithmetic, and float32 sums in another
+        # order (a batched vs the single-graph forward) break the tie either way.
         node_ids = torch.arange(n, dtype=torch.int64, device=pair.device)
-        cand = torch.where(row_max == node_max, node_ids, n)
+        tol = self.tie_tol * node_max.abs().clamp(min=1.0)  # [N]
+        cand = torch.where(row_max >= node_max - tol, node_ids, n)
         best = torch.full([b], n, dtype=torch.int64, device=pair.device)
         best = best.scatter_reduce(0, node_batch, cand, reduce="amin")
         has = best < n  # False: no valid pair (or a NaN logit)
-        best_kernel = pair.index_select(0, best.clamp(max=n - 1)).argmax(dim=1)
+        best_c = best.clamp(max=n - 1)
+        best_row = pair.index_select(0, best_c)  # [B, K]
+        k = best_row.shape[1]
+        kernel_ids = torch.arange(k, dtype=torch.int64, device=pair.device)
+        near = best_row >= (best_row.amax(dim=1) - tol.index_select(0, best_c)).unsqueeze(1)
+        best_kernel = torch.where(near, kernel_ids, k).amin(dim=1)
         per_graph = torch.stack(
             [
                 noop_logp,
@@ -279,6 +291,10 @@ class InferenceEngine:
     swapping engines between batches. ``compile=False`` runs the same module eagerly
     (baseline for benches, and the fallback). ``mode`` says which one runs;
     ``build_ms`` / ``build_cpu_ms`` what construction (script or copy + self-check) cost.
+    On CPU the engine also holds the numpy single-graph forward (``single_graph.py``: the
+    same weights and arithmetic, 3-5x less fixed cost), which ``infer(...,
+    single_graph=True)`` uses for a few small graphs; ``single_graph=False`` here does not
+    build it (``.single_graph`` says whether it is there).
     """
 
     def __init__(
@@ -345,7 +361,7 @@ class InferenceEngine:
 
     @property
     def single_graph(self) -> bool:
-        """Whether lone small graphs run the numpy single-graph forward."""
+        """Whether the engine holds the numpy single-graph forward (see ``infer``)."""
         return self._single is not None
 
     def _enable_single_graph(self) -> None:
@@ -363,7 +379,7 @@ class InferenceEngine:
                         np.testing.assert_allclose(
                             np.asarray(v), np.asarray(w), atol=1e-4, rtol=1e-4
                         )
-            except AssertionError as exc:
+            except Exception as exc:  # any failure: batch every graph rather than fail
                 log.warning(
                     "policy %s: single-graph forward disagrees, batching every graph: %s",
                     self.version,
@@ -378,8 +394,8 @@ class InferenceEngine:
         """Run a few forwards so allocator and kernels are hot before serving."""
         graphs = random_graphs(0, list(sizes))
         for _ in range(repeats):
-            self.infer(graphs, single_graph=False)
             self.infer(graphs)
+            self.infer(graphs, single_graph=True)
         if self._cuda:
             torch.cuda.synchronize(self.device)
 
@@ -408,20 +424,21 @@ class InferenceEngine:
         }
 
     def infer(
-        self, graphs: Sequence[GraphTensors], single_graph: bool = True
+        self, graphs: Sequence[GraphTensors], single_graph: bool = False
     ) -> list[PolicyOutput]:
         """Batched forward(s) for ``graphs``; outputs in the same order.
 
         One forward per ``forward_node_budget`` nodes (consecutive graphs; a batch of a
-        few thousand nodes is one forward) so activations stay cache-sized; a batch of a
-        few small graphs on CPU takes the single-graph forward (see the class docstring).
+        few thousand nodes is one forward) so activations stay cache-sized.
 
-        ``single_graph=False``: never the single-graph forward for this call. A caller on a
-        thread that competes with a busy Python thread for the GIL wants that: the numpy
-        forward gives the GIL up at every matmul (~10 times) and waits up to the switch
-        interval (5 ms) to get it back each time, where the compiled forward releases it
-        once (measured, one graph under a GIL-holding spinner thread: 0.002x vs 0.11x of
-        the quiet rate).
+        ``single_graph=True`` (the server's event loop passes it): a batch of at most
+        ``SINGLE_GRAPH_MAX_BATCH`` graphs and ``SINGLE_GRAPH_MAX_NODES`` nodes in all runs
+        the numpy single-graph forward per graph, when the engine has one (CPU). Off by
+        default because it is only cheaper on a thread that has the GIL to itself: the
+        numpy forward gives the GIL up at every matmul (~10 times) and waits up to the
+        switch interval (5 ms) to get it back each time from a busy Python thread, where
+        the compiled forward releases it once (measured, one graph under a GIL-holding
+        spinner thread: 0.002x vs 0.007-0.11x of the quiet rate).
         """
         if not graphs:
             raise ValueError("collate: empty batch")
@@ -429,7 +446,7 @@ class InferenceEngine:
         if (
             single is not None
             and len(graphs) <= SINGLE_GRAPH_MAX_BATCH
-            and max(map(_NUM_NODES, graphs)) <= SINGLE_GRAPH_MAX_NODES
+            and sum(map(_NUM_NODES, graphs)) <= SINGLE_GRAPH_MAX_NODES
         ):
             return [PolicyOutput(*single(g)) for g in graphs]
         counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))

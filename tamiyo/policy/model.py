@@ -27,6 +27,12 @@ from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA
 
 MAX_DIM = 4096  # upper bound of every PolicyConfig field accepted from a manifest
 
+TIE_TOL = 1e-4
+"""Best action: pair logits within this (relative to max(1, |graph max|)) of the best
+count as tied and the first in graph order wins (``engine.ServingForward``,
+``single_graph.SingleGraphForward``). Rounding differences between two renderings of
+the network are ~1e-6 relative; a logit gap of 1e-4 is a probability ratio of 1.0001."""
+
 
 @dataclass(frozen=True)
 class PolicyConfig:

@@ -100,7 +100,8 @@ class DecisionRules:
         c = self.config
         if out.best_node < 0 or g.num_kernels == 0 or not g.target_mask.any():
             return -1, -1, DecisionRule.DECISION_RULE_NO_VALID_TARGET, "no layer with a free seed"
-        if out.adapt_prob < c.confidence_threshold:
+        # Written so that a NaN probability (an overflowing network) is below threshold.
+        if not out.adapt_prob >= c.confidence_threshold:
             return (
                 -1,
                 -1,

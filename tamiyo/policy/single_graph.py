@@ -1,21 +1,25 @@
 """The serving forward of ONE small graph in numpy: what a lone decision costs on CPU.
 
 Why a second rendering of the network: at low load a batch holds one graph (or a few),
-and then the compiled forward's cost is all fixed overhead, not arithmetic. A 16-58-node graph is
-~1 MFLOP, but ``collate`` + the TorchScript call are ~80 torch ops of ~10 µs each on this
-VM (0.9-1.0 ms); the same arithmetic as ~35 numpy calls on a cached dense Â takes
-0.23-0.31 ms (measured here, ``bench/inference.py`` column ``single_us``). A lone
-decision is the latency a training job sees whenever the server is not busy, and what a
-hot reload is judged by.
+and then the compiled forward's cost is all fixed overhead, not arithmetic. A 10-50-node
+graph is well under 1 MFLOP, but ``collate`` + the TorchScript call are ~80 torch ops of
+~10 µs each on this VM; the same arithmetic as ~35 numpy calls on the graph's dense Â
+costs 3-5x less (``bench/inference.py``, batch-1 rows: ``us_per_graph`` 168 / 457 µs at
+10 / 50 nodes against ``batched_us_per_graph`` 792 / 1,734 µs in session 5's run). A
+lone decision is the latency a training job sees whenever the server is not busy, and
+what a hot reload is judged by.
 
 It is the same network, not a look-alike: the weights are read from the engine's
 ``TamiyoPolicy`` (no training, no second definition of parameters), and the arithmetic
 mirrors ``TamiyoPolicy.forward_tensors`` + ``engine.ServingForward`` line for line, for
 one graph: the flat batch's segment operations become whole-array reductions and the
-block-diagonal sparse Â becomes the graph's dense Â (``NormAdjacency.dense``, cached).
-``tests/policy/test_single_graph.py`` checks it against the compiled forward on random
-graphs and weights (hypothesis), including graphs without a valid target or kernel, and
-the engine checks it once per ``PolicyConfig`` at construction before using it.
+block-diagonal sparse Â becomes the graph's dense Â (``NormAdjacency.dense``: two numpy
+calls per forward, ~15 µs at 256 nodes, so nothing N² is cached per topology).
+``tests/policy/test_single_graph.py`` checks it against the batched forward on random
+graphs and weights (hypothesis), including graphs without a valid target or kernel,
+twin layers (an exact tie, broken the same way: ``model.TIE_TOL``) and infinite
+logits, and the engine checks it once per ``PolicyConfig`` at construction before using
+it.
 
 Limits: CPU only (on CUDA the one-call forward is what pays), and graphs of at most
 ``MAX_NODES`` nodes: a dense Â costs N² and its matmul N²·H, which stays below the
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 from tamiyo.policy.features import GraphTensors
-from tamiyo.policy.model import TamiyoPolicy
+from tamiyo.policy.model import TIE_TOL, TamiyoPolicy
 
 F32 = npt.NDArray[np.float32]
 
@@ -80,7 +84,7 @@ class SingleGraphForward:
     ``__call__(g)`` → (``target_probs`` float32 [N], ``pair_logp`` float32 [N, K],
     ``noop_logp``, ``adapt_prob``, ``best_node`` (-1 = none), ``best_kernel`` (-1 = none),
     ``urgency``, ``value``), the fields of ``engine.PolicyOutput`` in its order.
-    The weights are copied at construction (~20 small arrays, ~0.1 ms), so the instance,
+    The weights are copied at construction (~20 small arrays, 0.2-0.3 ms), so the instance,
     like the engine's compiled copy, never sees later changes to the model.
     """
 
@@ -141,15 +145,19 @@ class SingleGraphForward:
         e = np.exp(pair - np.float32(pair_max)).sum(axis=1)  # [N], 0 where invalid
         z = float(e.sum(dtype=np.float32))
         target_probs = (e / np.float32(max(z, 1.0))).astype(np.float32, copy=False)
-        # log Σ over (node × kernel) ∪ {no-op}; without a valid pair z = 0 and lse = no-op.
-        lse = float(np.logaddexp(np.float32(pair_max + math.log(z)), noop)) if z > 0 else noop
+        # log Σ over (node × kernel) ∪ {no-op}; without a valid pair z = 0 and lse = no-op
+        # (a NaN z, from an infinite logit, keeps lse NaN as the compiled forward does).
+        lse = float(np.logaddexp(np.float32(pair_max + math.log(z)), noop)) if z != 0 else noop
         pair_logp = (pair - np.float32(lse)).astype(np.float32, copy=False)
         noop_logp = float(np.float32(noop - lse))
-        # Best pair: the first node holding the graph's max, its first kernel with it.
-        cand = np.flatnonzero(row_max == np.float32(pair_max))
+        # Best pair: the first node within TIE_TOL of the graph's max, then its first
+        # kernel within TIE_TOL of the node's max (as engine.ServingForward).
+        tol = TIE_TOL * max(1.0, abs(pair_max))
+        cand = np.flatnonzero(row_max >= np.float32(pair_max - tol))
         if cand.size:
             best_node = int(cand[0])
-            best_kernel = int(pair[best_node].argmax())
+            row = pair[best_node]
+            best_kernel = int(np.flatnonzero(row >= row.max() - np.float32(tol))[0])
         else:  # no valid pair (or a NaN logit)
             best_node = best_kernel = -1
         return (

@@ -58,6 +58,16 @@ def test_confidence_threshold() -> None:
     assert (d.action, d.rule) == (NO_OP, R.DECISION_RULE_CONFIDENCE_THRESHOLD)
 
 
+def test_a_nan_adapt_probability_never_adapts() -> None:
+    """An overflowing network gives NaN probabilities; NaN < threshold is False, so a
+    plain comparison let such an output through to POLICY (found by review)."""
+    g = graph([0.9, 0.2, 0.8])
+    nan = output(g, 1, 0.8)._replace(adapt_prob=float("nan"), noop_logp=float("nan"))
+    d = DecisionRules(CFG).decide(nan, g, RuleState(), 100, 1)
+    assert (d.action, d.rule) == (NO_OP, R.DECISION_RULE_CONFIDENCE_THRESHOLD)
+    assert "nan" in d.reason
+
+
 def test_health_threshold_and_unknown_health() -> None:
     g = graph([0.9, 0.2, None])
     rules = DecisionRules(CFG)

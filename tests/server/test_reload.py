@@ -291,7 +291,7 @@ def test_swap_lands_between_batches_never_inside_one(tmp_path: Path) -> None:
     infer = old.engine.infer
 
     def swapping_infer(
-        graphs: Sequence[GraphTensors], single_graph: bool = True
+        graphs: Sequence[GraphTensors], single_graph: bool = False
     ) -> list[PolicyOutput]:
         holder.swap(new)  # as the watcher thread would, mid-batch
         return infer(graphs, single_graph)
