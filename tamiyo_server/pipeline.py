@@ -21,9 +21,10 @@ import numpy as np
 import numpy.typing as npt
 
 from tamiyo.config import RuleConfig, ServerConfig
-from tamiyo.policy.engine import PolicyOutput
+from tamiyo.policy.engine import SINGLE_GRAPH_MAX_BATCH, PolicyOutput
 from tamiyo.policy.features import GraphTensors, featurize, featurize_many
 from tamiyo.policy.rules import DecisionRules, RuleDecision, RuleState
+from tamiyo.policy.single_graph import MAX_NODES as SINGLE_GRAPH_MAX_NODES
 from tamiyo.policy.snapshot import GraphSnapshot, snapshot_from_state
 from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import decision_pb2
@@ -69,11 +70,15 @@ class DecisionPipeline:
         run_on = config.batch.run_on
         if run_on == "auto":
             run_on = "thread" if holder.current.engine.device.type == "cuda" else "loop"
+        # On the loop, small batches take the engine's cheaper single-graph forward
+        # (see _run_batch): the cost model fits that path and the compiled one apart.
+        small = run_on == "loop" and holder.current.engine.single_graph
         self.batcher: Batcher[GraphSnapshot, Evaluated] = Batcher(
             self._run_batch,
             replace(config.batch, run_on=run_on),
             metrics,
             prepare_shed=featurize_many,
+            cost_regime=(SINGLE_GRAPH_MAX_BATCH, SINGLE_GRAPH_MAX_NODES) if small else None,
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False

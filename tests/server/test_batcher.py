@@ -142,6 +142,46 @@ def test_cost_model_learns_linear_cost() -> None:
         assert model.predict_ms(nodes, graphs) == pytest.approx(truth, rel=0.1, abs=0.1)
 
 
+def _two_paths(nodes: int, graphs: int) -> float:
+    """A runner with a cheap path for <= 4 graphs and <= 256 nodes (ms)."""
+    if graphs <= 4 and nodes <= 256:
+        return 0.15 * graphs + 3.0 * nodes / 1000.0
+    return 1.3 + 2.5 * nodes / 1000.0 + 1.0 * graphs / 100.0
+
+
+CASES = ((30, 1), (200, 4), (320, 5), (2000, 40))  # (nodes, graphs)
+
+
+def _samples() -> list[tuple[int, int, float]]:
+    # (graphs, nodes per graph): half the batches small, as at low load
+    shapes = [(1 + i % (4 if i % 2 else 64), 4 + (i * 37) % 60) for i in range(1500)]
+    return [(g * n, g, _two_paths(g * n, g)) for g, n in shapes]
+
+
+def test_cost_model_calibrates_a_cheaper_path_for_small_batches() -> None:
+    one, two = CostModel(CFG), CostModel(CFG, regime=(4, 256))
+    one.fit(_samples())
+    two.fit(_samples())
+    for nodes, graphs in CASES:
+        got = two.predict_ms(nodes, graphs, safe=False)
+        assert got == pytest.approx(_two_paths(nodes, graphs), rel=0.05, abs=0.02)
+    # One linear fit over both paths is off by far more for some of them.
+    worst = max(abs(one.predict_ms(n, g, safe=False) / _two_paths(n, g) - 1) for n, g in CASES)
+    assert worst > 0.3
+
+
+def test_cost_model_online_does_not_under_predict_the_compiled_path() -> None:
+    """Online updates: the first batch past the small path (5 graphs) is predicted
+    within 10 % with two fits; one fit over both paths under-predicts it by ~40 %."""
+    one, two = CostModel(CFG), CostModel(CFG, regime=(4, 256))
+    for nodes, graphs, ms in _samples():
+        one.update(nodes, graphs, ms)
+        two.update(nodes, graphs, ms)
+    truth = _two_paths(320, 5)
+    assert two.predict_ms(320, 5, safe=False) == pytest.approx(truth, rel=0.1)
+    assert one.predict_ms(320, 5, safe=False) < 0.8 * truth
+
+
 @MODES
 async def test_pessimistic_model_recovers_by_probing(mode: str) -> None:
     rec = Recorder()
