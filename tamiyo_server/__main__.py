@@ -14,7 +14,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve(parse_config(argv)))
+    try:
+        asyncio.run(serve(parse_config(argv)))
+    except OSError as exc:  # a port taken, a file missing: one line, not a traceback
+        logging.getLogger("tamiyo_server").error("cannot serve: %s", exc)
+        raise SystemExit(2) from exc
 
 
 if __name__ == "__main__":

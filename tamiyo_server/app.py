@@ -109,6 +109,8 @@ class TamiyoServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        if c.metrics_port:  # before anything slow: a taken port fails the start at once
+            self.metrics_port = self.metrics.start(c.host, c.metrics_port)
         await self.server.start()
         served = self._policy
         refused: tuple[str, str] | None = None  # a broken latest refused at startup
@@ -135,8 +137,6 @@ class TamiyoServer:
             self.watcher = CheckpointWatcher.for_server(c, holder)
             self.watcher.start()
         self.servicer.pipeline = self.pipeline
-        if c.metrics_port:
-            self.metrics_port = self.metrics.start(c.host, c.metrics_port)
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -192,7 +192,11 @@ def freeze_startup_heap() -> int:
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     server = TamiyoServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop()  # release what did start (ports, threads) before the error
+        raise
     log.info("garbage collector: %d startup objects frozen", freeze_startup_heap())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

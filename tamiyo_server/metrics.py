@@ -136,7 +136,10 @@ class ServerMetrics:
 
     def start(self, host: str, port: int) -> int:
         """Serve /metrics on ``host:port`` (0 = any free port); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics port {host}:{port}: {exc.strerror}") from exc
         self._http = server
         bound: int = server.server_port
         log.info("metrics on http://%s:%d/metrics", host, bound)

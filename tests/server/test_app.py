@@ -123,3 +123,38 @@ def test_freezing_the_startup_heap_makes_full_collections_cheap() -> None:
     frozen, ratio = out.stdout.split()
     assert int(frozen) > 10_000
     assert float(ratio) > 5.0
+
+
+async def test_a_taken_metrics_port_fails_the_start_at_once_and_names_it() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = TamiyoServer(
+            replace(ServerConfig(), host="127.0.0.1", port=0, metrics_port=port, grace_s=0.5)
+        )
+        with pytest.raises(OSError, match=f"metrics port 127.0.0.1:{port}"):
+            await srv.start()
+        assert srv.pipeline is None  # failed before loading and calibrating the policy
+        await srv.stop()
+
+
+def test_cli_reports_a_taken_port_in_one_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "tamiyo_server", "--host", "127.0.0.1", "--port", "0"]
+        run = subprocess.run(
+            [*cmd, "--metrics-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 2
+    assert f"cannot serve: [Errno 98] metrics port 127.0.0.1:{port}" in run.stderr
+    assert "Traceback" not in run.stderr
