@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from tamiyo_server.app import serve
+from tamiyo_server.app import StartupError, serve
 from tamiyo_server.cli import parse_config
 
 
@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         asyncio.run(serve(parse_config(argv)))
-    except OSError as exc:  # a port taken, a file missing: one line, not a traceback
+    except StartupError as exc:  # a port taken, a file missing: one line, not a traceback
         logging.getLogger("tamiyo_server").error("cannot serve: %s", exc)
         raise SystemExit(2) from exc
 

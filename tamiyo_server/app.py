@@ -154,7 +154,8 @@ class TamiyoServer:
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
-        if self.pipeline is not None:
+        running = self.pipeline is not None and self.pipeline.running
+        if self.pipeline is not None and running:
             self.pipeline.closing = True
             streams = list(self.servicer.streams)
             for h in streams:
@@ -167,7 +168,7 @@ class TamiyoServer:
         if self.experience is not None:  # decisions answered so far are on disk
             await asyncio.to_thread(self.experience.flush, grace)
         await self.server.stop(grace)
-        if self.pipeline is not None:
+        if self.pipeline is not None and running:  # (a start may fail before it runs)
             await self.pipeline.stop()
         if self.experience is not None:
             await asyncio.to_thread(self.experience.close)
@@ -189,13 +190,23 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+class StartupError(Exception):
+    """The server could not start (a port taken, a directory it cannot write, ...)."""
+
+
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    """Run until SIGINT/SIGTERM, then shut down gracefully. A failed start releases what
+    did start (ports, threads, files) and raises ``StartupError`` for an ``OSError``."""
     server = TamiyoServer(config)
     try:
         await server.start()
-    except BaseException:
-        await server.stop()  # release what did start (ports, threads) before the error
+    except BaseException as exc:
+        try:
+            await server.stop()
+        except Exception:  # the start's own error is the one to report
+            log.exception("cleanup after a failed start failed")
+        if isinstance(exc, OSError):
+            raise StartupError(str(exc)) from exc
         raise
     log.info("garbage collector: %d startup objects frozen", freeze_startup_heap())
     stop = asyncio.Event()

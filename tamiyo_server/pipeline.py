@@ -91,6 +91,11 @@ class DecisionPipeline:
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
 
+    @property
+    def running(self) -> bool:
+        """``start`` ran (so there is a batcher to drain and stop)."""
+        return self._lag_task is not None
+
     def start(self) -> None:
         self.batcher.start()
         self._lag_task = asyncio.get_running_loop().create_task(self._watch_lag())
@@ -174,7 +179,20 @@ class DecisionPipeline:
         rng = np.random.default_rng(0)
         # single small graphs first: the common case at low load, and what decides
         # whether a fresh session's first decision is shed (see CostModel.fit)
-        shapes = ((1, 4), (1, 16), (1, 64), (4, 16), (16, 16), (8, 64), (32, 32))
+        # (graphs, nodes each): both of the engine's paths (<= 4 graphs and 256 nodes in
+        # all: the single-graph forward on the loop), each with more shapes than the 3
+        # coefficients its fit has
+        shapes = (
+            (1, 4),
+            (1, 16),
+            (1, 64),
+            (4, 16),
+            (2, 100),
+            (1, 300),
+            (16, 16),
+            (8, 64),
+            (32, 32),
+        )
         window = self.holder.current.schema.window
         batches = [[random_snapshot(rng, n, window=window) for _ in range(b)] for b, n in shapes]
         for snaps in batches:  # first call per shape pays one-off costs; not measured

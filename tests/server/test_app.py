@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -156,5 +157,27 @@ def test_cli_reports_a_taken_port_in_one_line() -> None:
             timeout=120,
         )
     assert run.returncode == 2
-    assert f"cannot serve: [Errno 98] metrics port 127.0.0.1:{port}" in run.stderr
+    assert "cannot serve: " in run.stderr
+    assert f"metrics port 127.0.0.1:{port}" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+async def test_a_start_failing_after_the_pipeline_exists_reports_its_own_error(
+    tmp_path: Path,
+) -> None:
+    """An experience directory it cannot create fails the start after the policy is
+    loaded: the cleanup must not trip over the batcher that never started (review: it
+    waited out the grace period, then an AssertionError replaced the real error)."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    config = replace(
+        ServerConfig(),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        grace_s=30.0,
+        experience=replace(ServerConfig().experience, dir=str(afile / "sub")),
+    )
+    with pytest.raises(app_module.StartupError, match="afile") as info:
+        await asyncio.wait_for(app_module.serve(config), timeout=120)
+    assert isinstance(info.value.__cause__, OSError)
