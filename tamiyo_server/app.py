@@ -154,13 +154,14 @@ class TamiyoServer:
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
-        running = self.pipeline is not None and self.pipeline.running
-        if self.pipeline is not None and running:
-            self.pipeline.closing = True
+        # (a start may fail before the pipeline runs: nothing to drain or stop then)
+        pipeline = self.pipeline if self.pipeline is not None and self.pipeline.running else None
+        if pipeline is not None:
+            pipeline.closing = True
             streams = list(self.servicer.streams)
             for h in streams:
                 h.close("server shutting down", reconnect_after_ms=1000)
-            await self.pipeline.batcher.drain(grace)
+            await pipeline.batcher.drain(grace)
             if streams:
                 await asyncio.wait(
                     [asyncio.create_task(h.finish()) for h in streams], timeout=grace
@@ -168,8 +169,8 @@ class TamiyoServer:
         if self.experience is not None:  # decisions answered so far are on disk
             await asyncio.to_thread(self.experience.flush, grace)
         await self.server.stop(grace)
-        if self.pipeline is not None and running:  # (a start may fail before it runs)
-            await self.pipeline.stop()
+        if pipeline is not None:
+            await pipeline.stop()
         if self.experience is not None:
             await asyncio.to_thread(self.experience.close)
         self.metrics.stop()

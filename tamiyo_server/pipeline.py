@@ -21,10 +21,9 @@ import numpy as np
 import numpy.typing as npt
 
 from tamiyo.config import RuleConfig, ServerConfig
-from tamiyo.policy.engine import SINGLE_GRAPH_MAX_BATCH, PolicyOutput
+from tamiyo.policy.engine import PolicyOutput
 from tamiyo.policy.features import GraphTensors, featurize, featurize_many
 from tamiyo.policy.rules import DecisionRules, RuleDecision, RuleState
-from tamiyo.policy.single_graph import MAX_NODES as SINGLE_GRAPH_MAX_NODES
 from tamiyo.policy.snapshot import GraphSnapshot, snapshot_from_state
 from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import decision_pb2
@@ -72,13 +71,13 @@ class DecisionPipeline:
             run_on = "thread" if holder.current.engine.device.type == "cuda" else "loop"
         # On the loop, small batches take the engine's cheaper single-graph forward
         # (see _run_batch): the cost model fits that path and the compiled one apart.
-        small = run_on == "loop" and holder.current.engine.single_graph
+        small = holder.current.engine.small_batch_limits if run_on == "loop" else None
         self.batcher: Batcher[GraphSnapshot, Evaluated] = Batcher(
             self._run_batch,
             replace(config.batch, run_on=run_on),
             metrics,
             prepare_shed=featurize_many,
-            cost_regime=(SINGLE_GRAPH_MAX_BATCH, SINGLE_GRAPH_MAX_NODES) if small else None,
+            cost_regime=small,
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
@@ -177,11 +176,10 @@ class DecisionPipeline:
         the first real deadlines are judged by this machine's speed, not by the prior
         (run before serving, off the event loop)."""
         rng = np.random.default_rng(0)
-        # single small graphs first: the common case at low load, and what decides
-        # whether a fresh session's first decision is shed (see CostModel.fit)
-        # (graphs, nodes each): both of the engine's paths (<= 4 graphs and 256 nodes in
-        # all: the single-graph forward on the loop), each with more shapes than the 3
-        # coefficients its fit has
+        # (graphs, nodes each). Single small graphs first: the common case at low load,
+        # and what decides whether a fresh session's first decision is shed (see
+        # CostModel.fit). Both of the engine's paths (small_batch_limits), each with more
+        # shapes than the 3 coefficients its fit has.
         shapes = (
             (1, 4),
             (1, 16),

@@ -69,9 +69,8 @@ all, may run as single-graph forwards, one per graph (``infer(..., single_graph=
 each costs ~0.15 ms + ~3 µs/node against ~0.9 ms + ~2.5 µs/node for collate + one
 compiled forward, so for a few small graphs the loop is cheaper (measured, graphs of
 4-64 nodes: 2 graphs 0.64-0.77 vs 1.24-1.44 ms, 4 graphs 0.74-0.89 vs 1.01-1.25 ms, 6
-graphs about even), and near the node bound both cost about the same, so a batch's cost
-has no big jump where the path changes (the batcher's cost model is one linear fit).
-Small batches are what a server sees whenever it is not busy."""
+graphs about even). Small batches are what a server sees whenever it is not busy. The
+batcher's cost model fits the two paths apart (``small_batch_limits``)."""
 
 SELF_CHECK_SIZES = (1, 6, 23)
 """Graph sizes of the sample batch on which a compiled module must match the eager one."""
@@ -364,6 +363,12 @@ class InferenceEngine:
         """Whether the engine holds the numpy single-graph forward (see ``infer``)."""
         return self._single is not None
 
+    @property
+    def small_batch_limits(self) -> tuple[int, int] | None:
+        """(graphs, nodes in all) up to which ``infer(..., single_graph=True)`` takes the
+        single-graph forward; None when the engine has none."""
+        return (SINGLE_GRAPH_MAX_BATCH, SINGLE_GRAPH_MAX_NODES) if self.single_graph else None
+
     def _enable_single_graph(self) -> None:
         """Use the single-graph forward if it matches this engine's forward on the sample
         graphs (checked once per ``PolicyConfig``, like the compiled module: a wrong
@@ -443,7 +448,7 @@ class InferenceEngine:
         if not graphs:
             raise ValueError("collate: empty batch")
         single = self._single if single_graph else None
-        if (
+        if (  # the rule small_batch_limits reports
             single is not None
             and len(graphs) <= SINGLE_GRAPH_MAX_BATCH
             and sum(map(_NUM_NODES, graphs)) <= SINGLE_GRAPH_MAX_NODES

@@ -42,8 +42,9 @@ from tamiyo.policy.model import TIE_TOL, TamiyoPolicy
 F32 = npt.NDArray[np.float32]
 
 MAX_NODES = 256
-"""Largest graph run here (nodes). Measured: 256 nodes 0.75-1.05 ms here vs 1.05-1.45 ms compiled,
-384 nodes about even; past that the dense Â's N² terms lose to the sparse forward."""
+"""Largest graph run here (nodes); the engine also bounds a small batch's nodes in all by
+it. Measured: 256 nodes 0.75-1.05 ms here vs 1.05-1.45 ms compiled, 384 nodes about
+even; past that the dense Â's N² terms lose to the sparse forward."""
 
 NO_VALID_PAIR = -1e30
 """The compiled forward's per-graph max when no (node, kernel) pair is valid (not -inf,
