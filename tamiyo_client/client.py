@@ -424,15 +424,19 @@ class TamiyoClient:
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up
                         self._sent_at.pop(next(iter(self._sent_at)))
                 self._in_flight = 1
+                # Counted before the write, like _sent_at: the reader can deliver the
+                # answer before this task resumes, and a caller holding a decision must
+                # not see its frame uncounted (a test saw 3 decisions, 2 frames sent).
+                self.stats.frames_sent += 1
                 try:
                     await call.write(pb.StreamTelemetryRequest(frame=msg))
                 except BaseException:
+                    self.stats.frames_sent -= 1  # not sent: it goes back in the queue
                     self._sent_at.pop(frame.request_id, None)
                     self._frames.push_front([frame])
                     raise
                 finally:
                     self._in_flight = 0
-                self.stats.frames_sent += 1
             self._drained.set()
 
     async def _reader(self, call: Call, connection: int) -> None:

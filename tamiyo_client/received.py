@@ -34,7 +34,7 @@ class ClientStats:
     """Counters since the client started (read them from any thread)."""
 
     frames_submitted: int = 0
-    frames_sent: int = 0
+    frames_sent: int = 0  # written to the stream (counted as the write starts, undone if it fails)
     decisions: int = 0
     decisions_dropped: int = 0  # consumer too slow; oldest dropped
     outcomes_sent: int = 0
