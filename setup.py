@@ -1,0 +1,29 @@
+"""Build of the one native module, ``tamiyo.policy._fused`` (the fused CPU forward).
+
+Everything else about the package is in pyproject.toml. The module is compiled for the
+machine that installs it (``-march=native``: AVX-512 or AVX2 where present), which is
+right for ``make setup`` and CI; an image built on one machine and run on others sets
+``TAMIYO_MARCH`` (e.g. ``x86-64-v3``) or ``TAMIYO_MARCH=none`` for the compiler's default.
+Without a C compiler the package still installs and serves: the engine falls back to the
+compiled TorchScript forward (``tamiyo/policy/fused.py``).
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+march = os.environ.get("TAMIYO_MARCH", "native")
+flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+if march != "none":
+    flags.append(f"-march={march}")
+
+setup(
+    ext_modules=[
+        Extension(
+            "tamiyo.policy._fused",
+            sources=["tamiyo/policy/_fused.c"],
+            extra_compile_args=flags,
+            optional=True,  # no compiler: install anyway, serve with TorchScript
+        )
+    ]
+)

@@ -1,0 +1,162 @@
+"""The serving forward as one native call per batch, fused per graph (CPU).
+
+Why: the compiled TorchScript forward is ~80 library ops, each a pass over the whole
+batch's activations in memory plus ~5-10 µs of dispatch. At the model's shapes that
+costs 2.5-6x the matrix products alone, and for one small graph it is all fixed cost
+(``bench/inference.py``). Graphs in a batch are independent, so ``_fused.c`` runs the
+whole network for one graph at a time while its activations stay in cache: every layer
+is one register-blocked product with bias, ReLU, the Â aggregation and the residual
+applied in the same pass, followed by the per-graph softmax, best action and heads of
+``engine.ServingForward``. No collation into a block-diagonal batch, and the GIL is
+released once per batch.
+
+It is the same network: the weights are packed from the engine's ``TamiyoPolicy`` at
+construction (transposed, each output width padded to 16 floats with zeros); the
+arithmetic mirrors ``TamiyoPolicy.forward_tensors`` + ``ServingForward`` (float32, FMA
+rounding, no fast-math: a NaN stays a NaN). The engine checks it against its compiled
+forward once per ``PolicyConfig`` before using it, and ``tests/policy/test_fused.py``
+compares the two on random graphs and weights (hypothesis).
+
+The C module is built by ``pip install`` (``setup.py``); where it was not (no compiler),
+``available()`` is False and the engine runs the compiled forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import attrgetter
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from tamiyo.policy.features import GraphTensors
+from tamiyo.policy.model import TIE_TOL, TamiyoPolicy
+
+try:
+    from tamiyo.policy import _fused  # type: ignore[attr-defined]
+except ImportError:  # not built (no C compiler at install time)
+    _fused = None
+
+F32 = npt.NDArray[np.float32]
+LANES = 16
+"""Floats per vector in ``_fused.c``: every layer's output width is padded to a multiple."""
+
+_X, _KX, _ADJ, _TARGET = (attrgetter(a) for a in ("x", "kernel_x", "adj", "target_mask"))
+_CROW, _COL, _VAL = (attrgetter(a) for a in ("crow", "col", "val"))
+
+Columns = tuple[
+    list[F32], list[F32], list[float], list[float], list[int], list[int], list[float], list[float]
+]
+
+
+def available() -> bool:
+    """Whether the native module was built for this interpreter."""
+    return _fused is not None
+
+
+def _linears(model: TamiyoPolicy) -> list[nn.Module]:
+    """Every affine layer, in the order ``_fused.c`` reads them."""
+    return [
+        model.encoder[0],
+        model.encoder[2],
+        *model.convs,
+        model.node_head,
+        model.kernel_encoder[0],
+        model.kernel_encoder[2],
+        model.graph_head[0],
+        model.graph_head[2],
+    ]
+
+
+def pack(model: TamiyoPolicy) -> tuple[F32, npt.NDArray[np.int64]]:
+    """(params float32 [*], layout int64 [L + 7, 5]): per affine layer Wᵀ [in, out_pad]
+    then bias [out_pad] (out_pad = out rounded up to ``LANES``, zeros in the padding),
+    and its row (in, out, out_pad, weight offset, bias offset) in floats."""
+    pieces: list[F32] = []
+    rows: list[tuple[int, int, int, int, int]] = []
+    offset = 0
+    with torch.no_grad():
+        for layer in _linears(model):
+            weight, bias = layer.weight, layer.bias
+            if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+                raise TypeError(f"{type(layer).__name__}: no weight and bias tensors")
+            w = weight.detach().cpu().to(torch.float32).numpy()
+            out, inp = w.shape
+            pad = -(-out // LANES) * LANES
+            wt = np.zeros((inp, pad), np.float32)
+            wt[:, :out] = w.T
+            b = np.zeros(pad, np.float32)
+            b[:out] = bias.detach().cpu().to(torch.float32).numpy()
+            rows.append((inp, out, pad, offset, offset + inp * pad))
+            pieces += [wt.ravel(), b]
+            offset += inp * pad + pad
+    return np.concatenate(pieces), np.asarray(rows, np.int64)
+
+
+class FusedForward:
+    """``ServingForward`` for a list of graphs as one native call.
+
+    ``__call__(graphs)`` → the columns of ``engine.PolicyOutput`` (lists of length B, in
+    its field order): ``target_probs`` float32 [N_g], ``pair_logp`` float32 [N_g, K_g],
+    ``noop_logp``, ``adapt_prob``, ``best_node`` (-1 = none), ``best_kernel`` (-1 = none),
+    ``urgency``, ``value``. The arrays are views of one output buffer per call.
+    The weights are copied at construction (~0.1 ms), so the instance never sees later
+    changes to the model.
+    """
+
+    def __init__(self, model: TamiyoPolicy) -> None:
+        if _fused is None:
+            raise RuntimeError("tamiyo.policy._fused is not built (no C compiler at install)")
+        c = model.config
+        self._params, self._layout = pack(model)
+        self._dims = (
+            c.node_features,
+            c.hidden,
+            c.gcn_layers,
+            c.kernel_hidden,
+            c.head_hidden,
+            c.kernel_features,
+        )
+        self._scale = float(model.scale)
+
+    def __call__(self, graphs: Sequence[GraphTensors]) -> Columns:
+        if not graphs:
+            raise ValueError("fused forward: empty batch")
+        adjs = list(map(_ADJ, graphs))
+        pair_b, tp_b, per_b, shape_b = _fused.forward(
+            self._params,
+            self._layout,
+            self._dims,
+            self._scale,
+            TIE_TOL,
+            list(map(_X, graphs)),
+            list(map(_CROW, adjs)),
+            list(map(_COL, adjs)),
+            list(map(_VAL, adjs)),
+            list(map(_KX, graphs)),
+            list(map(_TARGET, graphs)),
+        )
+        shape = np.frombuffer(shape_b, np.int64).reshape(-1, 3)  # n, nnz, k per graph
+        n, k = shape[:, 0], shape[:, 2]
+        ends = np.cumsum(n).tolist()
+        pair_ends = np.cumsum(n * k).tolist()
+        tp = np.frombuffer(tp_b, np.float32)
+        pair = np.frombuffer(pair_b, np.float32)
+        tps = [tp[a:e] for a, e in zip([0, *ends[:-1]], ends, strict=True)]
+        shapes = zip(n.tolist(), k.tolist(), strict=True)
+        pls = [
+            pair[a:e].reshape(s)
+            for a, e, s in zip([0, *pair_ends[:-1]], pair_ends, shapes, strict=True)
+        ]
+        per = np.frombuffer(per_b, np.float64).reshape(-1, 6).T
+        return (
+            tps,
+            pls,
+            per[0].tolist(),
+            per[1].tolist(),
+            per[2].astype(np.int64).tolist(),
+            per[3].astype(np.int64).tolist(),
+            per[4].tolist(),
+            per[5].tolist(),
+        )
