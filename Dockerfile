@@ -14,13 +14,20 @@ WORKDIR /app
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-COPY pyproject.toml README.md ./
+# The native forward (tamiyo/policy/_fused.c) is compiled at install for TAMIYO_MARCH
+# (x86-64-v3 = AVX2 + FMA, so the image runs on any recent x86 host; "native" for the
+# build machine's own CPU); the compiler is removed again after.
+ARG TAMIYO_MARCH=x86-64-v3
+COPY pyproject.toml setup.py README.md ./
 COPY tamiyo ./tamiyo
 COPY tamiyo_server ./tamiyo_server
 COPY tamiyo_client ./tamiyo_client
 COPY trainer ./trainer
 COPY checkpoints ./checkpoints
-RUN pip install .
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && TAMIYO_MARCH="${TAMIYO_MARCH}" pip install . \
+    && python -c "from tamiyo.policy import fused; assert fused.available()" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 tamiyo
 USER tamiyo

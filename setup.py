@@ -9,10 +9,13 @@ compiled TorchScript forward (``tamiyo/policy/fused.py``).
 """
 
 import os
+import platform
 
 from setuptools import Extension, setup
 
 march = os.environ.get("TAMIYO_MARCH", "native")
+if march not in ("native", "none") and platform.machine().lower() not in ("x86_64", "amd64"):
+    march = "native"  # an x86 level named for an image built on another architecture
 flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
 if march != "none":
     flags.append(f"-march={march}")

@@ -5,9 +5,9 @@ For graphs of 10, 50 and 200 nodes at batch 1, 8, 64 and 256, one run measures:
 * ``us_per_graph`` — ``InferenceEngine.infer(graphs)`` (collate + one inference-mode
   forward + per-graph softmax/argmax + split into ``PolicyOutput``s) ÷ batch size, from
   already featurized graphs (featurizing is reported apart: ``featurize_us_per_graph``).
-  Called as the server's event loop calls it (``single_graph=True``): batch 1 rows take
-  the numpy single-graph forward (``single_graph``: true in the row) and
-  ``batched_us_per_graph`` is the compiled forward on the same graphs, for comparison.
+  On CPU that is the native fused forward (``fused.py``; ``native``: true in the row),
+  as the server runs it; ``compiled_us_per_graph`` is the same engine's compiled
+  TorchScript forward (collate + one forward) on the same graphs, for comparison.
 * ``seed_us_per_graph`` — the seed's reference network (``bench.seed_reference``) run the
   seed's way: ``torch_geometric.data.Batch.from_data_list`` + one forward per call, with the
   same node-feature width, hidden width and GCN depth as Tamiyo's policy (so the ratio
@@ -23,14 +23,13 @@ time = our compute), median over interleaved repeats (ours, seed, sgemm, repeat)
 wall-clock medians are kept in the JSON (``wall_us_per_graph``, ``seed_wall_us_per_graph``).
 
 Before/after in the same run: ``eager_us_per_graph`` is the same engine with
-``compile=False`` (the network run op by op from Python, as before the TorchScript path).
+``compile=False, native=False`` (the network run op by op from Python).
 
 Serving batches (``bench-results/inference-serving.json``): for loadgen-like batches of
 1, 16 and 64 graphs of 4-64 nodes, a batch's whole cost (``featurize_many`` +
 ``InferenceEngine.infer``) compiled vs eager, and batches/s with and without a concurrent
 GIL-holding Python thread (a spinner, standing in for a busy event loop, which is what an
-inference thread faces: ``--run-batches-on thread``, the default on CUDA; so these
-rates run without the single-graph forward, as such a server does):
+inference thread faces: ``--run-batches-on thread``, the default on CUDA):
 ``*_spin_ratio`` = rate under the spinner ÷ quiet rate, wall clock. Engine
 construction (script/copy + freeze + self-check) is timed too, cold (first engine of the
 process: scripting) and warm (later engines, e.g. a hot reload), with the longest time a
@@ -63,15 +62,9 @@ from bench import BenchOptions
 from bench.report import Row, environment, print_table, write_json
 from bench.seed_reference import SeedPolicyConfig, SeedTamiyoPolicyGNN
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import (
-    SINGLE_GRAPH_MAX_BATCH,
-    InferenceEngine,
-    configure_allocator,
-    configure_threads,
-)
+from tamiyo.policy.engine import InferenceEngine, configure_allocator, configure_threads
 from tamiyo.policy.features import GraphSnapshot, GraphTensors, featurize_many
 from tamiyo.policy.model import PolicyConfig
-from tamiyo.policy.single_graph import MAX_NODES as SINGLE_GRAPH_MAX_NODES
 from tamiyo.policy.synthetic import random_snapshot
 
 PART = "inference"
@@ -151,8 +144,10 @@ def run(opts: BenchOptions) -> None:
     policy = builtin_policy()
     engine = InferenceEngine(policy.model, "cpu", version=policy.version)
     engine.warmup()
+    compiled = InferenceEngine(policy.model, "cpu", version=policy.version, native=False)
+    compiled.warmup()
     eager = InferenceEngine(
-        builtin_policy().model, "cpu", version=policy.version, compile=False, single_graph=False
+        builtin_policy().model, "cpu", version=policy.version, compile=False, native=False
     )
     eager.warmup()
     cfg = policy.config
@@ -179,19 +174,17 @@ def run(opts: BenchOptions) -> None:
                 seed_model(pb.x, pb.edge_index, pb.batch)
 
         def ours(graphs: list[GraphTensors] = graphs) -> None:
-            engine.infer(graphs, single_graph=True)  # as the server's event loop
+            engine.infer(graphs)  # as the server runs it
 
         def eager_call(graphs: list[GraphTensors] = graphs) -> None:
             eager.infer(graphs)
 
-        def batched_call(graphs: list[GraphTensors] = graphs) -> None:
-            engine.infer(graphs)  # the compiled forward, whatever the batch
-
-        single = b <= SINGLE_GRAPH_MAX_BATCH and n <= SINGLE_GRAPH_MAX_NODES
+        def compiled_call(graphs: list[GraphTensors] = graphs) -> None:
+            compiled.infer(graphs)
 
         ours_t: list[tuple[float, float]] = []
         eager_t: list[float] = []
-        batched_t: list[float] = []
+        compiled_t: list[float] = []
         seed_t: list[tuple[float, float]] = []
         gemm: list[float] = []
         feat: list[float] = []
@@ -200,8 +193,7 @@ def run(opts: BenchOptions) -> None:
         for _ in range(repeats):
             ours_t.append(_per_call(ours, min_time))
             eager_t.append(_per_call(eager_call, min_time)[1])
-            if single:
-                batched_t.append(_per_call(batched_call, min_time)[1])
+            compiled_t.append(_per_call(compiled_call, min_time)[1])
             seed_t.append(_per_call(seed_call, min_time))
             gemm.append(_sgemm_flops_per_s(min_time / 2))
             feat.append(_per_call(partial(featurize_many, snaps), min_time / 2)[1])
@@ -212,7 +204,7 @@ def run(opts: BenchOptions) -> None:
         us = statistics.median(c for _, c in ours_t) / b * 1e6
         seed_us = statistics.median(c for _, c in seed_t) / b * 1e6
         eager_us = statistics.median(eager_t) / b * 1e6
-        batched_us = statistics.median(batched_t) / b * 1e6 if single else us
+        compiled_us = statistics.median(compiled_t) / b * 1e6
         floor_us = flops / rate * 1e6
         dense_us = statistics.median(dense) / b * 1e6
         rows.append(
@@ -223,9 +215,10 @@ def run(opts: BenchOptions) -> None:
                 "us_per_graph": us,
                 "graphs_per_s": 1e6 / us,
                 "engine_mode": engine.mode,
-                "single_graph": single,
-                # collate + one compiled forward (= us_per_graph unless single_graph)
-                "batched_us_per_graph": batched_us,
+                "native": engine.native,
+                # collate + one compiled TorchScript forward (the fallback, CUDA's path)
+                "compiled_us_per_graph": compiled_us,
+                "x_vs_compiled": compiled_us / us,
                 "eager_us_per_graph": eager_us,
                 "x_vs_eager": eager_us / us,
                 "seed_us_per_graph": seed_us,
@@ -259,7 +252,8 @@ def run(opts: BenchOptions) -> None:
             ("us_per_graph", "ours µs"),
             ("eager_us_per_graph", "eager µs"),
             ("x_vs_eager", "eager/ours"),
-            ("batched_us_per_graph", "one forward µs"),
+            ("compiled_us_per_graph", "compiled µs"),
+            ("x_vs_compiled", "compiled/ours"),
             ("graphs_per_s", "ours graphs/s"),
             ("seed_us_per_graph", "seed µs"),
             ("floor_us_per_graph", "floor µs"),
@@ -396,12 +390,9 @@ def _serving_batches(
         for _ in range(repeats):  # interleaved so drift in load hits both paths alike
             cpu["feat"].append(_per_call(partial(featurize_many, snaps), min_cpu)[1])
             for name, eng in engines.items():
-                cpu[name].append(
-                    _per_call(partial(eng.infer, graphs, single_graph=True), min_cpu)[1]
-                )
-                # As an inference thread runs it (no single-graph forward, see infer).
+                cpu[name].append(_per_call(partial(eng.infer, graphs), min_cpu)[1])
                 calls: dict[str, Callable[[], Any]] = {
-                    "infer": partial(eng.infer, graphs, single_graph=False),
+                    "infer": partial(eng.infer, graphs),
                     "batch": partial(_batch, eng, snaps),
                 }
                 for what, fn in calls.items():
@@ -445,14 +436,14 @@ def _serving_batches(
         )
     tuned = configure_allocator()
     for row, (_, graphs) in zip(rows, cases, strict=True):
-        tuned_call = partial(engine.infer, graphs, single_graph=True)
+        tuned_call = partial(engine.infer, graphs)
         t = [_per_call(tuned_call, min_cpu)[1] for _ in range(repeats)]
         row["allocator_tuned"] = tuned
         row["infer_tuned_alloc_ms"] = statistics.median(t) * 1e3
     print_table(
         "serving batches (graphs of 4-64 nodes): CPU ms per batch, and calls/s under a "
-        "GIL-holding spinner thread ÷ quiet (ours = TorchScript engine, eager = same "
-        "engine op by op)",
+        "GIL-holding spinner thread ÷ quiet (ours = the engine as served, eager = the "
+        "network op by op)",
         rows,
         [
             ("graphs", "graphs"),
@@ -476,7 +467,7 @@ def _serving_batches(
 
 def _batch(eng: InferenceEngine, snaps: list[GraphSnapshot]) -> None:
     """What the server's inference thread does per batch."""
-    eng.infer(featurize_many(snaps), single_graph=False)
+    eng.infer(featurize_many(snaps))
 
 
 def _construction(opts: BenchOptions) -> list[Row]:

@@ -87,13 +87,7 @@ Coefs = tuple[float, float, float]  # a (ms), b (ms per 1000 nodes), c (ms per 1
 
 
 class CostModel:
-    """Predicts a batch's inference time in ms as ``a + b·nodes/1000 + c·graphs/100``,
-    with one set of coefficients per path of the runner: batches within ``regime`` =
-    (graphs, nodes) take a cheaper path (the engine's single-graph forward on the event
-    loop: ~0.15 ms per graph against ~0.9 ms fixed for the compiled forward), the rest the
-    compiled one. Why two fits: one over both paths under-predicted the first compiled
-    batches by ~2x (found in review: 5 graphs of 64 nodes, 1.9 ms predicted, 3.4
-    measured). ``regime`` None: one path.
+    """Predicts a batch's inference time in ms as ``a + b·nodes/1000 + c·graphs/100``.
 
     Fitted online by normalised LMS (``θ += μ·r·x/|x|²``, μ = 1 - ``cost_forgetting``
     scaled up), so it follows the machine's current speed (thermal, noisy neighbours).
@@ -105,21 +99,15 @@ class CostModel:
     tuple that is swapped atomically.
     """
 
-    def __init__(self, config: BatchConfig, regime: tuple[int, int] | None = None) -> None:
+    def __init__(self, config: BatchConfig) -> None:
         self._mu = min(0.9, 15.0 * (1.0 - config.cost_forgetting))
-        self._regime = regime
-        prior = [config.prior_batch_ms, config.prior_node_us, 0.0]
-        self._theta = np.array([prior, prior])  # [path, coefficient]
+        self._theta = np.array([config.prior_batch_ms, config.prior_node_us, 0.0])
         self._rel = 0.0
         self._publish()
 
     def _publish(self) -> None:
-        small, big = ((float(a), float(b), float(c)) for a, b, c in self._theta)
-        self._coef: tuple[Coefs, Coefs, float] = (small, big, self._rel)
-
-    def _path(self, nodes: int, graphs: int) -> int:
-        r = self._regime
-        return 0 if r is None or (graphs <= r[0] and nodes <= r[1]) else 1
+        a, b, c = (float(v) for v in self._theta)
+        self._coef: tuple[Coefs, float] = ((a, b, c), self._rel)
 
     @staticmethod
     def _x(nodes: int, graphs: int) -> np.ndarray:
@@ -134,14 +122,12 @@ class CostModel:
         """Predicted ms; ``safe`` inflates by the error margin (closing a batch), while
         ``safe=False`` is the plain fit (deciding that a job cannot make it at all: an
         inflated guess there sheds work that would have made its deadline)."""
-        small, big, rel = self._coef
-        a, b, c = big if self._path(nodes, graphs) else small
+        (a, b, c), rel = self._coef
         fit = max(0.05, a + b * nodes / 1000.0 + c * graphs / 100.0)
         return fit * (1.0 + 2.0 * rel) if safe else fit
 
     def fit(self, samples: Sequence[tuple[int, int, float]]) -> None:
-        """Least-squares fit to measured ``(nodes, graphs, ms)`` batches (calibration),
-        per path (a path without samples takes the other's fit).
+        """Least-squares fit to measured ``(nodes, graphs, ms)`` batches (calibration).
 
         Why not a few ``update`` steps: normalised LMS from the prior needs far more
         than a calibration's handful of batches, and meanwhile the intercept absorbs the
@@ -152,33 +138,23 @@ class CostModel:
         """
         if not samples:
             return
-        paths = np.array([self._path(n, g) for n, g, _ in samples])
         x = np.array([self._x(n, g) for n, g, _ in samples])
         y = np.array([ms for _, _, ms in samples], np.float64)
-        theta = self._theta.copy()
-        for p in (0, 1):
-            if (paths == p).any():
-                theta[p] = _nonnegative_fit(x[paths == p], y[paths == p])
-        for p in (0, 1):
-            if not (paths == p).any():
-                theta[p] = theta[1 - p]
-        fit = np.maximum((x * theta[paths]).sum(axis=1), 0.05)
+        theta = _nonnegative_fit(x, y)
+        fit = np.maximum(x @ theta, 0.05)
         self._theta = theta
         rel = float(np.median(np.abs(y - fit) / np.maximum(y, fit)))
-        # A few batches per path leave few residuals (3 shapes fit 3 coefficients
-        # exactly): they say nothing about this machine's noise, so keep a margin.
+        # A few batches leave few residuals (3 shapes fit 3 coefficients exactly): they
+        # say nothing about this machine's noise, so keep a margin.
         self._rel = min(max(rel, MIN_CALIBRATED_REL), 1.0)
         self._publish()
 
     def update(self, nodes: int, graphs: int, measured_ms: float) -> None:
-        p = self._path(nodes, graphs)
         x = self._x(nodes, graphs)
-        fit = max(float(x @ self._theta[p]), 0.05)
+        fit = max(float(x @ self._theta), 0.05)
         raw = measured_ms - fit
         err = min(raw, 2.0 * fit)
-        theta = self._theta.copy()
-        theta[p] += self._mu * err * x / float(x @ x)
-        self._theta = theta
+        self._theta = self._theta + self._mu * err * x / float(x @ x)
         self._rel = 0.9 * self._rel + 0.1 * min(abs(raw) / max(measured_ms, fit), 1.0)
         self._publish()
 
@@ -236,12 +212,11 @@ class Batcher(Generic[P, R]):
         metrics: ServerMetrics | None = None,
         name: str = "tamiyo-inference",
         prepare_shed: Callable[[Sequence[P]], Sequence[object]] | None = None,
-        cost_regime: tuple[int, int] | None = None,
     ) -> None:
         self._runner = runner
         self._prepare_shed = prepare_shed
         self.config = config
-        self.cost = CostModel(config, cost_regime)
+        self.cost = CostModel(config)
         self._m = metrics
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, Job[P, R]]] = []

@@ -69,15 +69,11 @@ class DecisionPipeline:
         run_on = config.batch.run_on
         if run_on == "auto":
             run_on = "thread" if holder.current.engine.device.type == "cuda" else "loop"
-        # On the loop, small batches take the engine's cheaper single-graph forward
-        # (see _run_batch): the cost model fits that path and the compiled one apart.
-        small = holder.current.engine.small_batch_limits if run_on == "loop" else None
         self.batcher: Batcher[GraphSnapshot, Evaluated] = Batcher(
             self._run_batch,
             replace(config.batch, run_on=run_on),
             metrics,
             prepare_shed=featurize_many,
-            cost_regime=small,
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
@@ -178,8 +174,8 @@ class DecisionPipeline:
         rng = np.random.default_rng(0)
         # (graphs, nodes each). Single small graphs first: the common case at low load,
         # and what decides whether a fresh session's first decision is shed (see
-        # CostModel.fit). Both of the engine's paths (small_batch_limits), each with more
-        # shapes than the 3 coefficients its fit has.
+        # CostModel.fit); then batches up to a few thousand nodes, three times as many
+        # shapes as the fit has coefficients.
         shapes = (
             (1, 4),
             (1, 16),
@@ -215,8 +211,7 @@ class DecisionPipeline:
         hot swap never splits a batch."""
         served = self.holder.current
         graphs = featurize_many(snaps)
-        # The single-graph forward is for batches on the loop (see InferenceEngine.infer).
-        outs = served.engine.infer(graphs, single_graph=self.batcher.on_loop)
+        outs = served.engine.infer(graphs)
         return [Evaluated(g, o, served) for g, o in zip(graphs, outs, strict=True)]
 
     # ------------------------------------------------------------------ event loop

@@ -15,24 +15,25 @@
  * No -ffast-math: NaN and inf propagate as in torch (a NaN logit must not become a
  * decision).
  *
- * Entry point: forward(params, layout, dims, scale, tie_tol, x, crow_tail, col, val,
- *                      n_counts, nnz_counts, kernel_x, k_counts, target,
- *                      out_pair, out_tp, out_per) -> None
- * Shapes (B graphs, N = sum n_counts nodes, E = sum nnz_counts entries of A-hat,
- * KT = sum k_counts kernels, P = sum n_g * k_g pairs):
+ * Entry point: forward(params, layout, dims, scale, tie_tol,
+ *                      xs, crows, cols, vals, kernel_xs, targets) -> (pair, tp, per, shape)
  *   params   float32 [*]  packed weights (fused.py: each Linear as W^T [in, out_pad] then
  *                         bias [out_pad], out_pad a multiple of 16, padding zero)
  *   layout   int64 [L + 7, 5]  per Linear: in, out, out_pad, w_offset, b_offset (floats)
  *   dims     (F, H, L, Hk, HH, Fk)  node features, hidden, GCN layers, kernel hidden,
  *                         graph-head hidden, kernel features
- *   x float32 [N, F]; crow_tail int64 [N] (each graph's local CSR row ends); col int64
- *   [E] (local column); val float32 [E]; n_counts / nnz_counts / k_counts int64 [B];
- *   kernel_x float32 [KT, Fk]; target uint8 [N] (1 = layer may be adapted)
- *   out_pair float32 [P]  log P(adapt(i, j)), graph g's [n_g, k_g] block after the
- *                         blocks of graphs < g (-inf for invalid pairs)
- *   out_tp   float32 [N]  P(layer | adapt)
- *   out_per  float64 [B, 6]  no-op log-prob, adapt probability, best node (-1 none),
- *                         best kernel (-1 none), urgency, value
+ *   six lists with one array per graph g (the GraphTensors' own arrays, no copy):
+ *     x float32 [n_g, F]; crow int64 [n_g + 1] and col int64 [nnz_g] (A-hat in CSR, local
+ *     indices); val float32 [nnz_g]; kernel_x float32 [k_g, Fk]; target bool [n_g]
+ *   returns four bytearrays (fused.py views them as numpy arrays):
+ *     pair  float32 [sum n_g k_g]  log P(adapt(i, j)), graph g's [n_g, k_g] block after
+ *                         those of graphs < g (-inf for invalid pairs)
+ *     tp    float32 [sum n_g]  P(layer | adapt)
+ *     per   float64 [B, 6]  no-op log-prob, adapt probability, best node (-1 none), best
+ *                         kernel (-1 none), urgency, value
+ *     shape int64 [B, 3]  n_g, nnz_g, k_g
+ * Every array's type, size and every CSR index is checked before any is read (ValueError
+ * naming the graph and field).
  * The GIL is released while the graphs are computed.
  */
 #define PY_SSIZE_T_CLEAN
@@ -401,12 +402,12 @@ static int graph_shape(const Py_buffer *v, Py_ssize_t g, int F, int Fk, int64_t 
                          g, (long long)col[e]);
             return 0;
         }
-    if (v[GX].len != rows * F * 4 || v[GTGT].len != rows) {
+    if (v[GX].ndim != 2 || v[GX].len != rows * F * 4 || v[GTGT].len != rows) {
         PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: x / target_mask are not [%zd, %d] "
                      "/ [%zd]", g, rows, F, rows);
         return 0;
     }
-    if (v[GKX].len % (Fk * 4)) {
+    if (v[GKX].ndim != 2 || v[GKX].shape[1] != Fk) {
         PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: kernel_x is not [K, %d]", g, Fk);
         return 0;
     }

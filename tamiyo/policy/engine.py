@@ -10,11 +10,18 @@ there is one definition of the network). The GIL is released once per forward an
 dispatch is cheaper. If scripting fails, or the compiled module disagrees with the
 eager one on a sample batch, the engine logs a warning and runs eagerly (``.mode``).
 
-One code path for CPU and CUDA: the batch is collated on the host (flat layout, see
-``batch.py``); on CUDA it is copied from page-locked memory with ``non_blocking=True``.
-Results come back in three host copies (``pair_logp``, ``target_probs`` and a [6, B]
-block of per-graph scalars) and are split into per-graph numpy views by slicing
-(O(1) Python per graph).
+On CPU the engine serves with the native fused forward instead (``fused.py``: the same
+weights and arithmetic, one C call per batch, each graph's activations kept in cache;
+3-4x cheaper per graph at batch 64 and 10-20x for a lone graph). It is checked against
+the compiled module once per ``PolicyConfig`` and used for every batch when it matches;
+the compiled module remains the CUDA path, the fallback where the C module was not
+built, and what ``forward_batch`` (the trainer's evaluation) runs.
+
+One code path for CPU and CUDA through the compiled module: the batch is collated on the
+host (flat layout, see ``batch.py``); on CUDA it is copied from page-locked memory with
+``non_blocking=True``. Results come back in three host copies (``pair_logp``,
+``target_probs`` and a [6, B] block of per-graph scalars) and are split into per-graph
+numpy views by slicing (O(1) Python per graph).
 
 Threads: use 1 intra-op thread (``configure_threads(1)``; the server's
 ``ServerConfig.torch_threads`` default). On a 2-core box the inference thread and the
@@ -43,11 +50,10 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from tamiyo.policy import fused
 from tamiyo.policy.batch import Batch, collate
 from tamiyo.policy.features import GraphTensors
 from tamiyo.policy.model import TIE_TOL, PolicyConfig, TamiyoPolicy
-from tamiyo.policy.single_graph import MAX_NODES as SINGLE_GRAPH_MAX_NODES
-from tamiyo.policy.single_graph import SingleGraphForward
 from tamiyo.policy.synthetic import random_graphs
 
 log = logging.getLogger(__name__)
@@ -62,15 +68,6 @@ warnings.filterwarnings(
 FORWARD_NODE_BUDGET = 4096
 """Nodes per CPU forward: [4096, 64] float32 activations = 1 MiB, half the L2 (measured
 ~10-15% less CPU per graph at 12.8k nodes than one 12.8k-node forward)."""
-
-SINGLE_GRAPH_MAX_BATCH = 4
-"""Batches of at most this many graphs, and at most ``SINGLE_GRAPH_MAX_NODES`` nodes in
-all, may run as single-graph forwards, one per graph (``infer(..., single_graph=True)``):
-each costs ~0.15 ms + ~3 µs/node against ~0.9 ms + ~2.5 µs/node for collate + one
-compiled forward, so for a few small graphs the loop is cheaper (measured, graphs of
-4-64 nodes: 2 graphs 0.64-0.77 vs 1.24-1.44 ms, 4 graphs 0.74-0.89 vs 1.01-1.25 ms, 6
-graphs about even). Small batches are what a server sees whenever it is not busy. The
-batcher's cost model fits the two paths apart (``small_batch_limits``)."""
 
 SELF_CHECK_SIZES = (1, 6, 23)
 """Graph sizes of the sample batch on which a compiled module must match the eager one."""
@@ -229,7 +226,7 @@ ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 _TEMPLATES: dict[PolicyConfig, torch.jit.ScriptModule] = {}
 _TEMPLATE_LOCK = threading.Lock()
 _CHECKED: set[tuple[PolicyConfig, str]] = set()  # (config, device) whose copy matched eager
-_SINGLE_CHECKED: set[PolicyConfig] = set()  # configs whose single-graph forward matched
+_NATIVE_CHECKED: set[PolicyConfig] = set()  # configs whose fused forward matched
 
 
 def compile_serving(model: TamiyoPolicy, device: torch.device) -> ForwardFn:
@@ -290,10 +287,8 @@ class InferenceEngine:
     swapping engines between batches. ``compile=False`` runs the same module eagerly
     (baseline for benches, and the fallback). ``mode`` says which one runs;
     ``build_ms`` / ``build_cpu_ms`` what construction (script or copy + self-check) cost.
-    On CPU the engine also holds the numpy single-graph forward (``single_graph.py``: the
-    same weights and arithmetic, 3-5x less fixed cost), which ``infer(...,
-    single_graph=True)`` uses for a few small graphs; ``single_graph=False`` here does not
-    build it (``.single_graph`` says whether it is there).
+    On CPU ``infer`` runs the native fused forward (``fused.py``) when it was built and
+    matches; ``native=False`` does not build it (``.native`` says whether it runs).
     """
 
     def __init__(
@@ -302,7 +297,7 @@ class InferenceEngine:
         device: str | torch.device = "cpu",
         version: str = "unversioned",
         compile: bool = True,
-        single_graph: bool = True,
+        native: bool = True,
     ) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         self.device = resolve_device(device)
@@ -321,9 +316,9 @@ class InferenceEngine:
         self.mode = "eager"
         if compile:
             self._compile()
-        self._single: SingleGraphForward | None = None
-        if single_graph and not self._cuda:
-            self._enable_single_graph()
+        self._native: fused.FusedForward | None = None
+        if native and not self._cuda and fused.available():
+            self._enable_native()
         self.build_ms = (time.perf_counter() - t0) * 1000.0
         self.build_cpu_ms = (time.thread_time() - c0) * 1000.0
 
@@ -359,48 +354,44 @@ class InferenceEngine:
         self.mode = "torchscript"
 
     @property
-    def single_graph(self) -> bool:
-        """Whether the engine holds the numpy single-graph forward (see ``infer``)."""
-        return self._single is not None
+    def native(self) -> bool:
+        """Whether ``infer`` runs the native fused forward (else the module in ``mode``)."""
+        return self._native is not None
 
-    @property
-    def small_batch_limits(self) -> tuple[int, int] | None:
-        """(graphs, nodes in all) up to which ``infer(..., single_graph=True)`` takes the
-        single-graph forward; None when the engine has none."""
-        return (SINGLE_GRAPH_MAX_BATCH, SINGLE_GRAPH_MAX_NODES) if self.single_graph else None
-
-    def _enable_single_graph(self) -> None:
-        """Use the single-graph forward if it matches this engine's forward on the sample
-        graphs (checked once per ``PolicyConfig``, like the compiled module: a wrong
-        rendering of the network is a property of the code, not of the weights)."""
-        single = SingleGraphForward(self.model)
+    def _enable_native(self) -> None:
+        """Use the fused forward if it matches this engine's forward on the sample graphs
+        (checked once per ``PolicyConfig``, like the compiled module: a wrong rendering of
+        the network is a property of the code, not of the weights)."""
+        native = fused.FusedForward(self.model)
         config = self.model.config
-        if config not in _SINGLE_CHECKED:
+        if config not in _NATIVE_CHECKED:
             graphs = random_graphs(0, list(SELF_CHECK_SIZES))
             try:
-                for g, want in zip(graphs, self._infer_chunk(graphs), strict=True):
-                    got = PolicyOutput(*single(g))
-                    for w, v in zip(want, got, strict=True):
+                got = list(map(PolicyOutput, *native(graphs)))
+                for want, out in zip(self._infer_chunk(graphs), got, strict=True):
+                    for w, v in zip(want, out, strict=True):
                         np.testing.assert_allclose(
                             np.asarray(v), np.asarray(w), atol=1e-4, rtol=1e-4
                         )
-            except Exception as exc:  # any failure: batch every graph rather than fail
+            except Exception as exc:  # any failure: the compiled forward rather than none
                 log.warning(
-                    "policy %s: single-graph forward disagrees, batching every graph: %s",
+                    "policy %s: native forward disagrees, serving with %s: %s",
                     self.version,
+                    self.mode,
                     exc,
                 )
                 return
             with _TEMPLATE_LOCK:
-                _SINGLE_CHECKED.add(config)
-        self._single = single
+                _NATIVE_CHECKED.add(config)
+        self._native = native
 
     def warmup(self, sizes: Sequence[int] = (4, 16, 64), repeats: int = 2) -> None:
         """Run a few forwards so allocator and kernels are hot before serving."""
         graphs = random_graphs(0, list(sizes))
         for _ in range(repeats):
             self.infer(graphs)
-            self.infer(graphs, single_graph=True)
+            if self._native is not None:  # the compiled module stays warm for fallbacks
+                self._infer_chunk(graphs)
         if self._cuda:
             torch.cuda.synchronize(self.device)
 
@@ -428,32 +419,14 @@ class InferenceEngine:
             "value": per[_VALUE],
         }
 
-    def infer(
-        self, graphs: Sequence[GraphTensors], single_graph: bool = False
-    ) -> list[PolicyOutput]:
-        """Batched forward(s) for ``graphs``; outputs in the same order.
-
-        One forward per ``forward_node_budget`` nodes (consecutive graphs; a batch of a
-        few thousand nodes is one forward) so activations stay cache-sized.
-
-        ``single_graph=True`` (the server's event loop passes it): a batch of at most
-        ``SINGLE_GRAPH_MAX_BATCH`` graphs and ``SINGLE_GRAPH_MAX_NODES`` nodes in all runs
-        the numpy single-graph forward per graph, when the engine has one (CPU). Off by
-        default because it is only cheaper on a thread that has the GIL to itself: the
-        numpy forward gives the GIL up at every matmul (~10 times) and waits up to the
-        switch interval (5 ms) to get it back each time from a busy Python thread, where
-        the compiled forward releases it once (measured, one graph under a GIL-holding
-        spinner thread: 0.002x vs 0.007-0.11x of the quiet rate).
-        """
+    def infer(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
+        """Outputs for ``graphs``, in the same order: one native call on CPU (``.native``),
+        else one compiled forward per ``forward_node_budget`` nodes (consecutive graphs; a
+        batch of a few thousand nodes is one forward) so activations stay cache-sized."""
         if not graphs:
             raise ValueError("collate: empty batch")
-        single = self._single if single_graph else None
-        if (  # the rule small_batch_limits reports
-            single is not None
-            and len(graphs) <= SINGLE_GRAPH_MAX_BATCH
-            and sum(map(_NUM_NODES, graphs)) <= SINGLE_GRAPH_MAX_NODES
-        ):
-            return [PolicyOutput(*single(g)) for g in graphs]
+        if self._native is not None:
+            return list(map(PolicyOutput, *self._native(graphs)))
         counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))
         cuts = node_chunks(counts, self.forward_node_budget)
         if len(cuts) == 2:
@@ -494,7 +467,6 @@ class InferenceEngine:
 
 
 _X = attrgetter("x")  # len() = node count
-_NUM_NODES = attrgetter("num_nodes")
 
 
 def _inputs(batch: Batch) -> tuple[torch.Tensor, ...]:

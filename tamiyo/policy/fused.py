@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import attrgetter
+
 import numpy as np
 import numpy.typing as npt
 import torch

@@ -30,7 +30,7 @@ MAX_DIM = 4096  # upper bound of every PolicyConfig field accepted from a manife
 TIE_TOL = 1e-4
 """Best action: pair logits within this (relative to max(1, |graph max|)) of the best
 count as tied and the first in graph order wins (``engine.ServingForward``,
-``single_graph.SingleGraphForward``). Rounding differences between two renderings of
+``fused.FusedForward``). Rounding differences between two renderings of
 the network are ~1e-6 relative; a logit gap of 1e-4 is a probability ratio of 1.0001."""
 
 

@@ -8,12 +8,7 @@ import torch
 
 from tamiyo.policy.batch import collate
 from tamiyo.policy.builtin import builtin_policy
-from tamiyo.policy.engine import (
-    SINGLE_GRAPH_MAX_BATCH,
-    InferenceEngine,
-    PolicyOutput,
-    node_chunks,
-)
+from tamiyo.policy.engine import InferenceEngine, PolicyOutput, node_chunks
 from tamiyo.policy.features import GraphTensors, featurize, snapshot_from_state
 from tamiyo.policy.model import TIE_TOL, per_graph_log_softmax
 from tamiyo.policy.synthetic import random_graphs
@@ -23,8 +18,9 @@ from .conftest import make_state
 
 @pytest.fixture(scope="module")
 def engine() -> InferenceEngine:
+    """The compiled forward (the native one is tests/policy/test_fused.py's)."""
     p = builtin_policy()
-    return InferenceEngine(p.model, "cpu", version=p.version)
+    return InferenceEngine(p.model, "cpu", version=p.version, native=False)
 
 
 def _check(outs: list[PolicyOutput], graphs: list[GraphTensors]) -> None:
@@ -147,7 +143,7 @@ def test_target_probs_sum_to_one_when_noop_is_near_certain() -> None:
 @pytest.fixture(scope="module")
 def eager() -> InferenceEngine:
     p = builtin_policy()
-    return InferenceEngine(p.model, "cpu", version=p.version, compile=False)
+    return InferenceEngine(p.model, "cpu", version=p.version, compile=False, native=False)
 
 
 def _assert_same(a: list[PolicyOutput], b: list[PolicyOutput]) -> None:
@@ -206,9 +202,7 @@ def test_compiled_equals_eager_without_any_valid_target(
 
 
 def test_forward_batch_matches_infer(engine: InferenceEngine) -> None:
-    # More graphs than SINGLE_GRAPH_MAX_BATCH: infer runs the same batched forward.
     graphs = random_graphs(21, [3, 17, 1, 8, 5, 2], k=2)
-    assert len(graphs) > SINGLE_GRAPH_MAX_BATCH
     fb = engine.forward_batch(collate(graphs))
     ptr = np.cumsum([0] + [g.num_nodes for g in graphs])
     for i, o in enumerate(engine.infer(graphs)):
@@ -227,13 +221,13 @@ def test_engines_own_their_weights() -> None:
         for p in b_model.parameters():
             p.mul_(1.5)
     graphs = random_graphs(4, [6, 30])
-    a = InferenceEngine(a_model, "cpu")
+    a = InferenceEngine(a_model, "cpu", native=False)
     before = a.infer(graphs)
-    b = InferenceEngine(b_model, "cpu")
+    b = InferenceEngine(b_model, "cpu", native=False)
     after_a, out_b = a.infer(graphs), b.infer(graphs)
     _assert_same(before, after_a)
     assert not np.allclose(out_b[1].pair_logp, after_a[1].pair_logp)
-    _assert_same(out_b, InferenceEngine(b_model, "cpu", compile=False).infer(graphs))
+    _assert_same(out_b, InferenceEngine(b_model, "cpu", compile=False, native=False).infer(graphs))
 
 
 def test_falls_back_to_eager_when_scripting_fails(

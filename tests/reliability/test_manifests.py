@@ -304,3 +304,13 @@ def test_dockerfile_exposes_the_default_ports() -> None:
     text = (ROOT / "Dockerfile").read_text()
     exposed = {int(p) for p in re.findall(r"^EXPOSE (.+)$", text, re.M)[0].split()}
     assert exposed == {DEFAULTS.port, DEFAULTS.metrics_port}
+
+
+def test_dockerfile_builds_the_native_forward() -> None:
+    """The image installs with setup.py (the C module) and a compiler, and fails its build
+    if the module is missing rather than shipping a slower server."""
+    text = (ROOT / "Dockerfile").read_text()
+    copies = " ".join(re.findall(r"^COPY (.+)$", text, re.M))
+    assert "setup.py" in copies
+    assert "gcc" in text
+    assert "fused.available()" in text

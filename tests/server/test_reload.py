@@ -290,11 +290,9 @@ def test_swap_lands_between_batches_never_inside_one(tmp_path: Path) -> None:
     pipeline = DecisionPipeline(make_config(), holder, ServerMetrics())
     infer = old.engine.infer
 
-    def swapping_infer(
-        graphs: Sequence[GraphTensors], single_graph: bool = False
-    ) -> list[PolicyOutput]:
+    def swapping_infer(graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
         holder.swap(new)  # as the watcher thread would, mid-batch
-        return infer(graphs, single_graph)
+        return infer(graphs)
 
     old.engine.infer = swapping_infer  # type: ignore[method-assign]
     rng = np.random.default_rng(0)
