@@ -11,12 +11,13 @@ compiled TorchScript forward (``tamiyo/policy/fused.py``).
 import os
 import platform
 
+import numpy
 from setuptools import Extension, setup
 
 march = os.environ.get("TAMIYO_MARCH", "native")
 if march not in ("native", "none") and platform.machine().lower() not in ("x86_64", "amd64"):
     march = "native"  # an x86 level named for an image built on another architecture
-flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-psabi"]
 if march != "none":
     flags.append(f"-march={march}")
 
@@ -25,6 +26,7 @@ setup(
         Extension(
             "tamiyo.policy._fused",
             sources=["tamiyo/policy/_fused.c"],
+            include_dirs=[numpy.get_include()],  # the numpy C API (arrays in and out)
             extra_compile_args=flags,
             optional=True,  # no compiler: install anyway, serve with TorchScript
         )

@@ -38,6 +38,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
 
 #include <math.h>
 #include <stdint.h>
@@ -49,10 +51,11 @@ typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4), may_alias));
 
 /* Register tile of the products: TR rows x TC vectors of outputs. AVX-512 has 32 vector
- * registers (16 accumulators + 4 weight vectors + 1 broadcast fit); with AVX2 a v16 is
- * two of 16 registers, so the tile is smaller. */
+ * registers (24 accumulators + 4 weight vectors + 1 broadcast fit; measured 8-20 % faster
+ * than 4 rows at 10-200-node graphs); with AVX2 a v16 is two of 16 registers, so the
+ * tile is smaller. */
 #if defined(__AVX512F__)
-#define TR 4
+#define TR 6
 #define TC 4
 #else
 #define TR 2
@@ -136,6 +139,10 @@ static void gemm(int n, int K, int Mp, const float *A, long lda, const float *W,
             case 2: TILE_CASES(2) break;
             case 3: TILE_CASES(3) break;
 #endif
+#if TR >= 6
+            case 4: TILE_CASES(4) break;
+            case 5: TILE_CASES(5) break;
+#endif
             }
         }
     }
@@ -164,10 +171,11 @@ typedef struct {
 static inline const float *W_(const Net *net, int i) { return net->params + net->lin[i].w; }
 static inline const float *B_(const Net *net, int i) { return net->params + net->lin[i].b; }
 
-#define NSLOT 14
-/* Scratch for one graph, sized for the largest of the batch. */
+#define NSLOT 16
+/* Scratch for one group of graphs, sized for the largest group of the batch. */
 typedef struct {
-    float *a, *h, *t, *nh, *ka, *ke, *ket, *dots, *pair, *rowmax, *e, *pool, *g1, *g2;
+    float *x, *a, *h, *t, *nh, *ka, *ke, *ket, *dots, *pair, *rowmax, *e, *poolrow, *pool, *g1,
+        *g2;
 } Scratch;
 
 static inline float maxnan(float m, float v) { return (v > m || isnan(v)) ? v : m; }
@@ -198,138 +206,201 @@ static float sigmoidf_(float u)
     return e / (1.0f + e);
 }
 
-/* The network and its per-graph post-processing (engine.ServingForward) for one graph. */
-static void graph_forward(const Net *net, const Scratch *s, int n, int k, const float *x,
-                          const int64_t *crow_tail, const int64_t *col, const float *val,
-                          const float *kx, const uint8_t *target, float *out_pair,
-                          float *out_tp, double *out_per)
+/* h += relu(bias + sum_e val[e] t[col[e]]) for one row (Hp floats): the row's entries
+ * are walked once per 4 vectors of columns, with 4 independent accumulators (one chain
+ * per vector would wait on the FMA latency at every entry). */
+static inline void aggregate(float *restrict h, const float *restrict t, long Hp,
+                             const float *restrict bias, const int64_t *restrict col,
+                             const float *restrict val, int nnz)
 {
-    const int H = net->H, Hk = net->Hk;
+    long c = 0;
+    for (; c + 4 * VW <= Hp; c += 4 * VW) {
+        v16 a0 = vload(bias + c), a1 = vload(bias + c + VW), a2 = vload(bias + c + 2 * VW),
+            a3 = vload(bias + c + 3 * VW);
+        for (int e = 0; e < nnz; e++) {
+            const v16 w = vsplat(val[e]);
+            const float *r = t + col[e] * Hp + c;
+            a0 += w * vload(r);
+            a1 += w * vload(r + VW);
+            a2 += w * vload(r + 2 * VW);
+            a3 += w * vload(r + 3 * VW);
+        }
+        vstore(h + c, vload(h + c) + vrelu(a0));
+        vstore(h + c + VW, vload(h + c + VW) + vrelu(a1));
+        vstore(h + c + 2 * VW, vload(h + c + 2 * VW) + vrelu(a2));
+        vstore(h + c + 3 * VW, vload(h + c + 3 * VW) + vrelu(a3));
+    }
+    for (; c < Hp; c += VW) {
+        v16 acc = vload(bias + c);
+        for (int e = 0; e < nnz; e++)
+            acc += vsplat(val[e]) * vload(t + col[e] * Hp + c);
+        vstore(h + c, vload(h + c) + vrelu(acc));
+    }
+}
+
+/* One graph's inputs and where its outputs go. */
+typedef struct {
+    int n, k;
+    const float *x, *val, *kx;
+    const int64_t *crow_tail, *col;
+    const uint8_t *target;
+    float *out_pair, *out_tp;
+    double *out_per;
+} Graph;
+
+#define ROW_BUDGET 256
+/* Nodes per group of consecutive graphs run layer by layer together: the row-wise layers
+ * (encoder, each GCN layer's product, node head) and the graph head then run as one
+ * product per group, so each weight matrix is read from L2 once per group instead of
+ * once per graph and the register tiles run across graph boundaries (a 10-node graph
+ * alone leaves a 2-row tail per layer). [256, 64] float32 is 64 KiB: the group's
+ * activations stay in L2. */
+
+/* The network and its per-graph post-processing (engine.ServingForward) for G graphs
+ * with `rows` nodes in all. */
+static void group_forward(const Net *net, const Scratch *s, const Graph *gs, int G, int rows)
+{
+    const int H = net->H, Hk = net->Hk, F = net->F;
     const long Hp = net->lin[LIN_ENC1].pad, NHp = net->lin[LIN_NODE(net)].pad;
-    const long Hkp = net->lin[LIN_KENC1(net)].pad;
+    const long Hkp = net->lin[LIN_KENC1(net)].pad, E0p = net->lin[LIN_ENC0].pad;
 
-    /* h = enc1(relu(enc0(x))) [n, Hp] */
-    gemm(n, net->F, (int)net->lin[LIN_ENC0].pad, x, net->F, W_(net, LIN_ENC0),
-         B_(net, LIN_ENC0), s->a, net->lin[LIN_ENC0].pad, 1);
-    gemm(n, (int)net->lin[LIN_ENC1].in, (int)Hp, s->a, net->lin[LIN_ENC0].pad,
-         W_(net, LIN_ENC1), B_(net, LIN_ENC1), s->h, Hp, 0);
+    /* h = enc1(relu(enc0(x))) [rows, Hp] */
+    for (int g = 0, r = 0; g < G; r += gs[g].n, g++)
+        memcpy(s->x + (long)r * F, gs[g].x, sizeof(float) * F * gs[g].n);
+    gemm(rows, F, (int)E0p, s->x, F, W_(net, LIN_ENC0), B_(net, LIN_ENC0), s->a, E0p, 1);
+    gemm(rows, (int)net->lin[LIN_ENC1].in, (int)Hp, s->a, E0p, W_(net, LIN_ENC1),
+         B_(net, LIN_ENC1), s->h, Hp, 0);
 
-    /* h = h + relu(A-hat (h W^T) + b), per GCN layer */
+    /* h = h + relu(A-hat (h W^T) + b), per GCN layer (A-hat is block-diagonal) */
     for (int l = 0; l < net->L; l++) {
         const int li = LIN_CONV + l;
-        gemm(n, H, (int)Hp, s->h, Hp, W_(net, li), NULL, s->t, Hp, 0);
+        gemm(rows, H, (int)Hp, s->h, Hp, W_(net, li), NULL, s->t, Hp, 0);
         const float *bias = B_(net, li);
-        int64_t start = 0;
-        for (int i = 0; i < n; i++) {
-            const int64_t end = crow_tail[i];
-            for (long c = 0; c < Hp; c += VW) {
-                v16 acc = vload(bias + c);
-                for (int64_t e = start; e < end; e++)
-                    acc += vsplat(val[e]) * vload(s->t + col[e] * Hp + c);
-                vstore(s->h + i * Hp + c, vload(s->h + i * Hp + c) + vrelu(acc));
+        for (int g = 0, r0 = 0; g < G; r0 += gs[g].n, g++) {
+            const Graph *gr = &gs[g];
+            const float *t = s->t + (long)r0 * Hp;
+            float *h = s->h + (long)r0 * Hp;
+            int64_t start = 0;
+            for (int i = 0; i < gr->n; i++) {
+                const int64_t end = gr->crow_tail[i];
+                aggregate(h + i * Hp, t, Hp, bias, gr->col + start, gr->val + start,
+                          (int)(end - start));
+                start = end;
             }
-            start = end;
         }
     }
 
-    /* node head: [score | query] [n, NHp] */
-    gemm(n, H, (int)NHp, s->h, Hp, W_(net, LIN_NODE(net)), B_(net, LIN_NODE(net)), s->nh, NHp,
-         0);
+    /* node head: [score | query] [rows, NHp] */
+    gemm(rows, H, (int)NHp, s->h, Hp, W_(net, LIN_NODE(net)), B_(net, LIN_NODE(net)), s->nh,
+         NHp, 0);
 
-    /* pair logits [n, k]: score_i + scale <query_i, kemb_j>, -inf where invalid; the dot
-     * products are one product query [n, Hk] @ kemb^T [Hk, kp] (kp = k padded to VW) */
-    const long kp = (k + VW - 1) / VW * VW;
-    if (k > 0) {
-        gemm(k, net->Fk, (int)net->lin[LIN_KENC0(net)].pad, kx, net->Fk,
-             W_(net, LIN_KENC0(net)), B_(net, LIN_KENC0(net)), s->ka,
-             net->lin[LIN_KENC0(net)].pad, 1);
-        gemm(k, (int)net->lin[LIN_KENC1(net)].in, (int)Hkp, s->ka, net->lin[LIN_KENC0(net)].pad,
-             W_(net, LIN_KENC1(net)), B_(net, LIN_KENC1(net)), s->ke, Hkp, 0);
-        for (int d = 0; d < Hk; d++) {
-            for (int j = 0; j < k; j++)
-                s->ket[d * kp + j] = s->ke[(long)j * Hkp + d];
-            for (long j = k; j < kp; j++)
-                s->ket[d * kp + j] = 0.0f;
+    /* graph head on [mean-pool | max-pool] [G, 2H] -> no-op logit, urgency logit, value
+     * (rows in order, as torch's index_add; lanes are independent columns) */
+    for (int g = 0, r0 = 0; g < G; r0 += gs[g].n, g++) {
+        const int n = gs[g].n;
+        float *pool = s->pool + (long)g * 2 * H;
+        for (long c = 0; c < Hp; c += VW) {
+            v16 sum = (v16){0}, mx = vsplat(-INFINITY);
+            for (int i = 0; i < n; i++) {
+                const v16 v = vload(s->h + (long)(r0 + i) * Hp + c);
+                sum += v;
+                mx = vmaxnan(mx, v);
+            }
+            vstore(s->poolrow + c, sum / vsplat((float)n));
+            vstore(s->poolrow + Hp + c, mx);
         }
-        gemm(n, Hk, (int)kp, s->nh + 1, NHp, s->ket, NULL, s->dots, kp, 0);
+        memcpy(pool, s->poolrow, sizeof(float) * H);
+        memcpy(pool + H, s->poolrow + Hp, sizeof(float) * H);
     }
-    for (int i = 0; i < n; i++) {
-        const float score = s->nh[i * NHp];
-        float m = -INFINITY;
-        for (int j = 0; j < k; j++) {
-            const float v = target[i] ? score + net->scale * s->dots[i * kp + j] : -INFINITY;
-            s->pair[(long)i * k + j] = v;
-            m = maxnan(m, v);
-        }
-        s->rowmax[i] = m;
-    }
+    const long HHp = net->lin[LIN_GH0(net)].pad;
+    gemm(G, 2 * H, (int)HHp, s->pool, 2 * H, W_(net, LIN_GH0(net)), B_(net, LIN_GH0(net)), s->g1,
+         HHp, 1);
+    gemm(G, net->HH, VW, s->g1, HHp, W_(net, LIN_GH1(net)), B_(net, LIN_GH1(net)), s->g2, VW, 0);
 
-    /* graph head on [mean-pool | max-pool] -> no-op logit, urgency logit, value */
-    /* (rows in order, as torch's index_add; lanes are independent columns) */
-    for (long c = 0; c < Hp; c += VW) {
-        v16 sum = (v16){0}, mx = vsplat(-INFINITY);
+    for (int g = 0, r0 = 0; g < G; r0 += gs[g].n, g++) {
+        const Graph *gr = &gs[g];
+        const int n = gr->n, k = gr->k;
+        const float *nh = s->nh + (long)r0 * NHp, *g2 = s->g2 + (long)g * VW;
+
+        /* pair logits [n, k]: score_i + scale <query_i, kemb_j>, -inf where invalid; the
+         * dot products are one product query [n, Hk] @ kemb^T [Hk, kp] (kp = k padded) */
+        const long kp = (k + VW - 1) / VW * VW;
+        if (k > 0) {
+            gemm(k, net->Fk, (int)net->lin[LIN_KENC0(net)].pad, gr->kx, net->Fk,
+                 W_(net, LIN_KENC0(net)), B_(net, LIN_KENC0(net)), s->ka,
+                 net->lin[LIN_KENC0(net)].pad, 1);
+            gemm(k, (int)net->lin[LIN_KENC1(net)].in, (int)Hkp, s->ka,
+                 net->lin[LIN_KENC0(net)].pad, W_(net, LIN_KENC1(net)), B_(net, LIN_KENC1(net)),
+                 s->ke, Hkp, 0);
+            for (int d = 0; d < Hk; d++) {
+                for (int j = 0; j < k; j++)
+                    s->ket[d * kp + j] = s->ke[(long)j * Hkp + d];
+                for (long j = k; j < kp; j++)
+                    s->ket[d * kp + j] = 0.0f;
+            }
+            gemm(n, Hk, (int)kp, nh + 1, NHp, s->ket, NULL, s->dots, kp, 0);
+        }
         for (int i = 0; i < n; i++) {
-            const v16 v = vload(s->h + i * Hp + c);
-            sum += v;
-            mx = vmaxnan(mx, v);
+            const float score = nh[i * NHp];
+            float m = -INFINITY;
+            for (int j = 0; j < k; j++) {
+                const float v =
+                    gr->target[i] ? score + net->scale * s->dots[i * kp + j] : -INFINITY;
+                s->pair[(long)i * k + j] = v;
+                m = maxnan(m, v);
+            }
+            s->rowmax[i] = m;
         }
-        vstore(s->pool + c, sum / vsplat((float)n));
-        vstore(s->pool + Hp + c, mx);
-    }
-    if (Hp != H) /* gh0 reads [mean | max] as one row of 2H */
-        memmove(s->pool + H, s->pool + Hp, sizeof(float) * H);
-    gemm(1, 2 * H, (int)net->lin[LIN_GH0(net)].pad, s->pool, 2 * H, W_(net, LIN_GH0(net)),
-         B_(net, LIN_GH0(net)), s->g1, 0, 1);
-    gemm(1, net->HH, (int)net->lin[LIN_GH1(net)].pad, s->g1, 0, W_(net, LIN_GH1(net)),
-         B_(net, LIN_GH1(net)), s->g2, 0, 0);
-    const float noop = s->g2[0];
+        const float noop = g2[0];
 
-    /* per-graph softmax over (node x kernel) + {no-op}, as engine.ServingForward */
-    float pmax = -1e30f; /* no valid pair: not -inf, so no NaN below */
-    for (int i = 0; i < n; i++)
-        pmax = maxnan(pmax, s->rowmax[i]);
-    float z = 0.0f;
-    for (int i = 0; i < n; i++) {
-        float e = 0.0f;
-        for (int j = 0; j < k; j++)
-            e += expf(s->pair[(long)i * k + j] - pmax);
-        s->e[i] = e;
-        z += e;
-    }
-    const float zc = z < 1.0f ? 1.0f : z; /* clamp(min=1) keeping NaN */
-    for (int i = 0; i < n; i++)
-        out_tp[i] = s->e[i] / zc;
-    const float lse = logaddexpf_(pmax + logf(z), noop);
-    for (long p = 0; p < (long)n * k; p++)
-        out_pair[p] = s->pair[p] - lse;
-    const float noop_logp = noop - lse;
-
-    /* best pair: first node within tie_tol of the max, then its first kernel */
-    float apm = fabsf(pmax);
-    const float tol = net->tie_tol * (apm < 1.0f ? 1.0f : apm);
-    int best = -1, best_k = -1;
-    for (int i = 0; i < n; i++) {
-        if (s->rowmax[i] >= pmax - tol) {
-            best = i;
-            break;
+        /* per-graph softmax over (node x kernel) + {no-op}, as engine.ServingForward */
+        float pmax = -1e30f; /* no valid pair: not -inf, so no NaN below */
+        for (int i = 0; i < n; i++)
+            pmax = maxnan(pmax, s->rowmax[i]);
+        float z = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float e = 0.0f;
+            for (int j = 0; j < k; j++)
+                e += expf(s->pair[(long)i * k + j] - pmax);
+            s->e[i] = e;
+            z += e;
         }
-    }
-    if (best >= 0) {
-        const float *row = s->pair + (long)best * k;
-        const float thr = s->rowmax[best] - tol;
-        for (int j = 0; j < k; j++) {
-            if (row[j] >= thr) {
-                best_k = j;
+        const float zc = z < 1.0f ? 1.0f : z; /* clamp(min=1) keeping NaN */
+        for (int i = 0; i < n; i++)
+            gr->out_tp[i] = s->e[i] / zc;
+        const float lse = logaddexpf_(pmax + logf(z), noop);
+        for (long p = 0; p < (long)n * k; p++)
+            gr->out_pair[p] = s->pair[p] - lse;
+        const float noop_logp = noop - lse;
+
+        /* best pair: first node within tie_tol of the max, then its first kernel */
+        const float apm = fabsf(pmax);
+        const float tol = net->tie_tol * (apm < 1.0f ? 1.0f : apm);
+        int best = -1, best_k = -1;
+        for (int i = 0; i < n; i++) {
+            if (s->rowmax[i] >= pmax - tol) {
+                best = i;
                 break;
             }
         }
+        if (best >= 0) {
+            const float *row = s->pair + (long)best * k;
+            const float thr = s->rowmax[best] - tol;
+            for (int j = 0; j < k; j++) {
+                if (row[j] >= thr) {
+                    best_k = j;
+                    break;
+                }
+            }
+        }
+        double *out = gr->out_per;
+        out[0] = noop_logp;
+        out[1] = -expm1f(noop_logp);
+        out[2] = best;
+        out[3] = best_k;
+        out[4] = sigmoidf_(g2[1]);
+        out[5] = g2[2];
     }
-    out_per[0] = noop_logp;
-    out_per[1] = -expm1f(noop_logp);
-    out_per[2] = best;
-    out_per[3] = best_k;
-    out_per[4] = sigmoidf_(s->g2[1]);
-    out_per[5] = s->g2[2];
 }
 
 static void *scratch_alloc(size_t floats)
@@ -341,57 +412,63 @@ static void *scratch_alloc(size_t floats)
 /* Per graph: x, crow, col, val, kernel_x, target (the lists' items). */
 enum { GX, GCROW, GCOL, GVAL, GKX, GTGT, NG };
 static const char *const FIELD[NG] = {"x", "crow", "col", "val", "kernel_x", "target_mask"};
-static const char KIND[NG] = {'f', 'i', 'i', 'f', 'f', 'b'};
+static const int TYPE[NG] = {NPY_FLOAT32, NPY_INT64, NPY_INT64, NPY_FLOAT32, NPY_FLOAT32, NPY_BOOL};
+static const int NDIM[NG] = {2, 1, 1, 1, 2, 1};
 
-/* Contiguous buffer of the expected element type (f: float32, i: int64, b: bool/uint8). */
-static int get_buffer(PyObject *obj, Py_buffer *view, int field, Py_ssize_t g)
+typedef struct {
+    const void *data;
+    npy_intp d0, d1;
+} View;
+
+/* A C-contiguous numpy array of the field's type and rank, or 0 with a ValueError. */
+static int get_view(PyObject *obj, View *v, int field, Py_ssize_t g)
 {
-    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: %s is not a contiguous array",
-                     g, FIELD[field]);
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: %s is not a numpy array", g,
+                     FIELD[field]);
         return 0;
     }
-    const char *f = view->format ? view->format : "B";
-    if (*f == '@' || *f == '=' || *f == '<')
-        f++;
-    int ok;
-    switch (KIND[field]) {
-    case 'f': ok = view->itemsize == 4 && *f == 'f'; break;
-    case 'i': ok = view->itemsize == 8 && (*f == 'l' || *f == 'q'); break;
-    default: ok = view->itemsize == 1 && (*f == '?' || *f == 'B' || *f == 'b'); break;
-    }
-    if (!ok) {
-        PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: %s has element type '%s'", g,
-                     FIELD[field], view->format ? view->format : "B");
-        PyBuffer_Release(view);
-        view->obj = NULL;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != TYPE[field] || PyArray_NDIM(a) != NDIM[field] ||
+        !PyArray_IS_C_CONTIGUOUS(a)) {
+        PyErr_Format(PyExc_ValueError,
+                     "fused forward: graph %zd: %s must be a C-contiguous %dD %s array "
+                     "(got %dD, type number %d%s)",
+                     g, FIELD[field], NDIM[field],
+                     TYPE[field] == NPY_FLOAT32 ? "float32"
+                     : TYPE[field] == NPY_INT64 ? "int64"
+                                                : "bool",
+                     PyArray_NDIM(a), PyArray_TYPE(a),
+                     PyArray_IS_C_CONTIGUOUS(a) ? "" : ", not contiguous");
         return 0;
     }
+    v->data = PyArray_DATA(a);
+    v->d0 = PyArray_DIM(a, 0);
+    v->d1 = NDIM[field] == 2 ? PyArray_DIM(a, 1) : 1;
     return 1;
 }
 
-/* Sizes of graph g from its buffers (n nodes, nnz entries, k kernels), or 0 with an error
+/* Sizes of graph g from its arrays (n nodes, nnz entries, k kernels), or 0 with an error
  * naming what is inconsistent. Indices are read from memory later, so they are checked. */
-static int graph_shape(const Py_buffer *v, Py_ssize_t g, int F, int Fk, int64_t *n, int64_t *nnz,
+static int graph_shape(const View *v, Py_ssize_t g, int F, int Fk, int64_t *n, int64_t *nnz,
                        int64_t *k)
 {
-    const int64_t *crow = v[GCROW].buf, *col = v[GCOL].buf;
-    const Py_ssize_t rows = v[GCROW].len / 8 - 1;
+    const int64_t *crow = v[GCROW].data, *col = v[GCOL].data;
+    const npy_intp rows = v[GCROW].d0 - 1;
     if (rows < 1 || crow[0] != 0) {
         PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: crow must be [0, ...] of N+1 >= 2",
                      g);
         return 0;
     }
-    for (Py_ssize_t i = 0; i < rows; i++)
+    for (npy_intp i = 0; i < rows; i++)
         if (crow[i + 1] < crow[i]) {
             PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: crow decreases at row %zd",
-                         g, i);
+                         g, (Py_ssize_t)i);
             return 0;
         }
     *n = rows;
     *nnz = crow[rows];
-    if (v[GCOL].len != *nnz * 8 || v[GVAL].len != *nnz * 4) {
+    if (v[GCOL].d0 != *nnz || v[GVAL].d0 != *nnz) {
         PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: col/val do not have %lld entries",
                      g, (long long)*nnz);
         return 0;
@@ -402,17 +479,63 @@ static int graph_shape(const Py_buffer *v, Py_ssize_t g, int F, int Fk, int64_t 
                          g, (long long)col[e]);
             return 0;
         }
-    if (v[GX].ndim != 2 || v[GX].len != rows * F * 4 || v[GTGT].len != rows) {
-        PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: x / target_mask are not [%zd, %d] "
-                     "/ [%zd]", g, rows, F, rows);
+    if (v[GX].d0 != rows || v[GX].d1 != F || v[GTGT].d0 != rows) {
+        PyErr_Format(PyExc_ValueError,
+                     "fused forward: graph %zd: x / target_mask are not [%zd, %d] / [%zd]", g,
+                     (Py_ssize_t)rows, F, (Py_ssize_t)rows);
         return 0;
     }
-    if (v[GKX].ndim != 2 || v[GKX].shape[1] != Fk) {
+    if (v[GKX].d1 != Fk) {
         PyErr_Format(PyExc_ValueError, "fused forward: graph %zd: kernel_x is not [K, %d]", g, Fk);
         return 0;
     }
-    *k = v[GKX].len / (Fk * 4);
+    *k = v[GKX].d0;
     return 1;
+}
+
+/* A float32 view of `base`'s data at `data` with 1 or 2 dims (keeps `base` alive). */
+static PyObject *view_of(PyObject *base, float *data, int ndim, npy_intp d0, npy_intp d1)
+{
+    npy_intp dims[2] = {d0, d1};
+    PyObject *v = PyArray_New(&PyArray_Type, ndim, dims, NPY_FLOAT32, NULL, data, 0,
+                              NPY_ARRAY_CARRAY, NULL);
+    if (!v)
+        return NULL;
+    Py_INCREF(base);
+    if (PyArray_SetBaseObject((PyArrayObject *)v, base) < 0) {
+        Py_DECREF(v);
+        return NULL;
+    }
+    return v;
+}
+
+/* PolicyOutput(target_probs, pair_logp, noop_logp, adapt_prob, best_node, best_kernel,
+ * urgency, value): a tuple subclass without fields of its own (a NamedTuple), built the
+ * way tuple.__new__ builds one. Steals the two arrays. */
+static PyObject *make_output(PyTypeObject *cls, PyObject *tp, PyObject *pair, const double *per)
+{
+    PyObject *items[8] = {tp,
+                          pair,
+                          PyFloat_FromDouble(per[0]),
+                          PyFloat_FromDouble(per[1]),
+                          PyLong_FromLong((long)per[2]),
+                          PyLong_FromLong((long)per[3]),
+                          PyFloat_FromDouble(per[4]),
+                          PyFloat_FromDouble(per[5])};
+    PyObject *out = NULL;
+    for (int i = 0; i < 8; i++)
+        if (!items[i])
+            goto fail;
+    out = cls->tp_alloc(cls, 8);
+    if (!out)
+        goto fail;
+    for (int i = 0; i < 8; i++)
+        PyTuple_SET_ITEM(out, i, items[i]);
+    return out;
+fail:
+    for (int i = 0; i < 8; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
 }
 
 static PyObject *forward(PyObject *self, PyObject *args)
@@ -420,19 +543,28 @@ static PyObject *forward(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer pb = {0}, lb = {0};
     PyObject *lists[NG];
+    PyTypeObject *cls;
     int F, H, L, Hk, HH, Fk;
     double scale, tie_tol;
-    if (!PyArg_ParseTuple(args, "y*y*(iiiiii)ddO!O!O!O!O!O!", &pb, &lb, &F, &H, &L, &Hk, &HH, &Fk,
-                          &scale, &tie_tol, &PyList_Type, &lists[GX], &PyList_Type, &lists[GCROW],
-                          &PyList_Type, &lists[GCOL], &PyList_Type, &lists[GVAL], &PyList_Type,
-                          &lists[GKX], &PyList_Type, &lists[GTGT]))
+    if (!PyArg_ParseTuple(args, "y*y*(iiiiii)ddO!O!O!O!O!O!O!", &pb, &lb, &F, &H, &L, &Hk, &HH,
+                          &Fk, &scale, &tie_tol, &PyList_Type, &lists[GX], &PyList_Type,
+                          &lists[GCROW], &PyList_Type, &lists[GCOL], &PyList_Type, &lists[GVAL],
+                          &PyList_Type, &lists[GKX], &PyList_Type, &lists[GTGT], &PyType_Type,
+                          &cls))
         return NULL;
-    PyObject *ret = NULL, *out[4] = {NULL, NULL, NULL, NULL};
+    PyObject *ret = NULL, *pair_arr = NULL, *tp_arr = NULL;
     float *mem = NULL;
-    Py_buffer *views = NULL;
+    View *views = NULL;
+    Graph *graphs = NULL;
     int64_t *shape = NULL; /* [B, 3]: n, nnz, k */
+    double *per = NULL;    /* [B, 6] */
     const Py_ssize_t B = PyList_GET_SIZE(lists[GX]);
     const int nlin = L + 7;
+    if (!PyType_IsSubtype(cls, &PyTuple_Type) || cls->tp_itemsize != PyTuple_Type.tp_itemsize ||
+        cls->tp_basicsize != PyTuple_Type.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "fused forward: the output type must be a NamedTuple");
+        goto done;
+    }
     if (F < 1 || H < 1 || L < 0 || Hk < 1 || HH < 1 || Fk < 1) {
         PyErr_SetString(PyExc_ValueError, "fused forward: dims must be positive");
         goto done;
@@ -477,18 +609,20 @@ static PyObject *forward(PyObject *self, PyObject *args)
             goto done;
         }
 
-    views = PyMem_Calloc((size_t)B * NG, sizeof(Py_buffer));
+    views = PyMem_Malloc((size_t)B * NG * sizeof(View));
     shape = PyMem_Malloc((size_t)B * 3 * sizeof(int64_t));
-    if (!views || !shape) {
+    per = PyMem_Malloc((size_t)B * 6 * sizeof(double));
+    graphs = PyMem_Malloc((size_t)B * sizeof(Graph));
+    if (!views || !shape || !per || !graphs) {
         PyErr_NoMemory();
         goto done;
     }
     Py_ssize_t N = 0, PT = 0;
     int64_t max_n = 0, max_k = 0;
     for (Py_ssize_t g = 0; g < B; g++) {
-        Py_buffer *v = views + g * NG;
+        View *v = views + g * NG;
         for (int f = 0; f < NG; f++)
-            if (!get_buffer(PyList_GET_ITEM(lists[f], g), &v[f], f, g))
+            if (!get_view(PyList_GET_ITEM(lists[f], g), &v[f], f, g))
                 goto done;
         int64_t *sh = shape + 3 * g;
         if (!graph_shape(v, g, F, Fk, &sh[0], &sh[1], &sh[2]))
@@ -499,27 +633,38 @@ static PyObject *forward(PyObject *self, PyObject *args)
         max_k = sh[2] > max_k ? sh[2] : max_k;
     }
 
-    /* Outputs (bytearrays; fused.py views them as numpy arrays without a copy). */
-    out[0] = PyByteArray_FromStringAndSize(NULL, PT * 4);
-    out[1] = PyByteArray_FromStringAndSize(NULL, N * 4);
-    out[2] = PyByteArray_FromStringAndSize(NULL, B * 6 * 8);
-    out[3] = PyByteArray_FromStringAndSize((const char *)shape, B * 3 * 8);
-    if (!out[0] || !out[1] || !out[2] || !out[3])
+    /* Outputs: one array each for all graphs' pair log-probs and target probs. */
+    npy_intp pt_dim = PT, n_dim = N;
+    pair_arr = PyArray_SimpleNew(1, &pt_dim, NPY_FLOAT32);
+    tp_arr = PyArray_SimpleNew(1, &n_dim, NPY_FLOAT32);
+    if (!pair_arr || !tp_arr)
         goto done;
 
-    /* Scratch, sized for the largest graph. */
+    /* Scratch, sized for the largest group. */
     const long wide = Hp > lin[LIN_ENC0].pad ? Hp : lin[LIN_ENC0].pad;
     const long NHp = lin[LIN_NODE(&net)].pad;
     const long kw = lin[LIN_KENC0(&net)].pad > lin[LIN_KENC1(&net)].pad
                         ? lin[LIN_KENC0(&net)].pad
                         : lin[LIN_KENC1(&net)].pad;
     const long kpmax = (max_k + VW - 1) / VW * VW;
-    const size_t sizes[NSLOT] = {
-        (size_t)(max_n * wide),      (size_t)(max_n * Hp),   (size_t)(max_n * Hp),
-        (size_t)(max_n * NHp),       (size_t)(max_k * kw + 1), (size_t)(max_k * kw + 1),
-        (size_t)(Hk * kpmax + 1),    (size_t)(max_n * kpmax + 1),
-        (size_t)(max_n * max_k + 1), (size_t)max_n,          (size_t)max_n,
-        (size_t)(2 * Hp),            (size_t)lin[LIN_GH0(&net)].pad, (size_t)VW};
+    const long rmax = max_n > ROW_BUDGET ? max_n : ROW_BUDGET; /* rows of a group */
+    const long gmax = B < ROW_BUDGET ? B : ROW_BUDGET;        /* graphs of a group */
+    const size_t sizes[NSLOT] = {(size_t)(rmax * F),
+                                 (size_t)(rmax * wide),
+                                 (size_t)(rmax * Hp),
+                                 (size_t)(rmax * Hp),
+                                 (size_t)(rmax * NHp),
+                                 (size_t)(max_k * kw + 1),
+                                 (size_t)(max_k * kw + 1),
+                                 (size_t)(Hk * kpmax + 1),
+                                 (size_t)(max_n * kpmax + 1),
+                                 (size_t)(max_n * max_k + 1),
+                                 (size_t)max_n,
+                                 (size_t)max_n,
+                                 (size_t)(2 * Hp),
+                                 (size_t)(gmax * 2 * H),
+                                 (size_t)(gmax * lin[LIN_GH0(&net)].pad),
+                                 (size_t)(gmax * VW)};
     size_t total = 0;
     for (int i = 0; i < NSLOT; i++)
         total += (sizes[i] + 15) / 16 * 16;
@@ -529,8 +674,9 @@ static PyObject *forward(PyObject *self, PyObject *args)
         goto done;
     }
     Scratch s;
-    float **slots[NSLOT] = {&s.a,    &s.h,      &s.t, &s.nh,   &s.ka, &s.ke, &s.ket,
-                            &s.dots, &s.pair, &s.rowmax, &s.e, &s.pool, &s.g1, &s.g2};
+    float **slots[NSLOT] = {&s.x,   &s.a,    &s.h,      &s.t,       &s.nh,   &s.ka,
+                            &s.ke,  &s.ket,  &s.dots,   &s.pair,    &s.rowmax, &s.e,
+                            &s.poolrow, &s.pool, &s.g1, &s.g2};
     {
         float *p = mem;
         for (int i = 0; i < NSLOT; i++) {
@@ -539,31 +685,54 @@ static PyObject *forward(PyObject *self, PyObject *args)
         }
     }
 
-    float *opair = (float *)PyByteArray_AS_STRING(out[0]);
-    float *otp = (float *)PyByteArray_AS_STRING(out[1]);
-    double *oper = (double *)PyByteArray_AS_STRING(out[2]);
-    Py_BEGIN_ALLOW_THREADS;
+    float *opair = PyArray_DATA((PyArrayObject *)pair_arr);
+    float *otp = PyArray_DATA((PyArrayObject *)tp_arr);
     for (Py_ssize_t g = 0; g < B; g++) {
-        const Py_buffer *v = views + g * NG;
+        const View *v = views + g * NG;
         const int n = (int)shape[3 * g], k = (int)shape[3 * g + 2];
-        graph_forward(&net, &s, n, k, v[GX].buf, (const int64_t *)v[GCROW].buf + 1, v[GCOL].buf,
-                      v[GVAL].buf, v[GKX].buf, v[GTGT].buf, opair, otp, oper + 6 * g);
+        graphs[g] = (Graph){n,          k,           v[GX].data, v[GVAL].data,
+                            v[GKX].data, (const int64_t *)v[GCROW].data + 1,
+                            v[GCOL].data, v[GTGT].data, opair,     otp,
+                            per + 6 * g};
         opair += (long)n * k;
         otp += n;
     }
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t g0 = 0; g0 < B;) {
+        Py_ssize_t g1 = g0 + 1;
+        long rows = graphs[g0].n;
+        while (g1 < B && rows + graphs[g1].n <= ROW_BUDGET)
+            rows += graphs[g1++].n;
+        group_forward(&net, &s, graphs + g0, (int)(g1 - g0), (int)rows);
+        g0 = g1;
+    }
     Py_END_ALLOW_THREADS;
-    ret = PyTuple_Pack(4, out[0], out[1], out[2], out[3]);
+
+    ret = PyList_New(B);
+    if (!ret)
+        goto done;
+    for (Py_ssize_t g = 0; g < B; g++) {
+        const Graph *gr = &graphs[g];
+        PyObject *tp = view_of(tp_arr, gr->out_tp, 1, gr->n, 0);
+        PyObject *pair = tp ? view_of(pair_arr, gr->out_pair, 2, gr->n, gr->k) : NULL;
+        PyObject *out = pair ? make_output(cls, tp, pair, gr->out_per) : NULL;
+        if (!out) {
+            if (!pair)
+                Py_XDECREF(tp);
+            Py_CLEAR(ret);
+            goto done;
+        }
+        PyList_SET_ITEM(ret, g, out);
+    }
 
 done:
     free(mem);
-    if (views)
-        for (Py_ssize_t i = 0; i < B * NG; i++)
-            if (views[i].obj)
-                PyBuffer_Release(&views[i]);
     PyMem_Free(views);
     PyMem_Free(shape);
-    for (int i = 0; i < 4; i++)
-        Py_XDECREF(out[i]);
+    PyMem_Free(per);
+    PyMem_Free(graphs);
+    Py_XDECREF(pair_arr);
+    Py_XDECREF(tp_arr);
     PyBuffer_Release(&pb);
     PyBuffer_Release(&lb);
     return ret;
@@ -574,7 +743,12 @@ static PyMethodDef methods[] = {
      "Fused per-graph serving forward (see tamiyo/policy/fused.py)."},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused",
-                                    "Native fused forward of the GCN policy (CPU).", -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fused", "Native fused forward of the GCN policy (CPU).", -1, methods,
+    NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fused(void)
+{
+    import_array();
+    return PyModule_Create(&module);
+}

@@ -362,12 +362,12 @@ class InferenceEngine:
         """Use the fused forward if it matches this engine's forward on the sample graphs
         (checked once per ``PolicyConfig``, like the compiled module: a wrong rendering of
         the network is a property of the code, not of the weights)."""
-        native = fused.FusedForward(self.model)
+        native = fused.FusedForward(self.model, PolicyOutput)
         config = self.model.config
         if config not in _NATIVE_CHECKED:
             graphs = random_graphs(0, list(SELF_CHECK_SIZES))
             try:
-                got = list(map(PolicyOutput, *native(graphs)))
+                got = native(graphs)
                 for want, out in zip(self._infer_chunk(graphs), got, strict=True):
                     for w, v in zip(want, out, strict=True):
                         np.testing.assert_allclose(
@@ -426,7 +426,7 @@ class InferenceEngine:
         if not graphs:
             raise ValueError("collate: empty batch")
         if self._native is not None:
-            return list(map(PolicyOutput, *self._native(graphs)))
+            return self._native(graphs)
         counts = np.fromiter(map(len, map(_X, graphs)), np.int64, len(graphs))
         cuts = node_chunks(counts, self.forward_node_budget)
         if len(cuts) == 2:

@@ -44,7 +44,8 @@ def _reference(model: TamiyoPolicy) -> InferenceEngine:
 
 
 def _native(model: TamiyoPolicy, graphs: list[GraphTensors]) -> list[PolicyOutput]:
-    return list(map(PolicyOutput, *fused.FusedForward(model)(graphs)))
+    out: list[PolicyOutput] = fused.FusedForward(model, PolicyOutput)(graphs)
+    return out
 
 
 def _assert_same(got: PolicyOutput, want: PolicyOutput) -> None:
@@ -112,13 +113,13 @@ def test_graphs_without_a_valid_action() -> None:
 
 def test_weights_are_copied_at_construction() -> None:
     model = TamiyoPolicy()
-    forward = fused.FusedForward(model)
+    forward = fused.FusedForward(model, PolicyOutput)
     graphs = random_graphs(3, [12])
-    before = forward(graphs)[1][0].copy()
+    before = forward(graphs)[0].pair_logp.copy()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    np.testing.assert_array_equal(forward(graphs)[1][0], before)
+    np.testing.assert_array_equal(forward(graphs)[0].pair_logp, before)
 
 
 def _twins(seed: int, extra: int) -> GraphTensors:
@@ -187,14 +188,20 @@ class _Adj:
 @pytest.mark.parametrize(
     ("graph", "message"),
     [
-        (lambda g: g._replace(x=g.x.astype(np.float64)), "graph 1: x has element type 'd'"),
+        (
+            lambda g: g._replace(x=g.x.astype(np.float64)),
+            "graph 1: x must be a C-contiguous 2D float32 array",
+        ),
         (
             lambda g: g._replace(x=np.asfortranarray(np.ones((6, 40), np.float32))[:, ::2]),
-            "graph 1: x is not a contiguous array",
+            "graph 1: x must be .*not contiguous",
         ),
         (lambda g: g._replace(x=g.x[:5]), r"graph 1: x / target_mask are not \[6, 40\]"),
         (lambda g: g._replace(kernel_x=g.kernel_x[:, :1].copy()), "kernel_x is not"),
-        (lambda g: g._replace(target_mask=g.target_mask.astype(np.int64)), "element type"),
+        (
+            lambda g: g._replace(target_mask=g.target_mask.astype(np.int64)),
+            "target_mask must be a C-contiguous 1D bool",
+        ),
         (
             lambda g: g._replace(adj=_Adj(g.adj.crow, g.adj.col + 6, g.adj.val)),
             "graph 1: column 6 out of range",
@@ -214,19 +221,19 @@ class _Adj:
     ],
 )
 def test_malformed_graphs_are_refused_with_the_field_named(graph: object, message: str) -> None:
-    forward = fused.FusedForward(TamiyoPolicy())
+    forward = fused.FusedForward(TamiyoPolicy(), PolicyOutput)
     good = random_graphs(9, [4])[0]
     (g,) = random_graphs(9, [6], k=2)
     bad = graph(g)  # type: ignore[operator]
     with pytest.raises(ValueError, match=message):
         forward([good, bad])
     # nothing is left half-done: the next call is served
-    assert len(forward([good, g])[0]) == 2
+    assert len(forward([good, g])) == 2
 
 
 def test_empty_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="empty batch"):
-        fused.FusedForward(TamiyoPolicy())([])
+        fused.FusedForward(TamiyoPolicy(), PolicyOutput)([])
 
 
 def test_pack_pads_every_output_width_to_whole_vectors() -> None:
