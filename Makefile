@@ -18,8 +18,8 @@ help:
 	@echo "make lint    ruff, mypy, buf lint     make protos   regenerate tamiyo/v1"
 	@echo "make train | demo | bench | soak"
 
-# setup.py builds the native forward (tamiyo/policy/_fused.c): a change to it reinstalls.
-$(STAMP): pyproject.toml setup.py tamiyo/policy/_fused.c
+# setup.py builds the native modules (tamiyo/policy/_*.c): a change to one reinstalls.
+$(STAMP): pyproject.toml setup.py tamiyo/policy/_fused.c tamiyo/policy/_features.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"

@@ -1,11 +1,12 @@
-"""Build of the one native module, ``tamiyo.policy._fused`` (the fused CPU forward).
+"""Build of the native modules: ``tamiyo.policy._fused`` (the fused CPU forward) and
+``tamiyo.policy._features`` (the featurizer's telemetry columns).
 
 Everything else about the package is in pyproject.toml. The module is compiled for the
 machine that installs it (``-march=native``: AVX-512 or AVX2 where present), which is
 right for ``make setup`` and CI; an image built on one machine and run on others sets
 ``TAMIYO_MARCH`` (e.g. ``x86-64-v3``) or ``TAMIYO_MARCH=none`` for the compiler's default.
 Without a C compiler the package still installs and serves: the engine falls back to the
-compiled TorchScript forward (``tamiyo/policy/fused.py``).
+compiled TorchScript forward (``tamiyo/policy/fused.py``) and the featurizer to numpy.
 """
 
 import os
@@ -24,11 +25,12 @@ if march != "none":
 setup(
     ext_modules=[
         Extension(
-            "tamiyo.policy._fused",
-            sources=["tamiyo/policy/_fused.c"],
+            f"tamiyo.policy.{name}",
+            sources=[f"tamiyo/policy/{name}.c"],
             include_dirs=[numpy.get_include()],  # the numpy C API (arrays in and out)
             extra_compile_args=flags,
-            optional=True,  # no compiler: install anyway, serve with TorchScript
+            optional=True,  # no compiler: install anyway, run the torch / numpy paths
         )
+        for name in ("_fused", "_features")
     ]
 )

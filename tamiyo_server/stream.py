@@ -318,9 +318,21 @@ class StreamHandler:
         if fut.cancelled():
             return
         done = fut.result()
-        d = self.p.decision(
-            done, pending.job.payload, s.rules, s.rule_state, pending.frame, "stream"
-        )
+        try:
+            d = self.p.decision(
+                done, pending.job.payload, s.rules, s.rule_state, pending.frame, "stream"
+            )
+        except Exception:  # a bug must not leave the frame unanswered
+            log.exception("failed to build the decision for a frame")
+            child(self.p.m.rejected, "internal").inc()
+            resp = _error(
+                Code.STREAM_ERROR_CODE_INTERNAL,
+                "internal error deciding this frame (logged on the server)",
+            )
+            resp.error.frame_step = pending.frame.step
+            resp.error.frame_request_id = pending.frame.request_id
+            self.out.put_nowait(resp)
+            return
         s.remember_decision(d.decision_id)
         self.p.experience.decision(s.session_id, d)
         self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))

@@ -16,7 +16,7 @@
  * decision).
  *
  * Entry point: forward(params, layout, dims, scale, tie_tol,
- *                      xs, crows, cols, vals, kernel_xs, targets) -> (pair, tp, per, shape)
+ *                      xs, crows, cols, vals, kernel_xs, targets, output) -> [output]
  *   params   float32 [*]  packed weights (fused.py: each Linear as W^T [in, out_pad] then
  *                         bias [out_pad], out_pad a multiple of 16, padding zero)
  *   layout   int64 [L + 7, 5]  per Linear: in, out, out_pad, w_offset, b_offset (floats)
@@ -25,13 +25,10 @@
  *   six lists with one array per graph g (the GraphTensors' own arrays, no copy):
  *     x float32 [n_g, F]; crow int64 [n_g + 1] and col int64 [nnz_g] (A-hat in CSR, local
  *     indices); val float32 [nnz_g]; kernel_x float32 [k_g, Fk]; target bool [n_g]
- *   returns four bytearrays (fused.py views them as numpy arrays):
- *     pair  float32 [sum n_g k_g]  log P(adapt(i, j)), graph g's [n_g, k_g] block after
- *                         those of graphs < g (-inf for invalid pairs)
- *     tp    float32 [sum n_g]  P(layer | adapt)
- *     per   float64 [B, 6]  no-op log-prob, adapt probability, best node (-1 none), best
- *                         kernel (-1 none), urgency, value
- *     shape int64 [B, 3]  n_g, nnz_g, k_g
+ *   output   the PolicyOutput NamedTuple type
+ *   returns one output per graph: (target_probs float32 [n_g], pair_logp float32
+ *   [n_g, k_g] (-inf for invalid pairs), noop_logp, adapt_prob, best_node (-1 none),
+ *   best_kernel (-1 none), urgency, value); the arrays are views of one buffer per call.
  * Every array's type, size and every CSR index is checked before any is read (ValueError
  * naming the graph and field).
  * The GIL is released while the graphs are computed.
@@ -47,6 +44,7 @@
 #include <string.h>
 
 #define VW 16 /* floats per vector */
+#define MAX_WIDTH 65536 /* bound on any layer width (fused.py's models are <= 4096) */
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4), may_alias));
 
@@ -57,9 +55,15 @@ typedef int32_t vi16 __attribute__((vector_size(64), aligned(4), may_alias));
 #if defined(__AVX512F__)
 #define TR 6
 #define TC 4
-#else
+#elif defined(__AVX__)
 #define TR 2
 #define TC 2
+#else /* SSE: a v16 is four of 16 registers */
+#define TR 1
+#define TC 1
+#endif
+#if !((TR == 1 || TR == 2 || TR == 4 || TR == 6) && (TC == 1 || TC == 2 || TC == 4))
+#error "gemm's tail cases cover TR in {1, 2, 4, 6} and TC in {1, 2, 4}"
 #endif
 
 static inline v16 vload(const float *p) { return *(const v16 *)p; }
@@ -102,15 +106,21 @@ static inline __attribute__((always_inline)) void tile(
 #define TILE_CASES(R)                                                                   \
     switch (C) {                                                                        \
     case 1: tile(R, 1, a, lda, K, w, ldw, b, o, ldo, relu); break;                       \
-    case 2: tile(R, 2, a, lda, K, w, ldw, b, o, ldo, relu); break;                       \
-    TILE_WIDE(R)                                                                        \
+    TILE_2(R)                                                                           \
+    TILE_4(R)                                                                           \
     }
+#if TC >= 2
+#define TILE_2(R)                                                                       \
+    case 2: tile(R, 2, a, lda, K, w, ldw, b, o, ldo, relu); break;
+#else
+#define TILE_2(R)
+#endif
 #if TC >= 4
-#define TILE_WIDE(R)                                                                    \
+#define TILE_4(R)                                                                       \
     case 3: tile(R, 3, a, lda, K, w, ldw, b, o, ldo, relu); break;                       \
     case 4: tile(R, 4, a, lda, K, w, ldw, b, o, ldo, relu); break;
 #else
-#define TILE_WIDE(R)
+#define TILE_4(R)
 #endif
 
 /* O [n, Mp] = A [n, K] (row stride lda) @ W [K, Mp] + bias (optional), ReLU optional.
@@ -429,8 +439,9 @@ static int get_view(PyObject *obj, View *v, int field, Py_ssize_t g)
         return 0;
     }
     PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != TYPE[field] || PyArray_NDIM(a) != NDIM[field] ||
-        !PyArray_IS_C_CONTIGUOUS(a)) {
+    /* ISCARRAY_RO: C order, aligned, native byte order (a '>f4' array would be misread) */
+    if (!PyArray_EquivTypenums(PyArray_TYPE(a), TYPE[field]) || PyArray_NDIM(a) != NDIM[field] ||
+        !PyArray_ISCARRAY_RO(a)) {
         PyErr_Format(PyExc_ValueError,
                      "fused forward: graph %zd: %s must be a C-contiguous %dD %s array "
                      "(got %dD, type number %d%s)",
@@ -439,7 +450,7 @@ static int get_view(PyObject *obj, View *v, int field, Py_ssize_t g)
                      : TYPE[field] == NPY_INT64 ? "int64"
                                                 : "bool",
                      PyArray_NDIM(a), PyArray_TYPE(a),
-                     PyArray_IS_C_CONTIGUOUS(a) ? "" : ", not contiguous");
+                     PyArray_ISCARRAY_RO(a) ? "" : ", not contiguous, aligned and native-endian");
         return 0;
     }
     v->data = PyArray_DATA(a);
@@ -541,24 +552,32 @@ fail:
 static PyObject *forward(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer pb = {0}, lb = {0};
-    PyObject *lists[NG];
+    PyArrayObject *pa, *la;
+    PyObject *given[NG], *lists[NG] = {NULL};
     PyTypeObject *cls;
     int F, H, L, Hk, HH, Fk;
     double scale, tie_tol;
-    if (!PyArg_ParseTuple(args, "y*y*(iiiiii)ddO!O!O!O!O!O!O!", &pb, &lb, &F, &H, &L, &Hk, &HH,
-                          &Fk, &scale, &tie_tol, &PyList_Type, &lists[GX], &PyList_Type,
-                          &lists[GCROW], &PyList_Type, &lists[GCOL], &PyList_Type, &lists[GVAL],
-                          &PyList_Type, &lists[GKX], &PyList_Type, &lists[GTGT], &PyType_Type,
-                          &cls))
+    if (!PyArg_ParseTuple(args, "O!O!(iiiiii)ddO!O!O!O!O!O!O!", &PyArray_Type, &pa,
+                          &PyArray_Type, &la, &F, &H, &L, &Hk, &HH, &Fk, &scale, &tie_tol,
+                          &PyList_Type, &given[GX], &PyList_Type, &given[GCROW], &PyList_Type,
+                          &given[GCOL], &PyList_Type, &given[GVAL], &PyList_Type, &given[GKX],
+                          &PyList_Type, &given[GTGT], &PyType_Type, &cls))
         return NULL;
+    /* Tuples of the lists' items: they hold a reference to every array read below while
+     * the GIL is released (a list could be changed meanwhile by another thread). */
+    for (int f = 0; f < NG; f++)
+        if (!(lists[f] = PyList_AsTuple(given[f]))) {
+            for (int i = 0; i < f; i++)
+                Py_DECREF(lists[i]);
+            return NULL;
+        }
     PyObject *ret = NULL, *pair_arr = NULL, *tp_arr = NULL;
     float *mem = NULL;
     View *views = NULL;
     Graph *graphs = NULL;
     int64_t *shape = NULL; /* [B, 3]: n, nnz, k */
     double *per = NULL;    /* [B, 6] */
-    const Py_ssize_t B = PyList_GET_SIZE(lists[GX]);
+    const Py_ssize_t B = PyTuple_GET_SIZE(lists[GX]);
     const int nlin = L + 7;
     if (!PyType_IsSubtype(cls, &PyTuple_Type) || cls->tp_itemsize != PyTuple_Type.tp_itemsize ||
         cls->tp_basicsize != PyTuple_Type.tp_basicsize) {
@@ -569,32 +588,44 @@ static PyObject *forward(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "fused forward: dims must be positive");
         goto done;
     }
-    if (lb.len != (Py_ssize_t)nlin * 5 * 8) {
+    if (!PyArray_ISCARRAY_RO(la) || !PyArray_EquivTypenums(PyArray_TYPE(la), NPY_INT64) ||
+        PyArray_NDIM(la) != 2 || PyArray_DIM(la, 0) != nlin || PyArray_DIM(la, 1) != 5) {
         PyErr_SetString(PyExc_ValueError, "fused forward: layout is not int64 [L + 7, 5]");
         goto done;
     }
-    const Linear *lin = (const Linear *)lb.buf;
-    const Py_ssize_t nparams = pb.len / 4;
+    if (!PyArray_ISCARRAY_RO(pa) || !PyArray_EquivTypenums(PyArray_TYPE(pa), NPY_FLOAT32) ||
+        PyArray_NDIM(pa) != 1) {
+        PyErr_SetString(PyExc_ValueError, "fused forward: params is not a float32 vector");
+        goto done;
+    }
+    const Linear *lin = (const Linear *)PyArray_DATA(la);
+    const int64_t nparams = PyArray_DIM(pa, 0);
     for (int i = 0; i < nlin; i++) {
         const Linear *l = &lin[i];
-        if (l->in < 1 || l->out < 1 || l->pad < l->out || l->pad % VW || l->w < 0 || l->b < 0 ||
+        if (l->in < 1 || l->in > MAX_WIDTH || l->out < 1 || l->pad < l->out ||
+            l->pad > MAX_WIDTH || l->pad % VW || l->w < 0 || l->b < 0 ||
             l->w + l->in * l->pad > nparams || l->b + l->pad > nparams) {
             PyErr_Format(PyExc_ValueError, "fused forward: layout row %d is out of range", i);
             goto done;
         }
     }
-    const Net net = {(const float *)pb.buf, lin, F, H, L, Hk, HH, Fk, (float)scale,
+    const Net net = {(const float *)PyArray_DATA(pa), lin, F, H, L, Hk, HH, Fk, (float)scale,
                      (float)tie_tol};
     const long Hp = lin[LIN_ENC1].pad;
-    if (lin[LIN_ENC0].in != F || lin[LIN_ENC1].out != H || lin[LIN_NODE(&net)].out != 1 + Hk ||
-        lin[LIN_KENC0(&net)].in != Fk || lin[LIN_KENC1(&net)].out != Hk ||
-        lin[LIN_GH0(&net)].in != 2 * H || lin[LIN_GH0(&net)].out != HH ||
+    /* every product's K is the previous layer's true width (its padding is never read) */
+    if (lin[LIN_ENC0].in != F || lin[LIN_ENC0].out != H || lin[LIN_ENC1].in != H ||
+        lin[LIN_ENC1].out != H || lin[LIN_NODE(&net)].in != H ||
+        lin[LIN_NODE(&net)].out != 1 + Hk || lin[LIN_KENC0(&net)].in != Fk ||
+        lin[LIN_KENC0(&net)].out != Hk || lin[LIN_KENC1(&net)].in != Hk ||
+        lin[LIN_KENC1(&net)].out != Hk || lin[LIN_GH0(&net)].in != 2 * H ||
+        lin[LIN_GH0(&net)].out != HH || lin[LIN_GH1(&net)].in != HH ||
         lin[LIN_GH1(&net)].out != 3 || lin[LIN_GH1(&net)].pad != VW) {
         PyErr_SetString(PyExc_ValueError, "fused forward: layout does not match dims");
         goto done;
     }
     for (int l = 0; l < L; l++)
-        if (lin[LIN_CONV + l].in != H || lin[LIN_CONV + l].pad != Hp) {
+        if (lin[LIN_CONV + l].in != H || lin[LIN_CONV + l].out != H ||
+            lin[LIN_CONV + l].pad != Hp) {
             PyErr_SetString(PyExc_ValueError, "fused forward: a GCN layer is not [H, H]");
             goto done;
         }
@@ -603,9 +634,9 @@ static PyObject *forward(PyObject *self, PyObject *args)
         goto done;
     }
     for (int f = 0; f < NG; f++)
-        if (PyList_GET_SIZE(lists[f]) != B) {
+        if (PyTuple_GET_SIZE(lists[f]) != B) {
             PyErr_Format(PyExc_ValueError, "fused forward: %zd graphs but %zd %s arrays", B,
-                         PyList_GET_SIZE(lists[f]), FIELD[f]);
+                         PyTuple_GET_SIZE(lists[f]), FIELD[f]);
             goto done;
         }
 
@@ -622,7 +653,7 @@ static PyObject *forward(PyObject *self, PyObject *args)
     for (Py_ssize_t g = 0; g < B; g++) {
         View *v = views + g * NG;
         for (int f = 0; f < NG; f++)
-            if (!get_view(PyList_GET_ITEM(lists[f], g), &v[f], f, g))
+            if (!get_view(PyTuple_GET_ITEM(lists[f], g), &v[f], f, g))
                 goto done;
         int64_t *sh = shape + 3 * g;
         if (!graph_shape(v, g, F, Fk, &sh[0], &sh[1], &sh[2]))
@@ -733,8 +764,8 @@ done:
     PyMem_Free(graphs);
     Py_XDECREF(pair_arr);
     Py_XDECREF(tp_arr);
-    PyBuffer_Release(&pb);
-    PyBuffer_Release(&lb);
+    for (int f = 0; f < NG; f++)
+        Py_DECREF(lists[f]);
     return ret;
 }
 

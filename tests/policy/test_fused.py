@@ -4,7 +4,13 @@ malformed input (it reads raw memory, so every size and index is checked first).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +250,102 @@ def test_pack_pads_every_output_width_to_whole_vectors() -> None:
     assert (pad >= out).all()
     assert b_off.tolist() == (w_off + inp * pad).tolist()
     assert int(b_off[-1] + pad[-1]) == params.size
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(17, 40))
+def test_many_kernels_span_several_vectors(seed: int, k: int) -> None:
+    """k > 16: the dot products of queries and kernel embeddings take several vectors."""
+    torch.manual_seed(seed)
+    model = TamiyoPolicy()
+    graphs = random_graphs(seed, [5, 33], k=k)
+    for got, want in zip(_native(model, graphs), _reference(model).infer(graphs), strict=True):
+        _assert_same(got, want)
+
+
+def test_more_graphs_than_one_group() -> None:
+    """600 graphs of 1-9 nodes run as several groups of <= 256 nodes; graphs past 256
+    nodes form a group alone."""
+    model = builtin_policy().model
+    sizes = [1 + i % 9 for i in range(600)] + [300, 2, 257]
+    graphs = random_graphs(12, sizes, k=2)
+    got = _native(model, graphs)
+    assert len(got) == len(graphs)
+    for i in (0, 255, 256, 599, 600, 601, 602):
+        _assert_same(got[i], _reference(model).infer([graphs[i]])[0])
+
+
+def test_nan_weights_give_nan_outputs_not_a_crash() -> None:
+    model = TamiyoPolicy()
+    with torch.no_grad():
+        model.node_head.weight[0, 0] = float("nan")
+    (out,) = _native(model, random_graphs(13, [8]))
+    assert np.isnan(out.noop_logp)
+    assert (out.best_node, out.best_kernel) == (-1, -1)
+
+
+def test_a_packed_model_that_does_not_match_its_dims_is_refused() -> None:
+    forward = fused.FusedForward(TamiyoPolicy(), PolicyOutput)
+    graphs = random_graphs(14, [4])
+    layout = forward._layout.copy()
+    layout[-1, 0] += 1  # the graph head's last layer reads one more input than it has
+    forward._layout = layout
+    with pytest.raises(ValueError, match="layout does not match dims"):
+        forward(graphs)
+    forward._layout = layout.astype(np.int32)
+    with pytest.raises(ValueError, match="layout is not int64"):
+        forward(graphs)
+    forward._layout = fused.pack(TamiyoPolicy())[1]
+    forward._params = forward._params.astype(np.float64)
+    with pytest.raises(ValueError, match="params is not a float32 vector"):
+        forward(graphs)
+
+
+def test_byte_swapped_arrays_are_refused() -> None:
+    forward = fused.FusedForward(TamiyoPolicy(), PolicyOutput)
+    (g,) = random_graphs(15, [6])
+    swapped = g._replace(x=g.x.astype(">f4"))
+    with pytest.raises(ValueError, match=r"graph 0: x must be .*native-endian"):
+        forward([swapped])
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("gcc"),
+    reason="needs gcc on x86-64",
+)
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_builds_for_other_instruction_sets_give_the_same_outputs(
+    march: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image ships an AVX2 build (Dockerfile: x86-64-v3) and a machine without AVX
+    gets the generic one; this box tests AVX-512. Both other builds, made by setup.py
+    as an install would, must match the reference too."""
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "build_ext",
+            "--build-lib",
+            str(tmp_path / "lib"),
+            "--build-temp",
+            str(tmp_path / "tmp"),
+        ],
+        cwd=root,
+        env={**os.environ, "TAMIYO_MARCH": march},
+        check=True,
+        capture_output=True,
+    )
+    (so,) = (tmp_path / "lib" / "tamiyo" / "policy").glob("_fused.*")
+    spec = importlib.util.spec_from_file_location("tamiyo.policy._fused", so)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(fused, "_fused", module)
+    torch.manual_seed(16)
+    model = TamiyoPolicy(CONFIGS[2])
+    graphs = random_graphs(16, [1, 7, 40, 3, 260], k=18)
+    for got, want in zip(_native(model, graphs), _reference(model).infer(graphs), strict=True):
+        _assert_same(got, want)

@@ -87,3 +87,36 @@ async def test_bad_columns_are_refused_in_stream_and_the_stream_goes_on(
         both.frame.signals.extend(hosts.signals(6, step))
         await expect(both, "frame.signal_columns", "not both")
         await call.done_writing()
+
+
+async def test_a_failure_deciding_a_frame_answers_it_with_an_internal_error(
+    server: TamiyoServer,
+) -> None:
+    """A bug while building a decision (here: the pipeline raising for one frame) must not
+    leave that frame unanswered: the stream gets an INTERNAL error naming the frame and
+    the next frame is decided as usual."""
+    pipeline = server.pipeline
+    assert pipeline is not None
+    real = pipeline.decision
+    calls: list[int] = []
+
+    def failing_once(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    pipeline.decision = failing_once  # type: ignore[assignment,method-assign]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            call = await _open(pb_grpc.TamiyoServiceStub(ch), 6)
+            await call.write(columnar_frame(6, 1, tag="first"))
+            err = (await _read(call)).error
+            assert err.code == pb.STREAM_ERROR_CODE_INTERNAL
+            assert (err.frame_step, err.frame_request_id) == (1, "first")
+            await call.write(columnar_frame(6, 2, tag="second"))
+            d = (await _read(call)).decision
+            assert (d.frame_step, d.frame_request_id) == (2, "second")
+            await call.done_writing()
+    finally:
+        pipeline.decision = real  # type: ignore[method-assign]

@@ -1,0 +1,197 @@
+"""The featurizer's telemetry columns in C (``_features.c``) against the numpy rendering
+in ``features.py``, on random snapshots that reach every branch (no telemetry, stale,
+seed lists shorter than the seed count or empty, no seeds, no kernels, windows of 1-12
+slots), and its refusal of malformed arrays."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tamiyo.policy import features as fm
+from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema, GraphSnapshot
+from tamiyo.policy.snapshot import INT_FIELDS, MAX_SEEDS, SignalWindow
+from tamiyo.policy.synthetic import random_snapshot
+
+pytestmark = pytest.mark.skipif(
+    not fm.native_available() and not (shutil.which("cc") or shutil.which("gcc")),
+    reason="tamiyo.policy._features not built (no C compiler at install)",
+)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+def _varied(rng: np.random.Generator, n: int, k: int, window: int, missing: float) -> GraphSnapshot:
+    """random_snapshot plus what it leaves constant: seed-state lists of any length up to
+    the seed count (0 = no list), large counters, a current step far past the newest
+    signal for some layers (stale), layers without seeds."""
+    snap = random_snapshot(rng, n, k, window=window, missing=missing)
+    valid = snap.valid
+    seeds = snap.topology.seed_counts
+    slen = np.where(valid, rng.integers(0, seeds[:, None] + 1, (n, window)), 0)
+    states = snap.seed_states.copy()
+    states[np.arange(MAX_SEEDS)[None, None, :] >= slen[..., None]] = 0
+    ints = snap.ints.copy()
+    ints[..., INT_FIELDS.index("error_count")] = rng.integers(0, 10**6, (n, window))
+    ints *= valid[..., None]
+    steps = snap.steps - rng.choice([0, 0, 150, 10**5], (n, 1)) * valid
+    step = int(snap.step + rng.integers(0, 300))
+    return replace(
+        snap,
+        seed_state_len=_frozen(slen),
+        seed_states=_frozen(states),
+        ints=_frozen(ints),
+        steps=_frozen(steps),
+        step=step,
+    )
+
+
+def _both(
+    snaps: list[GraphSnapshot], schema: FeatureSchema = FEATURE_SCHEMA
+) -> tuple[fm.Dynamic, fm.Dynamic]:
+    topos = [s.topology for s in snaps]
+    kcounts = np.array([s.kernels.num_kernels for s in snaps], np.int64)
+    steps = np.array([s.step for s in snaps], np.int64)
+    statics, _ = fm._topology_pieces(topos, schema.num_features)
+    args = (snaps, topos, statics, steps, kcounts, schema)
+    return fm._numpy_dynamic(*args), fm._native_dynamic(*args)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    k=st.integers(0, 3),
+    window=st.integers(1, 12),
+    missing=st.sampled_from([0.0, 0.3, 1.0]),
+)
+def test_native_columns_equal_numpy(
+    seed: int, sizes: list[int], k: int, window: int, missing: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    snaps = [_varied(rng, n, k, window, missing) for n in sizes]
+    want, got = _both(snaps)
+    for name, w_, g_ in zip(("x", "target", "health", "free_seed"), want, got, strict=True):
+        w, g = np.asarray(w_), np.asarray(g_)
+        assert g.dtype == w.dtype, name
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_schema_constants_reach_the_native_columns() -> None:
+    """A schema with other constants (staleness, age scale, trend scale) gives the same
+    columns both ways: nothing is hard-coded in C."""
+    rng = np.random.default_rng(3)
+    snaps = [_varied(rng, 12, 2, FEATURE_SCHEMA.window, 0.2) for _ in range(3)]
+    schema = replace(FEATURE_SCHEMA, stale_after_steps=7, max_age_steps=50, trend_scale_steps=3.0)
+    want, got = _both(snaps, schema)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_featurize_many_checks_once_then_uses_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fm, "_NATIVE_STATE", [])
+    snaps = [random_snapshot(np.random.default_rng(4), 9)]
+    fm.featurize_many(snaps)
+    assert fm._NATIVE_STATE == [True]
+    calls: list[int] = []
+    real = fm._numpy_dynamic
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fm, "_numpy_dynamic", counting)
+    fm.featurize_many(snaps)
+    assert calls == []
+
+
+def test_a_disagreeing_native_build_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fm, "_NATIVE_STATE", [])
+    real = fm._native_dynamic
+
+    def off_by_one(*args: object) -> fm.Dynamic:
+        x, target, health, free_seed = real(*args)  # type: ignore[arg-type]
+        return x + 1, target, health, free_seed
+
+    monkeypatch.setattr(fm, "_native_dynamic", off_by_one)
+    snaps = [random_snapshot(np.random.default_rng(5), 7)]
+    with caplog.at_level(logging.WARNING):
+        (g,) = fm.featurize_many(snaps)
+    assert "native featurizer disagrees" in caplog.text
+    assert fm._NATIVE_STATE == [False]
+    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(*_args(snaps))[0])
+
+
+def _args(snaps: list[GraphSnapshot]) -> tuple[Any, ...]:
+    topos = [s.topology for s in snaps]
+    statics, _ = fm._topology_pieces(topos, FEATURE_SCHEMA.num_features)
+    return (
+        snaps,
+        topos,
+        statics,
+        np.array([s.step for s in snaps], np.int64),
+        np.array([s.kernels.num_kernels for s in snaps], np.int64),
+        FEATURE_SCHEMA,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "message"),
+    [
+        ("floats", lambda a: a.astype(np.float64), "graph 1: floats must be"),
+        ("steps", lambda a: a[:, :-1].copy(), "graph 1: steps must be"),
+        ("ints", lambda a: a.astype(np.int32), "graph 1: ints must be"),
+        ("valid", lambda a: a.astype(np.uint8), "graph 1: valid must be"),
+    ],
+)
+def test_malformed_arrays_are_refused_with_the_graph_and_field_named(
+    field: str, bad: object, message: str
+) -> None:
+    rng = np.random.default_rng(6)
+    snaps = [random_snapshot(rng, 5), random_snapshot(rng, 6)]
+    snaps[1] = replace(snaps[1], **{field: bad(getattr(snaps[1], field))})  # type: ignore[operator]
+    with pytest.raises(ValueError, match=message):
+        fm._native_dynamic(*_args(snaps))
+
+
+def test_a_batch_the_native_code_refuses_is_featurized_with_numpy(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fm, "_NATIVE_STATE", [True])
+
+    def refusing(*args: object) -> fm.Dynamic:
+        raise ValueError("featurize: graph 0: floats must be ...")
+
+    monkeypatch.setattr(fm, "_native_dynamic", refusing)
+    snaps = [random_snapshot(np.random.default_rng(7), 5)]
+    with caplog.at_level(logging.ERROR):
+        (g,) = fm.featurize_many(snaps)
+    assert "native featurizer refused a batch" in caplog.text
+    assert fm._NATIVE_STATE == [False]
+    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(*_args(snaps))[0])
+
+
+def test_session_windows_are_featurized_natively() -> None:
+    """A server session's window arrays are fields of one record array (strided views),
+    which the C code reads after one contiguous copy each."""
+    snap = random_snapshot(np.random.default_rng(8), 6)
+    window = SignalWindow(snap.topology, snap.kernels, FEATURE_SCHEMA.window)
+    strided = window.snapshot(step=snap.step)
+    assert not strided.floats.flags.c_contiguous
+    want, got = _both([strided])
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
