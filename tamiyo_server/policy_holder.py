@@ -121,8 +121,8 @@ def check_serving(
     """
     graphs = _sample_graphs()
     t0 = time.thread_time()
-    # The compiled forward (infer's default), which serves every batch past a few graphs
-    # (the single-graph forward renders the same weights; its check is at engine build).
+    # The forward that serves: the fused one on CPU (fused.py), else the compiled one; the
+    # other rendering of the same weights was checked against it at engine build.
     outs = served.engine.infer(graphs)
     best = (time.thread_time() - t0) * 1000.0
     where = served.checkpoint_path

@@ -16,15 +16,17 @@
  * decision).
  *
  * Entry point: forward(params, layout, dims, scale, tie_tol,
- *                      xs, crows, cols, vals, kernel_xs, targets, output) -> [output]
+ *                      graphs, fields, output) -> [output]
  *   params   float32 [*]  packed weights (fused.py: each Linear as W^T [in, out_pad] then
  *                         bias [out_pad], out_pad a multiple of 16, padding zero)
  *   layout   int64 [L + 7, 5]  per Linear: in, out, out_pad, w_offset, b_offset (floats)
  *   dims     (F, H, L, Hk, HH, Fk)  node features, hidden, GCN layers, kernel hidden,
  *                         graph-head hidden, kernel features
- *   six lists with one array per graph g (the GraphTensors' own arrays, no copy):
- *     x float32 [n_g, F]; crow int64 [n_g + 1] and col int64 [nnz_g] (A-hat in CSR, local
- *     indices); val float32 [nnz_g]; kernel_x float32 [k_g, Fk]; target bool [n_g]
+ *   graphs   list of GraphTensors (their own arrays are read, no copy): x float32
+ *            [n_g, F]; adj.crow int64 [n_g + 1] and adj.col int64 [nnz_g] (A-hat in CSR,
+ *            local indices); adj.val float32 [nnz_g]; kernel_x float32 [k_g, Fk];
+ *            target_mask bool [n_g]
+ *   fields   indices of x, kernel_x, target_mask, adj in a GraphTensors
  *   output   the PolicyOutput NamedTuple type
  *   returns one output per graph: (target_probs float32 [n_g], pair_logp float32
  *   [n_g, k_g] (-inf for invalid pairs), noop_logp, adapt_prob, best_node (-1 none),
@@ -424,6 +426,7 @@ enum { GX, GCROW, GCOL, GVAL, GKX, GTGT, NG };
 static const char *const FIELD[NG] = {"x", "crow", "col", "val", "kernel_x", "target_mask"};
 static const int TYPE[NG] = {NPY_FLOAT32, NPY_INT64, NPY_INT64, NPY_FLOAT32, NPY_FLOAT32, NPY_BOOL};
 static const int NDIM[NG] = {2, 1, 1, 1, 2, 1};
+static PyObject *CSR_NAME[3]; /* "crow", "col", "val": the adjacency's attributes */
 
 typedef struct {
     const void *data;
@@ -553,31 +556,28 @@ static PyObject *forward(PyObject *self, PyObject *args)
 {
     (void)self;
     PyArrayObject *pa, *la;
-    PyObject *given[NG], *lists[NG] = {NULL};
+    PyObject *given, *graphs_t;
     PyTypeObject *cls;
     int F, H, L, Hk, HH, Fk;
+    Py_ssize_t at[4]; /* indices of x, kernel_x, target_mask, adj in a graph tuple */
     double scale, tie_tol;
-    if (!PyArg_ParseTuple(args, "O!O!(iiiiii)ddO!O!O!O!O!O!O!", &PyArray_Type, &pa,
-                          &PyArray_Type, &la, &F, &H, &L, &Hk, &HH, &Fk, &scale, &tie_tol,
-                          &PyList_Type, &given[GX], &PyList_Type, &given[GCROW], &PyList_Type,
-                          &given[GCOL], &PyList_Type, &given[GVAL], &PyList_Type, &given[GKX],
-                          &PyList_Type, &given[GTGT], &PyType_Type, &cls))
+    if (!PyArg_ParseTuple(args, "O!O!(iiiiii)ddO!(nnnn)O!", &PyArray_Type, &pa, &PyArray_Type,
+                          &la, &F, &H, &L, &Hk, &HH, &Fk, &scale, &tie_tol, &PyList_Type, &given,
+                          &at[0], &at[1], &at[2], &at[3], &PyType_Type, &cls))
         return NULL;
-    /* Tuples of the lists' items: they hold a reference to every array read below while
-     * the GIL is released (a list could be changed meanwhile by another thread). */
-    for (int f = 0; f < NG; f++)
-        if (!(lists[f] = PyList_AsTuple(given[f]))) {
-            for (int i = 0; i < f; i++)
-                Py_DECREF(lists[i]);
-            return NULL;
-        }
+    /* A tuple of the graphs holds a reference to every array read below while the GIL is
+     * released (the list could be changed meanwhile by another thread); the CSR arrays,
+     * read as attributes of each graph's adjacency, are held in `held`. */
+    if (!(graphs_t = PyList_AsTuple(given)))
+        return NULL;
+    PyObject **held = NULL;
     PyObject *ret = NULL, *pair_arr = NULL, *tp_arr = NULL;
     float *mem = NULL;
     View *views = NULL;
     Graph *graphs = NULL;
     int64_t *shape = NULL; /* [B, 3]: n, nnz, k */
     double *per = NULL;    /* [B, 6] */
-    const Py_ssize_t B = PyTuple_GET_SIZE(lists[GX]);
+    const Py_ssize_t B = PyTuple_GET_SIZE(graphs_t);
     const int nlin = L + 7;
     if (!PyType_IsSubtype(cls, &PyTuple_Type) || cls->tp_itemsize != PyTuple_Type.tp_itemsize ||
         cls->tp_basicsize != PyTuple_Type.tp_basicsize) {
@@ -633,18 +633,13 @@ static PyObject *forward(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "fused forward: empty batch");
         goto done;
     }
-    for (int f = 0; f < NG; f++)
-        if (PyTuple_GET_SIZE(lists[f]) != B) {
-            PyErr_Format(PyExc_ValueError, "fused forward: %zd graphs but %zd %s arrays", B,
-                         PyTuple_GET_SIZE(lists[f]), FIELD[f]);
-            goto done;
-        }
 
     views = PyMem_Malloc((size_t)B * NG * sizeof(View));
     shape = PyMem_Malloc((size_t)B * 3 * sizeof(int64_t));
     per = PyMem_Malloc((size_t)B * 6 * sizeof(double));
     graphs = PyMem_Malloc((size_t)B * sizeof(Graph));
-    if (!views || !shape || !per || !graphs) {
+    held = PyMem_Calloc((size_t)B * 3, sizeof(PyObject *));
+    if (!views || !shape || !per || !graphs || !held) {
         PyErr_NoMemory();
         goto done;
     }
@@ -652,8 +647,23 @@ static PyObject *forward(PyObject *self, PyObject *args)
     int64_t max_n = 0, max_k = 0;
     for (Py_ssize_t g = 0; g < B; g++) {
         View *v = views + g * NG;
+        PyObject *gt = PyTuple_GET_ITEM(graphs_t, g);
+        const Py_ssize_t size = PyTuple_Check(gt) ? PyTuple_GET_SIZE(gt) : -1;
+        for (int i = 0; i < 4; i++)
+            if (at[i] < 0 || at[i] >= size) {
+                PyErr_Format(PyExc_ValueError, "fused forward: graph %zd is not a GraphTensors",
+                             g);
+                goto done;
+            }
+        PyObject *adj = PyTuple_GET_ITEM(gt, at[3]);
+        for (int i = 0; i < 3; i++)
+            if (!(held[3 * g + i] = PyObject_GetAttr(adj, CSR_NAME[i])))
+                goto done;
+        PyObject *items[NG] = {PyTuple_GET_ITEM(gt, at[0]), held[3 * g], held[3 * g + 1],
+                               held[3 * g + 2], PyTuple_GET_ITEM(gt, at[1]),
+                               PyTuple_GET_ITEM(gt, at[2])};
         for (int f = 0; f < NG; f++)
-            if (!get_view(PyTuple_GET_ITEM(lists[f], g), &v[f], f, g))
+            if (!get_view(items[f], &v[f], f, g))
                 goto done;
         int64_t *sh = shape + 3 * g;
         if (!graph_shape(v, g, F, Fk, &sh[0], &sh[1], &sh[2]))
@@ -764,8 +774,11 @@ done:
     PyMem_Free(graphs);
     Py_XDECREF(pair_arr);
     Py_XDECREF(tp_arr);
-    for (int f = 0; f < NG; f++)
-        Py_DECREF(lists[f]);
+    if (held)
+        for (Py_ssize_t i = 0; i < 3 * B; i++)
+            Py_XDECREF(held[i]);
+    PyMem_Free(held);
+    Py_DECREF(graphs_t);
     return ret;
 }
 
@@ -781,5 +794,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fused(void)
 {
     import_array();
+    const char *names[3] = {"crow", "col", "val"};
+    for (int i = 0; i < 3; i++)
+        if (!CSR_NAME[i] && !(CSR_NAME[i] = PyUnicode_InternFromString(names[i])))
+            return NULL;
     return PyModule_Create(&module);
 }

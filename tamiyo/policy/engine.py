@@ -75,9 +75,9 @@ SELF_CHECK_SIZES = (1, 6, 23)
 
 def configure_threads(num_threads: int) -> None:
     """Set torch's intra-op threads and numpy's BLAS threads (process-wide); inter-op is
-    left alone. numpy's BLAS matters too: the single-graph forward and the featurizer run
-    numpy matmuls, and an OpenBLAS pool left at its default would wake a second thread
-    for a [256, 256] @ [256, 64] product on a box whose other core serves gRPC."""
+    left alone. numpy's BLAS matters too: an OpenBLAS pool left at its default would wake
+    a second thread for any numpy product above its size threshold (the trainer's, the
+    featurizer fallback's) on a box whose other core serves gRPC."""
     n = max(1, num_threads)
     torch.set_num_threads(n)
     threadpool_limits(limits=n, user_api="blas")
@@ -187,7 +187,7 @@ class ServingForward(nn.Module):
         # then that node's first kernel within TIE_TOL of the node's max. Why a
         # tolerance: twin layers (same features and neighbours, e.g. parallel q/k/v
         # projections) tie exactly in exact arithmetic, and float32 sums in another
-        # order (a batched vs the single-graph forward) break the tie either way.
+        # order (this forward vs the fused one, fused.py) break the tie either way.
         node_ids = torch.arange(n, dtype=torch.int64, device=pair.device)
         tol = self.tie_tol * node_max.abs().clamp(min=1.0)  # [N]
         cand = torch.where(row_max >= node_max - tol, node_ids, n)

@@ -24,7 +24,6 @@ The C module is built by ``pip install`` (``setup.py``); where it was not (no co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -44,8 +43,8 @@ F32 = npt.NDArray[np.float32]
 LANES = 16
 """Floats per vector in ``_fused.c``: every layer's output width is padded to a multiple."""
 
-_X, _KX, _ADJ, _TARGET = (attrgetter(a) for a in ("x", "kernel_x", "adj", "target_mask"))
-_CROW, _COL, _VAL = (attrgetter(a) for a in ("crow", "col", "val"))
+_FIELDS = tuple(GraphTensors._fields.index(f) for f in ("x", "kernel_x", "target_mask", "adj"))
+"""Where the C module finds a graph's arrays in a ``GraphTensors`` (read by index)."""
 
 OUTPUT_FIELDS = (
     "target_probs",
@@ -137,19 +136,14 @@ class FusedForward:
     def __call__(self, graphs: Sequence[GraphTensors]) -> list[Any]:
         if not graphs:
             raise ValueError("fused forward: empty batch")
-        adjs = list(map(_ADJ, graphs))
         out: list[Any] = _fused.forward(
             self._params,
             self._layout,
             self._dims,
             self._scale,
             TIE_TOL,
-            list(map(_X, graphs)),
-            list(map(_CROW, adjs)),
-            list(map(_COL, adjs)),
-            list(map(_VAL, adjs)),
-            list(map(_KX, graphs)),
-            list(map(_TARGET, graphs)),
+            graphs if isinstance(graphs, list) else list(graphs),
+            _FIELDS,
             self._output,
         )
         return out
