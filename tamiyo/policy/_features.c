@@ -85,31 +85,42 @@ static const int NDIM[NA] = {2, 2, 3, 3, 2, 2, 3, 1};
 
 static inline double logscaled(double v, double scale) { return log1p(v > 0 ? v : 0.0) / scale; }
 
-/* One node's row of x and its target / health / free seed (see features.py). */
+/* A strided array (byte strides, any order): the server's window arrays are fields of
+ * one record array, read in place rather than copied. */
+typedef struct {
+    const char *p;
+    npy_intp s[3];
+} Arr;
+
+#define AT(type, a, i, j, k) (*(const type *)((a).p + (i) * (a).s[0] + (j) * (a).s[1] + (k) * (a).s[2]))
+
+/* Node i's row of x and its target / health / free seed (see features.py). */
 static void node(const int64_t *P, const double *S, int W, int64_t step, int has_kernels,
-                 const uint8_t *valid, const float *fl, const int64_t *in, const int64_t *st,
-                 int64_t slen, const uint8_t *states, int64_t seeds, float *x, uint8_t *target,
-                 float *health, int64_t *free_seed)
+                 npy_intp i, const Arr *A, float *x, uint8_t *target, float *health,
+                 int64_t *free_seed)
 {
-    const int64_t NF = P[P_NF], NI = P[P_NI];
-    const float *newest_f = fl + (long)(W - 1) * NF;
-    const int64_t *newest_i = in + (long)(W - 1) * NI;
+    const Arr valid = A[A_VALID], fl = A[A_FLOATS], in = A[A_INTS], st = A[A_STEPS];
+    const int64_t slen = AT(int64_t, A[A_SLEN], i, W - 1, 0);
+    const int64_t seeds = AT(int64_t, A[A_SEEDS], i, 0, 0);
+    const int last = W - 1;
     int nvalid = 0;
     double err_window = 0.0, hsum = 0.0, tsum = 0.0;
     for (int w = 0; w < W; w++) {
-        nvalid += valid[w] != 0;
-        err_window += (double)in[(long)w * NI + P[P_I_ERR]];
-        hsum += (double)fl[(long)w * NF + P[P_F_HEALTH]];
-        tsum += (double)st[w];
+        nvalid += AT(npy_bool, valid, i, w, 0) != 0;
+        err_window += (double)AT(int64_t, in, i, w, P[P_I_ERR]);
+        hsum += (double)AT(float, fl, i, w, P[P_F_HEALTH]);
+        tsum += (double)AT(int64_t, st, i, w, 0);
     }
     const int has = nvalid > 0;
-    const int64_t age = step - st[W - 1] > 0 ? step - st[W - 1] : 0;
+    const int64_t newest_step = AT(int64_t, st, i, last, 0);
+    const int64_t age = step - newest_step > 0 ? step - newest_step : 0;
 
     for (int j = 0; j < N_LOG_F; j++)
-        x[P[P_LOG_F + j]] = (float)logscaled(newest_f[P[P_SRC_LOG_F + j]], S[S_LOG_F + j]);
-    x[P[P_ERR]] = (float)logscaled((double)newest_i[P[P_I_ERR]], S[S_ERR]);
+        x[P[P_LOG_F + j]] =
+            (float)logscaled(AT(float, fl, i, last, P[P_SRC_LOG_F + j]), S[S_LOG_F + j]);
+    x[P[P_ERR]] = (float)logscaled((double)AT(int64_t, in, i, last, P[P_I_ERR]), S[S_ERR]);
     x[P[P_ERR_WINDOW]] = (float)logscaled(err_window, S[S_ERR_WINDOW]);
-    x[P[P_ADAPT]] = (float)logscaled((double)newest_i[P[P_I_ADAPT]], S[S_ADAPT]);
+    x[P[P_ADAPT]] = (float)logscaled((double)AT(int64_t, in, i, last, P[P_I_ADAPT]), S[S_ADAPT]);
     const float log_age = (float)logscaled((double)age, S[S_AGE]);
     x[P[P_HAS]] = (float)has;
     x[P[P_STALE]] = (float)(!has || age > P[P_STALE_AFTER]);
@@ -121,30 +132,33 @@ static void node(const int64_t *P, const double *S, int W, int64_t step, int has
     const double hmean = hsum / cnt, tmean = tsum / cnt;
     double var = 0.0, cov = 0.0, hmin = INFINITY;
     for (int w = 0; w < W; w++) {
-        const double hw = (double)fl[(long)w * NF + P[P_F_HEALTH]];
-        const double dt = ((double)st[w] - tmean) * (valid[w] != 0);
+        const int ok = AT(npy_bool, valid, i, w, 0) != 0;
+        const double hw = (double)AT(float, fl, i, w, P[P_F_HEALTH]);
+        const double dt = ((double)AT(int64_t, st, i, w, 0) - tmean) * ok;
         var += dt * dt;
         cov += dt * hw;
-        if (valid[w] && hw < hmin)
+        if (ok && hw < hmin)
             hmin = hw;
     }
     const double slope = var > 0 ? cov / var : 0.0;
     double trend = slope * S[S_TREND];
     trend = trend < -1.0 ? -1.0 : (trend > 1.0 ? 1.0 : trend);
-    x[P[P_H_LATEST]] = newest_f[P[P_F_HEALTH]];
+    const float newest_health = AT(float, fl, i, last, P[P_F_HEALTH]);
+    x[P[P_H_LATEST]] = newest_health;
     x[P[P_H_MEAN]] = (float)hmean;
     x[P[P_H_MIN]] = has ? (float)hmin : 0.0f;
     x[P[P_H_TREND]] = (float)trend;
     for (int j = 0; j < N_COPY_F; j++)
-        x[P[P_COPY_F + j]] = newest_f[P[P_SRC_COPY_F + j]];
-    const int64_t total = newest_i[P[P_I_TOTAL]], active = newest_i[P[P_I_ACTIVE]];
+        x[P[P_COPY_F + j]] = AT(float, fl, i, last, P[P_SRC_COPY_F + j]);
+    const int64_t total = AT(int64_t, in, i, last, P[P_I_TOTAL]);
+    const int64_t active = AT(int64_t, in, i, last, P[P_I_ACTIVE]);
     x[P[P_ACTIVE_FRAC]] = total > 0 ? (float)((double)active / (double)total) : 0.0f;
 
     /* seed states of the newest signal: fraction per state, free (DORMANT) seeds */
     int64_t per_state[N_STATES + 1] = {0};
     int64_t dormant = 0, first_dormant = -1;
     for (int j = 0; j < MAX_SEEDS; j++) {
-        const uint8_t code = states[j];
+        const uint8_t code = AT(uint8_t, A[A_STATES], i, last, j);
         if (code >= 1 && code <= N_STATES)
             per_state[code]++;
         if (code == 1 && seeds > j) {
@@ -153,43 +167,47 @@ static void node(const int64_t *P, const double *S, int W, int64_t step, int has
             dormant++;
         }
     }
-    for (int s = 0; s < N_STATES; s++)
-        x[P[P_STATES + s]] = slen > 0 ? (float)((double)per_state[s + 1] / (double)slen) : 0.0f;
+    for (int k = 0; k < N_STATES; k++)
+        x[P[P_STATES + k]] = slen > 0 ? (float)((double)per_state[k + 1] / (double)slen) : 0.0f;
     const int has_states = has && slen > 0;
     const int64_t free = has_states ? dormant : (seeds - active > 0 ? seeds - active : 0);
     *free_seed = free > 0 ? (has_states ? first_dormant : active) : -1;
     *target = free > 0 && has_kernels;
     x[P[P_FREE_FRAC]] = seeds > 0 ? (float)((double)free / (double)seeds) : 0.0f;
     x[P[P_HAS_FREE]] = (float)*target;
-    *health = has ? newest_f[P[P_F_HEALTH]] : NAN;
+    *health = has ? newest_health : NAN;
 }
 
-/* Graph g's array of one field, checked: numpy, type, rank, C order, leading dim n (and
- * the window / field counts), or NULL with a ValueError naming graph and field. */
-static const void *field(PyObject *obj, int a, Py_ssize_t g, npy_intp n, npy_intp d1,
-                         npy_intp d2)
+/* Graph g's array of one field, checked: numpy, type, rank, aligned, native byte order,
+ * leading dim n (and the window / field counts), or 0 with a ValueError naming graph and
+ * field. Any strides (statics must be C order: it is copied as one block). */
+static int field(PyObject *obj, int a, Py_ssize_t g, npy_intp n, npy_intp d1, npy_intp d2,
+                 Arr *out)
 {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_ValueError, "featurize: graph %zd: %s is not a numpy array", g,
                      NAME[a]);
-        return NULL;
+        return 0;
     }
     PyArrayObject *arr = (PyArrayObject *)obj;
     const npy_intp want[3] = {n, d1, d2};
-    /* ISCARRAY_RO: C order, aligned, native byte order */
     int ok = PyArray_EquivTypenums(PyArray_TYPE(arr), TYPE[a]) && PyArray_NDIM(arr) == NDIM[a] &&
-             PyArray_ISCARRAY_RO(arr);
+             PyArray_ISALIGNED(arr) && PyArray_ISNOTSWAPPED(arr) &&
+             (a != A_STATIC || PyArray_IS_C_CONTIGUOUS(arr));
     for (int d = 0; ok && d < NDIM[a]; d++)
         ok = PyArray_DIM(arr, d) == want[d];
     if (!ok) {
         PyErr_Format(PyExc_ValueError,
-                     "featurize: graph %zd: %s must be a C-contiguous, aligned, native-endian "
-                     "%dD array of numpy type number %d with shape (%zd, %zd, %zd)[:%d]",
+                     "featurize: graph %zd: %s must be an aligned, native-endian %dD array of "
+                     "numpy type number %d with shape (%zd, %zd, %zd)[:%d]",
                      g, NAME[a], NDIM[a], TYPE[a], (Py_ssize_t)n, (Py_ssize_t)d1,
                      (Py_ssize_t)d2, NDIM[a]);
-        return NULL;
+        return 0;
     }
-    return PyArray_DATA(arr);
+    out->p = PyArray_DATA(arr);
+    for (int d = 0; d < 3; d++)
+        out->s[d] = d < NDIM[a] ? PyArray_STRIDE(arr, d) : 0;
+    return 1;
 }
 
 static PyObject *dynamic(PyObject *self, PyObject *args)
@@ -254,18 +272,25 @@ static PyObject *dynamic(PyObject *self, PyObject *args)
         return NULL;
     }
     npy_intp N = 0;
+    Arr *arrs = PyMem_Malloc((size_t)B * NA * sizeof(Arr));
+    if (!arrs)
+        return PyErr_NoMemory();
     for (Py_ssize_t g = 0; g < B; g++) {
         PyObject *sx = PyList_GET_ITEM(lists[A_STATIC], g);
         if (!PyArray_Check(sx) || PyArray_NDIM((PyArrayObject *)sx) != 2) {
             PyErr_Format(PyExc_ValueError, "featurize: graph %zd: statics must be a 2D array", g);
+            PyMem_Free(arrs);
             return NULL;
         }
         const npy_intp n = PyArray_DIM((PyArrayObject *)sx, 0);
         const npy_intp dims[NA][2] = {{F, 0}, {W, 0},  {W, NF},        {W, NI},
                                       {W, 0}, {W, 0},  {W, MAX_SEEDS}, {0, 0}};
         for (int a = 0; a < NA; a++)
-            if (!field(PyList_GET_ITEM(lists[a], g), a, g, n, dims[a][0], dims[a][1]))
+            if (!field(PyList_GET_ITEM(lists[a], g), a, g, n, dims[a][0], dims[a][1],
+                       &arrs[g * NA + a])) {
+                PyMem_Free(arrs);
                 return NULL;
+            }
         N += n;
     }
 
@@ -279,6 +304,7 @@ static PyObject *dynamic(PyObject *self, PyObject *args)
         Py_XDECREF(target);
         Py_XDECREF(health);
         Py_XDECREF(free_seed);
+        PyMem_Free(arrs);
         return NULL;
     }
     float *xo = PyArray_DATA((PyArrayObject *)x), *ho = PyArray_DATA((PyArrayObject *)health);
@@ -288,20 +314,14 @@ static PyObject *dynamic(PyObject *self, PyObject *args)
     const uint8_t *hk = PyArray_DATA(has_k);
     npy_intp row = 0;
     for (Py_ssize_t g = 0; g < B; g++) {
-        const void *arr[NA];
-        for (int a = 0; a < NA; a++)
-            arr[a] = PyArray_DATA((PyArrayObject *)PyList_GET_ITEM(lists[a], g));
+        const Arr *A = arrs + g * NA;
         const npy_intp n = PyArray_DIM((PyArrayObject *)PyList_GET_ITEM(lists[A_STATIC], g), 0);
-        const float *sx = arr[A_STATIC], *fl = arr[A_FLOATS];
-        const uint8_t *vl = arr[A_VALID], *ss = arr[A_STATES];
-        const int64_t *in = arr[A_INTS], *st = arr[A_STEPS], *sl = arr[A_SLEN];
-        const int64_t *seeds = arr[A_SEEDS];
-        memcpy(xo + row * F, sx, sizeof(float) * n * F);
+        memcpy(xo + row * F, A[A_STATIC].p, sizeof(float) * n * F);
         for (npy_intp i = 0; i < n; i++, row++)
-            node(P, S, (int)W, stp[g], hk[g] != 0, vl + i * W, fl + i * W * NF, in + i * W * NI,
-                 st + i * W, sl[i * W + W - 1], ss + (i * W + W - 1) * MAX_SEEDS, seeds[i],
-                 xo + row * F, to + row, ho + row, fo + row);
+            node(P, S, (int)W, stp[g], hk[g] != 0, i, A, xo + row * F, to + row, ho + row,
+                 fo + row);
     }
+    PyMem_Free(arrs);
     return Py_BuildValue("(NNNN)", x, target, health, free_seed);
 }
 

@@ -519,18 +519,17 @@ def _native_dynamic(
     if _features is None:
         raise RuntimeError("tamiyo.policy._features is not built")
     plan, scales = _native_plan(schema)
-    dense = np.ascontiguousarray  # a session's window arrays are fields of one record array
-    out: Dynamic = _features.dynamic(
+    out: Dynamic = _features.dynamic(  # (window arrays are read in place, strided)
         plan,
         scales,
         statics,
-        list(map(dense, map(_VALID, snaps))),
-        list(map(dense, map(_FLOATS, snaps))),
-        list(map(dense, map(_INTS, snaps))),
-        list(map(dense, map(_STEPS, snaps))),
-        list(map(dense, map(_SLEN, snaps))),
-        list(map(dense, map(_STATES, snaps))),
-        list(map(dense, map(_SEEDS, topos))),
+        list(map(_VALID, snaps)),
+        list(map(_FLOATS, snaps)),
+        list(map(_INTS, snaps)),
+        list(map(_STEPS, snaps)),
+        list(map(_SLEN, snaps)),
+        list(map(_STATES, snaps)),
+        list(map(_SEEDS, topos)),
         steps_g,
         kcounts > 0,
     )
