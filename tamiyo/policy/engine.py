@@ -227,6 +227,7 @@ _TEMPLATES: dict[PolicyConfig, torch.jit.ScriptModule] = {}
 _TEMPLATE_LOCK = threading.Lock()
 _CHECKED: set[tuple[PolicyConfig, str]] = set()  # (config, device) whose copy matched eager
 _NATIVE_CHECKED: set[PolicyConfig] = set()  # configs whose fused forward matched
+_WARNED_NO_NATIVE: list[bool] = []  # the missing C module is logged once per process
 
 
 def compile_serving(model: TamiyoPolicy, device: torch.device) -> ForwardFn:
@@ -317,8 +318,16 @@ class InferenceEngine:
         if compile:
             self._compile()
         self._native: fused.FusedForward | None = None
-        if native and not self._cuda and fused.available():
-            self._enable_native()
+        if native and not self._cuda:
+            if fused.available():
+                self._enable_native()
+            elif not _WARNED_NO_NATIVE:
+                _WARNED_NO_NATIVE.append(True)
+                log.warning(
+                    "tamiyo.policy._fused is not built (no C compiler at install): serving "
+                    "with the %s forward, several times slower per graph on CPU",
+                    self.mode,
+                )
         self.build_ms = (time.perf_counter() - t0) * 1000.0
         self.build_cpu_ms = (time.thread_time() - c0) * 1000.0
 

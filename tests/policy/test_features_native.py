@@ -195,3 +195,16 @@ def test_session_windows_are_featurized_natively() -> None:
     want, got = _both([strided])
     for w, g in zip(want, got, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_without_the_c_module_numpy_featurizes_and_it_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fm, "_features", None)
+    monkeypatch.setattr(fm, "_NATIVE_STATE", [])
+    snaps = [random_snapshot(np.random.default_rng(9), 6)]
+    with caplog.at_level(logging.WARNING):
+        (g,) = fm.featurize_many(snaps)
+        fm.featurize_many(snaps)
+    assert caplog.text.count("tamiyo.policy._features is not built") == 1
+    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(*_args(snaps))[0])

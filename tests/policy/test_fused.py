@@ -5,6 +5,7 @@ malformed input (it reads raw memory, so every size and index is checked first).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import platform
 import shutil
@@ -348,4 +349,22 @@ def test_builds_for_other_instruction_sets_give_the_same_outputs(
     model = TamiyoPolicy(CONFIGS[2])
     graphs = random_graphs(16, [1, 7, 40, 3, 260], k=18)
     for got, want in zip(_native(model, graphs), _reference(model).infer(graphs), strict=True):
+        _assert_same(got, want)
+
+
+def test_an_engine_without_the_c_module_says_so_and_serves_compiled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tamiyo.policy.engine as engine_mod
+
+    monkeypatch.setattr(fused, "_fused", None)
+    monkeypatch.setattr(engine_mod, "_WARNED_NO_NATIVE", [])
+    p = builtin_policy()
+    with caplog.at_level(logging.WARNING):
+        engine = InferenceEngine(p.model, "cpu", version=p.version)
+        InferenceEngine(p.model, "cpu", version=p.version)
+    assert not engine.native
+    assert caplog.text.count("tamiyo.policy._fused is not built") == 1
+    graphs = random_graphs(17, [5, 9])
+    for got, want in zip(engine.infer(graphs), _reference(p.model).infer(graphs), strict=True):
         _assert_same(got, want)
