@@ -49,7 +49,7 @@ def _error(
     code: pb.StreamErrorCode.ValueType,
     message: str,
     field: str = "",
-    frame: pb.TelemetryFrame | None = None,
+    frame: pb.TelemetryFrame | FrameRef | None = None,
     retry_after_ms: int = 0,
 ) -> pb.StreamTelemetryResponse:
     # (fields set in place: ~2.5x cheaper than building a StreamError and copying it in,
@@ -325,13 +325,13 @@ class StreamHandler:
         except Exception:  # a bug must not leave the frame unanswered
             log.exception("failed to build the decision for a frame")
             child(self.p.m.rejected, "internal").inc()
-            resp = _error(
-                Code.STREAM_ERROR_CODE_INTERNAL,
-                "internal error deciding this frame (logged on the server)",
+            self.out.put_nowait(
+                _error(
+                    Code.STREAM_ERROR_CODE_INTERNAL,
+                    "internal error deciding this frame (logged on the server)",
+                    frame=pending.frame,
+                )
             )
-            resp.error.frame_step = pending.frame.step
-            resp.error.frame_request_id = pending.frame.request_id
-            self.out.put_nowait(resp)
             return
         s.remember_decision(d.decision_id)
         self.p.experience.decision(s.session_id, d)

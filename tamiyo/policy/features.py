@@ -40,6 +40,8 @@ from tamiyo.policy.snapshot import (
 )
 from tamiyo.policy.topology import ADJACENCY_CACHE, LruCache, NormAdjacency
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "FEATURE_SCHEMA",
     "KERNEL_SCHEMA",
@@ -333,7 +335,9 @@ def featurize_many(
     kcounts = np.fromiter(map(len, map(_KERNEL_IDS, kernels)), np.int64, b)
     steps_g = np.fromiter(map(_STEP, snaps), np.int64, b)
     statics, adjs = _topology_pieces(topos, schema.num_features)
-    x, target, health, free_seed = _dynamic(snaps, topos, statics, steps_g, kcounts, schema)
+    x, target, health, free_seed = _dynamic(
+        TelemetryBatch(snaps, topos, statics, counts, steps_g, kcounts, schema)
+    )
     for a in (x, target, health, free_seed):
         a.setflags(write=False)
     # Split back per graph by slicing (np.split costs ~3 µs per piece in Python).
@@ -355,21 +359,29 @@ def featurize_many(
     )
 
 
+class TelemetryBatch(NamedTuple):
+    """What the telemetry columns of a batch of B graphs are computed from (both
+    renderings, ``_numpy_dynamic`` and ``_native_dynamic``): the snapshots, their
+    topologies, each topology's cached static columns float32 [N_g, F], nodes, steps and
+    kernels per graph int64 [B], and the schema."""
+
+    snaps: Sequence[GraphSnapshot]
+    topos: list[GraphTopology]
+    statics: list[FloatArray]
+    counts: IntArray
+    steps_g: IntArray
+    kcounts: IntArray
+    schema: FeatureSchema
+
+
 Dynamic = tuple[FloatArray, BoolArray, FloatArray, IntArray]
 
 
-def _numpy_dynamic(
-    snaps: Sequence[GraphSnapshot],
-    topos: list[GraphTopology],
-    statics: list[FloatArray],
-    steps_g: IntArray,
-    kcounts: IntArray,
-    schema: FeatureSchema,
-) -> Dynamic:
+def _numpy_dynamic(batch: TelemetryBatch) -> Dynamic:
     """x float32 [N, F] (the topology columns plus the telemetry ones), target bool [N],
     health float32 [N] and free_seed int64 [N] of a batch, in ~70 numpy calls."""
+    snaps, topos, statics, counts, steps_g, kcounts, schema = batch
     w = snaps[0].window
-    counts = np.fromiter(map(len, map(_LAYER_IDS, topos)), np.int64, len(topos))
     n = int(counts.sum())
     x = np.concatenate(statics)  # a fresh copy
     # Only the slices the features use are stacked: copying whole [N, W, 8] windows cost
@@ -506,18 +518,12 @@ def _native_plan(schema: FeatureSchema) -> tuple[IntArray, npt.NDArray[np.float6
     return out
 
 
-def _native_dynamic(
-    snaps: Sequence[GraphSnapshot],
-    topos: list[GraphTopology],
-    statics: list[FloatArray],
-    steps_g: IntArray,
-    kcounts: IntArray,
-    schema: FeatureSchema,
-) -> Dynamic:
+def _native_dynamic(batch: TelemetryBatch) -> Dynamic:
     """``_numpy_dynamic`` in one native call (~1 µs per node instead of ~0.4 ms per batch
     plus ~1-3 µs per node; ``bench --only hotpath``)."""
     if _features is None:
         raise RuntimeError("tamiyo.policy._features is not built")
+    snaps, topos, statics, _, steps_g, kcounts, schema = batch
     plan, scales = _native_plan(schema)
     out: Dynamic = _features.dynamic(  # (window arrays are read in place, strided)
         plan,
@@ -539,43 +545,31 @@ def _native_dynamic(
 _NATIVE_STATE: list[bool] = []  # [] unchecked, [True] checked and used, [False] off
 
 
-def _dynamic(
-    snaps: Sequence[GraphSnapshot],
-    topos: list[GraphTopology],
-    statics: list[FloatArray],
-    steps_g: IntArray,
-    kcounts: IntArray,
-    schema: FeatureSchema,
-) -> Dynamic:
+def _dynamic(batch: TelemetryBatch) -> Dynamic:
     """The telemetry columns: native when built and, on the first batch of the process,
     equal to the numpy rendering (to float32 rounding); numpy otherwise."""
-    args = (snaps, topos, statics, steps_g, kcounts, schema)
-    if _features is None and not _NATIVE_STATE:
-        _NATIVE_STATE.append(False)
-        logging.getLogger(__name__).warning(
-            "tamiyo.policy._features is not built (no C compiler at install): featurizing "
-            "with numpy, ~0.4 ms more per batch"
-        )
     if _features is None or _NATIVE_STATE == [False]:
-        return _numpy_dynamic(*args)
+        if not _NATIVE_STATE:  # (not built: said once)
+            _NATIVE_STATE.append(False)
+            log.warning(
+                "tamiyo.policy._features is not built (no C compiler at install): "
+                "featurizing with numpy, ~0.4 ms more per batch"
+            )
+        return _numpy_dynamic(batch)
     try:
-        got = _native_dynamic(*args)
+        got = _native_dynamic(batch)
     except ValueError:  # input numpy takes but C refuses: a bug here, not in the caller
-        logging.getLogger(__name__).exception(
-            "native featurizer refused a batch; featurizing with numpy from now on"
-        )
+        log.exception("native featurizer refused a batch; featurizing with numpy from now on")
         _NATIVE_STATE[:] = [False]
-        return _numpy_dynamic(*args)
+        return _numpy_dynamic(batch)
     if not _NATIVE_STATE:
-        want = _numpy_dynamic(*args)
+        want = _numpy_dynamic(batch)
         same = all(
             np.allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6, equal_nan=True)
             for g, w in zip(got, want, strict=True)
         )
         _NATIVE_STATE.append(same)
         if not same:
-            logging.getLogger(__name__).warning(
-                "native featurizer disagrees with numpy on a batch; featurizing with numpy"
-            )
+            log.warning("native featurizer disagrees with numpy on a batch; featurizing with numpy")
             return want
     return got

@@ -4,11 +4,11 @@ Why: the compiled TorchScript forward is ~80 library ops, each a pass over the w
 batch's activations in memory plus ~5-10 µs of dispatch. At the model's shapes that
 costs 2.5-6x the matrix products alone, and for one small graph it is all fixed cost
 (``bench/inference.py``). Graphs in a batch are independent, so ``_fused.c`` runs the
-whole network for one graph at a time while its activations stay in cache: every layer
-is one register-blocked product with bias, ReLU, the Â aggregation and the residual
-applied in the same pass, followed by the per-graph softmax, best action and heads of
-``engine.ServingForward``. No collation into a block-diagonal batch, and the GIL is
-released once per batch.
+whole network for a group of consecutive graphs (≤ 256 nodes) at a time while their
+activations stay in cache: every layer is one register-blocked product with bias, ReLU,
+the Â aggregation and the residual applied in the same pass, followed by the per-graph
+softmax, best action and heads of ``engine.ServingForward``. No collation into a
+block-diagonal batch, and the GIL is released once per batch.
 
 It is the same network: the weights are packed from the engine's ``TamiyoPolicy`` at
 construction (transposed, each output width padded to 16 floats with zeros); the

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,19 +17,13 @@ from hypothesis import strategies as st
 
 from tamiyo.policy import features as fm
 from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema, GraphSnapshot
-from tamiyo.policy.snapshot import INT_FIELDS, MAX_SEEDS, SignalWindow
+from tamiyo.policy.snapshot import INT_FIELDS, MAX_SEEDS, SignalWindow, _frozen
 from tamiyo.policy.synthetic import random_snapshot
 
 pytestmark = pytest.mark.skipif(
     not fm.native_available() and not (shutil.which("cc") or shutil.which("gcc")),
     reason="tamiyo.policy._features not built (no C compiler at install)",
 )
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    a.setflags(write=False)
-    return a
 
 
 def _varied(rng: np.random.Generator, n: int, k: int, window: int, missing: float) -> GraphSnapshot:
@@ -57,15 +51,26 @@ def _varied(rng: np.random.Generator, n: int, k: int, window: int, missing: floa
     )
 
 
+def _batch(snaps: list[GraphSnapshot], schema: FeatureSchema = FEATURE_SCHEMA) -> fm.TelemetryBatch:
+    """What featurize_many hands either rendering for ``snaps``."""
+    topos = [s.topology for s in snaps]
+    statics, _ = fm._topology_pieces(topos, schema.num_features)
+    return fm.TelemetryBatch(
+        snaps,
+        topos,
+        statics,
+        np.array([t.num_nodes for t in topos], np.int64),
+        np.array([s.step for s in snaps], np.int64),
+        np.array([s.kernels.num_kernels for s in snaps], np.int64),
+        schema,
+    )
+
+
 def _both(
     snaps: list[GraphSnapshot], schema: FeatureSchema = FEATURE_SCHEMA
 ) -> tuple[fm.Dynamic, fm.Dynamic]:
-    topos = [s.topology for s in snaps]
-    kcounts = np.array([s.kernels.num_kernels for s in snaps], np.int64)
-    steps = np.array([s.step for s in snaps], np.int64)
-    statics, _ = fm._topology_pieces(topos, schema.num_features)
-    args = (snaps, topos, statics, steps, kcounts, schema)
-    return fm._numpy_dynamic(*args), fm._native_dynamic(*args)
+    batch = _batch(snaps, schema)
+    return fm._numpy_dynamic(batch), fm._native_dynamic(batch)
 
 
 @settings(max_examples=60, deadline=None)
@@ -108,45 +113,51 @@ def test_featurize_many_checks_once_then_uses_native(monkeypatch: pytest.MonkeyP
     calls: list[int] = []
     real = fm._numpy_dynamic
 
-    def counting(*args: object) -> object:
+    def counting(batch: fm.TelemetryBatch) -> fm.Dynamic:
         calls.append(1)
-        return real(*args)  # type: ignore[arg-type]
+        return real(batch)
 
     monkeypatch.setattr(fm, "_numpy_dynamic", counting)
     fm.featurize_many(snaps)
     assert calls == []
 
 
-def test_a_disagreeing_native_build_is_not_used(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def _off_by_one(batch: fm.TelemetryBatch) -> fm.Dynamic:
+    x, target, health, free_seed = _REAL_NATIVE(batch)
+    return x + 1, target, health, free_seed
+
+
+def _refusing(batch: fm.TelemetryBatch) -> fm.Dynamic:
+    raise ValueError("featurize: graph 0: floats must be ...")
+
+
+_REAL_NATIVE = fm._native_dynamic
+
+
+@pytest.mark.parametrize(
+    ("state", "native", "message"),
+    [
+        # the first batch's comparison finds a disagreeing build
+        ([], _off_by_one, "native featurizer disagrees"),
+        # a checked build later refuses a batch numpy takes
+        ([True], _refusing, "native featurizer refused a batch"),
+    ],
+)
+def test_a_native_build_that_fails_is_replaced_by_numpy(
+    state: list[bool],
+    native: Callable[[fm.TelemetryBatch], fm.Dynamic],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(fm, "_NATIVE_STATE", [])
-    real = fm._native_dynamic
-
-    def off_by_one(*args: object) -> fm.Dynamic:
-        x, target, health, free_seed = real(*args)  # type: ignore[arg-type]
-        return x + 1, target, health, free_seed
-
-    monkeypatch.setattr(fm, "_native_dynamic", off_by_one)
+    monkeypatch.setattr(fm, "_NATIVE_STATE", list(state))
+    monkeypatch.setattr(fm, "_native_dynamic", native)
     snaps = [random_snapshot(np.random.default_rng(5), 7)]
     with caplog.at_level(logging.WARNING):
         (g,) = fm.featurize_many(snaps)
-    assert "native featurizer disagrees" in caplog.text
+    assert message in caplog.text
     assert fm._NATIVE_STATE == [False]
-    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(*_args(snaps))[0])
-
-
-def _args(snaps: list[GraphSnapshot]) -> tuple[Any, ...]:
-    topos = [s.topology for s in snaps]
-    statics, _ = fm._topology_pieces(topos, FEATURE_SCHEMA.num_features)
-    return (
-        snaps,
-        topos,
-        statics,
-        np.array([s.step for s in snaps], np.int64),
-        np.array([s.kernels.num_kernels for s in snaps], np.int64),
-        FEATURE_SCHEMA,
-    )
+    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(_batch(snaps))[0])
 
 
 @pytest.mark.parametrize(
@@ -165,29 +176,12 @@ def test_malformed_arrays_are_refused_with_the_graph_and_field_named(
     snaps = [random_snapshot(rng, 5), random_snapshot(rng, 6)]
     snaps[1] = replace(snaps[1], **{field: bad(getattr(snaps[1], field))})  # type: ignore[operator]
     with pytest.raises(ValueError, match=message):
-        fm._native_dynamic(*_args(snaps))
-
-
-def test_a_batch_the_native_code_refuses_is_featurized_with_numpy(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(fm, "_NATIVE_STATE", [True])
-
-    def refusing(*args: object) -> fm.Dynamic:
-        raise ValueError("featurize: graph 0: floats must be ...")
-
-    monkeypatch.setattr(fm, "_native_dynamic", refusing)
-    snaps = [random_snapshot(np.random.default_rng(7), 5)]
-    with caplog.at_level(logging.ERROR):
-        (g,) = fm.featurize_many(snaps)
-    assert "native featurizer refused a batch" in caplog.text
-    assert fm._NATIVE_STATE == [False]
-    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(*_args(snaps))[0])
+        fm._native_dynamic(_batch(snaps))
 
 
 def test_session_windows_are_featurized_natively() -> None:
     """A server session's window arrays are fields of one record array (strided views),
-    which the C code reads after one contiguous copy each."""
+    which the C code reads in place."""
     snap = random_snapshot(np.random.default_rng(8), 6)
     window = SignalWindow(snap.topology, snap.kernels, FEATURE_SCHEMA.window)
     strided = window.snapshot(step=snap.step)
@@ -207,4 +201,4 @@ def test_without_the_c_module_numpy_featurizes_and_it_is_logged_once(
         (g,) = fm.featurize_many(snaps)
         fm.featurize_many(snaps)
     assert caplog.text.count("tamiyo.policy._features is not built") == 1
-    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(*_args(snaps))[0])
+    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(_batch(snaps))[0])
