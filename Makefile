@@ -19,7 +19,7 @@ help:
 	@echo "make train | demo | bench | soak"
 
 # setup.py builds the native modules (tamiyo/policy/_*.c): a change to one reinstalls.
-$(STAMP): pyproject.toml setup.py tamiyo/policy/_fused.c tamiyo/policy/_features.c
+$(STAMP): pyproject.toml setup.py tamiyo/policy/_fused.c tamiyo/policy/_features.c tamiyo/policy/_ingest.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"

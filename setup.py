@@ -1,12 +1,14 @@
-"""Build of the native modules: ``tamiyo.policy._fused`` (the fused CPU forward) and
-``tamiyo.policy._features`` (the featurizer's telemetry columns).
+"""Build of the native modules: ``tamiyo.policy._fused`` (the fused CPU forward),
+``tamiyo.policy._features`` (the featurizer's telemetry columns) and
+``tamiyo.policy._ingest`` (the usual telemetry frame into a session's window).
 
 Everything else about the package is in pyproject.toml. The module is compiled for the
 machine that installs it (``-march=native``: AVX-512 or AVX2 where present), which is
 right for ``make setup`` and CI; an image built on one machine and run on others sets
 ``TAMIYO_MARCH`` (e.g. ``x86-64-v3``) or ``TAMIYO_MARCH=none`` for the compiler's default.
 Without a C compiler the package still installs and serves: the engine falls back to the
-compiled TorchScript forward (``tamiyo/policy/fused.py``) and the featurizer to numpy.
+compiled TorchScript forward (``tamiyo/policy/fused.py``), the featurizer and the frame
+path to numpy.
 """
 
 import os
@@ -31,6 +33,6 @@ setup(
             extra_compile_args=flags,
             optional=True,  # no compiler: install anyway, run the torch / numpy paths
         )
-        for name in ("_fused", "_features")
+        for name in ("_fused", "_features", "_ingest")
     ]
 )

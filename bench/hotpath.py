@@ -4,7 +4,9 @@ Why: the serving bench says *that* Tamiyo is slower than the echo server; this p
 *where* the time goes. For hosts of ``loadgen`` graphs (32 layers) at 1 and 64 streams,
 with frames in either signal form (``signal_columns``, what clients send, and the readable
 ``signals`` messages), it times per frame the stages the event loop runs (decode,
-validate, window update, snapshot, rules + proto build, serialize) and, per batch, the
+ingest = validate and record in the window, as ``Session.ingest`` does it: the native
+path for a full columnar frame, otherwise decode + checks + window update; snapshot,
+rules + proto build, serialize) and, per batch, the
 batch stages (on the event loop on CPU, on an inference thread on CUDA)
 (featurize_many, engine.infer). Medians over iterations after a warm-up; process CPU time
 per iteration is reported too (the box is shared, wall time includes preemption).
@@ -23,7 +25,7 @@ from bench.report import environment, print_table, write_json
 
 PART = "hotpath"
 ORDER = 45
-EVENT_LOOP = ("decode", "validate", "update", "snapshot", "rules_build", "serialize")
+EVENT_LOOP = ("decode", "ingest", "snapshot", "rules_build", "serialize")
 INFERENCE = ("featurize_batch", "infer_batch")
 
 
@@ -39,7 +41,7 @@ def measure(layers: int, streams: int, iters: int, form: str = "columns") -> dic
     from tamiyo_client.loadgen import make_host
     from tamiyo_server.pipeline import _build
     from tamiyo_server.session import FrameRef, Session
-    from tamiyo_server.validation import validate_frame, validate_session_open
+    from tamiyo_server.validation import validate_session_open
 
     cfg = ServerConfig()
     rng = random.Random(0)
@@ -48,7 +50,7 @@ def measure(layers: int, streams: int, iters: int, form: str = "columns") -> dic
     for h in hosts:
         op = pb.StreamTelemetryRequest.FromString(h.open_bytes).session_open
         info = validate_session_open(op, cfg.limits)
-        sessions.append(Session.open(op, info, DecisionRules(cfg.rules), 0.01))
+        sessions.append(Session.open(op, info, DecisionRules(cfg.rules), 0.01, cfg.limits))
     policy = load_policy(None)
     engine = InferenceEngine(policy.model, "cpu", version=policy.version)
     t: dict[str, list[int]] = {k: [] for k in EVENT_LOOP + INFERENCE}
@@ -62,16 +64,13 @@ def measure(layers: int, streams: int, iters: int, form: str = "columns") -> dic
             fr = pb.StreamTelemetryRequest.FromString(h.frame_bytes).frame
             fr.step = it + 1
             t1 = ns()
-            cols = validate_frame(fr, s.info, cfg.limits, s.last_step)
+            s.ingest(fr, cfg.limits)
             t2 = ns()
-            s.apply_frame(fr, cols)
-            t3 = ns()
             snaps.append(s.snapshot(fr))
-            t4 = ns()
+            t3 = ns()
             t["decode"].append(t1 - t0)
-            t["validate"].append(t2 - t1)
-            t["update"].append(t3 - t2)
-            t["snapshot"].append(t4 - t3)
+            t["ingest"].append(t2 - t1)
+            t["snapshot"].append(t3 - t2)
         t0 = ns()
         graphs = featurize_many(snaps)
         t1 = ns()

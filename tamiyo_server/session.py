@@ -21,6 +21,7 @@ from typing import Any
 
 from tamiyo.config import BatchConfig, Limits, RuleConfig
 from tamiyo.policy.features import FEATURE_SCHEMA
+from tamiyo.policy.frame_ingest import FrameChecks
 from tamiyo.policy.rules import DecisionRules, RuleState
 from tamiyo.policy.snapshot import (
     GraphSnapshot,
@@ -31,7 +32,8 @@ from tamiyo.policy.snapshot import (
 )
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Job
-from tamiyo_server.validation import TopologyInfo
+from tamiyo_server.signal_checks import frame_checks
+from tamiyo_server.validation import TopologyInfo, validate_frame_header, validate_frame_signals
 
 _BOOT = os.urandom(4).hex()
 _IDS = itertools.count(1)
@@ -99,23 +101,31 @@ class Session:
     opened_at: float = field(default_factory=time.time)
     recent_decisions: OrderedDict[str, None] = field(default_factory=OrderedDict)
     outcomes: deque[pb.DecisionOutcome] = field(default_factory=lambda: deque(maxlen=MAX_OUTCOMES))
+    checks: FrameChecks | None = None  # the native frame path's rules (None: Python only)
 
     @staticmethod
     def open(
-        msg: pb.SessionOpen, info: TopologyInfo, rules: DecisionRules, deadline: float
+        msg: pb.SessionOpen,
+        info: TopologyInfo,
+        rules: DecisionRules,
+        deadline: float,
+        limits: Limits | None = None,
     ) -> Session:
-        """Build a session from a *validated* SessionOpen (``deadline`` in s)."""
+        """Build a session from a *validated* SessionOpen (``deadline`` in s). With
+        ``limits``, full columnar frames may take the native path (``ingest``)."""
         topo = GraphTopology.from_proto(msg.topology)
         kernels = KernelSet.from_proto(msg.kernels)
+        window = SignalWindow(topo, kernels, FEATURE_SCHEMA.window)
         return Session(
             session_id=new_id("s"),
             host_id=msg.host_id,
             model_id=msg.model_id,
             info=info,
-            window=SignalWindow(topo, kernels, FEATURE_SCHEMA.window),
+            window=window,
             rules=rules,
             deadline_s=deadline,
             num_edges=info.num_edges,
+            checks=None if limits is None else frame_checks(window, info, limits),
         )
 
     @property
@@ -132,6 +142,23 @@ class Session:
                 max_signals_per_frame=limits.max_signals_per_frame,
             )
         )
+
+    def ingest(self, frame: pb.TelemetryFrame, limits: Limits) -> None:
+        """Validate a frame and record its signals (ValidationError naming the field,
+        and then nothing is recorded). A full columnar frame, the usual one, is checked
+        and written by the native path in one pass; any other frame, and any frame that
+        path does not accept, is decoded and checked field by field."""
+        validate_frame_header(frame, limits, self.last_step)
+        c = self.checks
+        if (
+            c is not None
+            and frame.HasField("signal_columns")
+            and not len(frame.signals)
+            and self.window.ingest_full(frame.signal_columns.SerializeToString(), c, frame.step)
+        ):
+            self.last_step = frame.step
+            return
+        self.apply_frame(frame, validate_frame_signals(frame, self.info, limits))
 
     def apply_frame(self, frame: pb.TelemetryFrame, cols: SignalColumns | None = None) -> None:
         """Record a *validated* frame's signals in the history window (``cols``: the

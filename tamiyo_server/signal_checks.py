@@ -5,7 +5,9 @@ Why separate from ``tamiyo_server.validation``: these checks only say *whether* 
 is valid, in ~10 numpy calls for the whole frame (each numpy call costs µs here, so they
 are counted, not looped); the per-field checks in ``validation`` say *what* is wrong and
 run only when these refuse. Both hold the same rules (the ranges live here), and
-hypothesis tests hold them to the same answers.
+hypothesis tests hold them to the same answers. ``frame_checks`` hands the same ranges
+to the native path of the usual frame (``tamiyo.policy.frame_ingest``), which checks and
+records a full columnar frame in one pass before any of this runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tamiyo.config import Limits
-from tamiyo.policy.snapshot import FLOAT_FIELDS, INT_FIELDS, SignalColumns
+from tamiyo.policy.frame_ingest import FrameChecks, native_available
+from tamiyo.policy.snapshot import FLOAT_FIELDS, INT_FIELDS, SignalColumns, SignalWindow
 from tamiyo.v1 import health_pb2
 
 if TYPE_CHECKING:
@@ -88,6 +91,14 @@ def columns_look_valid(
         or _count(values < _STATE_LO)
         or _count(values > _STATE_HI)
     )
+
+
+def frame_checks(window: SignalWindow, topo: TopologyInfo, limits: Limits) -> FrameChecks | None:
+    """These rules laid out for the native full-frame path (``SignalWindow.ingest_full``)
+    of a session; None when that path is not built or cannot decide for this session."""
+    if not native_available() or topo.max_seeds > limits.max_seeds_per_layer:
+        return None
+    return window.frame_checks(_FAST_HI, topo.int_bounds, topo.seed_array, (_STATE_LO, _STATE_HI))
 
 
 def decode_valid_signals(

@@ -31,7 +31,6 @@ from tamiyo_server.pipeline import DecisionPipeline, Evaluated
 from tamiyo_server.session import FrameRef, Pending, Session, budget_rules, deadline_s
 from tamiyo_server.validation import (
     ValidationError,
-    validate_frame,
     validate_outcome,
     validate_session_open,
 )
@@ -182,7 +181,8 @@ class StreamHandler:
             self._reject(err)
             return
         rules = self.p.rules_for(budget_rules(self.p.config.rules, msg.budget))
-        self.session = Session.open(msg, info, rules, deadline_s(self.p.config.batch, msg.budget))
+        deadline = deadline_s(self.p.config.batch, msg.budget)
+        self.session = Session.open(msg, info, rules, deadline, self.p.config.limits)
         self.p.experience.open_session(self.session.session_id, msg)
         self.out.put_nowait(
             self.session.accepted(self.p.holder.current.version, self.p.config.limits)
@@ -245,11 +245,10 @@ class StreamHandler:
             )
             return
         try:
-            cols = validate_frame(frame, s.info, self.p.config.limits, s.last_step)
+            s.ingest(frame, self.p.config.limits)
         except ValidationError as err:
             self._reject(err, frame)
             return
-        s.apply_frame(frame, cols)
         self.p.experience.frame(s, frame)
         if not frame.want_decision:
             return

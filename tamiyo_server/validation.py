@@ -273,6 +273,13 @@ def validate_frame(
     """A frame of a session: step >= 0 and non-decreasing, at most one signal per layer,
     every signal valid against the session topology. Returns the decoded signals (for
     ``SignalWindow.update``, so a frame is decoded once)."""
+    validate_frame_header(frame, limits, last_step)
+    return validate_frame_signals(frame, topo, limits)
+
+
+def validate_frame_header(frame: pb.TelemetryFrame, limits: Limits, last_step: int | None) -> None:
+    """The checks of a frame before its signals: step >= 0 and not below the session's
+    last, the request id."""
     path = "frame"
     if frame.step < 0:
         raise ValidationError(f"{path}.step", f"{frame.step} < 0", "out_of_range")
@@ -281,6 +288,13 @@ def validate_frame(
             f"{path}.step", f"{frame.step} < previous step {last_step}", "step_regressed"
         )
     check_id(frame.request_id, f"{path}.request_id", limits.max_request_id_chars, allow_empty=True)
+
+
+def validate_frame_signals(
+    frame: pb.TelemetryFrame, topo: TopologyInfo, limits: Limits
+) -> SignalColumns:
+    """The signals of a frame (either form), decoded; the rest of ``validate_frame``."""
+    path = "frame"
     if frame.HasField("signal_columns"):
         if len(frame.signals):
             raise ValidationError(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tamiyo.policy.frame_ingest import FrameChecks, build_checks, write_full_frame
 from tamiyo.policy.signal_decode import FLOAT_FIELDS as FLOAT_FIELDS
 from tamiyo.policy.signal_decode import INT_FIELDS as INT_FIELDS
 from tamiyo.policy.signal_decode import MAX_SEEDS as MAX_SEEDS
@@ -390,8 +391,10 @@ class SignalWindow:
         n = topology.num_nodes
         self._ring = np.zeros((n, window), _RECORD)
         self._flat = self._ring.reshape(-1)  # view: row i*W + k = layer i, slot k
-        self._count = np.zeros(n, np.int64)  # signals ever written per layer
-        self._even: int | None = 0  # the count of every layer when they are all equal
+        # signals ever written per layer; while they are all equal, ``_even`` is that
+        # count and ``_count`` is not kept up to date (a numpy call saved per frame)
+        self._count = np.zeros(n, np.int64)
+        self._even: int | None = 0
         self._base = np.arange(n, dtype=np.int64) * window  # first ring row of each layer
         self._slots = np.arange(window, dtype=np.int64)
         self.last_step = 0
@@ -424,13 +427,14 @@ class SignalWindow:
         m = len(cols.layer)
         if m:
             w = self.window
-            full = m == len(self._count) and (cols.all_layers or _is_arange(cols.layer))
+            full = m == self.topology.num_nodes and (cols.all_layers or _is_arange(cols.layer))
             if self._even is not None and full:
                 target = self._ring[:, self._even % w]  # one ring column, layer order
                 src: IntArray | slice = slice(None)
                 self._even += 1
-                self._count += 1
             else:
+                if self._even is not None:
+                    self._count[:] = self._even
                 layer = cols.layer
                 per_layer = np.bincount(layer, minlength=len(self._count))
                 if per_layer.max() == 1:  # one signal per layer
@@ -462,6 +466,47 @@ class SignalWindow:
             self.last_epoch = max(self.last_epoch, int(_max(cols.epochs)))
         if step is not None:
             self.last_step = max(self.last_step, int(step))
+
+    def frame_checks(
+        self,
+        hi: npt.ArrayLike,
+        bounds: npt.ArrayLike,
+        declared: npt.ArrayLike,
+        state_range: tuple[int, int],
+    ) -> FrameChecks | None:
+        """The rules of a valid signal, laid out for ``ingest_full`` (``frame_ingest``):
+        per float column its upper bound ``hi`` (all lower bounds are 0), per layer the
+        upper ``bounds`` [N, 4] of the counts and the ``declared`` seed count,
+        the valid seed-state values. None for a window of no layers."""
+        if self._layout is None:
+            return None
+        return build_checks(
+            self._layout,
+            self._ring.dtype,
+            self.window,
+            hi,
+            bounds,
+            declared,
+            state_range,
+            INT_FIELDS.index("total_seeds"),
+        )
+
+    def ingest_full(self, raw: bytes, checks: FrameChecks, step: int) -> bool:
+        """``update`` with a full columnar frame (``raw``: its serialized
+        ``HealthSignalColumns``), checked against ``checks`` and written by the native
+        code (``frame_ingest``). False, with nothing written, when the frame is not a
+        valid full frame in canonical layout, when the layers hold different numbers of
+        signals, or without the native module: the caller then decodes, validates and
+        ``update``s as usual."""
+        if self._even is None:
+            return False
+        got = write_full_frame(raw, checks, self._ring, self._even % self.window)
+        if got is None:
+            return False
+        self._even += 1
+        self.last_step = max(self.last_step, got[0], int(step))
+        self.last_epoch = max(self.last_epoch, got[1])
+        return True
 
     def _even_count(self) -> int | None:
         c = self._count

@@ -314,5 +314,6 @@ def test_dockerfile_builds_the_native_forward() -> None:
     assert "setup.py" in copies
     assert "gcc" in text
     assert "fused.available()" in text
+    assert "frame_ingest.native_available()" in text
     # a module built on the host for its own CPU must not be copied in beside the source
     assert "**/*.so" in (ROOT / ".dockerignore").read_text().splitlines()
