@@ -318,3 +318,29 @@ async def test_company_is_awaited_only_when_it_pays(utilization: float, waits: b
     assert (rec.batches == []) == waits, rec.batches
     await job.future
     b.stop()
+
+
+@pytest.mark.parametrize(("utilization", "held"), [(0.05, False), (0.9, True)])
+async def test_default_knobs_hold_a_busy_batch_for_company(utilization: float, held: bool) -> None:
+    """With the default knobs (2 ms queue delay, 10 ms deadline) a busy server holds a
+    lone job for company, for about the queue delay; an idle one runs it at once. (The
+    2 ms timer slack, meant for the deadline, was once also taken off the 2 ms queue
+    delay, which left no wait at all: batches never waited for company.)"""
+    rec = Recorder()
+    b: Batcher[int, int] = Batcher(rec, replace(BatchConfig(), run_on="loop"))
+    b.start()
+    b.cost.fit([(4, 1, 0.3), (8, 2, 0.35), (40, 10, 0.8)])  # ~0.3 ms fixed cost
+    b.utilization = utilization  # 0.3 ms · u/(1-u): 0.02 ms (idle) or 2.7 ms (busy)
+    b.arrival_gap_s = 0.0005  # vs a gap of 0.5 ms between arrivals
+    now = time.monotonic()
+    b._last_submit = now - 0.0005
+    job = b.submit(1, 4, 3, now, now + 0.010)
+    assert job is not None
+    planned_in_s = b._tick_at - time.monotonic()
+    if held:
+        assert 0.0005 < planned_in_s <= 0.002, planned_in_s
+    else:
+        assert planned_in_s <= 0.0, planned_in_s
+    assert (await job.future).result == 10
+    assert rec.batches == [[1]]
+    b.stop()
