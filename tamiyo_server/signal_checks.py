@@ -96,7 +96,11 @@ def columns_look_valid(
 def frame_checks(window: SignalWindow, topo: TopologyInfo, limits: Limits) -> FrameChecks | None:
     """These rules laid out for the native full-frame path (``SignalWindow.ingest_full``)
     of a session; None when that path is not built or cannot decide for this session."""
-    if not native_available() or topo.max_seeds > limits.max_seeds_per_layer:
+    if (
+        not native_available()
+        or topo.max_seeds > limits.max_seeds_per_layer
+        or len(topo.layer_index) > limits.max_signals_per_frame  # (a full frame is refused)
+    ):
         return None
     return window.frame_checks(_FAST_HI, topo.int_bounds, topo.seed_array, (_STATE_LO, _STATE_HI))
 

@@ -131,30 +131,44 @@ static const void *array_data(PyObject *o, int typenum, int ndim, const npy_intp
     return PyArray_DATA(a);
 }
 
+/* Every plan entry is an offset, a size or a small constant: bounding them all first keeps
+ * the sums and products below far from int64 overflow (a caller's bad plan then raises
+ * instead of wrapping around into a wild read or write). */
+#define PLAN_MAX ((int64_t)1 << 40)
+
 static PyObject *full_frame(PyObject *self, PyObject *args) {
-    Py_buffer raw_b, prefix_b, heads_b;
+    PyObject *raw_o, *prefix_o, *heads_o; /* bytes only: immutable, never the ring's memory */
     PyObject *plan_o, *hi_o, *bounds_o, *declared_o, *ring_o;
     Py_ssize_t slot;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOOOOn", &raw_b, &prefix_b, &heads_b, &plan_o, &hi_o,
+    if (!PyArg_ParseTuple(args, "SSSOOOOOn", &raw_o, &prefix_o, &heads_o, &plan_o, &hi_o,
                           &bounds_o, &declared_o, &ring_o, &slot))
         return NULL;
-    PyObject *result = NULL;
-    const unsigned char *raw = raw_b.buf, *heads = heads_b.buf;
-    const Py_ssize_t n = raw_b.len;
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(raw_o);
+    const unsigned char *prefix = (const unsigned char *)PyBytes_AS_STRING(prefix_o);
+    const unsigned char *heads = (const unsigned char *)PyBytes_AS_STRING(heads_o);
+    const Py_ssize_t n = PyBytes_GET_SIZE(raw_o), n_prefix = PyBytes_GET_SIZE(prefix_o);
+    const Py_ssize_t n_heads_b = PyBytes_GET_SIZE(heads_o);
 
     /* -- arguments (a caller's bug, not a frame's: raise) */
     if (!PyArray_Check(plan_o) || PyArray_NDIM((PyArrayObject *)plan_o) != 1) {
         PyErr_SetString(PyExc_TypeError, "plan: a 1-d int64 array is required");
-        goto done;
+        return NULL;
     }
     npy_intp plan_len = PyArray_DIM((PyArrayObject *)plan_o, 0);
     npy_intp plan_shape[1] = {plan_len};
     const int64_t *plan = array_data(plan_o, NPY_INT64, 1, plan_shape, "plan", 0);
     if (!plan)
-        goto done;
+        return NULL;
     if (plan_len < P_COUNT || (plan_len - P_COUNT) % 2) {
         PyErr_SetString(PyExc_ValueError, "plan: wrong length");
-        goto done;
+        return NULL;
+    }
+    for (npy_intp k = 0; k < plan_len; k++) {
+        if (plan[k] < 0 || plan[k] > PLAN_MAX) {
+            PyErr_Format(PyExc_ValueError, "plan[%zd]: %lld out of range", (Py_ssize_t)k,
+                         (long long)plan[k]);
+            return NULL;
+        }
     }
     const int64_t m = plan[P_M], w = plan[P_WINDOW], isz = plan[P_ITEMSIZE];
     const npy_intp n_heads = (plan_len - P_COUNT) / 2;
@@ -165,42 +179,51 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
         bounds ? array_data(declared_o, NPY_INT64, 1, d_shape, "declared", 0) : NULL;
     npy_intp r_shape[2] = {m, w};
     unsigned char *ring =
-        declared ? (unsigned char *)array_data(ring_o, -1, 2, r_shape, "ring", 1) : NULL;
+        declared ? (unsigned char *)array_data(ring_o, NPY_VOID, 2, r_shape, "ring", 1) : NULL;
     if (!ring)
-        goto done;
+        return NULL;
+    if (PyDataType_REFCHK(PyArray_DESCR((PyArrayObject *)ring_o))) {
+        PyErr_SetString(PyExc_TypeError, "ring: records holding Python objects");
+        return NULL;
+    }
     if (m < 1 || w < 1 || slot < 0 || slot >= w ||
         PyArray_ITEMSIZE((PyArrayObject *)ring_o) != isz || isz < 1 ||
-        plan[P_R_FLOATS] < 0 || plan[P_R_FLOATS] + 4 * NF > isz || plan[P_R_INTS] < 0 ||
-        plan[P_R_INTS] + 8 * NI > isz || plan[P_R_STEPS] < 0 || plan[P_R_STEPS] + 8 > isz ||
-        plan[P_R_EPOCHS] < 0 || plan[P_R_EPOCHS] + 8 > isz || plan[P_R_TS] < 0 ||
-        plan[P_R_TS] + 8 > isz || plan[P_R_SLEN] < 0 || plan[P_R_SLEN] + 8 > isz ||
-        plan[P_R_STATES] < 0 || plan[P_R_STATES] + MAX_SEEDS > isz || plan[P_TOTAL] < 0 ||
-        plan[P_TOTAL] >= NI || plan[P_TAIL] < 0) {
+        plan[P_R_FLOATS] + 4 * NF > isz || plan[P_R_INTS] + 8 * NI > isz ||
+        plan[P_R_STEPS] + 8 > isz || plan[P_R_EPOCHS] + 8 > isz || plan[P_R_TS] + 8 > isz ||
+        plan[P_R_SLEN] + 8 > isz || plan[P_R_STATES] + MAX_SEEDS > isz ||
+        plan[P_TOTAL] >= NI || plan[P_STATES_TAG] > 0xFFFF || plan[P_COUNTS_TAG] > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "plan: inconsistent with the ring or out of range");
-        goto done;
+        return NULL;
     }
     /* every value the loops below read lies before the tail */
     const int64_t tail = plan[P_TAIL], s4 = plan[P_STRIDE4];
-    if (plan[P_FLOATS] < 0 || plan[P_INTS] < 0 || s4 < 0 || plan[P_STEP] < 0 ||
-        plan[P_EPOCH] < 0 || plan[P_TS] < 0 || plan[P_FLOATS] + (NF - 1) * s4 + 4 * m > tail ||
+    if (plan[P_FLOATS] + (NF - 1) * s4 + 4 * m > tail ||
         plan[P_INTS] + (NI - 1) * s4 + 4 * m > tail || plan[P_STEP] + 8 * m > tail ||
-        plan[P_EPOCH] + 4 * m > tail || plan[P_TS] + 8 * m > tail) {
+        plan[P_EPOCH] + 4 * m > tail || plan[P_TS] + 8 * m > tail || n_prefix > tail) {
         PyErr_SetString(PyExc_ValueError, "plan: a column lies past the tail");
-        goto done;
+        return NULL;
+    }
+    int64_t head_bytes = 0;
+    for (npy_intp k = 0; k < n_heads; k++) {
+        int64_t off = plan[P_COUNT + 2 * k], len = plan[P_COUNT + 2 * k + 1];
+        if (off + len > tail) {
+            PyErr_SetString(PyExc_ValueError, "plan: a column header out of range");
+            return NULL;
+        }
+        head_bytes += len;
+    }
+    if (head_bytes != n_heads_b) {
+        PyErr_SetString(PyExc_ValueError, "plan: header lengths do not add up to heads");
+        return NULL;
     }
 
     /* -- layout: the layer ids, every column's tag and length (else not this path) */
-    if (n < tail || prefix_b.len > n || memcmp(raw, prefix_b.buf, prefix_b.len) != 0)
-        goto no;
-    Py_ssize_t h = 0;
-    for (npy_intp k = 0; k < n_heads; k++) {
+    if (n < tail || memcmp(raw, prefix, (size_t)n_prefix) != 0)
+        Py_RETURN_NONE;
+    for (npy_intp k = 0, h = 0; k < n_heads; k++) {
         int64_t off = plan[P_COUNT + 2 * k], len = plan[P_COUNT + 2 * k + 1];
-        if (off < 0 || len < 0 || off + len > tail || h + len > heads_b.len) {
-            PyErr_SetString(PyExc_ValueError, "plan: a column header out of range");
-            goto done;
-        }
         if (memcmp(raw + off, heads + h, (size_t)len) != 0)
-            goto no;
+            Py_RETURN_NONE;
         h += len;
     }
     /* seed columns: none, or seed_states then seed_state_counts (4 m bytes), to the end */
@@ -213,7 +236,8 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
             raw[j + 1] != (plan[P_STATES_TAG] >> 8))
             goto no;
         j += 2;
-        if (!read_varint(raw, n, &j, &ln) || ln > (uint64_t)(n - j))
+        Py_ssize_t at = j; /* canonical lengths only: what protobuf writes (and parses) */
+        if (!read_varint(raw, n, &j, &ln) || j - at != varint_len(ln) || ln > (uint64_t)(n - j))
             goto no;
         states = raw + j;
         n_states = ln;
@@ -223,7 +247,7 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
             raw[j + 1] != (plan[P_COUNTS_TAG] >> 8))
             goto no;
         j += 2;
-        Py_ssize_t at = j;
+        at = j;
         if (!read_varint(raw, n, &j, &ln) || ln != want || j - at != varint_len(want) ||
             (uint64_t)(n - j) != want)
             goto no;
@@ -300,15 +324,9 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
             next_state += c;
         }
     }
-    result = Py_BuildValue("(LL)", (long long)max_step, (long long)max_epoch);
-    goto done;
+    return Py_BuildValue("(LL)", (long long)max_step, (long long)max_epoch);
 no:
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&raw_b);
-    PyBuffer_Release(&prefix_b);
-    PyBuffer_Release(&heads_b);
-    return result;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {

@@ -5,6 +5,7 @@ error, which the Python path names), and bit-identical windows, frame after fram
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -197,7 +198,45 @@ def test_bad_arguments_raise() -> None:
     bad_plan[-2] = 10**6  # a column header past the tail
     with pytest.raises(ValueError, match="header"):
         write_full_frame(raw, c._replace(plan=bad_plan), ring, 0)
+    with pytest.raises(ValueError, match="header"):  # (whatever the frame: even empty)
+        write_full_frame(b"", c._replace(plan=bad_plan), ring, 0)
+    for k in range(len(c.plan)):  # values that would overflow the offset arithmetic
+        huge = c.plan.copy()
+        huge[k] = 2**62
+        with pytest.raises(ValueError, match="out of range"):
+            write_full_frame(raw, c._replace(plan=huge), ring, 0)
+    objects = np.zeros(ring.shape, [("o", object), ("pad", f"V{ring.itemsize - 8}")])
+    with pytest.raises(TypeError, match="objects"):
+        write_full_frame(raw, c, objects, 0)
+    with pytest.raises(TypeError):
+        write_full_frame(bytearray(raw), c, ring, 0)  # type: ignore[arg-type]
     assert not ring.tobytes().strip(b"\x00")  # nothing written by any of them
+
+
+def test_a_non_canonical_length_is_left_to_python() -> None:
+    """A seed-state length written as a 10-byte varint whose high bits are shifted out
+    (protobuf refuses to parse it) is not read as the short length."""
+    open_, frame = _full()
+    native, _ = _sessions(open_)
+    raw = frame.signal_columns.SerializeToString()
+    k = raw.index(b"\x8a\x01")
+    n = raw[k + 2]
+    assert n < 0x80
+    padded = bytes([n | 0x80]) + b"\x80" * 8 + b"\x02"
+    bad = raw[: k + 2] + padded + raw[k + 3 :]
+    assert native.checks is not None
+    assert write_full_frame(bad, native.checks, native.window._ring, 0) is None
+    assert not native.window._ring.tobytes().strip(b"\x00")
+
+
+def test_a_frame_over_the_signal_limit_is_refused_on_either_path() -> None:
+    open_, frame = _full(n=4)
+    small = replace(LIMITS, max_signals_per_frame=2)
+    info = validate_session_open(open_, small)
+    s = Session.open(open_, info, DecisionRules(), 0.01, small)
+    assert s.checks is None  # (the native path does not count signals)
+    with pytest.raises(ValidationError, match="4 signals > limit 2"):
+        s.ingest(frame, small)
 
 
 def test_without_the_c_module_frames_take_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
