@@ -238,9 +238,12 @@ class DecisionPipeline:
         frame: FrameRef,
         path: str,
         shed_reason: str = "",
+        into: decision_pb2.AdaptationDecision | None = None,
     ) -> decision_pb2.AdaptationDecision:
         """Apply the rules to a batch result, or the rules-only fallback when the work
-        was shed (``done`` None or ``done.shed`` set), and build the proto."""
+        was shed (``done`` None or ``done.shed`` set), and build the proto: in ``into``
+        when given (a stream builds it inside its response: wrapping a finished decision
+        copies it, ~8 µs for 36 layer scores on a quiet box)."""
         ev = done.result if done is not None else None
         reason = shed_reason or (done.shed if done is not None else "") or "unknown"
         if ev is None:
@@ -255,7 +258,7 @@ class DecisionPipeline:
             rd = rules.decide(out, g, state, snap.step, snap.epoch)
             self._network_count += 1
             version = ev.policy.version
-        msg = _build(rd, g, out, version, frame)
+        msg = _build(rd, g, out, version, frame, into)
         if ev is None:
             msg.reason = f"{msg.reason} [shed: {reason}]"
         latency = time.monotonic() - frame.arrival
@@ -304,21 +307,21 @@ def _build(
     out: PolicyOutput | None,
     version: str,
     frame: FrameRef,
+    into: decision_pb2.AdaptationDecision | None = None,
 ) -> decision_pb2.AdaptationDecision:
-    msg = decision_pb2.AdaptationDecision(
-        decision_id=new_id("d"),
-        action=rd.action,
-        target_layer_id=rd.layer_id,
-        seed_index=max(rd.seed, 0),
-        kernel_id=rd.kernel_id,
-        reason=rd.reason,
-        rule=rd.rule,
-        policy_version=version,
-        degraded=rd.degraded,
-        propensity=rd.propensity,
-        frame_step=frame.step,
-        frame_request_id=frame.request_id,
-    )
+    msg = decision_pb2.AdaptationDecision() if into is None else into
+    msg.decision_id = new_id("d")
+    msg.action = rd.action
+    msg.target_layer_id = rd.layer_id
+    msg.seed_index = max(rd.seed, 0)
+    msg.kernel_id = rd.kernel_id
+    msg.reason = rd.reason
+    msg.rule = rd.rule
+    msg.policy_version = version
+    msg.degraded = rd.degraded
+    msg.propensity = rd.propensity
+    msg.frame_step = frame.step
+    msg.frame_request_id = frame.request_id
     if out is not None:
         msg.confidence = out.adapt_prob
         msg.urgency = out.urgency

@@ -297,10 +297,13 @@ class StreamHandler:
             return
         job = self.p.submit(snap, s.num_edges, arrival, arrival + s.deadline_s)
         if job is None:  # queue full: answer now from the rules alone
-            d = self.p.decision(None, snap, s.rules, s.rule_state, ref, "stream", "queue_full")
+            resp = pb.StreamTelemetryResponse()
+            d = self.p.decision(
+                None, snap, s.rules, s.rule_state, ref, "stream", "queue_full", resp.decision
+            )
             s.remember_decision(d.decision_id)
             self.p.experience.decision(s.session_id, d)
-            self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))
+            self.out.put_nowait(resp)
             return
         pending = Pending(job, ref)
         s.pending = pending
@@ -317,9 +320,16 @@ class StreamHandler:
         if fut.cancelled():
             return
         done = fut.result()
+        resp = pb.StreamTelemetryResponse()
         try:
             d = self.p.decision(
-                done, pending.job.payload, s.rules, s.rule_state, pending.frame, "stream"
+                done,
+                pending.job.payload,
+                s.rules,
+                s.rule_state,
+                pending.frame,
+                "stream",
+                into=resp.decision,
             )
         except Exception:  # a bug must not leave the frame unanswered
             log.exception("failed to build the decision for a frame")
@@ -334,4 +344,4 @@ class StreamHandler:
             return
         s.remember_decision(d.decision_id)
         self.p.experience.decision(s.session_id, d)
-        self.out.put_nowait(pb.StreamTelemetryResponse(decision=d))
+        self.out.put_nowait(resp)
