@@ -242,9 +242,17 @@ async def test_overload_is_answered_explicitly(make_server: ServerFactory) -> No
     assert srv.metrics.registry.get_sample_value("tamiyo_shed_total", {"reason": "queue_full"}) == 2
 
 
-async def test_hopeless_deadline_gives_degraded_decision(server: TamiyoServer) -> None:
+async def test_hopeless_deadline_gives_degraded_decision(
+    server: TamiyoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 1 ms deadline below the predicted inference time: shed, not silent. (The
+    # prediction is pinned: the native forward of a 6-node graph is predicted well under
+    # 1 ms, so on a quick loop the real one made the deadline and the test depended on
+    # the machine's speed.)
+    assert server.pipeline is not None
+    cost = server.pipeline.batcher.cost
+    monkeypatch.setattr(cost, "predict_ms", lambda nodes, graphs, safe=True: 50.0)
     async with channel(server) as ch:
-        # 1 ms is below the predicted inference time + safety margin: shed, not silent.
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=1)
         await call.write(hosts.frame(6, 1, tag="late"))
         d = (await read(call)).decision
