@@ -94,7 +94,7 @@ async def _measure(tamiyo: bool, rate: float, duration_s: float) -> dict[str, An
     gc.freeze()
     await asyncio.sleep(0.2)
     sink.got.clear()
-    batches0 = _batches(pipeline)
+    graphs0 = _batch_graphs(pipeline)
     t0, c0 = time.perf_counter(), time.thread_time()
     next_at = t0
     for n in range(total):
@@ -118,10 +118,10 @@ async def _measure(tamiyo: bool, rate: float, duration_s: float) -> dict[str, An
     if pipeline is not None:
         decisions = [r.decision for r in sink.got if r.WhichOneof("message") == "decision"]
         lat = sorted(d.server_latency_us / 1000.0 for d in decisions)
-        batches = _batches(pipeline) - batches0
+        graphs, batches = (a - b for a, b in zip(_batch_graphs(pipeline), graphs0, strict=True))
         row |= {
             "network_share": round(sum(not d.degraded for d in decisions) / total, 3),
-            "graphs_per_batch": round(len(decisions) / max(batches, 1), 2),
+            "graphs_per_batch": round(graphs / max(batches, 1), 2),
             "server_p50_ms": round(lat[len(lat) // 2], 2) if lat else None,
             "server_p99_ms": round(lat[int(len(lat) * 0.99)], 2) if lat else None,
         }
@@ -130,11 +130,12 @@ async def _measure(tamiyo: bool, rate: float, duration_s: float) -> dict[str, An
     return row
 
 
-def _batches(pipeline: Any) -> int:
+def _batch_graphs(pipeline: Any) -> tuple[float, float]:
+    """(graphs run in batches, batches) so far, from the server's own histogram."""
     if pipeline is None:
-        return 0
-    value = pipeline.m.registry.get_sample_value("tamiyo_batch_graphs_count")
-    return int(value or 0)
+        return 0.0, 0.0
+    get = pipeline.m.registry.get_sample_value
+    return get("tamiyo_batch_graphs_sum") or 0.0, get("tamiyo_batch_graphs_count") or 0.0
 
 
 def run(opts: BenchOptions) -> None:
