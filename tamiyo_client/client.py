@@ -419,6 +419,8 @@ class TamiyoClient:
                 msg = frame if isinstance(frame, pb.TelemetryFrame) else self._encode(frame)
                 if msg is None:
                     continue
+                if not msg.client_clock_us:  # the budget runs from here (server: transit)
+                    msg.client_clock_us = time.monotonic_ns() // 1000
                 if frame.want_decision:  # before the write: the answer can beat its return
                     self._sent_at[frame.request_id] = time.monotonic()
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up

@@ -18,6 +18,10 @@ and tag. Responses are parsed (the tag is needed to match latency).
   coordinated omission). At the end, frames without any answer after ``--drain-s``
   count as ``lost``.
 
+Every frame carries ``client_clock_us`` (the scheduled send time in open loop, the send
+time in closed loop), as ``tamiyo_client`` stamps its frames, so the server judges each
+budget from when the host asked; ``--no-client-clock`` leaves it out.
+
 Shed = degraded decisions + frames answered "superseded" or refused as overloaded
 (RESOURCE_EXHAUSTED); all are explicit answers.
 """
@@ -134,9 +138,12 @@ _DRAWN = FLOAT_FIELDS  # one random draw per float field of HealthSignal
 SIGNAL_FORMS = ("columns", "message")
 
 
-def suffix(step: int, tag: str) -> bytes:
+def suffix(step: int, tag: str, asked_at: float | None = None) -> bytes:
+    """The per-send tail of a frame: its step, tag and (``asked_at``, s on the
+    generator's monotonic clock) ``client_clock_us``."""
+    clock_us = 0 if asked_at is None else int(asked_at * 1e6)
     return pb.StreamTelemetryRequest(
-        frame=pb.TelemetryFrame(step=step, request_id=tag)
+        frame=pb.TelemetryFrame(step=step, request_id=tag, client_clock_us=clock_us)
     ).SerializeToString()
 
 
@@ -197,6 +204,7 @@ class Plan:
     duration_s: float
     drain_s: float
     honor_pushback: bool = True
+    client_clock: bool = True  # stamp TelemetryFrame.client_clock_us (as tamiyo_client does)
 
     def __post_init__(self) -> None:
         self.t0 = time.perf_counter() + 0.0
@@ -218,7 +226,7 @@ async def closed_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> N
         step += 1
         tag = f"{k}.{step}"
         sent_at[tag] = now
-        await call.write(host.frame_bytes + suffix(step, tag))
+        await call.write(host.frame_bytes + suffix(step, tag, now if plan.client_clock else None))
         st.sent += now >= plan.measure_from
         while True:
             raw = await call.read()
@@ -257,7 +265,9 @@ async def open_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> Non
         step += 1
         tag = f"{k}.{step}"
         sent_at[tag] = next_at
-        await call.write(host.frame_bytes + suffix(step, tag))
+        # stamped with the scheduled time: when the simulated host asked
+        stamp = next_at if plan.client_clock else None
+        await call.write(host.frame_bytes + suffix(step, tag, stamp))
         st.sent += next_at >= plan.measure_from
         next_at += interval
     done_sending.set()
@@ -387,11 +397,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="closed loop: ask again at once after a refusal (a client that ignores "
         "StreamError.retry_after_ms)",
     )
+    p.add_argument(
+        "--no-client-clock",
+        action="store_true",
+        help="leave TelemetryFrame.client_clock_us unset (the server then judges each "
+        "frame's budget from its arrival)",
+    )
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
     hosts = [make_host(rng, i, a.min_layers, a.max_layers, a.signal_form) for i in range(a.streams)]
     plan = Plan(
-        a.mode, a.streams, a.rate, a.warmup_s, a.duration_s, a.drain_s, not a.ignore_pushback
+        a.mode,
+        a.streams,
+        a.rate,
+        a.warmup_s,
+        a.duration_s,
+        a.drain_s,
+        not a.ignore_pushback,
+        not a.no_client_clock,
     )
     st = asyncio.run(run(a.target, hosts, plan, a.token))
     json.dump(summarize(st, plan, hosts), sys.stdout)

@@ -87,6 +87,14 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.transit_seconds = Histogram(
+            "tamiyo_transit_wait_seconds",
+            "Estimated time a frame waited between the host asking (its client_clock_us) "
+            "and the server reading it, above the stream's shortest, seconds; frames "
+            "without a client clock are not counted.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "tamiyo_queue_delay_seconds",
             "Time an evaluation waited in the batcher queue, seconds.",
@@ -126,7 +134,7 @@ class ServerMetrics:
         self.shed = Counter(
             "tamiyo_shed",
             "Work not run through the network, by reason (deadline, queue_full, "
-            "overload, swamped, superseded, shutdown, error); each was answered explicitly.",
+            "overload, late, swamped, superseded, shutdown, error); each was answered explicitly.",
             ("reason",),
             registry=r,
         )

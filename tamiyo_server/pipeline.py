@@ -34,6 +34,7 @@ from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
 from tamiyo_server.metrics import ServerMetrics, child
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
+from tamiyo_server.transit import TransitClock
 from tamiyo_server.validation import validate_decide_decoded
 
 LAG_PROBE_S = 0.02
@@ -166,6 +167,20 @@ class DecisionPipeline:
         share_ms = 1000.0 * self.open_streams / max(self.network_per_s, floor)
         ms = min(max(drain_ms, share_ms, c.min_pushback_ms), c.max_pushback_ms)
         return max(1, round(ms * random.uniform(0.75, 1.25)))
+
+    def transit_wait(
+        self, clock: TransitClock, client_us: int, arrival: float, budget_s: float
+    ) -> float:
+        """Seconds a frame stamped ``client_us`` waited before it was read at ``arrival``
+        (``tamiyo_server.transit``), recorded in the transit histogram. A wait longer
+        than the frame's budget is believed only while this process is busy: an idle
+        server cannot have made it wait, so the client's clock is re-based instead."""
+        c = self.config.batch
+        u = self.batcher.utilization
+        idle = u is not None and u < c.transit_idle_utilization
+        wait = clock.wait_s(client_us, arrival, c.transit_drift_ppm, budget_s if idle else math.inf)
+        self.m.transit_seconds.observe(wait)
+        return wait
 
     def calibrate(self, rounds: int = 3) -> None:
         """Seed the batcher's cost model with measured batches of synthetic graphs, so

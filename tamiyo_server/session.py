@@ -33,6 +33,7 @@ from tamiyo.policy.snapshot import (
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Job
 from tamiyo_server.signal_checks import frame_checks
+from tamiyo_server.transit import TransitClock
 from tamiyo_server.validation import TopologyInfo, validate_frame_header, validate_frame_signals
 
 _BOOT = os.urandom(4).hex()
@@ -102,6 +103,7 @@ class Session:
     recent_decisions: OrderedDict[str, None] = field(default_factory=OrderedDict)
     outcomes: deque[pb.DecisionOutcome] = field(default_factory=lambda: deque(maxlen=MAX_OUTCOMES))
     checks: FrameChecks | None = None  # the native frame path's rules (None: Python only)
+    transit: TransitClock = field(default_factory=TransitClock)  # client_clock_us waits
 
     @staticmethod
     def open(

@@ -250,6 +250,13 @@ class StreamHandler:
             self._reject(err, frame)
             return
         self.p.experience.frame(s, frame)
+        # Time already spent since the host asked (0 without a client clock): the
+        # budget runs from then (see tamiyo_server.transit).
+        waited = (
+            self.p.transit_wait(s.transit, frame.client_clock_us, arrival, s.deadline_s)
+            if frame.client_clock_us
+            else 0.0
+        )
         if not frame.want_decision:
             return
         if self.closing or self.p.closing:
@@ -262,18 +269,27 @@ class StreamHandler:
             )
             return
         backlog_ms = self.p.batcher.backlog_ms()
-        if backlog_ms > s.deadline_s * 1000.0 and s.pending is None:
-            # Hopeless backlog: answer at once, cheaply (no snapshot, no featurize), so
-            # overload sheds at the door instead of queueing in the transport.
-            child(self.p.m.shed, "overload").inc()
+        budget_ms = s.deadline_s * 1000.0
+        if backlog_ms + waited * 1000.0 > budget_ms and s.pending is None:
+            # Hopeless: answer at once, cheaply (no snapshot, no featurize), so overload
+            # sheds at the door instead of queueing in the transport.
+            if backlog_ms > budget_ms:
+                reason, why = "overload", "the queued work alone exceeds the decision deadline"
+            else:
+                reason = "late"
+                why = (
+                    f"the frame waited {waited * 1000.0:.1f} ms before it was read and the "
+                    f"queued work needs {backlog_ms:.1f} ms of its {budget_ms:.0f} ms budget"
+                )
+            child(self.p.m.shed, reason).inc()
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
-                    "shed: overloaded, the queued work alone exceeds the decision deadline; "
-                    "telemetry was recorded, ask again with a later frame",
+                    f"shed: overloaded, {why}; telemetry was recorded, ask again with a "
+                    "later frame",
                     "frame.want_decision",
                     frame,
-                    self.p.pushback_ms(backlog_ms),
+                    self.p.pushback_ms(max(backlog_ms, waited * 1000.0)),
                 )
             )
             return
@@ -295,7 +311,7 @@ class StreamHandler:
             resp.error.frame_request_id = old.request_id
             self.out.put_nowait(resp)
             return
-        job = self.p.submit(snap, s.num_edges, arrival, arrival + s.deadline_s)
+        job = self.p.submit(snap, s.num_edges, arrival, arrival - waited + s.deadline_s)
         if job is None:  # queue full: answer now from the rules alone
             resp = pb.StreamTelemetryResponse()
             d = self.p.decision(

@@ -279,10 +279,14 @@ def validate_frame(
 
 def validate_frame_header(frame: pb.TelemetryFrame, limits: Limits, last_step: int | None) -> None:
     """The checks of a frame before its signals: step >= 0 and not below the session's
-    last, the request id."""
+    last, client clock >= 0, the request id."""
     path = "frame"
     if frame.step < 0:
         raise ValidationError(f"{path}.step", f"{frame.step} < 0", "out_of_range")
+    if frame.client_clock_us < 0:
+        raise ValidationError(
+            f"{path}.client_clock_us", f"{frame.client_clock_us} < 0", "out_of_range"
+        )
     if last_step is not None and frame.step < last_step:
         raise ValidationError(
             f"{path}.step", f"{frame.step} < previous step {last_step}", "step_regressed"

@@ -28,43 +28,43 @@ from tamiyo.v1 import graph_pb2 as tamiyo_dot_v1_dot_graph__pb2
 from tamiyo.v1 import health_pb2 as tamiyo_dot_v1_dot_health__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etamiyo/v1/tamiyo_service.proto\x12\ttamiyo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tamiyo/v1/decision.proto\x1a\x15tamiyo/v1/graph.proto\x1a\x16tamiyo/v1/health.proto\"n\n\rSessionBudget\x12!\n\x19max_adaptations_per_epoch\x18\x01 \x01(\r\x12\x1c\n\x14\x64\x65\x63ision_deadline_ms\x18\x02 \x01(\r\x12\x1c\n\x14layer_cooldown_steps\x18\x03 \x01(\r\"\xa9\x01\n\x0bSessionOpen\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12%\n\x08topology\x18\x03 \x01(\x0b\x32\x13.tamiyo.v1.Topology\x12&\n\x07kernels\x18\x04 \x03(\x0b\x32\x15.tamiyo.v1.KernelSpec\x12(\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x18.tamiyo.v1.SessionBudget\"\xba\x01\n\x0eTelemetryFrame\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12(\n\x07signals\x18\x03 \x03(\x0b\x32\x17.tamiyo.v1.HealthSignal\x12\x15\n\rwant_decision\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x36\n\x0esignal_columns\x18\x06 \x01(\x0b\x32\x1e.tamiyo.v1.HealthSignalColumns\"g\n\x0f\x44\x65\x63isionOutcome\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x13\n\x06reward\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\tB\t\n\x07_reward\"\xae\x01\n\x16StreamTelemetryRequest\x12.\n\x0csession_open\x18\x01 \x01(\x0b\x32\x16.tamiyo.v1.SessionOpenH\x00\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.tamiyo.v1.TelemetryFrameH\x00\x12-\n\x07outcome\x18\x03 \x01(\x0b\x32\x1a.tamiyo.v1.DecisionOutcomeH\x00\x42\t\n\x07message\"\x97\x01\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x1c\n\x14\x64\x65\x63ision_deadline_ms\x18\x03 \x01(\r\x12\x1b\n\x13max_nodes_per_graph\x18\x04 \x01(\r\x12\x1d\n\x15max_signals_per_frame\x18\x05 \x01(\r\"\x9d\x01\n\x0bStreamError\x12(\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1a.tamiyo.v1.StreamErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x12\n\nframe_step\x18\x04 \x01(\x03\x12\x18\n\x10\x66rame_request_id\x18\x05 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\"<\n\x0eSessionClosing\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1a\n\x12reconnect_after_ms\x18\x02 \x01(\r\"\xe6\x01\n\x17StreamTelemetryResponse\x12\x36\n\x10session_accepted\x18\x01 \x01(\x0b\x32\x1a.tamiyo.v1.SessionAcceptedH\x00\x12\x31\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1d.tamiyo.v1.AdaptationDecisionH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.tamiyo.v1.StreamErrorH\x00\x12,\n\x07\x63losing\x18\x04 \x01(\x0b\x32\x19.tamiyo.v1.SessionClosingH\x00\x42\t\n\x07message\"x\n\rDecideRequest\x12)\n\x05state\x18\x01 \x01(\x0b\x32\x1a.tamiyo.v1.ModelGraphState\x12(\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x18.tamiyo.v1.SessionBudget\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"A\n\x0e\x44\x65\x63ideResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.tamiyo.v1.AdaptationDecision\"\x16\n\x14GetPolicyInfoRequest\"2\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rnormalization\x18\x02 \x01(\t\"\xbb\x03\n\x15GetPolicyInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x1e\n\x16\x66\x65\x61ture_schema_version\x18\x06 \x01(\t\x12(\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32\x16.tamiyo.v1.FeatureSpec\x12\x16\n\x0eweights_sha256\x18\x08 \x01(\t\x12\x15\n\rtraining_json\x18\t \x01(\t\x12\x12\n\nreloads_ok\x18\n \x01(\x04\x12\x16\n\x0ereloads_failed\x18\x0b \x01(\x04\x12\x19\n\x11last_refused_path\x18\x0c \x01(\t\x12\x1b\n\x13last_refused_reason\x18\r \x01(\t\x12\x33\n\x0flast_refused_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06pinned\x18\x0f \x01(\x08*\x95\x02\n\x0fStreamErrorCode\x12!\n\x1dSTREAM_ERROR_CODE_UNSPECIFIED\x10\x00\x12&\n\"STREAM_ERROR_CODE_INVALID_ARGUMENT\x10\x03\x12\x1f\n\x1bSTREAM_ERROR_CODE_NOT_FOUND\x10\x05\x12(\n$STREAM_ERROR_CODE_RESOURCE_EXHAUSTED\x10\x08\x12)\n%STREAM_ERROR_CODE_FAILED_PRECONDITION\x10\t\x12\x1e\n\x1aSTREAM_ERROR_CODE_INTERNAL\x10\r\x12!\n\x1dSTREAM_ERROR_CODE_UNAVAILABLE\x10\x0e\x32\x80\x02\n\rTamiyoService\x12\\\n\x0fStreamTelemetry\x12!.tamiyo.v1.StreamTelemetryRequest\x1a\".tamiyo.v1.StreamTelemetryResponse(\x01\x30\x01\x12=\n\x06\x44\x65\x63ide\x12\x18.tamiyo.v1.DecideRequest\x1a\x19.tamiyo.v1.DecideResponse\x12R\n\rGetPolicyInfo\x12\x1f.tamiyo.v1.GetPolicyInfoRequest\x1a .tamiyo.v1.GetPolicyInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etamiyo/v1/tamiyo_service.proto\x12\ttamiyo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tamiyo/v1/decision.proto\x1a\x15tamiyo/v1/graph.proto\x1a\x16tamiyo/v1/health.proto\"n\n\rSessionBudget\x12!\n\x19max_adaptations_per_epoch\x18\x01 \x01(\r\x12\x1c\n\x14\x64\x65\x63ision_deadline_ms\x18\x02 \x01(\r\x12\x1c\n\x14layer_cooldown_steps\x18\x03 \x01(\r\"\xa9\x01\n\x0bSessionOpen\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12%\n\x08topology\x18\x03 \x01(\x0b\x32\x13.tamiyo.v1.Topology\x12&\n\x07kernels\x18\x04 \x03(\x0b\x32\x15.tamiyo.v1.KernelSpec\x12(\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x18.tamiyo.v1.SessionBudget\"\xd3\x01\n\x0eTelemetryFrame\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12(\n\x07signals\x18\x03 \x03(\x0b\x32\x17.tamiyo.v1.HealthSignal\x12\x15\n\rwant_decision\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x36\n\x0esignal_columns\x18\x06 \x01(\x0b\x32\x1e.tamiyo.v1.HealthSignalColumns\x12\x17\n\x0f\x63lient_clock_us\x18\x07 \x01(\x03\"g\n\x0f\x44\x65\x63isionOutcome\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x13\n\x06reward\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\tB\t\n\x07_reward\"\xae\x01\n\x16StreamTelemetryRequest\x12.\n\x0csession_open\x18\x01 \x01(\x0b\x32\x16.tamiyo.v1.SessionOpenH\x00\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.tamiyo.v1.TelemetryFrameH\x00\x12-\n\x07outcome\x18\x03 \x01(\x0b\x32\x1a.tamiyo.v1.DecisionOutcomeH\x00\x42\t\n\x07message\"\x97\x01\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x1c\n\x14\x64\x65\x63ision_deadline_ms\x18\x03 \x01(\r\x12\x1b\n\x13max_nodes_per_graph\x18\x04 \x01(\r\x12\x1d\n\x15max_signals_per_frame\x18\x05 \x01(\r\"\x9d\x01\n\x0bStreamError\x12(\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1a.tamiyo.v1.StreamErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x12\n\nframe_step\x18\x04 \x01(\x03\x12\x18\n\x10\x66rame_request_id\x18\x05 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\r\"<\n\x0eSessionClosing\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1a\n\x12reconnect_after_ms\x18\x02 \x01(\r\"\xe6\x01\n\x17StreamTelemetryResponse\x12\x36\n\x10session_accepted\x18\x01 \x01(\x0b\x32\x1a.tamiyo.v1.SessionAcceptedH\x00\x12\x31\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1d.tamiyo.v1.AdaptationDecisionH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.tamiyo.v1.StreamErrorH\x00\x12,\n\x07\x63losing\x18\x04 \x01(\x0b\x32\x19.tamiyo.v1.SessionClosingH\x00\x42\t\n\x07message\"x\n\rDecideRequest\x12)\n\x05state\x18\x01 \x01(\x0b\x32\x1a.tamiyo.v1.ModelGraphState\x12(\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x18.tamiyo.v1.SessionBudget\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"A\n\x0e\x44\x65\x63ideResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.tamiyo.v1.AdaptationDecision\"\x16\n\x14GetPolicyInfoRequest\"2\n\x0b\x46\x65\x61tureSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rnormalization\x18\x02 \x01(\t\"\xbb\x03\n\x15GetPolicyInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x12\x1e\n\x16\x66\x65\x61ture_schema_version\x18\x06 \x01(\t\x12(\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32\x16.tamiyo.v1.FeatureSpec\x12\x16\n\x0eweights_sha256\x18\x08 \x01(\t\x12\x15\n\rtraining_json\x18\t \x01(\t\x12\x12\n\nreloads_ok\x18\n \x01(\x04\x12\x16\n\x0ereloads_failed\x18\x0b \x01(\x04\x12\x19\n\x11last_refused_path\x18\x0c \x01(\t\x12\x1b\n\x13last_refused_reason\x18\r \x01(\t\x12\x33\n\x0flast_refused_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06pinned\x18\x0f \x01(\x08*\x95\x02\n\x0fStreamErrorCode\x12!\n\x1dSTREAM_ERROR_CODE_UNSPECIFIED\x10\x00\x12&\n\"STREAM_ERROR_CODE_INVALID_ARGUMENT\x10\x03\x12\x1f\n\x1bSTREAM_ERROR_CODE_NOT_FOUND\x10\x05\x12(\n$STREAM_ERROR_CODE_RESOURCE_EXHAUSTED\x10\x08\x12)\n%STREAM_ERROR_CODE_FAILED_PRECONDITION\x10\t\x12\x1e\n\x1aSTREAM_ERROR_CODE_INTERNAL\x10\r\x12!\n\x1dSTREAM_ERROR_CODE_UNAVAILABLE\x10\x0e\x32\x80\x02\n\rTamiyoService\x12\\\n\x0fStreamTelemetry\x12!.tamiyo.v1.StreamTelemetryRequest\x1a\".tamiyo.v1.StreamTelemetryResponse(\x01\x30\x01\x12=\n\x06\x44\x65\x63ide\x12\x18.tamiyo.v1.DecideRequest\x1a\x19.tamiyo.v1.DecideResponse\x12R\n\rGetPolicyInfo\x12\x1f.tamiyo.v1.GetPolicyInfoRequest\x1a .tamiyo.v1.GetPolicyInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tamiyo.v1.tamiyo_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STREAMERRORCODE']._serialized_start=2227
-  _globals['_STREAMERRORCODE']._serialized_end=2504
+  _globals['_STREAMERRORCODE']._serialized_start=2252
+  _globals['_STREAMERRORCODE']._serialized_end=2529
   _globals['_SESSIONBUDGET']._serialized_start=151
   _globals['_SESSIONBUDGET']._serialized_end=261
   _globals['_SESSIONOPEN']._serialized_start=264
   _globals['_SESSIONOPEN']._serialized_end=433
   _globals['_TELEMETRYFRAME']._serialized_start=436
-  _globals['_TELEMETRYFRAME']._serialized_end=622
-  _globals['_DECISIONOUTCOME']._serialized_start=624
-  _globals['_DECISIONOUTCOME']._serialized_end=727
-  _globals['_STREAMTELEMETRYREQUEST']._serialized_start=730
-  _globals['_STREAMTELEMETRYREQUEST']._serialized_end=904
-  _globals['_SESSIONACCEPTED']._serialized_start=907
-  _globals['_SESSIONACCEPTED']._serialized_end=1058
-  _globals['_STREAMERROR']._serialized_start=1061
-  _globals['_STREAMERROR']._serialized_end=1218
-  _globals['_SESSIONCLOSING']._serialized_start=1220
-  _globals['_SESSIONCLOSING']._serialized_end=1280
-  _globals['_STREAMTELEMETRYRESPONSE']._serialized_start=1283
-  _globals['_STREAMTELEMETRYRESPONSE']._serialized_end=1513
-  _globals['_DECIDEREQUEST']._serialized_start=1515
-  _globals['_DECIDEREQUEST']._serialized_end=1635
-  _globals['_DECIDERESPONSE']._serialized_start=1637
-  _globals['_DECIDERESPONSE']._serialized_end=1702
-  _globals['_GETPOLICYINFOREQUEST']._serialized_start=1704
-  _globals['_GETPOLICYINFOREQUEST']._serialized_end=1726
-  _globals['_FEATURESPEC']._serialized_start=1728
-  _globals['_FEATURESPEC']._serialized_end=1778
-  _globals['_GETPOLICYINFORESPONSE']._serialized_start=1781
-  _globals['_GETPOLICYINFORESPONSE']._serialized_end=2224
-  _globals['_TAMIYOSERVICE']._serialized_start=2507
-  _globals['_TAMIYOSERVICE']._serialized_end=2763
+  _globals['_TELEMETRYFRAME']._serialized_end=647
+  _globals['_DECISIONOUTCOME']._serialized_start=649
+  _globals['_DECISIONOUTCOME']._serialized_end=752
+  _globals['_STREAMTELEMETRYREQUEST']._serialized_start=755
+  _globals['_STREAMTELEMETRYREQUEST']._serialized_end=929
+  _globals['_SESSIONACCEPTED']._serialized_start=932
+  _globals['_SESSIONACCEPTED']._serialized_end=1083
+  _globals['_STREAMERROR']._serialized_start=1086
+  _globals['_STREAMERROR']._serialized_end=1243
+  _globals['_SESSIONCLOSING']._serialized_start=1245
+  _globals['_SESSIONCLOSING']._serialized_end=1305
+  _globals['_STREAMTELEMETRYRESPONSE']._serialized_start=1308
+  _globals['_STREAMTELEMETRYRESPONSE']._serialized_end=1538
+  _globals['_DECIDEREQUEST']._serialized_start=1540
+  _globals['_DECIDEREQUEST']._serialized_end=1660
+  _globals['_DECIDERESPONSE']._serialized_start=1662
+  _globals['_DECIDERESPONSE']._serialized_end=1727
+  _globals['_GETPOLICYINFOREQUEST']._serialized_start=1729
+  _globals['_GETPOLICYINFOREQUEST']._serialized_end=1751
+  _globals['_FEATURESPEC']._serialized_start=1753
+  _globals['_FEATURESPEC']._serialized_end=1803
+  _globals['_GETPOLICYINFORESPONSE']._serialized_start=1806
+  _globals['_GETPOLICYINFORESPONSE']._serialized_end=2249
+  _globals['_TAMIYOSERVICE']._serialized_start=2532
+  _globals['_TAMIYOSERVICE']._serialized_end=2788
 # @@protoc_insertion_point(module_scope)

@@ -135,6 +135,7 @@ class TelemetryFrame(_message.Message):
     WANT_DECISION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SIGNAL_COLUMNS_FIELD_NUMBER: _builtins.int
+    CLIENT_CLOCK_US_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Host training step, >= 0 and non-decreasing within a session."""
     epoch: _builtins.int
@@ -142,6 +143,18 @@ class TelemetryFrame(_message.Message):
     """Ask for a decision about the session's state after this frame."""
     request_id: _builtins.str
     """Optional client tag (<= 64 chars) echoed in the decision."""
+    client_clock_us: _builtins.int
+    """Optional: when the host asked for this frame's decision, in microseconds on a clock
+    of the client's choosing that never steps (e.g. CLOCK_MONOTONIC); 0 = not given.
+    Clocks need not be synchronised: the server only compares a stream's readings with
+    its own arrival times and takes the smallest difference seen on the stream as
+    "no wait" (allowing the clocks' rates to differ by up to
+    BatchConfig.transit_drift_ppm). With it, the decision budget runs from this moment
+    rather than from the frame's arrival, so a frame that waited in transit (a
+    congested connection, a server busy reading other streams) is judged by the time
+    the host has actually left, and one that can no longer be answered within its
+    budget is refused at once (RESOURCE_EXHAUSTED) instead of being evaluated late.
+    """
     @_builtins.property
     def signals(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthSignal]:
         """At most the server's max_signals_per_frame (default 1024); at most one per layer."""
@@ -163,10 +176,11 @@ class TelemetryFrame(_message.Message):
         want_decision: _builtins.bool = ...,
         request_id: _builtins.str = ...,
         signal_columns: _health_pb2.HealthSignalColumns | None = ...,
+        client_clock_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signal_columns", b"signal_columns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "request_id", b"request_id", "signal_columns", b"signal_columns", "signals", b"signals", "step", b"step", "want_decision", b"want_decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_clock_us", b"client_clock_us", "epoch", b"epoch", "request_id", b"request_id", "signal_columns", b"signal_columns", "signals", b"signals", "step", b"step", "want_decision", b"want_decision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

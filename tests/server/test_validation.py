@@ -271,6 +271,8 @@ def test_bad_frame_fields() -> None:
     assert _refused(validate_frame, dup, info, LIMITS, None).field == "frame.signals[1].layer_id"
     err = _refused(validate_frame, frame(), info, LIMITS, 6)
     assert (err.field, err.reason) == ("frame.step", "step_regressed")
+    clock = pb.TelemetryFrame(step=5, client_clock_us=-1)
+    assert _refused(validate_frame, clock, info, LIMITS, None).field == "frame.client_clock_us"
     long_tag = pb.TelemetryFrame(step=5, request_id="r" * 65)
     assert _refused(validate_frame, long_tag, info, LIMITS, None).field == "frame.request_id"
 
