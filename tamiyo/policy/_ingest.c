@@ -7,7 +7,7 @@
  * Each numpy call is µs on a loaded loop. Here it is one pass over the serialized
  * HealthSignalColumns bytes: the layout is checked (the layer-id prefix and every column's
  * tag and length, as locate_seed_columns does), every value is checked against the same
- * rules, and only then is ring slot `slot` of every layer written.
+ * rules, and only then is ring slot `slot` (and `twin`) of every layer written.
  *
  * This is a rendering of the Python path, not a second definition of the rules: the
  * caller passes every range, bound and offset (SignalWindow.ingest_full and
@@ -16,7 +16,7 @@
  * decodes the frame generally and, when it is invalid, names the field. Tests hold the
  * two paths to the same window contents and the same accept / refuse answer.
  *
- * Entry point: full_frame(raw, prefix, heads, plan, hi, bounds, declared, ring, slot)
+ * Entry point: full_frame(raw, prefix, heads, plan, hi, bounds, declared, ring, slot, twin)
  *   raw      bytes: a serialized HealthSignalColumns
  *   prefix   bytes: the serialized layer_id entries of the session's layers, in order
  *   heads    bytes: every numeric column's tag and length bytes, concatenated
@@ -28,6 +28,8 @@
  *   declared int64 [M]: the seed count each layer declared (total_seeds is 0 or this)
  *   ring     the window's record array [M, W] (C-contiguous, writable)
  *   slot     the ring slot to write (0..W-1)
+ *   twin     a second slot that gets the same records (0..W-1, not `slot`), or -1:
+ *            SignalWindow keeps every signal twice so that a snapshot is a view
  *   returns (max step, max epoch) of the frame when it was written, else None.
  * Keeps the GIL (~2 µs for 32 layers).
  */
@@ -139,9 +141,9 @@ static const void *array_data(PyObject *o, int typenum, int ndim, const npy_intp
 static PyObject *full_frame(PyObject *self, PyObject *args) {
     PyObject *raw_o, *prefix_o, *heads_o; /* bytes only: immutable, never the ring's memory */
     PyObject *plan_o, *hi_o, *bounds_o, *declared_o, *ring_o;
-    Py_ssize_t slot;
-    if (!PyArg_ParseTuple(args, "SSSOOOOOn", &raw_o, &prefix_o, &heads_o, &plan_o, &hi_o,
-                          &bounds_o, &declared_o, &ring_o, &slot))
+    Py_ssize_t slot, twin;
+    if (!PyArg_ParseTuple(args, "SSSOOOOOnn", &raw_o, &prefix_o, &heads_o, &plan_o, &hi_o,
+                          &bounds_o, &declared_o, &ring_o, &slot, &twin))
         return NULL;
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(raw_o);
     const unsigned char *prefix = (const unsigned char *)PyBytes_AS_STRING(prefix_o);
@@ -186,7 +188,7 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "ring: records holding Python objects");
         return NULL;
     }
-    if (m < 1 || w < 1 || slot < 0 || slot >= w ||
+    if (m < 1 || w < 1 || slot < 0 || slot >= w || twin < -1 || twin >= w || twin == slot ||
         PyArray_ITEMSIZE((PyArrayObject *)ring_o) != isz || isz < 1 ||
         plan[P_R_FLOATS] + 4 * NF > isz || plan[P_R_INTS] + 8 * NI > isz ||
         plan[P_R_STEPS] + 8 > isz || plan[P_R_EPOCHS] + 8 > isz || plan[P_R_TS] + 8 > isz ||
@@ -323,6 +325,8 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
             memcpy(rec + r_states, next_state, (size_t)c);
             next_state += c;
         }
+        if (twin >= 0)
+            memcpy(ring + (i * w + twin) * isz, rec, (size_t)isz);
     }
     return Py_BuildValue("(LL)", (long long)max_step, (long long)max_epoch);
 no:
@@ -331,7 +335,7 @@ no:
 
 static PyMethodDef methods[] = {
     {"full_frame", full_frame, METH_VARARGS,
-     "Check a full columnar frame and write it into ring slot `slot` (see the module "
+     "Check a full columnar frame and write it into ring slot `slot` and `twin` (see the module "
      "source); (max step, max epoch) when written, None when the Python path must decide."},
     {NULL, NULL, 0, NULL},
 };

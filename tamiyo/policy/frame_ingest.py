@@ -116,11 +116,12 @@ def build_checks(
 
 
 def write_full_frame(
-    raw: bytes, checks: FrameChecks, ring: npt.NDArray[np.void], slot: int
+    raw: bytes, checks: FrameChecks, ring: npt.NDArray[np.void], slot: int, twin: int = -1
 ) -> tuple[int, int] | None:
     """Check ``raw`` (a serialized ``HealthSignalColumns``) and write it into ring slot
-    ``slot`` of every layer: (max step, max epoch) when written; None when the frame is
-    not a valid full frame in canonical layout (nothing written: the caller decides)."""
+    ``slot`` (and ``twin``, unless -1) of every layer: (max step, max epoch) when
+    written; None when the frame is not a valid full frame in canonical layout (nothing
+    written: the caller decides)."""
     if _ingest is None:
         return None
     got: tuple[int, int] | None = _ingest.full_frame(
@@ -133,5 +134,6 @@ def write_full_frame(
         checks.declared,
         ring,
         slot,
+        twin,
     )
     return got

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -172,7 +174,9 @@ def test_window_mixing_full_and_partial_frames(
 ) -> None:
     """Full frames (every layer once, in order: the ring-column fast path) interleaved
     with partial and repeated-layer frames (the scatter path), in each signal form:
-    always the snapshot of the accumulated history."""
+    always the snapshot of the accumulated history, and every snapshot taken stays
+    what it was while later frames are written (copy-on-write)."""
+    kept = []
     state = make_state(3, step=0)
     win = SignalWindow(
         GraphTopology.from_proto(state.topology), KernelSet.from_proto(state.kernels), window
@@ -196,6 +200,34 @@ def test_window_mixing_full_and_partial_frames(
         state.signals.extend(frame)
         state.step = step
         snap = win.snapshot(step, 1)
-        assert snap.equals(snapshot_from_state(state, window)), f"frame {f}"
+        want = snapshot_from_state(state, window)
+        assert snap.equals(want), f"frame {f}"
         assert not snap.floats.flags.writeable
         assert not snap.valid.flags.writeable
+        if f % 2:
+            kept.append((snap, want))
+    for snap, want in kept:
+        assert snap.equals(want)
+
+
+def test_a_snapshot_is_a_view_until_the_window_is_written_while_it_lives() -> None:
+    state = make_state(2)
+    win = SignalWindow(
+        GraphTopology.from_proto(state.topology), KernelSet.from_proto(state.kernels), window=3
+    )
+
+    def full(step: int) -> list[health_pb2.HealthSignal]:
+        return [signal("l0", step, 0.5), signal("l1", step, 0.4)]
+
+    win.update(full(1), 1)
+    ring = weakref.ref(win._ring)  # (a plain reference would count as a live view)
+    snap = win.snapshot()
+    assert np.shares_memory(snap.floats, win._ring)  # no copy taken
+    del snap
+    win.update(full(2), 2)
+    assert win._ring is ring()  # nobody was looking: written in place
+    snap = win.snapshot()
+    win.update(full(3), 3)
+    assert win._ring is not ring()  # a live snapshot: the window moved to a copy
+    assert snap.steps[:, -1].tolist() == [2, 2]
+    assert win.snapshot().steps[:, -1].tolist() == [3, 3]

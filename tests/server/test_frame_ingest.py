@@ -4,6 +4,7 @@ error, which the Python path names), and bit-identical windows, frame after fram
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import replace
 
@@ -97,9 +98,14 @@ Case = tuple[pb.SessionOpen, list[pb.TelemetryFrame]]
 def test_native_and_python_paths_agree(case: Case) -> None:
     open_, frames = case
     native, python = _sessions(open_)
+    kept = []  # snapshots held while later frames are written (copy-on-write)
     for frame in frames:
         assert _outcome(native, frame) == _outcome(python, frame)
         _assert_same_window(native, python)
+        snap = native.window.snapshot()
+        kept.append((snap, copy.deepcopy(snap)))
+    for snap, was in kept:
+        assert snap.equals(was)
 
 
 def _full(n: int = 4, seeds: int = 2, step: int = 5) -> tuple[pb.SessionOpen, pb.TelemetryFrame]:
@@ -190,6 +196,9 @@ def test_bad_arguments_raise() -> None:
         write_full_frame(raw, c, frozen, 0)
     with pytest.raises(ValueError, match="plan"):
         write_full_frame(raw, c, ring, ring.shape[1])
+    for twin in (0, -2, ring.shape[1]):  # the slot itself, or out of range
+        with pytest.raises(ValueError, match="plan"):
+            write_full_frame(raw, c, ring, 0, twin)
     with pytest.raises(TypeError, match="bounds"):
         write_full_frame(raw, c._replace(bounds=c.bounds.astype(np.int32)), ring, 0)
     with pytest.raises(ValueError, match="declared"):
