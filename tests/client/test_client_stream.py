@@ -133,6 +133,10 @@ async def test_decisions_by_iterator_and_callback_and_outcomes(
         assert asker.errors == []
         assert client.stats.stream_errors == 0, list(client.stream_errors)
         assert client.stats.latency_percentile(50) is not None
+        # every frame carried the client's clock (TelemetryFrame.client_clock_us)
+        stamped = srv.metrics.registry.get_sample_value("tamiyo_transit_wait_seconds_count")
+        assert stamped is not None
+        assert stamped >= 6
         stream = asker.stream
     with pytest.raises(StopAsyncIteration):  # closing the client ends the iterator
         await asyncio.wait_for(anext(stream), 1)

@@ -4,11 +4,12 @@ by the network count as decisions/s; degraded decisions and shed notices are ``s
 
 from __future__ import annotations
 
+import random
 import time
 
 from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo_client.loadgen import Plan, Stats, summarize
+from tamiyo_client.loadgen import Plan, Stats, make_host, suffix, summarize
 
 
 def _decision(tag: str, degraded: bool) -> bytes:
@@ -41,3 +42,16 @@ def test_shed_answers_are_not_decisions() -> None:
     assert row["shed"] == 4
     assert row["lost"] == 2
     assert row["p99_ms"] is not None
+
+
+def test_a_sent_frame_is_the_host_frame_with_its_step_tag_and_clock() -> None:
+    # frame_bytes + suffix parses as one request: protobuf merges the embedded frame,
+    # so the host's signals stay and the suffix sets step, tag and client clock
+    host = make_host(random.Random(0), 3, 4, 8)
+    req = pb.StreamTelemetryRequest.FromString(host.frame_bytes + suffix(7, "3.7", 12.5))
+    f = req.frame
+    assert (f.step, f.request_id, f.client_clock_us) == (7, "3.7", 12_500_000)
+    assert f.want_decision
+    assert len(f.signal_columns.layer_id) == host.layers
+    unstamped = pb.StreamTelemetryRequest.FromString(host.frame_bytes + suffix(8, "3.8"))
+    assert unstamped.frame.client_clock_us == 0
