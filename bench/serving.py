@@ -13,6 +13,9 @@ closed loop at 1, 16, 64, 256, 1000 streams; the SLO capacity at 64 streams (the
 open-loop rate served with p99 ≤ 10 ms and no shedding, searched for Tamiyo and echo:
 ``slo_capacity``); open loop, 1000 streams at 2,000 frames/s;
 overload: open loop at 2× the best closed-loop decisions/s (256 streams).
+Frames carry ``client_clock_us`` as ``tamiyo_client``'s do (the generator's default): the
+server judges each budget from when the simulated host asked, so a frame that waited in
+transit is shed (explicitly) rather than answered late.
 ``decisions_per_s`` and the percentiles count decisions made by the network only;
 degraded decisions and shed notices are in ``shed`` (``answered_per_s`` counts every
 answer); ``lost`` = frames that got no answer at all.

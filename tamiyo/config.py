@@ -64,11 +64,11 @@ class BatchConfig:
     # grpc-retry-pushback-ms on Decide): the predicted drain time, within these bounds.
     min_pushback_ms: float = 10.0  # shortest pushback on an overload refusal
     max_pushback_ms: float = 1000.0  # longest pushback on an overload refusal
-    # Transit waits from TelemetryFrame.client_clock_us (tamiyo_server.transit): how fast
-    # a stream's zero-wait baseline may creep up (client and server clock rates differ;
-    # disciplined clocks by a few ppm), and the CPU share below which the server is
-    # taken to be keeping up, so a frame that looks late is re-based, not refused.
-    transit_drift_ppm: float = 20.0
+    # Transit waits from TelemetryFrame.client_clock_us (tamiyo_server.transit): the
+    # zero-wait baseline is the smallest offset over this window (s; a clock drifting by
+    # r ppm shows at most r x window of phantom wait), and below this CPU share the
+    # server is taken to be keeping up, so a frame that looks late is re-based, not refused.
+    transit_window_s: float = 30.0
     transit_idle_utilization: float = 0.5
     # "loop": no GIL hand-offs between loop and inference, best on CPU; "thread":
     # overlaps device time on CUDA (see tamiyo_server.batcher).

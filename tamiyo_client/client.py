@@ -202,13 +202,17 @@ class TamiyoClient:
     # -- what the training loop calls (any thread, never blocks) -------------------
     def send_frame(self, frame: Frame) -> None:
         """Queue a frame. Assigns ``frame.request_id`` when a decision is wanted and the
-        id is empty. Returns at once; coalesces when the stream cannot keep up.
+        id is empty, and ``frame.client_clock_us`` (now: the decision's budget runs from
+        the moment it was asked for, queueing here included) when it is 0. Returns at
+        once; coalesces when the stream cannot keep up.
 
         Pass ``KasminaHost.frame_data()`` (a ``FrameData``) from a training loop: its
         protobuf is built on the client's thread, in ``config.signal_form``. A
         ``TelemetryFrame`` is sent as it is."""
         if frame.want_decision and not frame.request_id:
             frame.request_id = f"f{next(self._ids)}"
+        if not frame.client_clock_us:  # the decision budget runs from now (server: transit)
+            frame.client_clock_us = time.monotonic_ns() // 1000
         self.stats.frames_submitted += 1
         self._frames.put(frame)
 
@@ -419,8 +423,6 @@ class TamiyoClient:
                 msg = frame if isinstance(frame, pb.TelemetryFrame) else self._encode(frame)
                 if msg is None:
                     continue
-                if not msg.client_clock_us:  # the budget runs from here (server: transit)
-                    msg.client_clock_us = time.monotonic_ns() // 1000
                 if frame.want_decision:  # before the write: the answer can beat its return
                     self._sent_at[frame.request_id] = time.monotonic()
                     if len(self._sent_at) > 4096:  # unanswered ids must not pile up

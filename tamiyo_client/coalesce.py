@@ -38,16 +38,17 @@ def merge_frames(older: pb.TelemetryFrame, newer: pb.TelemetryFrame) -> pb.Telem
         if older.want_decision and not newer.want_decision:
             newer.want_decision = True
             newer.request_id = older.request_id
+            newer.client_clock_us = older.client_clock_us  # its budget runs from that ask
         return newer
     by_layer: dict[str, int] = {}
+    older_asks = older.want_decision and not newer.want_decision
     merged = pb.TelemetryFrame(
         step=newer.step,
         epoch=newer.epoch,
         want_decision=older.want_decision or newer.want_decision,
         # A pending request keeps its id unless the newer frame asks itself.
-        request_id=(
-            newer.request_id if newer.want_decision or not older.want_decision else older.request_id
-        ),
+        request_id=older.request_id if older_asks else newer.request_id,
+        client_clock_us=older.client_clock_us if older_asks else newer.client_clock_us,
     )
     for sig in list(older.signals) + list(newer.signals):
         idx = by_layer.get(sig.layer_id)

@@ -75,6 +75,7 @@ class FrameData:
     signals: list[SignalValues] = field(default_factory=list)
     want_decision: bool = False
     request_id: str = ""
+    client_clock_us: int = 0  # when the host asked (TelemetryFrame.client_clock_us)
 
     def to_frame(self, form: SignalForm = "columns") -> pb.TelemetryFrame:
         """The ``TelemetryFrame``: signals in ``signal_columns`` or in ``signals``."""
@@ -83,6 +84,7 @@ class FrameData:
             epoch=self.epoch,
             want_decision=self.want_decision,
             request_id=self.request_id,
+            client_clock_us=self.client_clock_us,
         )
         if form == "message":
             frame.signals.extend(s.message() for s in self.signals)
@@ -115,4 +117,5 @@ def merge(older: FrameData, newer: FrameData) -> FrameData:
     if older.want_decision and not newer.want_decision:
         newer.want_decision = True
         newer.request_id = older.request_id
+        newer.client_clock_us = older.client_clock_us  # its budget runs from that ask
     return newer

@@ -7,7 +7,8 @@ pickle). Messages that already are protobuf (outcomes, SessionOpen, decisions) t
 as their serialized bytes.
 
 A record is ``<I`` payload length, ``<B`` kind, then the payload. A ``FrameData`` is
-packed as ``<qq?HH`` (step, epoch, want_decision, request id length, signal count),
+packed as ``<qq?HHq`` (step, epoch, want_decision, request id length, signal count,
+client clock µs),
 the request id (UTF-8), then per signal ``<HH`` (layer id length, seed count), the layer
 id, the 15 numeric ``SignalValues`` fields (``_SIGNAL``) and one byte per seed state.
 Values ``struct`` cannot hold (a hand-made ``FrameData`` with a float count, a huge
@@ -39,7 +40,7 @@ DECISION = 10  # <dIH latency (NaN: unmatched), connection, session id length; i
 STATUS = 11  # JSON: the sidecar client's counters and state (see sidecar.status)
 
 _HEAD = struct.Struct("<IB")
-_FRAME_HEAD = struct.Struct("<qq?HH")
+_FRAME_HEAD = struct.Struct("<qq?HHq")
 _SIG_HEAD = struct.Struct("<HH")
 # SignalValues[1:15] + adaptation_count: step, epoch, timestamp_s, health_score,
 # avg_execution_time_ms, error_count, active_seeds, total_seeds, activation_variance,
@@ -61,7 +62,7 @@ def encode_frame(frame: FrameData) -> bytes:
     try:
         rid = frame.request_id.encode()
         parts = [_FRAME_HEAD.pack(frame.step, frame.epoch, frame.want_decision, len(rid),
-                                  len(frame.signals)), rid]  # fmt: skip
+                                  len(frame.signals), frame.client_clock_us), rid]  # fmt: skip
         pack, head = _SIGNAL.pack, _SIG_HEAD.pack
         for s in frame.signals:
             lid, states = s[0].encode(), s[15]
@@ -80,14 +81,14 @@ def _frame_json(frame: FrameData) -> bytes:
         return v if isinstance(v, int | float | str | bool) or v is None else repr(v)
 
     body = [frame.step, frame.epoch, bool(frame.want_decision), frame.request_id,
-            [plain(tuple(s)) for s in frame.signals]]  # fmt: skip
+            [plain(tuple(s)) for s in frame.signals], frame.client_clock_us]  # fmt: skip
     return json.dumps(plain(body)).encode()
 
 
 def decode_frame(kind: int, payload: bytes) -> FrameData:
     """The ``FrameData`` of a ``FRAME`` or ``FRAME_JSON`` payload."""
     if kind == FRAME_JSON:
-        step, epoch, want, rid, sigs = json.loads(payload)
+        step, epoch, want, rid, sigs, clock = json.loads(payload)
 
         def value(v: Any) -> Any:
             return float(v) if v in ("nan", "inf", "-inf") else v
@@ -96,8 +97,8 @@ def decode_frame(kind: int, payload: bytes) -> FrameData:
             SignalValues._make([s[0], *(value(v) for v in s[1:15]), tuple(s[15]), value(s[16])])
             for s in sigs
         ]
-        return FrameData(step, epoch, signals, want, rid)
-    step, epoch, want, rid_len, count = _FRAME_HEAD.unpack_from(payload)
+        return FrameData(step, epoch, signals, want, rid, clock)
+    step, epoch, want, rid_len, count, clock = _FRAME_HEAD.unpack_from(payload)
     pos = _FRAME_HEAD.size
     rid = payload[pos : pos + rid_len].decode()
     pos += rid_len
@@ -112,7 +113,7 @@ def decode_frame(kind: int, payload: bytes) -> FrameData:
         states = tuple(payload[pos : pos + n_states])
         pos += n_states
         signals.append(SignalValues._make((lid, *v[:14], states, v[14])))
-    return FrameData(step, epoch, signals, want, rid)
+    return FrameData(step, epoch, signals, want, rid, clock)
 
 
 def encode_decision(decision_bytes: bytes, latency_ms: float | None, session_id: str,

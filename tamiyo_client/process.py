@@ -181,10 +181,13 @@ class ProcessTamiyoClient:
     def send_frame(self, frame: Frame) -> None:
         """Queue a frame: written to the sidecar now, or coalesced with the one waiting
         if the pipe is full. Assigns ``request_id`` when a decision is wanted and the id
-        is empty (``p1``, ``p2``, ...)."""
+        is empty (``p1``, ``p2``, ...), and ``client_clock_us`` (now) when it is 0: the
+        decision's budget runs from here (CLOCK_MONOTONIC is the sidecar's clock too)."""
         if frame.want_decision and not frame.request_id:
             self._ids += 1
             frame.request_id = f"p{self._ids}"
+        if not frame.client_clock_us:
+            frame.client_clock_us = time.monotonic_ns() // 1000
         self.stats.frames_submitted += 1
         if self._frame is None:
             self._frame = frame

@@ -10,6 +10,7 @@ comes back, so session state has a single owner and needs no lock.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -36,6 +37,8 @@ from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
 from tamiyo_server.transit import TransitClock
 from tamiyo_server.validation import validate_decide_decoded
+
+log = logging.getLogger(__name__)
 
 LAG_PROBE_S = 0.02
 _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
@@ -169,7 +172,7 @@ class DecisionPipeline:
         return max(1, round(ms * random.uniform(0.75, 1.25)))
 
     def transit_wait(
-        self, clock: TransitClock, client_us: int, arrival: float, budget_s: float
+        self, clock: TransitClock, client_us: int, arrival: float, budget_s: float, host: str
     ) -> float:
         """Seconds a frame stamped ``client_us`` waited before it was read at ``arrival``
         (``tamiyo_server.transit``), recorded in the transit histogram. A wait longer
@@ -178,7 +181,20 @@ class DecisionPipeline:
         c = self.config.batch
         u = self.batcher.utilization
         idle = u is not None and u < c.transit_idle_utilization
-        wait = clock.wait_s(client_us, arrival, c.transit_drift_ppm, budget_s if idle else math.inf)
+        believable = budget_s if idle else math.inf
+        was_off = clock.off
+        wait = clock.wait_s(client_us, arrival, believable, c.transit_window_s)
+        if clock.off:
+            if was_off:
+                return 0.0
+            log.warning(
+                "host %r: TelemetryFrame.client_clock_us advances at %.3g x real time, not "
+                "in microseconds of a steady clock; its frames are judged from their "
+                "arrival from now on",
+                host,
+                clock.rate,
+            )
+            return 0.0
         self.m.transit_seconds.observe(wait)
         return wait
 

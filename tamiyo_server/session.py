@@ -175,8 +175,8 @@ class Session:
         self.last_step = frame.step
 
     def snapshot(self, frame: pb.TelemetryFrame) -> GraphSnapshot:
-        """Immutable view of the session after ``frame`` (only taken when a decision
-        is wanted: it copies the whole window)."""
+        """Immutable view of the session after ``frame`` (only taken when a decision is
+        wanted: while it lives, the session's next write copies its whole window)."""
         return self.window.snapshot(frame.step, frame.epoch)
 
     def remember_decision(self, decision_id: str) -> None:

@@ -253,7 +253,7 @@ class StreamHandler:
         # Time already spent since the host asked (0 without a client clock): the
         # budget runs from then (see tamiyo_server.transit).
         waited = (
-            self.p.transit_wait(s.transit, frame.client_clock_us, arrival, s.deadline_s)
+            self.p.transit_wait(s.transit, frame.client_clock_us, arrival, s.deadline_s, s.host_id)
             if frame.client_clock_us
             else 0.0
         )
@@ -270,9 +270,11 @@ class StreamHandler:
             return
         backlog_ms = self.p.batcher.backlog_ms()
         budget_ms = s.deadline_s * 1000.0
-        if backlog_ms + waited * 1000.0 > budget_ms and s.pending is None:
-            # Hopeless: answer at once, cheaply (no snapshot, no featurize), so overload
-            # sheds at the door instead of queueing in the transport.
+        # Hopeless: answer at once, cheaply (no snapshot, no featurize), so overload sheds
+        # at the door instead of queueing in the transport. A session with a pending
+        # evaluation costs nothing more when a new frame replaces it, unless the new
+        # frame is itself late: then the pending one (asked earlier, still on time) stays.
+        if backlog_ms + waited * 1000.0 > budget_ms and (s.pending is None or waited > 0.0):
             if backlog_ms > budget_ms:
                 reason, why = "overload", "the queued work alone exceeds the decision deadline"
             else:

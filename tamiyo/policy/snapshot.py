@@ -179,7 +179,9 @@ class GraphSnapshot:
       ``epochs`` int64 [N, W]; ``timestamps`` float64 [N, W] (s since Unix epoch);
       ``seed_states`` uint8 [N, W, MAX_SEEDS] (SeedLifecycleState values);
       ``seed_state_len`` int64 [N, W] (length of the signal's seed_states list).
-    Invalid slots are all zeros.
+    Invalid slots are all zeros. A ``SignalWindow``'s snapshot is a read-only view of the
+    window's storage (kept unchanged by copy-on-write): never write to it by other means
+    (``torch.from_numpy`` ignores the read-only flag); copy it first.
     """
 
     topology: GraphTopology
@@ -378,7 +380,9 @@ class SignalWindow:
     numpy view keeps its base alive) and, if so, moves to a copy of the ring, leaving
     the old one to the snapshots. A snapshot is usually consumed (featurized) before the
     host's next frame, so the copy is rare. The inference thread therefore never sees a
-    half-written window. Not thread-safe: one owner (the session) writes and snapshots.
+    half-written window. Memory: the ring is twice the window (~92 KB for 36 layers), and
+    a snapshot alive across writes keeps its old ring. Not thread-safe: one owner (the
+    session) writes and snapshots.
     """
 
     def __init__(self, topology: GraphTopology, kernels: KernelSet, window: int = 8) -> None:
@@ -406,8 +410,13 @@ class SignalWindow:
         window itself holds to it."""
         ring = self._ring
         assert ring.base is None, "the ring must own its memory: views reference the owner"
+        # Writes go through these views; the ring itself is then made read-only, so a
+        # snapshot's views of it cannot be made writeable (numpy refuses once the base
+        # is read-only).
+        self._rw = ring.view()
         self._flat = ring.reshape(-1)  # view: row i*2W + k = layer i, slot k
         self._bytes = ring.view(np.uint8).reshape(*ring.shape, ring.dtype.itemsize)
+        ring.setflags(write=False)
         del ring
         self._own_refs = self._refs()
 
@@ -422,7 +431,7 @@ class SignalWindow:
         field-by-field copy of a record array.)"""
         if self._refs() > self._own_refs:
             ring = np.empty_like(self._ring)  # owns its memory (views reference it)
-            ring.view(np.uint8)[...] = self._ring.view(np.uint8)
+            ring.view(np.uint8).reshape(self._bytes.shape)[...] = self._bytes
             self._ring = ring
             del ring
             self._views()
@@ -463,7 +472,7 @@ class SignalWindow:
             slot = -1
             if self._even is not None and full:
                 slot = self._even % w
-                target = self._ring[:, slot]  # one ring column, layer order
+                target = self._rw[:, slot]  # one ring column, layer order
                 src: IntArray | slice = slice(None)
                 self._even += 1
             else:
@@ -539,7 +548,7 @@ class SignalWindow:
             return False
         self._unshare()
         slot = self._even % self.window
-        got = write_full_frame(raw, checks, self._ring, slot, slot + self.window)
+        got = write_full_frame(raw, checks, self._rw, slot, slot + self.window)
         if got is None:
             return False
         self._even += 1

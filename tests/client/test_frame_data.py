@@ -51,13 +51,19 @@ def test_merge_matches_merge_frames(
     old_ids: list[str], new_ids: list[str], ow: bool, nw: bool
 ) -> None:
     def make(step: int, ids: list[str], want: bool) -> FrameData:
-        return FrameData(step, 0, [values(i, step) for i in ids], want, f"r{step}" if want else "")
+        rid = f"r{step}" if want else ""
+        return FrameData(step, 0, [values(i, step) for i in ids], want, rid, 1000 * step)
 
     expected = merge_frames(
         make(1, old_ids, ow).to_frame("message"), make(2, new_ids, nw).to_frame("message")
     )
     got = merge(make(1, old_ids, ow), make(2, new_ids, nw)).to_frame("message")
     assert got == expected
+    # a surviving decision request keeps the clock of the frame that asked: its budget
+    # runs from then
+    asked_by_older = ow and not nw
+    assert got.client_clock_us == (1000 if asked_by_older else 2000)
+    assert got.request_id == ("r1" if asked_by_older else "r2" if nw else "")
 
 
 def test_mixed_and_columnar_frames_coalesce_in_message_form() -> None:

@@ -42,6 +42,7 @@ frames = st.builds(
     signals=st.lists(signals, max_size=6),
     want_decision=st.booleans(),
     request_id=st.text(max_size=20),
+    client_clock_us=st.integers(0, 2**62),
 )
 
 
@@ -61,12 +62,13 @@ def test_frame_round_trips_through_struct_records(frame: FrameData) -> None:
 def test_values_struct_cannot_hold_fall_back_to_json_and_survive() -> None:
     sig = SignalValues("a", 1, 0, 1.5, math.nan, 1.0, 2**70, 0, 2, math.inf, 0.0, 0.0, 0.0,
                        0.0, 0.0, (1, 300), 0)  # fmt: skip
-    frame = FrameData(3, 0, [sig], True, "r1")
+    frame = FrameData(3, 0, [sig], True, "r1", 77)
     kind, payload = one(rec.encode_frame(frame))
     assert kind == rec.FRAME_JSON  # 2**70 and the seed state 300 do not fit
     back = rec.decode_frame(kind, payload)
     s = back.signals[0]
     assert (back.step, back.request_id, s.error_count, s.seed_states) == (3, "r1", 2**70, (1, 300))
+    assert back.client_clock_us == 77
     assert math.isnan(s.health_score)
     assert s.activation_variance == math.inf
     bad = FrameData(4, 0, [sig._replace(layer_id="nan", error_count=1.5)])  # type: ignore[arg-type]

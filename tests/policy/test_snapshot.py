@@ -229,5 +229,7 @@ def test_a_snapshot_is_a_view_until_the_window_is_written_while_it_lives() -> No
     snap = win.snapshot()
     win.update(full(3), 3)
     assert win._ring is not ring()  # a live snapshot: the window moved to a copy
+    with pytest.raises(ValueError, match="WRITEABLE"):  # and nobody writes through it
+        snap.floats.setflags(write=True)
     assert snap.steps[:, -1].tolist() == [2, 2]
     assert win.snapshot().steps[:, -1].tolist() == [3, 3]

@@ -187,7 +187,7 @@ def test_bad_arguments_raise() -> None:
     c = native.checks
     assert c is not None
     raw = frame.signal_columns.SerializeToString()
-    ring = native.window._ring
+    ring = native.window._rw
     with pytest.raises(ValueError, match="ring"):
         write_full_frame(raw, c, ring[:, :2], 0)
     frozen = ring.copy()
@@ -234,7 +234,7 @@ def test_a_non_canonical_length_is_left_to_python() -> None:
     padded = bytes([n | 0x80]) + b"\x80" * 8 + b"\x02"
     bad = raw[: k + 2] + padded + raw[k + 3 :]
     assert native.checks is not None
-    assert write_full_frame(bad, native.checks, native.window._ring, 0) is None
+    assert write_full_frame(bad, native.checks, native.window._rw, 0) is None
     assert not native.window._ring.tobytes().strip(b"\x00")
 
 

@@ -21,15 +21,18 @@ from tests.server import hosts
 from tests.server.conftest import ServerFactory, make_config
 from tests.server.test_serving import channel, open_stream, read
 
+SHED = pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
+
 # Frames as (gap since the previous one on the server, s; extra wait in transit, s).
 _frames = st.lists(st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 2.0)), min_size=1, max_size=40)
+FOREVER = 1e12  # a baseline window longer than any test
 
 
 def _waits(
     frames: list[tuple[float, float]],
     offset_us: int = 0,
     rate: float = 1.0,
-    drift_ppm: float = 0.0,
+    window_s: float = FOREVER,
     believable_s: float = math.inf,
 ) -> list[float]:
     """Waits the estimator reads for frames asked at client times t (µs, on a clock
@@ -41,7 +44,7 @@ def _waits(
         now += gap
         asked = now - (extra if i else 0.0)
         stamp = offset_us + round(asked * rate * 1e6)
-        out.append(clock.wait_s(stamp, now, drift_ppm, believable_s))
+        out.append(clock.wait_s(stamp, now, believable_s, window_s))
     return out
 
 
@@ -54,34 +57,76 @@ def test_the_clocks_offset_does_not_matter(frames: list[tuple[float, float]], of
 
 
 @given(_frames)
-def test_waits_are_read_within_a_microsecond_or_under(frames: list[tuple[float, float]]) -> None:
-    # Above the shortest wait seen so far (the first frame's, 0 here): exact to the µs
-    # stamp; never more than the truth, never negative.
+def test_waits_are_read_exactly_above_the_shortest(frames: list[tuple[float, float]]) -> None:
+    # Above the shortest wait in the window (the first frame's, 0 here): exact to the
+    # µs stamp, never negative.
     got = _waits(frames)
     assert got[0] == 0.0
     for (_, extra), wait in zip(frames[1:], got[1:], strict=True):
-        assert 0.0 <= wait <= extra + 1e-6
-        assert wait >= extra - 1e-6
+        assert math.isclose(wait, extra, abs_tol=1e-6)
 
 
-@given(st.lists(st.floats(0.0, 60.0), min_size=2, max_size=40), st.floats(-15.0, 15.0))
-def test_a_clock_drifting_within_the_allowance_reads_no_wait(gaps: list[float], ppm: float) -> None:
-    # A client clock 15 ppm fast or slow, with no transit at all, and a 20 ppm allowance:
-    # minutes of drift never read as waiting.
-    got = _waits([(g, 0.0) for g in gaps], rate=1.0 + ppm * 1e-6, drift_ppm=20.0)
-    assert max(got) <= 1e-6
+@given(_frames, st.floats(1.0, 60.0))
+def test_a_short_window_only_ever_under_reads(
+    frames: list[tuple[float, float]], window: float
+) -> None:
+    # Once the first frame's offset has left the window the baseline is a later,
+    # longer wait: waits read less than the truth (fail open), never more.
+    got = _waits(frames, window_s=window)
+    for (_, extra), wait in zip(frames[1:], got[1:], strict=True):
+        assert -1e-6 <= wait <= extra + 1e-6
+
+
+@given(st.lists(st.floats(0.1, 5.0), min_size=2, max_size=200), st.floats(-200.0, 200.0))
+def test_clock_drift_shows_as_at_most_drift_times_window(gaps: list[float], ppm: float) -> None:
+    # No transit at all, a client clock up to 200 ppm fast or slow (worse than any
+    # undisciplined crystal), a 30 s window: the phantom wait stays below r x the age of
+    # the oldest minimum kept (~window: 6 ms here; each of the 6 buckets starts at the
+    # first frame 5 s after the previous one) however long the stream runs.
+    got = _waits([(g, 0.0) for g in gaps], rate=1.0 + ppm * 1e-6, window_s=30.0)
+    assert max(got) <= abs(ppm) * 1e-6 * 6 * (5.0 + max(gaps)) + 2e-6
+
+
+def test_a_lasting_offset_shift_is_absorbed_within_the_window() -> None:
+    # The offset jumps up by 50 ms and stays (a route change, a slewed clock) on a busy
+    # server (every wait believed): read as a wait only until the window has passed.
+    clock = TransitClock()
+    t = 0.0
+    for _ in range(100):  # 10 s of frames at 10/s, no wait
+        t += 0.1
+        assert clock.wait_s(round(t * 1e6), t, math.inf, 30.0) <= 1e-6
+    waits = []
+    for _ in range(400):  # 40 s with the offset 50 ms higher
+        t += 0.1
+        waits.append(clock.wait_s(round((t - 0.05) * 1e6), t, math.inf, 30.0))
+    assert math.isclose(waits[0], 0.05, abs_tol=1e-6)
+    assert all(w <= 0.05 + 1e-6 for w in waits)
+    assert max(waits[360:]) <= 1e-6  # gone within 30 s (+ one bucket)
+
+
+@pytest.mark.parametrize("unit_us", [1000.0, 1e-3, 1e6])  # ms, ns or s sent as µs
+def test_a_stamp_in_the_wrong_unit_switches_the_estimate_off(unit_us: float) -> None:
+    clock = TransitClock()
+    waits = []
+    for k in range(300):  # 30 s at 10 frames/s, no wait
+        t = 1.0 + k / 10.0
+        waits.append(clock.wait_s(round(t * 1e6 / unit_us), t, math.inf, 30.0))
+    assert clock.off
+    assert not 0.5 < clock.rate < 1.5
+    assert waits[-1] == 0.0  # judged from arrival from then on
+    assert clock.wait_s(0, 100.0, math.inf, 30.0) == 0.0
 
 
 def test_an_unbelievable_wait_rebases_and_the_next_short_one_restores() -> None:
     clock = TransitClock()
-    assert clock.wait_s(1_000_000, 50.0, 0.0, 0.01) == 0.0  # baseline: offset 49 s
-    assert math.isclose(clock.wait_s(1_000_000, 50.005, 0.0, 0.01), 0.005, abs_tol=1e-9)
+    assert clock.wait_s(1_000_000, 50.0, 0.01, 30.0) == 0.0  # baseline: offset 49 s
+    assert math.isclose(clock.wait_s(1_000_000, 50.005, 0.01, 30.0), 0.005, abs_tol=1e-9)
     # a client clock that stepped back by 1 s: not believable here, re-based, read as 0
-    assert clock.wait_s(1_000_000, 51.01, 0.0, 0.01) == 0.0
-    assert clock.wait_s(1_000_000, 51.012, 0.0, 0.01) > 0.0  # judged from the new base
+    assert clock.wait_s(1_000_000, 51.01, 0.01, 30.0) == 0.0
+    assert clock.wait_s(1_000_000, 51.012, 0.01, 30.0) > 0.0  # judged from the new base
     # a frame with the old, shorter offset brings the baseline back at once
-    assert clock.wait_s(3_000_000, 52.0, 0.0, 0.01) == 0.0
-    assert math.isclose(clock.wait_s(3_000_000, 52.004, 0.0, 0.01), 0.004, abs_tol=1e-9)
+    assert clock.wait_s(3_000_000, 52.0, 0.01, 30.0) == 0.0
+    assert math.isclose(clock.wait_s(3_000_000, 52.004, 0.01, 30.0), 0.004, abs_tol=1e-9)
 
 
 def _frame(step: int, tag: str, clock_us: int) -> pb.StreamTelemetryRequest:
@@ -134,10 +179,10 @@ async def test_an_idle_server_does_not_believe_a_long_wait(server: TamiyoServer)
     assert BatchConfig().transit_idle_utilization > 0.0
     clock = TransitClock()
     p.batcher.utilization = 0.0
-    assert p.transit_wait(clock, 1_000_000, 10.0, 0.01) == 0.0
-    assert p.transit_wait(clock, 1_000_000, 10.5, 0.01) == 0.0  # idle: re-based
+    assert p.transit_wait(clock, 1_000_000, 10.0, 0.01, "h") == 0.0
+    assert p.transit_wait(clock, 1_000_000, 10.5, 0.01, "h") == 0.0  # idle: re-based
     p.batcher.utilization = 1.0
-    assert math.isclose(p.transit_wait(clock, 1_000_000, 10.52, 0.01), 0.02, rel_tol=1e-3)
+    assert math.isclose(p.transit_wait(clock, 1_000_000, 10.52, 0.01, "h"), 0.02, rel_tol=1e-3)
 
 
 async def test_the_budget_runs_from_when_the_host_asked(
@@ -165,3 +210,35 @@ async def test_the_budget_runs_from_when_the_host_asked(
         assert (d.frame_request_id, d.degraded) == ("waited", True)
         assert "shed: deadline" in d.reason
         await call.done_writing()
+
+
+async def test_a_late_frame_does_not_replace_a_pending_one_on_time(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batcher holds its batch ~0.3 s (pinned); meanwhile a frame that was asked
+    # 1.5 s before it was sent (1 s budget) arrives. It is refused as late, and the
+    # pending evaluation (asked in time) is kept and answered, not superseded.
+    batch = replace(make_config().batch, transit_idle_utilization=0.0)
+    srv = await make_server(make_config(batch=batch))
+    assert srv.pipeline is not None
+    b = srv.pipeline.batcher
+    monkeypatch.setattr(b, "_wait_s", lambda head, now: head.arrival + 0.3 - now)
+    async with channel(srv) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=1000)
+        t0 = time.monotonic()
+
+        def now_us() -> int:
+            return 7_000_000 + round((time.monotonic() - t0) * 1e6)
+
+        await call.write(_frame(1, "first", now_us()))  # sets the baseline, then pending
+        await asyncio.sleep(0.02)
+        await call.write(_frame(2, "stale", now_us() - 1_500_000))  # asked 1.5 s ago
+        err = (await read(call)).error
+        assert (err.frame_request_id, err.code) == ("stale", SHED)
+        assert "before it was read" in err.message
+        d = (await read(call)).decision
+        assert (d.frame_request_id, d.degraded) == ("first", False)
+        await call.done_writing()
+    reg = srv.metrics.registry
+    assert reg.get_sample_value("tamiyo_shed_total", {"reason": "late"}) == 1
+    assert reg.get_sample_value("tamiyo_shed_total", {"reason": "superseded"}) is None
