@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -129,6 +130,18 @@ def test_an_unbelievable_wait_rebases_and_the_next_short_one_restores() -> None:
     assert math.isclose(clock.wait_s(3_000_000, 52.004, 0.01, 30.0), 0.004, abs_tol=1e-9)
 
 
+async def never_idle(make_server: ServerFactory) -> TamiyoServer:
+    """A server that believes every wait, as a busy one does (an idle one re-bases)."""
+    batch = replace(make_config().batch, transit_idle_utilization=0.0)
+    return await make_server(make_config(batch=batch))
+
+
+def host_clock() -> Callable[[], int]:
+    """A simulated host's clock (µs on its own scale), read at each call."""
+    t0 = time.monotonic()
+    return lambda: 7_000_000 + round((time.monotonic() - t0) * 1e6)
+
+
 def _frame(step: int, tag: str, clock_us: int) -> pb.StreamTelemetryRequest:
     req = hosts.frame(6, step, tag=tag)
     req.frame.client_clock_us = clock_us
@@ -140,15 +153,10 @@ async def test_a_frame_that_waited_past_its_budget_is_refused_at_once(
 ) -> None:
     # A never-idle server (every wait believed), a 150 ms budget. The host's clock
     # runs from t0; the second frame claims it was asked 400 ms before it was sent.
-    batch = replace(make_config().batch, transit_idle_utilization=0.0)
-    srv = await make_server(make_config(batch=batch))
+    srv = await never_idle(make_server)
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=150)
-        t0 = time.monotonic()
-
-        def now_us() -> int:
-            return 7_000_000 + round((time.monotonic() - t0) * 1e6)
-
+        now_us = host_clock()
         await call.write(_frame(1, "fresh", now_us()))
         assert (await read(call)).decision.frame_request_id == "fresh"
         await asyncio.sleep(0.05)
@@ -190,19 +198,14 @@ async def test_the_budget_runs_from_when_the_host_asked(
 ) -> None:
     # Inference predicted at 80 ms (pinned), a 150 ms budget: a frame read at once makes
     # it; one that already waited 100 ms has 50 ms left and is shed by the batcher.
-    batch = replace(make_config().batch, transit_idle_utilization=0.0)
-    srv = await make_server(make_config(batch=batch))
+    srv = await never_idle(make_server)
     assert srv.pipeline is not None
     cost = srv.pipeline.batcher.cost
     monkeypatch.setattr(cost, "predict_ms", lambda nodes, graphs, safe=True: 80.0)
     monkeypatch.setattr(srv.pipeline.batcher, "backlog_ms", lambda: 0.0)
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=150)
-        t0 = time.monotonic()
-
-        def now_us() -> int:
-            return 7_000_000 + round((time.monotonic() - t0) * 1e6)
-
+        now_us = host_clock()
         await call.write(_frame(1, "fresh", now_us()))
         assert (await read(call)).decision.degraded is False
         await call.write(_frame(2, "waited", now_us() - 100_000))
@@ -218,18 +221,13 @@ async def test_a_late_frame_does_not_replace_a_pending_one_on_time(
     # The batcher holds its batch ~0.3 s (pinned); meanwhile a frame that was asked
     # 1.5 s before it was sent (1 s budget) arrives. It is refused as late, and the
     # pending evaluation (asked in time) is kept and answered, not superseded.
-    batch = replace(make_config().batch, transit_idle_utilization=0.0)
-    srv = await make_server(make_config(batch=batch))
+    srv = await never_idle(make_server)
     assert srv.pipeline is not None
     b = srv.pipeline.batcher
     monkeypatch.setattr(b, "_wait_s", lambda head, now: head.arrival + 0.3 - now)
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=1000)
-        t0 = time.monotonic()
-
-        def now_us() -> int:
-            return 7_000_000 + round((time.monotonic() - t0) * 1e6)
-
+        now_us = host_clock()
         await call.write(_frame(1, "first", now_us()))  # sets the baseline, then pending
         await asyncio.sleep(0.02)
         await call.write(_frame(2, "stale", now_us() - 1_500_000))  # asked 1.5 s ago
