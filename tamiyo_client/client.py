@@ -203,8 +203,9 @@ class TamiyoClient:
     def send_frame(self, frame: Frame) -> None:
         """Queue a frame. Assigns ``frame.request_id`` when a decision is wanted and the
         id is empty, and ``frame.client_clock_us`` (now: the decision's budget runs from
-        the moment it was asked for, queueing here included) when it is 0. Returns at
-        once; coalesces when the stream cannot keep up.
+        the moment it was asked for, queueing here included) when it is 0: pass a fresh
+        frame each time, since a re-sent one keeps its first stamp and is judged late.
+        Returns at once; coalesces when the stream cannot keep up.
 
         Pass ``KasminaHost.frame_data()`` (a ``FrameData``) from a training loop: its
         protobuf is built on the client's thread, in ``config.signal_form``. A

@@ -28,8 +28,10 @@ from tamiyo_client.frame_data import FrameData, SignalValues
 
 # parent -> sidecar
 INIT = 1  # JSON: {"config": {...ClientConfig fields}, "security": {...}}
-FRAME = 2  # struct-packed FrameData
-FRAME_JSON = 3  # FrameData as JSON (values struct cannot hold)
+# (2 and 3 were FRAME / FRAME_JSON before client_clock_us: a record from an older
+# parent is refused as an unknown kind rather than misread)
+FRAME = 12  # struct-packed FrameData
+FRAME_JSON = 13  # FrameData as JSON (values struct cannot hold)
 FRAME_PB = 4  # a serialized TelemetryFrame (passed to send_frame as protobuf)
 OUTCOME = 5  # a serialized DecisionOutcome
 SESSION = 6  # a serialized SessionOpen (initial and update_session)

@@ -194,6 +194,11 @@ class Job(Generic[P, R]):
     seq: int = 0
     state: int = _QUEUED
 
+    @property
+    def queued(self) -> bool:
+        """Still waiting for a batch (so ``Batcher.replace`` can swap its payload)."""
+        return self.state == _QUEUED
+
 
 @dataclass
 class Done(Generic[R]):

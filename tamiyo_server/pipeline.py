@@ -39,6 +39,7 @@ from tamiyo_server.transit import TransitClock
 from tamiyo_server.validation import validate_decide_decoded
 
 log = logging.getLogger(__name__)
+_WARNED_HOSTS: set[str] = set()  # hosts told their client_clock_us is unusable
 
 LAG_PROBE_S = 0.02
 _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
@@ -185,8 +186,9 @@ class DecisionPipeline:
         was_off = clock.off
         wait = clock.wait_s(client_us, arrival, believable, c.transit_window_s)
         if clock.off:
-            if was_off:
+            if was_off or len(_WARNED_HOSTS) >= 1024 or host in _WARNED_HOSTS:
                 return 0.0
+            _WARNED_HOSTS.add(host)  # once per host (a fleet reconnects many streams)
             log.warning(
                 "host %r: TelemetryFrame.client_clock_us advances at %.3g x real time, not "
                 "in microseconds of a steady clock; its frames are judged from their "

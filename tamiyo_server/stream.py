@@ -270,11 +270,15 @@ class StreamHandler:
             return
         backlog_ms = self.p.batcher.backlog_ms()
         budget_ms = s.deadline_s * 1000.0
-        # Hopeless: answer at once, cheaply (no snapshot, no featurize), so overload sheds
-        # at the door instead of queueing in the transport. A session with a pending
-        # evaluation costs nothing more when a new frame replaces it, unless the new
-        # frame is itself late: then the pending one (asked earlier, still on time) stays.
-        if backlog_ms + waited * 1000.0 > budget_ms and (s.pending is None or waited > 0.0):
+        deadline = arrival - waited + s.deadline_s
+        # A frame that replaces this session's queued evaluation adds no work; the job
+        # keeps its deadline, so a hopeless frame may only take it if asked no earlier.
+        pending = s.pending
+        replaceable = pending is not None and pending.job.queued
+        hopeless = backlog_ms + waited * 1000.0 > budget_ms
+        if hopeless and not (replaceable and pending and deadline >= pending.job.deadline):
+            # Hopeless: answer at once, cheaply (no snapshot, no featurize), so overload
+            # sheds at the door instead of queueing in the transport.
             if backlog_ms > budget_ms:
                 reason, why = "overload", "the queued work alone exceeds the decision deadline"
             else:
@@ -297,9 +301,10 @@ class StreamHandler:
             return
         ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
         snap = s.snapshot(frame)
-        pending = s.pending
-        if pending is not None and self.p.batcher.replace(
-            pending.job, snap, snap.topology.num_nodes, s.num_edges
+        if (
+            replaceable
+            and pending is not None
+            and self.p.batcher.replace(pending.job, snap, snap.topology.num_nodes, s.num_edges)
         ):
             old, pending.frame = pending.frame, ref
             child(self.p.m.shed, "superseded").inc()
@@ -313,7 +318,7 @@ class StreamHandler:
             resp.error.frame_request_id = old.request_id
             self.out.put_nowait(resp)
             return
-        job = self.p.submit(snap, s.num_edges, arrival, arrival - waited + s.deadline_s)
+        job = self.p.submit(snap, s.num_edges, arrival, deadline)
         if job is None:  # queue full: answer now from the rules alone
             resp = pb.StreamTelemetryResponse()
             d = self.p.decision(

@@ -16,40 +16,41 @@ control), and a frame's wait is its offset above that baseline. Three guards kee
 estimate from refusing good frames (each fails open: the frame is then judged from its
 arrival, as without a stamp):
 
-* the baseline is the minimum over the last ``window_s`` only (kept as minima of
-  ``window_s / BUCKETS`` buckets): an offset that shifts up and stays there (a client
-  clock running slower than the server's, NTP slewing either one, a route change) is
-  read as waiting for at most ``window_s``, and a clock drifting by r ppm shows at most
-  r·``window_s`` of phantom wait (100 ppm over 30 s: 3 ms). A backlog that lasts longer
-  than ``window_s`` is absorbed too: the estimate then under-reads, never over-reads;
+* the baseline is the minimum over the last ``window_s`` only (kept as the minima of
+  buckets ``window_s / BUCKETS`` long, dropped by age): an offset that shifts up and
+  stays there (a client clock running slower than the server's, NTP slewing either
+  one, a route change, a long pause) is read as waiting for at most ``window_s``, and a
+  clock drifting by r ppm shows at most ~r·``window_s`` of phantom wait (r·window/2 on
+  average: 100 ppm over 30 s, 1.5 ms). A backlog that lasts longer than ``window_s`` is
+  absorbed too: the estimate then under-reads, never over-reads;
 * a frame that looks later than ``believable_s`` (the caller passes the frame's budget
   while the server is idle, when nothing of ours can have made it wait) re-bases the
   estimate at that frame (a clock that stepped);
-* a stamp that does not advance at the rate of real time (±50 % over ≥ ``RATE_SPAN_S``:
-  milliseconds or nanoseconds sent as µs, a clock that is not steady) switches the
-  estimate off for the stream (``off``).
+* a stamp that does not advance at the rate of real time switches the estimate off for
+  the stream (``off``): milliseconds, seconds or nanoseconds sent as µs, a clock that
+  is not steady. The rate is measured between bucket *minima* ≥ ``RATE_SPAN_S`` apart,
+  which single late frames do not move (a check on single frames switched good clocks
+  off after one stalled frame); it must lie within 1 ± ``RATE_TOLERANCE``. Until the
+  first check (~``RATE_SPAN_S`` into the stream) such a stamp reads as growing waits.
 """
 
 from __future__ import annotations
 
-import math
-
 BUCKETS = 6  # minima kept per window (a rolling minimum at window/6 granularity)
-RATE_SPAN_S = 10.0  # server time over which the stamps' rate is checked
-# |stamp rate / real rate − 1| beyond this: not a µs clock. Loose on purpose: waits that
-# differ by seconds between the two frames compared also move the measured rate.
+RATE_SPAN_S = 5.0  # the stamps' rate is checked between bucket minima this far apart (s)
+# |stamp rate / real rate − 1| beyond this: not a µs clock (wrong units are off by 1000x;
+# a backlog that grows or drains by seconds within the span moves the measured rate too).
 RATE_TOLERANCE = 0.5
 
 
 class TransitClock:
     """One stream's transit-wait estimate (owned by its session, on the event loop)."""
 
-    __slots__ = ("_bucket_at", "_mins", "_ref", "off", "rate")
+    __slots__ = ("_buckets", "off", "rate")
 
     def __init__(self) -> None:
-        self._mins: list[float] = []  # smallest offset (s) of each recent bucket, oldest first
-        self._bucket_at = -math.inf  # server time the newest bucket started (s)
-        self._ref: tuple[int, float] | None = None  # (stamp µs, arrival s) for the rate check
+        # [server time the bucket started (s), smallest offset in it (s)], oldest first
+        self._buckets: list[list[float]] = []
         self.off = False  # stamps found unusable on this stream: every wait reads 0
         self.rate = 1.0  # the last measured stamp rate (1 = real time)
 
@@ -60,27 +61,28 @@ class TransitClock:
         read at ``arrival_s`` (server ``time.monotonic()``), ≥ 0 (see the module doc)."""
         if self.off:
             return 0.0
-        ref = self._ref
-        if ref is None:
-            self._ref = (client_us, arrival_s)
-        elif arrival_s - ref[1] >= RATE_SPAN_S:
-            self.rate = (client_us - ref[0]) * 1e-6 / (arrival_s - ref[1])
-            if abs(self.rate - 1.0) > RATE_TOLERANCE:
+        offset = arrival_s - client_us * 1e-6
+        b = self._buckets
+        if not b or arrival_s - b[-1][0] >= window_s / BUCKETS:
+            while b and b[0][0] < arrival_s - window_s:
+                del b[0]
+            b.append([arrival_s, offset])
+            if len(b) > 2 and not self._rate_ok(b[0], b[-2]):  # (b[-2]: a complete bucket)
                 self.off = True
                 return 0.0
-            self._ref = (client_us, arrival_s)
-        offset = arrival_s - client_us * 1e-6
-        mins = self._mins
-        if arrival_s - self._bucket_at >= window_s / BUCKETS:
-            mins.append(offset)
-            if len(mins) > BUCKETS:
-                del mins[0]
-            self._bucket_at = arrival_s
-        elif offset < mins[-1]:
-            mins[-1] = offset
-        wait = offset - min(mins)
+        elif offset < b[-1][1]:
+            b[-1][1] = offset
+        wait = offset - min(x[1] for x in b)
         if wait > believable_s:  # a clock step, not a wait: start again from this frame
-            self._mins = [offset]
-            self._bucket_at = arrival_s
+            self._buckets = [[arrival_s, offset]]
             return 0.0
         return wait
+
+    def _rate_ok(self, old: list[float], new: list[float]) -> bool:
+        """Whether the stamps advance at real-time rate between two bucket minima (the
+        offset grows by 1 − rate per second)."""
+        span = new[0] - old[0]
+        if span < RATE_SPAN_S:
+            return True
+        self.rate = 1.0 - (new[1] - old[1]) / span
+        return abs(self.rate - 1.0) <= RATE_TOLERANCE

@@ -575,7 +575,9 @@ class SignalWindow:
             count = self._count[:, None]
             # Output slot k of layer i holds ring slot (count_i - w + k) mod w.
             rows = (self._base[:, None] + (count - w + self._slots) % w).reshape(-1)
-            out = self._flat.take(rows).reshape(n, w)
+            flat = self._flat.take(rows)
+            flat.setflags(write=False)  # (before the reshape: its view cannot undo it)
+            out = flat.reshape(n, w)
             valid = self._slots >= w - np.minimum(count, w)
             valid.setflags(write=False)
         out.setflags(write=False)

@@ -204,6 +204,8 @@ def test_window_mixing_full_and_partial_frames(
         assert snap.equals(want), f"frame {f}"
         assert not snap.floats.flags.writeable
         assert not snap.valid.flags.writeable
+        with pytest.raises(ValueError, match="WRITEABLE"):  # view or copy: for good
+            snap.floats.setflags(write=True)
         if f % 2:
             kept.append((snap, want))
     for snap, want in kept:

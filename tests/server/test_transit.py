@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamiyo.config import BatchConfig
@@ -103,6 +104,50 @@ def test_a_lasting_offset_shift_is_absorbed_within_the_window() -> None:
     assert math.isclose(waits[0], 0.05, abs_tol=1e-6)
     assert all(w <= 0.05 + 1e-6 for w in waits)
     assert max(waits[360:]) <= 1e-6  # gone within 30 s (+ one bucket)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0.0, 2.0), st.floats(0.0, 6.0)), min_size=2, max_size=300),
+    st.floats(-100.0, 100.0),
+)
+def test_a_good_clock_is_never_switched_off_by_long_waits(
+    frames: list[tuple[float, float]], ppm: float
+) -> None:
+    # Waits swinging anywhere between 0 and 6 s (an overloaded server, a stalled
+    # connection, a first frame that was buffered for seconds), any gaps: the rate check
+    # looks at bucket minima, so a steady µs clock stays on.
+    clock = TransitClock()
+    now = 100.0
+    for gap, extra in frames:
+        now += gap
+        clock.wait_s(round((now - extra) * (1 + ppm * 1e-6) * 1e6), now, math.inf, 30.0)
+    assert not clock.off
+
+
+def test_twenty_overloaded_streams_keep_their_clocks() -> None:
+    # The same, as the reviewer's simulation: 20 streams, 10 frames/s for 200 s, each
+    # frame waiting uniformly 0-6 s (a rate check on single frames switched 4-5 of them
+    # off).
+    rng = random.Random(8)
+    for _ in range(20):
+        clock = TransitClock()
+        for k in range(2000):
+            now = 100.0 + k / 10.0
+            clock.wait_s(round((now - rng.uniform(0.0, 6.0)) * 1e6), now, math.inf, 30.0)
+        assert not clock.off
+
+
+def test_old_minima_leave_the_window_however_few_frames_there_are() -> None:
+    # A stream sending once a minute from a clock 50 ppm slow, and a 10-minute pause:
+    # the baseline never comes from a bucket older than the window, so the drift shows
+    # as (nearly) nothing.
+    clock = TransitClock()
+    slow = 1 - 50e-6
+    waits = [clock.wait_s(round(t * slow * 1e6), t, math.inf, 30.0) for t in range(0, 600, 60)]
+    t = 600.0 + 600.0
+    waits.append(clock.wait_s(round(t * slow * 1e6), t, math.inf, 30.0))
+    assert max(waits) <= 1e-6
 
 
 @pytest.mark.parametrize("unit_us", [1000.0, 1e-3, 1e6])  # ms, ns or s sent as µs
@@ -240,3 +285,27 @@ async def test_a_late_frame_does_not_replace_a_pending_one_on_time(
     reg = srv.metrics.registry
     assert reg.get_sample_value("tamiyo_shed_total", {"reason": "late"}) == 1
     assert reg.get_sample_value("tamiyo_shed_total", {"reason": "superseded"}) is None
+
+
+async def test_a_newer_frame_still_replaces_the_pending_one_under_overload(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same held batch; then the queued work alone exceeds the budget (pinned). A frame
+    # asked after the pending one takes its place at no cost (superseded), as without a
+    # client clock: only a frame asked earlier than the pending one is refused.
+    srv = await never_idle(make_server)
+    assert srv.pipeline is not None
+    b = srv.pipeline.batcher
+    monkeypatch.setattr(b, "_wait_s", lambda head, now: head.arrival + 0.3 - now)
+    async with channel(srv) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=1000)
+        now_us = host_clock()
+        await call.write(_frame(1, "first", now_us()))
+        await asyncio.sleep(0.02)
+        monkeypatch.setattr(b, "backlog_ms", lambda: 5000.0)
+        await call.write(_frame(2, "second", now_us()))
+        err = (await read(call)).error
+        assert (err.frame_request_id, err.code) == ("first", SHED)
+        assert "superseded" in err.message
+        assert (await read(call)).decision.frame_request_id == "second"
+        await call.done_writing()
