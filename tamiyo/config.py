@@ -65,8 +65,8 @@ class BatchConfig:
     min_pushback_ms: float = 10.0  # shortest pushback on an overload refusal
     max_pushback_ms: float = 1000.0  # longest pushback on an overload refusal
     # Transit waits from TelemetryFrame.client_clock_us (tamiyo_server.transit): the
-    # zero-wait baseline is the smallest offset over this window (s; a clock drifting by
-    # r ppm shows at most r x window of phantom wait), and below this CPU share the
+    # zero-wait baseline is the smallest offset over this window (s; a lasting shift of
+    # the offset reads as a wait for at most this long), and below this CPU share the
     # server is taken to be keeping up, so a frame that looks late is re-based, not refused.
     transit_window_s: float = 30.0
     transit_idle_utilization: float = 0.5

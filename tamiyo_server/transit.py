@@ -12,35 +12,43 @@ How, without synchronised clocks: the client stamps each frame on a clock of its
 (``TelemetryFrame.client_clock_us``). For a frame, ``offset = arrival − stamp`` is the
 clocks' offset plus its time in transit. The smallest offset seen on the stream
 recently is taken as "no wait" (the base-delay estimate of LEDBAT-style congestion
-control), and a frame's wait is its offset above that baseline. Three guards keep the
+control), and a frame's wait is its offset above that baseline. These guards keep the
 estimate from refusing good frames (each fails open: the frame is then judged from its
 arrival, as without a stamp):
 
 * the baseline is the minimum over the last ``window_s`` only (kept as the minima of
   buckets ``window_s / BUCKETS`` long, dropped by age): an offset that shifts up and
   stays there (a client clock running slower than the server's, NTP slewing either
-  one, a route change, a long pause) is read as waiting for at most ``window_s``, and a
-  clock drifting by r ppm shows at most ~r·``window_s`` of phantom wait (r·window/2 on
-  average: 100 ppm over 30 s, 1.5 ms). A backlog that lasts longer than ``window_s`` is
-  absorbed too: the estimate then under-reads, never over-reads;
+  one, a route change, a long pause) is read as waiting for at most ``window_s``. A
+  backlog that lasts longer than ``window_s`` is absorbed too: the estimate then
+  under-reads, never over-reads;
+* clock drift: when the bucket minima rise steadily (the client's clock runs slower),
+  each older minimum is carried forward along that slope, up to ``MAX_DRIFT`` (500 ppm,
+  ntpd's slew limit), before the minimum is taken. Only a rising slope is followed, so
+  this can only lower a wait (a backlog that grows slowly is partly absorbed); a
+  falling one needs nothing, as new minima replace the old at once. Without it a clock
+  r ppm slow showed r·``window_s``/2 of phantom wait on average (500 ppm: 7.5 ms of a
+  10 ms budget);
 * a frame that looks later than ``believable_s`` (the caller passes the frame's budget
   while the server is idle, when nothing of ours can have made it wait) re-bases the
   estimate at that frame (a clock that stepped);
-* a stamp that does not advance at the rate of real time switches the estimate off for
-  the stream (``off``): milliseconds, seconds or nanoseconds sent as µs, a clock that
-  is not steady. The rate is measured between bucket *minima* ≥ ``RATE_SPAN_S`` apart,
-  which single late frames do not move (a check on single frames switched good clocks
-  off after one stalled frame); it must lie within 1 ± ``RATE_TOLERANCE``. Until the
-  first check (~``RATE_SPAN_S`` into the stream) such a stamp reads as growing waits.
+* a stamp that does not advance at the rate of real time switches the estimate off
+  (``off``): milliseconds, seconds or nanoseconds sent as µs (off by 1000x or more).
+  The rate is measured between bucket *minima* ≥ ``RATE_SPAN_S`` apart, which single
+  late frames do not move (a check on single frames switched good clocks off after one
+  stalled frame), and must lie within ``RATE_FACTOR``x of real time: a backlog that
+  grows by seconds within the span moves the measured rate too (a rule of ±50 % over
+  5 s tripped on a backlog rising 3 s). Each later check may switch it back on. Until
+  the first check (~``RATE_SPAN_S`` into the stream) such a stamp reads as growing
+  waits, so a busy server refuses that stream's frames for about that long.
 """
 
 from __future__ import annotations
 
 BUCKETS = 6  # minima kept per window (a rolling minimum at window/6 granularity)
-RATE_SPAN_S = 5.0  # the stamps' rate is checked between bucket minima this far apart (s)
-# |stamp rate / real rate − 1| beyond this: not a µs clock (wrong units are off by 1000x;
-# a backlog that grows or drains by seconds within the span moves the measured rate too).
-RATE_TOLERANCE = 0.5
+MAX_DRIFT = 500e-6  # fastest offset rise (s per s) taken as clock drift, not as waiting
+RATE_SPAN_S = 20.0  # the stamps' rate is checked between bucket minima this far apart (s)
+RATE_FACTOR = 10.0  # stamp rate beyond this factor of real time (either way): not µs
 
 
 class TransitClock:
@@ -59,30 +67,39 @@ class TransitClock:
     ) -> float:
         """Seconds the frame stamped ``client_us`` (client clock, µs) waited before it was
         read at ``arrival_s`` (server ``time.monotonic()``), ≥ 0 (see the module doc)."""
-        if self.off:
-            return 0.0
         offset = arrival_s - client_us * 1e-6
         b = self._buckets
         if not b or arrival_s - b[-1][0] >= window_s / BUCKETS:
             while b and b[0][0] < arrival_s - window_s:
                 del b[0]
             b.append([arrival_s, offset])
-            if len(b) > 2 and not self._rate_ok(b[0], b[-2]):  # (b[-2]: a complete bucket)
-                self.off = True
-                return 0.0
+            if len(b) > 2:  # oldest and newest complete (b[-2]) buckets
+                self.off = not self._rate_ok(b[0], b[-2])
         elif offset < b[-1][1]:
             b[-1][1] = offset
-        wait = offset - min(x[1] for x in b)
+        if self.off:
+            return 0.0
+        wait = offset - self._baseline(offset, arrival_s)
         if wait > believable_s:  # a clock step, not a wait: start again from this frame
             self._buckets = [[arrival_s, offset]]
             return 0.0
         return wait
+
+    def _baseline(self, offset: float, now: float) -> float:
+        """The zero-wait offset now (s): the smallest bucket minimum, each carried
+        forward along the minima's rising slope (drift, ≤ ``MAX_DRIFT``), and never
+        above this frame's own offset."""
+        b = self._buckets
+        slope = 0.0
+        if len(b) > 2 and b[-2][0] > b[0][0]:  # oldest and newest complete buckets
+            slope = min(max((b[-2][1] - b[0][1]) / (b[-2][0] - b[0][0]), 0.0), MAX_DRIFT)
+        return min(offset, *(m + slope * (now - t) for t, m in b))
 
     def _rate_ok(self, old: list[float], new: list[float]) -> bool:
         """Whether the stamps advance at real-time rate between two bucket minima (the
         offset grows by 1 − rate per second)."""
         span = new[0] - old[0]
         if span < RATE_SPAN_S:
-            return True
+            return not self.off
         self.rate = 1.0 - (new[1] - old[1]) / span
-        return abs(self.rate - 1.0) <= RATE_TOLERANCE
+        return 1.0 / RATE_FACTOR <= self.rate <= RATE_FACTOR

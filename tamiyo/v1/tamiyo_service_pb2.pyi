@@ -147,13 +147,14 @@ class TelemetryFrame(_message.Message):
     """Optional: when the host asked for this frame's decision, in microseconds on a clock
     of the client's choosing that never steps (e.g. CLOCK_MONOTONIC); 0 = not given.
     Clocks need not be synchronised: the server only compares a stream's readings with
-    its own arrival times and takes the smallest difference seen on the stream as
-    "no wait" (allowing the clocks' rates to differ by up to
-    BatchConfig.transit_drift_ppm). With it, the decision budget runs from this moment
-    rather than from the frame's arrival, so a frame that waited in transit (a
-    congested connection, a server busy reading other streams) is judged by the time
-    the host has actually left, and one that can no longer be answered within its
-    budget is refused at once (RESOURCE_EXHAUSTED) instead of being evaluated late.
+    its own arrival times and takes the smallest difference seen on the stream in the
+    last BatchConfig.transit_window_s as "no wait" (following a clock that runs slow by
+    up to 500 ppm); readings that do not advance at the rate of real time (wrong units)
+    are ignored. With it, the decision budget runs from this moment rather than from
+    the frame's arrival, so a frame that waited in transit (a congested connection, a
+    server busy reading other streams) is judged by the time the host has actually
+    left, and one that can no longer be answered within its budget is refused at once
+    (RESOURCE_EXHAUSTED) instead of being evaluated late.
     """
     @_builtins.property
     def signals(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthSignal]:

@@ -89,6 +89,23 @@ def test_clock_drift_shows_as_at_most_drift_times_window(gaps: list[float], ppm:
     assert max(got) <= abs(ppm) * 1e-6 * 6 * (5.0 + max(gaps)) + 2e-6
 
 
+def test_a_slow_client_clock_is_followed_and_real_waits_still_show() -> None:
+    # A client clock 300 ppm slow (its offset rises 0.3 ms per s), no transit, 10
+    # frames/s for 2 minutes on a busy server: the baseline follows the drift (without
+    # that the phantom wait reached ~9 ms, most of a 10 ms budget). A frame that then
+    # really waits 50 ms still reads ~50 ms.
+    clock = TransitClock()
+    slow = 1 - 300e-6
+    waits = []
+    for k in range(1200):
+        t = 10.0 + k / 10.0
+        waits.append(clock.wait_s(round(t * slow * 1e6), t, math.inf, 30.0))
+    assert max(waits[100:]) <= 0.2e-3
+    t = 10.0 + 1200 / 10.0
+    late = clock.wait_s(round((t - 0.05) * slow * 1e6), t, math.inf, 30.0)
+    assert 0.049 <= late <= 0.0501
+
+
 def test_a_lasting_offset_shift_is_absorbed_within_the_window() -> None:
     # The offset jumps up by 50 ms and stays (a route change, a slewed clock) on a busy
     # server (every wait believed): read as a wait only until the window has passed.
@@ -123,6 +140,32 @@ def test_a_good_clock_is_never_switched_off_by_long_waits(
         now += gap
         clock.wait_s(round((now - extra) * (1 + ppm * 1e-6) * 1e6), now, math.inf, 30.0)
     assert not clock.off
+
+
+def test_a_backlog_rising_by_seconds_does_not_switch_the_clock_off() -> None:
+    # Found by hypothesis in CI against a +-50 % rule over 5 s: every frame of a bucket
+    # waiting 3 s more than the previous bucket's read as a clock at 0.4x real time.
+    clock = TransitClock()
+    for now, extra in [(100, 0), (101, 0), (103, 0), (105, 3), (106, 3), (108, 3), (110, 0)]:
+        clock.wait_s(round((now - extra) * 1e6), float(now), math.inf, 30.0)
+    assert not clock.off
+
+
+def test_a_stream_whose_stamps_become_microseconds_is_judged_again() -> None:
+    clock = TransitClock()
+    for k in range(300):  # 30 s of milliseconds sent as µs: switched off
+        t = 1.0 + k / 10.0
+        clock.wait_s(round(t * 1e3), t, math.inf, 30.0)
+    switched_off = clock.off
+    waits = []
+    for k in range(500):  # then 50 s of µs (a fixed client): on again once checked
+        t = 31.0 + k / 10.0
+        waits.append(
+            clock.wait_s(round((t - (0.05 if k == 499 else 0.0)) * 1e6), t, math.inf, 30.0)
+        )
+    assert switched_off
+    assert not clock.off
+    assert math.isclose(waits[-1], 0.05, abs_tol=1e-6)
 
 
 def test_twenty_overloaded_streams_keep_their_clocks() -> None:
