@@ -23,22 +23,25 @@ arrival, as without a stamp):
   backlog that lasts longer than ``window_s`` is absorbed too: the estimate then
   under-reads, never over-reads;
 * clock drift: when the bucket minima rise steadily (the client's clock runs slower),
-  each older minimum is carried forward along that slope, up to ``MAX_DRIFT`` (500 ppm,
-  ntpd's slew limit), before the minimum is taken. Only a rising slope is followed, so
-  this can only lower a wait (a backlog that grows slowly is partly absorbed); a
-  falling one needs nothing, as new minima replace the old at once. Without it a clock
-  r ppm slow showed r·``window_s``/2 of phantom wait on average (500 ppm: 7.5 ms of a
-  10 ms budget);
+  each older minimum is carried forward along that slope, up to ``MAX_DRIFT`` (100 ppm:
+  two free-running crystals), before the minimum is taken. Only a rising slope is
+  followed, so each read can only be lower than without it; the price is that a
+  backlog growing slower than 0.1 ms per s is hidden entirely (fails open). A falling
+  slope needs nothing, as new minima replace the old at once. Without it a clock r ppm
+  slow showed r·``window_s``/2 of phantom wait on average; faster drift (an NTP slew at
+  up to 500 ppm) still shows the excess, (r − 100 ppm)·``window_s`` at most;
 * a frame that looks later than ``believable_s`` (the caller passes the frame's budget
   while the server is idle, when nothing of ours can have made it wait) re-bases the
   estimate at that frame (a clock that stepped);
 * a stamp that does not advance at the rate of real time switches the estimate off
   (``off``): milliseconds, seconds or nanoseconds sent as µs (off by 1000x or more).
-  The rate is measured between bucket *minima* ≥ ``RATE_SPAN_S`` apart, which single
-  late frames do not move (a check on single frames switched good clocks off after one
-  stalled frame), and must lie within ``RATE_FACTOR``x of real time: a backlog that
-  grows by seconds within the span moves the measured rate too (a rule of ±50 % over
-  5 s tripped on a backlog rising 3 s). Each later check may switch it back on. Until
+  The rate is measured between completed bucket *minima* ≥ ``RATE_SPAN_S`` apart (the
+  older one kept for the check even when the window has dropped it, so any frame
+  cadence gets checked), which single late frames do not move (a check on single
+  frames switched good clocks off after one stalled frame), and must lie within
+  ``RATE_FACTOR``x of real time: a backlog that grows by seconds within the span
+  moves the measured rate too (a rule of ±50 % over 5 s tripped on a backlog rising
+  3 s). Each later check may switch it back on. Until
   the first check (~``RATE_SPAN_S`` into the stream) such a stamp reads as growing
   waits, so a busy server refuses that stream's frames for about that long.
 """
@@ -46,7 +49,9 @@ arrival, as without a stamp):
 from __future__ import annotations
 
 BUCKETS = 6  # minima kept per window (a rolling minimum at window/6 granularity)
-MAX_DRIFT = 500e-6  # fastest offset rise (s per s) taken as clock drift, not as waiting
+# Fastest offset rise (s per s) taken as clock drift, not as waiting: two free-running
+# crystals differ by up to ~100 ppm. A backlog growing slower than this is hidden too.
+MAX_DRIFT = 100e-6
 RATE_SPAN_S = 20.0  # the stamps' rate is checked between bucket minima this far apart (s)
 RATE_FACTOR = 10.0  # stamp rate beyond this factor of real time (either way): not µs
 
@@ -54,11 +59,13 @@ RATE_FACTOR = 10.0  # stamp rate beyond this factor of real time (either way): n
 class TransitClock:
     """One stream's transit-wait estimate (owned by its session, on the event loop)."""
 
-    __slots__ = ("_buckets", "off", "rate")
+    __slots__ = ("_anchor", "_buckets", "off", "rate")
 
     def __init__(self) -> None:
         # [server time the bucket started (s), smallest offset in it (s)], oldest first
         self._buckets: list[list[float]] = []
+        # the completed bucket the next rate check starts from (kept whatever the window)
+        self._anchor: list[float] | None = None
         self.off = False  # stamps found unusable on this stream: every wait reads 0
         self.rate = 1.0  # the last measured stamp rate (1 = real time)
 
@@ -70,11 +77,16 @@ class TransitClock:
         offset = arrival_s - client_us * 1e-6
         b = self._buckets
         if not b or arrival_s - b[-1][0] >= window_s / BUCKETS:
+            if b:  # b[-1] is complete: check the rate since the anchor, at most so often
+                done = b[-1]
+                if self._anchor is None:
+                    self._anchor = done
+                elif done[0] - self._anchor[0] >= RATE_SPAN_S:
+                    self.off = not self._rate_ok(self._anchor, done)
+                    self._anchor = done
             while b and b[0][0] < arrival_s - window_s:
                 del b[0]
             b.append([arrival_s, offset])
-            if len(b) > 2:  # oldest and newest complete (b[-2]) buckets
-                self.off = not self._rate_ok(b[0], b[-2])
         elif offset < b[-1][1]:
             b[-1][1] = offset
         if self.off:
@@ -82,6 +94,7 @@ class TransitClock:
         wait = offset - self._baseline(offset, arrival_s)
         if wait > believable_s:  # a clock step, not a wait: start again from this frame
             self._buckets = [[arrival_s, offset]]
+            self._anchor = None
             return 0.0
         return wait
 
@@ -99,7 +112,5 @@ class TransitClock:
         """Whether the stamps advance at real-time rate between two bucket minima (the
         offset grows by 1 − rate per second)."""
         span = new[0] - old[0]
-        if span < RATE_SPAN_S:
-            return not self.off
         self.rate = 1.0 - (new[1] - old[1]) / span
         return 1.0 / RATE_FACTOR <= self.rate <= RATE_FACTOR

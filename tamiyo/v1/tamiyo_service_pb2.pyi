@@ -149,7 +149,7 @@ class TelemetryFrame(_message.Message):
     Clocks need not be synchronised: the server only compares a stream's readings with
     its own arrival times and takes the smallest difference seen on the stream in the
     last BatchConfig.transit_window_s as "no wait" (following a clock that runs slow by
-    up to 500 ppm); readings that do not advance at the rate of real time (wrong units)
+    up to 100 ppm); readings that do not advance at the rate of real time (wrong units)
     are ignored. With it, the decision budget runs from this moment rather than from
     the frame's arrival, so a frame that waited in transit (a congested connection, a
     server busy reading other streams) is judged by the time the host has actually

@@ -90,20 +90,32 @@ def test_clock_drift_shows_as_at_most_drift_times_window(gaps: list[float], ppm:
 
 
 def test_a_slow_client_clock_is_followed_and_real_waits_still_show() -> None:
-    # A client clock 300 ppm slow (its offset rises 0.3 ms per s), no transit, 10
-    # frames/s for 2 minutes on a busy server: the baseline follows the drift (without
-    # that the phantom wait reached ~9 ms, most of a 10 ms budget). A frame that then
-    # really waits 50 ms still reads ~50 ms.
+    # A client clock 90 ppm slow (its offset rises 90 µs per s), no transit, 10 frames/s
+    # for 2 minutes on a busy server: the baseline follows the drift (without that the
+    # phantom wait reached ~2.7 ms). A frame that then really waits 50 ms still reads ~50.
     clock = TransitClock()
-    slow = 1 - 300e-6
+    slow = 1 - 90e-6
     waits = []
     for k in range(1200):
         t = 10.0 + k / 10.0
         waits.append(clock.wait_s(round(t * slow * 1e6), t, math.inf, 30.0))
-    assert max(waits[100:]) <= 0.2e-3
+    assert max(waits[100:]) <= 0.1e-3
     t = 10.0 + 1200 / 10.0
     late = clock.wait_s(round((t - 0.05) * slow * 1e6), t, math.inf, 30.0)
     assert 0.049 <= late <= 0.0501
+
+
+@pytest.mark.parametrize("gap_s", [0.1, 4.0, 9.0, 12.0, 20.0])
+@pytest.mark.parametrize("window_s", [30.0, 10.0])
+def test_wrong_units_are_caught_at_any_cadence(gap_s: float, window_s: float) -> None:
+    # Milliseconds sent as µs, one frame every gap_s: the rate check keeps its older
+    # minimum whatever the window drops, so every cadence is checked (a check between
+    # buckets in the window never ran for frames 4-12 s apart, or a window under ~24 s).
+    clock = TransitClock()
+    for k in range(int(120 / gap_s)):
+        t = 1.0 + k * gap_s
+        clock.wait_s(round(t * 1e3), t, math.inf, window_s)
+    assert clock.off
 
 
 def test_a_lasting_offset_shift_is_absorbed_within_the_window() -> None:
