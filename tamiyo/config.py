@@ -68,8 +68,8 @@ class BatchConfig:
     # zero-wait baseline is the smallest offset over this window (s; a lasting shift of
     # the offset reads as a wait for at most this long), and below this CPU share the
     # server is taken to be keeping up, so a frame that looks late is re-based, not refused.
-    transit_window_s: float = 30.0
-    transit_idle_utilization: float = 0.5
+    transit_window_s: float = 30.0  # s over which a stream's smallest transit offset counts
+    transit_idle_utilization: float = 0.5  # CPU share below which a too-late frame re-bases
     # "loop": no GIL hand-offs between loop and inference, best on CPU; "thread":
     # overlaps device time on CUDA (see tamiyo_server.batcher).
     run_on: str = "auto"  # where batches run: "loop", "thread", "auto" (thread on CUDA)
