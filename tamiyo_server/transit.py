@@ -81,8 +81,10 @@ class TransitClock:
                 done = b[-1]
                 if self._anchor is None:
                     self._anchor = done
-                elif done[0] - self._anchor[0] >= RATE_SPAN_S:
-                    self.off = not self._rate_ok(self._anchor, done)
+                elif (span := done[0] - self._anchor[0]) >= RATE_SPAN_S:
+                    # the offset grows by 1 − rate per second of real time
+                    self.rate = 1.0 - (done[1] - self._anchor[1]) / span
+                    self.off = not 1.0 / RATE_FACTOR <= self.rate <= RATE_FACTOR
                     self._anchor = done
             while b and b[0][0] < arrival_s - window_s:
                 del b[0]
@@ -107,10 +109,3 @@ class TransitClock:
         if len(b) > 2 and b[-2][0] > b[0][0]:  # oldest and newest complete buckets
             slope = min(max((b[-2][1] - b[0][1]) / (b[-2][0] - b[0][0]), 0.0), MAX_DRIFT)
         return min(offset, *(m + slope * (now - t) for t, m in b))
-
-    def _rate_ok(self, old: list[float], new: list[float]) -> bool:
-        """Whether the stamps advance at real-time rate between two bucket minima (the
-        offset grows by 1 − rate per second)."""
-        span = new[0] - old[0]
-        self.rate = 1.0 - (new[1] - old[1]) / span
-        return 1.0 / RATE_FACTOR <= self.rate <= RATE_FACTOR

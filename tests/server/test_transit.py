@@ -9,7 +9,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
+import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,10 +20,11 @@ from tamiyo.config import BatchConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.app import TamiyoServer
+from tamiyo_server.batcher import Batcher
 from tamiyo_server.transit import TransitClock
 from tests.server import hosts
 from tests.server.conftest import ServerFactory, make_config
-from tests.server.test_serving import channel, open_stream, read
+from tests.server.test_serving import Stream, channel, open_stream, read
 
 SHED = pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
 
@@ -236,6 +239,28 @@ async def never_idle(make_server: ServerFactory) -> TamiyoServer:
     return await make_server(make_config(batch=batch))
 
 
+async def held_batches(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> tuple[TamiyoServer, Batcher[Any, Any]]:
+    """A never-idle server whose batcher holds every batch ~0.3 s (pinned), so a
+    session's evaluation stays pending while the test sends more frames."""
+    srv = await never_idle(make_server)
+    assert srv.pipeline is not None
+    b = srv.pipeline.batcher
+    monkeypatch.setattr(b, "_wait_s", lambda head, now: head.arrival + 0.3 - now)
+    return srv, b
+
+
+async def first_frame_pending(ch: grpc.aio.Channel) -> tuple[Stream, Callable[[], int]]:
+    """A stream with a 1 s budget whose first frame ("first", asked now) is pending on a
+    ``held_batches`` server, and the host's clock."""
+    call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=1000)
+    now_us = host_clock()
+    await call.write(_frame(1, "first", now_us()))
+    await asyncio.sleep(0.02)
+    return call, now_us
+
+
 def host_clock() -> Callable[[], int]:
     """A simulated host's clock (µs on its own scale), read at each call."""
     t0 = time.monotonic()
@@ -321,15 +346,9 @@ async def test_a_late_frame_does_not_replace_a_pending_one_on_time(
     # The batcher holds its batch ~0.3 s (pinned); meanwhile a frame that was asked
     # 1.5 s before it was sent (1 s budget) arrives. It is refused as late, and the
     # pending evaluation (asked in time) is kept and answered, not superseded.
-    srv = await never_idle(make_server)
-    assert srv.pipeline is not None
-    b = srv.pipeline.batcher
-    monkeypatch.setattr(b, "_wait_s", lambda head, now: head.arrival + 0.3 - now)
+    srv, _ = await held_batches(make_server, monkeypatch)
     async with channel(srv) as ch:
-        call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=1000)
-        now_us = host_clock()
-        await call.write(_frame(1, "first", now_us()))  # sets the baseline, then pending
-        await asyncio.sleep(0.02)
+        call, now_us = await first_frame_pending(ch)  # (its stamp sets the baseline)
         await call.write(_frame(2, "stale", now_us() - 1_500_000))  # asked 1.5 s ago
         err = (await read(call)).error
         assert (err.frame_request_id, err.code) == ("stale", SHED)
@@ -345,18 +364,12 @@ async def test_a_late_frame_does_not_replace_a_pending_one_on_time(
 async def test_a_newer_frame_still_replaces_the_pending_one_under_overload(
     make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The same held batch; then the queued work alone exceeds the budget (pinned). A frame
+    # Held batches; then the queued work alone exceeds the budget (pinned). A frame
     # asked after the pending one takes its place at no cost (superseded), as without a
     # client clock: only a frame asked earlier than the pending one is refused.
-    srv = await never_idle(make_server)
-    assert srv.pipeline is not None
-    b = srv.pipeline.batcher
-    monkeypatch.setattr(b, "_wait_s", lambda head, now: head.arrival + 0.3 - now)
+    srv, b = await held_batches(make_server, monkeypatch)
     async with channel(srv) as ch:
-        call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=1000)
-        now_us = host_clock()
-        await call.write(_frame(1, "first", now_us()))
-        await asyncio.sleep(0.02)
+        call, now_us = await first_frame_pending(ch)
         monkeypatch.setattr(b, "backlog_ms", lambda: 5000.0)
         await call.write(_frame(2, "second", now_us()))
         err = (await read(call)).error
