@@ -268,24 +268,29 @@ class StreamHandler:
                 )
             )
             return
-        backlog_ms = self.p.batcher.backlog_ms()
+        ahead_ms = self.p.ahead_ms()
         budget_ms = s.deadline_s * 1000.0
         deadline = arrival - waited + s.deadline_s
         # A frame that replaces this session's queued evaluation adds no work; the job
         # keeps its deadline, so a hopeless frame may only take it if asked no earlier.
         pending = s.pending
         replaceable = pending is not None and pending.job.queued
-        hopeless = backlog_ms + waited * 1000.0 > budget_ms
+        hopeless = ahead_ms + waited * 1000.0 > budget_ms
         if hopeless and not (replaceable and pending and deadline >= pending.job.deadline):
             # Hopeless: answer at once, cheaply (no snapshot, no featurize), so overload
-            # sheds at the door instead of queueing in the transport.
-            if backlog_ms > budget_ms:
-                reason, why = "overload", "the queued work alone exceeds the decision deadline"
+            # sheds at the door instead of in the batcher (see DecisionPipeline.ahead_ms).
+            if ahead_ms > budget_ms:
+                reason = "overload"
+                why = (
+                    f"the queued work and the event loop's lag alone need {ahead_ms:.1f} ms, "
+                    f"more than the {budget_ms:.0f} ms decision deadline"
+                )
             else:
                 reason = "late"
                 why = (
                     f"the frame waited {waited * 1000.0:.1f} ms before it was read and the "
-                    f"queued work needs {backlog_ms:.1f} ms of its {budget_ms:.0f} ms budget"
+                    f"server needs {ahead_ms:.1f} ms (queued work and event-loop lag) of "
+                    f"its {budget_ms:.0f} ms budget"
                 )
             child(self.p.m.shed, reason).inc()
             self.out.put_nowait(
@@ -295,7 +300,7 @@ class StreamHandler:
                     "later frame",
                     "frame.want_decision",
                     frame,
-                    self.p.pushback_ms(max(backlog_ms, waited * 1000.0)),
+                    self.p.pushback_ms(max(ahead_ms, waited * 1000.0)),
                 )
             )
             return

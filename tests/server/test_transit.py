@@ -327,7 +327,7 @@ async def test_the_budget_runs_from_when_the_host_asked(
     assert srv.pipeline is not None
     cost = srv.pipeline.batcher.cost
     monkeypatch.setattr(cost, "predict_ms", lambda nodes, graphs, safe=True: 80.0)
-    monkeypatch.setattr(srv.pipeline.batcher, "backlog_ms", lambda: 0.0)
+    monkeypatch.setattr(srv.pipeline, "ahead_ms", lambda: 0.0)  # the door lets both in
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=150)
         now_us = host_clock()
@@ -377,3 +377,59 @@ async def test_a_newer_frame_still_replaces_the_pending_one_under_overload(
         assert "superseded" in err.message
         assert (await read(call)).decision.frame_request_id == "second"
         await call.done_writing()
+
+
+async def pinned_lag(make_server: ServerFactory, lag_s: float) -> TamiyoServer:
+    """A never-idle server with a 150 ms default budget whose event-loop lag reads
+    ``lag_s`` (the lag monitor stopped, its reading pinned)."""
+    batch = replace(make_config().batch, transit_idle_utilization=0.0, decision_deadline_ms=150.0)
+    srv = await make_server(make_config(batch=batch))
+    p = srv.pipeline
+    assert p is not None
+    assert p._lag_task is not None
+    p._lag_task.cancel()
+    await asyncio.gather(p._lag_task, return_exceptions=True)
+    p.loop_lag_s = lag_s
+    return srv
+
+
+async def test_the_door_counts_the_event_loops_lag(make_server: ServerFactory) -> None:
+    # A loop 100 ms behind: its batches run 100 ms late. Of a 150 ms budget, a frame read
+    # at once still has room; one that waited 60 ms does not, and is refused at the door
+    # (not shed by the batcher after a snapshot, a featurize and a fallback decision).
+    srv = await pinned_lag(make_server, 0.1)
+    async with channel(srv) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        now_us = host_clock()
+        await call.write(_frame(1, "fresh", now_us()))
+        d = (await read(call)).decision
+        assert (d.frame_request_id, d.degraded) == ("fresh", False)
+        await call.write(_frame(2, "waited", now_us() - 60_000))
+        err = (await read(call)).error
+        assert (err.frame_request_id, err.code) == ("waited", SHED)
+        assert "event-loop lag" in err.message
+        assert "before it was read" in err.message
+        assert err.retry_after_ms > 0
+        await call.done_writing()
+    reg = srv.metrics.registry
+    assert reg.get_sample_value("tamiyo_shed_total", {"reason": "late"}) == 1
+    assert reg.get_sample_value("tamiyo_shed_total", {"reason": "deadline"}) is None
+
+
+async def test_a_loop_behind_by_more_than_the_budget_refuses_as_overload(
+    make_server: ServerFactory,
+) -> None:
+    # 200 ms of lag against a 150 ms budget: no frame can make it, whatever its wait,
+    # and the refusal says it is the server's overload (the lag is under the 300 ms at
+    # which a swamped loop stops reading frames' telemetry).
+    srv = await pinned_lag(make_server, 0.2)
+    async with channel(srv) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        await call.write(_frame(1, "fresh", host_clock()()))
+        err = (await read(call)).error
+        assert (err.frame_request_id, err.code) == ("fresh", SHED)
+        assert "event loop's lag" in err.message
+        assert "telemetry was recorded" in err.message
+        await call.done_writing()
+    reg = srv.metrics.registry
+    assert reg.get_sample_value("tamiyo_shed_total", {"reason": "overload"}) == 1
