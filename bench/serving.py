@@ -12,7 +12,10 @@ Scenarios (``--quick``: the first, a 64-stream closed loop and a small open loop
 closed loop at 1, 16, 64, 256, 1000 streams; the SLO capacity at 64 streams (the highest
 open-loop rate served with p99 ≤ 10 ms and no shedding, searched for Tamiyo and echo:
 ``slo_capacity``); open loop, 1000 streams at 2,000 frames/s;
-overload: open loop at 2× the best closed-loop decisions/s (256 streams).
+overload: open loop at 2× the best closed-loop decisions/s (256 streams); and a load
+sweep at 64 streams, open loop at ½-3× Tamiyo's SLO capacity, drawn with echo beside it in
+``bench-results/serving.png`` (network decisions/s and their p99 against the offered
+rate: how Tamiyo degrades past saturation).
 Frames carry ``client_clock_us`` as ``tamiyo_client``'s do (the generator's default): the
 server judges each budget from when the simulated host asked, so a frame that waited in
 transit is shed (explicitly) rather than answered late.
@@ -201,6 +204,59 @@ def slo_capacity(
     return good
 
 
+SWEEP = (0.5, 1.0, 1.5, 2.0, 3.0)  # offered rates of the load sweep, × Tamiyo's SLO capacity
+
+
+def load_sweep(t_port: int, e_port: int, unit: float, duration_s: float, warm: float) -> list[Row]:
+    """64 streams, open loop, at each multiple in ``SWEEP`` of ``unit`` frames/s, Tamiyo
+    then echo at each rate. Why: the single rows say where the SLO holds; the sweep
+    shows what happens past it, where a server should keep its network decisions near
+    capacity and refuse the rest cheaply rather than spend the loop on work it sheds."""
+    rows = []
+    for k in SWEEP:
+        rate = round(max(unit, 100.0) * k, 1)
+        t = loadgen(t_port, 64, "open", rate, duration_s, warm)
+        e = loadgen(e_port, 64, "open", rate, duration_s, warm)
+        rows.append(_row(t, e) | {"scenario": f"sweep64x{k:g}"})
+        print(
+            f"  sweep 64 streams at {rate:7.1f}/s: {t['decisions_per_s']:7.1f}/s p99 "
+            f"{t['p99_ms']} ms (echo {e['decisions_per_s']:7.1f}/s p99 {e['p99_ms']} ms)",
+            flush=True,
+        )
+    return rows
+
+
+def plot_sweep(rows: list[Row], path: Path) -> None:
+    """Network decisions/s and their p99 against the offered rate, Tamiyo and echo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offered = [r["offered_per_s"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(offered, offered, color="0.6", ls=":", lw=1.0, label="offered")
+    ax1.plot(offered, [r["echo_per_s"] for r in rows], marker="o", label="echo (transport)")
+    ax1.plot(offered, [r["decisions_per_s"] for r in rows], marker="o", label="Tamiyo")
+    ax1.set_xlabel("offered frames/s (64 streams, open loop)")
+    ax1.set_ylabel("network decisions/s")
+    ax1.legend(fontsize=8)
+    for key, label in (("echo_p99_ms", "echo (transport)"), ("p99_ms", "Tamiyo")):
+        pts = [(o, r[key]) for o, r in zip(offered, rows, strict=True) if r[key] is not None]
+        ax2.plot([o for o, _ in pts], [v for _, v in pts], marker="o", label=label)
+    ax2.axhline(SLO_MS, color="k", ls="--", lw=0.8, label="10 ms budget")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("offered frames/s (64 streams, open loop)")
+    ax2.set_ylabel("p99 of network decisions (ms)")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _verdicts(rows: list[Row]) -> list[str]:
     """The issue's targets, checked against this run (reported, never asserted)."""
     out = []
@@ -241,6 +297,7 @@ def run(opts: BenchOptions) -> None:
     echo, e_port = start_echo()
     tamiyo, t_port = start_tamiyo(opts.threads)
     rows: list[Row] = []
+    sweep: list[Row] = []
     try:
         for n in closed:
             t = loadgen(t_port, n, "closed", 0.0, duration, warm)
@@ -274,13 +331,16 @@ def run(opts: BenchOptions) -> None:
                 }
             )
         print(f"  SLO capacity at 64 streams: {t_cap:.0f}/s vs echo {e_cap:.0f}/s", flush=True)
+        if not quick:
+            sweep = load_sweep(t_port, e_port, t_cap, duration, warm)
+            rows += sweep
         opens = [(256, 500.0, "256@500")] if quick else [(1000, 2000.0, "1000@2000")]
         if not quick:
             # Saturation = the best closed-loop rate of decisions made by the network
             # (degraded decisions and shed notices excluded: they are fast answers, not
             # work done); 2x that is offered open loop, and the row reports the accepted
             # decisions' p99, the explicit sheds and the frames never answered (lost).
-            best = max(r["decisions_per_s"] for r in rows)
+            best = max(r["decisions_per_s"] for r in rows if r["mode"] == "closed")
             opens.append((256, round(max(2 * best, 1.0), 1), "overload"))
         for n, rate, name in opens:
             t = loadgen(t_port, n, "open", rate, duration, warm)
@@ -321,3 +381,6 @@ def run(opts: BenchOptions) -> None:
         print("  " + line)
     print(f"  (load average at the end: {env.get('load_avg_1min')}; 2 cores shared by all)")
     print(f"  wrote {write_json(opts.out_dir, PART, rows)}")
+    if sweep:
+        plot_sweep(sweep, opts.out_dir / "serving.png")
+        print(f"  wrote {opts.out_dir / 'serving.png'}")
