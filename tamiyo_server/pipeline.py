@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -99,6 +99,14 @@ class DecisionPipeline:
     def start(self) -> None:
         self.batcher.start()
         self._lag_task = asyncio.get_running_loop().create_task(self._watch_lag())
+        self._lag_task.add_done_callback(self._lag_watch_ended)
+
+    def _lag_watch_ended(self, task: asyncio.Task[None]) -> None:
+        """A lag monitor that died would leave its last reading in force, and the door
+        refuses every frame while that reads above the budget: log it and read 0."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the event-loop lag monitor failed", exc_info=task.exception())
+            self.loop_lag_s = 0.0
 
     async def stop(self) -> None:
         """Stop the lag monitor and the batcher (queued work runs first)."""
@@ -134,27 +142,31 @@ class DecisionPipeline:
             counted = self._network_count
             self.network_per_s += 0.05 * (rate - self.network_per_s)
 
-    def swamped(self) -> bool:
-        """True when a frame should be refused at the door without being processed: the
-        loop is more than twice the decision deadline behind, so every frame waiting in
-        the transport is already late.
+    def swamped(self, budget_s: float) -> Literal["", "refuse", "probe"]:
+        """Whether the loop is swamped for a frame with a ``budget_s`` decision budget:
+        more than twice the budget behind, so every frame waiting in the transport is
+        already late. "" = not swamped; "refuse" = refuse this frame at once, without
+        processing it; "probe" = swamped, but this frame is admitted.
 
-        Even then one frame in ``k = ceil(lag / limit)`` is admitted. Refusing all of them
-        is a trap a saturated closed loop never leaves: the cheap refusals come back as
-        new frames at once, keep the loop behind, and goodput stays at zero (measured: 64
-        closed-loop streams got 0 network decisions/s). Admitting a share that shrinks as
-        the lag grows keeps real decisions flowing while the backlog drains.
+        One frame in ``k = ceil(lag / limit)`` is a probe. Refusing all of them is a trap a
+        saturated closed loop never leaves: the cheap refusals come back as new frames at
+        once, keep the loop behind, and goodput stays at zero (measured: 64 closed-loop
+        streams got 0 network decisions/s). Admitting a share that shrinks as the lag
+        grows keeps real decisions flowing while the backlog drains; the door then judges
+        a probe without the loop's lag (see ``ahead_ms``), which by now exceeds its budget
+        and would refuse every one of them.
         """
-        limit = 2.0 * self.config.batch.decision_deadline_ms / 1000.0
+        limit = 2.0 * budget_s
         if self.loop_lag_s <= limit:
-            return False
+            return ""
         self._swamped_seen += 1
-        return self._swamped_seen % math.ceil(self.loop_lag_s / limit) != 0
+        return "refuse" if self._swamped_seen % math.ceil(self.loop_lag_s / limit) else "probe"
 
-    def ahead_ms(self) -> float:
+    def ahead_ms(self, lag: bool = True) -> float:
         """How long a frame admitted now waits before its batch has run (ms): the queued
-        work's predicted inference (``Batcher.backlog_ms``) plus the event loop's lag
-        (``_watch_lag``), because its batch is a loop callback and runs that late too.
+        work's predicted inference (``Batcher.backlog_ms``) plus, with ``lag``, the event
+        loop's lag (``_watch_lag``): a batch run on the loop is a loop callback and runs
+        that late too, and one run on the inference thread is answered from the loop.
 
         The stream door refuses a frame whose wait so far plus this exceeds its budget.
         Why the lag counts: with the backlog alone, a loop busy reading frames admitted
@@ -164,8 +176,14 @@ class DecisionPipeline:
         alternated, 2 runs each: at 3,000 frames/s, 877 / 614 network decisions/s with
         the backlog alone vs 2,225 / 1,765 with the lag (p99 26 / 29 vs 15 / 16 ms); at
         2,000/s, 1,879 / 1,403 vs 1,979 / 1,832; deadline sheds ~10x fewer throughout.
+
+        The lag is the monitor's peak-holding average, which stays high for a while after
+        a stall (a 100 ms stall refuses frames for ~140 ms after it ends); the newest
+        probe alone let more doomed work in (1000 streams × 2,000/s: 5-14x the deadline
+        sheds, p99 28 / 45 vs 17 / 24 ms; mixed at 64 streams), so it is not used.
         """
-        return self.batcher.backlog_ms() + self.loop_lag_s * 1000.0
+        ms = self.batcher.backlog_ms()
+        return ms + self.loop_lag_s * 1000.0 if lag else ms
 
     def pushback_ms(self, drain_ms: float) -> int:
         """How long a refused client should wait before asking again (ms): the longer of

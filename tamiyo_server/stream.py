@@ -227,7 +227,8 @@ class StreamHandler:
         if s is None:
             self._no_session("frame")
             return
-        if frame.want_decision and self.p.swamped():
+        swamp = self.p.swamped(s.deadline_s) if frame.want_decision else ""
+        if swamp == "refuse":
             # The event loop is far behind: every frame still in the transport is late.
             # Answer at the cheapest possible cost (no validation, no history update) so
             # the backlog drains and nothing goes unanswered; say the telemetry was dropped.
@@ -268,7 +269,7 @@ class StreamHandler:
                 )
             )
             return
-        ahead_ms = self.p.ahead_ms()
+        ahead_ms = self.p.ahead_ms(lag=swamp != "probe")  # (see DecisionPipeline.swamped)
         budget_ms = s.deadline_s * 1000.0
         deadline = arrival - waited + s.deadline_s
         # A frame that replaces this session's queued evaluation adds no work; the job
@@ -277,32 +278,7 @@ class StreamHandler:
         replaceable = pending is not None and pending.job.queued
         hopeless = ahead_ms + waited * 1000.0 > budget_ms
         if hopeless and not (replaceable and pending and deadline >= pending.job.deadline):
-            # Hopeless: answer at once, cheaply (no snapshot, no featurize), so overload
-            # sheds at the door instead of in the batcher (see DecisionPipeline.ahead_ms).
-            if ahead_ms > budget_ms:
-                reason = "overload"
-                why = (
-                    f"the queued work and the event loop's lag alone need {ahead_ms:.1f} ms, "
-                    f"more than the {budget_ms:.0f} ms decision deadline"
-                )
-            else:
-                reason = "late"
-                why = (
-                    f"the frame waited {waited * 1000.0:.1f} ms before it was read and the "
-                    f"server needs {ahead_ms:.1f} ms (queued work and event-loop lag) of "
-                    f"its {budget_ms:.0f} ms budget"
-                )
-            child(self.p.m.shed, reason).inc()
-            self.out.put_nowait(
-                _error(
-                    Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
-                    f"shed: overloaded, {why}; telemetry was recorded, ask again with a "
-                    "later frame",
-                    "frame.want_decision",
-                    frame,
-                    self.p.pushback_ms(max(ahead_ms, waited * 1000.0)),
-                )
-            )
+            self._refuse_hopeless(frame, ahead_ms, waited, budget_ms)
             return
         ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
         snap = s.snapshot(frame)
@@ -323,6 +299,9 @@ class StreamHandler:
             resp.error.frame_request_id = old.request_id
             self.out.put_nowait(resp)
             return
+        if hopeless:  # it could only have replaced the pending job, which just started
+            self._refuse_hopeless(frame, ahead_ms, waited, budget_ms)
+            return
         job = self.p.submit(snap, s.num_edges, arrival, deadline)
         if job is None:  # queue full: answer now from the rules alone
             resp = pb.StreamTelemetryResponse()
@@ -338,6 +317,36 @@ class StreamHandler:
         self.outstanding.add(job)
         self.idle.clear()
         job.future.add_done_callback(partial(self._answered, s, pending))
+
+    def _refuse_hopeless(
+        self, frame: pb.TelemetryFrame, ahead_ms: float, waited: float, budget_ms: float
+    ) -> None:
+        """Answer a frame that cannot make its budget at once, cheaply (no snapshot, no
+        featurize), so overload sheds at the door instead of in the batcher (see
+        ``DecisionPipeline.ahead_ms``); its telemetry was recorded."""
+        if ahead_ms > budget_ms:
+            reason = "overload"
+            why = (
+                f"the queued work and the event loop's lag alone need {ahead_ms:.1f} ms, "
+                f"more than the {budget_ms:.0f} ms decision deadline"
+            )
+        else:
+            reason = "late"
+            why = (
+                f"the frame waited {waited * 1000.0:.1f} ms before it was read and the "
+                f"server needs {ahead_ms:.1f} ms (queued work and event-loop lag) of "
+                f"its {budget_ms:.0f} ms budget"
+            )
+        child(self.p.m.shed, reason).inc()
+        self.out.put_nowait(
+            _error(
+                Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
+                f"shed: overloaded, {why}; telemetry was recorded, ask again with a later frame",
+                "frame.want_decision",
+                frame,
+                self.p.pushback_ms(max(ahead_ms, waited * 1000.0)),
+            )
+        )
 
     def _answered(self, s: Session, pending: Pending, fut: asyncio.Future[Done[Evaluated]]) -> None:
         if s.pending is pending:

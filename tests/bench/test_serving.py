@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.serving import _verdicts, plot_sweep
+from bench.serving import _verdicts, overload_rate, plot_sweep
 
 
 def _sweep_row(offered: float, ours: float, p99: float | None, echo_p99: float) -> dict[str, Any]:
@@ -40,3 +40,12 @@ def test_verdicts_follow_the_targets() -> None:
     over["lost"] = 1
     got = _verdicts([closed, slo, big, over])
     assert [v.rsplit(": ", 1)[1] for v in got] == ["NOT MET", "NOT MET", "NOT MET"]
+
+
+def test_overload_is_twice_the_best_closed_loop_row() -> None:
+    rows = [
+        {"mode": "closed", "decisions_per_s": 900.0},
+        {"mode": "closed", "decisions_per_s": 1500.0},
+        {"mode": "open", "decisions_per_s": 2400.0},  # an open row (sweep, SLO) never counts
+    ]
+    assert overload_rate(rows) == 3000.0

@@ -368,7 +368,7 @@ async def test_swamped_loop_refuses_at_the_door(
 ) -> None:
     assert server.pipeline is not None
     assert server.pipeline.loop_lag_s < 1.0  # the lag monitor runs and an idle loop is on time
-    monkeypatch.setattr(server.pipeline, "swamped", lambda: True)
+    monkeypatch.setattr(server.pipeline, "swamped", lambda budget_s: "refuse")
     async with channel(server) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
         await call.write(hosts.frame(6, 1, tag="late"))

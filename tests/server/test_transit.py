@@ -327,7 +327,7 @@ async def test_the_budget_runs_from_when_the_host_asked(
     assert srv.pipeline is not None
     cost = srv.pipeline.batcher.cost
     monkeypatch.setattr(cost, "predict_ms", lambda nodes, graphs, safe=True: 80.0)
-    monkeypatch.setattr(srv.pipeline, "ahead_ms", lambda: 0.0)  # the door lets both in
+    monkeypatch.setattr(srv.pipeline, "ahead_ms", lambda lag=True: 0.0)  # the door lets both in
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=150)
         now_us = host_clock()
@@ -379,10 +379,12 @@ async def test_a_newer_frame_still_replaces_the_pending_one_under_overload(
         await call.done_writing()
 
 
-async def pinned_lag(make_server: ServerFactory, lag_s: float) -> TamiyoServer:
-    """A never-idle server with a 150 ms default budget whose event-loop lag reads
-    ``lag_s`` (the lag monitor stopped, its reading pinned)."""
-    batch = replace(make_config().batch, transit_idle_utilization=0.0, decision_deadline_ms=150.0)
+async def pinned_lag(make_server: ServerFactory, lag_s: float, budget_ms: float) -> TamiyoServer:
+    """A never-idle server with a ``budget_ms`` default budget whose event-loop lag
+    reads ``lag_s`` (the lag monitor stopped, its reading pinned)."""
+    batch = replace(
+        make_config().batch, transit_idle_utilization=0.0, decision_deadline_ms=budget_ms
+    )
     srv = await make_server(make_config(batch=batch))
     p = srv.pipeline
     assert p is not None
@@ -394,17 +396,18 @@ async def pinned_lag(make_server: ServerFactory, lag_s: float) -> TamiyoServer:
 
 
 async def test_the_door_counts_the_event_loops_lag(make_server: ServerFactory) -> None:
-    # A loop 100 ms behind: its batches run 100 ms late. Of a 150 ms budget, a frame read
-    # at once still has room; one that waited 60 ms does not, and is refused at the door
-    # (not shed by the batcher after a snapshot, a featurize and a fallback decision).
-    srv = await pinned_lag(make_server, 0.1)
+    # A loop 300 ms behind: its batches run 300 ms late. Of a 400 ms budget, a frame read
+    # at once still has room; one that waited 250 ms (within its budget by itself) does
+    # not, and is refused at the door (not shed by the batcher after a snapshot, a
+    # featurize and a fallback decision). Margins of 100+ ms either way.
+    srv = await pinned_lag(make_server, 0.3, 400.0)
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
         now_us = host_clock()
         await call.write(_frame(1, "fresh", now_us()))
         d = (await read(call)).decision
         assert (d.frame_request_id, d.degraded) == ("fresh", False)
-        await call.write(_frame(2, "waited", now_us() - 60_000))
+        await call.write(_frame(2, "waited", now_us() - 250_000))
         err = (await read(call)).error
         assert (err.frame_request_id, err.code) == ("waited", SHED)
         assert "event-loop lag" in err.message
@@ -416,13 +419,32 @@ async def test_the_door_counts_the_event_loops_lag(make_server: ServerFactory) -
     assert reg.get_sample_value("tamiyo_shed_total", {"reason": "deadline"}) is None
 
 
+async def test_a_swamped_loops_probes_pass_the_door(make_server: ServerFactory) -> None:
+    # 500 ms of lag against a 150 ms budget: swamped (over twice the budget), so one frame
+    # in ceil(500 / 300) = 2 is admitted as a probe; the door judges a probe without the
+    # lag (which would refuse every one of them), so it gets a decision.
+    srv = await pinned_lag(make_server, 0.5, 150.0)
+    async with channel(srv) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        now_us = host_clock()
+        got = []
+        for step in range(1, 5):
+            await call.write(_frame(step, f"f{step}", now_us()))
+            got.append((await read(call)).WhichOneof("message"))
+        await call.done_writing()
+    assert got == ["error", "decision", "error", "decision"]
+    reg = srv.metrics.registry
+    assert reg.get_sample_value("tamiyo_shed_total", {"reason": "swamped"}) == 2
+    assert reg.get_sample_value("tamiyo_shed_total", {"reason": "overload"}) is None
+
+
 async def test_a_loop_behind_by_more_than_the_budget_refuses_as_overload(
     make_server: ServerFactory,
 ) -> None:
     # 200 ms of lag against a 150 ms budget: no frame can make it, whatever its wait,
     # and the refusal says it is the server's overload (the lag is under the 300 ms at
     # which a swamped loop stops reading frames' telemetry).
-    srv = await pinned_lag(make_server, 0.2)
+    srv = await pinned_lag(make_server, 0.2, 150.0)
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
         await call.write(_frame(1, "fresh", host_clock()()))
