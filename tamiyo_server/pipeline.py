@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -31,17 +29,14 @@ from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.wire import varint
 from tamiyo_server.batcher import Batcher, Done, Job
+from tamiyo_server.door import Door
 from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
 from tamiyo_server.metrics import ServerMetrics, child
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
-from tamiyo_server.transit import TransitClock
 from tamiyo_server.validation import validate_decide_decoded
 
 log = logging.getLogger(__name__)
-_WARNED_HOSTS: set[str] = set()  # hosts told their client_clock_us is unusable
-
-LAG_PROBE_S = 0.02
 _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 
 
@@ -82,157 +77,26 @@ class DecisionPipeline:
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
-        self.loop_lag_s = 0.0  # see _watch_lag
-        self._swamped_seen = 0  # frames that arrived while swamped (see swamped)
-        self.open_streams = 0  # StreamTelemetry streams open now (the servicer counts)
-        self.network_per_s = 0.0  # decisions made by the network, per s (EWMA ~0.4 s)
-        self._network_count = 0
-        self._lag_task: asyncio.Task[None] | None = None
+        self.door = Door(config.batch, self.batcher, metrics)  # what is admitted when busy
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
 
     @property
     def running(self) -> bool:
         """``start`` ran (so there is a batcher to drain and stop)."""
-        return self._lag_task is not None
+        return self.door.running
 
     def start(self) -> None:
         self.batcher.start()
-        self._lag_task = asyncio.get_running_loop().create_task(self._watch_lag())
-        self._lag_task.add_done_callback(self._lag_watch_ended)
-
-    def _lag_watch_ended(self, task: asyncio.Task[None]) -> None:
-        """A lag monitor that died would leave its last reading in force, and the door
-        refuses every frame while that reads above the budget: log it and read 0."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error("the event-loop lag monitor failed", exc_info=task.exception())
-            self.loop_lag_s = 0.0
+        self.door.start()
 
     async def stop(self) -> None:
-        """Stop the lag monitor and the batcher (queued work runs first)."""
-        if self._lag_task is not None:
-            self._lag_task.cancel()
-            await asyncio.gather(self._lag_task, return_exceptions=True)
+        """Stop the load monitor and the batcher (queued work runs first)."""
+        await self.door.stop()
         if self.batcher.on_loop:
             self.batcher.stop()
         else:
             await asyncio.to_thread(self.batcher.stop)
-
-    async def _watch_lag(self) -> None:
-        """Event-loop lag (s): how late a 20 ms sleep wakes up. When the loop itself is
-        behind by more than twice the decision deadline, reading frames is the
-        bottleneck and every frame waiting in the transport is already late.
-
-        Also the process's CPU utilisation (CPU s per wall s, EWMA over ~100 ms) for the
-        batcher's decision whether waiting for company pays (see ``tamiyo_server.batcher``).
-        """
-        cpu0 = time.process_time()
-        u = 0.0
-        counted = self._network_count
-        while True:
-            t0 = time.monotonic()
-            await asyncio.sleep(LAG_PROBE_S)
-            t1, cpu1 = time.monotonic(), time.process_time()
-            lag = t1 - t0 - LAG_PROBE_S
-            self.loop_lag_s = lag if lag > self.loop_lag_s else 0.7 * self.loop_lag_s + 0.3 * lag
-            u += 0.2 * (min((cpu1 - cpu0) / max(t1 - t0, 1e-6), 1.0) - u)
-            self.batcher.utilization = u
-            cpu0 = cpu1
-            rate = (self._network_count - counted) / max(t1 - t0, 1e-6)
-            counted = self._network_count
-            self.network_per_s += 0.05 * (rate - self.network_per_s)
-
-    def swamped(self, budget_s: float) -> Literal["", "refuse", "probe"]:
-        """Whether the loop is swamped for a frame with a ``budget_s`` decision budget:
-        more than twice the budget behind, so every frame waiting in the transport is
-        already late. "" = not swamped; "refuse" = refuse this frame at once, without
-        processing it; "probe" = swamped, but this frame is admitted.
-
-        One frame in ``k = ceil(lag / limit)`` is a probe. Refusing all of them is a trap a
-        saturated closed loop never leaves: the cheap refusals come back as new frames at
-        once, keep the loop behind, and goodput stays at zero (measured: 64 closed-loop
-        streams got 0 network decisions/s). Admitting a share that shrinks as the lag
-        grows keeps real decisions flowing while the backlog drains; the door then judges
-        a probe without the loop's lag (see ``ahead_ms``), which by now exceeds its budget
-        and would refuse every one of them.
-        """
-        limit = 2.0 * budget_s
-        if self.loop_lag_s <= limit:
-            return ""
-        self._swamped_seen += 1
-        return "refuse" if self._swamped_seen % math.ceil(self.loop_lag_s / limit) else "probe"
-
-    def ahead_ms(self, lag: bool = True) -> float:
-        """How long a frame admitted now waits before its batch has run (ms): the queued
-        work's predicted inference (``Batcher.backlog_ms``) plus, with ``lag``, the event
-        loop's lag (``_watch_lag``): a batch run on the loop is a loop callback and runs
-        that late too, and one run on the inference thread is answered from the loop.
-
-        The stream door refuses a frame whose wait so far plus this exceeds its budget.
-        Why the lag counts: with the backlog alone, a loop busy reading frames admitted
-        work that the batcher then shed for its deadline, each shed job after a snapshot,
-        a featurize and a fallback decision, nearly the cost of a real one. Shedding freed
-        nothing, so network decisions fell as the load rose. Measured at 64 streams,
-        alternated, 2 runs each: at 3,000 frames/s, 877 / 614 network decisions/s with
-        the backlog alone vs 2,225 / 1,765 with the lag (p99 26 / 29 vs 15 / 16 ms); at
-        2,000/s, 1,879 / 1,403 vs 1,979 / 1,832; deadline sheds ~10x fewer throughout.
-
-        The lag is the monitor's peak-holding average, which stays high for a while after
-        a stall (a 100 ms stall refuses frames for ~140 ms after it ends); the newest
-        probe alone let more doomed work in (1000 streams × 2,000/s: 5-14x the deadline
-        sheds, p99 28 / 45 vs 17 / 24 ms; mixed at 64 streams), so it is not used.
-        """
-        ms = self.batcher.backlog_ms()
-        return ms + self.loop_lag_s * 1000.0 if lag else ms
-
-    def pushback_ms(self, drain_ms: float) -> int:
-        """How long a refused client should wait before asking again (ms): the longer of
-        ``drain_ms`` (the predicted time for the overload to clear) and the stream's fair
-        share of the network's throughput (open streams ÷ network decisions/s: 256
-        streams served at 300/s can each ask about once per 0.85 s), within
-        ``[min_pushback_ms, max_pushback_ms]``, spread by ±25 % so that streams refused
-        together do not all come back in the same millisecond.
-
-        Why: a refusal is the cheapest answer the server gives, so a client that asks
-        again at once turns it into a storm. Measured before pushback existed: 16
-        closed-loop streams that re-asked on every refusal kept the event loop saturated
-        with refusals and got 0 network decisions/s.
-        """
-        c = self.config.batch
-        # throughput under-states capacity when demand is low (an idle server decides
-        # little), so the floor is what one-graph batches alone would sustain
-        floor = 1000.0 / self.batcher.cost.predict_ms(32, 1, safe=False)
-        share_ms = 1000.0 * self.open_streams / max(self.network_per_s, floor)
-        ms = min(max(drain_ms, share_ms, c.min_pushback_ms), c.max_pushback_ms)
-        return max(1, round(ms * random.uniform(0.75, 1.25)))
-
-    def transit_wait(
-        self, clock: TransitClock, client_us: int, arrival: float, budget_s: float, host: str
-    ) -> float:
-        """Seconds a frame stamped ``client_us`` waited before it was read at ``arrival``
-        (``tamiyo_server.transit``), recorded in the transit histogram. A wait longer
-        than the frame's budget is believed only while this process is busy: an idle
-        server cannot have made it wait, so the client's clock is re-based instead."""
-        c = self.config.batch
-        u = self.batcher.utilization
-        idle = u is not None and u < c.transit_idle_utilization
-        believable = budget_s if idle else math.inf
-        was_off = clock.off
-        wait = clock.wait_s(client_us, arrival, believable, c.transit_window_s)
-        if clock.off:
-            if was_off or len(_WARNED_HOSTS) >= 1024 or host in _WARNED_HOSTS:
-                return 0.0
-            _WARNED_HOSTS.add(host)  # once per host (a fleet reconnects many streams)
-            log.warning(
-                "host %r: TelemetryFrame.client_clock_us advances at %.3g x real time, not "
-                "in microseconds of a steady clock; its frames are judged from their "
-                "arrival from now on",
-                host,
-                clock.rate,
-            )
-            return 0.0
-        self.m.transit_seconds.observe(wait)
-        return wait
 
     def calibrate(self, rounds: int = 3) -> None:
         """Seed the batcher's cost model with measured batches of synthetic graphs, so
@@ -323,7 +187,7 @@ class DecisionPipeline:
         else:
             g, out = ev.graph, ev.output
             rd = rules.decide(out, g, state, snap.step, snap.epoch)
-            self._network_count += 1
+            self.door.network_count += 1
             version = ev.policy.version
         msg = _build(rd, g, out, version, frame, into)
         if ev is None:
@@ -354,7 +218,7 @@ class DecisionPipeline:
             raise RefusedError(
                 "RESOURCE_EXHAUSTED",
                 f"inference queue full ({self.config.batch.max_queued} graphs); retry later",
-                self.pushback_ms(self.batcher.backlog_ms()),
+                self.door.pushback_ms(self.batcher.backlog_ms()),
             )
         try:
             done = await job.future

@@ -61,13 +61,13 @@ class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
         handler = StreamHandler(p)
         self.streams.add(handler)
         p.m.active_streams.inc()
-        p.open_streams += 1
+        p.door.open_streams += 1
         try:
             await handler.run(request_iterator, context)
         finally:
             self.streams.discard(handler)
             p.m.active_streams.dec()
-            p.open_streams -= 1
+            p.door.open_streams -= 1
 
     async def Decide(
         self,

@@ -227,13 +227,13 @@ class StreamHandler:
         if s is None:
             self._no_session("frame")
             return
-        swamp = self.p.swamped(s.deadline_s) if frame.want_decision else ""
+        swamp = self.p.door.swamped(s.deadline_s) if frame.want_decision else ""
         if swamp == "refuse":
             # The event loop is far behind: every frame still in the transport is late.
             # Answer at the cheapest possible cost (no validation, no history update) so
             # the backlog drains and nothing goes unanswered; say the telemetry was dropped.
             child(self.p.m.shed, "swamped").inc()
-            lag_ms = self.p.loop_lag_s * 1000.0
+            lag_ms = self.p.door.loop_lag_s * 1000.0
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
@@ -241,7 +241,7 @@ class StreamHandler:
                     "frame was not processed and its telemetry was dropped",
                     "frame",
                     frame,
-                    self.p.pushback_ms(lag_ms),
+                    self.p.door.pushback_ms(lag_ms),
                 )
             )
             return
@@ -254,7 +254,9 @@ class StreamHandler:
         # Time already spent since the host asked (0 without a client clock): the
         # budget runs from then (see tamiyo_server.transit).
         waited = (
-            self.p.transit_wait(s.transit, frame.client_clock_us, arrival, s.deadline_s, s.host_id)
+            self.p.door.transit_wait(
+                s.transit, frame.client_clock_us, arrival, s.deadline_s, s.host_id
+            )
             if frame.client_clock_us
             else 0.0
         )
@@ -269,7 +271,7 @@ class StreamHandler:
                 )
             )
             return
-        ahead_ms = self.p.ahead_ms(lag=swamp != "probe")  # (see DecisionPipeline.swamped)
+        ahead_ms = self.p.door.ahead_ms(lag=swamp != "probe")  # (see Door.swamped)
         budget_ms = s.deadline_s * 1000.0
         deadline = arrival - waited + s.deadline_s
         # A frame that replaces this session's queued evaluation adds no work; the job
@@ -323,7 +325,7 @@ class StreamHandler:
     ) -> None:
         """Answer a frame that cannot make its budget at once, cheaply (no snapshot, no
         featurize), so overload sheds at the door instead of in the batcher (see
-        ``DecisionPipeline.ahead_ms``); its telemetry was recorded."""
+        ``Door.ahead_ms``); its telemetry was recorded."""
         if ahead_ms > budget_ms:
             reason = "overload"
             why = (
@@ -344,7 +346,7 @@ class StreamHandler:
                 f"shed: overloaded, {why}; telemetry was recorded, ask again with a later frame",
                 "frame.want_decision",
                 frame,
-                self.p.pushback_ms(max(ahead_ms, waited * 1000.0)),
+                self.p.door.pushback_ms(max(ahead_ms, waited * 1000.0)),
             )
         )
 

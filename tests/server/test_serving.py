@@ -367,8 +367,8 @@ async def test_swamped_loop_refuses_at_the_door(
     server: TamiyoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert server.pipeline is not None
-    assert server.pipeline.loop_lag_s < 1.0  # the lag monitor runs and an idle loop is on time
-    monkeypatch.setattr(server.pipeline, "swamped", lambda budget_s: "refuse")
+    assert server.pipeline.door.loop_lag_s < 1.0  # the lag monitor runs and an idle loop is on time
+    monkeypatch.setattr(server.pipeline.door, "swamped", lambda budget_s: "refuse")
     async with channel(server) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
         await call.write(hosts.frame(6, 1, tag="late"))

@@ -312,10 +312,10 @@ async def test_an_idle_server_does_not_believe_a_long_wait(server: TamiyoServer)
     assert BatchConfig().transit_idle_utilization > 0.0
     clock = TransitClock()
     p.batcher.utilization = 0.0
-    assert p.transit_wait(clock, 1_000_000, 10.0, 0.01, "h") == 0.0
-    assert p.transit_wait(clock, 1_000_000, 10.5, 0.01, "h") == 0.0  # idle: re-based
+    assert p.door.transit_wait(clock, 1_000_000, 10.0, 0.01, "h") == 0.0
+    assert p.door.transit_wait(clock, 1_000_000, 10.5, 0.01, "h") == 0.0  # idle: re-based
     p.batcher.utilization = 1.0
-    assert math.isclose(p.transit_wait(clock, 1_000_000, 10.52, 0.01, "h"), 0.02, rel_tol=1e-3)
+    assert math.isclose(p.door.transit_wait(clock, 1_000_000, 10.52, 0.01, "h"), 0.02, rel_tol=1e-3)
 
 
 async def test_the_budget_runs_from_when_the_host_asked(
@@ -327,7 +327,7 @@ async def test_the_budget_runs_from_when_the_host_asked(
     assert srv.pipeline is not None
     cost = srv.pipeline.batcher.cost
     monkeypatch.setattr(cost, "predict_ms", lambda nodes, graphs, safe=True: 80.0)
-    monkeypatch.setattr(srv.pipeline, "ahead_ms", lambda lag=True: 0.0)  # the door lets both in
+    monkeypatch.setattr(srv.pipeline.door, "ahead_ms", lambda lag=True: 0.0)  # lets both in
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=150)
         now_us = host_clock()
@@ -388,10 +388,8 @@ async def pinned_lag(make_server: ServerFactory, lag_s: float, budget_ms: float)
     srv = await make_server(make_config(batch=batch))
     p = srv.pipeline
     assert p is not None
-    assert p._lag_task is not None
-    p._lag_task.cancel()
-    await asyncio.gather(p._lag_task, return_exceptions=True)
-    p.loop_lag_s = lag_s
+    await p.door.stop()  # (the load monitor: its reading is pinned below)
+    p.door.loop_lag_s = lag_s
     return srv
 
 
