@@ -216,23 +216,35 @@ def overload_rate(rows: list[Row]) -> float:
     return round(max(2.0 * best, 1.0), 1)
 
 
-def load_sweep(t_port: int, e_port: int, unit: float, duration_s: float, warm: float) -> list[Row]:
+def pair(
+    ports: tuple[int, int],
+    streams: int,
+    mode: str,
+    rate: float,
+    run_s: tuple[float, float],
+    name: str,
+) -> Row:
+    """One scenario against Tamiyo then echo (``ports``; ``run_s`` = duration, warm-up):
+    its row, printed as it comes."""
+    t = loadgen(ports[0], streams, mode, rate, *run_s)
+    e = loadgen(ports[1], streams, mode, rate, *run_s)
+    print(
+        f"  {name:>12}: {t['decisions_per_s']:8.1f}/s p99 {t['p99_ms']} ms "
+        f"(echo {e['decisions_per_s']:8.1f}/s p99 {e['p99_ms']} ms)",
+        flush=True,
+    )
+    return _row(t, e) | {"scenario": name}
+
+
+def load_sweep(ports: tuple[int, int], unit: float, run_s: tuple[float, float]) -> list[Row]:
     """64 streams, open loop, at each multiple in ``SWEEP`` of ``unit`` frames/s, Tamiyo
     then echo at each rate. Why: the single rows say where the SLO holds; the sweep
     shows what happens past it, where a server should keep its network decisions near
     capacity and refuse the rest cheaply rather than spend the loop on work it sheds."""
-    rows = []
-    for k in SWEEP:
-        rate = round(max(unit, 100.0) * k, 1)
-        t = loadgen(t_port, 64, "open", rate, duration_s, warm)
-        e = loadgen(e_port, 64, "open", rate, duration_s, warm)
-        rows.append(_row(t, e) | {"scenario": f"sweep64x{k:g}"})
-        print(
-            f"  sweep 64 streams at {rate:7.1f}/s: {t['decisions_per_s']:7.1f}/s p99 "
-            f"{t['p99_ms']} ms (echo {e['decisions_per_s']:7.1f}/s p99 {e['p99_ms']} ms)",
-            flush=True,
-        )
-    return rows
+    return [
+        pair(ports, 64, "open", round(max(unit, 100.0) * k, 1), run_s, f"sweep64x{k:g}")
+        for k in SWEEP
+    ]
 
 
 def plot_sweep(rows: list[Row], path: Path) -> None:
@@ -312,16 +324,9 @@ def run(opts: BenchOptions) -> None:
     tamiyo, t_port = start_tamiyo(opts.threads)
     rows: list[Row] = []
     sweep: list[Row] = []
+    ports, run_s = (t_port, e_port), (duration, warm)
     try:
-        for n in closed:
-            t = loadgen(t_port, n, "closed", 0.0, duration, warm)
-            e = loadgen(e_port, n, "closed", 0.0, duration, warm)
-            rows.append(_row(t, e) | {"scenario": f"closed{n}"})
-            print(
-                f"  closed {n:5d}: {t['decisions_per_s']:8.1f}/s vs echo "
-                f"{e['decisions_per_s']:8.1f}/s",
-                flush=True,
-            )
+        rows += [pair(ports, n, "closed", 0.0, run_s, f"closed{n}") for n in closed]
         # The SLO capacity at 64 streams, Tamiyo and echo each searched from echo's
         # closed-loop ceiling (see slo_capacity).
         top = next((r["echo_per_s"] for r in rows if r["streams"] == 64), 2000.0)
@@ -348,15 +353,11 @@ def run(opts: BenchOptions) -> None:
         opens = [(256, 500.0, "256@500")] if quick else [(1000, 2000.0, "1000@2000")]
         if not quick:
             opens.append((256, overload_rate(rows), "overload"))
-        for n, rate, name in opens:
-            t = loadgen(t_port, n, "open", rate, duration, warm)
-            e = loadgen(e_port, n, "open", rate, duration, warm)
-            rows.append(_row(t, e) | {"scenario": name})
-            print(f"  open {name}: {t['decisions_per_s']:8.1f}/s p99 {t['p99_ms']} ms", flush=True)
+        rows += [pair(ports, n, "open", rate, run_s, name) for n, rate, name in opens]
         if not quick:  # last: ten runs up to 3x capacity must not precede the target rows
             if t_cap <= 0:
                 print("  (no rate passed the SLO: the sweep is around 100/s instead)")
-            sweep = load_sweep(t_port, e_port, t_cap, duration, warm)
+            sweep = load_sweep(ports, t_cap, run_s)
             rows += sweep
     finally:
         for proc in (tamiyo, echo):

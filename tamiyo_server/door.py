@@ -70,9 +70,8 @@ class Door:
             self.loop_lag_s = 0.0
 
     async def _watch(self) -> None:
-        """Event-loop lag (s): how late a 20 ms sleep wakes up. When the loop itself is
-        behind by more than twice the decision deadline, reading frames is the
-        bottleneck and every frame waiting in the transport is already late.
+        """Event-loop lag (s): how late a 20 ms sleep wakes up, as a peak-holding
+        average (read by ``swamped`` and ``ahead_ms``).
 
         Also the process's CPU utilisation (CPU s per wall s, EWMA over ~100 ms) for the
         batcher's decision whether waiting for company pays (see ``tamiyo_server.batcher``).

@@ -10,7 +10,6 @@ comes back, so session state has a single owner and needs no lock.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -36,7 +35,6 @@ from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
 from tamiyo_server.validation import validate_decide_decoded
 
-log = logging.getLogger(__name__)
 _RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 
 

@@ -276,20 +276,17 @@ class StreamHandler:
         deadline = arrival - waited + s.deadline_s
         # A frame that replaces this session's queued evaluation adds no work; the job
         # keeps its deadline, so a hopeless frame may only take it if asked no earlier.
-        pending = s.pending
-        replaceable = pending is not None and pending.job.queued
+        queued = s.pending if s.pending is not None and s.pending.job.queued else None
         hopeless = ahead_ms + waited * 1000.0 > budget_ms
-        if hopeless and not (replaceable and pending and deadline >= pending.job.deadline):
+        if hopeless and not (queued is not None and deadline >= queued.job.deadline):
             self._refuse_hopeless(frame, ahead_ms, waited, budget_ms)
             return
         ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
         snap = s.snapshot(frame)
-        if (
-            replaceable
-            and pending is not None
-            and self.p.batcher.replace(pending.job, snap, snap.topology.num_nodes, s.num_edges)
+        if queued is not None and self.p.batcher.replace(
+            queued.job, snap, snap.topology.num_nodes, s.num_edges
         ):
-            old, pending.frame = pending.frame, ref
+            old, queued.frame = queued.frame, ref
             child(self.p.m.shed, "superseded").inc()
             resp = _error(
                 Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
