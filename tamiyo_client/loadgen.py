@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import random
 import sys
 import time
@@ -384,7 +385,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--min-layers", type=int, default=4)
     p.add_argument("--max-layers", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--token", default="", help="bearer token, if the server wants one")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("TAMIYO_TOKEN", ""),
+        help="bearer token, if the server wants one (default: $TAMIYO_TOKEN, which keeps "
+        "it off the command line)",
+    )
     p.add_argument(
         "--signal-form",
         choices=SIGNAL_FORMS,

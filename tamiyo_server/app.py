@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tamiyo.config import ServerConfig
+from tamiyo.policy.checkpoint import CheckpointError
 from tamiyo.policy.engine import configure_allocator, configure_threads
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -39,7 +40,8 @@ _HEALTH_NAMES = ("", SERVICE_NAME)
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Channel arguments: message size, stream limits raised for 2,000+ concurrent
     streams, and keepalive pings that find a dead client within
-    keepalive_time + keepalive_timeout (default 10 + 5 s), not the TCP default of hours."""
+    keepalive_time + keepalive_timeout (default 10 + 5 s), not the TCP default of hours;
+    no port sharing."""
     lim = config.limits
     return [
         ("grpc.max_receive_message_length", lim.max_message_bytes),
@@ -57,6 +59,9 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.max_connection_idle_ms", 0x7FFFFFFF),
+        # grpc turns SO_REUSEPORT on by default: a second server started on a taken port
+        # would then bind it too and silently take part of the clients.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -102,13 +107,20 @@ class TamiyoServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
         address = f"{c.host}:{c.port}"
-        if c.tls_cert_file:
-            creds = server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        taken = OSError(
+            f"gRPC port {address}: cannot bind (in use by another process, or not an "
+            "address of this host)"
+        )
+        try:
+            if c.tls_cert_file:
+                creds = server_credentials(c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc's "Failed to bind" (the cause only in its log)
+            raise taken from e
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise taken
         if c.metrics_port:  # before anything slow: a taken port fails the start at once
             self.metrics_port = self.metrics.start(c.host, c.metrics_port)
         await self.server.start()
@@ -206,7 +218,7 @@ async def serve(config: ServerConfig) -> None:
             await server.stop()
         except Exception:  # the start's own error is the one to report
             log.exception("cleanup after a failed start failed")
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError | CheckpointError):  # bad pin: one line, no traceback
             raise StartupError(str(exc)) from exc
         raise
     log.info("garbage collector: %d startup objects frozen", freeze_startup_heap())

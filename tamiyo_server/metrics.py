@@ -24,6 +24,8 @@ else:
     _Interceptor = grpc.aio.ServerInterceptor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tamiyo.v1 import decision_pb2
+
 log = logging.getLogger(__name__)
 
 # Seconds. Dense below the 10 ms budget, sparse above it (overload shows up there).
@@ -46,6 +48,19 @@ LATENCY_BUCKETS = (
     1.0,
 )
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SHED_REASONS = (
+    "deadline",
+    "queue_full",
+    "overload",
+    "late",
+    "swamped",
+    "superseded",
+    "shutdown",
+    "error",
+)
+"""Values of ``tamiyo_shed_total``'s reason label (docs/runbook.md says what each means)."""
+RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
+"""``tamiyo_decisions_total``'s rule label of each ``DecisionRule`` value."""
 NODE_BUCKETS = (8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -133,14 +148,21 @@ class ServerMetrics:
         )
         self.shed = Counter(
             "tamiyo_shed",
-            "Work not run through the network, by reason (deadline, queue_full, "
-            "overload, late, swamped, superseded, shutdown, error); each was answered explicitly.",
+            f"Work not run through the network, by reason ({', '.join(SHED_REASONS)}); "
+            "each was answered explicitly.",
             ("reason",),
             registry=r,
         )
         self.decisions = Counter(
             "tamiyo_decisions", "Decisions sent, by deciding rule.", ("rule",), registry=r
         )
+        # Known label values exported from the start at 0, so that rate() and alerts on
+        # them read 0, not "no data", on a server that has not shed or decided yet.
+        for reason in SHED_REASONS:
+            self.shed.labels(reason)
+        for value, rule in RULE_NAMES.items():
+            if value:  # (not UNSPECIFIED: no decision carries it)
+                self.decisions.labels(rule)
         self._http: Any = None
 
     def start(self, host: str, port: int) -> int:

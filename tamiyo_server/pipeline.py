@@ -30,12 +30,10 @@ from tamiyo.wire import varint
 from tamiyo_server.batcher import Batcher, Done, Job
 from tamiyo_server.door import Door
 from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
-from tamiyo_server.metrics import ServerMetrics, child
+from tamiyo_server.metrics import RULE_NAMES, ServerMetrics, child
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tamiyo_server.session import FrameRef, budget_rules, deadline_s, new_id
 from tamiyo_server.validation import validate_decide_decoded
-
-_RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 
 
 class Evaluated(NamedTuple):
@@ -193,7 +191,7 @@ class DecisionPipeline:
         latency = time.monotonic() - frame.arrival
         msg.server_latency_us = min(int(latency * 1e6), 2**32 - 1)
         child(self.m.decision_seconds, path, "true" if rd.degraded else "false").observe(latency)
-        child(self.m.decisions, _RULE_NAMES.get(rd.rule, "UNKNOWN")).inc()
+        child(self.m.decisions, RULE_NAMES.get(rd.rule, "UNKNOWN")).inc()
         return msg
 
     async def decide_unary(

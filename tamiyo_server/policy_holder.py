@@ -53,12 +53,12 @@ def serve_loaded(loaded: LoadedPolicy, device: str, warmup: bool = True) -> Serv
     if warmup:
         engine.warmup()
     m = loaded.manifest
+    metrics = m.get("metrics", {})
     training = {
-        "metrics": m.get("metrics", {}),
+        "metrics": metrics,
         "provenance": m.get("provenance", {}),
-        "algorithm": m.get("metrics", {}).get("algorithm", "")
-        if isinstance(m.get("metrics"), dict)
-        else "",
+        # (the trainer's manifests say "algo": trainer.loop)
+        "algorithm": str(metrics.get("algo", "")) if isinstance(metrics, dict) else "",
     }
     builtin = loaded.path is None
     if builtin:

@@ -253,13 +253,23 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
     ``checkpoint_dir``'s latest, verified like a reload. A broken ``latest`` must not stop
     startup: a restart loop would take down every replica that shares the directory. It
     is refused (reported like a reload refusal) and the newest other version that
-    verifies is served; failing that, the bundled default or the built-in policy.
+    verifies is served; failing that, the bundled default or the built-in policy. A
+    directory without any checkpoint (the trainer has not run yet, or a typo) serves the
+    bundled default too, and says so; the watcher picks up the first checkpoint written
+    there.
     """
     root = Path(config.checkpoint_dir)
+    dev = str(resolve_device(config.device))
     latest = resolve_latest(root) if config.checkpoint_dir else None
     if latest is None:
-        return load_initial(config.checkpoint_dir, config.device), None
-    dev = str(resolve_device(config.device))
+        if config.checkpoint_dir:  # a typo, or the trainer has not written one yet
+            log.warning(
+                "--checkpoint-dir %s %s: no checkpoint to serve from it yet; serving the "
+                "bundled default until one appears there",
+                root,
+                "is empty" if root.is_dir() else "does not exist",
+            )
+        return _bundled(dev), None
     try:
         return load_served(latest, dev, math.inf), None
     except CheckpointError as e:
@@ -274,10 +284,16 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
             continue
         log.warning("startup: latest refused; serving the newest good version %s", name)
         return served, refusal
+    return _bundled(dev), refusal
+
+
+def _bundled(dev: str) -> ServedPolicy:
+    """The bundled default policy, else the built-in one (both logged by ``load_initial``)."""
     try:
-        return load_initial("", config.device), refusal
-    except CheckpointError:
-        return serve_loaded(builtin_policy(device=dev), dev), refusal
+        return load_initial("", dev)
+    except CheckpointError as e:
+        log.error("startup: the bundled default policy is unusable: %s", e)
+        return serve_loaded(builtin_policy(device=dev), dev)
 
 
 class CheckpointWatcher:

@@ -84,9 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rb.add_argument("--dry-run", action="store_true", help="verify and print, change nothing")
     a = p.parse_args(argv)
     root: Path = a.checkpoint_dir
+    if not root.is_dir():  # a typo must not read as "no versions"
+        print(f"{a.cmd} failed: --checkpoint-dir {root}: no such directory", file=sys.stderr)
+        return 1
     if a.cmd == "list":
         cur = resolve_latest(root)
-        for created, name in versions(root):
+        found = versions(root)
+        if not found:
+            print(f"no checkpoint versions in {root}", file=sys.stderr)
+        for created, name in found:
             mark = "*" if cur is not None and cur.name == name else " "
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
             print(f"{mark} {name}  {stamp}")

@@ -111,6 +111,6 @@ class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
             reloads_failed=h.reloads_failed,
             last_refused_path=h.last_refused_path,
             last_refused_reason=h.last_refused_reason,
-            last_refused_at=_ts(h.last_refused_at),
+            last_refused_at=_ts(h.last_refused_at) if h.last_refused_at else None,  # never
             pinned=h.pinned,
         )

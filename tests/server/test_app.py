@@ -142,6 +142,34 @@ async def test_a_taken_metrics_port_fails_the_start_at_once_and_names_it() -> No
         await srv.stop()
 
 
+async def test_a_second_server_on_a_taken_grpc_port_fails_instead_of_sharing_it(
+    server: TamiyoServer,
+) -> None:
+    """grpc turns SO_REUSEPORT on by default: a stray second instance would bind the same
+    port and silently take part of the clients (found in a README walkthrough)."""
+    second = TamiyoServer(
+        replace(ServerConfig(), host="127.0.0.1", port=server.port, metrics_port=0, grace_s=0.5)
+    )
+    with pytest.raises(OSError, match=f"gRPC port 127.0.0.1:{server.port}: cannot bind"):
+        await second.start()
+    assert second.pipeline is None
+    await second.stop()
+
+
+def test_cli_reports_a_bad_pin_in_one_line(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "tamiyo_server", "--host", "127.0.0.1", "--port", "0"]
+    pin = str(tmp_path / "no-such-version")
+    run = subprocess.run(
+        [*cmd, "--metrics-port", "0", "--pin-checkpoint", pin],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert f"cannot serve: pinned checkpoint {pin!r}" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_cli_reports_a_taken_port_in_one_line() -> None:
     import socket
 

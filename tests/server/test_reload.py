@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import sys
 import threading
 import time
@@ -420,6 +421,32 @@ async def test_nothing_good_at_startup_falls_back_to_the_bundled_policy(
     assert await c.serving()
 
 
+@pytest.mark.parametrize("exists", [True, False], ids=["empty", "missing"])
+async def test_a_directory_without_checkpoints_serves_the_bundled_default_until_one_appears(
+    tmp_path: Path, connect: ClientFactory, caplog: pytest.LogCaptureFixture, exists: bool
+) -> None:
+    """The trainer has not written one yet (or the path is a typo): the bundled default,
+    not the untrained built-in policy, and a warning naming the directory."""
+    root = tmp_path / "checkpoints"
+    if exists:
+        root.mkdir()
+    with caplog.at_level(logging.WARNING, logger="tamiyo_server.reload"):
+        c = await connect(watching(root))
+    info = await c.info()
+    bundled = resolve_latest(DEFAULT_CHECKPOINT_DIR)
+    if bundled is not None:  # the repository ships one (`make train`)
+        assert info.checkpoint_path == str(bundled)
+        algo = json.loads((bundled / "manifest.json").read_text())["metrics"]["algo"]
+        assert json.loads(info.training_json)["algorithm"] == algo != ""
+    assert not info.HasField("last_refused_at")  # nothing refused: no 1970 timestamp
+    said = [r.getMessage() for r in caplog.records if str(root) in r.getMessage()]
+    assert said
+    assert ("is empty" if exists else "does not exist") in said[0]
+    write(root, "v1", seed=1)
+    await until(lambda: c.watcher.swapped_at_poll > 0)
+    assert await c.version() == "v1"
+
+
 async def test_latest_naming_no_directory_is_refused_once(
     tmp_path: Path, connect: ClientFactory
 ) -> None:
@@ -563,6 +590,8 @@ def test_rollback_cli_skips_broken_versions(
     assert "truncated" in capsys.readouterr().err
     assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path), "--to", "v3"]) == 0
     assert reload.main(["list", "--checkpoint-dir", str(tmp_path)]) == 0
+    for cmd in ("list", "rollback"):  # a mistyped directory is an error, not "no versions"
+        assert reload.main([cmd, "--checkpoint-dir", str(tmp_path / "typo")]) == 1
     listing = capsys.readouterr().out.splitlines()
     assert [line.split()[-2] for line in listing][-4:] == ["v1", "v2", "bad", "v3"]
     assert next(line for line in listing if line.startswith("*")).split()[1] == "v3"

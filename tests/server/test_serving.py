@@ -346,6 +346,9 @@ async def test_metrics_endpoint(make_server: ServerFactory) -> None:
         "tamiyo_active_streams",
         "tamiyo_policy_version_info{version=",
         'tamiyo_policy_reloads_total{result="failed"}',
+        # exported at 0 before anything is shed or decided by that rule (alerts read 0)
+        'tamiyo_shed_total{reason="late"} 0.0',
+        'tamiyo_decisions_total{rule="LAYER_COOLDOWN"}',
     ):
         assert needle in body, needle
 
