@@ -33,7 +33,9 @@ RUN useradd --create-home --uid 10001 tamiyo
 USER tamiyo
 
 EXPOSE 50051 9464
-# An installed package cannot find the repo's checkpoints/ by relative path: name it.
-ENV TAMIYO_HOST=0.0.0.0 TAMIYO_CHECKPOINT_DIR=/app/checkpoints/default
+# An installed package cannot find the repo's checkpoints/ by relative path: name it
+# (the bundled default, also served while a watched --checkpoint-dir is still empty).
+ENV TAMIYO_HOST=0.0.0.0 TAMIYO_CHECKPOINT_DIR=/app/checkpoints/default \
+    TAMIYO_DEFAULT_CHECKPOINT_DIR=/app/checkpoints/default
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;c=grpc.insecure_channel('127.0.0.1:50051');sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(),timeout=2).status==1 else 1)"
 ENTRYPOINT ["tamiyo-server"]

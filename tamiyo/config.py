@@ -99,7 +99,7 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int = 9464  # 0 disables the Prometheus endpoint
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
-    checkpoint_dir: str = ""  # empty: serve the bundled default policy
+    checkpoint_dir: str = ""  # empty, or no checkpoint in it yet: the bundled default policy
     poll_interval_s: float = 1.0
     # Serve exactly this checkpoint (a directory, or a version in checkpoint_dir) and turn
     # hot reload off; empty = follow checkpoint_dir/latest (tamiyo_server.reload).

@@ -107,9 +107,10 @@ class TamiyoServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
         address = f"{c.host}:{c.port}"
+        tls = ", or the TLS certificate / key files are not valid PEM" if c.tls_cert_file else ""
         taken = OSError(
             f"gRPC port {address}: cannot bind (in use by another process, or not an "
-            "address of this host)"
+            f"address of this host{tls})"
         )
         try:
             if c.tls_cert_file:

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-dir",
         default=_env("checkpoint_dir", d.checkpoint_dir),
-        help="directory watched for new checkpoints; empty = bundled default policy",
+        help="directory watched for new checkpoints; empty, or no checkpoint in it yet = "
+        "the bundled default policy",
     )
     p.add_argument(
         "--poll-interval-s",

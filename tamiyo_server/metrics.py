@@ -58,7 +58,7 @@ SHED_REASONS = (
     "shutdown",
     "error",
 )
-"""Values of ``tamiyo_shed_total``'s reason label (docs/runbook.md says what each means)."""
+"""Values of ``tamiyo_shed_total``'s reason label (docs/runbook.md, Overload)."""
 RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 """``tamiyo_decisions_total``'s rule label of each ``DecisionRule`` value."""
 NODE_BUCKETS = (8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)

@@ -253,38 +253,50 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
     ``checkpoint_dir``'s latest, verified like a reload. A broken ``latest`` must not stop
     startup: a restart loop would take down every replica that shares the directory. It
     is refused (reported like a reload refusal) and the newest other version that
-    verifies is served; failing that, the bundled default or the built-in policy. A
-    directory without any checkpoint (the trainer has not run yet, or a typo) serves the
-    bundled default too, and says so; the watcher picks up the first checkpoint written
-    there.
+    verifies is served, as when ``latest`` is missing or names no version; failing that,
+    the bundled default or the built-in policy, which is also what a directory without
+    any version serves (the trainer has not run yet, or a typo: the warning names the
+    directory). The watcher picks up the first checkpoint ``latest`` names later.
     """
-    root = Path(config.checkpoint_dir)
     dev = str(resolve_device(config.device))
-    latest = resolve_latest(root) if config.checkpoint_dir else None
-    if latest is None:
-        if config.checkpoint_dir:  # a typo, or the trainer has not written one yet
-            log.warning(
-                "--checkpoint-dir %s %s: no checkpoint to serve from it yet; serving the "
-                "bundled default until one appears there",
-                root,
-                "is empty" if root.is_dir() else "does not exist",
-            )
+    if not config.checkpoint_dir:
         return _bundled(dev), None
-    try:
-        return load_served(latest, dev, math.inf), None
-    except CheckpointError as e:
-        refusal = (str(latest), str(e))
-        log.error("startup: %s", e)
-    for _, name in reversed(versions(root)):
-        if name == latest.name:
-            continue
+    root = Path(config.checkpoint_dir)
+    latest = resolve_latest(root)
+    refusal: tuple[str, str] | None = None
+    if latest is not None:
+        try:
+            return load_served(latest, dev, math.inf), None
+        except CheckpointError as e:
+            refusal = (str(latest), str(e))
+            log.error("startup: %s", e)
+    found = [name for _, name in versions(root) if latest is None or name != latest.name]
+    for name in reversed(found):
         try:
             served = load_served(root / name, dev, math.inf)
         except CheckpointError:
             continue
-        log.warning("startup: latest refused; serving the newest good version %s", name)
+        log.warning(
+            "startup: %s in %s; serving the newest version that verifies, %s",
+            "latest refused" if latest is not None else "'latest' missing or names no version",
+            root,
+            name,
+        )
         return served, refusal
-    return _bundled(dev), refusal
+    served = _bundled(dev)
+    if latest is None:
+        if not root.is_dir():
+            state = "does not exist"
+        else:
+            state = "holds no version that verifies" if found else "is empty"
+        log.warning(
+            "--checkpoint-dir %s %s: serving %s %s until a checkpoint appears there",
+            root,
+            state,
+            "the UNTRAINED built-in policy" if served.builtin else "the bundled default",
+            served.version,
+        )
+    return served, refusal
 
 
 def _bundled(dev: str) -> ServedPolicy:

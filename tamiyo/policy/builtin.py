@@ -1,7 +1,8 @@
 """Which policy to serve when nobody named one, and the untrained built-in fallback.
 
 Order: an explicit checkpoint directory (its ``latest``), else the repository's
-``checkpoints/default/`` (shipped by ``make train`` with a fixed seed), else a
+``checkpoints/default/`` (shipped by ``make train`` with a fixed seed; an installed
+package finds it through ``TAMIYO_DEFAULT_CHECKPOINT_DIR``, as the image does), else a
 deterministic-seed *untrained* network. The last one exists only so a fresh checkout
 can serve before any training; its version string says so ("builtin-untrained-…") and
 its decisions are still filtered by the rules.
@@ -10,6 +11,7 @@ its decisions are still filtered by the rules.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -18,7 +20,10 @@ from tamiyo.policy.checkpoint import LoadedPolicy, load_checkpoint, resolve_late
 from tamiyo.policy.features import FEATURE_SCHEMA
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 
-DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "default"
+DEFAULT_CHECKPOINT_DIR = Path(
+    os.environ.get("TAMIYO_DEFAULT_CHECKPOINT_DIR")  # an installed package (the image)
+    or Path(__file__).resolve().parents[2] / "checkpoints" / "default"  # a source checkout
+)
 BUILTIN_SEED = 20240607
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,17 @@ def test_load_policy_prefers_latest_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "trained-1" / "manifest.json").write_text("{}")
     with pytest.raises(CheckpointError):
         load_policy(tmp_path)
+
+
+def test_an_installed_package_finds_the_bundled_default_through_the_environment(
+    tmp_path: Path,
+) -> None:
+    """The image installs the package into site-packages, where the repository's
+    checkpoints/ is not next to the code: TAMIYO_DEFAULT_CHECKPOINT_DIR names it."""
+    save_checkpoint(tmp_path, builtin_policy().model, version="bundled-1")
+    code = "from tamiyo.policy.builtin import load_policy; print(load_policy(None).version)"
+    env = {**os.environ, "TAMIYO_DEFAULT_CHECKPOINT_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "bundled-1"

@@ -447,6 +447,19 @@ async def test_a_directory_without_checkpoints_serves_the_bundled_default_until_
     assert await c.version() == "v1"
 
 
+async def test_a_missing_latest_serves_the_newest_version_that_verifies(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    """Versions but no ``latest`` (deleted, or naming no version): as when ``latest`` is
+    refused, the newest good version, not the bundled default (review finding)."""
+    write(tmp_path, "v1", seed=1, latest=False)
+    write(tmp_path, "v2", seed=2, latest=False)
+    _truncated(tmp_path)  # "bad", the newest, broken
+    c = await connect(watching(tmp_path))
+    assert await c.version() == "v2"
+    assert not (await c.info()).HasField("last_refused_at")
+
+
 async def test_latest_naming_no_directory_is_refused_once(
     tmp_path: Path, connect: ClientFactory
 ) -> None:
