@@ -77,6 +77,20 @@ FATAL_CODES = frozenset(
 Call = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
 
 
+def _not_ready(target: str, timeout_s: float, channel: grpc.aio.Channel) -> str:
+    """Why a connection attempt failed, for ``last_error``: gRPC keeps the reason to
+    itself (a refused TCP connect and a failed TLS handshake look the same from here),
+    so name the channel's state and the usual causes."""
+    state = channel.get_state(try_to_connect=False)
+    why = (
+        "the server is not running there, or it refused the TLS handshake "
+        "(TLS settings that do not match the server's: CA, client certificate and key)"
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        else "the server did not answer in time"
+    )
+    return f"no connection to {target} within {timeout_s:.1f} s (channel {state.name}): {why}"
+
+
 class TamiyoClient:
     """Asyncio client for one host session. ``await start()`` inside the loop that will
     run it (or use ``async with``); the send methods may be called from any thread."""
@@ -343,7 +357,10 @@ class TamiyoClient:
         channel = self.security.channel(self.config.target, self._channel_options())
         try:
             timeout = self.config.connect_timeout_s
-            await asyncio.wait_for(channel.channel_ready(), timeout)
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout)
+            except TimeoutError:
+                raise ConnectionError(_not_ready(self.config.target, timeout, channel)) from None
             stub = pb_grpc.TamiyoServiceStub(channel)
             # None: messages are written with call.write(), not from an iterator.
             call: Call = stub.StreamTelemetry(None, metadata=self.security.metadata())
