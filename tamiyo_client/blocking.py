@@ -8,8 +8,11 @@ never in the middle of a forward/backward.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
+import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -20,6 +23,25 @@ from tamiyo_client.client import TamiyoClient
 from tamiyo_client.coalesce import Frame
 from tamiyo_client.received import ClientStats, DecisionCallback, ReceivedDecision
 from tamiyo_client.security import ClientSecurity
+
+_RUNNING: weakref.WeakSet[BlockingTamiyoClient] = weakref.WeakSet()  # started, not closed
+
+
+def _warn_at_fork() -> None:
+    """Before a fork: gRPC cannot fork while its threads run (a fork-based DataLoader
+    worker then crashes or hangs in gRPC's fork handlers), so say what to use instead."""
+    if any(c._thread is not None and c._thread.is_alive() for c in list(_RUNNING)):
+        warnings.warn(
+            "fork() while a BlockingTamiyoClient runs in this process: the child may crash "
+            "in gRPC (DataLoader workers: use ProcessTamiyoClient, or "
+            "multiprocessing_context='spawn')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_warn_at_fork)
 
 
 class DecisionInbox:
@@ -83,6 +105,7 @@ class BlockingTamiyoClient:
             raise RuntimeError("client already started")
         self._thread = threading.Thread(target=self._main, name="tamiyo-client", daemon=True)
         self._thread.start()
+        _RUNNING.add(self)
         self._ready.wait()
         return self.wait_connected(wait_connected_s) if wait_connected_s > 0 else self.connected
 

@@ -105,6 +105,11 @@ class TamiyoClient:
     ) -> None:
         self.config = config or ClientConfig()
         resolve_form(self.config.signal_form, 0, 0)  # raises ValueError when unknown
+        if self.config.target.startswith(("http://", "https://")):
+            raise ValueError(
+                f"target {self.config.target!r}: give host:port (gRPC targets take no "
+                "http:// or https://; TLS comes from ClientSecurity)"
+            )
         self.security = security or ClientSecurity()
         self._session_open = self._with_budget(session_open)
         self._rng = rng
@@ -389,6 +394,7 @@ class TamiyoClient:
         self.policy_version = acc.policy_version
         self.decision_deadline_ms = acc.decision_deadline_ms
         self.stats.sessions += 1
+        self.last_error = ""  # connected again: the reason it was down is history
         self._connected.set()
         log.info("tamiyo session %s accepted (policy %s)", acc.session_id, acc.policy_version)
 
@@ -482,6 +488,7 @@ class TamiyoClient:
                 else:
                     self.stats.stream_errors += 1
                     self.stream_errors.append(err)
+                    self.last_error = f"refused: {err.message}"  # (the stream goes on)
                     log.warning("tamiyo refused a message: %s", err.message)
                 for cb in self._error_callbacks:
                     try:

@@ -104,7 +104,12 @@ class KasminaHost:
         """Collect every layer's signal for the window since the previous frame, as
         plain values: what a training loop passes to ``send_frame`` (the client builds
         the protobuf on its own thread). Layers that did not run in that window send no
-        signal (the server marks them stale)."""
+        signal (the server marks them stale).
+
+        ``step``: one global training-step counter that never decreases (not the batch
+        index within an epoch): the server refuses a frame whose step is below the
+        previous one. Call it after ``backward()`` and before the next ``zero_grad()``,
+        or gradient norms read 0."""
         now = time.time()
         signals = [
             sig

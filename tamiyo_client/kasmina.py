@@ -122,12 +122,20 @@ def describe_module(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, i
     return found[0][0], found[0][1], found[-1][2]
 
 
+def _width(t: Any) -> int:
+    """Last dimension of a tensor output (the first of a tuple), -1 if there is none."""
+    t = t[0] if isinstance(t, tuple) and t else t
+    return int(t.shape[-1]) if isinstance(t, torch.Tensor) and t.dim() else -1
+
+
 class KasminaLayer(nn.Module):
     """``base`` plus ``num_seeds`` seed slots, reporting a ``HealthSignal`` on demand.
 
     Kernels are residual branches ``[..., in] -> [..., out]``, so only linear-like layers
     (LINEAR type: a Linear or a block of them) get seeds; others are measured with 0 seeds.
     """
+
+    layer_id: str
 
     def __init__(
         self,
@@ -142,6 +150,8 @@ class KasminaLayer(nn.Module):
         super().__init__()
         if not 1 <= len(layer_id) <= 128:
             raise ValueError(f"layer_id must be 1-128 chars, got {len(layer_id)}")
+        if isinstance(base, KasminaLayer):
+            raise ValueError(f"layer {layer_id!r}: {base.layer_id!r} is already a KasminaLayer")
         self.base = base
         self.layer_id = layer_id
         self.config = config or KasminaConfig()
@@ -164,6 +174,9 @@ class KasminaLayer(nn.Module):
         self._sample_every = max(1, self.config.sample_every)
         self._params: list[nn.Parameter] = []  # refreshed when the structure changes
         self._refresh_params()
+        self._widths: tuple[int, int] | None = None  # last training forward's (in, out)
+        # A checkpoint of the model before it was wrapped loads as it is (see _plain_keys).
+        self.register_load_state_dict_pre_hook(_plain_keys)  # type: ignore[no-untyped-call]
 
     def _refresh_params(self) -> None:
         """Cache the parameter list (walked every frame by memory_bytes). ``.to()`` keeps
@@ -178,16 +191,37 @@ class KasminaLayer(nn.Module):
         tally = self._tally  # plain attributes only here: nn.Module lookups cost µs
         if tally.kernels:
             y = self._add_seeds(x, y)
-        if self.training:
+        # A training forward is one that builds a graph: a train-mode pass under no_grad
+        # (an EMA or a quick check) neither samples gradients nor ages the seeds.
+        if self.training and torch.is_grad_enabled():
             self._acc.add_latency((time.perf_counter() - t0) * 1e3)
             if tally.forwards % self._sample_every == 0:
                 self._sample(y)
+                self._widths = (_width(x), _width(y))
             tally.forwards += 1
             if tally.kernels:
                 self._advance_seeds()
         return y
 
+    def _fits(self) -> str:
+        """Why a residual kernel ``[..., in] -> [..., out]`` cannot be added to this
+        layer's output ("" if it can): a block that reshapes its input (Flatten, then a
+        Linear) is described by its Linear's widths, but its input is not ``[..., in]``."""
+        if self._widths is None:
+            return ""
+        got = self._widths
+        if got != (self.in_features, self.out_features):
+            return (
+                f"layer {self.layer_id!r}: its forward maps [..., {got[0]}] to "
+                f"[..., {got[1]}], not [..., {self.in_features}] to [..., "
+                f"{self.out_features}] (a block that reshapes its input?), so a kernel "
+                "cannot be added to it"
+            )
+        return ""
+
     def _add_seeds(self, x: torch.Tensor, y: Any) -> Any:
+        if _width(x) != self.in_features or _width(y) != self.out_features:
+            return y  # (germinate refuses such layers; never break a forward)
         for key in list(self.seed_kernels.keys()):
             i = int(key)
             if self.seed_states[i] not in ACTIVE_STATES:
@@ -266,6 +300,8 @@ class KasminaLayer(nn.Module):
             kdef = get_kernel(kernel_id)
         except KeyError as exc:
             raise SeedError(str(exc.args[0])) from None
+        if why := self._fits():
+            raise SeedError(why)
         ref = next(self.base.parameters(), None)
         kernel = kdef.build(self.in_features, self.out_features)
         if ref is not None:
@@ -403,3 +439,19 @@ class KasminaLayer(nn.Module):
     def last_health(self) -> float | None:
         """The health score of the latest signal (None before the first)."""
         return self._tally.last_health
+
+
+def _plain_keys(layer: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """Load hook of a KasminaLayer: a state_dict saved before the model was wrapped names
+    its parameters ``<name>.weight``, not ``<name>.base.weight``, and has no seed state.
+    Rename them and take the current (unadapted) seed state, so ``load_state_dict`` of
+    such a checkpoint works, strictly, instead of missing every wrapped key."""
+    assert isinstance(layer, KasminaLayer)
+    if prefix + "_extra_state" in state_dict:
+        return  # saved wrapped
+    own = [k for k in layer.base.state_dict() if prefix + k in state_dict]
+    if not own:
+        return
+    for k in own:
+        state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
+    state_dict[prefix + "_extra_state"] = layer.get_extra_state()

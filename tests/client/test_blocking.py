@@ -3,6 +3,7 @@ running on its own thread: poll/get/iterate decisions, outcomes, restart."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import torch
 
 from tamiyo.config import ClientConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_client import blocking
 from tamiyo_client.blocking import BlockingTamiyoClient, DecisionInbox
 from tamiyo_client.client import ReceivedDecision
 from tamiyo_client.frame_data import FrameData, resolve_form
@@ -129,6 +131,29 @@ def test_unknown_signal_form_is_refused() -> None:
     _, host = make_host()
     with pytest.raises(ValueError, match="signal_form must be one of"):
         BlockingTamiyoClient(host.session_open(), replace(ClientConfig(), signal_form="xml"))
+
+
+def test_an_http_target_is_a_configuration_error() -> None:
+    _, host = make_host()
+    with pytest.raises(ValueError, match="give host:port"):
+        BlockingTamiyoClient(host.session_open(), replace(ClientConfig(), target="http://h:1"))
+
+
+def test_forking_while_a_blocking_client_runs_warns() -> None:
+    """gRPC cannot fork under its own threads (a fork-based DataLoader worker crashed):
+    the fork handler says what to use instead. Called directly: no fork in pytest."""
+    _, host = make_host()
+    cfg = replace(ClientConfig(), target="127.0.0.1:1", connect_timeout_s=0.2)
+    client = BlockingTamiyoClient(host.session_open(), cfg)
+    client.start()
+    try:
+        with pytest.warns(RuntimeWarning, match="ProcessTamiyoClient"):
+            blocking._warn_at_fork()
+    finally:
+        client.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blocking._warn_at_fork()  # closed: nothing to warn about
 
 
 def test_inbox_is_bounded_and_drops_oldest() -> None:

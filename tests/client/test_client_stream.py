@@ -201,6 +201,7 @@ async def test_bad_frame_gets_in_stream_error_and_stream_goes_on(
         err = await asker.ask_any(bad, 0)
         assert isinstance(err, pb.StreamError), err
         assert "no-such-layer" in err.message
+        assert "no-such-layer" in client.last_error  # refusals are not silent there
         train_step(model, opt)
         ok = await asker.ask(lambda k: host.frame(k, 0, want_decision=True), err.frame_step + 1)
         assert ok.decision.frame_step > err.frame_step

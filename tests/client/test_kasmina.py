@@ -199,3 +199,49 @@ def test_adapted_model_checkpoint_loads_into_a_fresh_model(tmp_path: Path) -> No
     assert loaded.seed_kernel_ids == ["", "residual_mlp_r16"]
     assert loaded.adaptation_count == 1
     assert torch.equal(fresh(X), adapted(X))
+
+
+def test_a_checkpoint_saved_before_wrapping_loads_strictly(tmp_path: Path) -> None:
+    """Resuming from a checkpoint of the plain model (keys ``0.weight``, no seed state)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    path = tmp_path / "plain.pt"
+    torch.save(plain.state_dict(), path)
+    torch.manual_seed(1)  # different weights until the checkpoint is loaded
+    wrapped = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    wrapped[0] = KasminaLayer(wrapped[0], "first", KasminaConfig(num_seeds=2))
+    wrapped.load_state_dict(torch.load(path, weights_only=True))  # strict
+    assert torch.equal(wrapped(X), plain(X))
+    layer = wrapped[0]
+    assert isinstance(layer, KasminaLayer)
+    assert layer.seed_states == [DORMANT, DORMANT]
+
+
+def test_a_block_that_reshapes_its_input_refuses_kernels_and_keeps_training() -> None:
+    """Flatten then Linear is described by the Linear's widths, but its input is not
+    [..., in]: a kernel there would break the forward (found in a walkthrough)."""
+    block = KasminaLayer(
+        nn.Sequential(nn.Flatten(), nn.Linear(8, 4)), "neck", KasminaConfig(sample_every=1)
+    )
+    x = torch.randn(5, 2, 4)
+    block(x)
+    with pytest.raises(SeedError, match=r"maps \[\.\.\., 4\] to \[\.\.\., 4\], not \[\.\.\., 8\]"):
+        block.germinate(0, "residual_lowrank_r4")
+    fresh = KasminaLayer(nn.Sequential(nn.Flatten(), nn.Linear(8, 4)), "neck2")
+    fresh.germinate(0, "residual_lowrank_r4")  # before any forward it cannot tell
+    assert fresh(x).shape == (5, 4)  # the kernel is skipped, the forward survives
+
+
+def test_train_mode_forwards_under_no_grad_do_not_age_seeds() -> None:
+    layer = tiny_layer(KasminaConfig(num_seeds=1, fossilize_after_steps=2, sample_every=1))
+    layer.germinate(0, "residual_lowrank_r4")
+    with torch.no_grad():
+        for _ in range(5):
+            layer(X)
+    assert layer.seed_states == [GERMINATED]
+    assert layer.collect_signal(1, 0) is None  # nothing measured either
+
+
+def test_a_kasmina_layer_cannot_wrap_another() -> None:
+    with pytest.raises(ValueError, match="already a KasminaLayer"):
+        KasminaLayer(tiny_layer(), "twice")

@@ -75,3 +75,20 @@ def test_outermost_match_wins_and_empty_selection_is_an_error() -> None:
     assert (method, [(e.source, e.target) for e in topo.edges]) == ("fx", [(0, 1)])
     with pytest.raises(ValueError, match="matched no submodule"):
         wrap_layers(nn.Sequential(nn.ReLU()), select_types(nn.Linear))
+
+
+def test_attention_projections_and_wrapped_layers_are_left_alone() -> None:
+    """MultiheadAttention reads ``out_proj.weight`` itself, so wrapping that Linear broke
+    every forward; a second attach wrapped the first one's ``base`` layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), nn.Linear(8, 2)
+    )
+    layers = wrap_layers(model, select_types(nn.Linear))
+    assert sorted(layers) == ["0.linear1", "0.linear2", "1"]
+    x = torch.randn(3, 5, 8)
+    model(x).sum().backward()
+    model.eval()
+    model(x)
+    with pytest.raises(ValueError, match="matched no submodule"):
+        wrap_layers(model, select_types(nn.Linear))
