@@ -22,6 +22,7 @@ import json
 import logging
 import mmap
 import os
+import signal
 import struct
 import sys
 import threading
@@ -117,6 +118,13 @@ class _Out:
 def _pump_out(client: BlockingTamiyoClient, out: _Out, stop: threading.Event) -> None:
     """Decisions as they arrive, and the status whenever it changed (every 20 ms at most).
     Blocks on the pipe if the parent stops reading; the inbox then drops the oldest."""
+    try:
+        _pump(client, out, stop)
+    except OSError:  # BrokenPipeError: the parent is gone, and main() ends at EOF
+        stop.set()
+
+
+def _pump(client: BlockingTamiyoClient, out: _Out, stop: threading.Event) -> None:
     last: dict[str, Any] = {}
     next_status = next_counters = 0.0
     while not stop.is_set():
@@ -154,6 +162,9 @@ def _read_records(fd: int, reader: rec.RecordReader) -> list[tuple[int, bytes]] 
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # Ctrl-C reaches the whole process group: the training process handles it, and this
+    # sidecar ends when the parent's pipe closes (EOF), without a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     bell = mmap.mmap(int(sys.argv[1]), _BELL.size) if len(sys.argv) > 1 else None
     out = _Out(os.dup(1), bell)
     os.dup2(2, 1)  # stray prints must not corrupt the record stream
