@@ -77,6 +77,15 @@ FATAL_CODES = frozenset(
 Call = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
 
 
+def check_target(target: str) -> None:
+    """Raise ValueError for a target gRPC would retry forever: a URL."""
+    if target.lower().startswith(("http://", "https://")):
+        raise ValueError(
+            f"target {target!r}: give host:port (gRPC targets take no http:// or "
+            "https://; TLS comes from ClientSecurity)"
+        )
+
+
 def _not_ready(target: str, timeout_s: float, channel: grpc.aio.Channel) -> str:
     """Why a connection attempt failed, for ``last_error``: gRPC keeps the reason to
     itself (a refused TCP connect and a failed TLS handshake look the same from here),
@@ -105,11 +114,7 @@ class TamiyoClient:
     ) -> None:
         self.config = config or ClientConfig()
         resolve_form(self.config.signal_form, 0, 0)  # raises ValueError when unknown
-        if self.config.target.startswith(("http://", "https://")):
-            raise ValueError(
-                f"target {self.config.target!r}: give host:port (gRPC targets take no "
-                "http:// or https://; TLS comes from ClientSecurity)"
-            )
+        check_target(self.config.target)
         self.security = security or ClientSecurity()
         self._session_open = self._with_budget(session_open)
         self._rng = rng

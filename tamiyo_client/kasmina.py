@@ -197,7 +197,9 @@ class KasminaLayer(nn.Module):
             self._acc.add_latency((time.perf_counter() - t0) * 1e3)
             if tally.forwards % self._sample_every == 0:
                 self._sample(y)
-                self._widths = (_width(x), _width(y))
+                widths = (_width(x), _width(y))
+                if min(widths) >= 0:  # (a traced or non-tensor forward tells nothing)
+                    self._widths = widths
             tally.forwards += 1
             if tally.kernels:
                 self._advance_seeds()
@@ -449,9 +451,10 @@ def _plain_keys(layer: nn.Module, state_dict: dict[str, Any], prefix: str, *_arg
     assert isinstance(layer, KasminaLayer)
     if prefix + "_extra_state" in state_dict:
         return  # saved wrapped
-    own = [k for k in layer.base.state_dict() if prefix + k in state_dict]
-    if not own:
-        return
+    keys = list(layer.base.state_dict())
+    own = [k for k in keys if prefix + k in state_dict]
+    if keys and not own:
+        return  # not this layer's checkpoint: strict loading reports what is missing
     for k in own:
         state_dict[prefix + "base." + k] = state_dict.pop(prefix + k)
     state_dict[prefix + "_extra_state"] = layer.get_extra_state()

@@ -39,6 +39,7 @@ from tamiyo.config import ClientConfig
 from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client import pipe_records as rec
+from tamiyo_client.client import check_target
 from tamiyo_client.coalesce import Frame, merge_any
 from tamiyo_client.frame_data import resolve_form
 from tamiyo_client.received import ClientStats, ReceivedDecision
@@ -68,6 +69,7 @@ class ProcessTamiyoClient:
     ) -> None:
         self.config = config or ClientConfig()
         resolve_form(self.config.signal_form, 0, 0)  # raises ValueError when unknown
+        check_target(self.config.target)  # (here, not only in the sidecar, which would loop)
         self.security = security or ClientSecurity()
         self._session_open = session_open
         self._init = rec.encode_json(rec.INIT, init_payload(self.config, self.security))

@@ -120,7 +120,10 @@ def _pump_out(client: BlockingTamiyoClient, out: _Out, stop: threading.Event) ->
     Blocks on the pipe if the parent stops reading; the inbox then drops the oldest."""
     try:
         _pump(client, out, stop)
-    except OSError:  # BrokenPipeError: the parent is gone, and main() ends at EOF
+    except BrokenPipeError:  # the parent is gone, and main() ends at EOF
+        stop.set()
+    except OSError:
+        log.exception("sidecar: writing to the parent failed; decisions stop here")
         stop.set()
 
 

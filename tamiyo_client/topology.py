@@ -35,49 +35,53 @@ def wrap_layers(
     """Replace, in place, every submodule for which ``select(qualified_name, module)`` is
     true (outermost match wins; matches inside it are not wrapped again) by a
     KasminaLayer whose ``layer_id`` is the qualified name. Returns them in module order.
-    Layers already wrapped, and the projections inside ``nn.MultiheadAttention``, are
-    left alone (attach twice wraps nothing new); layers inside a Transformer layer keep
-    it off its eval fast path (``_no_fast_path``).
+
+    Never wrapped: anything inside a KasminaLayer or containing one (a second attach
+    finds nothing new), and anything inside torch's own attention and Transformer modules
+    (``_CLOSED``): they read their children's weights and attributes directly
+    (``out_proj.weight``, ``linear1.weight``, ``norm1.eps``, ``self_attn.batch_first``) on
+    their fused paths, which a wrapped child does not have. Wrap your own blocks instead.
     """
     config = config or KasminaConfig()
+    named = list(model.named_modules())
+    closed = [n for n, m in named if isinstance(m, _CLOSED)]
+    wrapped = [n.split(".") for n, m in named if isinstance(m, KasminaLayer)]
+    holding = {".".join(w[:i]) for w in wrapped for i in range(1, len(w) + 1)}
+
+    def inside(name: str, roots: list[str]) -> bool:
+        return any(r == "" or name.startswith(r + ".") for r in roots)
+
     chosen: list[str] = []
-    # Never inside a KasminaLayer (a second attach would wrap its ``base``) nor inside a
-    # module that reads its children's weights directly instead of calling them:
-    # MultiheadAttention uses ``out_proj.weight`` (a Linear), so a wrapped out_proj
-    # breaks its forward.
-    closed = [
-        n for n, m in model.named_modules() if isinstance(m, KasminaLayer | nn.MultiheadAttention)
-    ]
-    for name, module in model.named_modules():
-        if not name or isinstance(module, KasminaLayer):
-            continue
-        if any(name.startswith(c + ".") for c in (*chosen, *closed)):
+    for name, module in named:
+        if not name or name in holding or inside(name, chosen) or inside(name, closed):
             continue
         if select(name, module):
             chosen.append(name)
     if not chosen:
-        raise ValueError("wrap_layers: the selector matched no submodule of the model")
-    fast = [n for n, m in model.named_modules() if isinstance(m, _FAST_PATH_LAYERS)]
+        raise ValueError(
+            "wrap_layers: the selector matched no submodule that can be wrapped (layers "
+            "already wrapped, and everything inside torch's attention and Transformer "
+            "modules, are left alone)"
+        )
     layers: dict[str, KasminaLayer] = {}
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = KasminaLayer(getattr(parent, attr), name, config)
         setattr(parent, attr, layer)
-        if any(name.startswith(f + ".") for f in fast):
-            layer.register_forward_pre_hook(_no_fast_path)
         layers[name] = layer
     return layers
 
 
-_FAST_PATH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-def _no_fast_path(_module: nn.Module, _args: object) -> None:
-    """A no-op forward pre-hook on a KasminaLayer inside a Transformer layer. In eval,
-    those layers take a fused fast path that reads ``linear1.weight`` etc. directly,
-    which a wrapped layer does not have and which would skip its seeds; torch takes the
-    fast path only when no submodule has a hook."""
+_CLOSED = (
+    KasminaLayer,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
 
 
 class _KasminaTracer(torch.fx.Tracer):

@@ -16,6 +16,7 @@ from tamiyo_client import blocking
 from tamiyo_client.blocking import BlockingTamiyoClient, DecisionInbox
 from tamiyo_client.client import ReceivedDecision
 from tamiyo_client.frame_data import FrameData, resolve_form
+from tamiyo_client.process import ProcessTamiyoClient
 from tamiyo_server.policy_holder import ServedPolicy
 
 from .conftest import ServerThread
@@ -135,8 +136,9 @@ def test_unknown_signal_form_is_refused() -> None:
 
 def test_an_http_target_is_a_configuration_error() -> None:
     _, host = make_host()
-    with pytest.raises(ValueError, match="give host:port"):
-        BlockingTamiyoClient(host.session_open(), replace(ClientConfig(), target="http://h:1"))
+    for client in (BlockingTamiyoClient, ProcessTamiyoClient):  # (the sidecar looped)
+        with pytest.raises(ValueError, match="give host:port"):
+            client(host.session_open(), replace(ClientConfig(), target="HTTPS://h:1"))
 
 
 def test_forking_while_a_blocking_client_runs_warns() -> None:

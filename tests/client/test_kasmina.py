@@ -242,6 +242,12 @@ def test_train_mode_forwards_under_no_grad_do_not_age_seeds() -> None:
     assert layer.collect_signal(1, 0) is None  # nothing measured either
 
 
+def test_a_traced_forward_does_not_make_a_linear_refuse_kernels() -> None:
+    layer = tiny_layer()
+    torch.fx.symbolic_trace(nn.Sequential(layer))  # a forward on a Proxy, in train mode
+    layer.germinate(0, "residual_lowrank_r4")
+
+
 def test_a_kasmina_layer_cannot_wrap_another() -> None:
     with pytest.raises(ValueError, match="already a KasminaLayer"):
         KasminaLayer(tiny_layer(), "twice")

@@ -77,18 +77,27 @@ def test_outermost_match_wins_and_empty_selection_is_an_error() -> None:
         wrap_layers(nn.Sequential(nn.ReLU()), select_types(nn.Linear))
 
 
-def test_attention_projections_and_wrapped_layers_are_left_alone() -> None:
-    """MultiheadAttention reads ``out_proj.weight`` itself, so wrapping that Linear broke
-    every forward; a second attach wrapped the first one's ``base`` layers."""
+def test_torch_transformer_modules_and_wrapped_layers_are_left_alone() -> None:
+    """torch's attention and Transformer modules read their children's weights and
+    attributes directly on their fused paths (``out_proj.weight``, ``linear1.weight``,
+    ``norm1.eps``), so wrapping inside them broke forwards, in eval with a padding mask
+    even inside nn.TransformerEncoder; a second attach wrapped the first one's bases."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), nn.Linear(8, 2)
-    )
-    layers = wrap_layers(model, select_types(nn.Linear))
-    assert sorted(layers) == ["0.linear1", "0.linear2", "1"]
-    x = torch.randn(3, 5, 8)
+    enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(enc, 2), nn.Linear(8, 2))
+    layers = wrap_layers(model, select_types(nn.Linear, nn.LayerNorm, nn.MultiheadAttention))
+    assert sorted(layers) == ["1"]
+    x, pad = torch.randn(3, 5, 8), torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = True
     model(x).sum().backward()
     model.eval()
-    model(x)
-    with pytest.raises(ValueError, match="matched no submodule"):
+    with torch.no_grad():
+        model[0](x, src_key_padding_mask=pad)  # the nested-tensor fast path
+        model(x)
+    with pytest.raises(ValueError, match="already wrapped"):
         wrap_layers(model, select_types(nn.Linear))
+    with pytest.raises(ValueError, match="matched no submodule"):
+        wrap_layers(nn.MultiheadAttention(8, 2), select_types(nn.Linear))  # a bare root
+    outer = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2))
+    wrap_layers(outer, lambda name, _m: name == "0.0")
+    assert sorted(wrap_layers(outer, select_types(nn.Sequential, nn.Linear))) == ["1"]
