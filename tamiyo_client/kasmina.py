@@ -216,7 +216,8 @@ class KasminaLayer(nn.Module):
             return (
                 f"layer {self.layer_id!r}: its forward maps [..., {got[0]}] to "
                 f"[..., {got[1]}], not [..., {self.in_features}] to [..., "
-                f"{self.out_features}] (a block that reshapes its input?), so a kernel "
+                f"{self.out_features}] as it was described (e.g. a block that reshapes its "
+                "input, or whose first Linear does not take the block's input), so a kernel "
                 "cannot be added to it"
             )
         return ""
