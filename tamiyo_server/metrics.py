@@ -48,6 +48,7 @@ LATENCY_BUCKETS = (
     1.0,
 )
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+NODE_BUCKETS = (8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 SHED_REASONS = (
     "deadline",
     "queue_full",
@@ -61,7 +62,6 @@ SHED_REASONS = (
 """Values of ``tamiyo_shed_total``'s reason label (docs/runbook.md, Overload)."""
 RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 """``tamiyo_decisions_total``'s rule label of each ``DecisionRule`` value."""
-NODE_BUCKETS = (8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 @lru_cache(maxsize=4096)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tamiyo.policy.builtin import load_policy
+from tamiyo.policy.builtin import builtin_policy, load_policy
 from tamiyo.policy.checkpoint import CheckpointError, LoadedPolicy
 from tamiyo.policy.engine import InferenceEngine, resolve_device
 from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema, GraphTensors
@@ -151,11 +151,15 @@ def check_serving(
     return best
 
 
-def load_initial(checkpoint_dir: str, device: str) -> ServedPolicy:
-    """The startup policy: ``checkpoint_dir``'s latest, else the bundled default, else
-    the built-in fallback (logged loudly, and visible in GetPolicyInfo)."""
+def load_initial(device: str) -> ServedPolicy:
+    """The bundled default policy, else the built-in fallback (logged loudly, and visible
+    in GetPolicyInfo): what a server serves when no checkpoint directory gives it one."""
     dev = str(resolve_device(device))
-    served = serve_loaded(load_policy(checkpoint_dir or None, dev), dev)
+    try:
+        served = serve_loaded(load_policy(None, dev), dev)
+    except CheckpointError as e:
+        log.error("startup: the bundled default policy is unusable: %s", e)
+        served = serve_loaded(builtin_policy(device=dev), dev)
     if served.builtin:
         log.warning(
             "no trained checkpoint found; serving the UNTRAINED built-in policy %s",

@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tamiyo.config import ServerConfig
-from tamiyo.policy.builtin import builtin_policy
 from tamiyo.policy.checkpoint import (
     LATEST,
     MANIFEST,
@@ -260,7 +259,7 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
     """
     dev = str(resolve_device(config.device))
     if not config.checkpoint_dir:
-        return _bundled(dev), None
+        return load_initial(dev), None
     root = Path(config.checkpoint_dir)
     latest = resolve_latest(root)
     refusal: tuple[str, str] | None = None
@@ -283,7 +282,7 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
             name,
         )
         return served, refusal
-    served = _bundled(dev)
+    served = load_initial(dev)
     if latest is None:
         if not root.is_dir():
             state = "does not exist"
@@ -297,15 +296,6 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
             served.version,
         )
     return served, refusal
-
-
-def _bundled(dev: str) -> ServedPolicy:
-    """The bundled default policy, else the built-in one (both logged by ``load_initial``)."""
-    try:
-        return load_initial("", dev)
-    except CheckpointError as e:
-        log.error("startup: the bundled default policy is unusable: %s", e)
-        return serve_loaded(builtin_policy(device=dev), dev)
 
 
 class CheckpointWatcher:

@@ -104,6 +104,11 @@ class Client:
         r = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
+    async def swapped(self) -> str:
+        """The served version once the watcher has swapped a new policy in."""
+        await until(lambda: self.watcher.swapped_at_poll > 0)
+        return await self.version()
+
     async def polls(self, n: int) -> None:
         """Wait until the watcher has polled ``n`` more times."""
         target = self.watcher.polls + n
@@ -381,8 +386,7 @@ async def test_bad_checkpoint_is_refused_once_and_old_version_keeps_answering(
     assert metrics("tamiyo_policy_reloads_total", {"result": "failed"}) == 1.0
     # A good version after it is still picked up.
     write(tmp_path, "v2", seed=2)
-    await until(lambda: c.watcher.swapped_at_poll > 0)
-    assert await c.version() == "v2"
+    assert await c.swapped() == "v2"
 
 
 async def test_broken_latest_at_startup_serves_the_newest_good_version(
@@ -404,8 +408,7 @@ async def test_broken_latest_at_startup_serves_the_newest_good_version(
     await c.polls(3)
     assert c.watcher.attempts == 0  # the startup refusal is remembered
     write(tmp_path, "v3", seed=3)
-    await until(lambda: c.watcher.swapped_at_poll > 0)
-    assert await c.version() == "v3"
+    assert await c.swapped() == "v3"
 
 
 async def test_nothing_good_at_startup_falls_back_to_the_bundled_policy(
@@ -443,8 +446,7 @@ async def test_a_directory_without_checkpoints_serves_the_bundled_default_until_
     assert said
     assert ("is empty" if exists else "does not exist") in said[0]
     write(root, "v1", seed=1)
-    await until(lambda: c.watcher.swapped_at_poll > 0)
-    assert await c.version() == "v1"
+    assert await c.swapped() == "v1"
 
 
 async def test_a_missing_latest_serves_the_newest_version_that_verifies(
@@ -616,8 +618,7 @@ async def test_rollback_reaches_a_running_server(tmp_path: Path, connect: Client
     c = await connect(watching(tmp_path))
     assert await c.version() == "v2"
     assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path)]) == 0
-    await until(lambda: c.watcher.swapped_at_poll > 0)
-    assert await c.version() == "v1"
+    assert await c.swapped() == "v1"
     assert (await c.info()).checkpoint_path == str(tmp_path / "v1")
 
 
