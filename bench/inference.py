@@ -114,7 +114,7 @@ def _dense_shapes(c: PolicyConfig) -> list[tuple[int, int]]:
     return [(c.node_features, h), (h, h)] + [(h, h)] * c.gcn_layers + [(h, 1 + c.kernel_hidden)]
 
 
-def _dense_layers(c: PolicyConfig, nodes: int) -> Callable[[], None]:
+def dense_layers(c: PolicyConfig, nodes: int) -> Callable[[], None]:
     """The policy's per-node dense layers alone (encoder, GCN weights, node head) as
     ``addmm`` into preallocated outputs for ``nodes`` rows: what the same BLAS achieves at
     the model's own shapes (K = 40-64 wide, unlike the 1024² of the sgemm rate), i.e. the
@@ -134,7 +134,7 @@ def _dense_layers(c: PolicyConfig, nodes: int) -> Callable[[], None]:
 
 
 def _dense_flops(c: PolicyConfig, nodes: int) -> int:
-    """FLOPs of ``_dense_layers`` (multiply-add = 2)."""
+    """FLOPs of ``dense_layers`` (multiply-add = 2)."""
     return 2 * nodes * sum(i * o for i, o in _dense_shapes(c))
 
 
@@ -189,7 +189,7 @@ def run(opts: BenchOptions) -> None:
         gemm: list[float] = []
         feat: list[float] = []
         dense: list[float] = []
-        dense_call = _dense_layers(cfg, n * b)
+        dense_call = dense_layers(cfg, n * b)
         for _ in range(repeats):
             ours_t.append(_per_call(ours, min_time))
             eager_t.append(_per_call(eager_call, min_time)[1])
@@ -227,7 +227,7 @@ def run(opts: BenchOptions) -> None:
                 "x_floor": us / floor_us,
                 "x_vs_seed": seed_us / us,
                 # Measured floor: the dense layers alone at the model's shapes (see
-                # _dense_layers) and the GEMM rate they reach there.
+                # dense_layers) and the GEMM rate they reach there.
                 "dense_us_per_graph": dense_us,
                 "x_dense": us / dense_us,
                 "dense_gflops": _dense_flops(cfg, n) / dense_us / 1e3,

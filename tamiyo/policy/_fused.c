@@ -10,8 +10,8 @@
  * check against the compiled forward, output views) and model.py / engine.ServingForward
  * for the arithmetic this mirrors op for op.
  *
- * Portable C with GCC/Clang vector extensions: a v16 is 16 floats; the compiler lowers it
- * to AVX-512, AVX2 or SSE depending on the -march the extension was built with (setup.py).
+ * Portable C with GCC/Clang vector extensions: a vf is one register of floats of the width
+ * the -march the extension was built with gives (setup.py): AVX-512, AVX2 or SSE.
  * No -ffast-math: NaN and inf propagate as in torch (a NaN logit must not become a
  * decision).
  *
@@ -45,38 +45,50 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define VW 16 /* floats per vector */
+#define VW 16 /* the layout's unit: every width is padded to a multiple of 16 floats */
 #define MAX_WIDTH 65536 /* bound on any layer width (fused.py's models are <= 4096) */
-typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4), may_alias));
 
-/* Register tile of the products: TR rows x TC vectors of outputs. AVX-512 has 32 vector
- * registers (24 accumulators + 4 weight vectors + 1 broadcast fit; measured 8-20 % faster
- * than 4 rows at 10-200-node graphs); with AVX2 a v16 is two of 16 registers, so the
- * tile is smaller. */
+/* Arithmetic runs on vectors of the machine's own width (VN floats), not on 16-float
+ * vectors: GCC lowers a 64-byte vector extension type on AVX2 or SSE by keeping it in
+ * memory, round-tripping every FMA's result through the stack and general registers
+ * (measured on a Zen 3 with AVX2: 280 us for a 36-node graph, ~6x slower than with
+ * native-width vectors). A VW-wide row is VW / VN of them.
+ *
+ * Register tile of the products: TR rows x TC vectors of outputs, TR * TC accumulators +
+ * TC weight vectors + 1 broadcast within the register file. AVX-512 has 32 registers
+ * (6 x 4: measured 8-20 % faster than 4 rows at 10-200-node graphs); AVX2 and SSE have 16
+ * (6 x 2, the classic 6 x 16 AVX2 kernel). */
 #if defined(__AVX512F__)
+#define VN 16
 #define TR 6
 #define TC 4
 #elif defined(__AVX__)
-#define TR 2
+#define VN 8
+#define TR 6
 #define TC 2
-#else /* SSE: a v16 is four of 16 registers */
-#define TR 1
-#define TC 1
+#else /* SSE */
+#define VN 4
+#define TR 6
+#define TC 2
 #endif
+typedef float vf __attribute__((vector_size(VN * 4)));
+typedef int32_t vi __attribute__((vector_size(VN * 4)));
+/* Memory access type: rows are only float-aligned. */
+typedef float vf_mem __attribute__((vector_size(VN * 4), aligned(4), may_alias));
 #if !((TR == 1 || TR == 2 || TR == 4 || TR == 6) && (TC == 1 || TC == 2 || TC == 4))
 #error "gemm's tail cases cover TR in {1, 2, 4, 6} and TC in {1, 2, 4}"
 #endif
 
-static inline v16 vload(const float *p) { return *(const v16 *)p; }
-static inline void vstore(float *p, v16 v) { *(v16 *)p = v; }
-static inline v16 vsplat(float a)
+static inline vf vload(const float *p) { return *(const vf_mem *)p; }
+static inline void vstore(float *p, vf v) { *(vf_mem *)p = v; }
+static inline vf vsplat(float a)
 {
-    return (v16){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a};
+    const vf zero = {0};
+    return zero + a;
 }
 
 /* max(v, 0) that keeps NaN (as torch.relu): zero the lanes that are <= 0. */
-static inline v16 vrelu(v16 v) { return (v16)((vi16)v & ~(vi16)(v <= 0.0f)); }
+static inline vf vrelu(vf v) { return (vf)((vi)v & ~(vi)(v <= 0.0f)); }
 
 /* O[r, c] = bias + sum_k A[r, k] W[k, c] (then ReLU) for R rows and C vectors of columns.
  * Called with constant R and C only, so after inlining the accumulators live in
@@ -86,23 +98,23 @@ static inline __attribute__((always_inline)) void tile(
     const float *restrict W, long ldw, const float *restrict bias, float *restrict O,
     long ldo, int relu)
 {
-    v16 acc[TR][TC];
+    vf acc[TR][TC];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
-            acc[r][c] = bias ? vload(bias + VW * c) : (v16){0};
+            acc[r][c] = bias ? vload(bias + VN * c) : (vf){0};
     for (int k = 0; k < K; k++) {
-        v16 w[TC];
+        vf w[TC];
         for (int c = 0; c < C; c++)
-            w[c] = vload(W + (long)k * ldw + VW * c);
+            w[c] = vload(W + (long)k * ldw + VN * c);
         for (int r = 0; r < R; r++) {
-            v16 a = vsplat(A[(long)r * lda + k]);
+            vf a = vsplat(A[(long)r * lda + k]);
             for (int c = 0; c < C; c++)
                 acc[r][c] += a * w[c];
         }
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
-            vstore(O + (long)r * ldo + VW * c, relu ? vrelu(acc[r][c]) : acc[r][c]);
+            vstore(O + (long)r * ldo + VN * c, relu ? vrelu(acc[r][c]) : acc[r][c]);
 }
 
 #define TILE_CASES(R)                                                                   \
@@ -131,8 +143,8 @@ static void gemm(int n, int K, int Mp, const float *A, long lda, const float *W,
                  const float *bias, float *O, long ldo, int relu)
 {
     const long ldw = Mp;
-    for (int j = 0; j < Mp; j += VW * TC) {
-        int C = (Mp - j) / VW;
+    for (int j = 0; j < Mp; j += VN * TC) {
+        int C = (Mp - j) / VN;
         if (C > TC)
             C = TC;
         const float *w = W + j, *b = bias ? bias + j : NULL;
@@ -193,10 +205,10 @@ typedef struct {
 static inline float maxnan(float m, float v) { return (v > m || isnan(v)) ? v : m; }
 
 /* Lane-wise maxnan. */
-static inline v16 vmaxnan(v16 m, v16 v)
+static inline vf vmaxnan(vf m, vf v)
 {
-    const vi16 take = (v > m) | (v != v);
-    return (v16)(((vi16)v & take) | ((vi16)m & ~take));
+    const vi take = (v > m) | (v != v);
+    return (vf)(((vi)v & take) | ((vi)m & ~take));
 }
 
 /* torch.logaddexp for float32. */
@@ -226,24 +238,24 @@ static inline void aggregate(float *restrict h, const float *restrict t, long Hp
                              const float *restrict val, int nnz)
 {
     long c = 0;
-    for (; c + 4 * VW <= Hp; c += 4 * VW) {
-        v16 a0 = vload(bias + c), a1 = vload(bias + c + VW), a2 = vload(bias + c + 2 * VW),
-            a3 = vload(bias + c + 3 * VW);
+    for (; c + 4 * VN <= Hp; c += 4 * VN) {
+        vf a0 = vload(bias + c), a1 = vload(bias + c + VN), a2 = vload(bias + c + 2 * VN),
+            a3 = vload(bias + c + 3 * VN);
         for (int e = 0; e < nnz; e++) {
-            const v16 w = vsplat(val[e]);
+            const vf w = vsplat(val[e]);
             const float *r = t + col[e] * Hp + c;
             a0 += w * vload(r);
-            a1 += w * vload(r + VW);
-            a2 += w * vload(r + 2 * VW);
-            a3 += w * vload(r + 3 * VW);
+            a1 += w * vload(r + VN);
+            a2 += w * vload(r + 2 * VN);
+            a3 += w * vload(r + 3 * VN);
         }
         vstore(h + c, vload(h + c) + vrelu(a0));
-        vstore(h + c + VW, vload(h + c + VW) + vrelu(a1));
-        vstore(h + c + 2 * VW, vload(h + c + 2 * VW) + vrelu(a2));
-        vstore(h + c + 3 * VW, vload(h + c + 3 * VW) + vrelu(a3));
+        vstore(h + c + VN, vload(h + c + VN) + vrelu(a1));
+        vstore(h + c + 2 * VN, vload(h + c + 2 * VN) + vrelu(a2));
+        vstore(h + c + 3 * VN, vload(h + c + 3 * VN) + vrelu(a3));
     }
-    for (; c < Hp; c += VW) {
-        v16 acc = vload(bias + c);
+    for (; c < Hp; c += VN) {
+        vf acc = vload(bias + c);
         for (int e = 0; e < nnz; e++)
             acc += vsplat(val[e]) * vload(t + col[e] * Hp + c);
         vstore(h + c, vload(h + c) + vrelu(acc));
@@ -311,10 +323,10 @@ static void group_forward(const Net *net, const Scratch *s, const Graph *gs, int
     for (int g = 0, r0 = 0; g < G; r0 += gs[g].n, g++) {
         const int n = gs[g].n;
         float *pool = s->pool + (long)g * 2 * H;
-        for (long c = 0; c < Hp; c += VW) {
-            v16 sum = (v16){0}, mx = vsplat(-INFINITY);
+        for (long c = 0; c < Hp; c += VN) {
+            vf sum = (vf){0}, mx = vsplat(-INFINITY);
             for (int i = 0; i < n; i++) {
-                const v16 v = vload(s->h + (long)(r0 + i) * Hp + c);
+                const vf v = vload(s->h + (long)(r0 + i) * Hp + c);
                 sum += v;
                 mx = vmaxnan(mx, v);
             }
