@@ -83,8 +83,13 @@ static inline vf vload(const float *p) { return *(const vf_mem *)p; }
 static inline void vstore(float *p, vf v) { *(vf_mem *)p = v; }
 static inline vf vsplat(float a)
 {
-    const vf zero = {0};
-    return zero + a;
+#if VN == 16
+    return (vf){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a};
+#elif VN == 8
+    return (vf){a, a, a, a, a, a, a, a};
+#else
+    return (vf){a, a, a, a};
+#endif
 }
 
 /* max(v, 0) that keeps NaN (as torch.relu): zero the lanes that are <= 0. */
