@@ -11,7 +11,8 @@
  * for the arithmetic this mirrors op for op.
  *
  * Portable C with GCC/Clang vector extensions: a vf is one register of floats of the width
- * the -march the extension was built with gives (setup.py): AVX-512, AVX2 or SSE.
+ * the -march the extension was built with gives (setup.py): AVX-512, AVX/AVX2, or 128-bit
+ * (SSE, and NEON elsewhere).
  * No -ffast-math: NaN and inf propagate as in torch (a NaN logit must not become a
  * decision).
  *
@@ -51,13 +52,15 @@
 /* Arithmetic runs on vectors of the machine's own width (VN floats), not on 16-float
  * vectors: GCC lowers a 64-byte vector extension type on AVX2 or SSE by keeping it in
  * memory, round-tripping every FMA's result through the stack and general registers
- * (measured on a Zen 3 with AVX2: 280 us for a 36-node graph, ~6x slower than with
+ * (measured on a Zen 3 with AVX2: 284 us for a 36-node graph against 40 us with
  * native-width vectors). A VW-wide row is VW / VN of them.
  *
  * Register tile of the products: TR rows x TC vectors of outputs, TR * TC accumulators +
  * TC weight vectors + 1 broadcast within the register file. AVX-512 has 32 registers
- * (6 x 4: measured 8-20 % faster than 4 rows at 10-200-node graphs); AVX2 and SSE have 16
- * (6 x 2, the classic 6 x 16 AVX2 kernel). */
+ * (6 x 4: measured 8-20 % faster than 4 rows at 10-200-node graphs); AVX and SSE have 16
+ * (6 x 2: 6 x 16 floats on AVX, the classic AVX2 kernel, faster than 4 x 2 or 2 x 2 here;
+ * 6 x 8 floats on SSE, where the multiply and add without FMA need one more temporary and
+ * fill all 16). */
 #if defined(__AVX512F__)
 #define VN 16
 #define TR 6
@@ -66,7 +69,7 @@
 #define VN 8
 #define TR 6
 #define TC 2
-#else /* SSE */
+#else /* SSE, or any 128-bit target */
 #define VN 4
 #define TR 6
 #define TC 2
