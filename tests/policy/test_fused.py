@@ -317,7 +317,7 @@ def test_byte_swapped_arrays_are_refused() -> None:
     platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("gcc"),
     reason="needs gcc on x86-64",
 )
-@pytest.mark.parametrize(("march", "max_x_dense"), [("x86-64-v3", 2.5), ("x86-64", 6.0)])
+@pytest.mark.parametrize(("march", "max_x_dense"), [("x86-64-v3", 3.5), ("x86-64", 10.0)])
 def test_builds_for_other_instruction_sets_give_the_same_outputs(
     march: str, max_x_dense: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -325,7 +325,8 @@ def test_builds_for_other_instruction_sets_give_the_same_outputs(
     gets the generic (SSE) one; the installed build is this box's own. Both other
     builds, made by setup.py as an install would, must match the reference, and run at
     vector speed: with 16-float vector types GCC kept every AVX2 / SSE accumulator in
-    memory, 13-15x the dense products' time (1.2x / 3.2x since)."""
+    memory, 13-15x the dense products' time on an AVX2 box (1.2x / 3.2x since). The
+    bounds leave room for a box whose BLAS has AVX-512 (about twice these ratios)."""
     root = Path(__file__).resolve().parents[2]
     subprocess.run(
         [
@@ -391,7 +392,7 @@ def test_the_installed_build_runs_at_vector_speed() -> None:
     products alone (1.2x on an AVX2 box, 0.7-1.0x on AVX-512; 15x when its vectors were
     kept in memory); a machine without AVX2 gets the SSE build's bound."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    assert _x_dense() <= (2.5 if " avx2" in flags else 6.0)
+    assert _x_dense() <= (2.5 if " avx2" in flags else 10.0)
 
 
 def test_an_engine_without_the_c_module_says_so_and_serves_compiled(
