@@ -153,10 +153,11 @@ class TamiyoServer:
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "tamiyo serving on %s:%d (policy %s, %s)",
+            "tamiyo serving on %s:%d (policy %s, forward %s, %s)",
             c.host,
             self.port,
             served.version,
+            served.engine.forward_name,
             "TLS" if c.tls_cert_file else "plaintext",
         )
         return self.port

@@ -137,6 +137,14 @@ class ServerMetrics:
             ("version",),
             registry=r,
         )
+        self.forward = Gauge(
+            "tamiyo_forward_info",
+            "How the serving policy's forward runs (value 1 on its label): native-<isa> is "
+            "the fused C forward built for that instruction set (avx512, avx2, avx, sse); "
+            "torchscript or eager on CPU means it is not in use, many times slower.",
+            ("forward",),
+            registry=r,
+        )
         self.reloads = Counter(
             "tamiyo_policy_reloads", "Policy loads by result (ok/failed).", ("result",), registry=r
         )
@@ -182,9 +190,11 @@ class ServerMetrics:
             self._http.server_close()
             self._http = None
 
-    def set_policy_version(self, version: str) -> None:
+    def set_policy_version(self, version: str, forward: str) -> None:
         self.policy_version.clear()
         self.policy_version.labels(version).set(1)
+        self.forward.clear()
+        self.forward.labels(forward).set(1)
 
 
 def _split(method: str) -> tuple[str, str]:

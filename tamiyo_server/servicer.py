@@ -99,6 +99,7 @@ class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
             checkpoint_path=cur.checkpoint_path,
             loaded_at=_ts(cur.loaded_at),
             device=str(cur.engine.device),
+            forward=cur.engine.forward_name,
             parameter_count=cur.engine.parameter_count,
             feature_schema_version=cur.schema.version,
             features=[

@@ -367,6 +367,16 @@ class InferenceEngine:
         """Whether ``infer`` runs the native fused forward (else the module in ``mode``)."""
         return self._native is not None
 
+    @property
+    def forward_name(self) -> str:
+        """What ``infer`` runs, for the startup log, ``GetPolicyInfo.forward`` and the
+        ``tamiyo_forward_info`` metric: ``native-<isa>`` (the fused C forward and the
+        instruction set it was built for, ``fused.build_isa``), else ``mode``
+        ("torchscript" or "eager"), prefixed ``cuda-`` on a GPU."""
+        if self._native is not None:
+            return f"native-{fused.build_isa()}"
+        return f"cuda-{self.mode}" if self._cuda else self.mode
+
     def _enable_native(self) -> None:
         """Use the fused forward if it matches this engine's forward on the sample graphs
         (checked once per ``PolicyConfig``, like the compiled module: a wrong rendering of

@@ -64,6 +64,14 @@ def available() -> bool:
     return _fused is not None
 
 
+def build_isa() -> str:
+    """The instruction set the native module computes with: "avx512", "avx2", "avx",
+    "sse" or "128-bit" (vectors of 16 / 8 / 8 / 4 / 4 floats); "" when it is not built.
+    Why it matters: a portable build on a newer host (the image's ``x86-64-v3`` on an
+    AVX-512 machine) or the SSE fallback runs the forward several times slower."""
+    return str(_fused.ISA) if _fused is not None else ""
+
+
 def _linears(model: TamiyoPolicy) -> list[nn.Module]:
     """Every affine layer, in the order ``_fused.c`` reads them."""
     return [

@@ -181,7 +181,10 @@ def test_engine_serves_with_it_on_cpu() -> None:
     p = builtin_policy()
     engine = InferenceEngine(p.model, "cpu", version=p.version)
     assert engine.native
-    assert not InferenceEngine(p.model, "cpu", native=False).native
+    assert engine.forward_name == f"native-{fused.build_isa()}"
+    compiled = InferenceEngine(p.model, "cpu", native=False)
+    assert not compiled.native
+    assert compiled.forward_name == "torchscript"
     graphs = random_graphs(5, [30, 4, 300])
     for got, want in zip(engine.infer(graphs), _reference(p.model).infer(graphs), strict=True):
         _assert_same(got, want)
@@ -351,6 +354,10 @@ def test_builds_for_other_instruction_sets_give_the_same_outputs(
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(fused, "_fused", module)
+    assert (fused.build_isa(), module.VECTOR_FLOATS) == {
+        "x86-64-v3": ("avx2", 8),
+        "x86-64": ("sse", 4),
+    }[march]
     torch.manual_seed(16)
     model = TamiyoPolicy(CONFIGS[2])
     graphs = random_graphs(16, [1, 7, 40, 3, 260], k=18)
@@ -391,6 +398,7 @@ def test_the_installed_build_runs_at_vector_speed() -> None:
     """The build the server runs (this machine's -march) costs at most 2.5x the dense
     products alone (1.2x on an AVX2 box, 0.7-1.0x on AVX-512; 15x when its vectors were
     kept in memory); a machine without AVX2 gets the SSE build's bound."""
+    assert fused.build_isa() in ("avx512", "avx2", "avx", "sse", "128-bit")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert _x_dense() <= (2.5 if " avx2" in flags else 10.0)
 

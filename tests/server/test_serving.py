@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from tamiyo.config import BatchConfig
+from tamiyo.policy import fused
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
@@ -334,6 +335,7 @@ async def test_metrics_endpoint(make_server: ServerFactory) -> None:
     body = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     )
+    forward = f"native-{fused.build_isa()}" if fused.available() else "torchscript"
     for needle in (
         'grpc_server_handled_total{grpc_code="OK",grpc_method="Decide"',
         'grpc_server_handling_seconds_bucket{grpc_method="GetPolicyInfo"',
@@ -345,6 +347,8 @@ async def test_metrics_endpoint(make_server: ServerFactory) -> None:
         "tamiyo_inference_seconds_bucket",
         "tamiyo_active_streams",
         "tamiyo_policy_version_info{version=",
+        # how the forward runs, e.g. native-avx2 (the fused C forward, built for AVX2)
+        f'tamiyo_forward_info{{forward="{forward}"}} 1.0',
         'tamiyo_policy_reloads_total{result="failed"}',
         # exported at 0 before anything is shed or decided by that rule (alerts read 0)
         'tamiyo_shed_total{reason="late"} 0.0',
@@ -361,6 +365,9 @@ async def test_policy_info_says_builtin(server: TamiyoServer) -> None:
     assert "untrained" in info.training_json
     assert info.parameter_count > 0
     assert info.device == "cpu"
+    # the fused C forward where it was built, and which instruction set it uses
+    want = f"native-{fused.build_isa()}" if fused.available() else "torchscript"
+    assert info.forward == want
     assert len(info.features) > 10
     assert info.feature_schema_version
     assert info.loaded_at.seconds > 0
