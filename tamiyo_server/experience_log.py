@@ -5,7 +5,7 @@ serialises messages it already has (the validated frame, the decision, the outco
 ``SerializeToString`` each, in C) and appends the bytes to a bounded list: no thread
 wake-up, no state assembly. A shipping thread writes the list to a pipe every ≤ 20 ms
 (the GIL is released while it writes). Everything else happens in a separate process,
-``tamiyo_server.experience_proc`` (own interpreter, own GIL, nice +10): it replays each
+``tamiyo_server.experience_proc`` (own interpreter, own GIL, ``SCHED_IDLE``): it replays each
 session's frames into encoded signal blocks (``tamiyo_server.experience_assembler``;
 columnar frames in batched numpy passes), logs the ``ModelGraphState`` a decision saw as
 those blocks, each stored once per file (store schema 2), and commits rows once per flush
