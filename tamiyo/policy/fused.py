@@ -66,10 +66,11 @@ def available() -> bool:
 
 def build_isa() -> str:
     """The instruction set the native module computes with: "avx512", "avx2", "avx",
-    "sse" or "128-bit" (vectors of 16 / 8 / 8 / 4 / 4 floats); "" when it is not built.
+    "sse" or "128-bit" (vectors of 16 / 8 / 8 / 4 / 4 floats); "" when it is not built;
+    "unknown" for a module built from older sources (a stale in-place build: rebuild it).
     Why it matters: a portable build on a newer host (the image's ``x86-64-v3`` on an
     AVX-512 machine) or the SSE fallback runs the forward several times slower."""
-    return str(_fused.ISA) if _fused is not None else ""
+    return str(getattr(_fused, "ISA", "unknown")) if _fused is not None else ""
 
 
 def _linears(model: TamiyoPolicy) -> list[nn.Module]:

@@ -403,6 +403,15 @@ def test_the_installed_build_runs_at_vector_speed() -> None:
     assert _x_dense() <= (2.5 if " avx2" in flags else 10.0)
 
 
+def test_a_module_built_from_older_sources_is_named_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale in-place build (no ``ISA`` attribute) must not stop the server at start-up:
+    it is reported as ``native-unknown``."""
+    monkeypatch.setattr(fused, "_fused", type("Stale", (), {"forward": None})())
+    assert fused.build_isa() == "unknown"
+
+
 def test_an_engine_without_the_c_module_says_so_and_serves_compiled(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
