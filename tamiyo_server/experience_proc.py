@@ -79,8 +79,8 @@ background work, so decisions win the CPU when server, load and log compete for 
 nice 10 the CFS weight is ~1/10 of a nice-0 process."""
 
 
-def _yield_cpu_to_serving() -> str:
-    """Run this process as Linux ``SCHED_IDLE`` (else at nice ``NICE``); returns which.
+def _yield_cpu_to_serving() -> None:
+    """Run this process as Linux ``SCHED_IDLE`` (else at nice ``NICE``).
 
     Why not just a high nice value: a process that sleeps most of the time, as this one
     does between 20 ms shipments, wakes with a small virtual runtime, and the scheduler
@@ -95,11 +95,9 @@ def _yield_cpu_to_serving() -> str:
     beyond that events are dropped and counted (``buffer_full``), never waited for."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return "SCHED_IDLE"
     except (AttributeError, OSError):  # not Linux, or refused
         with contextlib.suppress(OSError):
             os.nice(NICE)
-        return f"nice {NICE}"
 
 
 LOSS_REASONS = ("disk_full", "io_error", "write_error")

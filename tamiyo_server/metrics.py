@@ -190,7 +190,8 @@ class ServerMetrics:
             self._http.server_close()
             self._http = None
 
-    def set_policy_version(self, version: str, forward: str) -> None:
+    def set_policy(self, version: str, forward: str) -> None:
+        """The serving policy's version and how its forward runs (both info gauges)."""
         self.policy_version.clear()
         self.policy_version.labels(version).set(1)
         self.forward.clear()

@@ -186,7 +186,7 @@ class PolicyHolder:
         self.last_refused_reason = ""
         self.last_refused_at = 0.0
         if metrics is not None:
-            metrics.set_policy_version(initial.version, initial.engine.forward_name)
+            metrics.set_policy(initial.version, initial.engine.forward_name)
             metrics.reloads.labels("ok").inc(0)
             metrics.reloads.labels("failed").inc(0)
 
@@ -196,7 +196,7 @@ class PolicyHolder:
             self.current = new
             self.reloads_ok += 1
         if self._m is not None:
-            self._m.set_policy_version(new.version, new.engine.forward_name)
+            self._m.set_policy(new.version, new.engine.forward_name)
             self._m.reloads.labels("ok").inc()
         log.info("now serving policy %s", new.version)
 
