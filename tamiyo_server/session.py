@@ -23,12 +23,12 @@ from tamiyo.config import BatchConfig, Limits, RuleConfig
 from tamiyo.policy.features import FEATURE_SCHEMA
 from tamiyo.policy.frame_ingest import FrameChecks
 from tamiyo.policy.rules import DecisionRules, RuleState
+from tamiyo.policy.signal_window import SignalWindow
 from tamiyo.policy.snapshot import (
     GraphSnapshot,
     GraphTopology,
     KernelSet,
     SignalColumns,
-    SignalWindow,
 )
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Job

@@ -19,7 +19,8 @@ import numpy as np
 
 from tamiyo.config import Limits
 from tamiyo.policy.frame_ingest import FrameChecks, native_available
-from tamiyo.policy.snapshot import FLOAT_FIELDS, INT_FIELDS, SignalColumns, SignalWindow
+from tamiyo.policy.signal_window import SignalWindow
+from tamiyo.policy.snapshot import FLOAT_FIELDS, INT_FIELDS, SignalColumns
 from tamiyo.v1 import health_pb2
 
 if TYPE_CHECKING:

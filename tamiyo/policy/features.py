@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from tamiyo.policy.signal_window import SignalWindow
 from tamiyo.policy.snapshot import (
     F_HEALTH,
     FLOAT_FIELDS,
@@ -34,7 +35,6 @@ from tamiyo.policy.snapshot import (
     GraphTopology,
     IntArray,
     KernelSet,
-    SignalWindow,
     snapshot_from_state,
     state_from_snapshot,
 )

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from tamiyo.policy import features as fm
 from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema, GraphSnapshot
-from tamiyo.policy.snapshot import INT_FIELDS, MAX_SEEDS, SignalWindow, _frozen
+from tamiyo.policy.signal_window import SignalWindow
+from tamiyo.policy.snapshot import INT_FIELDS, MAX_SEEDS, _frozen
 from tamiyo.policy.synthetic import random_snapshot
 
 pytestmark = pytest.mark.skipif(

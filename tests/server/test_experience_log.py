@@ -29,11 +29,11 @@ from tamiyo.experience.encode import StateEncoder
 from tamiyo.experience.retention import enforce_retention
 from tamiyo.policy.features import FEATURE_SCHEMA
 from tamiyo.policy.rules import DecisionRules
+from tamiyo.policy.signal_window import SignalWindow
 from tamiyo.policy.snapshot import (
     GraphSnapshot,
     GraphTopology,
     KernelSet,
-    SignalWindow,
     snapshot_from_state,
     state_from_snapshot,
 )
