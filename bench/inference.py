@@ -57,7 +57,7 @@ from torch_geometric.data import Batch as PygBatch
 from torch_geometric.data import Data
 from tqdm import tqdm
 
-import tamiyo.policy.engine as engine_mod
+import tamiyo.policy.serving_forward as serving_forward_mod
 from bench import BenchOptions
 from bench.report import Row, environment, print_table, write_json
 from bench.seed_reference import SeedPolicyConfig, SeedTamiyoPolicyGNN
@@ -476,7 +476,7 @@ def _construction(opts: BenchOptions) -> list[Row]:
     rows: list[Row] = []
     for kind in ("cold", "warm", "warm"):
         if kind == "cold":
-            engine_mod._TEMPLATES.clear()
+            serving_forward_mod._TEMPLATES.clear()
         model = builtin_policy().model
         gaps: list[float] = []
         done = threading.Event()

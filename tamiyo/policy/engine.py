@@ -1,14 +1,10 @@
 """Batched inference: many graphs in, one compiled forward, per-graph outputs out.
 
-Why compiled: on this VM an eager torch op costs ~9 µs of fixed overhead and releases
-and re-acquires the GIL; a forward plus its per-graph post-processing is ~80 ops, so
-under a GIL-holding event loop the inference thread waited for the GIL ~80 times per
-batch. The engine therefore runs ``ServingForward`` (the policy's ``forward_tensors`` +
-per-graph softmax, best action, sigmoid) as ONE TorchScript call, scripted from the
-eager ``TamiyoPolicy`` at construction (the trainer trains the eager module;
-there is one definition of the network). The GIL is released once per forward and op
-dispatch is cheaper. If scripting fails, or the compiled module disagrees with the
-eager one on a sample batch, the engine logs a warning and runs eagerly (``.mode``).
+The network runs as ``ServingForward`` (``serving_forward.py``): the policy's
+``forward_tensors`` plus per-graph softmax, best action and heads as ONE TorchScript call,
+scripted once per ``PolicyConfig`` from the eager ``TamiyoPolicy``. If scripting fails,
+or the compiled module disagrees with the eager one on a sample batch, the engine logs
+a warning and runs eagerly (``.mode``).
 
 On CPU the engine serves with the native fused forward instead (``fused.py``: the same
 weights and arithmetic, one C call per batch, each graph's activations kept in cache;
@@ -32,14 +28,11 @@ repeats the comparison.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import logging
 import threading
 import time
-import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from itertools import pairwise
 from operator import attrgetter
 from typing import NamedTuple
@@ -48,22 +41,26 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from threadpoolctl import threadpool_limits
-from torch import nn
 
 from tamiyo.policy import fused
 from tamiyo.policy.batch import Batch, collate
 from tamiyo.policy.features import GraphTensors
-from tamiyo.policy.model import TIE_TOL, PolicyConfig, TamiyoPolicy
+from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
+from tamiyo.policy.serving_forward import (
+    ADAPT,
+    BEST_KERNEL,
+    BEST_NODE,
+    NOOP_LOGP,
+    URGENCY,
+    VALUE,
+    ForwardFn,
+    ServingForward,
+    compile_serving,
+    unoptimized,
+)
 from tamiyo.policy.synthetic import random_graphs
 
 log = logging.getLogger(__name__)
-
-# torch 2.13 marks torch.jit.script deprecated in favour of torch.compile, which
-# needs a C++ toolchain and seconds of compilation per shape on this box; TorchScript is
-# what gives one GIL release per forward with ~25 ms of build per engine. Known, so quiet.
-warnings.filterwarnings(
-    "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
-)
 
 FORWARD_NODE_BUDGET = 4096
 """Nodes per CPU forward: [4096, 64] float32 activations = 1 MiB, half the L2 (measured
@@ -132,141 +129,10 @@ class PolicyOutput(NamedTuple):
     value: float
 
 
-# Rows of ServingForward's per-graph block [6, B].
-_NOOP_LOGP, _ADAPT, _BEST_NODE, _BEST_KERNEL, _URGENCY, _VALUE = range(6)
-
-
-class ServingForward(nn.Module):
-    """The policy plus its per-graph post-processing, as one module (what is compiled).
-
-    ``forward(x, adj, node_batch, ptr, counts, kernel_x, pair_invalid)`` (``Batch``
-    tensors, ``ptr`` int64 [B+1]) → (``pair_logp`` float32 [N, K]: log-probability of each
-    adapt(node, kernel) under the per-graph distribution over (node × kernel) ∪ {no-op},
-    -inf where invalid; ``target_probs`` float32 [N]: P(layer | adapt), 0 where invalid;
-    per-graph block float32 [6, B]: no-op log-prob, adapt probability, best node (index
-    within its graph, -1 none), best kernel (-1 none), urgency in [0, 1], value).
-    """
-
-    def __init__(self, policy: TamiyoPolicy) -> None:
-        super().__init__()
-        self.policy = policy
-        self.tie_tol = TIE_TOL  # an attribute: TorchScript does not read float globals
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        adj: torch.Tensor,
-        node_batch: torch.Tensor,
-        ptr: torch.Tensor,
-        counts: torch.Tensor,
-        kernel_x: torch.Tensor,
-        pair_invalid: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pair, g = self.policy.forward_tensors(x, adj, node_batch, counts, kernel_x, pair_invalid)
-        b, n = g.shape[0], pair.shape[0]
-        noop = g[:, 0]
-        # Per-graph max valid pair logit; -1e30 (not -inf) for a graph without one, so
-        # that no NaN appears below (a real logit is never near -1e30).
-        row_max = pair.amax(dim=1)  # [N]
-        pair_max = torch.full([b], -1e30, dtype=pair.dtype, device=pair.device)
-        pair_max = pair_max.scatter_reduce(0, node_batch, row_max, reduce="amax")
-        node_max = pair_max.index_select(0, node_batch)  # [N]
-        # P(layer | adapt) from a softmax over the pairs alone (relative to the pair max):
-        # dividing the joint by 1 - P(no-op) cancels in float32 when no-op is near certain.
-        e = torch.exp(pair - node_max.unsqueeze(1)).sum(dim=1)  # [N], 0 where invalid
-        z = torch.zeros([b], dtype=pair.dtype, device=pair.device).index_add(0, node_batch, e)
-        # z ≥ 1 whenever the graph has a valid pair (its max contributes exp(0)) and 0 when
-        # it has none (then every e is 0): clamping at 1 changes nothing but 0/0.
-        target_probs = e / z.clamp(min=1.0).index_select(0, node_batch)
-        # log Σ over (node × kernel) ∪ {no-op} = logaddexp(pair_max + log z, noop); a graph
-        # without a valid pair has z = 0, so its first term is -inf and lse = noop.
-        lse = torch.logaddexp(pair_max + torch.log(z), noop)
-        pair_logp = pair - lse.index_select(0, node_batch).unsqueeze(1)
-        noop_logp = noop - lse
-        # Best pair: the first node (in graph order) within TIE_TOL of its graph's max,
-        # then that node's first kernel within TIE_TOL of the node's max. Why a
-        # tolerance: twin layers (same features and neighbours, e.g. parallel q/k/v
-        # projections) tie exactly in exact arithmetic, and float32 sums in another
-        # order (this forward vs the fused one, fused.py) break the tie either way.
-        node_ids = torch.arange(n, dtype=torch.int64, device=pair.device)
-        tol = self.tie_tol * node_max.abs().clamp(min=1.0)  # [N]
-        cand = torch.where(row_max >= node_max - tol, node_ids, n)
-        best = torch.full([b], n, dtype=torch.int64, device=pair.device)
-        best = best.scatter_reduce(0, node_batch, cand, reduce="amin")
-        has = best < n  # False: no valid pair (or a NaN logit)
-        best_c = best.clamp(max=n - 1)
-        best_row = pair.index_select(0, best_c)  # [B, K]
-        k = best_row.shape[1]
-        kernel_ids = torch.arange(k, dtype=torch.int64, device=pair.device)
-        near = best_row >= (best_row.amax(dim=1) - tol.index_select(0, best_c)).unsqueeze(1)
-        best_kernel = torch.where(near, kernel_ids, k).amin(dim=1)
-        per_graph = torch.stack(
-            [
-                noop_logp,
-                -torch.expm1(noop_logp),  # 1 - P(no-op), accurate when no-op is near certain
-                torch.where(has, best - ptr[:-1], -1).to(g.dtype),
-                torch.where(has, best_kernel, -1).to(g.dtype),
-                torch.sigmoid(g[:, 1]),
-                g[:, 2],
-            ]
-        )
-        return pair_logp, target_probs, per_graph
-
-
-def _unoptimized() -> AbstractContextManager[None]:
-    """TorchScript's profiling executor off for a call: on CPU it has no fuser to gain
-    from, and its first two calls per graph (profiling, then optimisation) cost ~30 ms
-    and re-specialise on new shapes; unoptimised, the first call costs what later do."""
-    ctx: AbstractContextManager[None] = torch.jit.optimized_execution(False)  # type: ignore[attr-defined]
-    return ctx
-
-
-ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-_TEMPLATES: dict[PolicyConfig, torch.jit.ScriptModule] = {}
-_TEMPLATE_LOCK = threading.Lock()
 _CHECKED: set[tuple[PolicyConfig, str]] = set()  # (config, device) whose copy matched eager
 _NATIVE_CHECKED: set[PolicyConfig] = set()  # configs whose fused forward matched
 _WARNED_NO_NATIVE: list[bool] = []  # the missing C module is logged once per process
-
-
-def compile_serving(model: TamiyoPolicy, device: torch.device) -> ForwardFn:
-    """``ServingForward(model)`` compiled by TorchScript on ``device`` (eval mode): the
-    ``forward`` method of a private copy (a C++ ``ScriptMethod``; it keeps its module alive).
-
-    Scripting parses Python source and holds the GIL for ~55-150 ms, so it is done once
-    per process and ``PolicyConfig``. Later engines deep-copy the template's C++ module
-    (~0.1 ms) and copy their weights into the copy's tensors (~0.3 ms for 20 tensors),
-    nothing else: ``copy.deepcopy`` of the Python ``ScriptModule`` also builds a Python
-    wrapper per submodule (19 here) and ``load_state_dict`` walks them again, ~2-4 ms of
-    GIL-holding Python on every hot reload, and the engine only ever calls ``forward``.
-    (``torch._C._jit_debug_module_iterators`` lists the copy's tensors; were it gone in a
-    later torch, the engine would log it and run eagerly.) The copy is private to the
-    engine, so its weights never change under it.
-    Not frozen: ``torch.jit.freeze`` held the GIL for 11-57 ms in one call (an event-loop
-    stall on every hot reload) for a forward only 0-8% faster (measured here).
-    """
-    with _TEMPLATE_LOCK:
-        template = _TEMPLATES.get(model.config)
-        if template is None:
-            template = torch.jit.script(ServingForward(copy.deepcopy(model).cpu()).eval())
-            _TEMPLATES[model.config] = template
-        if device.type == "cpu":  # where the template is
-            cpp: torch._C.ScriptModule = copy.deepcopy(template._c)
-        else:  # moved through the Python wrapper (off the CPU a reload is not CPU-bound)
-            cpp = copy.deepcopy(template).to(device)._c
-    found = torch._C._jit_debug_module_iterators(cpp)  # type: ignore[attr-defined]
-    slots = dict(found["named_parameters_r"]) | dict(found["named_buffers_r"])
-    state = {f"policy.{k}": v for k, v in model.state_dict().items()}
-    if slots.keys() != state.keys():
-        raise RuntimeError(
-            f"compiled copy's tensors {sorted(slots)[:4]}... differ from the model's "
-            f"{sorted(state)[:4]}..."
-        )
-    with torch.no_grad():
-        for name, t in slots.items():
-            t.copy_(state[name])
-    return cpp._get_method("forward")
+_CHECK_LOCK = threading.Lock()  # guards the two sets above (engines build on any thread)
 
 
 _SAMPLE: list[Batch] = []
@@ -347,12 +213,12 @@ class InferenceEngine:
             compiled = compile_serving(self.model, self.device)
             if key not in _CHECKED:
                 batch = self._device_batch(_sample_batch())
-                with torch.inference_mode(), _unoptimized():
+                with torch.inference_mode(), unoptimized():
                     want = self.eager(*_inputs(batch))
                     got = compiled(*_inputs(batch))
                 for w, g in zip(want, got, strict=True):
                     torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-                with _TEMPLATE_LOCK:
+                with _CHECK_LOCK:
                     _CHECKED.add(key)
         except Exception as exc:  # any failure: serve eagerly rather than not at all
             log.warning(
@@ -400,7 +266,7 @@ class InferenceEngine:
                     exc,
                 )
                 return
-            with _TEMPLATE_LOCK:
+            with _CHECK_LOCK:
                 _NATIVE_CHECKED.add(config)
         self._native = native
 
@@ -425,17 +291,17 @@ class InferenceEngine:
         ``noop_logp``, ``adapt_prob``, ``best_node`` (-1 = none), ``best_kernel``,
         ``urgency``, ``value`` (used by the trainer's evaluation and by tests)."""
         batch = self._device_batch(batch)
-        with torch.inference_mode(), _unoptimized():
+        with torch.inference_mode(), unoptimized():
             pair_logp, target_probs, per = self._forward(*_inputs(batch))
         return {
             "pair_logp": pair_logp,
             "target_probs": target_probs,
-            "noop_logp": per[_NOOP_LOGP],
-            "adapt_prob": per[_ADAPT],
-            "best_node": per[_BEST_NODE].long(),
-            "best_kernel": per[_BEST_KERNEL].long(),
-            "urgency": per[_URGENCY],
-            "value": per[_VALUE],
+            "noop_logp": per[NOOP_LOGP],
+            "adapt_prob": per[ADAPT],
+            "best_node": per[BEST_NODE].long(),
+            "best_kernel": per[BEST_KERNEL].long(),
+            "urgency": per[URGENCY],
+            "value": per[VALUE],
         }
 
     def infer(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
@@ -457,7 +323,7 @@ class InferenceEngine:
 
     def _infer_chunk(self, graphs: Sequence[GraphTensors]) -> list[PolicyOutput]:
         batch = self._device_batch(collate(graphs))
-        with torch.inference_mode(), _unoptimized():
+        with torch.inference_mode(), unoptimized():
             pl_t, tp_t, per_t = self._forward(*_inputs(batch))
             if self._cuda:
                 pl_t, tp_t, per_t = pl_t.cpu(), tp_t.cpu(), per_t.cpu()
@@ -475,12 +341,12 @@ class InferenceEngine:
                 PolicyOutput,
                 tps,
                 pls,
-                per[_NOOP_LOGP].tolist(),
-                per[_ADAPT].tolist(),
-                per[_BEST_NODE].astype(np.int64).tolist(),
-                per[_BEST_KERNEL].astype(np.int64).tolist(),
-                per[_URGENCY].tolist(),
-                per[_VALUE].tolist(),
+                per[NOOP_LOGP].tolist(),
+                per[ADAPT].tolist(),
+                per[BEST_NODE].astype(np.int64).tolist(),
+                per[BEST_KERNEL].astype(np.int64).tolist(),
+                per[URGENCY].tolist(),
+                per[VALUE].tolist(),
             )
         )
 

@@ -7,7 +7,7 @@ costs 2.5-6x the matrix products alone, and for one small graph it is all fixed 
 whole network for a group of consecutive graphs (≤ 256 nodes) at a time while their
 activations stay in cache: every layer is one register-blocked product with bias, ReLU,
 the Â aggregation and the residual applied in the same pass, followed by the per-graph
-softmax, best action and heads of ``engine.ServingForward``. No collation into a
+softmax, best action and heads of ``serving_forward.ServingForward``. No collation into a
 block-diagonal batch, and the GIL is released once per batch.
 
 It is the same network: the weights are packed from the engine's ``TamiyoPolicy`` at

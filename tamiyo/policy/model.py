@@ -10,7 +10,7 @@ one module.
 The GCN propagation is Â·(H W) + b with Â the cached symmetric-normalised adjacency
 (see ``topology.py``); a test checks it against torch_geometric's ``GCNConv``. Batches
 are flat (``batch.py``); everything below is TorchScript-compatible so the inference
-engine can run the same module as one compiled call (``engine.py``).
+engine can run the same module as one compiled call (``serving_forward.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ MAX_DIM = 4096  # upper bound of every PolicyConfig field accepted from a manife
 
 TIE_TOL = 1e-4
 """Best action: pair logits within this (relative to max(1, |graph max|)) of the best
-count as tied and the first in graph order wins (``engine.ServingForward``,
+count as tied and the first in graph order wins (``serving_forward.ServingForward``,
 ``fused.FusedForward``). Rounding differences between two renderings of
 the network are ~1e-6 relative; a logit gap of 1e-4 is a probability ratio of 1.0001."""
 
