@@ -134,6 +134,8 @@ class Batcher(Generic[P, R]):
         self._fifo: deque[Job[P, R]] = deque()  # arrival order, lazily pruned
         self._queued = 0
         self._queued_nodes = 0
+        self._queued_edges = 0
+        self._dead = 0  # heap entries of cancelled or re-queued jobs not yet popped
         self._seq = itertools.count()
         self._busy = False
         self._stopping = False
@@ -188,21 +190,37 @@ class Batcher(Generic[P, R]):
             self._fifo.append(job)
             self._queued += 1
             self._queued_nodes += nodes
+            self._queued_edges += edges
             self._idle.clear()
             self._cond.notify()
         if self.on_loop:
             self._schedule()
         return job
 
-    def replace(self, job: Job[P, R], payload: P, nodes: int, edges: int) -> bool:
+    def replace(
+        self, job: Job[P, R], payload: P, nodes: int, edges: int, deadline: float | None = None
+    ) -> bool:
         """Swap the payload of a job still queued (a newer frame of the same session
-        replaces the older one, keeping its place); False if it was already taken."""
+        replaces the older one); False if it was already taken. With ``deadline`` the job
+        now answers by that time (the newer frame's own budget) and moves in the EDF
+        order accordingly; without it, it keeps its place and deadline."""
         with self._cond:
             if job.state != _QUEUED:
                 return False
             self._queued_nodes += nodes - job.nodes
+            self._queued_edges += edges - job.edges
             job.payload, job.nodes, job.edges = payload, nodes, edges
-            return True
+            if deadline is not None and deadline != job.deadline:
+                # a new heap entry; the old one is dead (its seq no longer matches)
+                job.deadline = deadline
+                job.seq = next(self._seq)
+                heapq.heappush(self._heap, (deadline, job.seq, job))
+                self._dead += 1
+                self._compact()
+                self._cond.notify()
+        if self.on_loop and deadline is not None:
+            self._schedule()
+        return True
 
     def cancel(self, job: Job[P, R]) -> bool:
         """Withdraw a queued job (its stream went away). True if it had not started."""
@@ -212,6 +230,9 @@ class Batcher(Generic[P, R]):
             job.state = _GONE
             self._queued -= 1
             self._queued_nodes -= job.nodes
+            self._queued_edges -= job.edges
+            self._dead += 1
+            self._compact()
         if not job.future.done():
             job.future.cancel()
         self._check_idle()
@@ -258,11 +279,25 @@ class Batcher(Generic[P, R]):
     # ------------------------------------------------------- closing and running batches
     def _pop_live(self) -> Job[P, R] | None:
         while self._heap:
-            job = self._heap[0][2]
-            if job.state == _QUEUED:
+            _, seq, job = self._heap[0]
+            if job.state == _QUEUED and seq == job.seq:
                 return job
             heapq.heappop(self._heap)
+            self._dead -= 1
         return None
+
+    def _compact(self) -> None:
+        """Drop dead heap and FIFO entries once they outnumber the live ones (call with
+        the lock held). Why: a dead entry is otherwise popped only when it reaches the
+        top, so jobs cancelled while the queue's head stays put (a long batch, a stalled
+        inference thread, clients cancelling under overload) would keep their payloads
+        alive beyond ``max_queued``."""
+        if self._dead <= max(self._queued, 64):
+            return
+        self._heap = [e for e in self._heap if e[2].state == _QUEUED and e[1] == e[2].seq]
+        heapq.heapify(self._heap)
+        self._fifo = deque(j for j in self._fifo if j.state == _QUEUED)
+        self._dead = 0
 
     def _oldest_arrival(self) -> float:
         while self._fifo and self._fifo[0].state != _QUEUED:
@@ -274,6 +309,7 @@ class Batcher(Generic[P, R]):
         job.state = _TAKEN
         self._queued -= 1
         self._queued_nodes -= job.nodes
+        self._queued_edges -= job.edges
 
     def _wait_s(self, head: Job[P, R], now: float) -> float:
         """How long the batch headed by ``head`` may still wait for company (s); ≤ 0 =
@@ -284,7 +320,11 @@ class Batcher(Generic[P, R]):
         slack = head.deadline - now - self.cost.predict_ms(nodes, graphs) / 1000.0
         slack -= c.safety_ms / 1000.0 + TIMER_SLACK_S
         wait_left = c.max_queue_delay_ms / 1000.0 - (now - self._oldest_arrival())
-        full = self._queued >= c.max_batch_graphs or self._queued_nodes >= c.max_batch_nodes
+        full = (
+            self._queued >= c.max_batch_graphs
+            or self._queued_nodes >= c.max_batch_nodes
+            or self._queued_edges >= c.max_batch_edges
+        )
         lonely = self.arrival_gap_s > wait_left  # nobody expected before the wait ends
         if not lonely and self.utilization is not None:  # is company worth waiting for?
             u = min(self.utilization, 0.95)
@@ -393,8 +433,10 @@ class Batcher(Generic[P, R]):
         start = time.monotonic()
         try:
             self._runner([job.payload])
-        except Exception:
+        except Exception:  # a failure says nothing about how long a batch takes
             log.exception("probe inference failed")
+            self._last_run = time.monotonic()
+            return
         self._last_run = time.monotonic()
         self.cost.update(job.nodes, 1, (self._last_run - start) * 1000.0)
 
@@ -436,7 +478,10 @@ class Batcher(Generic[P, R]):
             except Exception:
                 self._last_run = time.monotonic()
                 log.exception("inference failed for a batch of %d graphs", len(run))
-                out += [(j, Done(shed="error", queue_s=start - j.arrival)) for j in run]
+                if len(run) == 1:
+                    out.append((run[0], Done(shed="error", queue_s=start - run[0].arrival)))
+                else:
+                    out += self._one_by_one(run, start)
             else:
                 self._last_run = time.monotonic()
                 took = self._last_run - start
@@ -455,6 +500,21 @@ class Batcher(Generic[P, R]):
         if out:
             self._post(out)
         self._probe(run, shed)
+
+    def _one_by_one(self, run: list[Job[P, R]], start: float) -> list[tuple[Job[P, R], Done[R]]]:
+        """After a batch failed: each graph alone, so that one graph the runner cannot
+        take (a bug its validation missed) fails only its own job, not every session
+        batched with it. Not timed: the batch's cost model is about batches."""
+        out: list[tuple[Job[P, R], Done[R]]] = []
+        for j in run:
+            try:
+                (r,) = self._runner([j.payload])
+            except Exception:
+                out.append((j, Done(shed="error", queue_s=start - j.arrival)))
+            else:
+                out.append((j, Done(result=r, queue_s=start - j.arrival, batch_graphs=1)))
+        self._last_run = time.monotonic()
+        return out
 
     def _post(self, out: list[tuple[Job[P, R], Done[R]]]) -> None:
         assert self._loop is not None
@@ -476,6 +536,6 @@ class Batcher(Generic[P, R]):
                 job.state = _TAKEN
             self._heap.clear()
             self._fifo.clear()
-            self._queued = self._queued_nodes = 0
+            self._queued = self._queued_nodes = self._queued_edges = self._dead = 0
             self._busy = False
         self._post([(j, Done(shed="shutdown")) for j in rest])

@@ -274,8 +274,10 @@ class StreamHandler:
         ahead_ms = self.p.door.ahead_ms(lag=swamp != "probe")  # (see Door.swamped)
         budget_ms = s.deadline_s * 1000.0
         deadline = arrival - waited + s.deadline_s
-        # A frame that replaces this session's queued evaluation adds no work; the job
-        # keeps its deadline, so a hopeless frame may only take it if asked no earlier.
+        # A frame that replaces this session's queued evaluation adds no work. The job
+        # then answers by the frame's own deadline; a hopeless frame (one that cannot
+        # make its own) may only take it if asked no earlier, and the job keeps its
+        # deadline, which it was on course to make.
         queued = s.pending if s.pending is not None and s.pending.job.queued else None
         hopeless = ahead_ms + waited * 1000.0 > budget_ms
         if hopeless and not (queued is not None and deadline >= queued.job.deadline):
@@ -284,7 +286,7 @@ class StreamHandler:
         ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
         snap = s.snapshot(frame)
         if queued is not None and self.p.batcher.replace(
-            queued.job, snap, snap.topology.num_nodes, s.num_edges
+            queued.job, snap, snap.topology.num_nodes, s.num_edges, None if hopeless else deadline
         ):
             old, queued.frame = queued.frame, ref
             child(self.p.m.shed, "superseded").inc()

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -128,6 +129,127 @@ async def test_runner_error_is_answered(mode: str) -> None:
     job = b.submit(1, 1, 0, now, now + 1.0)
     assert job is not None
     assert (await job.future).shed == "error"
+    b.stop()
+
+
+async def test_replace_with_a_deadline_moves_the_job_in_edf_order() -> None:
+    """A newer frame that takes a queued job answers by its own deadline: earlier moves
+    the job ahead, later lets it run after more urgent work instead of being shed on the
+    older frame's deadline."""
+    rec = Recorder()
+    rec.gate.clear()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_batch_graphs=1))
+    b.start()
+    now = time.monotonic()
+    first = b.submit(0, 1, 0, now, now + 5.0)
+    await asyncio.sleep(0.05)
+    a = b.submit(1, 1, 0, now, now + 2.0)
+    c = b.submit(2, 1, 0, now, now + 3.0)
+    assert first
+    assert a
+    assert c
+    assert b.replace(c, 22, 1, 0, deadline=now + 1.0)  # now the most urgent
+    assert b.replace(a, 11, 1, 0, deadline=now + 4.0)  # now the least
+    assert b.queued == 2
+    rec.gate.set()
+    outs = await asyncio.gather(first.future, a.future, c.future)
+    assert [x[0] for x in rec.batches] == [0, 22, 11]
+    assert [o.result for o in outs] == [0, 110, 220]
+    b.stop()
+
+
+async def test_a_replaced_job_is_judged_by_the_newer_deadline() -> None:
+    """The older frame's deadline passed while the thread was busy; the newer frame's
+    has not: the job runs (it used to be shed as hopeless)."""
+    rec = Recorder()
+    rec.gate.clear()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_batch_graphs=1))
+    b.start()
+    now = time.monotonic()
+    blocker = b.submit(0, 1, 0, now, now + 5.0)
+    await asyncio.sleep(0.05)
+    job = b.submit(1, 1, 0, now, time.monotonic() + 0.03)
+    await asyncio.sleep(0.05)  # its 30 ms have gone
+    assert job is not None
+    assert b.replace(job, 2, 1, 0, deadline=time.monotonic() + 1.0)
+    rec.gate.set()
+    assert blocker is not None
+    await blocker.future
+    done = await job.future
+    assert (done.shed, done.result) == ("", 20)
+    b.stop()
+
+
+@MODES
+async def test_one_bad_graph_fails_only_its_own_job(mode: str) -> None:
+    def runner(payloads: Sequence[int]) -> list[int]:
+        if 13 in payloads:
+            raise ValueError("cannot take graph 13")
+        return [p * 10 for p in payloads]
+
+    b: Batcher[int, int] = Batcher(runner, replace(CFG, run_on=mode, max_queue_delay_ms=50.0))
+    b.start()
+    b.arrival_gap_s = 0.0  # dense arrivals: they share a batch
+    now = time.monotonic()
+    jobs = [b.submit(p, 4, 3, now, now + 1.0) for p in (1, 2, 13, 4, 5)]
+    done = await asyncio.gather(*(j.future for j in jobs if j is not None))
+    assert [d.shed for d in done] == ["", "", "error", "", ""]
+    assert [d.result for d in done] == [10, 20, None, 40, 50]
+    b.stop()
+
+
+async def test_a_failed_probe_does_not_teach_the_cost_model() -> None:
+    def boom(payloads: Sequence[int]) -> list[int]:
+        raise RuntimeError("broken engine")
+
+    b: Batcher[int, int] = Batcher(boom, replace(CFG, run_on="loop", prior_batch_ms=100.0))
+    b.probe_interval_s = 0.0
+    b.start()
+    before = b.cost.predict_ms(8, 1, safe=False)
+    for _ in range(3):
+        now = time.monotonic()
+        job = b.submit(1, 8, 0, now, now + 0.05)  # 100 ms predicted: shed, then probed
+        assert job is not None
+        assert (await job.future).shed == "deadline"
+    assert b.cost.predict_ms(8, 1, safe=False) == before
+    b.stop()
+
+
+async def test_cancelled_jobs_do_not_pile_up_behind_the_head() -> None:
+    """A cancelled job's heap entry used to stay until it reached the top: behind a
+    head that stays put, cancellations kept every payload alive past ``max_queued``."""
+    rec = Recorder()
+    rec.gate.clear()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_queued=4, max_batch_graphs=1))
+    b.start()
+    now = time.monotonic()
+    first = b.submit(0, 1, 0, now, now + 5.0)
+    await asyncio.sleep(0.05)  # the thread holds job 0
+    head = b.submit(-1, 1, 0, now, now + 0.5)  # earliest deadline: pins the heap's top
+    for i in range(1000):
+        job = b.submit(i, 1, 0, now, now + 1.0)
+        assert job is not None
+        b.cancel(job)
+    assert len(b._heap) <= 2 * 64
+    assert len(b._fifo) <= 2 * 64
+    rec.gate.set()
+    assert first is not None
+    assert head is not None
+    assert [(await j.future).result for j in (first, head)] == [0, -10]
+    b.stop()
+
+
+@pytest.mark.parametrize("budget", ["max_batch_nodes", "max_batch_edges", "max_batch_graphs"])
+async def test_a_queue_over_any_budget_closes_the_batch_at_once(budget: str) -> None:
+    knobs: dict[str, Any] = {budget: 2}
+    cfg = replace(BatchConfig(run_on="loop"), max_queue_delay_ms=300.0, **knobs)
+    b: Batcher[int, int] = Batcher(Recorder(), cfg)
+    b.start()
+    b.arrival_gap_s = 0.0  # dense arrivals: it would otherwise wait for company
+    now = time.monotonic()
+    jobs = [b.submit(i, 3, 3, now, now + 5.0) for i in range(3)]
+    assert b._tick_at <= time.monotonic()  # due now, not in 300 ms
+    await asyncio.gather(*(j.future for j in jobs if j is not None))
     b.stop()
 
 
