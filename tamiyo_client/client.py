@@ -145,6 +145,7 @@ class TamiyoClient:
         self._live = False  # a session is accepted and its writer runs (read from any thread)
         self._reopen = False
         self._server_hint_s = 0.0
+        self._server_closing = False  # SessionClosing seen on this stream: half-close it
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -407,6 +408,7 @@ class TamiyoClient:
         """Run writer and reader until either ends; re-raise what ended it."""
         self._sent_at.clear()  # decisions of the old stream will never come
         self._live = True
+        self._server_closing = False
         self._wake.set()  # flush what piled up while disconnected
         writer = asyncio.create_task(self._writer(call, connection))
         reader = asyncio.create_task(self._reader(call, connection))
@@ -424,6 +426,12 @@ class TamiyoClient:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._server_closing:
+                # The server is going away: half-close, so that it knows every frame we
+                # sent has arrived and can end the stream once each is answered; what is
+                # queued now goes to the next connection. The reader runs on to the end.
+                await call.done_writing()
+                await asyncio.Event().wait()  # (cancelled when the reader ends)
             if self._reopen:
                 self._reopen = False
                 await call.write(pb.StreamTelemetryRequest(session_open=self._session_open))
@@ -502,6 +510,8 @@ class TamiyoClient:
                         log.exception("error callback failed")
             elif kind == "closing":
                 self._server_hint_s = resp.closing.reconnect_after_ms / 1000
+                self._server_closing = True
+                self._wake.set()
                 log.info("tamiyo server closing: %s", resp.closing.reason)
             elif kind == "session_accepted":
                 self._accepted(resp.session_accepted)

@@ -176,10 +176,17 @@ class TamiyoServer:
             for h in streams:
                 h.close("server shutting down", reconnect_after_ms=1000)
             await pipeline.batcher.drain(grace)
+            # A stream ends when its client half-closes (after SessionClosing) and its
+            # last answer is out; one still open when the grace is over is cut.
             if streams:
-                await asyncio.wait(
-                    [asyncio.create_task(h.finish()) for h in streams], timeout=grace
+                _, open_ = await asyncio.wait(
+                    [asyncio.create_task(h.ended.wait()) for h in streams], timeout=grace
                 )
+                for h in streams:
+                    if not h.ended.is_set():
+                        h.cut()
+                for task in open_:
+                    task.cancel()
         if self.experience is not None:  # decisions answered so far are on disk
             await asyncio.to_thread(self.experience.flush, grace)
         await self.server.stop(grace)

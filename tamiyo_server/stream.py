@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from tamiyo.policy.snapshot import GraphSnapshot
@@ -42,6 +43,7 @@ Code = pb.StreamErrorCode
 
 _RESERVE = 3  # responses one request can cause beyond the queue bound (see module doc)
 _END = None
+_CUT = pb.StreamTelemetryResponse()  # (identity-compared) end the call with UNAVAILABLE
 
 
 def _error(
@@ -82,6 +84,7 @@ class StreamHandler:
         self.outstanding: set[Job[GraphSnapshot, Evaluated]] = set()
         self.session: Session | None = None
         self.closing = False
+        self.ended = asyncio.Event()  # run() returned: the call is over
 
     # ------------------------------------------------------------------ writer side
     async def run(self, requests: AsyncIterator[pb.StreamTelemetryRequest], context: Any) -> None:
@@ -91,6 +94,13 @@ class StreamHandler:
                 msg = await self.out.get()
                 if msg is _END:
                     break
+                if msg is _CUT:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "server shut down before this stream ended (the client did not "
+                        "half-close after SessionClosing): frames not answered by now "
+                        "will not be; reconnect to another replica",
+                    )
                 self.room.set()
                 await context.write(msg)
         finally:
@@ -100,9 +110,13 @@ class StreamHandler:
             await asyncio.gather(reader, return_exceptions=True)
             if self.session is not None:
                 self.p.experience.close_session(self.session.session_id)
+            self.ended.set()
 
     def close(self, reason: str, reconnect_after_ms: int = 1000) -> None:
-        """Tell the client the server is going away (it may still get in-flight answers)."""
+        """Tell the client the server is going away. The stream goes on until the client
+        half-closes: frames already on their way are still read and each is answered
+        (in-flight evaluations with their decision, later frames with UNAVAILABLE), so
+        none goes unanswered; ``cut`` ends a stream whose client does not half-close."""
         if not self.closing:
             self.closing = True
             self.out.put_nowait(
@@ -115,6 +129,11 @@ class StreamHandler:
         """Wait for the pending evaluation to be answered, then end the stream."""
         await self.idle.wait()
         self.out.put_nowait(_END)
+
+    def cut(self) -> None:
+        """End the call now with UNAVAILABLE (shutdown's grace is over and the client has
+        not half-closed): the status tells it that frames may have gone unanswered."""
+        self.out.put_nowait(_CUT)
 
     # ------------------------------------------------------------------ reader side
     async def _read(self, requests: AsyncIterator[pb.StreamTelemetryRequest]) -> None:

@@ -335,7 +335,12 @@ Global___StreamError: _TypeAlias = StreamError  # noqa: Y015
 
 @_typing.final
 class SessionClosing(_message.Message):
-    """The server is going away (shutdown or drain): finish up and reconnect elsewhere."""
+    """The server is going away (shutdown or drain): stop sending and half-close the stream,
+    read the remaining answers (every frame the server reads is answered: in-flight work
+    with its decision, later frames with an UNAVAILABLE error), then reconnect elsewhere.
+    The server ends the stream once the client has half-closed and the last answer is
+    out; a stream still open when its shutdown grace is over ends with status UNAVAILABLE.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

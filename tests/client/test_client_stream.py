@@ -184,6 +184,31 @@ async def test_reconnects_and_resumes_after_server_restart(make_server: ServerFa
         assert client.stats.stream_errors == 0, list(client.stream_errors)
 
 
+async def test_server_shutdown_answers_every_frame_the_client_sent(
+    make_server: ServerFactory,
+) -> None:
+    """On SessionClosing the client half-closes, so the server knows every frame has
+    arrived: each frame it wrote is answered (a decision, a shed notice or UNAVAILABLE)
+    and the stream ends cleanly, not cut at the end of the server's grace."""
+    srv = await make_server(grace_s=30.0)
+    _, host = make_host()
+    async with TamiyoClient(host.session_open(), config(srv.port)) as client:
+        assert await client.wait_connected(5)
+        stopping: asyncio.Task[None] | None = None
+        for step in range(400):
+            client.send_frame(host.frame(step, 0, want_decision=True))
+            await asyncio.sleep(0.002)
+            if step == 100:
+                stopping = asyncio.create_task(srv.stop())
+        assert stopping is not None
+        await asyncio.wait_for(stopping, 10.0)  # well within the 30 s grace: not cut
+        await until(lambda: not client.connected)
+        s = client.stats
+        assert s.frames_sent > 100
+        assert s.frames_sent == s.decisions + s.stream_errors + s.frames_shed
+        assert client.last_error == "stream ended by the server"
+
+
 async def test_bad_frame_gets_in_stream_error_and_stream_goes_on(
     make_server: ServerFactory,
 ) -> None:

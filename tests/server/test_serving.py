@@ -312,15 +312,85 @@ async def test_shutdown_answers_in_flight_work(make_server: ServerFactory) -> No
         assert srv.pipeline.batcher.queued == 2
         stopping = asyncio.create_task(srv.stop())
         got: list[str] = []
-        for msg in await read_all(call):
+        while isinstance(msg := await read_or_eof(call), pb.StreamTelemetryResponse):
             kind = msg.WhichOneof("message")
             got.append(kind or "")
             if kind == "decision":
                 assert msg.decision.frame_request_id == "inflight"
+            if kind == "closing":  # what the protocol asks of a client (and ours does)
+                await call.done_writing()
         assert "decision" in got
         assert "closing" in got
         assert await call.code() == grpc.StatusCode.OK
         assert (await unary).decision.policy_version
+        await stopping
+
+
+async def read_or_eof(call: Stream) -> object:
+    return await asyncio.wait_for(call.read(), 10.0)
+
+
+async def test_shutdown_answers_every_frame_sent_before_the_half_close(
+    make_server: ServerFactory,
+) -> None:
+    """Frames still on their way when the server starts shutting down are read and
+    answered (a decision, or UNAVAILABLE once closing), none dropped: the stream ends
+    only when the client half-closes after SessionClosing."""
+    srv = await make_server(make_config())
+    async with channel(srv) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        sent: set[str] = set()
+        closing = asyncio.Event()
+
+        async def keep_sending() -> None:
+            step = 1
+            while not closing.is_set():
+                await call.write(hosts.frame(6, step, tag=f"f{step}"))
+                sent.add(f"f{step}")
+                step += 1
+                await asyncio.sleep(0.001)
+            await call.done_writing()
+
+        writer = asyncio.create_task(keep_sending())
+        await asyncio.sleep(0.2)
+        stopping = asyncio.create_task(srv.stop())
+        answered: dict[str, str] = {}
+        while isinstance(msg := await read_or_eof(call), pb.StreamTelemetryResponse):
+            kind = msg.WhichOneof("message")
+            if kind == "closing":
+                closing.set()
+            elif kind == "decision":
+                answered[msg.decision.frame_request_id] = "decision"
+            elif kind == "error":
+                answered[msg.error.frame_request_id] = pb.StreamErrorCode.Name(msg.error.code)
+        await writer
+        assert await call.code() == grpc.StatusCode.OK
+        await stopping
+    assert sent
+    assert set(answered) == sent  # every frame got exactly its answer
+    assert "decision" in answered.values()
+    assert set(answered.values()) <= {"decision", "STREAM_ERROR_CODE_UNAVAILABLE"}
+
+
+async def test_shutdown_cuts_a_stream_that_never_half_closes(make_server: ServerFactory) -> None:
+    srv = await make_server(make_config(grace_s=0.5))
+    async with channel(srv) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        stopping = asyncio.create_task(srv.stop())
+        got = []
+
+        async def read_until_cut() -> None:
+            while True:
+                msg = await read(call)
+                got.append(msg.WhichOneof("message"))
+                if got[-1] == "closing":  # a frame after it is refused, not dropped
+                    await call.write(hosts.frame(6, 1, tag="late"))
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await read_until_cut()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "half-close" in (err.value.details() or "")
+        assert got[:2] == ["closing", "error"]
         await stopping
 
 
