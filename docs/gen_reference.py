@@ -53,6 +53,7 @@ def _flag_rows() -> list[tuple[str, str, str, object, str]]:
         if not longs or action.dest == "help":
             continue
         kind = getattr(action.type, "__name__", "str") if action.type else "str"
+        kind = "str" if kind.startswith("_") or kind.endswith("_type") else kind
         if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
             kind = "flag"
         env = f"TAMIYO_{action.dest.upper()}"
@@ -113,10 +114,14 @@ def _changed_value(action: argparse.Action) -> list[str]:
     if action.choices:
         return [flag, next(str(c) for c in action.choices if c != action.default)]
     default = action.default
-    if action.type is int:
+    kind = getattr(action.type, "__name__", "")
+    if kind == "int":
         return [flag, str(int(default) + 1)]
-    if action.type is float:
+    if kind == "float":
         return [flag, str(float(default) / 2 if float(default) > 0 else 0.5)]
+    words = {cli.run_on_type: cli.RUN_ON, cli.device_type: cli.DEVICES}.get(action.type)
+    if words:  # a closed set of words
+        return [flag, next(v for v in words if v != default)]
     return [flag, "changed-by-gen-reference"]
 
 

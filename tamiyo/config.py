@@ -74,6 +74,46 @@ class BatchConfig:
     # overlaps device time on CUDA (see tamiyo_server.batcher).
     run_on: str = "auto"  # where batches run: "loop", "thread", "auto" (thread on CUDA)
 
+    def __post_init__(self) -> None:
+        """Refuse knobs the batcher cannot work with (ValueError naming the field): a 0 ms
+        deadline divided by zero at the door, 0 graphs per batch spun the loop."""
+        positive = (
+            "decision_deadline_ms",
+            "max_batch_graphs",
+            "max_batch_nodes",
+            "max_batch_edges",
+            "max_queued",
+            "outbound_queue",
+            "prior_batch_ms",
+            "min_pushback_ms",
+            "transit_window_s",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:  # (also refuses NaN)
+                raise ValueError(f"BatchConfig.{name}: {getattr(self, name)} must be > 0")
+        for name in ("max_queue_delay_ms", "prior_node_us", "safety_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"BatchConfig.{name}: {getattr(self, name)} must be >= 0")
+        if not self.max_deadline_ms >= self.decision_deadline_ms:
+            raise ValueError(
+                f"BatchConfig.max_deadline_ms: {self.max_deadline_ms} is below "
+                f"decision_deadline_ms {self.decision_deadline_ms}"
+            )
+        if not self.max_pushback_ms >= self.min_pushback_ms:
+            raise ValueError(
+                f"BatchConfig.max_pushback_ms: {self.max_pushback_ms} is below "
+                f"min_pushback_ms {self.min_pushback_ms}"
+            )
+        if not 0.0 < self.cost_forgetting < 1.0:
+            raise ValueError(f"BatchConfig.cost_forgetting: {self.cost_forgetting} not in (0, 1)")
+        if not 0.0 <= self.transit_idle_utilization <= 1.0:
+            raise ValueError(
+                f"BatchConfig.transit_idle_utilization: {self.transit_idle_utilization} "
+                "not in [0, 1]"
+            )
+        if self.run_on not in ("auto", "loop", "thread"):
+            raise ValueError(f"BatchConfig.run_on: {self.run_on!r} not auto, loop or thread")
+
 
 @dataclass(frozen=True)
 class ExperienceLogConfig:

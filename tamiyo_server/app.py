@@ -15,6 +15,7 @@ import logging
 import signal
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -106,6 +107,7 @@ class TamiyoServer:
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
+        _check_device(c.device)
         address = f"{c.host}:{c.port}"
         tls = ", or the TLS certificate / key files are not valid PEM" if c.tls_cert_file else ""
         taken = OSError(
@@ -210,6 +212,20 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device this host does not have stops the start with one line (torch would
+    raise from deep inside the first model copy)."""
+    if not device.startswith("cuda"):
+        return
+    index = int(device.partition(":")[2] or 0)
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= have:
+        raise StartupError(
+            f"--device {device}: this host has {have} usable CUDA device(s) (torch "
+            f"{torch.__version__}); use auto or cpu"
+        )
 
 
 class StartupError(Exception):

@@ -2,14 +2,18 @@
 
 Each flag has a ``TAMIYO_<FLAG>`` environment variable (``--port`` ↔ ``TAMIYO_PORT``);
 a flag given on the command line wins over the variable, which wins over the default in
-``tamiyo.config``.
+``tamiyo.config``. Every value, from either source, is checked when parsed: a bad one
+stops the server with one line naming the flag (argparse parses string defaults with
+the flag's type, so a variable gets the flag's check too).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,18 +24,76 @@ def _env(name: str, default: object) -> str:
     return os.environ.get(f"TAMIYO_{name.upper()}", str(default))
 
 
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is not in [{lo}, {hi}]")
+        return v
+
+    parse.__name__ = "int"  # (the type docs/gen_reference.py shows)
+    return parse
+
+
+def _number(lo: float, hi: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
+    """A finite float in [lo, hi] (or (lo, hi] with ``above``)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        low_ok = v > lo if above else v >= lo
+        if not (math.isfinite(v) and low_ok and v <= hi):
+            want = f"> {lo:g}" if above else f">= {lo:g}"
+            raise argparse.ArgumentTypeError(
+                f"{text} must be {want}" + (f" and <= {hi:g}" if math.isfinite(hi) else "")
+            )
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+def device_type(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, cuda or cuda:N")
+    return text
+
+
+def run_on_type(text: str) -> str:
+    if text not in RUN_ON:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, loop or thread")
+    return text
+
+
+RUN_ON = ("auto", "loop", "thread")
+DEVICES = ("auto", "cpu", "cuda")  # (and cuda:N)
+
+
+PORT = _int_in(0, 65535)
+POSITIVE = _number(0.0, above=True)
+NONNEGATIVE = _number(0.0)
+FRACTION = _number(0.0, 1.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="tamiyo-server", description="Serve Tamiyo decisions.")
     p.add_argument("--host", default=_env("host", d.host), help="address to bind")
-    p.add_argument("--port", type=int, default=int(_env("port", d.port)), help="0 = any")
+    p.add_argument("--port", type=PORT, default=_env("port", d.port), help="0 = any")
     p.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(_env("metrics_port", d.metrics_port)),
+        type=PORT,
+        default=_env("metrics_port", d.metrics_port),
         help="Prometheus port; 0 disables",
     )
-    p.add_argument("--device", default=_env("device", d.device), help="auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--device", type=device_type, default=_env("device", d.device), help="auto, cpu or cuda[:N]"
+    )
     p.add_argument(
         "--checkpoint-dir",
         default=_env("checkpoint_dir", d.checkpoint_dir),
@@ -40,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--poll-interval-s",
-        type=float,
-        default=float(_env("poll_interval_s", d.poll_interval_s)),
+        type=POSITIVE,
+        default=_env("poll_interval_s", d.poll_interval_s),
         help="how often the checkpoint directory's 'latest' pointer is checked (s)",
     )
     p.add_argument(
@@ -51,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and turn hot reload off",
     )
     p.add_argument(
-        "--grace-s", type=float, default=float(_env("grace_s", d.grace_s)), help="shutdown grace"
+        "--grace-s", type=NONNEGATIVE, default=_env("grace_s", d.grace_s), help="shutdown grace"
     )
     p.add_argument(
         "--auth-token-file",
@@ -68,35 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--deadline-ms",
-        type=float,
-        default=float(_env("deadline_ms", d.batch.decision_deadline_ms)),
+        type=POSITIVE,
+        default=_env("deadline_ms", d.batch.decision_deadline_ms),
         help="default decision deadline",
     )
     p.add_argument(
         "--max-queue-delay-ms",
-        type=float,
-        default=float(_env("max_queue_delay_ms", d.batch.max_queue_delay_ms)),
+        type=NONNEGATIVE,
+        default=_env("max_queue_delay_ms", d.batch.max_queue_delay_ms),
         help="longest a batch waits to fill",
     )
     p.add_argument(
         "--run-batches-on",
-        choices=("auto", "loop", "thread"),
+        type=run_on_type,
         default=_env("run_batches_on", d.batch.run_on),
         help="where batches run: the event loop, an inference thread, or auto (thread on "
         "CUDA, loop otherwise)",
     )
     p.add_argument(
         "--health-threshold",
-        type=float,
-        default=float(_env("health_threshold", d.rules.health_threshold)),
+        type=FRACTION,
+        default=_env("health_threshold", d.rules.health_threshold),
         help="the network may adapt only a layer reporting health below this (1 = off: "
         "the shipped trained policy repairs faults before health drops, see "
         "trainer/README.md); the rules-only fallback keeps its own threshold",
     )
     p.add_argument(
         "--torch-threads",
-        type=int,
-        default=int(_env("torch_threads", d.torch_threads)),
+        type=_int_in(1, 1024),
+        default=_env("torch_threads", d.torch_threads),
         help="torch intra-op threads for batches",
     )
     _experience_flags(p, d)
@@ -113,14 +175,14 @@ def _experience_flags(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     )
     p.add_argument(
         "--flush-interval-s",
-        type=float,
-        default=float(_env("flush_interval_s", x.flush_interval_s)),
+        type=POSITIVE,
+        default=_env("flush_interval_s", x.flush_interval_s),
         help="experience commit interval: the most a kill -9 can lose (s)",
     )
     p.add_argument(
         "--exploration-epsilon",
-        type=float,
-        default=float(_env("exploration_epsilon", d.rules.exploration_epsilon)),
+        type=FRACTION,
+        default=_env("exploration_epsilon", d.rules.exploration_epsilon),
         help="probability of a uniformly random admissible action (0 = off)",
     )
     for flag, default, unit in (
@@ -131,8 +193,8 @@ def _experience_flags(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     ):
         p.add_argument(
             f"--experience-{flag.replace('_', '-')}",
-            type=float,
-            default=float(_env(f"experience_{flag}", default)),
+            type=NONNEGATIVE,
+            default=_env(f"experience_{flag}", default),
             help=f"{unit}; 0 = no limit",
         )
 
@@ -140,11 +202,16 @@ def _experience_flags(p: argparse.ArgumentParser, d: ServerConfig) -> None:
 def _token(a: argparse.Namespace) -> str:
     """The token comes from a file or the environment, never from argv (ps shows argv)."""
     if a.auth_token_file:
-        token = Path(a.auth_token_file).read_text(encoding="utf-8").strip()
+        try:
+            token = Path(a.auth_token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SystemExit(f"--auth-token-file {a.auth_token_file}: {exc}") from None
         if not token:
             raise SystemExit(f"--auth-token-file {a.auth_token_file}: file is empty")
         return token
-    return os.environ.get("TAMIYO_AUTH_TOKEN", "")
+    # stripped like the file: a Secret made from a file usually ends in a newline, which
+    # no client sends (gRPC metadata cannot even carry one)
+    return os.environ.get("TAMIYO_AUTH_TOKEN", "").strip()
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -154,14 +221,13 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     if a.tls_client_ca and not a.tls_cert:
         raise SystemExit("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
     d = ServerConfig()
-    if not 0.0 <= a.exploration_epsilon <= 1.0:
-        raise SystemExit(f"--exploration-epsilon {a.exploration_epsilon}: must be in [0, 1]")
-    if not 0.0 <= a.health_threshold <= 1.0:
-        raise SystemExit(f"--health-threshold {a.health_threshold}: must be in [0, 1]")
-    if a.flush_interval_s <= 0:
-        raise SystemExit(f"--flush-interval-s {a.flush_interval_s}: must be > 0")
-    if a.poll_interval_s <= 0:
-        raise SystemExit(f"--poll-interval-s {a.poll_interval_s}: must be > 0")
+    try:
+        return _config(a, d)
+    except ValueError as exc:  # a combination the config refuses (it names the field)
+        raise SystemExit(str(exc)) from None
+
+
+def _config(a: argparse.Namespace, d: ServerConfig) -> ServerConfig:
     experience = replace(
         d.experience,
         dir=a.experience_dir,
@@ -187,6 +253,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         batch=replace(
             d.batch,
             decision_deadline_ms=a.deadline_ms,
+            max_deadline_ms=max(d.batch.max_deadline_ms, a.deadline_ms),
             max_queue_delay_ms=a.max_queue_delay_ms,
             run_on=a.run_batches_on,
         ),

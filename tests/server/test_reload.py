@@ -629,5 +629,5 @@ def test_cli_flags_for_polling_and_pinning() -> None:
         ["--checkpoint-dir", "d", "--poll-interval-s", "0.25", "--pin-checkpoint", "v3"]
     )
     assert (c.checkpoint_dir, c.poll_interval_s, c.pin_checkpoint) == ("d", 0.25, "v3")
-    with pytest.raises(SystemExit, match=r"--poll-interval-s 0\.0: must be > 0"):
+    with pytest.raises(SystemExit):  # (tests/server/test_cli.py checks the message)
         parse_config(["--poll-interval-s", "0"])
