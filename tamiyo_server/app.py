@@ -25,6 +25,7 @@ from tamiyo.policy.engine import configure_allocator, configure_threads
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server.auth import BearerTokenInterceptor, server_credentials
+from tamiyo_server.decode_guard import UndecodableRequestGuard
 from tamiyo_server.experience_log import ExperienceLog
 from tamiyo_server.metrics import MetricsInterceptor, ServerMetrics
 from tamiyo_server.pipeline import DecisionPipeline
@@ -79,7 +80,13 @@ class TamiyoServer:
         self._policy = policy
         # grpc-stubs predates health.aio; the runtime module has it.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]  # type: ignore[type-arg]
+        # metrics see every outcome; undecodable bytes are refused before the servicer
+        # (and after auth, which refuses them first without a token)
+        rejected = self.metrics.rejected.labels("undecodable")
+        interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+            MetricsInterceptor(self.metrics),
+            UndecodableRequestGuard(rejected.inc),
+        ]
         if config.auth_token:
             interceptors.append(BearerTokenInterceptor(config.auth_token))
         self.server = grpc.aio.server(
