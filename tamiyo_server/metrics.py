@@ -9,6 +9,7 @@ budget is 10 ms; all times are in seconds (Prometheus convention).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -213,25 +214,49 @@ def _rpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
     return "unary"
 
 
-def _wrap_streaming(
-    inner: Callable[..., Any],
-    labels: tuple[str, str, str],
-    track: Callable[[tuple[str, str, str], Any], None],
-) -> Callable[..., Any]:
-    """Wrap a streaming-response behaviour, keeping its style: an async generator stays
-    one; a coroutine using ``context.write`` stays a coroutine (no per-message cost)."""
+class _Rpc:
+    """One RPC's end as the metrics see it. Why: when the client cancels (or its
+    deadline passes) grpc cancels the handler but reports no code to the done callback
+    (``code()`` None, ``cancelled()`` False), so such calls were counted as OK."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+
+    def cut(self, context: Any) -> None:
+        """The handler was cancelled: the client went away or its deadline passed."""
+        left = context.time_remaining()
+        expired = left is not None and left <= 0
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+Track = Callable[[tuple[str, str, str], Any], _Rpc]
+
+
+def _wrap(inner: Callable[..., Any], labels: tuple[str, str, str], track: Track) -> Any:
+    """Wrap a behaviour, keeping its style: an async generator stays one; a coroutine
+    (a unary answer, or writes with ``context.write``) stays a coroutine."""
     if inspect.isasyncgenfunction(inner):
 
         async def gen(request: Any, context: Any) -> AsyncIterator[Any]:
-            track(labels, context)
-            async for item in inner(request, context):
-                yield item
+            rpc = track(labels, context)
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                rpc.cut(context)
+                raise
 
         return gen
 
     async def coro(request: Any, context: Any) -> Any:
-        track(labels, context)
-        return await inner(request, context)
+        rpc = track(labels, context)
+        try:
+            return await inner(request, context)
+        except asyncio.CancelledError:
+            rpc.cut(context)
+            raise
 
     return coro
 
@@ -244,19 +269,23 @@ class MetricsInterceptor(_Interceptor):
 
     def _track(
         self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    ) -> _Rpc:
         start = time.perf_counter()
         self.m.rpc_started.labels(*labels).inc()
+        rpc = _Rpc()
 
         def done(ctx: Any) -> None:
             code = ctx.code()
             if code is None:
-                code = grpc.StatusCode.CANCELLED if ctx.cancelled() else grpc.StatusCode.OK
+                code = rpc.code or (
+                    grpc.StatusCode.CANCELLED if ctx.cancelled() else grpc.StatusCode.OK
+                )
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             self.m.rpc_handled.labels(*labels, name).inc()
             self.m.rpc_seconds.labels(*labels).observe(time.perf_counter() - start)
 
         context.add_done_callback(cast(Any, done))
+        return rpc
 
     async def intercept_service(
         self,
@@ -270,39 +299,24 @@ class MetricsInterceptor(_Interceptor):
             return handler  # type: ignore[unreachable]  # unknown method: grpc answers
         service, name = _split(handler_call_details.method)
         labels = (_rpc_type(handler), service, name)
-        track = self._track
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: Any) -> Any:
-                track(labels, context)
-                return await inner_uu(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(inner_us, labels, track),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
-
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming(inner_ss, labels, track),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        inner_su = cast(Callable[..., Any], handler.stream_unary)
-
-        async def stream_unary(requests: Any, context: Any) -> Any:
-            track(labels, context)
-            return await inner_su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
+        wrapped = _wrap(
+            cast(
+                Callable[..., Any],
+                handler.unary_unary
+                or handler.unary_stream
+                or handler.stream_stream
+                or handler.stream_unary,
+            ),
+            labels,
+            self._track,
         )
+        make = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream is not None
+            else grpc.stream_stream_rpc_method_handler
+            if handler.stream_stream is not None
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return make(wrapped, handler.request_deserializer, handler.response_serializer)

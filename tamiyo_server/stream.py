@@ -85,6 +85,7 @@ class StreamHandler:
         self.session: Session | None = None
         self.closing = False
         self.ended = asyncio.Event()  # run() returned: the call is over
+        self.broken = False  # reading failed: the client went away (not a half-close)
 
     # ------------------------------------------------------------------ writer side
     async def run(self, requests: AsyncIterator[pb.StreamTelemetryRequest], context: Any) -> None:
@@ -103,6 +104,13 @@ class StreamHandler:
                     )
                 self.room.set()
                 await context.write(msg)
+            # The client went away or its deadline passed: grpc reports no code to the
+            # server for either, and the metrics would count the call as OK.
+            left = context.time_remaining()
+            if left is not None and left <= 0:
+                context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+            elif self.broken:
+                context.set_code(grpc.StatusCode.CANCELLED)
         finally:
             reader.cancel()
             for job in list(self.outstanding):
@@ -167,6 +175,7 @@ class StreamHandler:
             )
         except Exception as e:  # transport error while reading: the stream is over
             log.debug("stream read ended: %s", e)
+            self.broken = True
         await self.finish()
 
     def _reject(self, err: ValidationError, frame: pb.TelemetryFrame | None = None) -> None:
