@@ -82,7 +82,6 @@ class BatchConfig:
             "max_batch_graphs",
             "max_batch_nodes",
             "max_batch_edges",
-            "max_queued",
             "outbound_queue",
             "prior_batch_ms",
             "min_pushback_ms",
@@ -91,7 +90,7 @@ class BatchConfig:
         for name in positive:
             if not getattr(self, name) > 0:  # (also refuses NaN)
                 raise ValueError(f"BatchConfig.{name}: {getattr(self, name)} must be > 0")
-        for name in ("max_queue_delay_ms", "prior_node_us", "safety_ms"):
+        for name in ("max_queue_delay_ms", "max_queued", "prior_node_us", "safety_ms"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"BatchConfig.{name}: {getattr(self, name)} must be >= 0")
         if not self.max_deadline_ms >= self.decision_deadline_ms:

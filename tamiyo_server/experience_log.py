@@ -5,9 +5,10 @@ serialises messages it already has (the validated frame, the decision, the outco
 ``SerializeToString`` each, in C) and appends the bytes to a bounded list: no thread
 wake-up, no state assembly. A shipping thread writes the list to a pipe every ≤ 20 ms
 (the GIL is released while it writes). Everything else happens in a separate process,
-``tamiyo_server.experience_proc`` (own interpreter, own GIL, ``SCHED_IDLE``): it replays each
-session's frames into encoded signal blocks (``tamiyo_server.experience_assembler``;
-columnar frames in batched numpy passes), logs the ``ModelGraphState`` a decision saw as
+``tamiyo_server.experience_proc`` (own interpreter, own GIL, ``SCHED_IDLE`` while it
+keeps up: ``tamiyo_server.background_priority``): it replays each session's frames
+into encoded signal blocks (``tamiyo_server.experience_assembler``; columnar frames in
+batched numpy passes), logs the ``ModelGraphState`` a decision saw as
 those blocks, each stored once per file (store schema 2), and commits rows once per flush
 interval (``tamiyo.experience.writer``). Background *threads* doing that work in the
 server process competed with the event loop and inference thread for the GIL. Cost
@@ -65,6 +66,7 @@ from tamiyo.config import ExperienceLogConfig
 from tamiyo.experience.encode import StateEncoder
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_server.background_priority import BackgroundPriority
 from tamiyo_server.experience_assembler import MAX_SESSIONS
 from tamiyo_server.experience_proc import (
     _RESYNC,
@@ -155,6 +157,10 @@ class ExperienceLog:
         assert self._proc.stdin is not None
         assert self._proc.stdout is not None
         self._pipe = self._proc.stdin
+        # SCHED_IDLE while it keeps its once-per-flush-interval heartbeat (STATS), nice 10
+        # while it is starved (tamiyo_server.background_priority)
+        self._heartbeat = time.monotonic()
+        self.priority = BackgroundPriority(self._proc.pid, config.flush_interval_s + 0.5)
         self._encoder = StateEncoder()  # resync only (after a drop), rare
         # Serialised records wait here (append under a lock: no wake-up per event); a
         # shipping thread writes them to the pipe every ``_ship_s`` (the GIL is released
@@ -204,6 +210,10 @@ class ExperienceLog:
         self._shipper = threading.Thread(target=self._ship_loop, name="experience-ship",
                                          daemon=True)  # fmt: skip
         self._shipper.start()
+        if self.priority.linux:
+            threading.Thread(
+                target=self._watch_priority, name="experience-priority", daemon=True
+            ).start()
         log.info("experience log: %s (flush every %.2f s)", path, config.flush_interval_s)
 
     # ------------------------------------------------------------ figures
@@ -224,6 +234,8 @@ class ExperienceLog:
         out = self._proc.stdout
         assert out is not None
         for line in out:
+            self._heartbeat = time.monotonic()
+            self.priority.start()  # (once: the process is up)
             kind, _, rest = line.decode(errors="replace").strip().partition(" ")
             token = ""
             if kind == "ACK":
@@ -270,6 +282,12 @@ class ExperienceLog:
     def _ship_loop(self) -> None:
         while not self._closed.wait(self._ship_s):
             self._ship()
+
+    def _watch_priority(self) -> None:
+        """Its own thread: the shipping thread blocks on a full pipe exactly when the
+        process is starved, and the stats reader waits for the heartbeat that is late."""
+        while not self._closed.wait(0.1):
+            self.priority.check(self._heartbeat)
 
     # ------------------------------------------------------------- event loop side
     def _offer(self, kind: str, rec: bytes) -> bool:

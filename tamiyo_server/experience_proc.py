@@ -56,6 +56,7 @@ from tamiyo.experience import writer as writer_module
 from tamiyo.experience.writer import ExperienceWriter
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_server.background_priority import NICE
 from tamiyo_server.experience_assembler import Assembler
 from tamiyo_server.experience_events import (
     DecisionEvent,
@@ -73,31 +74,14 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _RESYNC = struct.Struct("<QHI")
 MAX_ASSEMBLE_S = 0.25  # events are assembled at least this often (s), see ``periods``
-NICE = 10
-"""Niceness of the experience process where ``SCHED_IDLE`` is not available (not Linux):
-background work, so decisions win the CPU when server, load and log compete for it. At
-nice 10 the CFS weight is ~1/10 of a nice-0 process."""
 
 
 def _yield_cpu_to_serving() -> None:
-    """Run this process as Linux ``SCHED_IDLE`` (else at nice ``NICE``).
-
-    Why not just a high nice value: a process that sleeps most of the time, as this one
-    does between 20 ms shipments, wakes with a small virtual runtime, and the scheduler
-    lets it preempt a running nice-0 thread at wakeup: the serving event loop. Measured
-    with the real server at 64 streams x 300 frames/s on 2 cores, p99 over 6 alternated
-    runs (median): logging off 4.6 ms, logging at nice 10 5.3 ms (the experience bench
-    reported 1.17-1.21x in two runs, over its 1.10 target), at nice 19 no better,
-    ``SCHED_BATCH`` no better, ``SCHED_IDLE`` 4.5 ms. A ``SCHED_IDLE`` task never preempts
-    a normal one and has the smallest weight, but it is not starved: at 64 x 1,500 and
-    2,500 frames/s (the box saturated) every decision was still logged, nothing dropped.
-    If it ever falls behind, the pipe and then the server's bounded buffer absorb it, and
-    beyond that events are dropped and counted (``buffer_full``), never waited for."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or refused
-        with contextlib.suppress(OSError):
-            os.nice(NICE)
+    """Start at nice ``NICE``: background work, so decisions win the CPU. The server
+    then runs this process as ``SCHED_IDLE`` while it keeps up, where it may
+    (``tamiyo_server.background_priority``)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, NICE)  # (absolute: the server may have set it)
 
 
 LOSS_REASONS = ("disk_full", "io_error", "write_error")

@@ -285,7 +285,9 @@ async def test_vanished_client_leaks_no_task(server: TamiyoServer) -> None:
 
 async def test_shutdown_answers_in_flight_work(make_server: ServerFactory) -> None:
     # Batches wait up to 300 ms to fill, so both requests are surely queued at shutdown.
-    slow_fill = replace(BatchConfig(), decision_deadline_ms=3000.0, max_queue_delay_ms=300.0)
+    slow_fill = replace(
+        BatchConfig(), decision_deadline_ms=3000.0, max_deadline_ms=5000.0, max_queue_delay_ms=300.0
+    )
     srv = await make_server(make_config(batch=slow_fill))
     assert srv.pipeline is not None
     # ...and the batcher believes arrivals are dense (it would not wait for company
