@@ -135,6 +135,7 @@ class Batcher(Generic[P, R]):
         self._queued = 0
         self._queued_nodes = 0
         self._queued_edges = 0
+        self._latest_deadline = 0.0  # of the jobs queued (may be stale-high: see backlog_ms)
         self._dead = 0  # heap entries of cancelled or re-queued jobs not yet popped
         self._seq = itertools.count()
         self._busy = False
@@ -162,11 +163,24 @@ class Batcher(Generic[P, R]):
     def queued(self) -> int:
         return self._queued
 
-    def backlog_ms(self) -> float:
-        """Predicted time to run everything queued now (ms): the wait a new job faces."""
+    def backlog_ms(self, deadline: float | None = None) -> float:
+        """Predicted time to run the queued work a new job waits for (ms): everything
+        queued, or with ``deadline`` (monotonic s) only the jobs due no later, which EDF
+        runs first. Why: with sessions on different budgets, a backlog of relaxed work
+        (say 1 s budgets) made the door refuse urgent 10 ms frames that EDF would have
+        run ahead of it. The common case (one budget, so the newest deadline is the
+        latest) reads the totals; otherwise the queue is scanned (≤ ``max_queued``)."""
         if self._queued == 0:
             return 0.0
-        return self.cost.predict_ms(self._queued_nodes, self._queued)
+        if deadline is None or deadline >= self._latest_deadline:
+            return self.cost.predict_ms(self._queued_nodes, self._queued)
+        nodes = graphs = 0
+        with self._cond:
+            for due, seq, job in self._heap:
+                if due <= deadline and job.state == _QUEUED and seq == job.seq:
+                    nodes += job.nodes
+                    graphs += 1
+        return self.cost.predict_ms(nodes, graphs) if graphs else 0.0
 
     def submit(
         self, payload: P, nodes: int, edges: int, arrival: float, deadline: float
@@ -187,6 +201,7 @@ class Batcher(Generic[P, R]):
             cap = 4.0 * self.config.max_queue_delay_ms / 1000.0
             self.arrival_gap_s += ARRIVAL_GAP_WEIGHT * (min(gap, cap) - self.arrival_gap_s)
             heapq.heappush(self._heap, (deadline, job.seq, job))
+            self._latest_deadline = max(self._latest_deadline, deadline)
             self._fifo.append(job)
             self._queued += 1
             self._queued_nodes += nodes
@@ -213,6 +228,7 @@ class Batcher(Generic[P, R]):
             if deadline is not None and deadline != job.deadline:
                 # a new heap entry; the old one is dead (its seq no longer matches)
                 job.deadline = deadline
+                self._latest_deadline = max(self._latest_deadline, deadline)
                 job.seq = next(self._seq)
                 heapq.heappush(self._heap, (deadline, job.seq, job))
                 self._dead += 1
@@ -231,6 +247,8 @@ class Batcher(Generic[P, R]):
             self._queued -= 1
             self._queued_nodes -= job.nodes
             self._queued_edges -= job.edges
+            if self._queued == 0:
+                self._latest_deadline = 0.0
             self._dead += 1
             self._compact()
         if not job.future.done():
@@ -310,6 +328,8 @@ class Batcher(Generic[P, R]):
         self._queued -= 1
         self._queued_nodes -= job.nodes
         self._queued_edges -= job.edges
+        if self._queued == 0:
+            self._latest_deadline = 0.0
 
     def _wait_s(self, head: Job[P, R], now: float) -> float:
         """How long the batch headed by ``head`` may still wait for company (s); ≤ 0 =

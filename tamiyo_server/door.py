@@ -112,7 +112,7 @@ class Door:
         self._swamped_seen += 1
         return "refuse" if self._swamped_seen % math.ceil(self.loop_lag_s / limit) else "probe"
 
-    def ahead_ms(self, lag: bool = True) -> float:
+    def ahead_ms(self, lag: bool = True, deadline: float | None = None) -> float:
         """How long a frame admitted now waits before its batch has run (ms): the queued
         work's predicted inference (``Batcher.backlog_ms``) plus, with ``lag``, the event
         loop's lag (``_watch``): a batch run on the loop is a loop callback and runs
@@ -132,7 +132,7 @@ class Door:
         probe alone let more doomed work in (1000 streams × 2,000/s: 5-14x the deadline
         sheds, p99 28 / 45 vs 17 / 24 ms; mixed at 64 streams), so it is not used.
         """
-        ms = self.batcher.backlog_ms()
+        ms = self.batcher.backlog_ms(deadline)
         return ms + self.loop_lag_s * 1000.0 if lag else ms
 
     def pushback_ms(self, drain_ms: float) -> int:

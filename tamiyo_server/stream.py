@@ -299,9 +299,10 @@ class StreamHandler:
                 )
             )
             return
-        ahead_ms = self.p.door.ahead_ms(lag=swamp != "probe")  # (see Door.swamped)
         budget_ms = s.deadline_s * 1000.0
         deadline = arrival - waited + s.deadline_s
+        # (the lag: see Door.swamped; the deadline: only work due no later is ahead)
+        ahead_ms = self.p.door.ahead_ms(lag=swamp != "probe", deadline=deadline)
         # A frame that replaces this session's queued evaluation adds no work. The job
         # then answers by the frame's own deadline; a hopeless frame (one that cannot
         # make its own) may only take it if asked no earlier, and the job keeps its

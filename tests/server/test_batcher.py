@@ -253,6 +253,30 @@ async def test_a_queue_over_any_budget_closes_the_batch_at_once(budget: str) -> 
     b.stop()
 
 
+async def test_the_backlog_ahead_of_a_deadline_counts_only_work_due_no_later() -> None:
+    """EDF runs urgent work first: 200 queued jobs due in 1 s are not ahead of a job due
+    in 10 ms (the door refused such frames as overloaded), but are ahead of one due
+    later than all of them."""
+    rec = Recorder()
+    rec.gate.clear()
+    b: Batcher[int, int] = Batcher(rec, replace(CFG, max_batch_graphs=1))
+    b.start()
+    now = time.monotonic()
+    held = b.submit(0, 8, 0, now, now + 5.0)
+    await asyncio.sleep(0.05)  # the thread holds job 0
+    jobs = [b.submit(i + 1, 8, 0, now, now + 2.0) for i in range(200)]
+    assert b.backlog_ms(now + 0.010) == 0.0
+    everything = b.backlog_ms()
+    assert b.backlog_ms(now + 3.0) == everything > 0.0
+    urgent = b.submit(-1, 8, 0, now, now + 1.0)
+    assert 0.0 < b.backlog_ms(now + 1.5) < everything
+    rec.gate.set()
+    await asyncio.gather(*(j.future for j in [held, urgent, *jobs] if j is not None))
+    assert rec.batches[1] == [-1]  # (and it ran first)
+    assert b.backlog_ms(now + 1.5) == 0.0
+    b.stop()
+
+
 @MODES
 async def test_pessimistic_model_recovers_by_probing(mode: str) -> None:
     rec = Recorder()

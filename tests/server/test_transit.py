@@ -383,7 +383,9 @@ async def test_the_budget_runs_from_when_the_host_asked(
     assert srv.pipeline is not None
     cost = srv.pipeline.batcher.cost
     monkeypatch.setattr(cost, "predict_ms", lambda nodes, graphs, safe=True: 80.0)
-    monkeypatch.setattr(srv.pipeline.door, "ahead_ms", lambda lag=True: 0.0)  # lets both in
+    monkeypatch.setattr(
+        srv.pipeline.door, "ahead_ms", lambda lag=True, deadline=None: 0.0
+    )  # lets both in
     async with channel(srv) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch), decision_deadline_ms=150)
         now_us = host_clock()
@@ -406,7 +408,7 @@ async def test_a_newer_frame_still_replaces_the_pending_one_under_overload(
     srv, b = await held_batches(make_server, monkeypatch)
     async with channel(srv) as ch:
         call, now_us = await first_frame_pending(ch)
-        monkeypatch.setattr(b, "backlog_ms", lambda: 5000.0)
+        monkeypatch.setattr(b, "backlog_ms", lambda deadline=None: 5000.0)
         await call.write(_frame(2, "second", now_us()))
         err = (await read(call)).error
         assert (err.frame_request_id, err.code) == ("first", SHED)
