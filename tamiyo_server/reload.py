@@ -61,6 +61,7 @@ from tamiyo.policy.checkpoint import (
     MANIFEST,
     WEIGHTS,
     CheckpointError,
+    history,
     load_checkpoint,
     resolve_latest,
 )
@@ -251,8 +252,11 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
 
     ``checkpoint_dir``'s latest, verified like a reload. A broken ``latest`` must not stop
     startup: a restart loop would take down every replica that shares the directory. It
-    is refused (reported like a reload refusal) and the newest other version that
-    verifies is served, as when ``latest`` is missing or names no version; failing that,
+    is refused (reported like a reload refusal) and the server falls back, as when
+    ``latest`` is missing or names no version: to what ``latest`` named before, newest
+    first (``checkpoint.history``: the version the running replicas kept when they
+    refused the same ``latest``; the newest by creation time could be one an operator
+    had rolled back from), then to the newest other version that verifies; failing that,
     the bundled default or the built-in policy, which is also what a directory without
     any version serves (the trainer has not run yet, or a typo: the warning names the
     directory). The watcher picks up the first checkpoint ``latest`` names later.
@@ -270,15 +274,19 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
             refusal = (str(latest), str(e))
             log.error("startup: %s", e)
     found = [name for _, name in versions(root) if latest is None or name != latest.name]
-    for name in reversed(found):
+    before = [name for name in history(root) if name in found]
+    for name in [*before, *(n for n in reversed(found) if n not in before)]:
         try:
             served = load_served(root / name, dev, math.inf)
         except CheckpointError:
             continue
         log.warning(
-            "startup: %s in %s; serving the newest version that verifies, %s",
+            "startup: %s in %s; serving %s, %s",
             "latest refused" if latest is not None else "'latest' missing or names no version",
             root,
+            "the last version latest named that verifies"
+            if name in before
+            else "the newest version that verifies",
             name,
         )
         return served, refusal

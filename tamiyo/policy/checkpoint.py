@@ -48,6 +48,10 @@ MANIFEST = "manifest.json"
 # Far above any policy this project trains (~0.1 MB), far below what hurts a server.
 MAX_WEIGHTS_BYTES = 256 * 1024 * 1024
 LATEST = "latest"
+LATEST_HISTORY = "latest.history"
+"""What ``latest`` named before, newest first (one version per line, the current one
+included): where a server starting while ``latest`` is refused goes (``history``)."""
+MAX_HISTORY = 32
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -148,10 +152,24 @@ def set_latest(root: str | Path, version: str) -> None:
     root = Path(root)
     if not _VERSION_RE.match(version) or not (root / version).is_dir():
         raise ValueError(f"no checkpoint {version!r} in {root}")
-    tmp = root / f".latest-{secrets.token_hex(4)}"
-    _write_synced(tmp, (version + "\n").encode())
-    os.replace(tmp, root / LATEST)
+    # the history first: a crash between the two replaces leaves it one step ahead,
+    # which only puts this version first among the fallbacks
+    names = [version, *(v for v in history(root) if v != version)][:MAX_HISTORY]
+    for name, data in ((LATEST_HISTORY, "\n".join(names)), (LATEST, version)):
+        tmp = root / f".latest-{secrets.token_hex(4)}"
+        _write_synced(tmp, (data + "\n").encode())
+        os.replace(tmp, root / name)
     _fsync_dir(root)
+
+
+def history(root: str | Path) -> list[str]:
+    """The versions ``latest`` has named, newest first (``LATEST_HISTORY``); [] without
+    one (a directory published to before the history existed)."""
+    try:
+        lines = (Path(root) / LATEST_HISTORY).read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [v for v in lines if _VERSION_RE.match(v)]
 
 
 def resolve_latest(root: str | Path) -> Path | None:

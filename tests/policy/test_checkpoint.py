@@ -13,6 +13,7 @@ import torch
 
 from tamiyo.policy.checkpoint import (
     CheckpointError,
+    history,
     load_checkpoint,
     prune_versions,
     resolve_latest,
@@ -51,9 +52,10 @@ def test_round_trip_and_latest(tmp_path: Path, ckpt: Path) -> None:
     # A second checkpoint moves the pointer; no temp files are left behind.
     second = save_checkpoint(tmp_path, loaded.model, version="v2")
     assert resolve_latest(tmp_path) == second
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1", "v2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "latest.history", "v1", "v2"]
     set_latest(tmp_path, "v1")
     assert resolve_latest(tmp_path) == ckpt
+    assert history(tmp_path) == ["v1", "v2"]  # what latest named, newest first, no repeats
     with pytest.raises(FileExistsError):
         save_checkpoint(tmp_path, loaded.model, version="v2")
 
@@ -206,7 +208,11 @@ def test_crash_while_writing_leaves_latest_on_the_old_checkpoint(
         save_checkpoint(tmp_path, TamiyoPolicy(SMALL), version="v2")
     assert resolve_latest(tmp_path) == ckpt
     assert not (tmp_path / "v2").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]  # temp removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "latest.history",
+        "v1",
+    ]  # temp removed
     assert load_checkpoint(resolve_latest(tmp_path) or ckpt).version == "v1"
 
 
@@ -243,7 +249,7 @@ def test_prune_deletes_only_old_checkpoint_versions(tmp_path: Path) -> None:
     deleted = prune_versions(tmp_path, keep=2)
     assert sorted(p.name for p in deleted) == ["v1"]
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == [".git", "latest", "notes", "src", "v2", "v3"]
+    assert left == [".git", "latest", "latest.history", "notes", "src", "v2", "v3"]
     assert resolve_latest(tmp_path) == tmp_path / "v3"
     assert prune_versions(tmp_path, keep=1) == [tmp_path / "v2"]
     assert (tmp_path / "src" / "code.py").exists()

@@ -32,6 +32,7 @@ from tamiyo.policy.checkpoint import (
     MANIFEST,
     WEIGHTS,
     CheckpointError,
+    history,
     load_checkpoint,
     resolve_latest,
     save_checkpoint,
@@ -409,6 +410,24 @@ async def test_broken_latest_at_startup_serves_the_newest_good_version(
     assert c.watcher.attempts == 0  # the startup refusal is remembered
     write(tmp_path, "v3", seed=3)
     assert await c.swapped() == "v3"
+
+
+async def test_broken_latest_at_startup_after_a_rollback_serves_the_rolled_back_to(
+    tmp_path: Path, connect: ClientFactory
+) -> None:
+    """v2 was rolled back to v1 (every replica serves v1), then a broken version was
+    published: the running replicas refuse it and keep v1, so a restarting one must
+    serve v1 too, not v2 (the newest that verifies), or the fleet serves two policies."""
+    write(tmp_path, "v1", seed=1)
+    write(tmp_path, "v2", seed=2)
+    set_latest(tmp_path, "v1")  # the rollback (what `reload rollback` does)
+    _bad_hash(tmp_path)
+    set_latest(tmp_path, "bad")
+    assert history(tmp_path)[:3] == ["bad", "v1", "v2"]
+    c = await connect(watching(tmp_path))
+    assert await c.serving()
+    assert await c.version() == "v1"
+    assert (await c.info()).last_refused_path == str(tmp_path / "bad")
 
 
 async def test_nothing_good_at_startup_falls_back_to_the_bundled_policy(
