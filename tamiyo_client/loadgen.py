@@ -220,6 +220,16 @@ async def _open(call: Any, host: Host) -> None:
         raise RuntimeError(f"session refused: {first}")
 
 
+async def _write(call: Any, raw: bytes) -> bool:
+    """Write one request; False once the call has ended (the server drained or went
+    away: a generator reports that as lost frames, it does not crash)."""
+    try:
+        await call.write(raw)
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        return False
+    return True
+
+
 async def closed_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> None:
     step = 0
     sent_at: dict[str, float] = {}
@@ -227,7 +237,9 @@ async def closed_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> N
         step += 1
         tag = f"{k}.{step}"
         sent_at[tag] = now
-        await call.write(host.frame_bytes + suffix(step, tag, now if plan.client_clock else None))
+        frame = host.frame_bytes + suffix(step, tag, now if plan.client_clock else None)
+        if not await _write(call, frame):
+            return  # the server ended the stream (a drain): what it left unanswered is lost
         st.sent += now >= plan.measure_from
         while True:
             raw = await call.read()
@@ -268,7 +280,9 @@ async def open_loop(call: Any, host: Host, plan: Plan, st: Stats, k: int) -> Non
         sent_at[tag] = next_at
         # stamped with the scheduled time: when the simulated host asked
         stamp = next_at if plan.client_clock else None
-        await call.write(host.frame_bytes + suffix(step, tag, stamp))
+        if not await _write(call, host.frame_bytes + suffix(step, tag, stamp)):
+            sent_at.pop(tag)
+            break  # the server ended the stream (a drain)
         st.sent += next_at >= plan.measure_from
         next_at += interval
     done_sending.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 
 import grpc
@@ -198,7 +199,10 @@ class TamiyoServer:
                     task.cancel()
         if self.experience is not None:  # decisions answered so far are on disk
             await asyncio.to_thread(self.experience.flush, grace)
-        await self.server.stop(grace)
+        # Our own work is answered by now (streams ended or cut, the batcher drained);
+        # what is left open are calls that never end by themselves, such as a health
+        # Watch, which held every shutdown for the whole grace.
+        await self.server.stop(min(grace, FINAL_GRACE_S))
         if pipeline is not None:
             await pipeline.stop()
         if self.experience is not None:
@@ -235,6 +239,17 @@ def _check_device(device: str) -> None:
         )
 
 
+FINAL_GRACE_S = 1.0
+"""Grace (s) for gRPC's own stop, after the drain: enough to flush the last answers."""
+
+
+def _exit_now() -> None:
+    """A second SIGINT / SIGTERM during the drain: the operator wants out now."""
+    log.warning("second signal: exiting without finishing the drain")
+    logging.shutdown()
+    os._exit(130)
+
+
 class StartupError(Exception):
     """The server could not start (a port taken, a directory it cannot write, ...)."""
 
@@ -259,5 +274,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.1f s)", config.grace_s)
+    log.info("shutting down (grace %.1f s; a second signal exits at once)", config.grace_s)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _exit_now)
     await server.stop()

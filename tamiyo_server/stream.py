@@ -42,6 +42,7 @@ Code = pb.StreamErrorCode
 
 
 _RESERVE = 3  # responses one request can cause beyond the queue bound (see module doc)
+_MAX_ECHO = 256  # characters of a refused frame's request_id echoed in the error
 _END = None
 _CUT = pb.StreamTelemetryResponse()  # (identity-compared) end the call with UNAVAILABLE
 
@@ -63,7 +64,8 @@ def _error(
     err.field = field
     if frame is not None:
         err.frame_step = frame.step
-        err.frame_request_id = frame.request_id
+        # (cut: a refused frame's id may be the oversized field; 1 MB came back whole)
+        err.frame_request_id = frame.request_id[:_MAX_ECHO]
     if retry_after_ms:
         err.retry_after_ms = retry_after_ms
     return resp
@@ -103,7 +105,12 @@ class StreamHandler:
                         "will not be; reconnect to another replica",
                     )
                 self.room.set()
-                await context.write(msg)
+                try:
+                    await context.write(msg)
+                except Exception as e:  # the client went away mid-write: not our error
+                    log.debug("stream write ended: %s", e)
+                    self.broken = True
+                    break
             # The client went away or its deadline passed: grpc reports no code to the
             # server for either, and the metrics would count the call as OK.
             left = context.time_remaining()
@@ -147,7 +154,8 @@ class StreamHandler:
     async def _read(self, requests: AsyncIterator[pb.StreamTelemetryRequest]) -> None:
         try:
             async for req in requests:
-                while self.out.qsize() >= self.limit:
+                # (evaluations of replaced sessions still to answer count as queued)
+                while self.out.qsize() + max(len(self.outstanding) - 1, 0) >= self.limit:
                     self.room.clear()
                     await self.room.wait()
                 try:

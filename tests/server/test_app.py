@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +45,23 @@ async def test_health_check_and_watch(server: TamiyoServer) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_open_health_watch_does_not_hold_shutdown_for_the_grace() -> None:
+    """A Watch never ends by itself: it used to hold every shutdown for the whole grace.
+    It sees NOT_SERVING, and the stop takes well under the grace (10 s here)."""
+    srv = TamiyoServer(replace(ServerConfig(), port=0, metrics_port=0, grace_s=10.0))
+    await srv.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        )
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        t0 = time.monotonic()
+        stopping = asyncio.create_task(srv.stop())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping
+        assert time.monotonic() - t0 < 10.0 / 2
 
 
 async def test_reflection_lists_tamiyo_methods(server: TamiyoServer) -> None:

@@ -464,3 +464,18 @@ async def test_swamped_loop_refuses_at_the_door(
         assert (await read(call)).decision.frame_request_id == "ok"
         await call.done_writing()
     assert server.metrics.registry.get_sample_value("tamiyo_shed_total", {"reason": "swamped"}) == 1
+
+
+async def test_a_refused_frames_oversized_request_id_is_not_echoed_whole(
+    server: TamiyoServer,
+) -> None:
+    async with channel(server) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        await call.write(hosts.frame(6, 1, tag="x" * 100_000))
+        err = (await read(call)).error
+        assert err.code == pb.STREAM_ERROR_CODE_INVALID_ARGUMENT
+        assert err.field == "frame.request_id"
+        assert err.frame_request_id == "x" * 256
+        await call.write(hosts.frame(6, 2, tag="ok"))  # the stream goes on
+        assert (await read(call)).decision.frame_request_id == "ok"
+        await call.done_writing()
