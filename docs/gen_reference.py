@@ -265,6 +265,17 @@ def _experience_rows() -> list[str]:
     return rows
 
 
+def _process_rows() -> list[str]:
+    """prometheus_client's process collector (CPU, memory, fds), as the server has it."""
+    from tamiyo_server.metrics import ServerMetrics
+
+    families = [f for f in ServerMetrics().registry.collect() if f.name.startswith("process_")]
+    return [
+        f"| {_exposed(fam.type, fam.name)} | {fam.type} | — | {_cell(fam.documentation)} |  |"
+        for fam in sorted(families, key=lambda f: f.name)
+    ]
+
+
 def render_metrics() -> str:
     out = [
         HEADER,
@@ -285,6 +296,7 @@ def render_metrics() -> str:
             f"| {_exposed(kind, metric._name)} | {kind} | {labels} | "
             f"{_cell(metric._documentation)} | {_bucket_text(metric)} |"
         )
+    out += _process_rows()
     if hasattr(config_module, "ExperienceLogConfig"):
         out += _experience_rows()
     out.append("")

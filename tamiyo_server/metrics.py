@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
     _Interceptor = grpc.aio.ServerInterceptor
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from tamiyo.v1 import decision_pb2
 
@@ -48,6 +55,8 @@ LATENCY_BUCKETS = (
     0.25,
     1.0,
 )
+RPC_BUCKETS = (*LATENCY_BUCKETS, 10.0, 60.0, 600.0, 3600.0, 6 * 3600.0, 24 * 3600.0)
+"""Unary calls take ms, streams live for a training run: both in one histogram."""
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 NODE_BUCKETS = (8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 SHED_REASONS = (
@@ -79,6 +88,9 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # process_* (CPU s, resident memory, open fds, start time): what leak and
+        # saturation alerts read; a custom registry does not have them by default
+        ProcessCollector(registry=r)
         rpc = ("grpc_type", "grpc_service", "grpc_method")
         self.rpc_started = Counter(
             "grpc_server_started", "RPCs started on the server.", rpc, registry=r
@@ -93,7 +105,7 @@ class ServerMetrics:
             "grpc_server_handling_seconds",
             "Time from RPC start to completion, seconds (streams: stream lifetime).",
             rpc,
-            buckets=LATENCY_BUCKETS,
+            buckets=RPC_BUCKETS,
             registry=r,
         )
         self.decision_seconds = Histogram(

@@ -314,6 +314,12 @@ def test_security_settings_are_checked(pki: Pki) -> None:
         ClientSecurity(token="a\nb")
     assert ClientSecurity(token="t").metadata() == (("authorization", "Bearer t"),)
     assert ClientSecurity.from_files(ca=pki.ca).tls
+    shown = repr(
+        ClientSecurity(tls=True, certificate_chain=b"CERT", private_key=b"KEY", token="s3")
+    )
+    assert "KEY" not in shown
+    assert "s3" not in shown
+    assert "CERT" not in shown
 
 
 async def test_server_decision_changes_model_and_next_frames_report_it(

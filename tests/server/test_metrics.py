@@ -67,3 +67,11 @@ async def test_a_stream_past_its_deadline_is_counted_deadline_exceeded(
         assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await _until(lambda: _handled(server, "DEADLINE_EXCEEDED") == 1)
     assert _handled(server, "OK") == 0
+
+
+def test_process_metrics_are_exported(server: TamiyoServer) -> None:
+    reg = server.metrics.registry
+    assert (reg.get_sample_value("process_resident_memory_bytes") or 0) > 0
+    assert (reg.get_sample_value("process_open_fds") or 0) > 0
+    # a stream's lifetime lands in a finite bucket (the top one used to be 1 s)
+    assert 3600.0 in server.metrics.rpc_seconds._upper_bounds
