@@ -9,7 +9,7 @@ bit-identical columns. ``tamiyo.policy.snapshot`` re-exports everything here.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from itertools import chain
 from operator import attrgetter
@@ -81,6 +81,33 @@ def _arange(n: int) -> IntArray:
     return a
 
 
+CHUNK = 1024
+"""Signals per C-level pass when decoding a large message. Why: each pass (a ``map`` of
+an ``attrgetter``, ``list`` of a repeated field) runs in C and keeps the GIL for its
+whole length; the server decodes a large Decide state on a thread so the event loop
+keeps running, which it can only do between passes (a 16,384-signal state in whole
+passes held the GIL ~30 ms at a time)."""
+
+
+def _listed(signals: Sequence[health_pb2.HealthSignal]) -> list[health_pb2.HealthSignal]:
+    if len(signals) <= CHUNK:
+        return list(signals)
+    out: list[health_pb2.HealthSignal] = []
+    for i in range(0, len(signals), CHUNK):
+        out.extend(signals[i : i + CHUNK])
+    return out
+
+
+def _flat(kind: str, get: Callable[[Any], Any], sigs: list[Any]) -> array[Any]:
+    """``get``'s fields of every signal, flattened into one C array (``kind`` "d"/"q")."""
+    if len(sigs) <= CHUNK:
+        return array(kind, chain.from_iterable(map(get, sigs)))
+    out: array[Any] = array(kind)
+    for i in range(0, len(sigs), CHUNK):
+        out.extend(chain.from_iterable(map(get, sigs[i : i + CHUNK])))
+    return out
+
+
 _GET_FLOATS = attrgetter(*FLOAT_FIELDS, "timestamp_s")
 _GET_INTS = attrgetter(*INT_FIELDS, "step", "epoch")
 
@@ -125,7 +152,7 @@ class SignalColumns:
     def __init__(
         self, signals: Sequence[health_pb2.HealthSignal], index: Mapping[str, int]
     ) -> None:
-        sigs = list(signals)  # (iterating a upb repeated field builds wrappers once)
+        sigs = _listed(signals)  # (iterating a upb repeated field builds wrappers once)
         m = len(sigs)
         try:
             layer = [index[s.layer_id] for s in sigs]
@@ -142,12 +169,12 @@ class SignalColumns:
         nf = len(FLOAT_FIELDS)
         # one flat C array per group: ~3x faster than np.array of a list of tuples; the
         # columns are views of it (readers copy what they keep)
-        fl = np.frombuffer(array("d", chain.from_iterable(map(_GET_FLOATS, sigs))), np.float64)
+        fl = np.frombuffer(_flat("d", _GET_FLOATS, sigs), np.float64)
         fl = fl.reshape(m, nf + 1)
         self.floats = fl[:, :nf].astype(np.float32)
         self.timestamps = fl[:, nf]
         ni = len(INT_FIELDS)
-        it = np.frombuffer(array("q", chain.from_iterable(map(_GET_INTS, sigs))), np.int64)
+        it = np.frombuffer(_flat("q", _GET_INTS, sigs), np.int64)
         it = it.reshape(m, ni + 2)
         self.ints = it[:, :ni]
         self.steps = it[:, ni]

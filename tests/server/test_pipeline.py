@@ -109,3 +109,55 @@ def test_layer_scores_bytes_match_built_messages(ids: list[str], data: st.DataOb
         got.MergeFromString(layer_scores_bytes(tuple(ids), np.array(probs, np.float32)))
         assert got == want
         assert got.SerializeToString() == want.SerializeToString()
+
+
+async def test_a_large_decide_is_decoded_off_the_event_loop(served_policy: ServedPolicy) -> None:
+    """A Decide state at the signal limit takes tens of ms to decode in Python; on the
+    loop that stalled every stream. Off it, the loop keeps running: a 1 ms ticker's
+    longest gap stays well under the decode's own time (measured inline first)."""
+    import asyncio
+    import gc
+
+    from tamiyo.v1 import graph_pb2
+    from tamiyo.v1 import tamiyo_service_pb2 as pb
+
+    from . import hosts
+
+    m = ServerMetrics()
+    p = DecisionPipeline(make_config(), PolicyHolder(served_policy, m), m)
+    p.start()
+    n = 512  # layers; 32 signals of history each: 16,384, the limit
+    state = graph_pb2.ModelGraphState(topology=hosts.topology(n), kernels=hosts.KERNELS)
+    for step in range(1, 33):
+        state.signals.extend(hosts.signals(n, step))
+    req = pb.DecideRequest(state=state)
+    assert len(req.state.signals) > pipeline_mod.OFFLOAD_SIGNALS
+    t0 = time.perf_counter()
+    p._decode(req)
+    inline = time.perf_counter() - t0
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    # as the server does at start (tamiyo_server.app.freeze_startup_heap): else a full
+    # collection of this test process's heap (~30 ms) lands in the measurement
+    gc.collect()
+    gc.freeze()
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    try:
+        decision = await p.decide_unary(req, None)
+    finally:
+        gc.unfreeze()
+    tick.cancel()
+    await asyncio.gather(tick, return_exceptions=True)
+    await p.stop()
+    assert decision.policy_version
+    assert inline > 0.01  # (else there is nothing to spare the loop)
+    assert max(gaps) < inline / 2
