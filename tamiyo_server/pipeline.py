@@ -266,7 +266,7 @@ def _build(
     msg.frame_step = frame.step
     msg.frame_request_id = frame.request_id
     if out is not None:
-        msg.confidence = out.adapt_prob
+        msg.confidence = out.adapt_prob + 0.0  # (-0.0 + 0.0 is 0.0: 1 - P(no-op) can be -0)
         msg.urgency = out.urgency
         msg.value_estimate = out.value
         msg.MergeFromString(layer_scores_bytes(g.layer_ids, out.target_probs))

@@ -106,7 +106,7 @@ class DecisionRules:
                 -1,
                 -1,
                 DecisionRule.DECISION_RULE_CONFIDENCE_THRESHOLD,
-                f"adapt p={out.adapt_prob:.2f} < {c.confidence_threshold:.2f}",
+                f"adapt p={out.adapt_prob + 0.0:.2f} < {c.confidence_threshold:.2f}",  # (no -0)
             )
         node, kern = out.best_node, out.best_kernel
         lid = g.layer_ids[node]

@@ -58,6 +58,21 @@ def test_confidence_threshold() -> None:
     assert (d.action, d.rule) == (NO_OP, R.DECISION_RULE_CONFIDENCE_THRESHOLD)
 
 
+def test_a_certain_no_op_reads_p_0_not_minus_0() -> None:
+    """1 - P(no-op) is -0.0 in float arithmetic when no-op is certain: the reason and
+    the decision (``tamiyo_server.pipeline._build``) say 0 (a QA pass saw "p=-0.00")."""
+    from tamiyo_server.pipeline import _build
+    from tamiyo_server.session import FrameRef
+
+    g = graph([0.9, 0.2, 0.8])
+    out = output(g, 1, -0.0)
+    d = DecisionRules(CFG).decide(out, g, RuleState(), 100, 1)
+    assert d.rule == R.DECISION_RULE_CONFIDENCE_THRESHOLD
+    assert "p=0.00" in d.reason
+    msg = _build(d, g, out, "v", FrameRef(1, 0, "r", 0.0))
+    assert np.copysign(1.0, msg.confidence) == 1.0
+
+
 def test_a_nan_adapt_probability_never_adapts() -> None:
     """An overflowing network gives NaN probabilities; NaN < threshold is False, so a
     plain comparison let such an output through to POLICY (found by review)."""
