@@ -15,11 +15,12 @@ Why not one setting:
 So the server watches the process's heartbeat (the ``STATS`` line it writes once per
 flush interval): one more than ``stall_s`` late means it is starved, and it runs at nice
 10 until it has kept its heartbeat for ``hold_s``. Linux only; leaving ``SCHED_IDLE``
-needs ``CAP_SYS_NICE`` or an ``RLIMIT_NICE`` allowing nice 10, so the switch is tried
-once, at the first heartbeat (not before: as ``SCHED_IDLE`` on a busy box its imports
-alone took seconds, and nothing was logged meanwhile), and where it cannot be undone
-the process stays at nice 10 (the loss bound is the promise; the tail latency is the
-price).
+needs ``CAP_SYS_NICE`` or an ``RLIMIT_NICE`` allowing nice 10 (``can_undo_idle``: checked,
+not tried, since entering ``SCHED_IDLE`` always succeeds and a failed undo would leave
+the process there for good). The switch is made once, at the first heartbeat (not
+before: as ``SCHED_IDLE`` on a busy box its imports alone took seconds, and nothing was
+logged meanwhile); where it cannot be undone the process stays at nice 10 (the loss
+bound is the promise; the tail latency is the price).
 """
 
 from __future__ import annotations
@@ -63,6 +64,30 @@ def set_idle(pid: int, idle: bool) -> bool:
     return True
 
 
+_CAP_SYS_NICE = 23  # capability bit (linux/capability.h)
+
+
+def can_undo_idle() -> bool:
+    """Whether this process may move a child it started out of ``SCHED_IDLE`` to nice
+    ``NICE``: ``CAP_SYS_NICE`` in its effective set, or an ``RLIMIT_NICE`` (inherited by
+    the child) allowing nice ``NICE`` (the kernel's ``can_nice``: 20 - nice <= limit).
+    Root in a default container has no ``CAP_SYS_NICE``."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        eff = next(line for line in status.splitlines() if line.startswith("CapEff:"))
+        if int(eff.split()[1], 16) >> _CAP_SYS_NICE & 1:
+            return True
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return False
+    return bool(soft == resource.RLIM_INFINITY or soft >= 20 - NICE)
+
+
 class BackgroundPriority:
     """Owned by the server's ``ExperienceLog``; ``check`` runs on its shipping thread."""
 
@@ -84,8 +109,21 @@ class BackgroundPriority:
             return
         self.started = True
         pid = self.pid
-        self.managed = self.linux and set_idle(pid, True) and set_idle(pid, False)
+        self.managed = self.linux and can_undo_idle()
         self.idle = self.managed and set_idle(pid, True)
+        if self.linux and not self.managed:
+            log.info(
+                "experience process stays at nice %d: no CAP_SYS_NICE or RLIMIT_NICE >= %d "
+                "to bring it back from SCHED_IDLE when starved",
+                NICE,
+                20 - NICE,
+            )
+
+    def release(self) -> None:
+        """Shutdown: nice 10 for the final commit (as ``SCHED_IDLE`` on a busy box it could
+        starve past the close timeout and be killed with events uncommitted)."""
+        if self.idle and set_idle(self.pid, False):
+            self.idle = False
 
     def check(self, last_heartbeat: float, now: float | None = None) -> None:
         """Promote a starved process to nice 10; return it to ``SCHED_IDLE`` once it has

@@ -361,6 +361,7 @@ class ExperienceLog:
         if self._proc.stdin is None or self._pipe.closed:
             return
         self._closed.set()
+        self.priority.release()  # (its final commit must not starve)
         self._shipper.join(timeout_s)
         self._ship()
         with contextlib.suppress(BrokenPipeError):

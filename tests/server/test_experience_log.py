@@ -554,7 +554,34 @@ async def test_experience_process_never_preempts_serving(
     if xp.priority.managed:
         assert {os.sched_getscheduler(t) for t in tids} == {os.SCHED_IDLE}
     else:  # no CAP_SYS_NICE here: SCHED_IDLE could not be undone, so never set
+        assert {os.sched_getscheduler(t) for t in tids} == {os.SCHED_OTHER}
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {10}
+
+
+def test_without_the_right_to_undo_sched_idle_it_is_never_set(tmp_path: Path) -> None:
+    """Entering SCHED_IDLE always succeeds; leaving it needs CAP_SYS_NICE or RLIMIT_NICE
+    (root in a default container has neither). Probing by trying left an unprivileged
+    server's experience process in SCHED_IDLE for good: it must be checked, not tried."""
+    code = (
+        "import os\n"
+        "from tamiyo_server.background_priority import BackgroundPriority, can_undo_idle\n"
+        "os.setgid(65534); os.setuid(65534)\n"  # no capabilities, RLIMIT_NICE 0
+        "assert not can_undo_idle()\n"
+        "p = BackgroundPriority(os.getpid(), 1.0)\n"
+        "p.start()\n"
+        "assert (p.managed, p.idle) == (False, False)\n"
+        "assert os.sched_getscheduler(0) == os.SCHED_OTHER\n"
+    )
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged user")
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
