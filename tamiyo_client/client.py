@@ -426,13 +426,7 @@ class TamiyoClient:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._server_closing:
-                # The server is going away: half-close, so that it knows every frame we
-                # sent has arrived and can end the stream once each is answered; what is
-                # queued now goes to the next connection. The reader runs on to the end.
-                await call.done_writing()
-                await asyncio.Event().wait()  # (cancelled when the reader ends)
-            if self._reopen:
+            if self._reopen and not self._server_closing:
                 self._reopen = False
                 await call.write(pb.StreamTelemetryRequest(session_open=self._session_open))
             while True:
@@ -453,7 +447,7 @@ class TamiyoClient:
                 finally:
                     self._in_flight = 0
                 self.stats.outcomes_sent += 1
-            while (frame := self._frames.pop()) is not None:
+            while not self._server_closing and (frame := self._frames.pop()) is not None:
                 if frame.want_decision and time.monotonic() < self._pushback_until:
                     frame.want_decision = False  # the server asked for a pause
                     self.stats.decision_requests_deferred += 1
@@ -479,6 +473,13 @@ class TamiyoClient:
                 finally:
                     self._in_flight = 0
             self._drained.set()
+            if self._server_closing:
+                # The server is going away: half-close (after this connection's outcomes,
+                # which the next one would drop), so that it knows every frame we sent
+                # has arrived and ends the stream once each is answered. Frames queued
+                # now go to the next connection; the reader runs on to the end.
+                await call.done_writing()
+                await asyncio.Event().wait()  # (cancelled when the reader ends)
 
     async def _reader(self, call: Call, connection: int) -> None:
         while True:

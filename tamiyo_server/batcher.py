@@ -79,6 +79,10 @@ as hopeless (seen in a test: the urgent job shed, the relaxed one run alone). It
 to the deadline only: subtracted from ``max_queue_delay_ms`` as well (2 ms each by
 default), it left no wait at all, and batches never waited for company."""
 DUE_TOLERANCE_S = 0.0002  # a tick this close to its planned time runs the batch
+BACKLOG_TOLERANCE_S = 0.005
+"""``backlog_ms(deadline)`` reads the queue's totals for a deadline this close to the
+latest queued one (s): with one budget, transit jitter moves deadlines by ms, and work due
+that little later is as good as ahead. The walk of the heap is for mixed budgets."""
 
 
 @dataclass(eq=False)
@@ -137,6 +141,7 @@ class Batcher(Generic[P, R]):
         self._queued_edges = 0
         self._latest_deadline = 0.0  # of the jobs queued (may be stale-high: see backlog_ms)
         self._dead = 0  # heap entries of cancelled or re-queued jobs not yet popped
+        self._runner_broken = False  # see _one_by_one
         self._seq = itertools.count()
         self._busy = False
         self._stopping = False
@@ -172,14 +177,23 @@ class Batcher(Generic[P, R]):
         latest) reads the totals; otherwise the queue is scanned (≤ ``max_queued``)."""
         if self._queued == 0:
             return 0.0
-        if deadline is None or deadline >= self._latest_deadline:
+        if deadline is None or deadline >= self._latest_deadline - BACKLOG_TOLERANCE_S:
             return self.cost.predict_ms(self._queued_nodes, self._queued)
         nodes = graphs = 0
         with self._cond:
-            for due, seq, job in self._heap:
-                if due <= deadline and job.state == _QUEUED and seq == job.seq:
+            heap = self._heap
+            todo = [0]  # a min-heap: past an entry due later, its whole subtree is too
+            while todo:
+                i = todo.pop()
+                if i >= len(heap):
+                    continue
+                due, seq, job = heap[i]
+                if due > deadline:
+                    continue
+                if job.state == _QUEUED and seq == job.seq:
                     nodes += job.nodes
                     graphs += 1
+                todo += (2 * i + 1, 2 * i + 2)
         return self.cost.predict_ms(nodes, graphs) if graphs else 0.0
 
     def submit(
@@ -498,11 +512,12 @@ class Batcher(Generic[P, R]):
             except Exception:
                 self._last_run = time.monotonic()
                 log.exception("inference failed for a batch of %d graphs", len(run))
-                if len(run) == 1:
-                    out.append((run[0], Done(shed="error", queue_s=start - run[0].arrival)))
+                if len(run) == 1 or self._runner_broken:
+                    out += [(j, Done(shed="error", queue_s=start - j.arrival)) for j in run]
                 else:
                     out += self._one_by_one(run, start)
             else:
+                self._runner_broken = False
                 self._last_run = time.monotonic()
                 took = self._last_run - start
                 self.cost.update(nodes, len(run), took * 1000.0)
@@ -524,16 +539,37 @@ class Batcher(Generic[P, R]):
     def _one_by_one(self, run: list[Job[P, R]], start: float) -> list[tuple[Job[P, R], Done[R]]]:
         """After a batch failed: each graph alone, so that one graph the runner cannot
         take (a bug its validation missed) fails only its own job, not every session
-        batched with it. Not timed: the batch's cost model is about batches."""
+        batched with it. A job already past its deadline is shed instead. When every
+        graph fails alone too, the runner itself is broken (a bad engine, memory): later
+        failing batches fail whole, without this pass, until a batch succeeds. Not timed:
+        the batch's cost model is about batches."""
         out: list[tuple[Job[P, R], Done[R]]] = []
+        failed = tried = 0
         for j in run:
+            if time.monotonic() > j.deadline:
+                out.append((j, Done(shed="deadline", queue_s=start - j.arrival)))
+                continue
+            tried += 1
             try:
                 (r,) = self._runner([j.payload])
             except Exception:
+                if not failed:
+                    log.exception("inference failed for one graph of the batch, alone")
+                failed += 1
                 out.append((j, Done(shed="error", queue_s=start - j.arrival)))
             else:
                 out.append((j, Done(result=r, queue_s=start - j.arrival, batch_graphs=1)))
         self._last_run = time.monotonic()
+        self._runner_broken = tried > 0 and failed == tried
+        if failed:
+            log.error(
+                "%d of %d graphs failed alone too%s",
+                failed,
+                tried,
+                "; the runner is broken: failing batches fail whole until one succeeds"
+                if self._runner_broken
+                else "",
+            )
         return out
 
     def _post(self, out: list[tuple[Job[P, R], Done[R]]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -83,6 +84,9 @@ class DecisionPipeline:
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
         self.closing = False
         self.door = Door(config.batch, self.batcher, metrics)  # what is admitted when busy
+        # One thread decodes large Decide states (see OFFLOAD_SIGNALS): several at once in
+        # the default executor's threads would fight the loop for the GIL again.
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tamiyo-decode")
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
 
@@ -97,6 +101,7 @@ class DecisionPipeline:
 
     async def stop(self) -> None:
         """Stop the load monitor and the batcher (queued work runs first)."""
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         await self.door.stop()
         if self.batcher.on_loop:
             self.batcher.stop()
@@ -216,7 +221,8 @@ class DecisionPipeline:
         decision."""
         arrival = time.monotonic()
         if len(req.state.signals) > OFFLOAD_SIGNALS:
-            snap = await asyncio.to_thread(self._decode, req)
+            loop = asyncio.get_running_loop()
+            snap = await loop.run_in_executor(self._decoder, self._decode, req)
         else:
             snap = self._decode(req)
         budget = deadline_s(self.config.batch, req.budget)

@@ -47,6 +47,15 @@ _END = None
 _CUT = pb.StreamTelemetryResponse()  # (identity-compared) end the call with UNAVAILABLE
 
 
+def _transport_error(e: Exception) -> bool:
+    """Whether a failed ``context.write`` means the call is over (the client cancelled or
+    the connection broke): grpc raises its core's ``ExecuteBatchError`` (internal, so
+    matched by name), a ``UsageError`` or an ``RpcError`` then."""
+    return isinstance(e, grpc.RpcError | grpc.aio.UsageError) or (
+        type(e).__name__ == "ExecuteBatchError"
+    )
+
+
 def _error(
     code: pb.StreamErrorCode.ValueType,
     message: str,
@@ -107,8 +116,10 @@ class StreamHandler:
                 self.room.set()
                 try:
                     await context.write(msg)
-                except Exception as e:  # the client went away mid-write: not our error
-                    log.debug("stream write ended: %s", e)
+                except Exception as e:
+                    if not _transport_error(e):  # ours (say, a message that cannot be
+                        raise  # serialized): grpc logs it and ends the call
+                    log.debug("stream write ended: %s", e)  # the client went away
                     self.broken = True
                     break
             # The client went away or its deadline passed: grpc reports no code to the

@@ -58,8 +58,8 @@ arrival, as without a stamp):
 from __future__ import annotations
 
 BUCKETS = 6  # minima kept per window (a rolling minimum at window/6 granularity)
-# Fastest offset rise (s per s) taken as clock drift, not as waiting: two free-running
-# crystals differ by up to ~100 ppm. A backlog growing slower than this is hidden too.
+# Fastest offset rise (s per s) taken as clock drift, not as waiting: NTP slews a clock
+# by up to 500 ppm, on both hosts. A backlog growing slower than this is hidden too.
 MAX_DRIFT = 1000e-6
 RATE_SPAN_S = 20.0  # the stamps' rate is checked between bucket minima this far apart (s)
 RATE_FACTOR = 10.0  # stamp rate beyond this factor of real time (either way): not µs
@@ -102,6 +102,8 @@ class TransitClock:
         if wait > believable_s or stepped_back:
             # a clock step, not a wait: start again from this frame
             self._buckets = [[arrival_s, offset]]
+            if stepped_back:  # (the rate check too: across the step it would misread)
+                self._anchor = self._rate_bucket = None
             return 0.0
         return wait
 

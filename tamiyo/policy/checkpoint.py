@@ -152,10 +152,14 @@ def set_latest(root: str | Path, version: str) -> None:
     root = Path(root)
     if not _VERSION_RE.match(version) or not (root / version).is_dir():
         raise ValueError(f"no checkpoint {version!r} in {root}")
-    # the history first: a crash between the two replaces leaves it one step ahead,
-    # which only puts this version first among the fallbacks
-    names = [version, *(v for v in history(root) if v != version)][:MAX_HISTORY]
-    for name, data in ((LATEST_HISTORY, "\n".join(names)), (LATEST, version)):
+    # latest first: a crash before the history is written leaves the history one step
+    # behind (the previous latest is then still its head, as it should be); written
+    # the other way round it could name a version never published. The previous latest
+    # goes in explicitly, so a history a crash left behind catches up here.
+    prev = resolve_latest(root)
+    older = [prev.name] if prev is not None else []
+    names = list(dict.fromkeys([version, *older, *history(root)]))[:MAX_HISTORY]
+    for name, data in ((LATEST, version), (LATEST_HISTORY, "\n".join(names))):
         tmp = root / f".latest-{secrets.token_hex(4)}"
         _write_synced(tmp, (data + "\n").encode())
         os.replace(tmp, root / name)

@@ -198,6 +198,27 @@ async def test_one_bad_graph_fails_only_its_own_job(mode: str) -> None:
     b.stop()
 
 
+async def test_a_broken_runner_fails_batches_whole_after_one_retry_pass() -> None:
+    """Every graph failing alone too means the runner is broken, not a graph: the next
+    failing batch is not retried graph by graph (N more failing runs on the loop)."""
+    calls: list[int] = []
+
+    def boom(payloads: Sequence[int]) -> list[int]:
+        calls.append(len(payloads))
+        raise RuntimeError("broken engine")
+
+    b: Batcher[int, int] = Batcher(boom, replace(CFG, run_on="loop", max_queue_delay_ms=50.0))
+    b.start()
+    for _ in range(2):
+        b.arrival_gap_s = 0.0
+        now = time.monotonic()
+        jobs = [b.submit(p, 4, 3, now, now + 1.0) for p in range(4)]
+        done = await asyncio.gather(*(j.future for j in jobs if j is not None))
+        assert [d.shed for d in done] == ["error"] * 4
+    assert calls == [4, 1, 1, 1, 1, 4]  # one retry pass, then whole batches only
+    b.stop()
+
+
 async def test_a_failed_probe_does_not_teach_the_cost_model() -> None:
     def boom(payloads: Sequence[int]) -> list[int]:
         raise RuntimeError("broken engine")

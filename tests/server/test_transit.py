@@ -263,6 +263,18 @@ def test_a_stamp_that_steps_back_restarts_the_estimate_even_when_busy() -> None:
     assert math.isclose(clock.wait_s(2_000_000, 12.05, math.inf, 30.0), 0.05, abs_tol=1e-6)
 
 
+def test_a_large_step_back_does_not_switch_the_clock_off() -> None:
+    # A 300 s step back measured across by the rate check read as -14x real time and
+    # switched a good clock off (with a misleading "not in microseconds" warning).
+    clock = TransitClock()
+    for k in range(600):  # 60 s at 10 frames/s
+        clock.wait_s(round(k * 0.1 * 1e6) + 400_000_000, 1.0 + k * 0.1, math.inf, 30.0)
+    for k in range(600, 1200):  # the clock stepped back 300 s
+        clock.wait_s(round(k * 0.1 * 1e6) + 100_000_000, 1.0 + k * 0.1, math.inf, 30.0)
+        assert not clock.off
+    assert 0.9 < clock.rate < 1.1
+
+
 @pytest.mark.parametrize("ppm", [500.0, 900.0])
 def test_an_ntp_slew_on_either_host_is_not_a_wait(ppm: float) -> None:
     # NTP slews a clock by up to 500 ppm, so the two clocks can differ by up to 1000 ppm
