@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # leave the other core to the server
-    token = os.environ.get("TAMIYO_TOKEN") or None
+    # (the server's own variable works too: one Secret can serve both sides)
+    raw = (os.environ.get("TAMIYO_TOKEN") or os.environ.get("TAMIYO_AUTH_TOKEN", "")).strip()
+    token = raw or None
     security = ClientSecurity.from_files(ca=a.ca, cert=a.cert, key=a.key, token=token)
 
     proc = None

@@ -387,7 +387,7 @@ def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tamiyo-loadgen", description=__doc__.split("\n")[0])
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--streams", type=int, default=16)
@@ -401,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--token",
-        default=os.environ.get("TAMIYO_TOKEN", ""),
-        help="bearer token, if the server wants one (default: $TAMIYO_TOKEN, which keeps "
+        default=(os.environ.get("TAMIYO_TOKEN") or os.environ.get("TAMIYO_AUTH_TOKEN", "")).strip(),
+        help="bearer token, if the server wants one (default: $TAMIYO_TOKEN, else the "
+        "server's $TAMIYO_AUTH_TOKEN, which keeps "
         "it off the command line)",
     )
     p.add_argument(
@@ -423,7 +424,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="leave TelemetryFrame.client_clock_us unset (the server then judges each "
         "frame's budget from its arrival)",
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     rng = random.Random(a.seed)
     hosts = [make_host(rng, i, a.min_layers, a.max_layers, a.signal_form) for i in range(a.streams)]
     plan = Plan(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
+
 from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client.loadgen import Plan, Stats, make_host, suffix, summarize
@@ -55,3 +57,15 @@ def test_a_sent_frame_is_the_host_frame_with_its_step_tag_and_clock() -> None:
     assert len(f.signal_columns.layer_id) == host.layers
     unstamped = pb.StreamTelemetryRequest.FromString(host.frame_bytes + suffix(8, "3.8"))
     assert unstamped.frame.client_clock_us == 0
+
+
+def test_the_token_comes_from_the_environment_either_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tamiyo_client.loadgen import build_parser
+
+    monkeypatch.delenv("TAMIYO_TOKEN", raising=False)
+    monkeypatch.setenv("TAMIYO_AUTH_TOKEN", "s3cret\n")  # the server's, from a Secret file
+    assert build_parser().parse_args([]).token == "s3cret"
+    monkeypatch.setenv("TAMIYO_TOKEN", "mine")
+    assert build_parser().parse_args([]).token == "mine"
