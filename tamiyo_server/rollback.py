@@ -95,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for created, name in found:
             mark = "*" if cur is not None and cur.name == name else " "
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
-            print(f"{mark} {name}  {stamp}")
+            try:  # verified as the server and rollback would (a refused one is no target)
+                load_checkpoint(root / name)
+                state = "ok"
+            except CheckpointError as e:
+                state = f"BROKEN: {str(e)[:160]}"
+            print(f"{mark} {name}  {stamp}  {state}")
         return 0
     try:
         old, new = rollback(root, a.to, a.dry_run)

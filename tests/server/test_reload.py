@@ -626,9 +626,12 @@ def test_rollback_cli_skips_broken_versions(
     assert reload.main(["list", "--checkpoint-dir", str(tmp_path)]) == 0
     for cmd in ("list", "rollback"):  # a mistyped directory is an error, not "no versions"
         assert reload.main([cmd, "--checkpoint-dir", str(tmp_path / "typo")]) == 1
-    listing = capsys.readouterr().out.splitlines()
-    assert [line.split()[-2] for line in listing][-4:] == ["v1", "v2", "bad", "v3"]
+    listing = capsys.readouterr().out.splitlines()[-4:]
+    assert [line[2:].split()[0] for line in listing] == ["v1", "v2", "bad", "v3"]
     assert next(line for line in listing if line.startswith("*")).split()[1] == "v3"
+    # each version verified as a rollback would: the broken one says why
+    assert [line[2:].split()[2] for line in listing] == ["ok", "ok", "BROKEN:", "ok"]
+    assert "truncated" in listing[2]
 
 
 async def test_rollback_reaches_a_running_server(tmp_path: Path, connect: ClientFactory) -> None:
