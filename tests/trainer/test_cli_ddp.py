@@ -67,6 +67,7 @@ def test_torchrun_ddp_gloo_two_processes(tmp_path: Path) -> None:
     assert latest is not None
     loaded = load_checkpoint(latest)
     assert loaded.manifest["provenance"]["world_size"] == 2
-    assert len(list((out / "checkpoints").iterdir())) == 2  # one version + latest: rank 0 only
+    # one version, latest and its history: rank 0 only
+    assert len(list((out / "checkpoints").iterdir())) == 3
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 4
