@@ -50,8 +50,8 @@ _CUT = pb.StreamTelemetryResponse()  # (identity-compared) end the call with UNA
 def _transport_error(e: Exception) -> bool:
     """Whether a failed ``context.write`` means the call is over (the client cancelled or
     the connection broke): grpc raises its core's ``ExecuteBatchError`` (internal, so
-    matched by name), a ``UsageError`` or an ``RpcError`` then."""
-    return isinstance(e, grpc.RpcError | grpc.aio.UsageError) or (
+    matched by name), a ``UsageError``, an ``RpcError`` or "RPC already finished" then."""
+    return isinstance(e, grpc.RpcError | grpc.aio.UsageError | asyncio.InvalidStateError) or (
         type(e).__name__ == "ExecuteBatchError"
     )
 
