@@ -51,6 +51,14 @@ def _healthy_summary(h: HealthyStream, out: dict[str, Any], violations: list[str
         violations.append("healthy stream got no decision during the storm")
 
 
+def _violation(e: Exception) -> str:
+    """One line naming what went wrong; for an RPC that ended badly, its status (the
+    first line of a grpc error is only "<... of RPC that terminated with:")."""
+    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+        return f"{type(e).__name__}: {e.code()}: {e.details()}"[:300]
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
 def fuzz_storm(examples: int, log_dir: Path) -> dict[str, Any]:
     """≥ ``examples`` each of hostile Decide requests, hostile streams and garbage
     payloads, plus raw-TCP garbage, while a healthy stream measures latency."""
@@ -76,7 +84,7 @@ def fuzz_storm(examples: int, log_dir: Path) -> dict[str, Any]:
             except AssertionError as e:  # an oracle violation (hypothesis shrank it)
                 stats.violations[str(e).splitlines()[0][:300]] += 1
             except Exception as e:  # e.g. hypothesis FlakyFailure: report, do not abort
-                stats.violations[f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"] += 1
+                stats.violations[_violation(e)] += 1
             for why, n in stats.violations.items():
                 violations.append(f"{name} fuzz ({n}×): {why}")
             out[f"{name}_examples"] = stats.examples
