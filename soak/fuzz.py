@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from soak.harness import StreamCall
 from soak.messages import decide_requests, frame_signals, mutations, session_opens
+from tamiyo.config import Limits
 from tamiyo.signal_columns import columns_from_signals
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -60,6 +61,9 @@ class FuzzStats:
         self.columnar += other.columnar
         self.outcomes.update(other.outcomes)
         self.violations.update(other.violations)
+
+
+MAX_MESSAGE_BYTES = Limits().max_message_bytes  # gRPC's receive limit on the server
 
 
 def _require(condition: object, why: object = "") -> None:
@@ -235,9 +239,32 @@ def _check_error(err: pb.StreamError, stats: FuzzStats) -> None:
         _require("superseded" in err.message or err.message.startswith("shed:"), err)
 
 
+class _TransportRefusedError(Exception):
+    """The stream was ended by gRPC itself: a request over the message size limit."""
+
+
 def _exchange(s: _StreamState, req: pb.StreamTelemetryRequest) -> list[pb.StreamTelemetryResponse]:
     """Send ``req`` + the sentinel; return the untagged answers that came before the
-    sentinel's (the synchronous answers to ``req``), absorbing tagged ones."""
+    sentinel's (the synchronous answers to ``req``), absorbing tagged ones.
+
+    A request over gRPC's message limit (a "blowup" mutation can make 40 MB) never
+    reaches the server's code: the transport ends the stream with RESOURCE_EXHAUSTED
+    naming the size, which is the designed answer; the example ends there."""
+    if req.ByteSize() > MAX_MESSAGE_BYTES:
+        s.call.send(req)
+        try:
+            while s.call.recv(ANSWER_TIMEOUT_S) is not None:
+                pass
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            details = (e.details() if hasattr(e, "details") else "") or ""
+            _require(
+                code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details,
+                f"an oversized request ended the stream with {code}: {details}",
+            )
+            s.stats.outcomes["stream:oversized"] += 1
+            raise _TransportRefusedError from None
+        raise AssertionError("an oversized request did not end the stream")
     s.call.send(req)
     s.call.send(SENTINEL)
     s.stats.messages += 2
@@ -391,6 +418,8 @@ def run_stream_fuzz(target: str, examples: int, stats: FuzzStats | None = None) 
                 for op in ops:
                     _OPS[op](s, data)
                 _finish(s, early)
+            except _TransportRefusedError:
+                pass  # (see _exchange)
             finally:
                 s.call.cancel()
 
