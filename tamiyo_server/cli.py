@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -214,8 +215,26 @@ def _token(a: argparse.Namespace) -> str:
     return os.environ.get("TAMIYO_AUTH_TOKEN", "").strip()
 
 
+def _check_environment(p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """A bad ``TAMIYO_*`` value names the variable, not only the flag it stands for
+    (an operator who set it in a manifest looks for the variable)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for action in p._actions:
+        name = f"TAMIYO_{action.dest.upper()}"
+        value = os.environ.get(name)
+        if value is None or action.type is None or set(action.option_strings) & given:
+            continue
+        try:
+            action.type(value)  # type: ignore[operator]
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise SystemExit(f"{name}={value!r} (for {action.option_strings[0]}): {e}") from None
+
+
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
+    _check_environment(p, args)
+    a = p.parse_args(args)
     if bool(a.tls_cert) != bool(a.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     if a.tls_client_ca and not a.tls_cert:

@@ -50,9 +50,11 @@ def test_a_bad_environment_value_gets_the_same_check(
 ) -> None:
     flag, value = argv
     monkeypatch.setenv("TAMIYO_" + flag.removeprefix("--").replace("-", "_").upper(), value)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         parse_config([])
-    assert message in capsys.readouterr().err
+    env = "TAMIYO_" + flag.removeprefix("--").replace("-", "_").upper()
+    assert str(exit_.value.code).startswith(f"{env}={value!r} (for {flag}): ")
+    assert message.split(": ", 1)[1] in str(exit_.value.code)
 
 
 def test_good_values_from_both_sources(monkeypatch: pytest.MonkeyPatch) -> None:
