@@ -13,7 +13,6 @@ from tests.server.test_serving import open_stream
 
 
 def _handled(server: TamiyoServer, code: str) -> float:
-    _SERVER[:] = [server]
     labels = {
         "grpc_type": "bidi_stream",
         "grpc_service": "tamiyo.v1.TamiyoService",
@@ -23,34 +22,31 @@ def _handled(server: TamiyoServer, code: str) -> float:
     return server.metrics.registry.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
-_SERVER: list[TamiyoServer] = []
-
-
-def _all_codes() -> dict[str, float]:
-    reg = _SERVER[0].metrics.registry
+def _all_codes(server: TamiyoServer) -> dict[str, float]:
     return {
         f"{s.labels['grpc_method']}:{s.labels['grpc_code']}": s.value
-        for m in reg.collect()
+        for m in server.metrics.registry.collect()
         if m.name == "grpc_server_handled"
         for s in m.samples
         if s.name.endswith("_total")
     }
 
 
-async def _until(predicate: object, timeout_s: float = 10.0) -> None:
-    assert callable(predicate)
+async def _until_handled(server: TamiyoServer, code: str, timeout_s: float = 10.0) -> None:
+    """Wait until one stream has been counted with ``code`` (grpc's done callbacks run
+    after the client has seen the end)."""
     for _ in range(int(timeout_s / 0.01)):
-        if predicate():
+        if _handled(server, code) == 1:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"not reached in time: {_all_codes()}")
+    raise AssertionError(f"no stream counted {code} in time: {_all_codes(server)}")
 
 
 async def test_a_cancelled_stream_is_counted_cancelled_not_ok(server: TamiyoServer) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
         call.cancel()
-        await _until(lambda: _handled(server, "CANCELLED") == 1)
+        await _until_handled(server, "CANCELLED")
     assert _handled(server, "OK") == 0
 
 
@@ -65,7 +61,7 @@ async def test_a_stream_past_its_deadline_is_counted_deadline_exceeded(
         await call.write(hosts.session_open(6))
         await call.read()  # accepted; then nothing until the deadline
         assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await _until(lambda: _handled(server, "DEADLINE_EXCEEDED") == 1)
+        await _until_handled(server, "DEADLINE_EXCEEDED")
     assert _handled(server, "OK") == 0
 
 
