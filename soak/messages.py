@@ -132,7 +132,7 @@ def decide_requests(draw: st.DrawFn) -> pb.DecideRequest:
             topology=topo,
             signals=signals,
             kernels=kernels(rng, k),
-            step=step,
+            step=step + history,  # (no signal is newer than its state)
             epoch=rng.randint(0, 100),
         ),
         budget=pb.SessionBudget(

@@ -49,6 +49,9 @@ class BatchConfig:
 
     decision_deadline_ms: float = 10.0  # end-to-end budget per decision
     max_deadline_ms: float = 1000.0  # cap on a session's requested deadline
+    # Floor on a session's requested deadline: below it the transport and one batch's
+    # work leave no room on a quiet CPU, so every frame would be shed as overloaded.
+    min_deadline_ms: float = 3.0
     max_batch_graphs: int = 256
     max_batch_nodes: int = 16384
     max_batch_edges: int = 65536
@@ -97,6 +100,11 @@ class BatchConfig:
             raise ValueError(
                 f"BatchConfig.max_deadline_ms: {self.max_deadline_ms} is below "
                 f"decision_deadline_ms {self.decision_deadline_ms}"
+            )
+        if not 0 < self.min_deadline_ms <= self.decision_deadline_ms:
+            raise ValueError(
+                f"BatchConfig.min_deadline_ms: {self.min_deadline_ms} not in (0, "
+                f"decision_deadline_ms {self.decision_deadline_ms}]"
             )
         if not self.max_pushback_ms >= self.min_pushback_ms:
             raise ValueError(

@@ -273,6 +273,7 @@ def _config(a: argparse.Namespace, d: ServerConfig) -> ServerConfig:
             d.batch,
             decision_deadline_ms=a.deadline_ms,
             max_deadline_ms=max(d.batch.max_deadline_ms, a.deadline_ms),
+            min_deadline_ms=min(d.batch.min_deadline_ms, a.deadline_ms),
             max_queue_delay_ms=a.max_queue_delay_ms,
             run_on=a.run_batches_on,
         ),

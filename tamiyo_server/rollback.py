@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from tamiyo.policy.checkpoint import (
     LATEST,
@@ -43,10 +44,20 @@ def versions(root: Path) -> list[tuple[float, str]]:
     return sorted(out)
 
 
-def rollback(root: Path, to: str = "", dry_run: bool = False) -> tuple[str, str]:
+class Moved(NamedTuple):
+    """What a rollback did: ``latest`` from ``old`` to ``new``, passing over the broken
+    versions in between (``skipped``: (name, why), newest first), which the operator
+    must hear of: they were meant to be served."""
+
+    old: str
+    new: str
+    skipped: list[tuple[str, str]]
+
+
+def rollback(root: Path, to: str = "", dry_run: bool = False) -> Moved:
     """Point ``root/latest`` at ``to`` (or the newest verified version older than the
-    current one) after verifying it with ``load_checkpoint``; returns (old, new).
-    Raises ``CheckpointError`` when there is nothing valid to roll back to."""
+    current one) after verifying it with ``load_checkpoint``. Raises ``CheckpointError``
+    when there is nothing valid to roll back to."""
     cur = resolve_latest(root)
     cur_name = cur.name if cur is not None else ""
     names = [n for _, n in versions(root)]
@@ -56,17 +67,17 @@ def rollback(root: Path, to: str = "", dry_run: bool = False) -> tuple[str, str]
         if cur_name not in names:
             raise CheckpointError(f"{root}/latest names no known version; use --to VERSION")
         candidates = list(reversed(names[: names.index(cur_name)]))
-    reasons = []
+    skipped: list[tuple[str, str]] = []
     for name in candidates:
         try:
             load_checkpoint(root / name)
         except CheckpointError as e:
-            reasons.append(str(e))
+            skipped.append((name, str(e)))
             continue
         if not dry_run:
             set_latest(root, name)
-        return cur_name, name
-    detail = "; ".join(reasons) or "no older version"
+        return Moved(cur_name, name, skipped)
+    detail = "; ".join(why for _, why in skipped) or "no older version"
     raise CheckpointError(f"nothing to roll back to in {root}: {detail}")
 
 
@@ -103,12 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{mark} {name}  {stamp}  {state}")
         return 0
     try:
-        old, new = rollback(root, a.to, a.dry_run)
+        moved = rollback(root, a.to, a.dry_run)
     except (CheckpointError, ValueError) as e:
         print(f"rollback failed: {e}", file=sys.stderr)
         return 1
+    for name, why in moved.skipped:
+        print(f"skipped {name}: BROKEN: {why[:160]}")
     verb = "would move" if a.dry_run else "moved"
-    print(f"{verb} {root / LATEST}: {old or '<none>'} -> {new}")
+    print(f"{verb} {root / LATEST}: {moved.old or '<none>'} -> {moved.new}")
     return 0
 
 

@@ -34,7 +34,12 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Job
 from tamiyo_server.signal_checks import frame_checks
 from tamiyo_server.transit import TransitClock
-from tamiyo_server.validation import TopologyInfo, validate_frame_header, validate_frame_signals
+from tamiyo_server.validation import (
+    TopologyInfo,
+    validate_frame_header,
+    validate_frame_signals,
+    validate_signal_steps,
+)
 
 _BOOT = os.urandom(4).hex()
 _IDS = itertools.count(1)
@@ -79,9 +84,10 @@ def budget_rules(base: RuleConfig, budget: pb.SessionBudget) -> RuleConfig:
 
 
 def deadline_s(batch: BatchConfig, budget: pb.SessionBudget) -> float:
-    """The decision deadline in force, in s: the session's request capped by the max."""
+    """The decision deadline in force, in s: the session's request within the server's
+    floor and cap (``SessionAccepted.decision_deadline_ms`` tells the host which)."""
     ms = budget.decision_deadline_ms or batch.decision_deadline_ms
-    return min(float(ms), batch.max_deadline_ms) / 1000.0
+    return min(max(float(ms), batch.min_deadline_ms), batch.max_deadline_ms) / 1000.0
 
 
 @dataclass
@@ -160,7 +166,10 @@ class Session:
         ):
             self.last_step = frame.step
             return
-        self.apply_frame(frame, validate_frame_signals(frame, self.info, limits))
+        cols = validate_frame_signals(frame, self.info, limits)
+        window = self.window
+        validate_signal_steps(frame, cols, window.newest_steps(), window.topology.layer_ids)
+        self.apply_frame(frame, cols)
 
     def apply_frame(self, frame: pb.TelemetryFrame, cols: SignalColumns | None = None) -> None:
         """Record a *validated* frame's signals in the history window (``cols``: the

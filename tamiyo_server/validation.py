@@ -46,6 +46,7 @@ _LAYER_TYPES = frozenset(graph_pb2.LayerType.values())
 # uint64 counts must fit the featurizer's int64 arrays; 2**53 (exact in float64) is far
 # beyond any real layer (the largest models have ~2**41 parameters in all).
 MAX_PARAMETER_COUNT = 2**53
+_count = np.count_nonzero
 
 
 class ValidationError(ValueError):
@@ -319,6 +320,38 @@ def validate_frame_signals(
     return SignalColumns(frame.signals, topo.layer_index)
 
 
+def validate_signal_steps(
+    frame: pb.TelemetryFrame,
+    cols: SignalColumns,
+    newest: npt.NDArray[np.int64],
+    layer_ids: Sequence[str],
+) -> None:
+    """A frame's (decoded) signals against its session's history: none measured after
+    the frame's step, and none older than its layer's newest recorded signal. Why: a
+    layer's history is oldest first, the rule ``validate_state`` holds a Decide state to;
+    a stream that let a step go back would decide on a window (and log a state) that
+    Decide refuses. ``newest``: ``SignalWindow.newest_steps`` [N], -1 for none."""
+    steps = cols.steps
+    ahead = steps > frame.step
+    behind = steps < newest[cols.layer]
+    if not (_count(ahead) or _count(behind)):
+        return
+    i = int(np.flatnonzero(ahead | behind)[0])
+    path = (
+        f"frame.signal_columns.step[{i}]"
+        if frame.HasField("signal_columns")
+        else f"frame.signals[{i}].step"
+    )
+    if ahead[i]:
+        raise ValidationError(path, f"{steps[i]} > frame step {frame.step}", "out_of_range")
+    node = int(cols.layer[i])
+    raise ValidationError(
+        path,
+        f"{steps[i]} < step {newest[node]} of the newest signal of {layer_ids[node]!r}",
+        "step_regressed",
+    )
+
+
 def _check_frame_signals(
     signals: Sequence[health_pb2.HealthSignal], path: str, topo: TopologyInfo, limits: Limits
 ) -> None:
@@ -400,7 +433,8 @@ def validate_outcome(outcome: pb.DecisionOutcome, limits: Limits) -> None:
 
 def validate_state(state: graph_pb2.ModelGraphState, limits: Limits, path: str) -> TopologyInfo:
     """A self-contained snapshot (Decide): topology, kernels, and a signal history in
-    which each layer's signals are oldest first (steps non-decreasing per layer)."""
+    which each layer's signals are oldest first (steps non-decreasing per layer) and none
+    is newer than the state's step."""
     return validate_state_decoded(state, limits, path)[0]
 
 
@@ -421,21 +455,27 @@ def validate_state_decoded(
             f"{path}.signals", f"{n} signals > limit {limits.max_signals_per_state}", "too_large"
         )
     cols = decode_valid_signals(state.signals, info, limits, unique=False)
-    if cols is not None and steps_ordered_per_layer(cols):
+    if cols is not None and steps_ordered_per_layer(cols) and not _count(cols.steps > state.step):
         return info, cols  # (the common case, in ~20 numpy calls, not ~15 checks a signal)
-    _check_state_signals(state.signals, f"{path}.signals", info, limits)
+    _check_state_signals(state.signals, f"{path}.signals", info, limits, state.step)
     return info, SignalColumns(state.signals, info.layer_index)
 
 
 def _check_state_signals(
-    signals: Sequence[health_pb2.HealthSignal], path: str, topo: TopologyInfo, limits: Limits
+    signals: Sequence[health_pb2.HealthSignal],
+    path: str,
+    topo: TopologyInfo,
+    limits: Limits,
+    step: int,
 ) -> None:
     """The per-field checks of a state's signal history, in order; raises for the first
-    bad field (``path[i].name``)."""
+    bad field (``path[i].name``). No signal may be newer than the state's ``step``."""
     last: dict[int, int] = {}
     for i, sig in enumerate(signals):
         p = f"{path}[{i}]"
         node = validate_signal(sig, p, topo, limits)
+        if sig.step > step:
+            raise ValidationError(f"{p}.step", f"{sig.step} > state step {step}", "out_of_range")
         if node in last and sig.step < last[node]:
             raise ValidationError(
                 f"{p}.step",

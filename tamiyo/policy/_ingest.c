@@ -16,7 +16,8 @@
  * decodes the frame generally and, when it is invalid, names the field. Tests hold the
  * two paths to the same window contents and the same accept / refuse answer.
  *
- * Entry point: full_frame(raw, prefix, heads, plan, hi, bounds, declared, ring, slot, twin)
+ * Entry point: full_frame(raw, prefix, heads, plan, hi, bounds, declared, ring, slot, twin
+ *                         [, prev, step])
  *   raw      bytes: a serialized HealthSignalColumns
  *   prefix   bytes: the serialized layer_id entries of the session's layers, in order
  *   heads    bytes: every numeric column's tag and length bytes, concatenated
@@ -30,6 +31,11 @@
  *   slot     the ring slot to write (0..W-1)
  *   twin     a second slot that gets the same records (0..W-1, not `slot`), or -1:
  *            SignalWindow keeps every signal twice so that a snapshot is a view
+ *   prev     the ring slot holding every layer's newest signal (0..W-1), or -1 for none:
+ *            a signal whose step is below its layer's newest is refused (steps of a
+ *            layer never go back, as in a Decide state's history)
+ *   step     the frame's step: a signal measured at a later step is refused
+ *            (default: no bound)
  *   returns (max step, max epoch) of the frame when it was written, else None.
  * Keeps the GIL (~2 µs for 32 layers).
  */
@@ -141,9 +147,10 @@ static const void *array_data(PyObject *o, int typenum, int ndim, const npy_intp
 static PyObject *full_frame(PyObject *self, PyObject *args) {
     PyObject *raw_o, *prefix_o, *heads_o; /* bytes only: immutable, never the ring's memory */
     PyObject *plan_o, *hi_o, *bounds_o, *declared_o, *ring_o;
-    Py_ssize_t slot, twin;
-    if (!PyArg_ParseTuple(args, "SSSOOOOOnn", &raw_o, &prefix_o, &heads_o, &plan_o, &hi_o,
-                          &bounds_o, &declared_o, &ring_o, &slot, &twin))
+    Py_ssize_t slot, twin, prev = -1;
+    long long frame_step = INT64_MAX;
+    if (!PyArg_ParseTuple(args, "SSSOOOOOnn|nL", &raw_o, &prefix_o, &heads_o, &plan_o, &hi_o,
+                          &bounds_o, &declared_o, &ring_o, &slot, &twin, &prev, &frame_step))
         return NULL;
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(raw_o);
     const unsigned char *prefix = (const unsigned char *)PyBytes_AS_STRING(prefix_o);
@@ -189,6 +196,7 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (m < 1 || w < 1 || slot < 0 || slot >= w || twin < -1 || twin >= w || twin == slot ||
+        prev < -1 || prev >= w ||
         PyArray_ITEMSIZE((PyArrayObject *)ring_o) != isz || isz < 1 ||
         plan[P_R_FLOATS] + 4 * NF > isz || plan[P_R_INTS] + 8 * NI > isz ||
         plan[P_R_STEPS] + 8 > isz || plan[P_R_EPOCHS] + 8 > isz || plan[P_R_TS] + 8 > isz ||
@@ -266,6 +274,7 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
     const unsigned char *ts_col = raw + plan[P_TS];
     uint64_t sum_counts = 0;
     int64_t max_step = INT64_MIN, max_epoch = 0;
+    const int64_t r_steps = plan[P_R_STEPS];
     for (int64_t i = 0; i < m; i++) {
         int bad = 0;
         for (int k = 0; k < NF; k++) {
@@ -274,7 +283,9 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
         }
         double ts = rd_f64(ts_col + 8 * i);
         int64_t st = rd_i64(st_col + 8 * i);
-        bad |= !isfinite(ts) | (ts < 0.0) | (st < 0);
+        bad |= !isfinite(ts) | (ts < 0.0) | (st < 0) | (st > frame_step);
+        if (prev >= 0)
+            bad |= st < rd_i64(ring + (i * w + prev) * isz + r_steps);
         int64_t total = 0;
         for (int k = 0; k < NI; k++) {
             int64_t v = rd_u32(i_col + k * s4 + 4 * i);
@@ -303,7 +314,7 @@ static PyObject *full_frame(PyObject *self, PyObject *args) {
 
     /* -- write ring slot `slot` of every layer (nothing was written before this point) */
     const int64_t r_floats = plan[P_R_FLOATS], r_ints = plan[P_R_INTS];
-    const int64_t r_steps = plan[P_R_STEPS], r_epochs = plan[P_R_EPOCHS];
+    const int64_t r_epochs = plan[P_R_EPOCHS];
     const int64_t r_ts = plan[P_R_TS], r_slen = plan[P_R_SLEN], r_states = plan[P_R_STATES];
     const unsigned char *next_state = states;
     for (int64_t i = 0; i < m; i++) {

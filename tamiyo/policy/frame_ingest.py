@@ -30,6 +30,8 @@ try:
 except ImportError:  # built without a C compiler: the numpy path does everything
     _ingest = None
 
+_NO_STEP_BOUND = 2**63 - 1  # write_full_frame without a frame step: any signal step
+
 # the ring record's fields, in the order of the plan's record offsets (_ingest.c P_R_*)
 _RECORD_FIELDS = (
     "floats",
@@ -116,12 +118,19 @@ def build_checks(
 
 
 def write_full_frame(
-    raw: bytes, checks: FrameChecks, ring: npt.NDArray[np.void], slot: int, twin: int = -1
+    raw: bytes,
+    checks: FrameChecks,
+    ring: npt.NDArray[np.void],
+    slot: int,
+    twin: int = -1,
+    prev: int = -1,
+    step: int = _NO_STEP_BOUND,
 ) -> tuple[int, int] | None:
     """Check ``raw`` (a serialized ``HealthSignalColumns``) and write it into ring slot
     ``slot`` (and ``twin``, unless -1) of every layer: (max step, max epoch) when
-    written; None when the frame is not a valid full frame in canonical layout (nothing
-    written: the caller decides)."""
+    written; None when the frame is not a valid full frame in canonical layout, or a
+    signal's step is below its layer's newest (ring slot ``prev``, unless -1) or above
+    ``step`` (nothing written: the caller decides)."""
     if _ingest is None:
         return None
     got: tuple[int, int] | None = _ingest.full_frame(
@@ -135,5 +144,7 @@ def write_full_frame(
         ring,
         slot,
         twin,
+        prev,
+        step,
     )
     return got

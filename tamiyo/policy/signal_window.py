@@ -230,18 +230,31 @@ class SignalWindow:
         code (``frame_ingest``). False, with nothing written, when the frame is not a
         valid full frame in canonical layout, when the layers hold different numbers of
         signals, or without the native module: the caller then decodes, validates and
-        ``update``s as usual."""
+        ``update``s as usual. Also False for a signal older than its layer's newest
+        or newer than ``step`` (the rules of ``newest_steps``)."""
         if self._even is None:
             return False
         self._unshare()
-        slot = self._even % self.window
-        got = write_full_frame(raw, checks, self._rw, slot, slot + self.window)
+        w = self.window
+        slot = self._even % w
+        prev = (self._even - 1) % w if self._even else -1  # every layer's newest signal
+        got = write_full_frame(raw, checks, self._rw, slot, slot + w, prev, step)
         if got is None:
             return False
         self._even += 1
         self.last_step = max(self.last_step, got[0], int(step))
         self.last_epoch = max(self.last_epoch, got[1])
         return True
+
+    def newest_steps(self) -> IntArray:
+        """The step of each layer's newest signal, -1 for a layer without one, int64
+        [N]. Why: a layer's steps never go back within a history (a Decide state's rule),
+        so the server refuses a frame's signal older than this; the native path
+        (``ingest_full``) checks the same against the ring."""
+        n = len(self._count)
+        count = np.full(n, self._even, np.int64) if self._even is not None else self._count
+        steps = self._flat["steps"][self._base + (count - 1) % self.window]
+        return np.where(count > 0, steps, -1)
 
     def _even_count(self) -> int | None:
         c = self._count

@@ -61,8 +61,10 @@ class SessionBudget(_message.Message):
     max_adaptations_per_epoch: _builtins.int
     """Adaptations allowed per host epoch."""
     decision_deadline_ms: _builtins.int
-    """Deadline for each decision, measured from the frame's arrival, in ms. Capped by
-    the server's maximum.
+    """Deadline for each decision in ms, measured from when the host asked
+    (TelemetryFrame.client_clock_us) or else from the frame's arrival. 0 = the server's
+    default; raised to the server's floor (3 ms by default: less cannot be met) and
+    capped by its maximum. SessionAccepted.decision_deadline_ms is the one in force.
     """
     layer_cooldown_steps: _builtins.int
     """Steps a layer must wait after being adapted before it can be adapted again."""

@@ -66,6 +66,9 @@ def test_good_values_from_both_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c.batch.decision_deadline_ms == 2500.0
     assert c.batch.max_deadline_ms >= 2500.0
     assert parse_config(["--port", "7"]).port == 7  # the flag wins over the variable
+    # and one below the floor on requested ones lowers the floor with it
+    low = parse_config(["--deadline-ms", "1.5"]).batch
+    assert (low.decision_deadline_ms, low.min_deadline_ms) == (1.5, 1.5)
 
 
 def test_the_token_is_stripped_and_a_missing_token_file_is_one_line(

@@ -65,7 +65,8 @@ def _assert_same_window(a: Session, b: Session) -> None:
 @st.composite
 def sessions_and_frames(draw: st.DrawFn) -> tuple[pb.SessionOpen, list[pb.TelemetryFrame]]:
     """A session and 1-12 columnar frames: mostly full (every layer, in order), some
-    partial or reordered, some with one or more bad values, steps non-decreasing."""
+    partial or reordered, some with one or more bad values, frame steps non-decreasing,
+    some signal steps below their layer's newest or above their frame's step."""
     topo = draw(topologies(max_layers=10))
     open_ = pb.SessionOpen(host_id="h", topology=topo)
     frames = []
@@ -81,6 +82,11 @@ def sessions_and_frames(draw: st.DrawFn) -> tuple[pb.SessionOpen, list[pb.Teleme
         frame = pb.TelemetryFrame(
             step=step, want_decision=True, signals=[draw(signals(x, step)) for x in layers]
         )
+        if frame.signals and draw(st.integers(0, 3)) == 0:  # a signal step off its frame's:
+            sig = frame.signals[draw(st.integers(0, len(frame.signals) - 1))]
+            # older than that layer's last (refused), older but not (kept), or newer
+            # than the frame (refused)
+            sig.step = max(0, step + draw(st.sampled_from([-7, -4, -1, 1])))
         if frame.signals and draw(st.integers(0, 3)) == 0:
             for _ in range(draw(st.integers(1, 2))):
                 i = draw(st.integers(0, len(frame.signals) - 1))
@@ -180,6 +186,40 @@ def test_other_layouts_are_left_to_python(change: str) -> None:
     assert native.window._even == 0
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "frame_step", "error"),
+    [
+        (5, 4, 5, "frame.signal_columns.step[2]: 4 < step 5 of the newest signal of 'l2'"),
+        (5, 6, 5, "frame.signal_columns.step[2]: 6 > frame step 5"),
+        (5, 5, 5, None),  # the same step again (a step's second frame) is kept
+        (5, 3, 7, "frame.signal_columns.step[2]: 3 < step 5 of the newest signal of 'l2'"),
+    ],
+)
+def test_a_signal_step_that_goes_back_or_ahead_is_refused_on_either_path(
+    first: int, second: int, frame_step: int, error: str | None
+) -> None:
+    """A layer's history stays oldest first and no newer than its frame, as Decide
+    requires of a state's history; the native path leaves such a frame to Python, which
+    names the signal, and nothing of it is written."""
+    open_, frame = _full(step=first)
+    for s in _sessions(open_):
+        s.ingest(frame, LIMITS)
+        later = pb.TelemetryFrame()
+        later.CopyFrom(frame)
+        later.step = frame_step
+        later.signal_columns.step[:] = [frame_step] * 4
+        later.signal_columns.step[2] = second
+        before = s.window._ring.tobytes()
+        got = _outcome(s, later)
+        if error is None:
+            assert got is None
+            continue
+        assert got is not None
+        assert got[2] == error
+        assert s.window._ring.tobytes() == before
+        assert s.last_step == first
+
+
 def test_bad_arguments_raise() -> None:
     """A caller's mistake is an exception, never a silent "no"."""
     open_, frame = _full()
@@ -199,6 +239,9 @@ def test_bad_arguments_raise() -> None:
     for twin in (0, -2, ring.shape[1]):  # the slot itself, or out of range
         with pytest.raises(ValueError, match="plan"):
             write_full_frame(raw, c, ring, 0, twin)
+    for prev in (-2, ring.shape[1]):
+        with pytest.raises(ValueError, match="plan"):
+            write_full_frame(raw, c, ring, 0, -1, prev)
     with pytest.raises(TypeError, match="bounds"):
         write_full_frame(raw, c._replace(bounds=c.bounds.astype(np.int32)), ring, 0)
     with pytest.raises(ValueError, match="declared"):

@@ -127,7 +127,7 @@ async def test_a_large_decide_is_decoded_off_the_event_loop(served_policy: Serve
     p = DecisionPipeline(make_config(), PolicyHolder(served_policy, m), m)
     p.start()
     n = 512  # layers; 32 signals of history each: 16,384, the limit
-    state = graph_pb2.ModelGraphState(topology=hosts.topology(n), kernels=hosts.KERNELS)
+    state = graph_pb2.ModelGraphState(topology=hosts.topology(n), kernels=hosts.KERNELS, step=32)
     for step in range(1, 33):
         state.signals.extend(hosts.signals(n, step))
     req = pb.DecideRequest(state=state)

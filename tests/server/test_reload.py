@@ -614,7 +614,10 @@ def test_rollback_cli_skips_broken_versions(
     assert "would move" in capsys.readouterr().out
     assert resolve_latest(tmp_path) == tmp_path / "v3"
     assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path)]) == 0
-    assert "v3 -> v2" in capsys.readouterr().out  # "bad" is newer than v2 but broken
+    out = capsys.readouterr().out.splitlines()
+    assert "v3 -> v2" in out[-1]  # "bad" is newer than v2 but broken: the operator hears so
+    assert out[0].startswith("skipped bad: BROKEN: ")
+    assert "truncated" in out[0]
     assert resolve_latest(tmp_path) == tmp_path / "v2"
     assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path)]) == 0
     assert resolve_latest(tmp_path) == tmp_path / "v1"

@@ -262,6 +262,23 @@ async def test_hopeless_deadline_gives_degraded_decision(
         await call.done_writing()
 
 
+async def test_the_budget_in_force_is_told_within_floor_and_cap(server: TamiyoServer) -> None:
+    """A requested deadline below the server's floor (which no frame could make: each
+    would be shed as overloaded on an idle server) is raised to it, one above the cap is
+    capped, and SessionAccepted tells the host which deadline is in force."""
+    batch = server.config.batch
+    wanted = {1: batch.min_deadline_ms, 0: batch.decision_deadline_ms, 25: 25}
+    wanted[10**6] = batch.max_deadline_ms
+    async with channel(server) as ch:
+        for asked, in_force in wanted.items():
+            call = pb_grpc.TamiyoServiceStub(ch).StreamTelemetry(None)
+            await call.write(hosts.session_open(6, budget={"decision_deadline_ms": asked}))
+            got = await read(call)
+            assert got.session_accepted.decision_deadline_ms == round(in_force), asked
+            await call.done_writing()
+            assert await read_all(call) == []
+
+
 async def test_vanished_client_leaks_no_task(server: TamiyoServer) -> None:
     await asyncio.sleep(0.1)
     baseline = len(asyncio.all_tasks())

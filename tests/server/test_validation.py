@@ -298,7 +298,11 @@ def test_outcome_and_decide() -> None:
     )
     err = _refused(validate_decide, pb.DecideRequest(state=state), LIMITS)
     assert (err.field, err.reason) == ("state.signals[1].step", "step_regressed")
-    state.signals[1].step = 4
+    state.signals[1].step = 4  # measured after the state's own step
+    err = _refused(validate_decide, pb.DecideRequest(state=state), LIMITS)
+    assert (err.field, err.reason) == ("state.signals[1].step", "out_of_range")
+    assert "4 > state step 3" in str(err)
+    state.step = 4
     validate_decide(pb.DecideRequest(state=state), LIMITS)
     state.step = -2
     assert _refused(validate_decide, pb.DecideRequest(state=state), LIMITS).field == "state.step"
@@ -345,7 +349,8 @@ def states_with_history(draw: st.DrawFn) -> graph_pb2.ModelGraphState:
         )
         sig = sigs[draw(st.integers(0, len(sigs) - 1))]
         setattr(sig, name, type(getattr(sig, name))(value))
-    return graph_pb2.ModelGraphState(topology=topo, signals=sigs, step=40)
+    # (sometimes below a signal's step: a signal newer than its state is refused)
+    return graph_pb2.ModelGraphState(topology=topo, signals=sigs, step=draw(st.integers(36, 44)))
 
 
 @settings(max_examples=150, deadline=None)
@@ -364,7 +369,9 @@ def test_state_fast_path_agrees_with_per_field_checks(state: graph_pb2.ModelGrap
 
     info = validate_session_open(pb.SessionOpen(host_id="h", topology=state.topology), LIMITS)
     fast = outcome(lambda: validate_decide(pb.DecideRequest(state=state), LIMITS))
-    slow = outcome(lambda: _check_state_signals(state.signals, "state.signals", info, LIMITS))
+    slow = outcome(
+        lambda: _check_state_signals(state.signals, "state.signals", info, LIMITS, state.step)
+    )
     assert fast == slow
 
 
