@@ -41,6 +41,7 @@ class OfflineDataset:
     propensity: F32
     session: I64
     dropped_invalid: int = 0
+    relabelled_noop: int = 0  # served adaptations the host did not apply (build_dataset)
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
@@ -62,18 +63,56 @@ def _features(state: bytes) -> GraphTensors:
     return featurize(snapshot_from_state(msg, FEATURE_SCHEMA.window))
 
 
+class MixedRewardsError(ValueError):
+    """Transitions whose rewards follow different conventions (``reward_source``)."""
+
+
+def check_reward_sources(transitions: Sequence[Transition]) -> dict[str, int]:
+    """Transitions per ``reward_source``; raises ``MixedRewardsError`` when there is more
+    than one. Why: the conventions do not share a scale. The simulator's reward is a
+    level (mean true health − costs, ~0.9 per step), the server's derived one a change
+    (of mean reported health, ~0 per step, adaptations free), and a client's is its own.
+    One critic fitting both learns targets ~0.9 apart per step for the same (s, a)."""
+    counts: dict[str, int] = {}
+    for tr in transitions:
+        counts[tr.reward_source] = counts.get(tr.reward_source, 0) + 1
+    if len(counts) > 1:
+        found = ", ".join(f"{n:,} {src}" for src, n in sorted(counts.items()))
+        raise MixedRewardsError(
+            f"rewards of different conventions in one dataset ({found} transitions): the "
+            "simulator's is a level (mean true health − costs), 'derived' a change of mean "
+            "reported health, 'client' the host's own; train on one source, or pass "
+            "mixed_rewards=True once their scales agree"
+        )
+    return counts
+
+
 def build_dataset(
-    transitions: Sequence[Transition], gamma: float, *, progress: bool = True
+    transitions: Sequence[Transition],
+    gamma: float,
+    *,
+    progress: bool = True,
+    mixed_rewards: bool = False,
 ) -> OfflineDataset:
     """Featurize ``transitions`` (ordered by session and step, as the reader returns
     them). Logged actions the featurizer deems invalid (no free seed visible, kernel out
-    of range) cannot be scored by the policy; they are dropped and counted."""
+    of range) cannot be scored by the policy; they are dropped and counted. Rewards of
+    more than one convention are refused (``check_reward_sources``) unless
+    ``mixed_rewards``.
+
+    A served adaptation the host did not apply (``applied`` false, any source but the
+    simulator) is relabelled a no-op: that is what the host's training went on with.
+    Its propensity becomes 1: the server decides deterministically (it logs 1.0 unless
+    exploring) and the host's refusal is part of the environment. (The simulator's
+    refused loads stay: there the refusal itself is penalised.)"""
+    if not mixed_rewards:
+        check_reward_sources(transitions)
     graphs: list[GraphTensors] = []
     index_of: dict[int, int] = {}  # id(state bytes) → graphs index
     names = ("s", "ns", "node", "kernel", "r", "d", "p", "sess")
     cols: dict[str, list[float]] = {k: [] for k in names}
     sessions: dict[str, int] = {}
-    dropped = 0
+    dropped = relabelled = 0
 
     def index(b: bytes) -> int:
         key = id(b)
@@ -87,7 +126,12 @@ def build_dataset(
         d = tr.decision
         s = index(d.state)
         g = graphs[s]
-        if d.action_kind != ACTION_NO_OP and not (
+        adapt = d.action_kind != ACTION_NO_OP
+        refused = adapt and not tr.applied and tr.reward_source != "simulator"
+        if refused:
+            adapt = False
+            relabelled += 1
+        elif adapt and not (
             0 <= d.node_index < g.num_nodes
             and bool(g.target_mask[d.node_index])
             and 0 <= d.kernel_index < g.num_kernels
@@ -97,11 +141,11 @@ def build_dataset(
         ns = index(tr.next_state) if tr.next_state is not None else s
         cols["s"].append(s)
         cols["ns"].append(ns)
-        cols["node"].append(d.node_index if d.action_kind != ACTION_NO_OP else -1)
-        cols["kernel"].append(d.kernel_index if d.action_kind != ACTION_NO_OP else -1)
+        cols["node"].append(d.node_index if adapt else -1)
+        cols["kernel"].append(d.kernel_index if adapt else -1)
         cols["r"].append(tr.reward)
         cols["d"].append(float(tr.done or tr.next_state is None))
-        cols["p"].append(d.propensity)
+        cols["p"].append(1.0 if refused else d.propensity)
         cols["sess"].append(sessions.setdefault(d.session_id, len(sessions)))
         keep.append(tr)
     arr = {k: np.asarray(v) for k, v in cols.items()}
@@ -125,11 +169,21 @@ def build_dataset(
         propensity=arr["p"].astype(np.float32),
         session=arr["sess"].astype(np.int64),
         dropped_invalid=dropped,
+        relabelled_noop=relabelled,
     )
 
 
 def load_dataset(
-    sources: Sequence[Path | str], gamma: float, *, progress: bool = True
+    sources: Sequence[Path | str],
+    gamma: float,
+    *,
+    progress: bool = True,
+    mixed_rewards: bool = False,
 ) -> OfflineDataset:
     """Read experience stores (files or directories) with the one reader and featurize."""
-    return build_dataset(ExperienceReader(sources).transitions(), gamma, progress=progress)
+    return build_dataset(
+        ExperienceReader(sources).transitions(),
+        gamma,
+        progress=progress,
+        mixed_rewards=mixed_rewards,
+    )

@@ -84,18 +84,29 @@ def awr_loss(
     propensity: torch.Tensor | None = None,
     prior_power: float = 0.0,
 ) -> torch.Tensor:
-    """IQL's policy extraction: −mean min(exp(β·A) / μ^α, max_weight) · log π(a|s), A fixed.
+    """IQL's policy extraction: −mean w · log π(a|s) with w = min(exp(β·A), max_weight) / μ^α,
+    A fixed; with α ≠ 0 the weights are divided by their batch mean.
 
-    Its optimum is π(a|s) ∝ μ(a|s)^(1−α) · exp(β·A(s,a)) (μ = the logged ``propensity``
-    float32 [B], α = ``prior_power``). α = 0 is plain AWR, whose greedy action must beat
-    the behaviour prior's log-odds (≈ ln(0.9·(1 + 2·layers)/ε) for an exploratory repair):
-    that makes the policy late and more so on bigger graphs. α = 1 removes the prior.
+    Its optimum is π(a|s) ∝ μ(a|s)^(1−α) · min(exp(β·A(s,a)), max_weight) (μ = the logged
+    ``propensity`` float32 [B], α = ``prior_power``). α = 0 is plain AWR, whose greedy
+    action must beat the behaviour prior's log-odds (≈ ln(0.9·(1 + 2·layers)/ε) for an
+    exploratory repair): that makes the policy late and more so on bigger graphs. α = 1
+    removes the prior.
+
+    Why the clip is on exp(β·A) alone: clipping the prior-corrected weight instead caps
+    exp(β·A) at max_weight·μ, which is ~2.4 for an exploratory repair on a 20-layer graph
+    and ~900 for the behaviour's own action. That brought the prior back (every useful
+    exploratory repair got the same weight, whatever its advantage), and more so on
+    bigger graphs. Why the batch mean: 1/μ reaches n_valid/ε (hundreds), so a batch
+    holding one exploratory repair would otherwise take a step hundreds of times larger
+    than the next batch.
     """
-    logw = beta * advantage.detach()
-    if propensity is not None and prior_power != 0.0:
-        logw = logw - prior_power * torch.log(propensity.clamp_min(1e-12))
-    w = torch.exp(logw.clamp(max=math.log(max_weight)))
-    return -(w * logp_a).mean()
+    logw = (beta * advantage.detach()).clamp(max=math.log(max_weight))
+    if propensity is None or prior_power == 0.0:
+        return -(torch.exp(logw) * logp_a).mean()
+    logw = logw - prior_power * torch.log(propensity.clamp_min(1e-12))
+    w = torch.exp(logw - logw.max())  # (exp of the largest is 1: no overflow)
+    return -(w / w.mean() * logp_a).mean()
 
 
 def cql_penalty(lse_q: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from tamiyo.config import SimicConfig
 from tamiyo.experience import ExperienceReader, ExperienceWriter
 from tamiyo.policy.features import SignalWindow, featurize, snapshot_from_state, state_from_snapshot
 from tamiyo.v1 import graph_pb2
+from trainer.dataset import build_dataset
 from trainer.simic.env import SimicBatch
 from trainer.simic.episodes import make_episode
 from trainer.simic.policies import (
@@ -97,7 +98,20 @@ def test_reference_policies_order_and_propensities(tmp_path: Path) -> None:
     assert res.adaptations > 0
     tr = ExperienceReader([path]).transitions()
     assert len(tr) == 5 * CFG.horizon
-    assert sum(t.done for t in tr) == 5
+    # The horizon truncates, it does not terminate: no transition is terminal, and each
+    # episode's last one carries the state after it, one decision step later, to
+    # bootstrap from (a terminal there taught a value ramp no feature can show).
+    assert not any(t.done for t in tr)
+    last = [t for t in tr if t.decision.step == max(u.decision.step for u in tr)]
+    assert len(last) == 5
+    for t in last:
+        assert t.next_state is not None
+        after = graph_pb2.ModelGraphState.FromString(t.next_state)
+        before = graph_pb2.ModelGraphState.FromString(t.decision.state)
+        assert after.step > before.step
+        assert after.signals != before.signals
+    ds = build_dataset(tr, 0.9, progress=False)
+    assert not ds.done.any()
     props = np.array([t.decision.propensity for t in tr])
     assert ((props > 0) & (props <= 1)).all()
     np.testing.assert_allclose(sum(t.reward for t in tr), res.returns.sum(), rtol=1e-9)

@@ -121,10 +121,17 @@ def _run_batch(
         total += reward
         if writer is not None:
             now = time.time()
+            # The horizon truncates an episode; it is not a terminal state (nothing in
+            # the state shows the time left, and a served host has no horizon). So the
+            # last outcome carries the state after it, done = False, and the critic
+            # bootstraps from it instead of learning a value ramp it cannot observe.
+            last = [state_from_snapshot(env.snapshot(i)).SerializeToString()
+                    for i in range(len(records))] if env.done else None  # fmt: skip
             for i, r in enumerate(records):
                 writer.log_outcome(
                     OutcomeRecord(r.decision_id, now, bool(applied[i]) or acts.node[i] < 0,
-                                  float(reward[i]), "simulator", None, env.done)
+                                  float(reward[i]), "simulator",
+                                  last[i] if last is not None else None, False)
                 )  # fmt: skip
     return total, disc
 
