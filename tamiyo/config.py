@@ -8,7 +8,8 @@ machine; the server's CLI flags and ``TAMIYO_*`` environment variables override 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,39 @@ class RuleConfig:
     max_adaptations_per_epoch: int = 2
     layer_cooldown_steps: int = 50
     exploration_epsilon: float = 0.0  # ε-exploration; off by default in the server
+
+
+POLICY_RULES = ("confidence_threshold", "health_threshold")
+"""The rules whose right value depends on the policy behind them, so a checkpoint's
+manifest may declare them (``serving_rules``: the values its served score was validated
+with). Why: the health veto keeps an untrained network off healthy layers, but the
+trained policy repairs a fault before reported health drops, and served with the veto it
+scored ~71 instead of ~93 (trainer/README.md). The per-epoch and cooldown budgets are
+the host's and the operator's, never the checkpoint's."""
+
+
+def check_serving_rules(declared: object) -> dict[str, float]:
+    """A manifest's ``serving_rules``: a JSON object of ``POLICY_RULES`` names to numbers
+    in [0, 1]. Raises ValueError naming what is wrong."""
+    if not isinstance(declared, Mapping):
+        raise ValueError(f"serving_rules is {type(declared).__name__}, not an object")
+    out: dict[str, float] = {}
+    for name, value in declared.items():
+        if name not in POLICY_RULES:
+            raise ValueError(f"serving_rules.{name}: not one of {', '.join(POLICY_RULES)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(f"serving_rules.{name}: {value!r} is not a number in [0, 1]")
+        out[str(name)] = float(value)
+    return out
+
+
+def rules_for_policy(
+    base: RuleConfig, declared: Mapping[str, float], fixed: Collection[str]
+) -> RuleConfig:
+    """``base`` with a policy's declared ``serving_rules``, except the rules in ``fixed``
+    (those the operator set: a flag or ``TAMIYO_*`` variable wins over the checkpoint)."""
+    over: dict[str, object] = {k: v for k, v in declared.items() if k not in fixed}
+    return replace(base, **over) if over else base  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -163,6 +197,8 @@ class ServerConfig:
     keepalive_timeout_ms: int = 5_000
     limits: Limits = field(default_factory=Limits)
     rules: RuleConfig = field(default_factory=RuleConfig)
+    # (see POLICY_RULES; tamiyo_server.cli fills it from the flags and variables given)
+    operator_rules: frozenset[str] = frozenset()  # rules a checkpoint may not override
     batch: BatchConfig = field(default_factory=BatchConfig)
     experience: ExperienceLogConfig = field(default_factory=ExperienceLogConfig)
 

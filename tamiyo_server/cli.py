@@ -15,10 +15,10 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from tamiyo.config import ServerConfig
+from tamiyo.config import RuleConfig, ServerConfig
 
 
 def _env(name: str, default: object) -> str:
@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("health_threshold", d.rules.health_threshold),
         help="the network may adapt only a layer reporting health below this (1 = off: "
         "the shipped trained policy repairs faults before health drops, see "
-        "trainer/README.md); the rules-only fallback keeps its own threshold",
+        "trainer/README.md); when neither this flag nor its variable is set, a "
+        "checkpoint's manifest may set it (serving_rules); the rules-only fallback keeps "
+        "its own threshold",
     )
     p.add_argument(
         "--torch-threads",
@@ -230,6 +232,17 @@ def _check_environment(p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
             raise SystemExit(f"{name}={value!r} (for {action.option_strings[0]}): {e}") from None
 
 
+def _operator_set(p: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:
+    """The destinations the operator set: on the command line (parsed again with every
+    default suppressed, so abbreviations count too) or by a ``TAMIYO_*`` variable."""
+    q = build_parser()
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(q.parse_args(argv)))
+    env = {a.dest for a in p._actions if f"TAMIYO_{a.dest.upper()}" in os.environ}
+    return frozenset(given | env)
+
+
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     p = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -240,8 +253,9 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     if a.tls_client_ca and not a.tls_cert:
         raise SystemExit("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
     d = ServerConfig()
+    rules = {f.name for f in fields(RuleConfig)}
     try:
-        return _config(a, d)
+        return replace(_config(a, d), operator_rules=_operator_set(p, args) & rules)
     except ValueError as exc:  # a combination the config refuses (it names the field)
         raise SystemExit(str(exc)) from None
 

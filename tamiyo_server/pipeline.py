@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from tamiyo.config import RuleConfig, ServerConfig
+from tamiyo.config import RuleConfig, ServerConfig, rules_for_policy
 from tamiyo.policy.engine import PolicyOutput
 from tamiyo.policy.features import GraphTensors, featurize, featurize_many
 from tamiyo.policy.rules import DecisionRules, RuleDecision, RuleState
@@ -82,6 +82,8 @@ class DecisionPipeline:
             prepare_shed=featurize_many,
         )
         self.rules_cache: dict[RuleConfig, DecisionRules] = {}
+        # (id of a session's rules, policy version) -> (those rules, with the policy's)
+        self._with_policy: dict[tuple[int, str], tuple[DecisionRules, DecisionRules]] = {}
         self.closing = False
         self.door = Door(config.batch, self.batcher, metrics)  # what is admitted when busy
         # One thread decodes large Decide states (see OFFLOAD_SIGNALS): several at once in
@@ -175,6 +177,29 @@ class DecisionPipeline:
             rules = self.rules_cache[cfg] = DecisionRules(cfg)
         return rules
 
+    def policy_rules(self, served: ServedPolicy) -> RuleConfig:
+        """The server's rules with the values ``served`` declares (its checkpoint's
+        ``serving_rules``), except those the operator set (GetPolicyInfo shows these)."""
+        declared = dict(served.serving_rules)
+        return rules_for_policy(self.config.rules, declared, self.config.operator_rules)
+
+    def with_policy(self, rules: DecisionRules, served: ServedPolicy) -> DecisionRules:
+        """A session's ``rules`` with the values the policy that made the output declares
+        (see ``policy_rules``): the rules follow the policy across hot reloads, so a
+        stream opened under one checkpoint is decided by the next one's rules."""
+        if not served.serving_rules:
+            return rules
+        key = (id(rules), served.version)
+        hit = self._with_policy.get(key)
+        if hit is None or hit[0] is not rules:
+            if len(self._with_policy) > 1024:  # (months of hot reloads)
+                self._with_policy.clear()
+            cfg = rules_for_policy(
+                rules.config, dict(served.serving_rules), self.config.operator_rules
+            )
+            hit = self._with_policy[key] = (rules, self.rules_for(cfg))
+        return hit[1]
+
     def decision(
         self,
         done: Done[Evaluated] | None,
@@ -201,7 +226,7 @@ class DecisionPipeline:
             out = None
         else:
             g, out = ev.graph, ev.output
-            rd = rules.decide(out, g, state, snap.step, snap.epoch)
+            rd = self.with_policy(rules, ev.policy).decide(out, g, state, snap.step, snap.epoch)
             self.door.network_count += 1
             version = ev.policy.version
         msg = _build(rd, g, out, version, frame, into)

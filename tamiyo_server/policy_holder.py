@@ -44,6 +44,8 @@ class ServedPolicy:
     training_json: str  # manifest metrics + provenance, JSON
     schema: FeatureSchema
     builtin: bool
+    # decision-rule values the checkpoint was validated with (tamiyo.config.POLICY_RULES)
+    serving_rules: tuple[tuple[str, float], ...] = ()
 
 
 def serve_loaded(loaded: LoadedPolicy, device: str, warmup: bool = True) -> ServedPolicy:
@@ -75,6 +77,7 @@ def serve_loaded(loaded: LoadedPolicy, device: str, warmup: bool = True) -> Serv
         training_json=json.dumps(training, sort_keys=True, default=str),
         schema=FEATURE_SCHEMA,
         builtin=builtin,
+        serving_rules=tuple(sorted(loaded.serving_rules.items())),
     )
 
 

@@ -7,7 +7,9 @@ is in ``tamiyo_server.stream`` and ``tamiyo_server.pipeline``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 import grpc
@@ -92,8 +94,16 @@ class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
         request: pb.GetPolicyInfoRequest,
         context: grpc.aio.ServicerContext[pb.GetPolicyInfoRequest, pb.GetPolicyInfoResponse],
     ) -> pb.GetPolicyInfoResponse:
-        h = (await self._ready(context)).holder
+        pipeline = await self._ready(context)
+        h = pipeline.holder
         cur = h.current
+        rules = {
+            "rules": asdict(pipeline.policy_rules(cur)),
+            "from_checkpoint": sorted(
+                k for k, _ in cur.serving_rules if k not in pipeline.config.operator_rules
+            ),
+            "from_operator": sorted(pipeline.config.operator_rules),
+        }
         return pb.GetPolicyInfoResponse(
             version=cur.version,
             checkpoint_path=cur.checkpoint_path,
@@ -114,4 +124,5 @@ class TamiyoServicer(pb_grpc.TamiyoServiceServicer):
             last_refused_reason=h.last_refused_reason,
             last_refused_at=_ts(h.last_refused_at) if h.last_refused_at else None,  # never
             pinned=h.pinned,
+            rules_json=json.dumps(rules, sort_keys=True),
         )

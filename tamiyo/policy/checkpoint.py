@@ -38,6 +38,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from tamiyo.config import check_serving_rules
 from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA, FeatureSchema
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 
@@ -70,6 +71,11 @@ class LoadedPolicy:
     path: Path | None
     manifest: dict[str, Any]
 
+    @property
+    def serving_rules(self) -> dict[str, float]:
+        """The decision-rule values the policy was validated with (checked at load)."""
+        return check_serving_rules(self.manifest.get("serving_rules", {}))
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -94,13 +100,17 @@ def save_checkpoint(
     provenance: dict[str, Any] | None = None,
     version: str | None = None,
     update_latest: bool = True,
+    serving_rules: dict[str, float] | None = None,
 ) -> Path:
     """Write ``model`` as a new checkpoint under ``root``; returns its directory.
 
     ``version`` defaults to ``<UTC yyyymmddThhmmssZ>-<sha256[:8]>``; it must match
     ``[A-Za-z0-9][A-Za-z0-9._-]*`` (≤ 128 chars) and not exist yet. ``metrics`` and
     ``provenance`` must be JSON-serialisable (non-finite floats are refused).
+    ``serving_rules``: the decision-rule values the policy was validated with (names in
+    ``tamiyo.config.POLICY_RULES``); a server applies them unless its operator set them.
     """
+    rules = check_serving_rules(serving_rules or {})
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     config = config or model.config
@@ -128,6 +138,7 @@ def save_checkpoint(
         "tensors": {k: {"shape": list(v.shape), "dtype": _dt(v)} for k, v in state.items()},
         "metrics": metrics or {},
         "provenance": provenance or {},
+        "serving_rules": rules,
         "torch_version": torch.__version__,
     }
     text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode()
@@ -278,6 +289,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise _fail(path, f"manifest field {key!r} missing or not a string")
     if m["weights_file"] != WEIGHTS:
         raise _fail(path, f"manifest weights_file {m['weights_file']!r}, expected {WEIGHTS!r}")
+    try:  # (absent in checkpoints written before it existed: the server's rules apply)
+        check_serving_rules(m.get("serving_rules", {}))
+    except ValueError as e:
+        raise _fail(path, f"manifest {e}") from None
     for key, schema in (
         ("feature_schema", FEATURE_SCHEMA),
         ("kernel_feature_schema", KERNEL_SCHEMA),

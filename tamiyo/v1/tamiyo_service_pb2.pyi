@@ -509,6 +509,7 @@ class GetPolicyInfoResponse(_message.Message):
     LAST_REFUSED_AT_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
     FORWARD_FIELD_NUMBER: _builtins.int
+    RULES_JSON_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Version string of the serving policy, e.g. "20261121T2210-iql-s0-3f9c1a2b"."""
     checkpoint_path: _builtins.str
@@ -535,6 +536,12 @@ class GetPolicyInfoResponse(_message.Message):
     was built for: avx512, avx2, avx, sse), else "torchscript" or "eager"
     ("cuda-torchscript" on a GPU).
     """
+    rules_json: _builtins.str
+    """The decision rules in force with this policy, as JSON: {"rules": {RuleConfig
+    fields}, "from_checkpoint": [the fields its manifest's serving_rules set],
+    "from_operator": [the fields a flag or TAMIYO_* variable set, which win]}. A
+    session's SessionBudget may still override the per-epoch and cooldown budgets.
+    """
     @_builtins.property
     def loaded_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -560,10 +567,11 @@ class GetPolicyInfoResponse(_message.Message):
         last_refused_at: _timestamp_pb2.Timestamp | None = ...,
         pinned: _builtins.bool = ...,
         forward: _builtins.str = ...,
+        rules_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_refused_at", b"last_refused_at", "loaded_at", b"loaded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_path", b"checkpoint_path", "device", b"device", "feature_schema_version", b"feature_schema_version", "features", b"features", "forward", b"forward", "last_refused_at", b"last_refused_at", "last_refused_path", b"last_refused_path", "last_refused_reason", b"last_refused_reason", "loaded_at", b"loaded_at", "parameter_count", b"parameter_count", "pinned", b"pinned", "reloads_failed", b"reloads_failed", "reloads_ok", b"reloads_ok", "training_json", b"training_json", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_path", b"checkpoint_path", "device", b"device", "feature_schema_version", b"feature_schema_version", "features", b"features", "forward", b"forward", "last_refused_at", b"last_refused_at", "last_refused_path", b"last_refused_path", "last_refused_reason", b"last_refused_reason", "loaded_at", b"loaded_at", "parameter_count", b"parameter_count", "pinned", b"pinned", "reloads_failed", b"reloads_failed", "reloads_ok", b"reloads_ok", "rules_json", b"rules_json", "training_json", b"training_json", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,6 +71,18 @@ def test_good_values_from_both_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (low.decision_deadline_ms, low.min_deadline_ms) == (1.5, 1.5)
 
 
+def test_the_rules_the_operator_set_are_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's serving_rules may set only the rules the operator left alone."""
+    monkeypatch.delenv("TAMIYO_HEALTH_THRESHOLD", raising=False)
+    monkeypatch.delenv("TAMIYO_EXPLORATION_EPSILON", raising=False)
+    assert parse_config([]).operator_rules == frozenset()
+    c = parse_config(["--health-threshold", "0.6"])  # (the default value, still set)
+    assert c.operator_rules == frozenset({"health_threshold"})
+    assert parse_config(["--health", "0.5"]).operator_rules == {"health_threshold"}  # abbrev.
+    monkeypatch.setenv("TAMIYO_EXPLORATION_EPSILON", "0.1")
+    assert parse_config([]).operator_rules == {"exploration_epsilon"}
+
+
 def test_the_token_is_stripped_and_a_missing_token_file_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
