@@ -84,7 +84,9 @@ class BatchConfig:
     decision_deadline_ms: float = 10.0  # end-to-end budget per decision
     max_deadline_ms: float = 1000.0  # cap on a session's requested deadline
     # Floor on a session's requested deadline: below it the transport and one batch's
-    # work leave no room on a quiet CPU, so every frame would be shed as overloaded.
+    # work leave no room on a quiet CPU, so every frame would be shed as overloaded (this
+    # box, one stream at 100 frames/s, 16-layer hosts: shed 17-21 % at 2 ms, 9-11 % at
+    # 3 ms, <= 0.4 % at 5 ms; at 1 ms most were).
     min_deadline_ms: float = 3.0
     max_batch_graphs: int = 256
     max_batch_nodes: int = 16384
