@@ -92,12 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", type=Path, default=DEFAULT_OUT)
     pp.add_argument("--checkpoint-dir", type=str, default=str(DEFAULT_CHECKPOINTS),
                     help="where the default policy is published ('' to skip)")  # fmt: skip
+    pp.add_argument("--resume", action="store_true",
+                    help="continue the saved training state under --out (refused, naming "
+                    "the differences, unless it is the same run); without it every run "
+                    "starts fresh and a previous run's state is discarded")  # fmt: skip
     pt = sub.add_parser("train", help="train one algorithm on experience stores")
     common(pt)
     pt.add_argument("--data", type=Path, nargs="+", required=True,
                     help="experience stores: files or directories")  # fmt: skip
     pt.add_argument("--out", type=Path, required=True, help="run directory")
-    pt.add_argument("--resume", action="store_true", help="continue from the saved state")
+    pt.add_argument("--resume", action="store_true",
+                    help="continue from the saved state (refused unless the same run)")  # fmt: skip
     pt.add_argument("--validation-episodes", type=int, default=0,
                     help="Simic episodes for periodic evaluation (0 = none)")  # fmt: skip
     pg = sub.add_parser("generate", help="log Simic behaviour episodes to an experience store")
@@ -120,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainer.pipeline import run_pipeline
 
         ckpt = publish_target(args.checkpoint_dir)
-        report = run_pipeline(cfg, simic, args.out, ckpt, progress=progress)
+        report = run_pipeline(cfg, simic, args.out, ckpt, progress=progress,
+                              resume=args.resume)  # fmt: skip
         for name, t in report["targets"].items():
             print(f"  {name}: {t}")
         return 0

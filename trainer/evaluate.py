@@ -4,11 +4,17 @@ Normalised score = 100 · (J − J_noop) / (J_oracle − J_noop), J = mean undis
 return over the *same* episodes (common random numbers), so 0 = doing nothing and
 100 = the oracle that sees the hidden fault rates. CIs resample episodes (paired across
 policies) and training seeds.
+
+The score is undefined when the oracle does no better than no-op (an episode set with no
+fault the oracle repairs: few episodes, a short horizon): ``Reference.build`` refuses such
+a set by name instead of dividing by zero later, and bootstrap replicates that happen to
+draw only such episodes are left out of the interval.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,7 +99,17 @@ class NetworkPolicy:
         return None
 
 
+# Smallest oracle − no-op gap (mean return per episode) that defines a score: below it the
+# scale is float noise (returns are O(10), so ~1e-15 relative).
+MIN_ORACLE_GAIN = 1e-9
+
+
 def normalized_score(j: float, j_noop: float, j_oracle: float) -> float:
+    """100 · (J − J_noop) / (J_oracle − J_noop); ValueError when the oracle's gain is not
+    positive (the scale has no 100)."""
+    if not j_oracle - j_noop > MIN_ORACLE_GAIN:
+        raise ValueError(f"normalised score undefined: the oracle's mean return {j_oracle:.6g} "
+                         f"does not exceed no-op's {j_noop:.6g}")  # fmt: skip
     return 100.0 * (j - j_noop) / (j_oracle - j_noop)
 
 
@@ -110,7 +126,24 @@ class Reference:
     def build(episodes: Sequence[Episode], cfg: SimicConfig) -> Reference:
         eps = list(episodes)
         orc = run_policy(OraclePolicy(), eps, cfg)
-        return Reference(eps, run_policy(NoopPolicy(), eps, cfg).returns, orc.returns, orc)
+        ref = Reference(eps, run_policy(NoopPolicy(), eps, cfg).returns, orc.returns, orc)
+        gain = float(ref.oracle.mean() - ref.noop.mean())
+        if not gain > MIN_ORACLE_GAIN:
+            raise ValueError(
+                f"reference set of {len(eps)} episodes: the oracle's mean return "
+                f"{ref.oracle.mean():.6g} does not exceed no-op's {ref.noop.mean():.6g}, so "
+                "no episode has a fault the oracle repairs and the normalised score "
+                "(÷ (J_oracle − J_noop)) is undefined; use more episodes or a longer horizon"
+            )
+        return ref
+
+    def fingerprint(self) -> str:
+        """``"<episodes>:<hash>"`` of the no-op and oracle returns: identifies the
+        validation set a resumed run's scores (and best checkpoint) were measured on."""
+        h = hashlib.blake2b(digest_size=12)
+        for a in (self.noop, self.oracle):
+            h.update(np.ascontiguousarray(a, np.float64).tobytes())
+        return f"{len(self.episodes)}:{h.hexdigest()}"
 
     def score(self, returns: F64) -> float:
         """Score of per-episode returns [E] or [seeds, E] (mean over all)."""
@@ -122,18 +155,27 @@ def bootstrap_ci(
     ref: Reference, returns: F64, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
     """(mean score, low, high) for returns [S, E] (S training seeds × E episodes):
-    each replicate resamples seeds and, paired across policies, episodes."""
+    each replicate resamples seeds and, paired across policies, episodes.
+
+    A replicate whose resampled episodes give the oracle no gain over no-op has no score
+    (÷ 0); it is left out, i.e. the interval is conditional on a defined score. When no
+    replicate is defined (or the full set has no gain) this raises ValueError."""
     r = np.atleast_2d(returns)
     s, e = r.shape
+    mean = ref.score(r)  # raises on a set without oracle gain
     rng = np.random.default_rng(seed)
     si = rng.integers(0, s, size=(n_boot, s))
     ei = rng.integers(0, e, size=(n_boot, e))
     noop = ref.noop[ei].mean(axis=1)
     orc = ref.oracle[ei].mean(axis=1)
     pol = np.stack([r[si[b]][:, ei[b]].mean() for b in range(n_boot)])
-    scores = 100.0 * (pol - noop) / (orc - noop)
+    gain = orc - noop
+    ok = gain > MIN_ORACLE_GAIN
+    if not ok.any():
+        raise ValueError("bootstrap: no replicate has an oracle gain over no-op")
+    scores = 100.0 * (pol[ok] - noop[ok]) / gain[ok]
     lo, hi = np.quantile(scores, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return ref.score(r), float(lo), float(hi)
+    return mean, float(lo), float(hi)
 
 
 def evaluate_network(

@@ -4,12 +4,19 @@ Why this shape: one loop serves a laptop run, ``make train`` and ``torchrun`` (D
 with ``WORLD_SIZE`` > 1 every process samples its own minibatches, gradients are
 averaged by DDP, and only rank 0 evaluates and writes (metrics JSON lines, resumable
 state, checkpoints through the shared writer so a running server hot-reloads them).
+
+Why the minibatch RNG is keyed by (seed, rank, step) instead of carried along: a resumed
+run must draw exactly the batches the uninterrupted run would have drawn, on *every*
+rank, and only rank 0 writes the state. A generator derived from the step needs no saved
+state at all, so no rank can come back with a fresh one (session 4; before, rank > 0
+restarted its draws from step 0 after a resume).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -38,7 +45,7 @@ from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from trainer.algos import Learner, Minibatch
 from trainer.dataset import OfflineDataset
 from trainer.evaluate import Reference, evaluate_network
-from trainer.state import load_state, save_state
+from trainer.state import data_fingerprint, load_state, run_identity, save_state
 
 LOG_EVERY = 25  # steps averaged into one metrics line
 
@@ -89,6 +96,36 @@ def make_minibatch(
     )
 
 
+def batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """The generator that draws ``rank``'s minibatch of gradient step ``step`` (0-based):
+    a pure function of its key, so a resume needs no saved sampler state."""
+    return np.random.default_rng([seed, rank, step])
+
+
+def _keep_metrics_upto(path: Path, step: int) -> float | None:
+    """Rewrite ``path`` keeping the records with ``step`` <= ``step`` (a resume re-logs
+    everything after the saved state; unreadable lines, e.g. cut by a kill, are dropped).
+    Returns the validation score recorded at ``step``, if any."""
+    if not path.exists():
+        return None
+    kept, score = [], None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            continue
+        if rec["step"] <= step:
+            kept.append(line)
+            if rec["step"] == step and rec.get("kind") == "eval":
+                score = rec.get("eval_score")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return None if score is None else float(score)
+
+
 def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -118,30 +155,52 @@ def train(
     progress: bool = True,
     policy_config: PolicyConfig | None = None,
     provenance: dict[str, Any] | None = None,
+    fingerprint: str | None = None,
 ) -> TrainResult:
-    """Train ``cfg.algo`` on ``data`` for ``cfg.steps`` steps (continuing a saved run
-    when ``resume``); write metrics, state and a final checkpoint under ``run_dir``."""
+    """Train ``cfg.algo`` on ``data`` for ``cfg.steps`` steps; write metrics, state and a
+    final checkpoint under ``run_dir``.
+
+    With ``resume`` a saved state continues only if it belongs to this run (same
+    TrainConfig outside ``state.RESUME_IGNORED``, data, validation set, world size and
+    network; else ``StateMismatchError`` names the differences), and metrics.jsonl keeps
+    the records up to the resumed step. Without it (or with no saved state) the run
+    starts clean: a previous run's state and best checkpoint in ``run_dir`` are removed
+    first, so nothing of it can be picked up later. ``fingerprint`` is
+    ``state.data_fingerprint(data)``, computed here when not given."""
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     rank, world, device = _dist_setup(cfg)
     lead = rank == 0
     wrap = partial(_ddp, device) if world > 1 else None
-    learner = Learner(cfg, policy_config or PolicyConfig(), device, wrap=wrap)
-    rng = np.random.default_rng([cfg.seed, rank])
+    pcfg = policy_config or PolicyConfig()
+    learner = Learner(cfg, pcfg, device, wrap=wrap)
+    identity = run_identity(
+        data=fingerprint if fingerprint is not None else data_fingerprint(data),
+        validation=validation.fingerprint() if validation is not None else None,
+        world_size=world,
+        policy_config=asdict(pcfg),
+    )
     state_dir = run_dir / "state"
+    best_dir = run_dir / "best"
     start = 0
     if resume:
-        meta = load_state(state_dir, learner)
+        meta = load_state(state_dir, learner, identity)
         if meta is not None:
             start = int(meta["step"])
-            rng.bit_generator.state = meta["numpy_rng"][str(rank)] if str(rank) in meta.get(
-                "numpy_rng", {}) else rng.bit_generator.state  # fmt: skip
+            if start > cfg.steps:
+                raise ValueError(f"{state_dir}: the saved state is at step {start}, beyond "
+                                 f"steps={cfg.steps}; resume with steps >= {start}")  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
+    last_eval: float | None = None
+    if lead and start:
+        last_eval = _keep_metrics_upto(metrics_path, start)
+    elif lead:  # a fresh run: nothing of an earlier run in run_dir may be resumed later
+        shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.rmtree(best_dir, ignore_errors=True)
     log = open(metrics_path, "a" if start else "w", encoding="utf-8") if lead else None  # noqa: SIM115
     with_next = cfg.algo != "bc"
     acc: dict[str, list[float]] = defaultdict(list)
-    last_eval: float | None = None
     t0 = time.monotonic()
     bar = tqdm(range(start, cfg.steps), desc=f"{cfg.algo} s{cfg.seed}", unit="step",
                disable=not (progress and lead), initial=start, total=cfg.steps)  # fmt: skip
@@ -153,7 +212,6 @@ def train(
             log.write(json.dumps(clean, allow_nan=False) + "\n")
             log.flush()
 
-    best_dir = run_dir / "best"
     best = _best_so_far(best_dir) if start and cfg.keep_best else None
 
     def evaluate(step: int) -> None:
@@ -173,7 +231,7 @@ def train(
 
     try:
         for step in bar:
-            idx = data.sample(rng, cfg.batch_size)
+            idx = data.sample(batch_rng(cfg.seed, rank, step), cfg.batch_size)
             for k, v in learner.update(
                 make_minibatch(data, idx, device, with_next, cfg.reward_offset)
             ).items():
@@ -188,7 +246,7 @@ def train(
             if cfg.eval_every and done_steps % cfg.eval_every == 0 and done_steps < cfg.steps:
                 evaluate(done_steps)
             if cfg.checkpoint_every and done_steps % cfg.checkpoint_every == 0 and lead:
-                _save(state_dir, learner, done_steps, rng, rank, cfg)
+                save_state(state_dir, learner, done_steps, identity)
         final = cfg.steps
         if start < cfg.steps or last_eval is None:
             evaluate(final)
@@ -198,14 +256,14 @@ def train(
             policy = load_checkpoint(best[2]).model.to(device)
             sel_step, sel_score = best[0], best[1]
         if lead:
-            _save(state_dir, learner, final, rng, rank, cfg)
+            save_state(state_dir, learner, final, identity)
             ckpt = save_checkpoint(
                 run_dir / "checkpoints",
                 policy,
                 metrics={"steps": final, "algo": cfg.algo, "validation_score": sel_score,
                          "selected_step": sel_step, "final_validation_score": last_eval},
                 provenance={"train_config": asdict(cfg), "world_size": world,
-                            **(provenance or {})},
+                            "data_fingerprint": identity["data"], **(provenance or {})},
             )  # fmt: skip
     finally:
         if log is not None:
@@ -225,11 +283,3 @@ def _best_so_far(best_dir: Path) -> tuple[int, float, Path] | None:
     if m.get("validation_score") is None:
         return None
     return int(m["steps"]), float(m["validation_score"]), path
-
-
-def _save(
-    state_dir: Path, learner: Learner, step: int, rng: np.random.Generator, rank: int,
-    cfg: TrainConfig,
-) -> None:  # fmt: skip
-    save_state(state_dir, learner, step, {"numpy_rng": {str(rank): rng.bit_generator.state},
-                                          "train_config": asdict(cfg)})  # fmt: skip
