@@ -29,8 +29,10 @@ VETO = decision_pb2.DECISION_RULE_HEALTH_THRESHOLD
 def eager(root: Path, version: str, **serving_rules: float) -> Path:
     """A policy that always wants to adapt (no-op logit -50), with ``serving_rules``."""
     m = model(1)
+    head = m.graph_head[-1]
+    assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
-        m.graph_head[-1].bias[0] = -50.0
+        head.bias[0] = -50.0
     return save_checkpoint(root, m, version=version, serving_rules=serving_rules or None)
 
 
@@ -58,7 +60,9 @@ async def test_the_rules_follow_the_policy_across_a_reload(
     assert (info["rules"]["health_threshold"], info["from_checkpoint"]) == (0.6, [])
     call = c.stub.StreamTelemetry(None)
     await call.write(hosts.session_open(6))
-    assert (await call.read()).WhichOneof("message") == "session_accepted"
+    first = await call.read()
+    assert isinstance(first, pb.StreamTelemetryResponse)
+    assert first.WhichOneof("message") == "session_accepted"
     d = await decided(call, 1)
     assert (d.action, d.rule, d.policy_version) == (
         decision_pb2.ADAPTATION_ACTION_NO_OP,
