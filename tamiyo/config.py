@@ -326,6 +326,10 @@ class TrainConfig:
     # log-odds against an exploratory repair grow with the layer count (late repairs, worse
     # on unseen sizes). Validation (2000 steps, best step): α = 0 70-87, α = 1 89-92.
     iql_prior_power: float = 1.0
+    # The health veto the published policy is served with (its manifest's serving_rules):
+    # off, since it repairs before reported health drops (served with the 0.6 veto it
+    # scored ~71 against ~93, trainer/README.md). Its "served" score is measured with it.
+    served_health_threshold: float = 1.0
     cql_alpha: float = 0.5
     value_weight: float = 0.5  # actor's value head regressed on the critic's V (IQL)
     eval_every: int = 250  # steps between periodic evaluations (0 = only at the end)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tamiyo.config import RuleConfig, SimicConfig, TrainConfig
+from tamiyo.config import RuleConfig, SimicConfig, TrainConfig, rules_for_policy
 from tamiyo.experience import ExperienceWriter
 from tamiyo.policy.checkpoint import (
     load_checkpoint,
@@ -256,10 +256,13 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
             out: dict[str, Any] = {"checkpoint": str(res.checkpoint), "eval": ev,
                                    "selected_step": res.selected_step,
                                    "validation_score": res.selected_score}  # fmt: skip
-            if algo == served_algo:  # the same network behind the server's DecisionRules
-                srv = NetworkPolicy(res.policy, algo, rules=RuleConfig())
-                out["served"] = {k: _rollout_stats(run_policy(srv, r.episodes, simic))
-                                 for k, r in sets.items()}  # fmt: skip
+            if algo == served_algo:  # the same network behind the server's DecisionRules:
+                # with the rules its checkpoint declares, and with the server's defaults
+                for key, rules in (("served", served_rules(cfg)), ("served_default_rules",
+                                                                   RuleConfig())):  # fmt: skip
+                    srv = NetworkPolicy(res.policy, algo, rules=rules)
+                    out[key] = {k: _rollout_stats(run_policy(srv, r.episodes, simic))
+                                for k, r in sets.items()}  # fmt: skip
             return out
 
         return fn
@@ -301,8 +304,9 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
         for a in cfg.algos:
             add(a, [results[f"{a}-s{s}"]["eval"][set_name] for s in range(cfg.train_seeds)])
         if served_algo in cfg.algos:
-            add(f"{served_algo}_served", [results[f"{served_algo}-s{s}"]["served"][set_name]
-                                          for s in range(cfg.train_seeds)])  # fmt: skip
+            for key in ("served", "served_default_rules"):
+                add(f"{served_algo}_{key}", [results[f"{served_algo}-s{s}"][key][set_name]
+                                             for s in range(cfg.train_seeds)])  # fmt: skip
         add("oracle", [_rollout_stats(r.oracle_run) if r.oracle_run is not None
                        else {"returns": r.oracle.tolist(), **zero}])  # fmt: skip
         report["evaluation"][set_name] = {"episodes": len(r.episodes), "normalized_score": scores,
@@ -319,7 +323,8 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
                                 "fingerprint": fingerprint},
                       "fqe": {"path": str(fqe_path)}}  # fmt: skip
     report["targets"] = _targets(report, best_algo)
-    report["default_policy"] = {"algo": best_algo, "seed": 0, "source": str(default_ckpt)}
+    report["default_policy"] = {"algo": best_algo, "seed": 0, "source": str(default_ckpt),
+                                "serving_rules": serving_rules(cfg)}  # fmt: skip
     report["elapsed_s"] = time.monotonic() - t_start
     report = _clean(report)
     metrics = [runs_dir / n / "metrics.jsonl" for n in names]  # not other configs' runs
@@ -358,12 +363,35 @@ def _fqe(cfg: TrainConfig, simic: SimicConfig, ckpt: Path, fqe_path: Path,
     est = fit_q(model, ds, cfg, steps=cfg.fqe_steps, progress=progress)
     eps = episodes_for(range(SEED_BASE["fqe"], SEED_BASE["fqe"] + cfg.heldout_data_episodes),
                        simic.train_sizes, simic)  # fmt: skip
-    true = run_policy(NetworkPolicy(model, "iql"), eps, simic, gamma=cfg.gamma).discounted
-    beh = run_policy(BehaviourPolicy(simic.behaviour_epsilon), eps, simic,
+    # The logged horizon truncates (the critic bootstraps past it), so FQE estimates the
+    # discounted value of the endless episode: the ground truth plays the same episodes
+    # on until gamma^t < 1e-4 (88 steps at 0.9), not only to the logged horizon.
+    endless = replace(simic, horizon=max(simic.horizon, fqe_horizon(cfg.gamma)))
+    true = run_policy(NetworkPolicy(model, "iql"), eps, endless, gamma=cfg.gamma).discounted
+    beh = run_policy(BehaviourPolicy(simic.behaviour_epsilon), eps, endless,
                      gamma=cfg.gamma).discounted  # fmt: skip
-    shift = cfg.reward_offset * sum(cfg.gamma**t for t in range(simic.horizon))
+    shift = cfg.reward_offset * sum(cfg.gamma**t for t in range(endless.horizon))
     figures = fqe_figures(est.estimate_shifted, float(true.mean()), float(beh.mean()), shift)
     return {"transitions": len(ds), "episodes": cfg.heldout_data_episodes, **figures}
+
+
+def serving_rules(cfg: TrainConfig) -> dict[str, float]:
+    """The decision-rule values the published policy is served with, declared in its
+    checkpoint's manifest (``tamiyo.config.POLICY_RULES``); its "served" score is
+    measured with exactly these."""
+    return {"health_threshold": cfg.served_health_threshold}
+
+
+def served_rules(cfg: TrainConfig) -> RuleConfig:
+    """The server's rules with ``serving_rules`` applied, as an unconfigured server runs
+    the published checkpoint."""
+    return rules_for_policy(RuleConfig(), serving_rules(cfg), ())
+
+
+def fqe_horizon(gamma: float, tail: float = 1e-4) -> int:
+    """Decision steps after which the discounted tail weighs less than ``tail``: the
+    rollout length of FQE's ground truth for an endless (truncated, not ended) episode."""
+    return math.ceil(math.log(tail) / math.log(gamma)) if 0 < gamma < 1 else 1
 
 
 def _rel(err: float, scale: float) -> float:
@@ -443,7 +471,8 @@ def publish_default(src: Path, checkpoint_dir: Path, report: dict[str, Any],
     metrics = {**loaded.manifest.get("metrics", {}), "normalized_score": summary,
                "targets": report["targets"], "fqe": report["fqe"]}  # fmt: skip
     final = save_checkpoint(checkpoint_dir, loaded.model, loaded.config, metrics=metrics,
-                            provenance=loaded.manifest.get("provenance", {}))  # fmt: skip
+                            provenance=loaded.manifest.get("provenance", {}),
+                            serving_rules=report["default_policy"]["serving_rules"])  # fmt: skip
     if resolve_latest(checkpoint_dir) == final:
         prune_versions(checkpoint_dir, keep=1)  # deletes verified checkpoint dirs only
     write_json(report, checkpoint_dir / "report.json")

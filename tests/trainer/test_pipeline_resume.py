@@ -81,3 +81,23 @@ def test_pipeline_starts_fresh_unless_resumed_and_resumes_only_the_same_run(
             "--config", str(conf)]  # fmt: skip
     assert main([*args, "--resume"]) == 0  # the same run: continued (here: already done)
     assert starts[-1] == CFG.steps
+
+
+def test_the_published_policy_declares_the_rules_its_served_score_was_measured_with(
+    tmp_path: Path,
+) -> None:
+    """The manifest's serving_rules are what an unconfigured server applies, and the
+    report's "served" score is measured with them (the server defaults' score beside it);
+    FQE's ground truth plays on past the truncating horizon until γ^t < 1e-4."""
+    ckpts = tmp_path / "ckpt"
+    report = pipeline.run_pipeline(CFG, SIMIC, tmp_path / "out", ckpts, progress=False)
+    manifest = json.loads(next(ckpts.glob("*/manifest.json")).read_text())
+    assert manifest["serving_rules"] == {"health_threshold": CFG.served_health_threshold}
+    assert report["default_policy"]["serving_rules"] == manifest["serving_rules"]
+    scores = report["evaluation"]["heldout_seeds"]["normalized_score"]
+    assert {"iql", "iql_served", "iql_served_default_rules"} <= set(scores)
+    assert pipeline.fqe_horizon(0.9) == 88
+    assert 0.9**88 < 1e-4 < 0.9**87
+    shift = CFG.reward_offset * sum(CFG.gamma**t for t in range(88))
+    fqe = report["fqe"]
+    assert fqe["true_shifted"] == pytest.approx(fqe["true_raw"] + shift)
