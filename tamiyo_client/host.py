@@ -8,6 +8,7 @@ decision that arrives (between steps, on the training thread), then ``outcome()`
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from tamiyo.config import KasminaConfig
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client.frame_data import FrameData, SignalForm
-from tamiyo_client.kasmina import KasminaLayer, SeedError
+from tamiyo_client.kasmina import KasminaLayer, SeedError, multi_rank, warn_unsynchronized
 from tamiyo_client.kernels import DEFAULT_KERNELS, get_kernel, kernel_specs
 from tamiyo_client.topology import Selector, derive_topology, wrap_layers
 
@@ -38,14 +39,100 @@ class ApplyResult:
     new_parameters: list[nn.Parameter] = field(default_factory=list)
 
 
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+# Scheduler attributes that hold one entry per param group (LambdaLR's lr_lambdas,
+# CyclicLR's max_lrs, ReduceLROnPlateau's min_lrs, ...): a new group needs its own entry,
+# or the scheduler's next step fails (zip(..., strict=True)) or skips the group.
+_PER_GROUP = (
+    "base_lrs",
+    "_last_lr",
+    "lr_lambdas",
+    "min_lrs",
+    "max_lrs",
+    "base_momentums",
+    "max_momentums",
+)
+
+
 def extend_optimizer(
-    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], **group: Any
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[nn.Parameter],
+    scheduler: Scheduler | Sequence[Scheduler] | None = None,
+    *,
+    like: int = 0,
+    **group: Any,
 ) -> None:
-    """Make ``optimizer`` train a newly germinated kernel: adds one param group (with the
-    optimizer's defaults unless overridden in ``group``, e.g. ``lr=1e-3``)."""
+    """Make ``optimizer`` train a newly germinated kernel, consistently with its schedule.
+
+    Adds one param group whose hyper-parameters are a copy of ``param_groups[like]``
+    as they are now: the current (scheduled) ``lr``, and what schedulers keep in a group
+    (``initial_lr``, OneCycleLR's ``max_lr`` / ``min_lr``, momentum or betas, weight decay,
+    ...), then ``group``'s overrides (e.g. ``lr=1e-3``; an ``lr`` override also becomes
+    the group's ``initial_lr`` when it has one). Why: a group built from the optimizer's
+    defaults lacks the keys a scheduler built earlier put into every group (OneCycleLR:
+    ``KeyError: 'max_lr'`` at the next ``step()``) and trains at the initial lr, not the
+    decayed one.
+
+    Every scheduler of the optimizer gets a matching per-group entry (``base_lrs``,
+    LambdaLR's ``lr_lambdas``, ...; copied from entry ``like``), so the new group
+    follows the same schedule: pass them as ``scheduler`` (one, or a sequence; the
+    children of SequentialLR / ChainedScheduler are included). When ``scheduler`` is None,
+    the schedulers that reference ``optimizer`` are found by the garbage collector's
+    referrer scan (a few ms; adaptations are rare), so a loop that does not pass them
+    still does not crash."""
     fresh = [p for p in params if p.requires_grad]
-    if fresh:
-        optimizer.add_param_group({"params": fresh, **group})
+    if not fresh:
+        return
+    groups = optimizer.param_groups
+    n = len(groups)
+    if not 0 <= like < n:
+        raise IndexError(f"extend_optimizer: like={like} but the optimizer has {n} groups")
+    new = {k: v for k, v in groups[like].items() if k not in ("params", "param_names")}
+    new.update(group)
+    if "lr" in group and "initial_lr" in new and "initial_lr" not in group:
+        new["initial_lr"] = group["lr"]
+    schedulers = _schedulers_of(optimizer) if scheduler is None else _flatten(scheduler)
+    optimizer.add_param_group({"params": fresh, **new})
+    for sched in schedulers:
+        for attr in _PER_GROUP:
+            values = getattr(sched, attr, None)
+            if not isinstance(values, list) or len(values) != n:
+                continue  # not per group, or already extended
+            if attr == "base_lrs":
+                values.append(new.get("initial_lr", new.get("lr", values[like])))
+            elif attr == "_last_lr":
+                values.append(new.get("lr", values[like]))
+            else:
+                values.append(values[like])
+
+
+def _flatten(scheduler: Scheduler | Sequence[Scheduler]) -> list[Scheduler]:
+    """The schedulers given, with the children of SequentialLR / ChainedScheduler, once
+    each (each keeps its own per-group lists)."""
+    todo = list(scheduler) if isinstance(scheduler, Sequence) else [scheduler]
+    seen: dict[int, Scheduler] = {}
+    while todo:
+        s = todo.pop()
+        if id(s) not in seen:
+            seen[id(s)] = s
+            todo.extend(getattr(s, "_schedulers", []))
+    return list(seen.values())
+
+
+def _schedulers_of(optimizer: torch.optim.Optimizer) -> list[Scheduler]:
+    """The live schedulers whose ``optimizer`` is ``optimizer`` (see extend_optimizer)."""
+    found: list[Scheduler] = []
+    for ref in gc.get_referrers(optimizer):
+        owners = [ref]
+        if isinstance(ref, dict):  # an instance __dict__ (Python versions without inline
+            owners = gc.get_referrers(ref)  # attribute values): its owner holds it
+        found.extend(
+            o
+            for o in owners
+            if isinstance(o, Scheduler) and getattr(o, "optimizer", None) is optimizer
+        )
+    return _flatten(found) if found else []
 
 
 class KasminaHost:
@@ -130,9 +217,17 @@ class KasminaHost:
         by default, readable; ``form="columns"`` for HealthSignalColumns)."""
         return self.frame_data(step, epoch, want_decision, request_id).to_frame(form)
 
-    def apply(self, decision: decision_pb2.AdaptationDecision) -> ApplyResult:
+    def apply(
+        self, decision: decision_pb2.AdaptationDecision, *, synchronized: bool = False
+    ) -> ApplyResult:
         """Carry out one decision. NO_OP is trivially applied; LOAD_KERNEL germinates the
-        seed it names. Never raises for a bad decision: the result says why not."""
+        seed it names. Never raises for a bad decision: the result says why not.
+
+        ``synchronized``: this decision is applied on every rank of a data-parallel job,
+        which re-wraps DDP afterwards (README, "Multi-rank training"). Without it, a
+        LOAD_KERNEL in a multi-rank job, or into a model that is (or holds) a DDP / FSDP
+        module, warns (``DistributedAdaptationWarning``): DDP would not synchronise the
+        kernel and the ranks would diverge silently."""
         did = decision.decision_id
         if decision.action == decision_pb2.ADAPTATION_ACTION_NO_OP:
             return ApplyResult(did, True, "no-op")
@@ -144,8 +239,13 @@ class KasminaHost:
             return ApplyResult(did, False, f"unknown target_layer_id {decision.target_layer_id!r}")
         if decision.kernel_id not in self.kernel_ids:
             return ApplyResult(did, False, f"kernel_id {decision.kernel_id!r} was not offered")
+        if not synchronized and (why := self._distributed()):
+            warn_unsynchronized(f"apply({decision.decision_id!r})", why)
+            synchronized = True  # warned once, here
         try:
-            params = layer.germinate(decision.seed_index, decision.kernel_id)
+            params = layer.germinate(
+                decision.seed_index, decision.kernel_id, synchronized=synchronized
+            )
         except SeedError as exc:
             return ApplyResult(did, False, str(exc), layer.layer_id, decision.seed_index)
         result = ApplyResult(
@@ -159,6 +259,20 @@ class KasminaHost:
         )
         self.applied.append(result)
         return result
+
+    def _distributed(self) -> str:
+        """Why a germination here may not reach every rank ("" when it will)."""
+        if ranks := multi_rank():
+            return f"this process is {ranks}"
+        wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel,)
+        if torch.distributed.is_available():
+            from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+            wrappers += (FSDPModule, FullyShardedDataParallel)
+        for m in self.model.modules():
+            if isinstance(m, wrappers):
+                return f"the model holds a {type(m).__name__}"
+        return ""
 
     @staticmethod
     def outcome(result: ApplyResult, reward: float | None = None) -> pb.DecisionOutcome:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ class _Tally:
 
     __slots__ = (
         "forwards",
+        "fossil_grads",
         "grad_due",
         "grad_norm",
         "health_key",
@@ -77,6 +79,7 @@ class _Tally:
     def __init__(self) -> None:
         self.forwards = 0  # training forwards since creation (drives sampling)
         self.kernels = 0  # len(seed_kernels), kept in step by _refresh_params
+        self.fossil_grads = False  # a seed fossilized: drop its grads at the next forward
         self.output_bytes = 0  # of the latest sampled output
         self.grad_due = False  # a sampled forward ran since the gradients were read
         self.grad_norm: float | None = None  # the latest reading
@@ -90,6 +93,33 @@ class SeedError(ValueError):
     """A decision cannot be applied to this layer (bad seed index, busy seed, ...)."""
 
 
+class DistributedAdaptationWarning(UserWarning):
+    """A kernel was germinated in a multi-rank job without ``synchronized=True``."""
+
+
+def multi_rank() -> str:
+    """ "rank r of w" when this process is one of several in an initialised
+    ``torch.distributed`` group, else ""."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"rank {dist.get_rank()} of {dist.get_world_size()}"
+    return ""
+
+
+def warn_unsynchronized(where: str, why: str) -> None:
+    """Warn that a germination may leave the ranks of a data-parallel job diverging."""
+    warnings.warn(
+        f"{where}: a kernel was germinated while {why}. DistributedDataParallel / FSDP "
+        "wrappers built before this call do not know its parameters: they are never "
+        "all-reduced and the ranks diverge silently (and ranks with their own client may "
+        "get different decisions). Decide on one rank, broadcast the decision, apply it "
+        "on every rank, re-wrap the model in DDP, and pass synchronized=True (README, "
+        "'Multi-rank training').",
+        DistributedAdaptationWarning,
+        stacklevel=3,
+    )
+
+
 def _describe_leaf(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, int] | None:
     if isinstance(m, nn.Linear):
         return _LINEAR, m.in_features, m.out_features
@@ -100,8 +130,10 @@ def _describe_leaf(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, in
     if isinstance(m, nn.LayerNorm):
         width = int(m.normalized_shape[-1])
         return graph_pb2.LAYER_TYPE_NORM, width, width
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+    if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*d, InstanceNorm*d
         return graph_pb2.LAYER_TYPE_NORM, m.num_features, m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return graph_pb2.LAYER_TYPE_NORM, m.num_channels, m.num_channels
     if isinstance(m, nn.Embedding):
         return graph_pb2.LAYER_TYPE_EMBEDDING, m.num_embeddings, m.embedding_dim
     if isinstance(m, nn.RNNBase):
@@ -120,6 +152,45 @@ def describe_module(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, i
             "in_features and out_features to KasminaLayer"
         )
     return found[0][0], found[0][1], found[-1][2]
+
+
+_CHANNELS_FIRST = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+)
+
+
+def channels_first(m: nn.Module, layer_type: graph_pb2.LayerType.ValueType) -> bool:
+    """Whether the units of ``m``'s output are its dim 1 (channels) rather than its last
+    dim, for outputs of more than 2 dims: true for a CONV layer and for a module (or a
+    block) whose first recognised submodule is a conv or a channels-first norm
+    (BatchNorm*d, InstanceNorm*d, GroupNorm). Why: a BatchNorm2d's [B, C, H, W] output
+    flattened on its last dim would be measured per image column, not per channel."""
+    if layer_type == _CONV:
+        return True
+    first = next((s for s in m.modules() if _describe_leaf(s) is not None), None)
+    first = m if first is None else first
+    return isinstance(first, _CHANNELS_FIRST)
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The wrapped module's input: its first positional argument, else the first tensor
+    keyword argument (``block(hidden_states=h)``), else None."""
+    if args:
+        return args[0]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _plus(y: Any, extra: torch.Tensor) -> Any:
+    """``y + extra``, where a tuple output (``(out, attn)``) gets ``extra`` added to its
+    first element and the rest passed through (a namedtuple stays one)."""
+    if isinstance(y, tuple):
+        items = (y[0] + extra, *y[1:])
+        return type(y)(*items) if hasattr(y, "_fields") else items
+    return y + extra
 
 
 def _width(t: Any) -> int:
@@ -164,6 +235,7 @@ class KasminaLayer(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.num_seeds = self.config.num_seeds if layer_type == _LINEAR else 0
+        self._channels_first = channels_first(base, layer_type)
         self.seed_kernels = nn.ModuleDict()
         self.seed_states: list[health_pb2.SeedLifecycleState.ValueType] = [DORMANT] * self.num_seeds
         self.seed_kernel_ids: list[str] = [""] * self.num_seeds
@@ -172,22 +244,26 @@ class KasminaLayer(nn.Module):
         self._acc = WindowAccumulator(self.config)
         self._tally = _Tally()
         self._sample_every = max(1, self.config.sample_every)
-        self._params: list[nn.Parameter] = []  # refreshed when the structure changes
         self._refresh_params()
         self._widths: tuple[int, int] | None = None  # last training forward's (in, out)
         # A checkpoint of the model before it was wrapped loads as it is (see _plain_keys).
         self.register_load_state_dict_pre_hook(_plain_keys)  # type: ignore[no-untyped-call]
 
     def _refresh_params(self) -> None:
-        """Cache the parameter list (walked every frame by memory_bytes). ``.to()`` keeps
-        the Parameter objects, so only germinate / cull / loading change it."""
-        self._params = list(self.parameters())
+        """Keep the kernel count (read on every forward) in step with ``seed_kernels``.
+        The parameters themselves are not cached: ``load_state_dict(assign=True)``,
+        ``to_empty()`` and parametrizations (weight_norm, pruning) replace Parameter
+        objects, and a stale list read gradient norm 0; they are walked only when a
+        frame reads them (once per sampled window)."""
         self._tally.kernels = len(self.seed_kernels)
 
     # -- forward -------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = _first_tensor(args, kwargs)
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, args, kwargs)
         t0 = time.perf_counter()
-        y = self.base(x, *args, **kwargs)
+        y = self.base(*args, **kwargs)
         tally = self._tally  # plain attributes only here: nn.Module lookups cost µs
         if tally.kernels:
             y = self._add_seeds(x, y)
@@ -195,15 +271,40 @@ class KasminaLayer(nn.Module):
         # (an EMA or a quick check) neither samples gradients nor ages the seeds.
         if self.training and torch.is_grad_enabled():
             self._acc.add_latency((time.perf_counter() - t0) * 1e3)
-            if tally.forwards % self._sample_every == 0:
-                self._sample(y)
-                widths = (_width(x), _width(y))
-                if min(widths) >= 0:  # (a traced or non-tensor forward tells nothing)
-                    self._widths = widths
-            tally.forwards += 1
-            if tally.kernels:
-                self._advance_seeds()
+            self._account(x, y)
         return y
+
+    def _compiled_forward(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``forward`` as dynamo traces it. Nothing that changes every call (a clock
+        reading, the forward counter) may be seen by dynamo: it specialises on Python
+        values, and a ``perf_counter`` float live across a graph break put a guard
+        ``t0 == <last value>`` on every resumed frame, so each step recompiled until
+        ``recompile_limit``. So the seeds (with their eager finiteness check) and the
+        bookkeeping run in helpers dynamo does not trace (``torch.compiler.disable``),
+        and compiled forwards are not timed (their forward-time statistics stay 0:
+        host-side time of a compiled region would be mostly launch time anyway)."""
+        y = self.base(*args, **kwargs)
+        if self._tally.kernels:
+            y = _add_seeds_eager(self, x, y)
+        if self.training and torch.is_grad_enabled():
+            _account_eager(self, x, y, untimed=True)
+        return y
+
+    def _account(self, x: Any, y: Any, untimed: bool = False) -> None:
+        """After a training forward: sample it (every ``sample_every``-th), age seeds.
+        ``untimed``: a compiled forward, which still counts as having run (the layer
+        reports a signal for the window, not a stale one)."""
+        if untimed:
+            self._acc.forwards += 1
+        tally = self._tally
+        if tally.forwards % self._sample_every == 0:
+            self._sample(y)
+            widths = (_width(x), _width(y))
+            if min(widths) >= 0:  # (a traced or non-tensor forward tells nothing)
+                self._widths = widths
+        tally.forwards += 1
+        if tally.kernels:
+            self._advance_seeds()
 
     def _fits(self) -> str:
         """Why a residual kernel ``[..., in] -> [..., out]`` cannot be added to this
@@ -222,9 +323,14 @@ class KasminaLayer(nn.Module):
             )
         return ""
 
-    def _add_seeds(self, x: torch.Tensor, y: Any) -> Any:
+    def _add_seeds(self, x: Any, y: Any) -> Any:
+        """``y`` plus the output of every active kernel on ``x`` (to the first element of
+        a tuple output). A kernel whose output is non-finite in training is culled and
+        left out, so it never reaches the loss."""
         if _width(x) != self.in_features or _width(y) != self.out_features:
             return y  # (germinate refuses such layers; never break a forward)
+        if self._tally.fossil_grads:
+            self._drop_fossil_grads()
         for key in list(self.seed_kernels.keys()):
             i = int(key)
             if self.seed_states[i] not in ACTIVE_STATES:
@@ -234,8 +340,21 @@ class KasminaLayer(nn.Module):
                 self.cull(i)
                 self._acc.add_error()
                 continue
-            y = y + out
+            y = _plus(y, out)
         return y
+
+    def _drop_fossil_grads(self) -> None:
+        """Set the gradients of fossilized kernels to None, once, at the forward after
+        they fossilized (their last backward has been stepped by then). Why: an
+        optimizer skips a parameter whose ``.grad`` is None, but keeps applying momentum,
+        Adam moments and weight decay to one whose grad is a zero tensor, which
+        ``zero_grad(set_to_none=False)`` leaves; ``requires_grad_(False)`` alone does not
+        stop that, and the seed would drift while reported frozen."""
+        self._tally.fossil_grads = False
+        for key, kernel in self.seed_kernels.items():
+            if self.seed_states[int(key)] == FOSSILIZED:
+                for p in kernel.parameters():
+                    p.grad = None
 
     def _sample(self, output: Any) -> None:
         """A sampled training forward: its output's statistics, and its gradients later."""
@@ -245,7 +364,7 @@ class KasminaLayer(nn.Module):
         tally = self._tally
         tally.grad_due = True  # read the gradients this forward's backward leaves
         tally.output_bytes = y.numel() * y.element_size()
-        self._acc.add_output(flatten_units(y.detach(), self.layer_type == _CONV))
+        self._acc.add_output(flatten_units(y.detach(), self._channels_first))
 
     def _advance_seeds(self) -> None:
         """After a training forward: germinated seeds train, long-trained ones fossilize."""
@@ -256,6 +375,7 @@ class KasminaLayer(nn.Module):
                 if self.seed_steps[i] >= self.config.fossilize_after_steps:
                     self.seed_states[i] = FOSSILIZED
                     self.seed_kernels[str(i)].requires_grad_(False)
+                    self._tally.fossil_grads = True
 
     # -- gradients -----------------------------------------------------------------
     def take_gradient_norm(self) -> float | None:
@@ -272,7 +392,7 @@ class KasminaLayer(nn.Module):
         tally = self._tally
         if tally.grad_due:
             tally.grad_due = False
-            grads = [p.grad for p in self._params if p.grad is not None]
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
             tally.grad_norm = math.sqrt(sum(squared_norm(g) for g in grads)) if grads else None
         return tally.grad_norm
 
@@ -288,9 +408,15 @@ class KasminaLayer(nn.Module):
                 return i
         return None
 
-    def germinate(self, seed_index: int, kernel_id: str) -> list[nn.Parameter]:
+    def germinate(
+        self, seed_index: int, kernel_id: str, *, synchronized: bool = False
+    ) -> list[nn.Parameter]:
         """Load kernel ``kernel_id`` into seed ``seed_index``; return its new parameters
-        (add them to the optimizer, see ``tamiyo_client.host.extend_optimizer``)."""
+        (add them to the optimizer, see ``tamiyo_client.host.extend_optimizer``).
+
+        In a multi-rank ``torch.distributed`` job this warns
+        (``DistributedAdaptationWarning``) unless ``synchronized``: the caller applies
+        the same decision on every rank and re-wraps DDP afterwards."""
         if not 0 <= seed_index < self.num_seeds:
             raise SeedError(
                 f"layer {self.layer_id!r}: seed_index {seed_index} not in [0, {self.num_seeds})"
@@ -305,6 +431,8 @@ class KasminaLayer(nn.Module):
             raise SeedError(str(exc.args[0])) from None
         if why := self._fits():
             raise SeedError(why)
+        if not synchronized and (ranks := multi_rank()):
+            warn_unsynchronized(f"layer {self.layer_id!r}", f"this process is {ranks}")
         ref = next(self.base.parameters(), None)
         kernel = kdef.build(self.in_features, self.out_features)
         if ref is not None:
@@ -345,8 +473,13 @@ class KasminaLayer(nn.Module):
                 if ref is not None:
                     kernel = kernel.to(device=ref.device, dtype=ref.dtype)
                 self.seed_kernels[key] = kernel
+            elif st not in ACTIVE_STATES and key in self.seed_kernels:
+                # Rolling back to a checkpoint from before this kernel: remove it, or
+                # strict loading misses its keys and it stays in parameters().
+                del self.seed_kernels[key]
             if st == FOSSILIZED:
                 self.seed_kernels[key].requires_grad_(False)
+                self._tally.fossil_grads = True
         self._refresh_params()
         self.seed_states = states
         self.seed_kernel_ids = list(state["seed_kernel_ids"])
@@ -373,7 +506,7 @@ class KasminaLayer(nn.Module):
     def memory_bytes(self) -> int:
         """Parameters + gradients + the latest output, in bytes."""
         total = self._tally.output_bytes
-        for p in self._params:
+        for p in self.parameters():
             total += p.numel() * p.element_size()
             g = p.grad
             if g is not None:
@@ -442,6 +575,11 @@ class KasminaLayer(nn.Module):
     def last_health(self) -> float | None:
         """The health score of the latest signal (None before the first)."""
         return self._tally.last_health
+
+
+# The seeds and the bookkeeping as compiled forwards call them: not traced by dynamo.
+_add_seeds_eager = torch.compiler.disable(KasminaLayer._add_seeds)  # type: ignore[no-untyped-call]
+_account_eager = torch.compiler.disable(KasminaLayer._account)  # type: ignore[no-untyped-call]
 
 
 def _plain_keys(layer: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
