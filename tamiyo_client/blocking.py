@@ -8,6 +8,8 @@ never in the middle of a forward/backward.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -23,6 +25,8 @@ from tamiyo_client.client import TamiyoClient
 from tamiyo_client.coalesce import Frame
 from tamiyo_client.received import ClientStats, DecisionCallback, ReceivedDecision
 from tamiyo_client.security import ClientSecurity
+
+log = logging.getLogger(__name__)
 
 _RUNNING: weakref.WeakSet[BlockingTamiyoClient] = weakref.WeakSet()  # started, not closed
 
@@ -123,16 +127,28 @@ class BlockingTamiyoClient:
             loop.close()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush briefly, end the stream and stop the thread."""
+        """Flush briefly, end the stream and stop the thread. Never raises: it runs in
+        a training job's shutdown (``with`` exit, ``finally``), where an exception from a
+        stuck client would hide the job's own result; a problem is logged, and a thread
+        that does not stop in time is left behind (it is a daemon)."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
             return
-        fut = asyncio.run_coroutine_threadsafe(self.client.close(), loop)
         try:
+            fut = asyncio.run_coroutine_threadsafe(self.client.close(), loop)
             fut.result(timeout_s)
+        except Exception as exc:  # (TimeoutError, a closed loop, ...)
+            log.warning(
+                "tamiyo client close: %s: %s (the stream may not have ended cleanly)",
+                type(exc).__name__,
+                exc,
+            )
         finally:
-            loop.call_soon_threadsafe(loop.stop)
+            with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile)
+                loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("tamiyo client thread did not stop within %.1f s", timeout_s)
 
     def __enter__(self) -> BlockingTamiyoClient:
         self.start()

@@ -3,6 +3,8 @@ running on its own thread: poll/get/iterate decisions, outcomes, restart."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -139,6 +141,56 @@ def test_an_http_target_is_a_configuration_error() -> None:
     for client in (BlockingTamiyoClient, ProcessTamiyoClient):  # (the sidecar looped)
         with pytest.raises(ValueError, match="give host:port"):
             client(host.session_open(), replace(ClientConfig(), target="HTTPS://h:1"))
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("", "empty"),
+        ("localhost", "no port"),
+        ("127.0.0.1", "no port"),
+        ("grpc://127.0.0.1:50051", "unknown scheme 'grpc'"),
+        ("host:http", "not a number"),
+        ("::1:50051", "bracket an IPv6"),
+    ],
+)
+def test_an_unusable_target_is_a_configuration_error_naming_the_problem(
+    target: str, why: str
+) -> None:
+    """QA M3: "" was accepted, wedged the client thread (close() raised TimeoutError) and
+    hung the next client's start(); a missing port (gRPC uses 443) or an unknown scheme
+    retried forever with a misleading last_error."""
+    _, host = make_host()
+    for client in (BlockingTamiyoClient, ProcessTamiyoClient):
+        with pytest.raises(ValueError, match=why):
+            client(host.session_open(), replace(ClientConfig(), target=target))
+
+
+@pytest.mark.parametrize(
+    "target", ["[::1]:50051", "dns:///localhost:50051", "unix:/tmp/t.sock", "ipv4:127.0.0.1:1"]
+)
+def test_grpc_target_forms_are_accepted(target: str) -> None:
+    _, host = make_host()
+    BlockingTamiyoClient(host.session_open(), replace(ClientConfig(), target=target))
+
+
+def test_close_never_raises_into_the_training_script(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QA M3: close() raised TimeoutError (from ``fut.result``) when the client's loop
+    was stuck; it runs at a job's shutdown, so it logs instead."""
+    _, host = make_host()
+    cfg = replace(ClientConfig(), target="127.0.0.1:1", connect_timeout_s=0.2)
+    client = BlockingTamiyoClient(host.session_open(), cfg)
+    client.start()
+
+    async def stuck() -> None:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(client.client, "close", stuck)
+    with caplog.at_level(logging.WARNING, logger="tamiyo_client.blocking"):
+        client.close(timeout_s=0.2)  # no exception
+    assert "TimeoutError" in caplog.text
 
 
 def test_forking_while_a_blocking_client_runs_warns() -> None:
