@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,9 +171,12 @@ class KasminaHost:
         model_id: str = "",
         kernel_ids: Sequence[str] = DEFAULT_KERNELS,
         config: KasminaConfig | None = None,
+        layer_types: Mapping[str, graph_pb2.LayerType.ValueType] | None = None,
     ) -> KasminaHost:
-        """Wrap the layers ``select`` picks (see ``wrap_layers``) and describe the model."""
-        layers = wrap_layers(model, select, config)
+        """Wrap the layers ``select`` picks (see ``wrap_layers``; ``layer_types``
+        overrides the type of some, e.g. a pre-LN block as LAYER_TYPE_LINEAR so it gets
+        seeds) and describe the model."""
+        layers = wrap_layers(model, select, config, layer_types)
         return cls(model, layers, host_id=host_id, model_id=model_id, kernel_ids=kernel_ids)
 
     def session_open(self, budget: pb.SessionBudget | None = None) -> pb.SessionOpen:

@@ -543,8 +543,10 @@ class KasminaLayer(nn.Module):
         health = tally.last_health
         errors = stats.error_count
         if grad is not None and not math.isfinite(grad):
+            # A NaN gradient reads 0 (plus an error); an infinite one reads as the
+            # largest float32 (plus an error): 0 would look like vanishing gradients.
             errors += 1
-            grad = None
+            grad = None if math.isnan(grad) else _F32_MAX
         states = self.seed_states
         return SignalValues(
             self.layer_id,

@@ -35,6 +35,15 @@ class ClientSecurity:
             raise ValueError("certificates were given but tls=False")
         if self.token is not None and (not self.token or any(c in self.token for c in "\r\n")):
             raise ValueError("token must be non-empty and contain no line breaks")
+        if self.token is not None and (
+            bad := sorted({c for c in self.token if not " " <= c <= "~"})
+        ):
+            # gRPC refuses such a header value on every attempt (INTERNAL: Invalid
+            # metadata), which a client would retry forever: a configuration error.
+            raise ValueError(
+                f"token has characters a header value cannot carry: {bad!r} (printable "
+                "ASCII only; strip the whitespace around a token read from a file)"
+            )
 
     @classmethod
     def from_files(

@@ -103,7 +103,14 @@ def squared_norm(t: torch.Tensor) -> float:
     else one torch op in float64 (a device sync on GPU; read once per window)."""
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
         flat = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
-        return float(np.dot(flat, flat))
+        with np.errstate(over="ignore"):  # (no RuntimeWarning on the training thread)
+            sq = float(np.dot(flat, flat))
+        if math.isinf(sq) and flat.dtype != np.float64:
+            # Σg² above float32's 3.4e38 from finite gradients: a diverging, not a
+            # vanishing, gradient; float64 holds it (a copy, only in this case).
+            wide = flat.astype(np.float64)
+            sq = float(np.dot(wide, wide))
+        return sq
     return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
 
 

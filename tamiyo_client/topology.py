@@ -10,7 +10,7 @@ module registration order, which is right for plain feed-forward stacks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch.fx
 from torch import nn
@@ -30,7 +30,10 @@ def select_types(*types: type[nn.Module]) -> Selector:
 
 
 def wrap_layers(
-    model: nn.Module, select: Selector, config: KasminaConfig | None = None
+    model: nn.Module,
+    select: Selector,
+    config: KasminaConfig | None = None,
+    layer_types: Mapping[str, graph_pb2.LayerType.ValueType] | None = None,
 ) -> dict[str, KasminaLayer]:
     """Replace, in place, every submodule for which ``select(qualified_name, module)`` is
     true (outermost match wins; matches inside it are not wrapped again) by a
@@ -41,6 +44,13 @@ def wrap_layers(
     (``_CLOSED``): they read their children's weights and attributes directly
     (``out_proj.weight``, ``linear1.weight``, ``norm1.eps``, ``self_attn.batch_first``) on
     their fused paths, which a wrapped child does not have. Wrap your own blocks instead.
+
+    ``layer_types`` overrides the type of chosen layers by name (widths are still those
+    of the block's first and last recognised submodules). Why: a block is typed by its
+    first recognised submodule, so a pre-LN block (LayerNorm, Linear, act, Linear) is
+    NORM and gets no seeds although it maps [..., d] to [..., d]; typing it LAYER_TYPE_
+    LINEAR gives it seeds (germinate still refuses a block whose measured forward does
+    not map [..., in] to [..., out]). A name that is not chosen is a ValueError.
     """
     config = config or KasminaConfig()
     named = list(model.named_modules())
@@ -63,11 +73,14 @@ def wrap_layers(
             "already wrapped, and everything inside torch's attention and Transformer "
             "modules, are left alone)"
         )
+    types = dict(layer_types or {})
+    if unknown := sorted(set(types) - set(chosen)):
+        raise ValueError(f"wrap_layers: layer_types names layers that are not wrapped: {unknown}")
     layers: dict[str, KasminaLayer] = {}
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = KasminaLayer(getattr(parent, attr), name, config)
+        layer = KasminaLayer(getattr(parent, attr), name, config, layer_type=types.get(name))
         setattr(parent, attr, layer)
         layers[name] = layer
     return layers

@@ -312,6 +312,9 @@ def test_security_settings_are_checked(pki: Pki) -> None:
         ClientSecurity(root_certificates=b"x")
     with pytest.raises(ValueError, match="line breaks"):
         ClientSecurity(token="a\nb")
+    for bad in ("s3cret\t", "tök3n"):  # QA L2: gRPC refused these forever, as retryable
+        with pytest.raises(ValueError, match="header value cannot carry"):
+            ClientSecurity(token=bad)
     assert ClientSecurity(token="t").metadata() == (("authorization", "Bearer t"),)
     assert ClientSecurity.from_files(ca=pki.ca).tls
     shown = repr(

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tamiyo.config import KasminaConfig
-from tamiyo.v1 import decision_pb2
+from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo_client.host import KasminaHost, extend_optimizer
 from tamiyo_client.kasmina import (
     FOSSILIZED,
@@ -314,3 +314,64 @@ def test_germinating_into_a_ddp_wrapped_model_warns() -> None:
             assert host.apply(_decision("0")).applied
     finally:
         dist.destroy_process_group()
+
+
+class PreLN(nn.Module):
+    """The standard pre-LN transformer MLP block: LayerNorm, Linear, act, Linear, + x."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+        return out
+
+
+def test_attach_can_type_a_pre_ln_block_as_linear_so_it_gets_seeds() -> None:
+    """M5: a pre-LN block was typed NORM (its first recognised submodule), got 0 seeds
+    and every LOAD_KERNEL into it failed; attach had no override."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PreLN(), nn.Linear(16, 1))
+    host = KasminaHost.attach(
+        model,
+        lambda n, m: isinstance(m, PreLN) or n == "1",
+        host_id="p",
+        layer_types={"0": graph_pb2.LAYER_TYPE_LINEAR},
+    )
+    assert "0: LINEAR 16->16" in host.topology_summary()
+    model(torch.randn(4, 16)).sum().backward()
+    assert host.apply(_decision("0")).applied
+    with pytest.raises(ValueError, match="not wrapped"):
+        KasminaHost.attach(
+            nn.Sequential(nn.Linear(2, 2)),
+            select_types(nn.Linear),
+            host_id="p",
+            layer_types={"nope": graph_pb2.LAYER_TYPE_LINEAR},
+        )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the output)
+def test_an_overflowing_gradient_norm_is_reported_large_not_zero() -> None:
+    """L5: Σg² was summed in float32, overflowed to inf for finite gradients of ~1e20,
+    and the frame reported gradient_norm 0: a diverging layer looked like a dead one."""
+    layer = KasminaLayer(nn.Linear(4, 4), "l", KasminaConfig(sample_every=1))
+    layer(torch.full((8, 4), 1e19)).sum().backward()
+    true = math.sqrt(
+        sum(float((p.grad.double() ** 2).sum()) for p in layer.parameters() if p.grad is not None)
+    )
+    assert true > 1e19
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy overflow warning either
+        sig = layer.collect_signal(1, 0)
+    assert sig is not None
+    assert sig.gradient_norm == pytest.approx(min(true, 3.0e38), rel=1e-5)
+
+    layer.base.weight.grad = torch.full((4, 4), float("inf"))
+    layer(torch.ones(2, 4))  # a sampled forward: the next frame reads the gradients
+    sig = layer.collect_signal(2, 0)
+    assert sig is not None
+    assert sig.gradient_norm == pytest.approx(3.0e38)
+    assert sig.error_count >= 1
