@@ -83,9 +83,10 @@ def awr_loss(
     max_weight: float,
     propensity: torch.Tensor | None = None,
     prior_power: float = 0.0,
+    max_total_weight: float = 1e5,
 ) -> torch.Tensor:
-    """IQL's policy extraction: −mean w · log π(a|s) with w = min(exp(β·A), max_weight) / μ^α,
-    A fixed; with α ≠ 0 the weights are divided by their batch mean.
+    """IQL's policy extraction: −mean w · log π(a|s), A fixed, with
+    w = min(min(exp(β·A), max_weight) / μ^α, max_total_weight).
 
     Its optimum is π(a|s) ∝ μ(a|s)^(1−α) · min(exp(β·A(s,a)), max_weight) (μ = the logged
     ``propensity`` float32 [B], α = ``prior_power``). α = 0 is plain AWR, whose greedy
@@ -97,16 +98,15 @@ def awr_loss(
     exp(β·A) at max_weight·μ, which is ~2.4 for an exploratory repair on a 20-layer graph
     and ~900 for the behaviour's own action. That brought the prior back (every useful
     exploratory repair got the same weight, whatever its advantage), and more so on
-    bigger graphs. Why the batch mean: 1/μ reaches n_valid/ε (hundreds), so a batch
-    holding one exploratory repair would otherwise take a step hundreds of times larger
-    than the next batch.
+    bigger graphs. ``max_total_weight`` only bounds the variance: 1/μ reaches n_valid/ε
+    (~650 on 32 layers), and 1e5 binds only for an exploratory repair with A ≳ 0.17 on
+    graphs of 20+ layers (the old cap bound from A ≈ 0.03). Dividing by the batch mean
+    instead was tried: validation 86.2 vs 88.5 (3 seeds, see trainer/README.md).
     """
     logw = (beta * advantage.detach()).clamp(max=math.log(max_weight))
-    if propensity is None or prior_power == 0.0:
-        return -(torch.exp(logw) * logp_a).mean()
-    logw = logw - prior_power * torch.log(propensity.clamp_min(1e-12))
-    w = torch.exp(logw - logw.max())  # (exp of the largest is 1: no overflow)
-    return -(w / w.mean() * logp_a).mean()
+    if propensity is not None and prior_power != 0.0:
+        logw = logw - prior_power * torch.log(propensity.clamp_min(1e-12))
+    return -(torch.exp(logw.clamp(max=math.log(max_total_weight))) * logp_a).mean()
 
 
 def cql_penalty(lse_q: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:

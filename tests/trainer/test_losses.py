@@ -88,33 +88,36 @@ def test_awr_loss_divides_by_the_behaviour_prior() -> None:
     logp = torch.tensor([-1.0, -2.0])
     adv = torch.tensor([0.0, math.log(8.0)])
     mu = torch.tensor([0.5, 0.25])
-    # α = 1: weights e^0 / 0.5 = 2 and min(8, 5) / 0.25 = 20, over their mean 11.
-    want = -(2 / 11 * -1.0 + 20 / 11 * -2.0) / 2
+    # α = 1: weights e^0 / 0.5 = 2 and min(8, 5) / 0.25 = 20.
+    want = -(2 * -1.0 + 20 * -2.0) / 2
     assert losses.awr_loss(logp, adv, 1.0, 5.0, mu, 1.0).item() == pytest.approx(want)
-    # α = 0.5: 1/√0.5 and 5/√0.25 = 10, over their mean.
-    w = torch.tensor([1 / math.sqrt(0.5), 10.0])
-    want = -(w / w.mean() * logp).mean().item()
+    # α = 0.5: 1/√0.5 and 5/√0.25 = 10.
+    want = -(1 / math.sqrt(0.5) * -1.0 + 10 * -2.0) / 2
     assert losses.awr_loss(logp, adv, 1.0, 5.0, mu, 0.5).item() == pytest.approx(want)
+    # the total cap: 20 → 12
+    want = -(2 * -1.0 + 12 * -2.0) / 2
+    got = losses.awr_loss(logp, adv, 1.0, 5.0, mu, 1.0, max_total_weight=12.0)
+    assert got.item() == pytest.approx(want)
+    # α = 0 (or no propensities) is plain AWR.
+    plain = losses.awr_loss(logp, adv, 1.0, 5.0)
+    assert losses.awr_loss(logp, adv, 1.0, 5.0, mu, 0.0).item() == pytest.approx(plain.item())
 
 
 def test_awr_clip_does_not_bring_the_prior_back() -> None:
     """Two exploratory repairs (μ = 0.0024, a 20-layer graph at ε = 0.1) with advantages
-    0.1 and 0.3 at β = 30: exp(β·A) is 20 and 8,103, so the better one's weight is the
-    clip (1000) over the other's 20, a ratio of 50. Clipping the weight after dividing by
-    μ gave both the same weight (ratio 1) and left the heuristic's action (μ = 0.9) a
-    weight up to 900: the behaviour prior, back again (the review's finding 1)."""
+    0.10 and 0.15 at β = 30: exp(β·A) is 20 and 90, so the better one weighs e^1.5 = 4.5
+    times more (8,333 and 37,500, under the 1e5 variance cap). Clipping the weight after
+    dividing by μ gave both the cap, 1000 (ratio 1), and left the heuristic's action
+    (μ = 0.9) a weight up to 900: the behaviour prior, back again (review finding 1)."""
     logp = torch.tensor([-1.0, -1.0, -1.0], requires_grad=True)
-    adv = torch.tensor([0.1, 0.3, 0.1])
+    adv = torch.tensor([0.10, 0.15, 0.10])
     mu = torch.tensor([0.0024, 0.0024, 0.9])
     losses.awr_loss(logp, adv, 30.0, 1000.0, mu, 1.0).backward()  # type: ignore[no-untyped-call]
     assert logp.grad is not None
-    w = -logp.grad  # (∝ each sample's weight)
-    assert float(w[1] / w[0]) == pytest.approx(1000.0 / math.exp(3.0), rel=1e-4)
+    w = -logp.grad * 3  # (each sample's weight: the loss is their mean)
+    assert float(w[1] / w[0]) == pytest.approx(math.exp(1.5), rel=1e-4)
+    assert float(w[0]) == pytest.approx(math.exp(3.0) / 0.0024, rel=1e-4)
     assert float(w[0] / w[2]) == pytest.approx(0.9 / 0.0024, rel=1e-4)
-    assert float(w.sum()) == pytest.approx(1.0, rel=1e-5)  # weights over their mean, / B
-    # α = 0 (or no propensities) is plain AWR.
-    plain = losses.awr_loss(logp, adv, 1.0, 5.0)
-    assert losses.awr_loss(logp, adv, 1.0, 5.0, mu, 0.0).item() == pytest.approx(plain.item())
 
 
 def test_cql_penalty() -> None:
