@@ -68,20 +68,22 @@ class MixedRewardsError(ValueError):
 
 
 def check_reward_sources(transitions: Sequence[Transition]) -> dict[str, int]:
-    """Transitions per ``reward_source``; raises ``MixedRewardsError`` when there is more
-    than one. Why: the conventions do not share a scale. The simulator's reward is a
+    """Transitions per ``reward_source``; raises ``MixedRewardsError`` when simulator
+    rewards meet served ones. Why: they do not share a scale. The simulator's reward is a
     level (mean true health − costs, ~0.9 per step), the server's derived one a change
-    (of mean reported health, ~0 per step, adaptations free), and a client's is its own.
-    One critic fitting both learns targets ~0.9 apart per step for the same (s, a)."""
+    (of mean reported health, ~0 per step, adaptations free). One critic fitting both
+    learns targets ~0.9 apart per step for the same (s, a). A served session's own mix of
+    ``client`` and ``derived`` is the protocol's design (the server derives a reward
+    only where the host reported none: ``DecisionOutcome.reward``), so it is allowed."""
     counts: dict[str, int] = {}
     for tr in transitions:
         counts[tr.reward_source] = counts.get(tr.reward_source, 0) + 1
-    if len(counts) > 1:
+    if "simulator" in counts and len(counts) > 1:
         found = ", ".join(f"{n:,} {src}" for src, n in sorted(counts.items()))
         raise MixedRewardsError(
-            f"rewards of different conventions in one dataset ({found} transitions): the "
+            f"simulator and served rewards in one dataset ({found} transitions): the "
             "simulator's is a level (mean true health − costs), 'derived' a change of mean "
-            "reported health, 'client' the host's own; train on one source, or pass "
+            "reported health, 'client' the host's own; train on one kind, or pass "
             "mixed_rewards=True once their scales agree"
         )
     return counts

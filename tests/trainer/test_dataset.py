@@ -3,6 +3,7 @@ dataset, and served adaptations the host did not apply trained as what happened.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,12 @@ from tamiyo.experience.schema import (
     OutcomeRecord,
 )
 from tamiyo.policy.features import state_from_snapshot
-from trainer.dataset import MixedRewardsError, build_dataset, load_dataset
+from trainer.dataset import (
+    MixedRewardsError,
+    build_dataset,
+    check_reward_sources,
+    load_dataset,
+)
 from trainer.simic.env import SimicBatch
 from trainer.simic.policies import BehaviourPolicy
 from trainer.simic.rollout import episodes_for, run_policy
@@ -71,10 +77,15 @@ def test_rewards_of_different_conventions_are_refused_unless_asked(tmp_path: Pat
     _simic_store(tmp_path / "sim.sqlite", range(2))
     _served_store(tmp_path / "served.sqlite", applied=True)
     both = [tmp_path / "sim.sqlite", tmp_path / "served.sqlite"]
-    with pytest.raises(MixedRewardsError, match=r"1 derived, 12 simulator transitions"):
+    with pytest.raises(MixedRewardsError, match=r"\(1 derived, 12 simulator transitions\)"):
         load_dataset(both, 0.9, progress=False)
     assert len(load_dataset(both, 0.9, progress=False, mixed_rewards=True)) == 13
     assert len(load_dataset(both[:1], 0.9, progress=False)) == 12  # one source: fine
+    # a served session's own mix (the host's rewards, the server's where it gave none)
+    # is the protocol's design
+    served = ExperienceReader([tmp_path / "served.sqlite"]).transitions()
+    mixed = [*served, replace(served[0], reward_source="client")]
+    assert check_reward_sources(mixed) == {"derived": 1, "client": 1}
 
 
 @pytest.mark.parametrize("applied", [True, False])
