@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--data", type=Path, nargs="+", required=True,
                     help="experience stores: files or directories")  # fmt: skip
     pt.add_argument("--out", type=Path, required=True, help="run directory")
+    pt.add_argument(
+        "--mixed-rewards",
+        action="store_true",
+        help="train on simulator and served rewards together (refused otherwise: "
+        "their scales differ, see trainer/README.md)",
+    )
     pt.add_argument("--resume", action="store_true",
                     help="continue from the saved state (refused unless the same run)")  # fmt: skip
     pt.add_argument("--validation-episodes", type=int, default=0,
@@ -137,12 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         simic.train_sizes, simic)  # fmt: skip
         print(f"wrote {args.episodes} episodes to {path}")
         return 0
-    from trainer.dataset import load_dataset
+    from trainer.dataset import MixedRewardsError, load_dataset
     from trainer.evaluate import Reference
     from trainer.loop import train
     from trainer.simic.rollout import episodes_for
 
-    data = load_dataset(args.data, cfg.gamma, progress=progress)
+    try:
+        data = load_dataset(args.data, cfg.gamma, progress=progress,
+                            mixed_rewards=args.mixed_rewards)  # fmt: skip
+    except MixedRewardsError as exc:
+        print(f"tamiyo-train: {exc} (--mixed-rewards)", file=sys.stderr)
+        return 2
     val = None
     if args.validation_episodes:
         seeds = range(2_000_000, 2_000_000 + args.validation_episodes)

@@ -18,6 +18,7 @@ from tamiyo.experience.schema import (
     OutcomeRecord,
 )
 from tamiyo.policy.features import state_from_snapshot
+from trainer.cli import main
 from trainer.dataset import (
     MixedRewardsError,
     build_dataset,
@@ -115,3 +116,17 @@ def test_the_simulators_refused_loads_stay_as_logged(tmp_path: Path) -> None:
     assert ds.relabelled_noop == 0
     adapts = sum(t.decision.action_kind == ACTION_LOAD_KERNEL for t in tr)
     assert int((ds.node >= 0).sum()) == adapts - ds.dropped_invalid
+
+
+def test_train_cli_refuses_mixed_rewards_in_one_line_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _simic_store(tmp_path / "sim.sqlite", range(2))
+    _served_store(tmp_path / "served.sqlite", applied=True)
+    data = [str(tmp_path / "sim.sqlite"), str(tmp_path / "served.sqlite")]
+    args = ["train", "--no-progress", "--set", "steps=1", "--set", "batch_size=4"]
+    assert main([*args, "--data", *data, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tamiyo-train: simulator and served rewards in one dataset")
+    assert err.strip().endswith("(--mixed-rewards)")
+    assert main([*args, "--mixed-rewards", "--data", *data, "--out", str(tmp_path / "b")]) == 0
