@@ -16,18 +16,15 @@ per backward, so there are none: an unsampled forward costs two ``perf_counter``
 and a deque append, a sampled one a few numpy calls on at most ``sample_rows`` rows
 (no torch ops on CPU, each of which costs ~10 µs of fixed overhead here).
 
-A seed is a slot for an adaptation kernel (``tamiyo_client.kernels``). Its lifecycle:
-DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
-(``fossilize_after_steps`` training forwards) FOSSILIZED, when its parameters are
-frozen. A kernel whose output is ever non-finite is CULLED (removed; the slot can be
-germinated again). The layer's output is ``base(x) + Σ kernel_i(x)`` over active seeds.
+The seeds (slots for adaptation kernels, their lifecycle and checkpointing) are
+``tamiyo_client.seeds``, which ``KasminaLayer`` extends; what a module is (type, widths,
+channel layout) is ``tamiyo_client.describe``. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -35,28 +32,49 @@ from torch import nn
 
 from tamiyo.config import KasminaConfig
 from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo_client.describe import channels_first, describe_module
 from tamiyo_client.frame_data import SignalValues
-from tamiyo_client.kernels import get_kernel
+from tamiyo_client.seeds import (
+    ACTIVE_STATES,
+    CULLED,
+    DORMANT,
+    FOSSILIZED,
+    GERMINATED,
+    TRAINING,
+    DistributedAdaptationWarning,
+    SeedError,
+    SeedSlots,
+    multi_rank,
+    warn_unsynchronized,
+    width,
+)
 from tamiyo_client.telemetry import (
     WindowAccumulator,
     WindowStats,
-    all_finite,
     flatten_units,
     reference_health,
     squared_norm,
-    to_numpy,
 )
 
-DORMANT = health_pb2.SEED_LIFECYCLE_STATE_DORMANT
-GERMINATED = health_pb2.SEED_LIFECYCLE_STATE_GERMINATED
-TRAINING = health_pb2.SEED_LIFECYCLE_STATE_TRAINING
-FOSSILIZED = health_pb2.SEED_LIFECYCLE_STATE_FOSSILIZED
-CULLED = health_pb2.SEED_LIFECYCLE_STATE_CULLED
-ACTIVE_STATES = frozenset({GERMINATED, TRAINING, FOSSILIZED})
+__all__ = [
+    "ACTIVE_STATES",
+    "CULLED",
+    "DORMANT",
+    "FOSSILIZED",
+    "GERMINATED",
+    "TRAINING",
+    "DistributedAdaptationWarning",
+    "KasminaLayer",
+    "SeedError",
+    "channels_first",
+    "describe_module",
+    "multi_rank",
+    "warn_unsynchronized",
+]
+
 _F32_MAX = 3.0e38
 
 _LINEAR = graph_pb2.LAYER_TYPE_LINEAR
-_CONV = graph_pb2.LAYER_TYPE_CONV
 
 
 class _Tally:
@@ -89,93 +107,6 @@ class _Tally:
         self.memory: float | None = None  # memory_utilization as of the latest sample
 
 
-class SeedError(ValueError):
-    """A decision cannot be applied to this layer (bad seed index, busy seed, ...)."""
-
-
-class DistributedAdaptationWarning(UserWarning):
-    """A kernel was germinated in a multi-rank job without ``synchronized=True``."""
-
-
-def multi_rank() -> str:
-    """ "rank r of w" when this process is one of several in an initialised
-    ``torch.distributed`` group, else ""."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return f"rank {dist.get_rank()} of {dist.get_world_size()}"
-    return ""
-
-
-def warn_unsynchronized(where: str, why: str) -> None:
-    """Warn that a germination may leave the ranks of a data-parallel job diverging."""
-    warnings.warn(
-        f"{where}: a kernel was germinated while {why}. DistributedDataParallel / FSDP "
-        "wrappers built before this call do not know its parameters: they are never "
-        "all-reduced and the ranks diverge silently (and ranks with their own client may "
-        "get different decisions). Decide on one rank, broadcast the decision, apply it "
-        "on every rank, re-wrap the model in DDP, and pass synchronized=True (README, "
-        "'Multi-rank training').",
-        DistributedAdaptationWarning,
-        stacklevel=3,
-    )
-
-
-def _describe_leaf(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, int] | None:
-    if isinstance(m, nn.Linear):
-        return _LINEAR, m.in_features, m.out_features
-    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        return _CONV, m.in_channels, m.out_channels
-    if isinstance(m, nn.MultiheadAttention):
-        return graph_pb2.LAYER_TYPE_ATTENTION, m.embed_dim, m.embed_dim
-    if isinstance(m, nn.LayerNorm):
-        width = int(m.normalized_shape[-1])
-        return graph_pb2.LAYER_TYPE_NORM, width, width
-    if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*d, InstanceNorm*d
-        return graph_pb2.LAYER_TYPE_NORM, m.num_features, m.num_features
-    if isinstance(m, nn.GroupNorm):
-        return graph_pb2.LAYER_TYPE_NORM, m.num_channels, m.num_channels
-    if isinstance(m, nn.Embedding):
-        return graph_pb2.LAYER_TYPE_EMBEDDING, m.num_embeddings, m.embedding_dim
-    if isinstance(m, nn.RNNBase):
-        return graph_pb2.LAYER_TYPE_RECURRENT, m.input_size, m.hidden_size
-    return None
-
-
-def describe_module(m: nn.Module) -> tuple[graph_pb2.LayerType.ValueType, int, int]:
-    """(layer type, input width, output width) of a module or of a block of modules: the
-    type of its first recognised submodule, the input width of the first and the output
-    width of the last. Raises ValueError when nothing inside is recognised."""
-    found = [d for d in (_describe_leaf(s) for s in m.modules()) if d is not None]
-    if not found:
-        raise ValueError(
-            f"cannot tell the type and widths of {type(m).__name__}: pass layer_type, "
-            "in_features and out_features to KasminaLayer"
-        )
-    return found[0][0], found[0][1], found[-1][2]
-
-
-_CHANNELS_FIRST = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-)
-
-
-def channels_first(m: nn.Module, layer_type: graph_pb2.LayerType.ValueType) -> bool:
-    """Whether the units of ``m``'s output are its dim 1 (channels) rather than its last
-    dim, for outputs of more than 2 dims: true for a CONV layer and for a module (or a
-    block) whose first recognised submodule is a conv or a channels-first norm
-    (BatchNorm*d, InstanceNorm*d, GroupNorm). Why: a BatchNorm2d's [B, C, H, W] output
-    flattened on its last dim would be measured per image column, not per channel."""
-    if layer_type == _CONV:
-        return True
-    first = next((s for s in m.modules() if _describe_leaf(s) is not None), None)
-    first = m if first is None else first
-    return isinstance(first, _CHANNELS_FIRST)
-
-
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The wrapped module's input: its first positional argument, else the first tensor
     keyword argument (``block(hidden_states=h)``), else None."""
@@ -184,22 +115,7 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
-def _plus(y: Any, extra: torch.Tensor) -> Any:
-    """``y + extra``, where a tuple output (``(out, attn)``) gets ``extra`` added to its
-    first element and the rest passed through (a namedtuple stays one)."""
-    if isinstance(y, tuple):
-        items = (y[0] + extra, *y[1:])
-        return type(y)(*items) if hasattr(y, "_fields") else items
-    return y + extra
-
-
-def _width(t: Any) -> int:
-    """Last dimension of a tensor output (the first of a tuple), -1 if there is none."""
-    t = t[0] if isinstance(t, tuple) and t else t
-    return int(t.shape[-1]) if isinstance(t, torch.Tensor) and t.dim() else -1
-
-
-class KasminaLayer(nn.Module):
+class KasminaLayer(SeedSlots):
     """``base`` plus ``num_seeds`` seed slots, reporting a ``HealthSignal`` on demand.
 
     Kernels are residual branches ``[..., in] -> [..., out]``, so only linear-like layers
@@ -249,14 +165,6 @@ class KasminaLayer(nn.Module):
         # A checkpoint of the model before it was wrapped loads as it is (see _plain_keys).
         self.register_load_state_dict_pre_hook(_plain_keys)  # type: ignore[no-untyped-call]
 
-    def _refresh_params(self) -> None:
-        """Keep the kernel count (read on every forward) in step with ``seed_kernels``.
-        The parameters themselves are not cached: ``load_state_dict(assign=True)``,
-        ``to_empty()`` and parametrizations (weight_norm, pruning) replace Parameter
-        objects, and a stale list read gradient norm 0; they are walked only when a
-        frame reads them (once per sampled window)."""
-        self._tally.kernels = len(self.seed_kernels)
-
     # -- forward -------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = _first_tensor(args, kwargs)
@@ -299,62 +207,12 @@ class KasminaLayer(nn.Module):
         tally = self._tally
         if tally.forwards % self._sample_every == 0:
             self._sample(y)
-            widths = (_width(x), _width(y))
+            widths = (width(x), width(y))
             if min(widths) >= 0:  # (a traced or non-tensor forward tells nothing)
                 self._widths = widths
         tally.forwards += 1
         if tally.kernels:
             self._advance_seeds()
-
-    def _fits(self) -> str:
-        """Why a residual kernel ``[..., in] -> [..., out]`` cannot be added to this
-        layer's output ("" if it can): a block that reshapes its input (Flatten, then a
-        Linear) is described by its Linear's widths, but its input is not ``[..., in]``."""
-        if self._widths is None:
-            return ""
-        got = self._widths
-        if got != (self.in_features, self.out_features):
-            return (
-                f"layer {self.layer_id!r}: its forward maps [..., {got[0]}] to "
-                f"[..., {got[1]}], not [..., {self.in_features}] to [..., "
-                f"{self.out_features}] as it was described (e.g. a block that reshapes its "
-                "input, or whose first Linear does not take the block's input), so a kernel "
-                "cannot be added to it"
-            )
-        return ""
-
-    def _add_seeds(self, x: Any, y: Any) -> Any:
-        """``y`` plus the output of every active kernel on ``x`` (to the first element of
-        a tuple output). A kernel whose output is non-finite in training is culled and
-        left out, so it never reaches the loss."""
-        if _width(x) != self.in_features or _width(y) != self.out_features:
-            return y  # (germinate refuses such layers; never break a forward)
-        if self._tally.fossil_grads:
-            self._drop_fossil_grads()
-        for key in list(self.seed_kernels.keys()):
-            i = int(key)
-            if self.seed_states[i] not in ACTIVE_STATES:
-                continue
-            out = self.seed_kernels[key](x)
-            if self.training and not all_finite(to_numpy(out.detach())):
-                self.cull(i)
-                self._acc.add_error()
-                continue
-            y = _plus(y, out)
-        return y
-
-    def _drop_fossil_grads(self) -> None:
-        """Set the gradients of fossilized kernels to None, once, at the forward after
-        they fossilized (their last backward has been stepped by then). Why: an
-        optimizer skips a parameter whose ``.grad`` is None, but keeps applying momentum,
-        Adam moments and weight decay to one whose grad is a zero tensor, which
-        ``zero_grad(set_to_none=False)`` leaves; ``requires_grad_(False)`` alone does not
-        stop that, and the seed would drift while reported frozen."""
-        self._tally.fossil_grads = False
-        for key, kernel in self.seed_kernels.items():
-            if self.seed_states[int(key)] == FOSSILIZED:
-                for p in kernel.parameters():
-                    p.grad = None
 
     def _sample(self, output: Any) -> None:
         """A sampled training forward: its output's statistics, and its gradients later."""
@@ -365,17 +223,6 @@ class KasminaLayer(nn.Module):
         tally.grad_due = True  # read the gradients this forward's backward leaves
         tally.output_bytes = y.numel() * y.element_size()
         self._acc.add_output(flatten_units(y.detach(), self._channels_first))
-
-    def _advance_seeds(self) -> None:
-        """After a training forward: germinated seeds train, long-trained ones fossilize."""
-        for i, state in enumerate(self.seed_states):
-            if state in (GERMINATED, TRAINING):  # this forward trained the kernel
-                self.seed_states[i] = TRAINING
-                self.seed_steps[i] += 1
-                if self.seed_steps[i] >= self.config.fossilize_after_steps:
-                    self.seed_states[i] = FOSSILIZED
-                    self.seed_kernels[str(i)].requires_grad_(False)
-                    self._tally.fossil_grads = True
 
     # -- gradients -----------------------------------------------------------------
     def take_gradient_norm(self) -> float | None:
@@ -395,102 +242,6 @@ class KasminaLayer(nn.Module):
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             tally.grad_norm = math.sqrt(sum(squared_norm(g) for g in grads)) if grads else None
         return tally.grad_norm
-
-    # -- seeds ---------------------------------------------------------------------
-    @property
-    def active_seeds(self) -> int:
-        return sum(1 for s in self.seed_states if s in ACTIVE_STATES)
-
-    def free_seed(self) -> int | None:
-        """Index of a seed that can take a kernel (DORMANT or CULLED), or None."""
-        for i, s in enumerate(self.seed_states):
-            if s in (DORMANT, CULLED):
-                return i
-        return None
-
-    def germinate(
-        self, seed_index: int, kernel_id: str, *, synchronized: bool = False
-    ) -> list[nn.Parameter]:
-        """Load kernel ``kernel_id`` into seed ``seed_index``; return its new parameters
-        (add them to the optimizer, see ``tamiyo_client.host.extend_optimizer``).
-
-        In a multi-rank ``torch.distributed`` job this warns
-        (``DistributedAdaptationWarning``) unless ``synchronized``: the caller applies
-        the same decision on every rank and re-wraps DDP afterwards."""
-        if not 0 <= seed_index < self.num_seeds:
-            raise SeedError(
-                f"layer {self.layer_id!r}: seed_index {seed_index} not in [0, {self.num_seeds})"
-            )
-        state = self.seed_states[seed_index]
-        if state not in (DORMANT, CULLED):
-            name = health_pb2.SeedLifecycleState.Name(state)
-            raise SeedError(f"layer {self.layer_id!r}: seed {seed_index} is busy ({name})")
-        try:
-            kdef = get_kernel(kernel_id)
-        except KeyError as exc:
-            raise SeedError(str(exc.args[0])) from None
-        if why := self._fits():
-            raise SeedError(why)
-        if not synchronized and (ranks := multi_rank()):
-            warn_unsynchronized(f"layer {self.layer_id!r}", f"this process is {ranks}")
-        ref = next(self.base.parameters(), None)
-        kernel = kdef.build(self.in_features, self.out_features)
-        if ref is not None:
-            kernel = kernel.to(device=ref.device, dtype=ref.dtype)
-        self.seed_kernels[str(seed_index)] = kernel
-        self.seed_states[seed_index] = GERMINATED
-        self.seed_kernel_ids[seed_index] = kernel_id
-        self.seed_steps[seed_index] = 0
-        self.adaptation_count += 1
-        params = list(kernel.parameters())
-        self._refresh_params()
-        return params
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """Seed bookkeeping saved in ``state_dict`` (plain ints and strings), so that a
-        checkpoint of an adapted model loads into a freshly built, unadapted one."""
-        return {
-            "seed_states": [int(s) for s in self.seed_states],
-            "seed_kernel_ids": list(self.seed_kernel_ids),
-            "seed_steps": list(self.seed_steps),
-            "adaptation_count": self.adaptation_count,
-        }
-
-    def set_extra_state(self, state: Any) -> None:
-        """Recreate the kernels a checkpoint had (torch loads this before the children,
-        so their weights are then filled from the same state_dict)."""
-        states = [health_pb2.SeedLifecycleState.ValueType(s) for s in state["seed_states"]]
-        if len(states) != self.num_seeds:
-            raise ValueError(
-                f"layer {self.layer_id!r}: checkpoint has {len(states)} seeds, layer has "
-                f"{self.num_seeds}"
-            )
-        for i, st in enumerate(states):
-            key, kid = str(i), state["seed_kernel_ids"][i]
-            if st in ACTIVE_STATES and key not in self.seed_kernels:
-                kernel = get_kernel(kid).build(self.in_features, self.out_features)
-                ref = next(self.base.parameters(), None)
-                if ref is not None:
-                    kernel = kernel.to(device=ref.device, dtype=ref.dtype)
-                self.seed_kernels[key] = kernel
-            elif st not in ACTIVE_STATES and key in self.seed_kernels:
-                # Rolling back to a checkpoint from before this kernel: remove it, or
-                # strict loading misses its keys and it stays in parameters().
-                del self.seed_kernels[key]
-            if st == FOSSILIZED:
-                self.seed_kernels[key].requires_grad_(False)
-                self._tally.fossil_grads = True
-        self._refresh_params()
-        self.seed_states = states
-        self.seed_kernel_ids = list(state["seed_kernel_ids"])
-        self.seed_steps = list(state["seed_steps"])
-        self.adaptation_count = int(state["adaptation_count"])
-
-    def cull(self, seed_index: int) -> None:
-        """Remove the kernel of a failed seed; the slot becomes CULLED (reusable)."""
-        del self.seed_kernels[str(seed_index)]
-        self.seed_states[seed_index] = CULLED
-        self._refresh_params()
 
     # -- telemetry -----------------------------------------------------------------
     def layer_spec(self) -> graph_pb2.LayerSpec:

@@ -1,0 +1,270 @@
+"""The seed slots of a KasminaLayer: germinating, training, fossilizing, culling kernels.
+
+A seed is a slot for an adaptation kernel (``tamiyo_client.kernels``). Its lifecycle:
+DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
+(``fossilize_after_steps`` training forwards) FOSSILIZED, when its parameters are
+frozen. A kernel whose output is ever non-finite is CULLED (removed; the slot can be
+germinated again). The layer's output is ``base(x) + Σ kernel_i(x)`` over active seeds.
+
+Kept apart from ``tamiyo_client.kasmina`` (wrapping and measuring a module) because the
+seed lifecycle, its checkpointing and its multi-rank hazard are a job of their own.
+``SeedSlots`` is ``KasminaLayer``'s base class, not used alone: ``KasminaLayer.__init__``
+sets the attributes declared on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tamiyo.config import KasminaConfig
+from tamiyo.v1 import health_pb2
+from tamiyo_client.kernels import get_kernel
+from tamiyo_client.telemetry import all_finite, to_numpy
+
+if TYPE_CHECKING:
+    from tamiyo_client.kasmina import _Tally
+    from tamiyo_client.telemetry import WindowAccumulator
+
+DORMANT = health_pb2.SEED_LIFECYCLE_STATE_DORMANT
+GERMINATED = health_pb2.SEED_LIFECYCLE_STATE_GERMINATED
+TRAINING = health_pb2.SEED_LIFECYCLE_STATE_TRAINING
+FOSSILIZED = health_pb2.SEED_LIFECYCLE_STATE_FOSSILIZED
+CULLED = health_pb2.SEED_LIFECYCLE_STATE_CULLED
+ACTIVE_STATES = frozenset({GERMINATED, TRAINING, FOSSILIZED})
+
+
+class SeedError(ValueError):
+    """A decision cannot be applied to this layer (bad seed index, busy seed, ...)."""
+
+
+class DistributedAdaptationWarning(UserWarning):
+    """A kernel was germinated in a multi-rank job without ``synchronized=True``."""
+
+
+def multi_rank() -> str:
+    """ "rank r of w" when this process is one of several in an initialised
+    ``torch.distributed`` group, else ""."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"rank {dist.get_rank()} of {dist.get_world_size()}"
+    return ""
+
+
+def warn_unsynchronized(where: str, why: str) -> None:
+    """Warn that a germination may leave the ranks of a data-parallel job diverging."""
+    warnings.warn(
+        f"{where}: a kernel was germinated while {why}. DistributedDataParallel / FSDP "
+        "wrappers built before this call do not know its parameters: they are never "
+        "all-reduced and the ranks diverge silently (and ranks with their own client may "
+        "get different decisions). Decide on one rank, broadcast the decision, apply it "
+        "on every rank, re-wrap the model in DDP, and pass synchronized=True (README, "
+        "'Multi-rank training').",
+        DistributedAdaptationWarning,
+        stacklevel=3,
+    )
+
+
+def _plus(y: Any, extra: torch.Tensor) -> Any:
+    """``y + extra``, where a tuple output (``(out, attn)``) gets ``extra`` added to its
+    first element and the rest passed through (a namedtuple stays one)."""
+    if isinstance(y, tuple):
+        items = (y[0] + extra, *y[1:])
+        return type(y)(*items) if hasattr(y, "_fields") else items
+    return y + extra
+
+
+def width(t: Any) -> int:
+    """Last dimension of a tensor output (the first of a tuple), -1 if there is none."""
+    t = t[0] if isinstance(t, tuple) and t else t
+    return int(t.shape[-1]) if isinstance(t, torch.Tensor) and t.dim() else -1
+
+
+class SeedSlots(nn.Module):
+    """``num_seeds`` slots for residual kernels ``[..., in] -> [..., out]`` added to the
+    output of ``base``; the seed half of ``KasminaLayer``."""
+
+    # Set by KasminaLayer.__init__.
+    layer_id: str
+    config: KasminaConfig
+    base: nn.Module
+    in_features: int
+    out_features: int
+    num_seeds: int
+    seed_kernels: nn.ModuleDict
+    seed_states: list[health_pb2.SeedLifecycleState.ValueType]
+    seed_kernel_ids: list[str]
+    seed_steps: list[int]
+    adaptation_count: int
+    _acc: WindowAccumulator
+    _tally: _Tally
+    _widths: tuple[int, int] | None  # last training forward's (in, out)
+
+    def _refresh_params(self) -> None:
+        """Keep the kernel count (read on every forward) in step with ``seed_kernels``.
+        The parameters themselves are not cached: ``load_state_dict(assign=True)``,
+        ``to_empty()`` and parametrizations (weight_norm, pruning) replace Parameter
+        objects, and a stale list read gradient norm 0; they are walked only when a
+        frame reads them (once per sampled window)."""
+        self._tally.kernels = len(self.seed_kernels)
+
+    # -- forward -------------------------------------------------------------------
+    def _fits(self) -> str:
+        """Why a residual kernel ``[..., in] -> [..., out]`` cannot be added to this
+        layer's output ("" if it can): a block that reshapes its input (Flatten, then a
+        Linear) is described by its Linear's widths, but its input is not ``[..., in]``."""
+        if self._widths is None:
+            return ""
+        got = self._widths
+        if got != (self.in_features, self.out_features):
+            return (
+                f"layer {self.layer_id!r}: its forward maps [..., {got[0]}] to "
+                f"[..., {got[1]}], not [..., {self.in_features}] to [..., "
+                f"{self.out_features}] as it was described (e.g. a block that reshapes its "
+                "input, or whose first Linear does not take the block's input), so a kernel "
+                "cannot be added to it"
+            )
+        return ""
+
+    def _add_seeds(self, x: Any, y: Any) -> Any:
+        """``y`` plus the output of every active kernel on ``x`` (to the first element of
+        a tuple output). A kernel whose output is non-finite in training is culled and
+        left out, so it never reaches the loss."""
+        if width(x) != self.in_features or width(y) != self.out_features:
+            return y  # (germinate refuses such layers; never break a forward)
+        if self._tally.fossil_grads:
+            self._drop_fossil_grads()
+        for key in list(self.seed_kernels.keys()):
+            i = int(key)
+            if self.seed_states[i] not in ACTIVE_STATES:
+                continue
+            out = self.seed_kernels[key](x)
+            if self.training and not all_finite(to_numpy(out.detach())):
+                self.cull(i)
+                self._acc.add_error()
+                continue
+            y = _plus(y, out)
+        return y
+
+    def _drop_fossil_grads(self) -> None:
+        """Set the gradients of fossilized kernels to None, once, at the forward after
+        they fossilized (their last backward has been stepped by then). Why: an
+        optimizer skips a parameter whose ``.grad`` is None, but keeps applying momentum,
+        Adam moments and weight decay to one whose grad is a zero tensor, which
+        ``zero_grad(set_to_none=False)`` leaves; ``requires_grad_(False)`` alone does not
+        stop that, and the seed would drift while reported frozen."""
+        self._tally.fossil_grads = False
+        for key, kernel in self.seed_kernels.items():
+            if self.seed_states[int(key)] == FOSSILIZED:
+                for p in kernel.parameters():
+                    p.grad = None
+
+    def _advance_seeds(self) -> None:
+        """After a training forward: germinated seeds train, long-trained ones fossilize."""
+        for i, state in enumerate(self.seed_states):
+            if state in (GERMINATED, TRAINING):  # this forward trained the kernel
+                self.seed_states[i] = TRAINING
+                self.seed_steps[i] += 1
+                if self.seed_steps[i] >= self.config.fossilize_after_steps:
+                    self.seed_states[i] = FOSSILIZED
+                    self.seed_kernels[str(i)].requires_grad_(False)
+                    self._tally.fossil_grads = True
+
+    # -- seeds ---------------------------------------------------------------------
+    @property
+    def active_seeds(self) -> int:
+        return sum(1 for s in self.seed_states if s in ACTIVE_STATES)
+
+    def free_seed(self) -> int | None:
+        """Index of a seed that can take a kernel (DORMANT or CULLED), or None."""
+        for i, s in enumerate(self.seed_states):
+            if s in (DORMANT, CULLED):
+                return i
+        return None
+
+    def germinate(
+        self, seed_index: int, kernel_id: str, *, synchronized: bool = False
+    ) -> list[nn.Parameter]:
+        """Load kernel ``kernel_id`` into seed ``seed_index``; return its new parameters
+        (add them to the optimizer, see ``tamiyo_client.host.extend_optimizer``).
+
+        In a multi-rank ``torch.distributed`` job this warns
+        (``DistributedAdaptationWarning``) unless ``synchronized``: the caller applies
+        the same decision on every rank and re-wraps DDP afterwards."""
+        if not 0 <= seed_index < self.num_seeds:
+            raise SeedError(
+                f"layer {self.layer_id!r}: seed_index {seed_index} not in [0, {self.num_seeds})"
+            )
+        state = self.seed_states[seed_index]
+        if state not in (DORMANT, CULLED):
+            name = health_pb2.SeedLifecycleState.Name(state)
+            raise SeedError(f"layer {self.layer_id!r}: seed {seed_index} is busy ({name})")
+        try:
+            kdef = get_kernel(kernel_id)
+        except KeyError as exc:
+            raise SeedError(str(exc.args[0])) from None
+        if why := self._fits():
+            raise SeedError(why)
+        if not synchronized and (ranks := multi_rank()):
+            warn_unsynchronized(f"layer {self.layer_id!r}", f"this process is {ranks}")
+        ref = next(self.base.parameters(), None)
+        kernel = kdef.build(self.in_features, self.out_features)
+        if ref is not None:
+            kernel = kernel.to(device=ref.device, dtype=ref.dtype)
+        self.seed_kernels[str(seed_index)] = kernel
+        self.seed_states[seed_index] = GERMINATED
+        self.seed_kernel_ids[seed_index] = kernel_id
+        self.seed_steps[seed_index] = 0
+        self.adaptation_count += 1
+        params = list(kernel.parameters())
+        self._refresh_params()
+        return params
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Seed bookkeeping saved in ``state_dict`` (plain ints and strings), so that a
+        checkpoint of an adapted model loads into a freshly built, unadapted one."""
+        return {
+            "seed_states": [int(s) for s in self.seed_states],
+            "seed_kernel_ids": list(self.seed_kernel_ids),
+            "seed_steps": list(self.seed_steps),
+            "adaptation_count": self.adaptation_count,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Recreate the kernels a checkpoint had (torch loads this before the children,
+        so their weights are then filled from the same state_dict)."""
+        states = [health_pb2.SeedLifecycleState.ValueType(s) for s in state["seed_states"]]
+        if len(states) != self.num_seeds:
+            raise ValueError(
+                f"layer {self.layer_id!r}: checkpoint has {len(states)} seeds, layer has "
+                f"{self.num_seeds}"
+            )
+        for i, st in enumerate(states):
+            key, kid = str(i), state["seed_kernel_ids"][i]
+            if st in ACTIVE_STATES and key not in self.seed_kernels:
+                kernel = get_kernel(kid).build(self.in_features, self.out_features)
+                ref = next(self.base.parameters(), None)
+                if ref is not None:
+                    kernel = kernel.to(device=ref.device, dtype=ref.dtype)
+                self.seed_kernels[key] = kernel
+            elif st not in ACTIVE_STATES and key in self.seed_kernels:
+                # Rolling back to a checkpoint from before this kernel: remove it, or
+                # strict loading misses its keys and it stays in parameters().
+                del self.seed_kernels[key]
+            if st == FOSSILIZED:
+                self.seed_kernels[key].requires_grad_(False)
+                self._tally.fossil_grads = True
+        self._refresh_params()
+        self.seed_states = states
+        self.seed_kernel_ids = list(state["seed_kernel_ids"])
+        self.seed_steps = list(state["seed_steps"])
+        self.adaptation_count = int(state["adaptation_count"])
+
+    def cull(self, seed_index: int) -> None:
+        """Remove the kernel of a failed seed; the slot becomes CULLED (reusable)."""
+        del self.seed_kernels[str(seed_index)]
+        self.seed_states[seed_index] = CULLED
+        self._refresh_params()
