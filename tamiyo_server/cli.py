@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "its own threshold",
     )
     p.add_argument(
+        "--confidence-threshold",
+        type=FRACTION,
+        default=_env("confidence_threshold", d.rules.confidence_threshold),
+        help="the network adapts only when its P(adapt) is at least this; when neither "
+        "this flag nor its variable is set, a checkpoint's manifest may set it "
+        "(serving_rules)",
+    )
+    p.add_argument(
         "--torch-threads",
         type=_int_in(1, 1024),
         default=_env("torch_threads", d.torch_threads),
@@ -277,6 +285,7 @@ def _config(a: argparse.Namespace, d: ServerConfig) -> ServerConfig:
             d.rules,
             exploration_epsilon=a.exploration_epsilon,
             health_threshold=a.health_threshold,
+            confidence_threshold=a.confidence_threshold,
         ),
         auth_token=_token(a),
         tls_cert_file=a.tls_cert,

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tamiyo.config import SimicConfig
+from tamiyo.config import RuleConfig, SimicConfig
 from tamiyo.experience import ExperienceWriter
 from trainer.simic.policies import BehaviourPolicy
 from trainer.simic.rollout import episodes_for, run_policy
@@ -36,17 +36,27 @@ def log(msg: str) -> None:
 # Bump when generate() writes different data for the same recipe in a way the source
 # hash below cannot see.
 DATA_FORMAT = 2
-# Code whose change changes the logged data: the simulator, its policies and rollout, and
-# the experience writer / encoding. A change here regenerates the stores.
-_GENERATOR_SOURCES = ("trainer/simic", "tamiyo/experience")
+# Code whose change changes the logged data: the simulator, its policies and rollout, the
+# experience writer / encoding, and what builds the logged states (the policy package's
+# snapshots and featurizer, the signal columns, the wire helpers) and the behaviour
+# policy's rules (tamiyo/config.py). A change here regenerates the stores.
+_GENERATOR_SOURCES = (
+    "trainer/simic",
+    "tamiyo/experience",
+    "tamiyo/policy",
+    "tamiyo/signal_columns.py",
+    "tamiyo/wire.py",
+    "tamiyo/config.py",
+)
 _ROOT = Path(__file__).resolve().parents[1]
 
 
 def _source_hash() -> str:
     h = hashlib.blake2b(digest_size=12)
     for d in _GENERATOR_SOURCES:
-        for f in sorted((_ROOT / d).glob("*.py")):
-            h.update(f"{d}/{f.name}\0".encode())
+        path = _ROOT / d
+        for f in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            h.update(f"{f.relative_to(_ROOT)}\0".encode())
             h.update(f.read_bytes())
     return h.hexdigest()
 
@@ -54,10 +64,12 @@ def _source_hash() -> str:
 def data_recipe(seeds: range, sizes: tuple[int, int], simic: SimicConfig) -> dict[str, Any]:
     """Everything the behaviour data written by ``generate`` is a function of (as read back
     from JSON): the episode seeds, graph sizes, the whole SimicConfig (dynamics, horizon,
-    ε, noise) and the generator's source code."""
+    ε, noise), the behaviour policy's rules and the source code the data depends on."""
     recipe = {"format": DATA_FORMAT, "policy": "simic-behaviour",
               "seeds": [seeds.start, seeds.stop, seeds.step], "episodes": len(seeds),
-              "sizes": list(sizes), "simic": asdict(simic), "code": _source_hash()}  # fmt: skip
+              "sizes": list(sizes), "simic": asdict(simic),
+              "rules": asdict(RuleConfig()),  # the behaviour policy's heuristic rules
+              "code": _source_hash()}  # fmt: skip
     out: dict[str, Any] = json.loads(json.dumps(recipe))
     return out
 

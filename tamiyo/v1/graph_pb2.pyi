@@ -189,15 +189,18 @@ class ModelGraphState(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     step: _builtins.int
-    """Host training step and epoch this snapshot describes. >= 0."""
+    """Host training step and epoch this snapshot describes. >= 0, and >= the step of
+    every signal.
+    """
     epoch: _builtins.int
     @_builtins.property
     def topology(self) -> Global___Topology: ...
     @_builtins.property
     def signals(self) -> _containers.RepeatedCompositeFieldContainer[_health_pb2.HealthSignal]:
-        """Recent health signals, oldest first. Several per layer form that layer's history
-        window (used for trends); a layer with none is encoded as "no telemetry", not as
-        healthy.
+        """Recent health signals, oldest first: within each layer the steps never go back,
+        and no signal is newer than this state's step (either is refused, naming the
+        signal). Several per layer form that layer's history window (used for trends); a
+        layer with none is encoded as "no telemetry", not as healthy.
         """
 
     @_builtins.property

@@ -85,7 +85,10 @@ class HealthSignal(_message.Message):
     layer_id: _builtins.str
     """Id of the layer, as declared in the session topology (LayerSpec.layer_id). 1-128 chars."""
     step: _builtins.int
-    """Training step of the host when the signal was measured. >= 0."""
+    """Training step of the host when the signal was measured. >= 0; at most the step of
+    the frame (or state) that carries it, and never below the step of an earlier
+    signal of the same layer in the session (or state history).
+    """
     epoch: _builtins.int
     """Training epoch of the host. >= 0."""
     timestamp_s: _builtins.float

@@ -139,7 +139,9 @@ class TelemetryFrame(_message.Message):
     SIGNAL_COLUMNS_FIELD_NUMBER: _builtins.int
     CLIENT_CLOCK_US_FIELD_NUMBER: _builtins.int
     step: _builtins.int
-    """Host training step, >= 0 and non-decreasing within a session."""
+    """Host training step, >= 0 and non-decreasing within a session; no signal of the
+    frame may be newer (HealthSignal.step).
+    """
     epoch: _builtins.int
     want_decision: _builtins.bool
     """Ask for a decision about the session's state after this frame."""

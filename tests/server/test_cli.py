@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tamiyo.config import POLICY_RULES
 from tamiyo_server.cli import parse_config
 
 BAD = [
@@ -81,6 +82,16 @@ def test_the_rules_the_operator_set_are_known(monkeypatch: pytest.MonkeyPatch) -
     assert parse_config(["--health", "0.5"]).operator_rules == {"health_threshold"}  # abbrev.
     monkeypatch.setenv("TAMIYO_EXPLORATION_EPSILON", "0.1")
     assert parse_config([]).operator_rules == {"exploration_epsilon"}
+    monkeypatch.delenv("TAMIYO_EXPLORATION_EPSILON")
+    # every rule a checkpoint may declare has a flag and a variable that win over it
+    for rule in POLICY_RULES:
+        flag = "--" + rule.replace("_", "-")
+        c = parse_config([flag, "0.3"])
+        assert (getattr(c.rules, rule), c.operator_rules) == (0.3, frozenset({rule}))
+        monkeypatch.setenv(f"TAMIYO_{rule.upper()}", "0.4")
+        c = parse_config([])
+        assert (getattr(c.rules, rule), c.operator_rules) == (0.4, frozenset({rule}))
+        monkeypatch.delenv(f"TAMIYO_{rule.upper()}")
 
 
 def test_the_token_is_stripped_and_a_missing_token_file_is_one_line(

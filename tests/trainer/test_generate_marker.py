@@ -93,3 +93,24 @@ def test_every_simic_field_seed_and_size_is_part_of_the_recipe(
     assert recipe_differences(same, data_recipe(range(start + 1, start + n + 1),
                                                 base.train_sizes, base))  # fmt: skip
     assert recipe_differences(same, data_recipe(seeds, (4, 7), base))
+
+
+def test_the_rules_and_the_state_building_code_are_part_of_the_recipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The behaviour policy's heuristic follows RuleConfig's defaults, and the logged
+    states are built by tamiyo/policy and tamiyo/signal_columns.py: a change to either
+    changes the data, so it must change the recipe (review 13, finding 5)."""
+    import tamiyo.config
+    from trainer import behaviour_data
+    from trainer.pipeline import data_recipe, recipe_differences
+
+    base = SimicConfig()
+    seeds = range(0, 3)
+    before = data_recipe(seeds, base.train_sizes, base)
+    veto_off = replace(tamiyo.config.RuleConfig(), health_threshold=1.0)
+    monkeypatch.setattr(behaviour_data, "RuleConfig", lambda: veto_off)
+    diff = recipe_differences(before, data_recipe(seeds, base.train_sizes, base))
+    assert diff == ["rules.health_threshold: 0.6 → 1.0"]
+    hashed = set(behaviour_data._GENERATOR_SOURCES)
+    assert {"tamiyo/policy", "tamiyo/signal_columns.py", "tamiyo/config.py"} <= hashed
