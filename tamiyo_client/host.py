@@ -37,6 +37,15 @@ class ApplyResult:
     seed_index: int = 0
     kernel_id: str = ""
     new_parameters: list[nn.Parameter] = field(default_factory=list)
+    new_parameter_names: list[str] = field(default_factory=list)
+
+    @property
+    def new_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` for each new parameter, named as ``model.named_parameters()``
+        names them (``<layer_id>.seed_kernels.<seed>.<name>``): what ``extend_optimizer``
+        needs for an optimizer built from ``named_parameters()``, whose groups carry
+        ``param_names``, so its state_dict names the kernel's parameters."""
+        return list(zip(self.new_parameter_names, self.new_parameters, strict=True))
 
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
@@ -53,11 +62,18 @@ _PER_GROUP = (
     "base_momentums",
     "max_momentums",
 )
+# The learning rates a group or a scheduler keeps for a group besides ``lr``: an ``lr``
+# override scales them too, or the next scheduler step recomputes ``lr`` from the host's
+# values and the override is lost (OneCycleLR rebuilds it from max_lr / min_lr).
+_GROUP_LRS = ("initial_lr", "max_lr", "min_lr")
+_SCHEDULER_LRS = ("base_lrs", "min_lrs", "max_lrs")
+
+Named = tuple[str, nn.Parameter]
 
 
 def extend_optimizer(
     optimizer: torch.optim.Optimizer,
-    params: Sequence[nn.Parameter],
+    params: Sequence[nn.Parameter] | Sequence[Named],
     scheduler: Scheduler | Sequence[Scheduler] | None = None,
     *,
     like: int = 0,
@@ -68,11 +84,19 @@ def extend_optimizer(
     Adds one param group whose hyper-parameters are a copy of ``param_groups[like]``
     as they are now: the current (scheduled) ``lr``, and what schedulers keep in a group
     (``initial_lr``, OneCycleLR's ``max_lr`` / ``min_lr``, momentum or betas, weight decay,
-    ...), then ``group``'s overrides (e.g. ``lr=1e-3``; an ``lr`` override also becomes
-    the group's ``initial_lr`` when it has one). Why: a group built from the optimizer's
-    defaults lacks the keys a scheduler built earlier put into every group (OneCycleLR:
+    ...), then ``group``'s overrides. Why: a group built from the optimizer's defaults
+    lacks the keys a scheduler built earlier put into every group (OneCycleLR:
     ``KeyError: 'max_lr'`` at the next ``step()``) and trains at the initial lr, not the
-    decayed one.
+    decayed one. Tensor values (a capturable Adam's ``lr``) are copied, not shared: an
+    in-place update of one group's ``lr`` would otherwise change both.
+
+    An ``lr=`` override is the kernel group's lr now, and every other learning rate kept
+    for the group (``initial_lr``, ``max_lr``, ``min_lr``, the schedulers' ``base_lrs``,
+    ``max_lrs``, ``min_lrs``) is scaled by ``lr / param_groups[like]["lr"]``, so the kernel
+    follows the host's schedule at that ratio; why: a scheduler recomputes ``lr`` from those
+    values at its next step, and an override of ``lr`` alone would be lost then
+    (OneCycleLR) or jump (LambdaLR). When the host's lr is 0 the override is the group's
+    base lr (``initial_lr``) instead. Keys given explicitly are never scaled.
 
     Every scheduler of the optimizer gets a matching per-group entry (``base_lrs``,
     LambdaLR's ``lr_lambdas``, ...; copied from entry ``like``), so the new group
@@ -80,31 +104,80 @@ def extend_optimizer(
     children of SequentialLR / ChainedScheduler are included). When ``scheduler`` is None,
     the schedulers that reference ``optimizer`` are found by the garbage collector's
     referrer scan (a few ms; adaptations are rare), so a loop that does not pass them
-    still does not crash."""
-    fresh = [p for p in params if p.requires_grad]
+    still does not crash.
+
+    ``params`` may be ``(name, parameter)`` pairs (``ApplyResult.new_named_parameters``),
+    as for an optimizer built from ``model.named_parameters()``: torch refuses to mix
+    groups with and without ``param_names``, so bare parameters added to such an
+    optimizer are named ``tamiyo.group<g>.<i>``.
+
+    Raises ValueError for LBFGS, which supports a single param group (its next
+    ``step()`` would fail): rebuild it from ``model.parameters()`` after an adaptation."""
+    fresh = [p for p in params if (p[1] if isinstance(p, tuple) else p).requires_grad]
     if not fresh:
         return
     groups = optimizer.param_groups
     n = len(groups)
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "extend_optimizer: LBFGS supports only one param group, so it cannot train a "
+            "new kernel in a group of its own; rebuild the optimizer from "
+            "model.parameters() (kernels included) after an adaptation"
+        )
     if not 0 <= like < n:
         raise IndexError(f"extend_optimizer: like={like} but the optimizer has {n} groups")
-    new = {k: v for k, v in groups[like].items() if k not in ("params", "param_names")}
-    new.update(group)
-    if "lr" in group and "initial_lr" in new and "initial_lr" not in group:
-        new["initial_lr"] = group["lr"]
+    host = groups[like]
+    new = {k: _copy(v) for k, v in host.items() if k not in ("params", "param_names")}
+    ratio = _lr_ratio(host, group)
+    if ratio is not None:
+        for key in _GROUP_LRS:
+            if key in new and key not in group:
+                new[key] = new[key] * ratio
+    elif "lr" in group and "initial_lr" in new and "initial_lr" not in group:
+        new["initial_lr"] = _copy(group["lr"])
+    new.update({k: _copy(v) for k, v in group.items()})
+    if isinstance(host.get("lr"), torch.Tensor) and not isinstance(new["lr"], torch.Tensor):
+        new["lr"] = torch.as_tensor(new["lr"]).to(host["lr"])  # the optimizer's own type
+    named = [
+        p if isinstance(p, tuple) else (f"tamiyo.group{n}.{i}", p) for i, p in enumerate(fresh)
+    ]
+    entries: list[Any] = named if "param_names" in host else [p for _, p in named]
     schedulers = _schedulers_of(optimizer) if scheduler is None else _flatten(scheduler)
-    optimizer.add_param_group({"params": fresh, **new})
+    optimizer.add_param_group({"params": entries, **new})
     for sched in schedulers:
         for attr in _PER_GROUP:
             values = getattr(sched, attr, None)
             if not isinstance(values, list) or len(values) != n:
                 continue  # not per group, or already extended
-            if attr == "base_lrs":
-                values.append(new.get("initial_lr", new.get("lr", values[like])))
+            if attr == "base_lrs" and "initial_lr" in new:
+                values.append(_copy(new["initial_lr"]))
             elif attr == "_last_lr":
-                values.append(new.get("lr", values[like]))
+                values.append(_copy(new.get("lr", values[like])))
+            elif ratio is not None and attr in _SCHEDULER_LRS:
+                values.append(values[like] * ratio)
+            elif attr == "base_lrs" and "lr" in group:
+                values.append(_copy(group["lr"]))
             else:
-                values.append(values[like])
+                values.append(_copy(values[like]))
+
+
+def _copy(value: Any) -> Any:
+    """``value`` with its tensors copied (also inside a tuple such as Adam's betas), so
+    the new group shares no tensor with the group it copies."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_copy(v) for v in value)
+    return value
+
+
+def _lr_ratio(host: dict[str, Any], group: dict[str, Any]) -> float | None:
+    """``group["lr"] / host["lr"]`` (see extend_optimizer), or None without an ``lr``
+    override or when the host's lr is 0 (no ratio)."""
+    if "lr" not in group or "lr" not in host:
+        return None
+    base = float(host["lr"])
+    return float(group["lr"]) / base if base else None
 
 
 def _flatten(scheduler: Scheduler | Sequence[Scheduler]) -> list[Scheduler]:
@@ -259,6 +332,10 @@ class KasminaHost:
             decision.seed_index,
             decision.kernel_id,
             params,
+            [
+                f"{layer.layer_id}.seed_kernels.{decision.seed_index}.{name}"
+                for name, _ in layer.seed_kernels[str(decision.seed_index)].named_parameters()
+            ],
         )
         self.applied.append(result)
         return result

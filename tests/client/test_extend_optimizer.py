@@ -96,15 +96,87 @@ def test_without_a_scheduler_the_kernel_trains_at_the_current_lr_and_hyperparame
     assert opt.param_groups[2]["betas"] == (0.8, 0.9)
 
 
-def test_an_lr_override_becomes_the_groups_base_lr() -> None:
+def test_an_lr_override_scales_the_groups_schedule() -> None:
+    """An lr override is the kernel's lr now, and its base lr is scaled by the same
+    ratio, so it follows the host's schedule at that ratio instead of jumping back to
+    override x lambda(epoch)."""
     model, host = _host()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = lr_scheduler.LambdaLR(opt, lambda e: 0.5**e)
     _step(model, opt)
-    sched.step()
-    extend_optimizer(opt, _load(host, "0"), sched, lr=0.01)
-    assert opt.param_groups[1]["initial_lr"] == 0.01
-    assert sched.base_lrs == [0.1, 0.01]
+    sched.step()  # host lr 0.05
+    extend_optimizer(opt, _load(host, "0"), sched, lr=0.01)  # ratio 0.2
+    assert opt.param_groups[1]["lr"] == 0.01
+    assert opt.param_groups[1]["initial_lr"] == pytest.approx(0.02)
+    assert sched.base_lrs == pytest.approx([0.1, 0.02])
     _step(model, opt)
     sched.step()
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025, 0.0025])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025, 0.005])
+
+
+def test_an_lr_override_survives_onecycle() -> None:
+    """Review 13 #6a: OneCycleLR recomputes lr from the group's max_lr / min_lr /
+    initial_lr at every step; they were copied unscaled, so the override was gone one
+    step later (the kernel trained at the host's lr)."""
+    model, host = _host()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)
+    for _ in range(30):  # half-way up the warm-up
+        _step(model, opt)
+        sched.step()
+    ratio = 1e-4 / opt.param_groups[0]["lr"]
+    extend_optimizer(opt, _load(host, "0"), sched, lr=1e-4)
+    for _ in range(40):  # past the peak, into the anneal
+        _step(model, opt)
+        sched.step()
+        host_lr, kernel_lr = (g["lr"] for g in opt.param_groups)
+        assert kernel_lr == pytest.approx(host_lr * ratio)
+
+
+def test_a_tensor_lr_is_copied_not_shared() -> None:
+    """Review 13 #6b: a tensor lr (capturable / fused Adam) was the same tensor in both
+    groups, so a per-group in-place decay was applied to it twice."""
+    model, host = _host()
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.1))
+    extend_optimizer(opt, _load(host, "0"), [])
+    assert opt.param_groups[1]["lr"] is not opt.param_groups[0]["lr"]
+    for g in opt.param_groups:
+        g["lr"] *= 0.5
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([0.05, 0.05])
+    _step(model, opt)  # and it trains
+
+
+def test_lbfgs_is_refused_with_a_reason() -> None:
+    """Review 13 #6c: LBFGS accepted the group, then failed at its next step()
+    (AssertionError: Expected exactly one param_group)."""
+    model, host = _host()
+    opt = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(ValueError, match="LBFGS supports only one param group"):
+        extend_optimizer(opt, _load(host, "0"))
+    assert len(opt.param_groups) == 1
+    extend_optimizer(opt, [])  # a NO_OP result's (empty) parameters are still fine
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_an_optimizer_built_from_named_parameters(named: bool) -> None:
+    """Review 13 #1: AdamW(model.named_parameters()) keeps param_names in every group,
+    and torch refuses a group without them (ValueError: all optimizer param groups
+    should be with/without names) in the README's loop. The kernel group is named by
+    the model's names (new_named_parameters), or generically for bare parameters."""
+    model, host = _host()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    d = decision_pb2.AdaptationDecision(
+        decision_id="d", action=LOAD, target_layer_id="0", seed_index=0,
+        kernel_id="residual_lowrank_r4",
+    )  # fmt: skip
+    result = host.apply(d)
+    assert result.applied, result.detail
+    extend_optimizer(opt, result.new_named_parameters if named else result.new_parameters)
+    names = opt.param_groups[1]["param_names"]
+    assert len(names) == len(result.new_parameters)
+    if named:
+        assert names == ["0.seed_kernels.0.down.weight", "0.seed_kernels.0.up.weight"]
+        assert all(model.get_parameter(n) is p for n, p in result.new_named_parameters)
+    _step(model, opt)
+    assert model.get_parameter("0.seed_kernels.0.up.weight").abs().sum() > 0
+    assert opt.state_dict()["param_groups"][1]["param_names"] == names
