@@ -45,6 +45,7 @@ from tamiyo_client.seeds import (
     SeedError,
     SeedSlots,
     multi_rank,
+    traced,
     warn_unsynchronized,
     width,
 )
@@ -207,9 +208,8 @@ class KasminaLayer(SeedSlots):
         tally = self._tally
         if tally.forwards % self._sample_every == 0:
             self._sample(y)
-            widths = (width(x), width(y))
-            if min(widths) >= 0:  # (a traced or non-tensor forward tells nothing)
-                self._widths = widths
+            if not traced(x, y):  # (a torch.fx trace tells nothing about widths)
+                self._widths = (width(x), width(y))  # -1: not a tensor (see _fits)
         tally.forwards += 1
         if tally.kernels:
             self._advance_seeds()

@@ -83,6 +83,16 @@ def width(t: Any) -> int:
     return int(t.shape[-1]) if isinstance(t, torch.Tensor) and t.dim() else -1
 
 
+def traced(*values: Any) -> bool:
+    """Whether any of ``values`` (or the first element of a tuple) is a torch.fx Proxy:
+    a symbolic trace, whose widths and outputs are not real."""
+    for v in values:
+        v = v[0] if isinstance(v, tuple) and v else v
+        if isinstance(v, torch.fx.Proxy):
+            return True
+    return False
+
+
 class SeedSlots(nn.Module):
     """``num_seeds`` slots for residual kernels ``[..., in] -> [..., out]`` added to the
     output of ``base``; the seed half of ``KasminaLayer``."""
@@ -117,8 +127,16 @@ class SeedSlots(nn.Module):
         layer's output ("" if it can): a block that reshapes its input (Flatten, then a
         Linear) is described by its Linear's widths, but its input is not ``[..., in]``."""
         if self._widths is None:
-            return ""
+            return ""  # (no training forward yet: _add_seeds culls an unfit kernel then)
         got = self._widths
+        if min(got) < 0:
+            side = "input" if got[0] < 0 else "output"
+            return (
+                f"layer {self.layer_id!r}: its forward's {side} is not a tensor with a last "
+                "dimension, nor a tuple whose first element is one (e.g. a block that "
+                "returns a dict or a ModelOutput), so a kernel cannot be added to it; "
+                "wrap a submodule that returns a tensor instead"
+            )
         if got != (self.in_features, self.out_features):
             return (
                 f"layer {self.layer_id!r}: its forward maps [..., {got[0]}] to "
@@ -134,7 +152,11 @@ class SeedSlots(nn.Module):
         a tuple output). A kernel whose output is non-finite in training is culled and
         left out, so it never reaches the loss."""
         if width(x) != self.in_features or width(y) != self.out_features:
-            return y  # (germinate refuses such layers; never break a forward)
+            # germinate refuses such layers once a training forward has shown it; a
+            # kernel germinated before that is culled here (never break a forward).
+            if self.training and torch.is_grad_enabled() and not traced(x, y):
+                self._cull_unfit(x, y)
+            return y
         if self._tally.fossil_grads:
             self._drop_fossil_grads()
         for key in list(self.seed_kernels.keys()):
@@ -148,6 +170,26 @@ class SeedSlots(nn.Module):
                 continue
             y = _plus(y, out)
         return y
+
+    def _cull_unfit(self, x: Any, y: Any) -> None:
+        """Cull the GERMINATED seeds of a layer whose training forward cannot take a
+        kernel (its output is a dict, or its widths differ from the description), with a
+        warning. Why: such a kernel never runs, yet it would age to FOSSILIZED and be
+        reported as an adaptation. Only GERMINATED seeds: a TRAINING or FOSSILIZED kernel
+        has been added before, and one odd forward does not make it useless."""
+        unfit = [i for i, s in enumerate(self.seed_states) if s == GERMINATED]
+        if not unfit:
+            return
+        for i in unfit:
+            self.cull(i)
+        self._widths = (width(x), width(y))
+        warnings.warn(
+            f"{self._fits() or f'layer {self.layer_id!r} cannot take a kernel'} "
+            f"(seen at its first training forward since the germination); seed(s) "
+            f"{unfit} culled",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _drop_fossil_grads(self) -> None:
         """Set the gradients of fossilized kernels to None, once, at the forward after
@@ -234,32 +276,40 @@ class SeedSlots(nn.Module):
         }
 
     def set_extra_state(self, state: Any) -> None:
-        """Recreate the kernels a checkpoint had (torch loads this before the children,
-        so their weights are then filled from the same state_dict)."""
+        """Restore every slot exactly as the checkpoint saved it: its kernel, lifecycle
+        state and trainability (torch loads this before the children, so the kernels'
+        weights are then filled from the same state_dict). Why each case: the checkpoint
+        may come from a fresh model (build the kernels it had), or be a rollback of this
+        live model to its own earlier checkpoint, whose slots may since have been filled
+        (remove the kernel), refilled with another kernel (rebuild it, or the weights
+        do not fit) or fossilized (train it again: a TRAINING seed whose parameters stay
+        frozen would be reported as training and never train). A rebuilt kernel has new
+        parameters: build the optimizer again after loading (README, "Checkpoints")."""
         states = [health_pb2.SeedLifecycleState.ValueType(s) for s in state["seed_states"]]
         if len(states) != self.num_seeds:
             raise ValueError(
                 f"layer {self.layer_id!r}: checkpoint has {len(states)} seeds, layer has "
                 f"{self.num_seeds}"
             )
+        kernel_ids = list(state["seed_kernel_ids"])
         for i, st in enumerate(states):
-            key, kid = str(i), state["seed_kernel_ids"][i]
-            if st in ACTIVE_STATES and key not in self.seed_kernels:
+            key, kid = str(i), kernel_ids[i]
+            if st not in ACTIVE_STATES:
+                if key in self.seed_kernels:
+                    del self.seed_kernels[key]
+                continue
+            if key not in self.seed_kernels or self.seed_kernel_ids[i] != kid:
                 kernel = get_kernel(kid).build(self.in_features, self.out_features)
                 ref = next(self.base.parameters(), None)
                 if ref is not None:
                     kernel = kernel.to(device=ref.device, dtype=ref.dtype)
                 self.seed_kernels[key] = kernel
-            elif st not in ACTIVE_STATES and key in self.seed_kernels:
-                # Rolling back to a checkpoint from before this kernel: remove it, or
-                # strict loading misses its keys and it stays in parameters().
-                del self.seed_kernels[key]
+            self.seed_kernels[key].requires_grad_(st != FOSSILIZED)
             if st == FOSSILIZED:
-                self.seed_kernels[key].requires_grad_(False)
                 self._tally.fossil_grads = True
         self._refresh_params()
         self.seed_states = states
-        self.seed_kernel_ids = list(state["seed_kernel_ids"])
+        self.seed_kernel_ids = kernel_ids
         self.seed_steps = list(state["seed_steps"])
         self.adaptation_count = int(state["adaptation_count"])
 

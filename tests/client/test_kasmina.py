@@ -229,7 +229,9 @@ def test_a_block_that_reshapes_its_input_refuses_kernels_and_keeps_training() ->
         block.germinate(0, "residual_lowrank_r4")
     fresh = KasminaLayer(nn.Sequential(nn.Flatten(), nn.Linear(8, 4)), "neck2")
     fresh.germinate(0, "residual_lowrank_r4")  # before any forward it cannot tell
-    assert fresh(x).shape == (5, 4)  # the kernel is skipped, the forward survives
+    with pytest.warns(UserWarning, match=r"seed\(s\) \[0\] culled"):
+        assert fresh(x).shape == (5, 4)  # the kernel is culled, the forward survives
+    assert fresh.seed_states[0] == CULLED
 
 
 def test_train_mode_forwards_under_no_grad_do_not_age_seeds() -> None:

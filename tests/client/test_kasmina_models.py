@@ -4,6 +4,7 @@ keyword calls, checkpoint rollback, multi-rank jobs."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -19,10 +20,15 @@ from tamiyo.config import KasminaConfig
 from tamiyo.v1 import decision_pb2, graph_pb2
 from tamiyo_client.host import KasminaHost, extend_optimizer
 from tamiyo_client.kasmina import (
+    CULLED,
+    DORMANT,
     FOSSILIZED,
+    TRAINING,
     DistributedAdaptationWarning,
     KasminaLayer,
+    SeedError,
 )
+from tamiyo_client.kernels import DEFAULT_KERNELS
 from tamiyo_client.topology import select_types
 
 LOAD = decision_pb2.ADAPTATION_ACTION_LOAD_KERNEL
@@ -375,3 +381,97 @@ def test_an_overflowing_gradient_norm_is_reported_large_not_zero() -> None:
     assert sig is not None
     assert sig.gradient_norm == pytest.approx(3.0e38)
     assert sig.error_count >= 1
+
+
+def _train(layer: KasminaLayer, steps: int) -> None:
+    for _ in range(steps):
+        layer(torch.randn(2, 4)).sum().backward()
+
+
+def test_rolling_back_past_a_fossilization_trains_the_seed_again() -> None:
+    """Review 13 #2a: a checkpoint with the seed TRAINING, loaded into the live model
+    after that seed fossilized, reported it TRAINING with its parameters still frozen
+    (it counted steps and never trained). Loading restores the frozen flag as saved,
+    both ways."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(nn.Linear(4, 4), "l", KasminaConfig(fossilize_after_steps=3))
+    layer.germinate(0, KERNEL)
+    _train(layer, 1)
+    training = copy.deepcopy(layer.state_dict())
+    _train(layer, 3)
+    assert layer.seed_states[0] == FOSSILIZED
+    fossilized = copy.deepcopy(layer.state_dict())
+    layer.load_state_dict(training)
+    assert layer.seed_states[0] == TRAINING
+    assert layer.seed_steps[0] == 1
+    assert all(p.requires_grad for p in layer.seed_kernels["0"].parameters())
+    _train(layer, 1)
+    assert _up_weight(layer).grad is not None  # it trains again
+    layer.load_state_dict(fossilized)
+    assert layer.seed_states[0] == FOSSILIZED
+    assert not any(p.requires_grad for p in layer.seed_kernels["0"].parameters())
+
+
+def test_loading_a_checkpoint_replaces_a_different_kernel_in_the_slot() -> None:
+    """Review 13 #2b: the live model's slot held another kernel than the checkpoint's;
+    it was kept, and strict loading failed (size mismatch, missing keys)."""
+    other = next(k for k in DEFAULT_KERNELS if k != KERNEL)
+    torch.manual_seed(0)
+    saved = KasminaLayer(nn.Linear(4, 4), "l")
+    saved.germinate(0, KERNEL)
+    nn.init.normal_(_up_weight(saved))
+    live = KasminaLayer(nn.Linear(4, 4), "l")
+    live.germinate(0, other)
+    live.load_state_dict(saved.state_dict())  # strict
+    assert live.seed_kernel_ids[0] == KERNEL
+    assert type(live.seed_kernels["0"]) is type(saved.seed_kernels["0"])
+    assert torch.equal(_up_weight(live), _up_weight(saved))
+    x = torch.randn(3, 4)
+    assert torch.equal(live(x), saved(x))
+
+
+class DictBlock(nn.Module):
+    """An HF-style block whose forward returns a dict (a ModelOutput is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hidden": self.fc(x)}
+
+
+def test_a_block_returning_a_dict_refuses_kernels_instead_of_ignoring_them() -> None:
+    """Review 13 #3: the kernel was reported applied, never ran (its output has no
+    width to add to), and still aged to FOSSILIZED: a false adaptation in the data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DictBlock())
+    host = KasminaHost.attach(
+        model, lambda name, m: name == "0", host_id="h",
+        layer_types={"0": graph_pb2.LAYER_TYPE_LINEAR},
+    )  # fmt: skip
+    layer = host.layers["0"]
+    assert layer.num_seeds > 0
+    layer(torch.randn(4, 8))["hidden"].sum().backward()  # a training forward shows it
+    result = host.apply(_decision("0"))
+    assert not result.applied
+    assert "output is not a tensor" in result.detail
+    assert "dict" in result.detail
+    assert layer.seed_states[0] == DORMANT
+    assert len(layer.seed_kernels) == 0
+
+
+def test_a_kernel_germinated_before_the_first_forward_of_a_dict_block_is_culled() -> None:
+    """Review 13 #3, before any training forward germinate cannot tell: the first
+    training forward culls the kernel with a warning, so it never ages to FOSSILIZED."""
+    torch.manual_seed(0)
+    layer = KasminaLayer(DictBlock(), "blk", KasminaConfig(fossilize_after_steps=2))
+    layer.germinate(0, KERNEL)
+    with pytest.warns(UserWarning, match="output is not a tensor.*seed\\(s\\) \\[0\\] culled"):
+        layer(torch.randn(4, 8))["hidden"].sum().backward()
+    for _ in range(3):
+        layer(torch.randn(4, 8))["hidden"].sum().backward()
+    assert layer.seed_states[0] == CULLED
+    assert len(layer.seed_kernels) == 0
+    with pytest.raises(SeedError, match="output is not a tensor"):
+        layer.germinate(0, KERNEL)
