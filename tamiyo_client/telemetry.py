@@ -93,9 +93,12 @@ def to_numpy(t: torch.Tensor) -> NDArray[np.floating]:
 def all_finite(a: NDArray[np.floating]) -> bool:
     """True when no entry of ``a`` is NaN or ±inf, by one BLAS dot product of ``a`` with
     itself (no temporary; NaN and inf propagate). It also flags float32 entries above
-    ~1.8e19, whose squares overflow: an exploding output, which should be flagged too."""
+    ~1.8e19, whose squares overflow: an exploding output, which should be flagged too.
+    (Quietly: the caller reports it; numpy's own overflow warning in a training job's log
+    would only be noise.)"""
     flat = a.reshape(-1)
-    return math.isfinite(float(np.dot(flat, flat)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(float(np.dot(flat, flat)))
 
 
 def squared_norm(t: torch.Tensor) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,6 +15,7 @@ from tamiyo.config import KasminaConfig
 from tamiyo_client.telemetry import (
     WindowAccumulator,
     WindowStats,
+    all_finite,
     flatten_units,
     reference_health,
 )
@@ -141,3 +143,16 @@ def test_latency_running_sums_match_the_window(lat: list[float], window: int) ->
     stats = acc.collect()
     assert stats.avg_execution_time_ms == pytest.approx(statistics.fmean(kept), abs=1e-9)
     assert stats.latency_variance == pytest.approx(statistics.pvariance(kept), rel=1e-6, abs=1e-6)
+
+
+def test_an_exploding_output_is_flagged_without_a_numpy_warning() -> None:
+    """Squares above float32's range flag the output; numpy's overflow warning would
+    only be noise in the training job's log (the caller reports the bad output)."""
+    import warnings
+
+    big = np.full(4, 1e20, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not all_finite(big)
+        assert not all_finite(np.array([1.0, np.nan], np.float32))
+        assert all_finite(np.ones(3, np.float32))
