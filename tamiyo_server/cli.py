@@ -18,7 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
-from tamiyo.config import RuleConfig, ServerConfig
+from tamiyo.config import POLICY_RULES, RuleConfig, ServerConfig
+
+_RULE_HELP = {
+    "confidence_threshold": "the network adapts only when its P(adapt) is at least this",
+    "health_threshold": "the network may adapt only a layer reporting health below this "
+    "(1 = off: the shipped trained policy repairs faults before health drops, see "
+    "trainer/README.md; the rules-only fallback keeps its own threshold)",
+}
+assert set(_RULE_HELP) == set(POLICY_RULES)
 
 
 def _env(name: str, default: object) -> str:
@@ -148,24 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where batches run: the event loop, an inference thread, or auto (thread on "
         "CUDA, loop otherwise)",
     )
-    p.add_argument(
-        "--health-threshold",
-        type=FRACTION,
-        default=_env("health_threshold", d.rules.health_threshold),
-        help="the network may adapt only a layer reporting health below this (1 = off: "
-        "the shipped trained policy repairs faults before health drops, see "
-        "trainer/README.md); when neither this flag nor its variable is set, a "
-        "checkpoint's manifest may set it (serving_rules); the rules-only fallback keeps "
-        "its own threshold",
-    )
-    p.add_argument(
-        "--confidence-threshold",
-        type=FRACTION,
-        default=_env("confidence_threshold", d.rules.confidence_threshold),
-        help="the network adapts only when its P(adapt) is at least this; when neither "
-        "this flag nor its variable is set, a checkpoint's manifest may set it "
-        "(serving_rules)",
-    )
+    for rule in POLICY_RULES:  # every rule a checkpoint may declare, the operator may set
+        p.add_argument(
+            "--" + rule.replace("_", "-"),
+            type=FRACTION,
+            default=_env(rule, getattr(d.rules, rule)),
+            help=f"{_RULE_HELP[rule]}; when neither this flag nor its variable is set, a "
+            "checkpoint's manifest may set it (serving_rules)",
+        )
     p.add_argument(
         "--torch-threads",
         type=_int_in(1, 1024),
@@ -284,8 +282,7 @@ def _config(a: argparse.Namespace, d: ServerConfig) -> ServerConfig:
         rules=replace(
             d.rules,
             exploration_epsilon=a.exploration_epsilon,
-            health_threshold=a.health_threshold,
-            confidence_threshold=a.confidence_threshold,
+            **{rule: getattr(a, rule) for rule in POLICY_RULES},
         ),
         auth_token=_token(a),
         tls_cert_file=a.tls_cert,

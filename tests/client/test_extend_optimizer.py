@@ -14,6 +14,8 @@ from tamiyo.v1 import decision_pb2
 from tamiyo_client.host import KasminaHost, Scheduler, extend_optimizer
 from tamiyo_client.topology import select_types
 
+from .test_host import train_step
+
 LOAD = decision_pb2.ADAPTATION_ACTION_LOAD_KERNEL
 
 Make = Callable[[torch.optim.Optimizer], Scheduler]
@@ -37,14 +39,6 @@ def _host() -> tuple[nn.Sequential, KasminaHost]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     return model, KasminaHost.attach(model, select_types(nn.Linear), host_id="h")
-
-
-def _step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    x = torch.randn(8, 4)
-    loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
 
 
 def _load(host: KasminaHost, layer: str) -> list[nn.Parameter]:
@@ -71,7 +65,7 @@ def test_adapting_mid_schedule_keeps_training_on_the_schedule(
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9 if uses_momentum else 0.0)
     sched = SCHEDULERS[name](opt)
     for step in range(25):
-        _step(model, opt)
+        train_step(model, opt)
         sched.step()
         if step == 10:
             params = _load(host, "0")
@@ -103,13 +97,13 @@ def test_an_lr_override_scales_the_groups_schedule() -> None:
     model, host = _host()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = lr_scheduler.LambdaLR(opt, lambda e: 0.5**e)
-    _step(model, opt)
+    train_step(model, opt)
     sched.step()  # host lr 0.05
     extend_optimizer(opt, _load(host, "0"), sched, lr=0.01)  # ratio 0.2
     assert opt.param_groups[1]["lr"] == 0.01
     assert opt.param_groups[1]["initial_lr"] == pytest.approx(0.02)
     assert sched.base_lrs == pytest.approx([0.1, 0.02])
-    _step(model, opt)
+    train_step(model, opt)
     sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025, 0.005])
 
@@ -122,12 +116,12 @@ def test_an_lr_override_survives_onecycle() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)
     for _ in range(30):  # half-way up the warm-up
-        _step(model, opt)
+        train_step(model, opt)
         sched.step()
     ratio = 1e-4 / opt.param_groups[0]["lr"]
     extend_optimizer(opt, _load(host, "0"), sched, lr=1e-4)
     for _ in range(40):  # past the peak, into the anneal
-        _step(model, opt)
+        train_step(model, opt)
         sched.step()
         host_lr, kernel_lr = (g["lr"] for g in opt.param_groups)
         assert kernel_lr == pytest.approx(host_lr * ratio)
@@ -143,7 +137,7 @@ def test_a_tensor_lr_is_copied_not_shared() -> None:
     for g in opt.param_groups:
         g["lr"] *= 0.5
     assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([0.05, 0.05])
-    _step(model, opt)  # and it trains
+    train_step(model, opt)  # and it trains
 
 
 def test_lbfgs_is_refused_with_a_reason() -> None:
@@ -177,6 +171,6 @@ def test_an_optimizer_built_from_named_parameters(named: bool) -> None:
     if named:
         assert names == ["0.seed_kernels.0.down.weight", "0.seed_kernels.0.up.weight"]
         assert all(model.get_parameter(n) is p for n, p in result.new_named_parameters)
-    _step(model, opt)
+    train_step(model, opt)
     assert model.get_parameter("0.seed_kernels.0.up.weight").abs().sum() > 0
     assert opt.state_dict()["param_groups"][1]["param_names"] == names

@@ -19,6 +19,7 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 
 from . import hosts
 from .test_reload import ClientFactory, connect, model, watching
+from .test_serving import Stream
 
 __all__ = ["connect"]  # (the fixture, used by name)
 
@@ -44,11 +45,12 @@ def healthy_frame(step: int) -> pb.StreamTelemetryRequest:
     return pb.StreamTelemetryRequest(frame=frame)
 
 
-async def decided(call: object, step: int) -> decision_pb2.AdaptationDecision:
-    await call.write(healthy_frame(step))  # type: ignore[attr-defined]
-    resp = await asyncio.wait_for(call.read(), 10.0)  # type: ignore[attr-defined]
+async def decided(call: Stream, step: int) -> decision_pb2.AdaptationDecision:
+    await call.write(healthy_frame(step))
+    resp = await asyncio.wait_for(call.read(), 10.0)
+    assert isinstance(resp, pb.StreamTelemetryResponse)
     assert resp.WhichOneof("message") == "decision", resp
-    return resp.decision  # type: ignore[no-any-return]
+    return resp.decision
 
 
 async def test_the_rules_follow_the_policy_across_a_reload(
