@@ -188,10 +188,14 @@ class KasminaLayer(SeedSlots):
         reading, the forward counter) may be seen by dynamo: it specialises on Python
         values, and a ``perf_counter`` float live across a graph break put a guard
         ``t0 == <last value>`` on every resumed frame, so each step recompiled until
-        ``recompile_limit``. So the seeds (with their eager finiteness check) and the
-        bookkeeping run in helpers dynamo does not trace (``torch.compiler.disable``),
-        and compiled forwards are not timed (their forward-time statistics stay 0:
-        host-side time of a compiled region would be mostly launch time anyway)."""
+        ``recompile_limit``. So the seeds and the bookkeeping run in helpers dynamo does
+        not trace (``torch.compiler.disable``), and compiled forwards are not timed
+        (their forward-time statistics stay 0: host-side time of a compiled region would
+        be mostly launch time anyway). The seeds read nothing back from the device (their
+        finiteness flags stay there until the window is read, see
+        ``SeedSlots._add_seeds``), so that graph break costs no sync; they stay untraced
+        because their gradient gate gets its flag after it is applied, which a backward
+        traced ahead of time cannot see (it refuses to be traced rather than pass NaN)."""
         y = self.base(*args, **kwargs)
         if self._tally.kernels:
             y = _add_seeds_eager(self, x, y)
@@ -274,7 +278,11 @@ class KasminaLayer(SeedSlots):
         self, step: int, epoch: int, now: float | None = None
     ) -> SignalValues | None:
         """``collect_signal`` as plain values (no protobuf on the training thread);
-        ``now`` = the timestamp to report (s since the epoch; default ``time.time()``)."""
+        ``now`` = the timestamp to report (s since the epoch; default ``time.time()``).
+        Seeds whose output was non-finite in the window are culled here first (the
+        window's one device read of their flags), so the signal reports them CULLED."""
+        if self._acc.pending:
+            self._reap_nonfinite()
         if not self._acc.has_data:
             return None
         stats = self._acc.collect()

@@ -124,13 +124,14 @@ def test_a_diverging_kernel_is_culled() -> None:
         for p in params:
             p.fill_(math.inf)
     y = layer(X)
-    assert bool(torch.isfinite(y).all())  # the bad branch was dropped, not added
-    assert layer.seed_states == [CULLED]
-    assert layer.free_seed() == 0
+    assert torch.equal(y, layer.base(X))  # the bad branch was masked out, not added
+    assert layer.seed_states == [TRAINING]  # culled when the window is read (no sync)
     sig = layer.collect_signal(0, 0)
     assert sig is not None
     assert sig.error_count == 1
     assert list(sig.seed_states) == [CULLED]
+    assert layer.seed_states == [CULLED]
+    assert layer.free_seed() == 0
 
 
 def test_describe_and_non_linear_layers_get_no_seeds() -> None:

@@ -16,6 +16,7 @@ from tamiyo_client.telemetry import (
     WindowAccumulator,
     WindowStats,
     all_finite,
+    finite_flag,
     flatten_units,
     reference_health,
 )
@@ -156,3 +157,42 @@ def test_an_exploding_output_is_flagged_without_a_numpy_warning() -> None:
         assert not all_finite(big)
         assert not all_finite(np.array([1.0, np.nan], np.float32))
         assert all_finite(np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "finite"),
+    [
+        ([1.0, -2.0], torch.float32, True),
+        ([], torch.float32, True),  # an empty batch
+        ([1.0, math.nan], torch.float32, False),
+        ([math.inf, -math.inf], torch.float32, False),
+        ([1e20, 0.0], torch.float32, False),  # exploding: flagged, as all_finite does
+        ([1e20, 0.0], torch.float64, True),
+        ([200.0] * 4, torch.float16, True),  # Σ² overflows float16, not the output
+        ([math.inf], torch.bfloat16, False),
+    ],
+)
+def test_finite_flag_agrees_with_the_host_check_on_the_device(
+    values: list[float], dtype: torch.dtype, finite: bool
+) -> None:
+    t = torch.tensor(values, dtype=dtype)
+    flag = finite_flag(t)
+    assert (flag.dtype, flag.shape) == (torch.bool, ())
+    assert bool(flag) is finite
+    if dtype in (torch.float32, torch.float64):
+        assert all_finite(t.numpy()) is finite
+
+
+def test_pending_errors_are_counted_on_the_device_and_read_once() -> None:
+    acc = WindowAccumulator(KasminaConfig())
+    for ok in (True, False, False):
+        acc.add_pending(0, torch.tensor(ok))
+    for _ in range(2):  # two kernels in slot 1 fail twice each, and are removed
+        acc.add_pending(1, torch.tensor(False))
+        acc.add_pending(1, torch.tensor(False))
+        acc.retire_pending(1)
+    acc.add_pending(1, torch.tensor(True))
+    acc.retire_pending(2)  # (nothing pending there)
+    assert acc.take_pending() == {0: 2, -1: 2, 1: 0}
+    assert acc.take_pending() == {}
+    assert acc.errors == 0  # the caller decides what a pending count is
