@@ -24,8 +24,8 @@ from torch import nn
 
 from tamiyo.config import KasminaConfig
 from tamiyo.v1 import health_pb2
+from tamiyo_client.finite_guard import add_guarded
 from tamiyo_client.kernels import get_kernel
-from tamiyo_client.telemetry import finite_flag
 
 if TYPE_CHECKING:
     from tamiyo_client.kasmina import _Tally
@@ -68,77 +68,6 @@ def warn_unsynchronized(where: str, why: str) -> None:
         DistributedAdaptationWarning,
         stacklevel=3,
     )
-
-
-class _MaskedAdd(torch.autograd.Function):
-    """``y + out`` if the device flag ``ok`` is true, else exactly ``y``: the function of
-    ``torch.where(ok, y + out, y)``, at ~45 µs instead of ~120 on CPU for [256, 512]
-    (``y + out``: ~25), and a backward without two more wheres. ``nan_to_num`` because
-    ``0 * NaN`` is NaN (a no-op when ``ok``: see ``finite_flag``). ``out``'s gradient is
-    ``ok`` times the upstream one; ``_LateGate`` makes the kernel's own exact."""
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, out: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        okf = ok.to(out.dtype)
-        ctx.save_for_backward(okf)
-        return torch.addcmul(y, out.nan_to_num(0.0, 0.0, 0.0), okf)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-        (okf,) = ctx.saved_tensors
-        return g, g * okf if ctx.needs_input_grad[1] else None, None
-
-
-def _blend(y: Any, out: torch.Tensor, ok: torch.Tensor) -> Any:
-    """``_MaskedAdd`` of ``y``, where a tuple output (``(out, attn)``) gets it on its first
-    element and the rest passed through (a namedtuple stays one)."""
-    if isinstance(y, tuple):
-        items = (_MaskedAdd.apply(y[0], out, ok), *y[1:])  # type: ignore[no-untyped-call]
-        return type(y)(*items) if hasattr(y, "_fields") else items
-    return _MaskedAdd.apply(y, out, ok)  # type: ignore[no-untyped-call]
-
-
-class _LateGate(torch.autograd.Function):
-    """Identity on the kernel's input and parameters; backward passes their gradients
-    where ``flag[0]`` (the output's finiteness, appended after the call), else zeros.
-    Why, when the masked output's gradient is already zero: a kernel with an inf weight
-    turns it into ``0 * inf = NaN`` in its backward, for the layer's input (so every host
-    parameter upstream) and its own parameters (which ``clip_grad_norm_`` spreads to all).
-    Dynamo traces a backward before the flag exists: it raises, so dynamo runs it eagerly."""
-
-    @staticmethod
-    def forward(ctx: Any, flag: list[torch.Tensor], *tensors: torch.Tensor) -> Any:
-        ctx.flag = flag
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        if not ctx.flag:
-            raise RuntimeError("_LateGate: backward before its flag was set")
-        ok = ctx.flag[0]
-        return (None, *(None if g is None else torch.where(ok, g, 0.0) for g in grads))
-
-
-def _run_kernel(kernel: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kernel(x)`` and its ``finite_flag``, with no host read; the gradients into ``x``
-    and the kernel's parameters go through a ``_LateGate`` (``functional_call``)."""
-    grad = torch.is_grad_enabled()
-    # Every name of a tied weight gets its own gate (so tie_weights=False: it costs ~60 µs).
-    params = kernel.named_parameters(remove_duplicate=False) if grad else ()
-    named = [(n, p) for n, p in params if p.requires_grad]
-    gate_x = grad and x.requires_grad
-    if not named and not gate_x:
-        out: torch.Tensor = kernel(x)
-        return out, finite_flag(out)
-    flag: list[torch.Tensor] = []
-    gate_in = [x, *(p for _, p in named)] if gate_x else [p for _, p in named]
-    gated = _LateGate.apply(flag, *gate_in)  # type: ignore[no-untyped-call]
-    xin = gated[0] if gate_x else x
-    alias = {n: g for (n, _), g in zip(named, gated[int(gate_x) :], strict=True)}
-    call = torch.func.functional_call
-    out = call(kernel, alias, (xin,), tie_weights=False) if alias else kernel(xin)
-    flag.append(ok := finite_flag(out))
-    return out, ok
 
 
 def width(t: Any) -> int:
@@ -213,14 +142,14 @@ class SeedSlots(nn.Module):
 
     def _add_seeds(self, x: Any, y: Any) -> Any:
         """``y`` plus the output of every active kernel on ``x`` (to the first element of
-        a tuple output), each masked out on the device unless all finite: a diverging
-        kernel never reaches the output, the loss or any gradient. Why on the device:
-        a host check is a sync and a full copy per seed per forward on CUDA. A training
-        forward adds the flag to a per-seed device counter, read with the telemetry
-        window (``_reap_nonfinite``), which culls; until then a failed kernel runs masked.
-        Eval and no-grad forwards are masked (else NaN reaches eval outputs) but not
-        counted: they are not measured, evaluating must not change the model (twice, or
-        a copy, must give the same one), and a failing kernel fails in training too."""
+        a tuple output), each left out unless all finite (``finite_guard``): a diverging
+        kernel never reaches the output, the loss or any gradient. A training forward
+        adds its flag to a per-seed counter on the device, read with the telemetry
+        window (``_reap_nonfinite``), which culls; until then a failed kernel runs, left
+        out. Eval and no-grad forwards are guarded too (else NaN reaches eval outputs)
+        but not counted: they are not measured, evaluating must not change the model
+        (twice, or a copy, must give the same one), and a failing kernel fails in
+        training too."""
         if width(x) != self.in_features or width(y) != self.out_features:
             # germinate refuses such layers once a training forward has shown it; a
             # kernel germinated before that is culled here (never break a forward).
@@ -234,10 +163,9 @@ class SeedSlots(nn.Module):
             i = int(key)
             if self.seed_states[i] not in ACTIVE_STATES:
                 continue
-            out, ok = _run_kernel(kernel, x)
+            y, ok = add_guarded(y, kernel, x)
             if count:
                 self._acc.add_pending(i, ok)
-            y = _blend(y, out, ok)
         return y
 
     def _reap_nonfinite(self) -> None:

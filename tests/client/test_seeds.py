@@ -16,11 +16,25 @@ import torch._dynamo
 from torch import nn
 
 from tamiyo.config import KasminaConfig
+from tamiyo_client import finite_guard
 from tamiyo_client.kasmina import CULLED, GERMINATED, TRAINING, KasminaLayer
 
 from .test_kasmina_models import TupleBlock
 
 KERNEL = "residual_mlp_r16"  # GELU bottleneck: down.weight, up.weight, up.bias
+
+
+@pytest.fixture(params=["host", "device"])
+def guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of the guard, which must behave the same: the host branch (what a CPU
+    tensor takes) and the device mask (what a CUDA tensor takes), forced on the CPU."""
+    if request.param == "device":
+        _device_guard(monkeypatch)
+    return str(request.param)
+
+
+def _device_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(finite_guard, "reads_are_free", lambda _x: False)
 
 
 def _break_kernel(layer: KasminaLayer, how: str, seed: int = 0) -> None:
@@ -73,7 +87,9 @@ def _host_grads(net: Net) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("how", ["inf_weights", "nan_bias", "overflow"])
-def test_a_non_finite_kernel_is_masked_then_culled_when_the_window_is_read(how: str) -> None:
+def test_a_non_finite_kernel_is_masked_then_culled_when_the_window_is_read(
+    how: str, guard: str
+) -> None:
     """The kernel never reaches the output or any gradient: the layer computes its host
     output bit for bit, every host gradient equals a run without the kernel (upstream
     too: an inf weight makes a plain ``where`` mask leak ``0 * inf = NaN`` there), the
@@ -95,8 +111,12 @@ def test_a_non_finite_kernel_is_masked_then_culled_when_the_window_is_read(how: 
         for name, g in want.items():
             assert torch.equal(got[name], g), name
         for p in layer.seed_kernels["0"].parameters():
-            assert p.grad is not None
-            assert torch.equal(p.grad, torch.zeros_like(p))
+            # zeros through the device gate; None when the host branch left it out
+            if guard == "host":
+                assert p.grad is None
+            else:
+                assert p.grad is not None
+                assert torch.equal(p.grad, torch.zeros_like(p))
         assert math.isfinite(float(nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)))
     assert layer.seed_states[0] == TRAINING  # masked, not yet culled: that needs a read
     sig = layer.collect_signal(1, 0)
@@ -114,7 +134,7 @@ def test_a_non_finite_kernel_is_masked_then_culled_when_the_window_is_read(how: 
     assert layer.seed_states[0] == TRAINING
 
 
-def test_only_the_failing_seed_is_masked_and_culled() -> None:
+def test_only_the_failing_seed_is_masked_and_culled(guard: str) -> None:
     _, _, layer = _nets()
     layer.germinate(1, KERNEL)
     _break_kernel(layer, "nan_bias", seed=0)
@@ -131,7 +151,7 @@ def test_only_the_failing_seed_is_masked_and_culled() -> None:
 
 
 @pytest.mark.parametrize("named", [False, True])
-def test_a_non_finite_kernel_is_masked_in_a_tuple_output(named: bool) -> None:
+def test_a_non_finite_kernel_is_masked_in_a_tuple_output(named: bool, guard: str) -> None:
     torch.manual_seed(0)
     layer = KasminaLayer(TupleBlock(named=named), "blk", KasminaConfig(sample_every=1))
     h = torch.randn(2, 3, 16, requires_grad=True)
@@ -152,7 +172,7 @@ def test_a_non_finite_kernel_is_masked_in_a_tuple_output(named: bool) -> None:
     assert layer.seed_states[0] == CULLED
 
 
-def test_eval_forwards_are_masked_but_do_not_cull() -> None:
+def test_eval_forwards_are_masked_but_do_not_cull(guard: str) -> None:
     """Eval outputs never carry the kernel's NaN; eval evidence changes nothing (an
     evaluation must leave the model as it was); the next training forward counts."""
     _, _, layer = _nets()
@@ -194,10 +214,13 @@ def _no_host_reads() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("how", ["inf_weights", "nan_bias"])
-def test_blending_seeds_reads_nothing_back_from_the_device(how: str) -> None:
-    """The guard's forward and backward never bring a value to the host (on CUDA each
-    read is a sync); the old check copied every kernel output to numpy. The counters
-    are read by the window read, outside."""
+def test_blending_seeds_reads_nothing_back_from_the_device(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device guard's forward and backward never bring a value to the host (on CUDA
+    each read is a sync); the old check copied every kernel output to numpy. The
+    counters are read by the window read, outside."""
+    _device_guard(monkeypatch)
     _, _, layer = _nets()
     layer.germinate(1, KERNEL)
     _break_kernel(layer, how, seed=0)
@@ -238,7 +261,7 @@ def test_blending_seeds_does_not_synchronize_cuda() -> None:
     assert layer.seed_states[0] == CULLED
 
 
-def test_pending_flags_stay_out_of_checkpoints_and_rollback_starts_clean() -> None:
+def test_pending_flags_stay_out_of_checkpoints_and_rollback_starts_clean(guard: str) -> None:
     """The counters are not buffers: state_dict keys are what they were (older
     checkpoints load strictly). Rolling back to a checkpoint whose kernel was healthy
     restores it and does not cull it for the errors of the diverged weights, which
@@ -260,7 +283,9 @@ def test_pending_flags_stay_out_of_checkpoints_and_rollback_starts_clean() -> No
     assert layer.seed_states[0] == TRAINING
 
 
-def test_a_compiled_model_masks_a_non_finite_kernel_and_the_gate_is_never_traced_open() -> None:
+def test_a_compiled_model_masks_a_non_finite_kernel_and_the_gate_is_never_traced_open(
+    guard: str,
+) -> None:
     """Under torch.compile the seeds run in an eager helper: the same masking and
     gradients as eager. Compiling the blend itself must not trace the gradient gate
     ahead of its flag (that backward would pass the kernel's NaN unmasked, found while
