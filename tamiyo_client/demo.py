@@ -27,6 +27,7 @@ from tamiyo.config import ClientConfig, DemoConfig
 from tamiyo.v1 import decision_pb2
 from tamiyo_client.client import ReceivedDecision
 from tamiyo_client.demo_task import (
+    FAULT_LAYER,
     RunResult,
     TeacherTask,
     attach,
@@ -116,6 +117,11 @@ def summarize(
     server_ms = sorted(d.server_latency_us / 1000 for d in decisions)
     broken = fault_step(cfg)
     after = [d for d in decisions if d.frame_step >= broken and not d.degraded]
+    applied: list[dict[str, Any]] = [
+        {"step": s, "layer": r.layer_id, "seed": r.seed_index, "kernel": r.kernel_id}
+        for s, r in tamiyo.applied
+    ]
+    repairs = [a["step"] for a in applied if a["layer"] == FAULT_LAYER and a["step"] >= broken]
     return {
         "config": asdict(cfg),
         "fault_step": broken,
@@ -125,10 +131,13 @@ def summarize(
         "decisions_by_action": dict(Counter(_action(d) for d in decisions)),
         "decisions_by_rule": dict(Counter(_rule(d) for d in decisions)),
         "degraded_decisions": sum(d.degraded for d in decisions),
-        "adaptations_applied": [
-            {"step": s, "layer": r.layer_id, "seed": r.seed_index, "kernel": r.kernel_id}
-            for s, r in tamiyo.applied
-        ],
+        "adaptations_applied": applied,
+        # Did the policy find the broken block? The first kernel into it after the
+        # fault (None: never), and every other adaptation: a kernel into a healthy
+        # layer, or into the broken one before it broke, is a false positive.
+        "fault_layer": FAULT_LAYER,
+        "fault_repaired_at": min(repairs, default=None),
+        "false_positives": [a for a in applied if a["layer"] != FAULT_LAYER or a["step"] < broken],
         "adaptations_refused": sum(1 for r in tamiyo.decisions if r.decision.action == 2)
         - len(tamiyo.applied),
         "adaptations_by_policy": sum(
@@ -198,8 +207,15 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
           f" refused {s['adaptations_refused']}")  # fmt: skip
     for a in s["adaptations_applied"]:
         print(f"    step {a['step']:5d}: {a['kernel']} into {a['layer']}[{a['seed']}]")
-    print(f"fault                  step {s['fault_step']}: hidden block's bias set to"
-          f" {s['config']['damage_bias']}")  # fmt: skip
+    print(f"fault                  step {s['fault_step']}: {s['fault_layer']} block's bias"
+          f" set to {s['config']['damage_bias']}")  # fmt: skip
+    fixed, wrong = s["fault_repaired_at"], s["false_positives"]
+    found = (f"yes, step {fixed} ({fixed - s['fault_step']} steps after the fault)"
+             if fixed is not None else "no")  # fmt: skip
+    print(f"broken block adapted   {found}")
+    print(f"false positives        {len(wrong)}"
+          + "".join(f"; {a['layer']} at step {a['step']}" for a in wrong)
+          + (" (a kernel into a healthy layer, or before the fault)" if wrong else ""))  # fmt: skip
     if s["adaptations_by_policy"]:
         print(f"                       {s['adaptations_by_policy']} adaptation(s) chosen by"
               " the served policy network (rule POLICY)")  # fmt: skip

@@ -14,18 +14,20 @@ did before): the served policy is trained in Simic on layers that degrade after 
 onset while the rest of the model stays partly healthy. A block dead from step 0 left
 no gradient to the layers before it and a constant input to those after it, so every
 layer reported health 0.0, a picture unlike anything in training; the policy answered
-NO_OP (P(adapt) 0.2-0.3, under the 0.5 confidence threshold) to all of it. To the same
-kind of fault after a healthy first epoch it answers LOAD_KERNEL into ``hidden``
-(P(adapt) 0.97-1.0 at the first or second decision after the fault, default checkpoint
-20261122T024158Z-8f61c2f0, load ~5).
+NO_OP (P(adapt) 0.2-0.3, under the 0.5 confidence threshold) to all of it.
 
-What the demo shows with that checkpoint (04:20, 3 runs): the policy also loads a kernel
-into ``mixer`` at step ~40, before any fault (its health is ~0.57 early on: low
-activation variance at init, which Simic only produces for damaged layers: a telemetry
-scale gap); after the fault, the run with Tamiyo recovers faster at first (val loss 25
-steps after it 0.26 vs 0.33 without, 50 steps 0.23 vs 0.25, equal by 100 steps) and
-ends slightly worse (0.096 vs 0.089): the low-rank r4 kernels the policy picks help
-only until the baseline has re-learned around the dead units.
+What the demo shows with the shipped checkpoint (20261123T045519Z-905c13ab, served by
+its declared rules, health veto off; session 14, 3 runs, load ~3): a kernel into
+``hidden`` at step 101-109, before any fault (a false positive: the layer looks like a
+Simic layer after an onset, a telemetry scale gap), then one into ``mixer`` at step
+261-262, not the broken ``hidden`` block (the pre-fault kernel is in it already). Mean val loss
+from the fault on 0.137-0.143 vs 0.147 without; final 0.087-0.094 vs 0.089. With the
+server's 0.6 health veto (``TAMIYO_HEALTH_THRESHOLD=0.6``, 2 runs): one kernel, into
+``hidden`` at step 261-262 (11-12 steps after the fault), no false positive; mean val
+loss from the fault on 0.144-0.147. The veto helps here and costs ~20 points in Simic
+(trainer/README), so which default is right depends on the hosts: the summary says
+whether the broken block was adapted and lists every false positive. Decisions arrive
+asynchronously, so the step of each can move by a few with the box's load.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class TeacherTask:
         return loss
 
 
+FAULT_LAYER = "hidden"  # the block ``damage`` breaks; a kernel anywhere else is a miss
+
+
 def make_student(cfg: DemoConfig) -> nn.Sequential:
     """The healthy student (the fault comes later, see ``damage``)."""
     torch.manual_seed(cfg.seed)
@@ -109,7 +114,7 @@ def fault_step(cfg: DemoConfig) -> int:
 def damage(model: nn.Module, cfg: DemoConfig) -> None:
     """The fault: the ``hidden`` block's bias set to ``damage_bias`` (most units die).
     Works on the bare student and on one whose blocks are wrapped in KasminaLayers."""
-    hidden = model.get_submodule("hidden")
+    hidden = model.get_submodule(FAULT_LAYER)
     block = hidden if isinstance(hidden, Block) else hidden.get_submodule("base")
     assert isinstance(block, Block)
     with torch.no_grad():

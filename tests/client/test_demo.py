@@ -34,6 +34,14 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert summary["frames"]["sent"] + summary["frames_coalesced"] == 100
     assert summary["fault_step"] == 50  # half-way through a run shorter than an epoch
     assert summary["adaptations_by_policy"] >= 0
+    # every applied adaptation is either the repair of the broken block or counted as a
+    # false positive, never both
+    applied = summary["adaptations_applied"]
+    repairs = [a for a in applied if a not in summary["false_positives"]]
+    assert all(a["layer"] == "hidden" and a["step"] >= 50 for a in repairs)
+    assert summary["fault_repaired_at"] == min((a["step"] for a in repairs), default=None)
+    assert "broken block adapted" in printed
+    assert "false positives" in printed
     assert summary["stream_errors"] == 0
     assert summary["client_latency_ms"]["p50"] > 0
     # Both runs start from the same weights and see the same data: identical until the
