@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # CPU build pinned for local and CI use; the Dockerfile chooses CUDA with a build argument.
 TORCH_SPEC ?= torch==2.13.0
+# Where pip finds that torch: empty = pip's configured index. Elsewhere, the same CPU
+# wheel index the Dockerfile's TORCH_INDEX_URL names (or a CUDA one).
+TORCH_INDEX_URL ?=
 BUF := node_modules/.bin/buf
 ARGS ?=
 
@@ -21,7 +24,7 @@ help:
 # setup.py builds the native modules (tamiyo/policy/_*.c): a change to one reinstalls.
 $(STAMP): pyproject.toml setup.py tamiyo/policy/_fused.c tamiyo/policy/_features.c tamiyo/policy/_ingest.c
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

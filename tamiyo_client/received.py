@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -46,7 +46,15 @@ class ClientStats:
     decision_requests_deferred: int = 0  # frames sent without want_decision (pushback)
     sessions: int = 0  # SessionAccepted received (first connect + reconnects)
     connect_failures: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
+
+    def __repr__(self) -> str:
+        """The counters and latency p50 / p99 (ms), not the up-to-100,000 latencies: a
+        ``print(client.stats)`` while debugging must not flood a training job's log."""
+        counters = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.repr)
+        p50, p99 = self.latency_percentile(50), self.latency_percentile(99)
+        lat = "n/a" if p50 is None else f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+        return f"ClientStats({counters}, latency={lat} over {len(self.latencies_ms)})"
 
     def latency_percentile(self, q: float) -> float | None:
         """The q-th percentile (0-100) of client-observed decision latency, in ms."""
