@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from tamiyo_client.demo_task import (
 )
 from tamiyo_client.host import ApplyResult
 from tamiyo_client.process import ProcessTamiyoClient
-from tamiyo_client.security import ClientSecurity
+from tamiyo_client.security import add_security_args, security_from_args
 
 
 def _free_port() -> int:
@@ -252,19 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo-results", help="where the plot and summary go")
     p.add_argument("--steps", type=int, default=DemoConfig.steps)
     p.add_argument("--seed", type=int, default=DemoConfig.seed)
-    p.add_argument("--ca", help="PEM CA file: connect with TLS")
-    p.add_argument("--cert", help="PEM client certificate (mTLS)")
-    p.add_argument("--key", help="PEM client key (mTLS)")
+    add_security_args(p)
     p.add_argument("--connect-timeout-s", type=float, default=60.0)
     a = p.parse_args(argv)
     cfg = replace(DemoConfig(), steps=a.steps, seed=a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # leave the other core to the server
-    # (the server's own variable works too: one Secret can serve both sides)
-    raw = (os.environ.get("TAMIYO_TOKEN") or os.environ.get("TAMIYO_AUTH_TOKEN", "")).strip()
-    token = raw or None
-    security = ClientSecurity.from_files(ca=a.ca, cert=a.cert, key=a.key, token=token)
+    security = security_from_args(a)
 
     proc = None
     target = a.target

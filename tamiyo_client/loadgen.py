@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import random
 import sys
 import time
@@ -50,6 +49,7 @@ from tamiyo.policy.snapshot import FLOAT_FIELDS
 from tamiyo.signal_columns import encode_signal_columns
 from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
+from tamiyo_client.security import ClientSecurity, add_security_args, security_from_args
 
 METHOD = "/tamiyo.v1.TamiyoService/StreamTelemetry"
 STREAMS_PER_CHANNEL = 100  # separate HTTP/2 connections, as separate hosts would have
@@ -311,15 +311,18 @@ async def wait_serving(channel: grpc.aio.Channel, md: Any, timeout_s: float = 30
         await asyncio.sleep(0.2)
 
 
-async def run(target: str, hosts: Sequence[Host], plan: Plan, token: str = "") -> Stats:
+async def run(
+    target: str, hosts: Sequence[Host], plan: Plan, security: ClientSecurity | None = None
+) -> Stats:
     st = Stats()
+    security = security or ClientSecurity()
     channels = [
-        grpc.aio.insecure_channel(
+        security.channel(
             target, options=[("grpc.use_local_subchannel_pool", 1), ("grpc.channel_id", c)]
         )
         for c in range((len(hosts) + STREAMS_PER_CHANNEL - 1) // STREAMS_PER_CHANNEL)
     ]
-    md = (("authorization", f"Bearer {token}"),) if token else None
+    md = security.metadata() or None
     for ch in channels:
         await ch.channel_ready()
     await wait_serving(channels[0], md)
@@ -399,13 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-layers", type=int, default=4)
     p.add_argument("--max-layers", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--token",
-        default=(os.environ.get("TAMIYO_TOKEN") or os.environ.get("TAMIYO_AUTH_TOKEN", "")).strip(),
-        help="bearer token, if the server wants one (default: $TAMIYO_TOKEN, else the "
-        "server's $TAMIYO_AUTH_TOKEN, which keeps "
-        "it off the command line)",
-    )
+    add_security_args(p)
     p.add_argument(
         "--signal-form",
         choices=SIGNAL_FORMS,
@@ -441,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         not a.ignore_pushback,
         not a.no_client_clock,
     )
-    st = asyncio.run(run(a.target, hosts, plan, a.token))
+    st = asyncio.run(run(a.target, hosts, plan, security_from_args(a)))
     json.dump(summarize(st, plan, hosts), sys.stdout)
     sys.stdout.write("\n")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,3 +88,35 @@ class ClientSecurity:
             certificate_chain=self.certificate_chain,
         )
         return grpc.aio.secure_channel(target, creds, options=opts)
+
+
+def env_token() -> str:
+    """The token a command-line tool sends by default: ``$TAMIYO_TOKEN``, else the
+    server's own ``$TAMIYO_AUTH_TOKEN`` (one Secret can serve both sides), stripped of
+    the newline a Secret file leaves; "" for none. Why from the environment: a token on
+    the command line is in every process listing."""
+    return (os.environ.get("TAMIYO_TOKEN") or os.environ.get("TAMIYO_AUTH_TOKEN", "")).strip()
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """The client tools' connection flags (``tamiyo-demo``, ``tamiyo-loadgen``): TLS,
+    mTLS and the bearer token, read back by ``security_from_args``."""
+    g = p.add_argument_group("connection security (default: plaintext, no token)")
+    g.add_argument("--ca", help="PEM CA file: connect with TLS, pinned to this CA")
+    g.add_argument("--cert", help="PEM client certificate (mTLS; with --key)")
+    g.add_argument("--key", help="PEM client private key (mTLS; with --cert)")
+    g.add_argument("--server-name", help="the name to check the server certificate against (by IP)")
+    g.add_argument(
+        "--token",
+        default=env_token(),
+        help="bearer token, if the server wants one (default: $TAMIYO_TOKEN, else the "
+        "server's $TAMIYO_AUTH_TOKEN, which keeps it off the command line)",
+    )
+
+
+def security_from_args(a: argparse.Namespace) -> ClientSecurity:
+    """``ClientSecurity`` from ``add_security_args``' flags; a bad file or pair is a
+    ``ValueError`` / ``OSError`` naming it, before any connection."""
+    return ClientSecurity.from_files(
+        ca=a.ca, cert=a.cert, key=a.key, token=a.token or None, server_name=a.server_name
+    )

@@ -305,6 +305,34 @@ async def test_tls_and_mtls(make_server: ServerFactory, pki: Pki) -> None:
         assert "TLS" in client.last_error  # names the likely cause (was "TimeoutError: ")
 
 
+async def test_the_load_generator_reaches_an_mtls_server_with_a_token(
+    make_server: ServerFactory, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator load-tests a replica as it is deployed (mTLS and a token), with the
+    same flags as ``tamiyo-demo``; before, loadgen had a token and no TLS."""
+    import random
+
+    from tamiyo_client import loadgen
+    from tamiyo_client.security import security_from_args
+
+    srv = await make_server(
+        tls_cert_file=str(pki.server_cert),
+        tls_key_file=str(pki.server_key),
+        tls_client_ca_file=str(pki.ca),
+        auth_token="load-test-token",
+    )
+    monkeypatch.setenv("TAMIYO_TOKEN", "load-test-token")
+    flags = ["--ca", str(pki.ca), "--cert", str(pki.client_cert), "--key", str(pki.client_key)]
+    a = loadgen.build_parser().parse_args([f"--target=localhost:{srv.port}", *flags])
+    hosts = [loadgen.make_host(random.Random(0), i, 4, 8, "columns") for i in range(2)]
+    plan = loadgen.Plan("closed", 2, 0.0, 0.2, 0.5, 1.0)
+    st = await loadgen.run(a.target, hosts, plan, security_from_args(a))
+    summary = loadgen.summarize(st, plan, hosts)
+    assert summary["decisions_per_s"] > 0, summary
+    assert summary["errors"] == 0, summary
+    assert summary["lost"] == 0, summary
+
+
 def test_security_settings_are_checked(pki: Pki) -> None:
     with pytest.raises(ValueError, match="both certificate_chain and private_key"):
         ClientSecurity(tls=True, certificate_chain=b"x")
