@@ -12,6 +12,7 @@ from types import ModuleType
 
 import bench
 from bench import BenchOptions
+from tamiyo.cli_text import HelpFormatter, describe
 
 
 def discover() -> dict[str, ModuleType]:
@@ -32,11 +33,13 @@ def discover() -> dict[str, ModuleType]:
 
 def main(argv: list[str] | None = None) -> int:
     parts = discover()
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=describe(__doc__), formatter_class=HelpFormatter
+    )
     ap.add_argument("--only", default="", help=f"comma-separated parts of: {', '.join(parts)}")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--out", type=Path, default=Path("bench-results"), help="JSON and plots")
     args = ap.parse_args(argv)
     wanted = [p.strip() for p in args.only.split(",") if p.strip()] or list(parts)
     unknown = [p for p in wanted if p not in parts]

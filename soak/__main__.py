@@ -28,6 +28,7 @@ from typing import Any
 
 from soak.disk_faults import checkpoint_garbage, disk_full
 from soak.net_faults import connect_storm, fuzz_storm, kill_restart
+from tamiyo.cli_text import HelpFormatter, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = (
@@ -60,12 +61,16 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m soak", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m soak", description=describe(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--examples", type=int, default=10_000, help="per fuzzer")
-    p.add_argument("--connects", type=int, default=10_000)
-    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--connects", type=int, default=10_000, help="connect / disconnect cycles")
+    p.add_argument("--restarts", type=int, default=3, help="kill -9 server restarts")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
-    p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "soak.json")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "bench-results" / "soak.json", help="results JSON"
+    )
     p.add_argument("--only", default="", help="comma-separated scenario names to run")
     a = p.parse_args(argv)
     if a.quick:

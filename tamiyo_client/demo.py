@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tamiyo.cli_text import HelpFormatter, describe
 from tamiyo.config import ClientConfig, DemoConfig
 from tamiyo.v1 import decision_pb2
 from tamiyo_client.client import ReceivedDecision
@@ -246,13 +247,17 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tamiyo-demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="tamiyo-demo", description=describe(__doc__), formatter_class=HelpFormatter
+    )
     p.add_argument("--target", help="use a running server (host:port) instead of starting one")
     p.add_argument("--out", default="demo-results", help="where the plot and summary go")
-    p.add_argument("--steps", type=int, default=DemoConfig.steps)
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
+    p.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps per run")
+    p.add_argument("--seed", type=int, default=DemoConfig.seed, help="data, weights and fault")
     add_security_args(p)
-    p.add_argument("--connect-timeout-s", type=float, default=60.0)
+    p.add_argument(
+        "--connect-timeout-s", type=float, default=60.0, help="give up on the server after (s)"
+    )
     a = p.parse_args(argv)
     cfg = replace(DemoConfig(), steps=a.steps, seed=a.seed)
     out = Path(a.out)

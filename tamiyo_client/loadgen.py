@@ -45,6 +45,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc
 
+from tamiyo.cli_text import HelpFormatter, describe
 from tamiyo.policy.snapshot import FLOAT_FIELDS
 from tamiyo.signal_columns import encode_signal_columns
 from tamiyo.v1 import graph_pb2
@@ -391,17 +392,26 @@ def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tamiyo-loadgen", description=__doc__.split("\n")[0])
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--streams", type=int, default=16)
-    p.add_argument("--mode", choices=("closed", "open"), default="closed")
+    p = argparse.ArgumentParser(
+        prog="tamiyo-loadgen", description=describe(__doc__), formatter_class=HelpFormatter
+    )
+    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--streams", type=int, default=16, help="concurrent sessions (hosts)")
+    p.add_argument(
+        "--mode",
+        choices=("closed", "open"),
+        default="closed",
+        help="closed: each stream asks again when answered; open: --rate frames/s in all",
+    )
     p.add_argument("--rate", type=float, default=1000.0, help="open loop: frames/s in total")
-    p.add_argument("--duration-s", type=float, default=5.0)
-    p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--drain-s", type=float, default=2.0)
-    p.add_argument("--min-layers", type=int, default=4)
-    p.add_argument("--max-layers", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--duration-s", type=float, default=5.0, help="measured time (s)")
+    p.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured lead-in (s)")
+    p.add_argument(
+        "--drain-s", type=float, default=2.0, help="wait for the last answers (s); later = lost"
+    )
+    p.add_argument("--min-layers", type=int, default=4, help="smallest host graph (nodes)")
+    p.add_argument("--max-layers", type=int, default=64, help="largest host graph (nodes)")
+    p.add_argument("--seed", type=int, default=0, help="host graphs and signals")
     add_security_args(p)
     p.add_argument(
         "--signal-form",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from tamiyo.cli_text import secret
+
 
 @dataclass(frozen=True)
 class ClientSecurity:
@@ -106,11 +108,13 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cert", help="PEM client certificate (mTLS; with --key)")
     g.add_argument("--key", help="PEM client private key (mTLS; with --cert)")
     g.add_argument("--server-name", help="the name to check the server certificate against (by IP)")
-    g.add_argument(
-        "--token",
-        default=env_token(),
-        help="bearer token, if the server wants one (default: $TAMIYO_TOKEN, else the "
-        "server's $TAMIYO_AUTH_TOKEN, which keeps it off the command line)",
+    secret(
+        g.add_argument(
+            "--token",
+            default=env_token(),
+            help="bearer token, if the server wants one (default: $TAMIYO_TOKEN, else "
+            "the server's $TAMIYO_AUTH_TOKEN, which keeps it off the command line)",
+        )
     )
 
 
