@@ -44,6 +44,19 @@ class RuleConfig:
     exploration_epsilon: float = 0.0  # ε-exploration; off by default in the server
 
 
+OTHER_VARIABLES: Mapping[str, str] = {
+    "TAMIYO_DEFAULT_CHECKPOINT_DIR": "tamiyo/policy/builtin.py: where the bundled default "
+    "policy is when the package is installed without it (the image sets it)",
+    "TAMIYO_TOKEN": "tamiyo_client demo and loadgen: the bearer token they send",
+    "TAMIYO_MARCH": "setup.py, at build time: the instruction set of the C modules",
+    "TAMIYO_FUZZ_EXAMPLES": "tests/reliability/test_fuzz.py: examples per fuzzer",
+}
+"""``TAMIYO_*`` variables of the project that are not server flags (those are
+``TAMIYO_<FLAG>``, see ``tamiyo_server.cli``): name -> who reads it. Why listed: the
+server warns about an unknown ``TAMIYO_*`` variable (a typo in a manifest is otherwise
+silently ignored), and these are known, set in the same shells and images."""
+
+
 POLICY_RULES = ("confidence_threshold", "health_threshold")
 """The rules whose right value depends on the policy behind them, so a checkpoint's
 manifest may declare them (``serving_rules``: the values its served score was validated
@@ -181,6 +194,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464  # 0 disables the Prometheus endpoint
+    # The metrics endpoint is plaintext HTTP without authentication whatever the gRPC
+    # port's TLS and token: give it a private address when host is a public one.
+    metrics_host: str = ""  # address of the metrics endpoint; empty = the same as host
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     checkpoint_dir: str = ""  # empty, or no checkpoint in it yet: the bundled default policy
     poll_interval_s: float = 1.0

@@ -14,6 +14,8 @@ import gc
 import logging
 import os
 import signal
+import time
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -31,8 +33,10 @@ from tamiyo_server.experience_log import ExperienceLog
 from tamiyo_server.metrics import MetricsInterceptor, ServerMetrics
 from tamiyo_server.pipeline import DecisionPipeline
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
+from tamiyo_server.preflight import StartupError, preflight
 from tamiyo_server.reload import CheckpointWatcher, load_pinned, load_startup
 from tamiyo_server.servicer import TamiyoServicer
+from tamiyo_server.stream import StreamHandler
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,21 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """grpcio-health-checking's servicer plus the health protocol's ``List``, which it
+    registers but answers UNIMPLEMENTED. Why: ``List`` is exempt from the bearer token
+    like ``Check`` and ``Watch`` (``tamiyo_server.auth``), and a probe or an operator
+    listing health by hand should get the statuses, not an error."""
+
+    async def List(  # noqa: N802 (the RPC's name)
+        self, request: health_pb2.HealthListRequest, context: object
+    ) -> health_pb2.HealthListResponse:
+        resp = health_pb2.HealthListResponse()
+        for name, status in dict(self._server_status).items():  # (the library's own map)
+            resp.statuses[name].status = status
+        return resp
+
+
 class TamiyoServer:
     """A running Tamiyo server. ``start()`` binds and returns the port; ``stop()`` drains.
 
@@ -79,8 +98,7 @@ class TamiyoServer:
         self.config = config
         self.metrics = ServerMetrics()
         self._policy = policy
-        # grpc-stubs predates health.aio; the runtime module has it.
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = HealthServicer()
         # metrics see every outcome; undecodable bytes are refused before the servicer
         # (and after auth, which refuses them first without a token)
         rejected = self.metrics.rejected.labels("undecodable")
@@ -108,6 +126,7 @@ class TamiyoServer:
         self.watcher: CheckpointWatcher | None = None  # hot reload (tamiyo_server.reload)
         self.experience: ExperienceLog | None = None  # on when config.experience.dir is set
         self.metrics_port = 0
+        self.drained: Drained | None = None  # set by stop() after a drain
 
     async def start(self) -> int:
         """Bind and answer at once (health NOT_SERVING), load + warm up + calibrate the
@@ -116,11 +135,11 @@ class TamiyoServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
         _check_device(c.device)
+        preflight(c)  # TLS files, directories: before anything binds or loads
         address = f"{c.host}:{c.port}"
-        tls = ", or the TLS certificate / key files are not valid PEM" if c.tls_cert_file else ""
         taken = OSError(
-            f"gRPC port {address}: cannot bind (in use by another process, or not an "
-            f"address of this host{tls})"
+            f"gRPC port {address}: cannot bind (in use by another process, or --host "
+            f"{c.host} is not an address of this host)"
         )
         try:
             if c.tls_cert_file:
@@ -133,7 +152,7 @@ class TamiyoServer:
         if self.port == 0:
             raise taken
         if c.metrics_port:  # before anything slow: a taken port fails the start at once
-            self.metrics_port = self.metrics.start(c.host, c.metrics_port)
+            self.metrics_port = self.metrics.start(c.metrics_host or c.host, c.metrics_port)
         await self.server.start()
         served = self._policy
         refused: tuple[str, str] | None = None  # a broken latest refused at startup
@@ -148,7 +167,10 @@ class TamiyoServer:
         self.pipeline = DecisionPipeline(c, holder, self.metrics)
         if c.experience.dir:
             window = served.schema.window
-            self.experience = ExperienceLog(c.experience, window, self.metrics.registry)
+            try:
+                self.experience = ExperienceLog(c.experience, window, self.metrics.registry)
+            except OSError as e:  # (preflight wrote there; the disk may have changed since)
+                raise StartupError(f"--experience-dir {c.experience.dir}: {e}") from e
             self.pipeline.experience = self.experience
         configure_threads(c.torch_threads)
         # glibc keeps freed activations for reuse instead of page-faulting them in on every
@@ -163,29 +185,37 @@ class TamiyoServer:
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "tamiyo serving on %s:%d (policy %s, forward %s, %s)",
+            "tamiyo serving on %s:%d (policy %s, forward %s, %s, auth: %s)",
             c.host,
             self.port,
             served.version,
             served.engine.forward_name,
-            "TLS" if c.tls_cert_file else "plaintext",
+            "mTLS" if c.tls_client_ca_file else "TLS" if c.tls_cert_file else "plaintext",
+            "bearer token" if c.auth_token else "none",
         )
         return self.port
 
     async def stop(self) -> None:
-        """Graceful shutdown; in-flight work is answered within ``grace_s``."""
+        """Graceful shutdown; in-flight work is answered within ``grace_s``. Ends with
+        one log line saying how the drain went (``Drained``), which is what an operator
+        checks after a rollout: were streams cut, was in-flight work answered."""
         grace = self.config.grace_s
+        t0 = time.monotonic()
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
         # (a start may fail before the pipeline runs: nothing to drain or stop then)
         pipeline = self.pipeline if self.pipeline is not None and self.pipeline.running else None
+        streams = list(self.servicer.streams) if pipeline is not None else []
+        cut: set[StreamHandler] = set()
+        queued = 0
+        answered = True
         if pipeline is not None:
             pipeline.closing = True
-            streams = list(self.servicer.streams)
             for h in streams:
                 h.close("server shutting down", reconnect_after_ms=1000)
-            await pipeline.batcher.drain(grace)
+            queued = pipeline.batcher.queued
+            answered = await pipeline.batcher.drain(grace)
             # A stream ends when its client half-closes (after SessionClosing) and its
             # last answer is out; one still open when the grace is over is cut.
             if streams:
@@ -195,6 +225,7 @@ class TamiyoServer:
                 for h in streams:
                     if not h.ended.is_set():
                         h.cut()
+                        cut.add(h)
                 for task in open_:
                     task.cancel()
         if self.experience is not None:  # decisions answered so far are on disk
@@ -203,11 +234,53 @@ class TamiyoServer:
         # what is left open are calls that never end by themselves, such as a health
         # Watch, which held every shutdown for the whole grace.
         await self.server.stop(min(grace, FINAL_GRACE_S))
+        shed_before = self._shed_at_shutdown()
         if pipeline is not None:
             await pipeline.stop()
         if self.experience is not None:
             await asyncio.to_thread(self.experience.close)
         self.metrics.stop()
+        if pipeline is not None:
+            gone = sum(h.broken for h in streams if h not in cut)
+            self.drained = Drained(
+                len(streams) - len(cut) - gone,
+                gone,
+                len(cut),
+                grace,
+                queued,
+                answered,
+                int(self._shed_at_shutdown() - shed_before),
+                time.monotonic() - t0,
+            )
+            log.info("%s", self.drained)
+
+    def _shed_at_shutdown(self) -> float:
+        """Evaluations answered with a rules-only decision because the server stopped."""
+        value = self.metrics.registry.get_sample_value("tamiyo_shed_total", {"reason": "shutdown"})
+        return value or 0.0
+
+
+class Drained(NamedTuple):
+    """How a ``TamiyoServer.stop`` went (its last log line is ``str`` of this)."""
+
+    closed: int  # streams whose client half-closed after SessionClosing: clean
+    gone: int  # streams whose client went away during the drain
+    cut: int  # streams still open at the grace limit, ended with UNAVAILABLE
+    grace_s: float
+    queued: int  # evaluations waiting for a batch at the signal
+    answered: bool  # the batcher ran everything queued within the grace
+    shed: int  # evaluations answered rules-only (shed "shutdown"): the batcher had stopped
+    seconds: float  # from the start of the stop (the signal) to its end
+
+    def __str__(self) -> str:
+        gone = f", {self.gone} ended by their client going away" if self.gone else ""
+        work = "answered" if self.answered else "NOT all answered within the grace"
+        shed = f", {self.shed} shed at shutdown" if self.shed else ""
+        return (
+            f"drained in {self.seconds:.1f} s: {self.closed} streams closed cleanly, "
+            f"{self.cut} cut at the {self.grace_s:g} s grace limit{gone}; in flight: "
+            f"{self.queued} queued evaluations {work}{shed}; stopped"
+        )
 
 
 def freeze_startup_heap() -> int:
@@ -248,10 +321,6 @@ def _exit_now() -> None:
     log.warning("second signal: exiting without finishing the drain")
     logging.shutdown()
     os._exit(130)
-
-
-class StartupError(Exception):
-    """The server could not start (a port taken, a directory it cannot write, ...)."""
 
 
 async def serve(config: ServerConfig) -> None:

@@ -2,9 +2,12 @@
 
 When a token is configured every RPC must carry ``authorization: Bearer <token>``
 metadata; anything else is refused with UNAUTHENTICATED (deny by default). The only
-exemption is the standard health service, so load-balancer and Kubernetes probes work
-without the secret (health reveals nothing but SERVING / NOT_SERVING). The comparison is
-constant-time (``hmac.compare_digest``) so response timing does not leak the token.
+exemption is the standard health service, all of it (``Check``, ``Watch`` and ``List``),
+so load-balancer and Kubernetes probes work without the secret: health reveals nothing
+but SERVING / NOT_SERVING per service name, and ``List`` only the two names Tamiyo
+registers (``""`` and ``tamiyo.v1.TamiyoService``), which reflection and the docs name
+anyway. Reflection is not exempt. The comparison is constant-time
+(``hmac.compare_digest``) so response timing does not leak the token.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ if TYPE_CHECKING:
 else:
     _Interceptor = grpc.aio.ServerInterceptor
 
-HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+HEALTH_METHODS = frozenset(
+    f"/grpc.health.v1.Health/{method}" for method in ("Check", "Watch", "List")
+)
 
 
 def _deny(

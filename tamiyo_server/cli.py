@@ -4,12 +4,16 @@ Each flag has a ``TAMIYO_<FLAG>`` environment variable (``--port`` ↔ ``TAMIYO_
 a flag given on the command line wins over the variable, which wins over the default in
 ``tamiyo.config``. Every value, from either source, is checked when parsed: a bad one
 stops the server with one line naming the flag (argparse parses string defaults with
-the flag's type, so a variable gets the flag's check too).
+the flag's type, so a variable gets the flag's check too). The parser is the one
+definition of flags and variables: ``--help``, the unknown-variable warning
+(``tamiyo_server.environment``) and docs/configuration.md (docs/gen_reference.py) are
+generated from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -19,6 +23,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from tamiyo.config import POLICY_RULES, RuleConfig, ServerConfig
+from tamiyo_server.environment import HelpFormatter, env_name, epilog, unknown_variables
+
+log = logging.getLogger(__name__)
 
 _RULE_HELP = {
     "confidence_threshold": "the network adapts only when its P(adapt) is at least this",
@@ -30,7 +37,7 @@ assert set(_RULE_HELP) == set(POLICY_RULES)
 
 
 def _env(name: str, default: object) -> str:
-    return os.environ.get(f"TAMIYO_{name.upper()}", str(default))
+    return os.environ.get(env_name(name), str(default))
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -91,14 +98,27 @@ FRACTION = _number(0.0, 1.0)
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
-    p = argparse.ArgumentParser(prog="tamiyo-server", description="Serve Tamiyo decisions.")
+    p = argparse.ArgumentParser(
+        prog="tamiyo-server",
+        description="Serve Tamiyo decisions.\n\nEvery flag has a TAMIYO_<FLAG> variable "
+        "(--checkpoint-dir: TAMIYO_CHECKPOINT_DIR);\na flag given wins over its variable, "
+        "which wins over the built-in default.",
+        epilog=epilog(),
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--host", default=_env("host", d.host), help="address to bind")
     p.add_argument("--port", type=PORT, default=_env("port", d.port), help="0 = any")
     p.add_argument(
         "--metrics-port",
         type=PORT,
         default=_env("metrics_port", d.metrics_port),
-        help="Prometheus port; 0 disables",
+        help="Prometheus port (plaintext HTTP, no authentication); 0 disables",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=_env("metrics_host", d.metrics_host),
+        help="address of the metrics endpoint; empty = the --host address (give a "
+        "private one when --host is public: the endpoint has no TLS and no token)",
     )
     p.add_argument(
         "--device", type=device_type, default=_env("device", d.device), help="auto, cpu or cuda[:N]"
@@ -106,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-dir",
         default=_env("checkpoint_dir", d.checkpoint_dir),
-        help="directory watched for new checkpoints; empty, or no checkpoint in it yet = "
-        "the bundled default policy",
+        help="directory watched for new checkpoints (its 'latest' pointer); empty, or no "
+        "checkpoint in it yet (the directory may not exist yet) = the bundled default "
+        "policy; a path that is not a directory is refused",
     )
     p.add_argument(
         "--poll-interval-s",
@@ -209,7 +230,9 @@ def _experience_flags(p: argparse.ArgumentParser, d: ServerConfig) -> None:
 
 
 def _token(a: argparse.Namespace) -> str:
-    """The token comes from a file or the environment, never from argv (ps shows argv)."""
+    """The token comes from a file or the environment, never from argv (ps shows argv).
+    A variable set but blank is refused, as an empty file is: a Kubernetes Secret with an
+    empty key does that, and the server would otherwise run open without saying so."""
     if a.auth_token_file:
         try:
             token = Path(a.auth_token_file).read_text(encoding="utf-8").strip()
@@ -220,7 +243,13 @@ def _token(a: argparse.Namespace) -> str:
         return token
     # stripped like the file: a Secret made from a file usually ends in a newline, which
     # no client sends (gRPC metadata cannot even carry one)
-    return os.environ.get("TAMIYO_AUTH_TOKEN", "").strip()
+    raw = os.environ.get("TAMIYO_AUTH_TOKEN")
+    if raw is not None and not raw.strip():
+        raise SystemExit(
+            "TAMIYO_AUTH_TOKEN is set but blank, which would serve without a token: give "
+            "the token, or unset the variable to run without one"
+        )
+    return (raw or "").strip()
 
 
 def _check_environment(p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -228,7 +257,7 @@ def _check_environment(p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     (an operator who set it in a manifest looks for the variable)."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     for action in p._actions:
-        name = f"TAMIYO_{action.dest.upper()}"
+        name = env_name(action.dest)
         value = os.environ.get(name)
         if value is None or action.type is None or set(action.option_strings) & given:
             continue
@@ -245,19 +274,28 @@ def _operator_set(p: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[
     for action in q._actions:
         action.default = argparse.SUPPRESS
     given = set(vars(q.parse_args(argv)))
-    env = {a.dest for a in p._actions if f"TAMIYO_{a.dest.upper()}" in os.environ}
+    env = {a.dest for a in p._actions if env_name(a.dest) in os.environ}
     return frozenset(given | env)
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     p = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
+    for warning in unknown_variables(p):
+        log.warning("%s", warning)
     _check_environment(p, args)
     a = p.parse_args(args)
     if bool(a.tls_cert) != bool(a.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
+        given, missing = ("cert", "key") if a.tls_cert else ("key", "cert")
+        raise SystemExit(
+            f"--tls-{given} needs --tls-{missing} ({env_name('tls_' + missing)}): the "
+            "certificate chain and its key go together"
+        )
     if a.tls_client_ca and not a.tls_cert:
-        raise SystemExit("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        raise SystemExit(
+            "--tls-client-ca (mTLS) needs --tls-cert and --tls-key (TAMIYO_TLS_CERT, "
+            "TAMIYO_TLS_KEY)"
+        )
     d = ServerConfig()
     rules = {f.name for f in fields(RuleConfig)}
     try:
@@ -300,6 +338,7 @@ def _config(a: argparse.Namespace, d: ServerConfig) -> ServerConfig:
         host=a.host,
         port=a.port,
         metrics_port=a.metrics_port,
+        metrics_host=a.metrics_host,
         device=a.device,
         checkpoint_dir=a.checkpoint_dir,
         poll_interval_s=a.poll_interval_s,

@@ -187,14 +187,27 @@ class ServerMetrics:
         self._http: Any = None
 
     def start(self, host: str, port: int) -> int:
-        """Serve /metrics on ``host:port`` (0 = any free port); returns the bound port."""
+        """Serve /metrics on ``host:port`` (0 = any free port); returns the bound port.
+
+        The log line says the endpoint is plaintext and unauthenticated: it stays so
+        when the gRPC port has TLS and a token, and an operator who binds --host to
+        every interface should see that the metrics are open there too."""
         try:
             server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise OSError(exc.errno, f"metrics port {host}:{port}: {exc.strerror}") from exc
+            raise OSError(
+                exc.errno,
+                f"metrics port {host}:{port}: {exc.strerror} (--metrics-host, --metrics-port; "
+                "--metrics-port 0 turns the endpoint off)",
+            ) from exc
         self._http = server
         bound: int = server.server_port
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        log.info(
+            "metrics on http://%s:%d/metrics (plaintext HTTP, no authentication; "
+            "--metrics-host sets its address)",
+            host,
+            bound,
+        )
         return bound
 
     def stop(self) -> None:

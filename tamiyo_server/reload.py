@@ -73,7 +73,7 @@ from tamiyo_server.policy_holder import (
     load_initial,
     serve_loaded,
 )
-from tamiyo_server.rollback import main, rollback, versions
+from tamiyo_server.rollback import main, pointer_problem, rollback, versions
 
 __all__ = ["CheckpointWatcher", "check_serving", "load_served", "main", "rollback", "versions"]
 
@@ -282,7 +282,7 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
             continue
         log.warning(
             "startup: %s in %s; serving %s, %s",
-            "latest refused" if latest is not None else "'latest' missing or names no version",
+            "latest refused" if latest is not None else pointer_problem(root),
             root,
             "the last version latest named that verifies"
             if name in before
@@ -292,12 +292,16 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
         return served, refusal
     served = load_initial(dev)
     if latest is None:
-        if not root.is_dir():
-            state = "does not exist"
+        if not root.exists():
+            state = "does not exist (yet; it is watched)"
+        elif found:
+            state = f"holds no version that verifies ({pointer_problem(root)})"
+        elif (root / LATEST).exists():
+            state = f"holds no version: {pointer_problem(root)}"
         else:
-            state = "holds no version that verifies" if found else "is empty"
+            state = "holds no checkpoint yet (no 'latest', no version directory)"
         log.warning(
-            "--checkpoint-dir %s %s: serving %s %s until a checkpoint appears there",
+            "--checkpoint-dir %s %s: serving %s %s until 'latest' there names a checkpoint",
             root,
             state,
             "the UNTRAINED built-in policy" if served.builtin else "the bundled default",

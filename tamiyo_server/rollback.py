@@ -44,6 +44,21 @@ def versions(root: Path) -> list[tuple[float, str]]:
     return sorted(out)
 
 
+def pointer_problem(root: Path) -> str:
+    """Why ``root/latest`` names no checkpoint, in words for the startup warning: a
+    pointer naming a version that is not there must not read as an empty directory."""
+    pointer = root / LATEST
+    try:
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    except FileNotFoundError:
+        return "no 'latest' pointer"
+    except OSError as e:
+        return f"'latest' is unreadable: {e.strerror or e}"
+    if not name:
+        return "'latest' is empty"
+    return f"'latest' names {name[:80]!r}, which is not a version directory there"
+
+
 class Moved(NamedTuple):
     """What a rollback did: ``latest`` from ``old`` to ``new``, passing over the broken
     versions in between (``skipped``: (name, why), newest first), which the operator
@@ -62,6 +77,11 @@ def rollback(root: Path, to: str = "", dry_run: bool = False) -> Moved:
     cur_name = cur.name if cur is not None else ""
     names = [n for _, n in versions(root)]
     if to:
+        if to not in names:  # a typo, not a broken version: say so, not "manifest missing"
+            newest = ", ".join(reversed(names[-3:])) or "none"
+            raise CheckpointError(
+                f"no version {to!r} in {root} (newest: {newest}; 'list' shows them all)"
+            )
         candidates = [to]
     else:
         if cur_name not in names:
@@ -90,7 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls = sub.add_parser("list", help="versions, oldest first; '*' marks latest")
     rb = sub.add_parser("rollback", help="point latest at the previous verified version")
     for sp in (ls, rb):
-        sp.add_argument("--checkpoint-dir", required=True, type=Path)
+        sp.add_argument(
+            "--checkpoint-dir",
+            required=True,
+            type=Path,
+            help="the directory the servers watch (their --checkpoint-dir, "
+            "TAMIYO_CHECKPOINT_DIR): version directories and the 'latest' pointer",
+        )
     rb.add_argument("--to", default="", help="version to roll back to (default: previous)")
     rb.add_argument("--dry-run", action="store_true", help="verify and print, change nothing")
     a = p.parse_args(argv)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,3 +52,29 @@ async def make_server(served_policy: ServedPolicy) -> AsyncIterator[ServerFactor
 @pytest.fixture
 async def server(make_server: ServerFactory) -> TamiyoServer:
     return await make_server()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test CA and a server and a client certificate signed by it (EC P-256), made
+    with the openssl CLI (the ``cryptography`` package is not a dependency); tests that
+    need them are skipped only when openssl is absent."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=tamiyo-test-ca", cwd=d)  # fmt: skip
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for who in ("server", "client"):
+        _openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr",
+                 "-subj", f"/CN={who}", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{who}.pem", "-days", "2",
+                 "-extfile", f"{who}.ext", cwd=d)  # fmt: skip
+    return d

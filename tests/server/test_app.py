@@ -20,6 +20,7 @@ from tamiyo.config import ServerConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
 from tamiyo_server import app as app_module
+from tamiyo_server import preflight
 from tamiyo_server.app import SERVICE_NAME, TamiyoServer
 from tamiyo_server.policy_holder import ServedPolicy
 
@@ -209,21 +210,28 @@ def test_cli_reports_a_taken_port_in_one_line() -> None:
 
 
 async def test_a_start_failing_after_the_pipeline_exists_reports_its_own_error(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An experience directory it cannot create fails the start after the policy is
-    loaded: the cleanup must not trip over the batcher that never started (review: it
-    waited out the grace period, then an AssertionError replaced the real error)."""
-    afile = tmp_path / "afile"
-    afile.write_text("")
+    """The experience store failing to open (the disk changed after the preflight
+    checked the directory) fails the start after the policy is loaded: the cleanup must
+    not trip over the batcher that never started (review: it waited out the grace
+    period, then an AssertionError replaced the real error)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app_module, "ExperienceLog", refuse)
     config = replace(
         ServerConfig(),
         host="127.0.0.1",
         port=0,
         metrics_port=0,
         grace_s=30.0,
-        experience=replace(ServerConfig().experience, dir=str(afile / "sub")),
+        experience=replace(ServerConfig().experience, dir=str(tmp_path / "experience")),
     )
-    with pytest.raises(app_module.StartupError, match="afile") as info:
+    with pytest.raises(preflight.StartupError) as info:
         await asyncio.wait_for(app_module.serve(config), timeout=120)
+    assert str(info.value) == (
+        f"--experience-dir {tmp_path / 'experience'}: [Errno 28] No space left on device"
+    )
     assert isinstance(info.value.__cause__, OSError)

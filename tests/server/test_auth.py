@@ -1,7 +1,6 @@
 """Bearer token (deny by default, constant-time compare), TLS and mTLS with real certs.
 
-Certificates are generated per test run with the openssl CLI (the ``cryptography``
-package is not a dependency); the test is skipped only when openssl is absent.
+Certificates are generated per test run with the openssl CLI (``certs`` in conftest).
 """
 
 from __future__ import annotations
@@ -9,17 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import shutil
+import logging
 import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
+from tamiyo_server import __main__ as server_main
 from tamiyo_server import auth
+from tamiyo_server.app import SERVICE_NAME, TamiyoServer
+from tamiyo_server.policy_holder import ServedPolicy
+from tamiyo_server.preflight import StartupError
 from tests.server import hosts
 from tests.server.conftest import ServerFactory, make_config
 
@@ -69,37 +73,25 @@ async def test_token_denies_by_default(
         assert isinstance(first, pb.StreamTelemetryResponse)
         assert first.HasField("session_accepted")
         await ok.done_writing()
-        # Health stays open for probes.
-        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        # Health stays open for probes: all of it, List included (the runbook says "every
+        # RPC but the health service"; List used to be refused)
+        health_stub = health_pb2_grpc.HealthStub(ch)
+        reply = await health_stub.Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        listed = await health_stub.List(health_pb2.HealthListRequest())
+        assert set(listed.statuses) == {"", SERVICE_NAME}
+        # ... and nothing else: reflection still needs the token
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo()
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await reflect.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await reflect.read()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_empty_token_is_refused() -> None:
     with pytest.raises(ValueError, match="empty token"):
         auth.BearerTokenInterceptor("")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
-    d = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=tamiyo-test-ca", cwd=d)  # fmt: skip
-    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for who in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{who}.key", "-out", f"{who}.csr",
-                 "-subj", f"/CN={who}", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{who}.pem", "-days", "2",
-                 "-extfile", f"{who}.ext", cwd=d)  # fmt: skip
-    return d
 
 
 async def test_tls(make_server: ServerFactory, certs: Path) -> None:
@@ -130,3 +122,104 @@ async def test_mtls_requires_a_client_certificate(make_server: ServerFactory, ce
     )
     async with grpc.aio.secure_channel(f"127.0.0.1:{srv.port}", with_cert) as ch:
         assert await _policy_info(ch) == grpc.StatusCode.OK
+
+
+def _tls_files(certs: Path) -> None:
+    """Garbage and a passphrase-protected copy of the server key, beside the good PKI."""
+    (certs / "garbage.pem").write_text("not a certificate\n")
+    encrypted = certs / "server-encrypted.key"
+    if not encrypted.exists():
+        subprocess.run(
+            ["openssl", "pkey", "-in", str(certs / "server.key"), "-aes256",
+             "-passout", "pass:secret", "-out", str(encrypted)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+
+TLS_REFUSALS = {  # (--tls-cert, --tls-key, --tls-client-ca) -> the one line that names it
+    "key-of-another-cert": (
+        ("server.pem", "client.key", ""),
+        "--tls-key {d}/client.key does not match --tls-cert {d}/server.pem",
+    ),
+    "cert-not-pem": (("garbage.pem", "server.key", ""), "--tls-cert {d}/garbage.pem: no PEM"),
+    "key-not-pem": (("server.pem", "garbage.pem", ""), "--tls-key {d}/garbage.pem: not a PEM"),
+    "client-ca-not-pem": (
+        ("server.pem", "server.key", "garbage.pem"),
+        "--tls-client-ca {d}/garbage.pem: no PEM CA certificate",
+    ),
+    "cert-missing": (("nope.pem", "server.key", ""), "--tls-cert {d}/nope.pem: No such file"),
+    "key-encrypted": (
+        ("server.pem", "server-encrypted.key", ""),
+        "--tls-key {d}/server-encrypted.key is protected by a passphrase",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TLS_REFUSALS))
+async def test_bad_tls_material_is_named_before_anything_binds(
+    case: str, certs: Path, served_policy: ServedPolicy
+) -> None:
+    """gRPC reported every one of these as "cannot bind" (in use, or not valid PEM),
+    and a valid key of another certificate named no cause at all (QA finding 4)."""
+    _tls_files(certs)
+    (cert, key, ca), message = TLS_REFUSALS[case]
+    config = make_config(
+        tls_cert_file=str(certs / cert),
+        tls_key_file=str(certs / key),
+        tls_client_ca_file=str(certs / ca) if ca else "",
+    )
+    srv = TamiyoServer(config, policy=served_policy)
+    with pytest.raises(StartupError) as err:
+        await srv.start()
+    assert str(err.value).startswith(message.format(d=certs))
+    assert "bind" not in str(err.value)
+    assert srv.port == 0  # refused before the port was bound
+    await srv.stop()
+
+
+def test_the_cli_says_which_tls_file_is_wrong_and_exits_2(
+    certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = ["--port", "0", "--metrics-port", "0", "--tls-cert", str(certs / "server.pem"),
+            "--tls-key", str(certs / "client.key")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        server_main.main(argv)
+    assert exit_.value.code == 2
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert said == [
+        f"cannot serve: --tls-key {certs}/client.key does not match --tls-cert "
+        f"{certs}/server.pem (it is the key of another certificate)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("security", "said"),
+    [
+        ("plaintext", "plaintext, auth: none)"),
+        ("token", "plaintext, auth: bearer token)"),
+        ("tls", "TLS, auth: none)"),
+        ("mtls+token", "mTLS, auth: bearer token)"),
+    ],
+)
+async def test_the_startup_line_says_how_the_port_is_secured(
+    security: str,
+    said: str,
+    certs: Path,
+    make_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The line read the same with and without a token, so a blank TAMIYO_AUTH_TOKEN
+    leaving the server open went unseen (QA finding 3)."""
+    over: dict[str, str] = {}
+    if "token" in security:
+        over["auth_token"] = TOKEN
+    if "tls" in security:
+        over |= {"tls_cert_file": str(certs / "server.pem"),
+                 "tls_key_file": str(certs / "server.key")}  # fmt: skip
+    if "mtls" in security:
+        over["tls_client_ca_file"] = str(certs / "ca.pem")
+    with caplog.at_level(logging.INFO, logger="tamiyo_server.app"):
+        await make_server(make_config(**over))
+    (line,) = [r.getMessage() for r in caplog.records if "tamiyo serving on" in r.getMessage()]
+    assert line.endswith(said)
+    assert TOKEN not in caplog.text

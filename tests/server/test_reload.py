@@ -443,15 +443,27 @@ async def test_nothing_good_at_startup_falls_back_to_the_bundled_policy(
     assert await c.serving()
 
 
-@pytest.mark.parametrize("exists", [True, False], ids=["empty", "missing"])
+DIRECTORY_STATES = {  # how the directory is, and what the warning must say of it
+    "empty": "holds no checkpoint yet (no 'latest', no version directory)",
+    "missing": "does not exist (yet; it is watched)",
+    # (the QA pass read "is empty" for this one: the pointer's problem must be named)
+    "dangling-latest": "holds no version: 'latest' names 'v1', which is not a version "
+    "directory there",
+}
+
+
+@pytest.mark.parametrize("state", list(DIRECTORY_STATES))
 async def test_a_directory_without_checkpoints_serves_the_bundled_default_until_one_appears(
-    tmp_path: Path, connect: ClientFactory, caplog: pytest.LogCaptureFixture, exists: bool
+    tmp_path: Path, connect: ClientFactory, caplog: pytest.LogCaptureFixture, state: str
 ) -> None:
-    """The trainer has not written one yet (or the path is a typo): the bundled default,
-    not the untrained built-in policy, and a warning naming the directory."""
+    """The trainer has not written one yet (in Kubernetes the directory may not even
+    exist yet): the bundled default, not the untrained built-in policy, and a warning
+    naming the directory and saying precisely what is wrong with it."""
     root = tmp_path / "checkpoints"
-    if exists:
+    if state != "missing":
         root.mkdir()
+    if state == "dangling-latest":
+        (root / "latest").write_text("v1\n")
     with caplog.at_level(logging.WARNING, logger="tamiyo_server.reload"):
         c = await connect(watching(root))
     info = await c.info()
@@ -460,10 +472,13 @@ async def test_a_directory_without_checkpoints_serves_the_bundled_default_until_
         assert info.checkpoint_path == str(bundled)
         algo = json.loads((bundled / "manifest.json").read_text())["metrics"]["algo"]
         assert json.loads(info.training_json)["algorithm"] == algo != ""
-    assert not info.HasField("last_refused_at")  # nothing refused: no 1970 timestamp
+    if state == "dangling-latest":  # the watcher reports the pointer, once
+        assert "names 'v1', which is not a checkpoint directory" in info.last_refused_reason
+    else:
+        assert not info.HasField("last_refused_at")  # nothing refused: no 1970 timestamp
     said = [r.getMessage() for r in caplog.records if str(root) in r.getMessage()]
     assert said
-    assert ("is empty" if exists else "does not exist") in said[0]
+    assert f"--checkpoint-dir {root} {DIRECTORY_STATES[state]}: serving" in said[0]
     write(root, "v1", seed=1)
     assert await c.swapped() == "v1"
 
@@ -625,6 +640,12 @@ def test_rollback_cli_skips_broken_versions(
     assert "nothing to roll back to" in capsys.readouterr().err
     assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path), "--to", "bad"]) == 1
     assert "truncated" in capsys.readouterr().err
+    # a version that is not there at all is a typo, not a broken checkpoint
+    assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path), "--to", "v9"]) == 1
+    err = capsys.readouterr().err
+    assert f"rollback failed: no version 'v9' in {tmp_path} (newest: v3, bad, v2;" in err
+    assert "manifest" not in err
+    assert resolve_latest(tmp_path) == tmp_path / "v1"
     assert reload.main(["rollback", "--checkpoint-dir", str(tmp_path), "--to", "v3"]) == 0
     assert reload.main(["list", "--checkpoint-dir", str(tmp_path)]) == 0
     for cmd in ("list", "rollback"):  # a mistyped directory is an error, not "no versions"
