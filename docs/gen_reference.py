@@ -64,14 +64,16 @@ def _flag_rows() -> list[tuple[str, str, str, object, str]]:
 
 
 def _env_only() -> list[tuple[str, str]]:
-    """TAMIYO_* names read in the server's source that are not one of the flags' vars."""
+    """TAMIYO_* names read in the server's source that are not one of the flags' vars,
+    then the project's other variables (``tamiyo.config.OTHER_VARIABLES``: client tools,
+    the build, the tests), each with where it is read."""
     flags = {row[1] for row in _flag_rows()}
     found: dict[str, str] = {}
     for src in sorted((ROOT / "tamiyo_server").glob("*.py")):
         for name in re.findall(r"\bTAMIYO_[A-Z0-9_]+\b", src.read_text()):
-            if name not in flags:
-                found.setdefault(name, f"tamiyo_server/{src.name}")
-    return sorted(found.items())
+            if name not in flags and name not in config_module.OTHER_VARIABLES:
+                found.setdefault(name, f"`tamiyo_server/{src.name}`")
+    return sorted(found.items()) + sorted(config_module.OTHER_VARIABLES.items())
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -140,8 +142,9 @@ def _field_flags() -> dict[str, str]:
         except (SystemExit, OSError):  # needs a companion flag or a real file: manual
             continue
         for key, value in moved.items():
-            if value != base[key]:
-                found.setdefault(key, args[0])
+            if value != base[key] and key not in _MANUAL_FLAGS:
+                # (several flags may move one field: operator_rules is every rule flag)
+                found[key] = f"{found[key]}`, `{args[0]}" if key in found else args[0]
     return found
 
 
@@ -189,12 +192,13 @@ def render_configuration() -> str:
             "## Environment-only variables",
             "",
             "Read from the environment only (secrets never go on a command line, where",
-            "`ps` shows them).",
+            "`ps` shows them), and the project's variables that are not server flags. The",
+            "server warns at start about any other `TAMIYO_*` variable (a typo).",
             "",
             "| variable | read in |",
             "| --- | --- |",
         ]
-        out += [f"| `{name}` | `{where}` |" for name, where in env_only]
+        out += [f"| `{name}` | {_cell(where)} |" for name, where in env_only]
         out.append("")
     out += [
         "## Built-in defaults (`tamiyo/config.py`)",
@@ -281,8 +285,12 @@ def render_metrics() -> str:
         HEADER,
         "# Metrics reference",
         "",
-        "Prometheus text format on `http://<host>:<--metrics-port>/metrics` (default 9464;",
-        "`--metrics-port 0` disables it). Each server instance has its own registry.",
+        "Prometheus text format on `http://<--metrics-host>:<--metrics-port>/metrics`",
+        "(the host defaults to `--host`, the port to 9464; `--metrics-port 0` disables it).",
+        "The endpoint is plaintext HTTP without authentication whatever the gRPC port's TLS",
+        "and token: bind it to a private address. Each server instance has its own registry.",
+        "Labelled counters export every known label value at 0 from the start, so `rate()`",
+        'and alerts read 0, not "no data", before the first event.',
         "Times are in seconds (Prometheus convention); the decision budget is 10 ms, so the",
         "latency histograms are dense below 0.01 s.",
         "",

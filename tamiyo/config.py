@@ -47,7 +47,8 @@ class RuleConfig:
 OTHER_VARIABLES: Mapping[str, str] = {
     "TAMIYO_DEFAULT_CHECKPOINT_DIR": "tamiyo/policy/builtin.py: where the bundled default "
     "policy is when the package is installed without it (the image sets it)",
-    "TAMIYO_TOKEN": "tamiyo_client demo and loadgen: the bearer token they send",
+    "TAMIYO_TOKEN": "tamiyo_client/security.py (tamiyo-demo, tamiyo-loadgen): the bearer "
+    "token they send; else they send TAMIYO_AUTH_TOKEN",
     "TAMIYO_MARCH": "setup.py, at build time: the instruction set of the C modules",
     "TAMIYO_FUZZ_EXAMPLES": "tests/reliability/test_fuzz.py: examples per fuzzer",
 }
@@ -361,6 +362,7 @@ class TrainConfig:
     train_seeds: int = 3  # independent training seeds per algorithm
     algos: tuple[str, ...] = ("bc", "iql")  # trained and reported by the pipeline
     fqe_steps: int = 2000  # × target_tau 0.02 = 40 target time constants ≫ 1/(1 − γ)
+    fqe_members: int = 5  # FQE critics (seeds from ``seed``) averaged; spread reported
     workers: int = 2  # processes training in parallel (one torch thread each)
 
 

@@ -28,10 +28,32 @@ _LAYER_TYPES = frozenset(graph_pb2.LayerType.values())
 MAX_PARAMETER_COUNT = 2**53
 
 
+VALIDATION_REASONS = (
+    "bad_edge",
+    "bad_id",
+    "bad_length",
+    "conflicting_fields",
+    "duplicate_id",
+    "missing",
+    "non_finite",
+    "out_of_range",
+    "step_regressed",
+    "too_large",
+    "unknown_layer",
+)
+"""Every ``ValidationError.reason``: the ``reason`` label values of
+``tamiyo_rejected_inputs_total`` that validation gives (declared, so the metric exports
+each at 0 from the start and the metrics reference lists them)."""
+
+
 class ValidationError(ValueError):
-    """One refused field. ``field`` is the dotted path, ``reason`` a metric label."""
+    """One refused field. ``field`` is the dotted path, ``reason`` a metric label (one of
+    ``VALIDATION_REASONS``; another is a programming error, refused here so that an
+    alert on the metric never misses an undeclared label)."""
 
     def __init__(self, field: str, message: str, reason: str) -> None:
+        if reason not in VALIDATION_REASONS:
+            raise ValueError(f"ValidationError reason {reason!r} is not in VALIDATION_REASONS")
         super().__init__(f"{field}: {message}")
         self.field = field
         self.reason = reason

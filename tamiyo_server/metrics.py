@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 
 from tamiyo.v1 import decision_pb2
+from tamiyo_server.graph_validation import VALIDATION_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,19 @@ SHED_REASONS = (
     "error",
 )
 """Values of ``tamiyo_shed_total``'s reason label (docs/runbook.md, Overload)."""
+REJECT_REASONS = (
+    *VALIDATION_REASONS,
+    "undecodable",
+    "too_many_streams",
+    "no_session",
+    "unknown_decision",
+    "internal",
+)
+"""``tamiyo_rejected_inputs_total``'s reason labels: validation's; a message protobuf
+cannot decode (``decode_guard``); a stream over ``--max-streams``; a frame or outcome
+before ``SessionOpen``; an outcome for a decision the session never got; a message
+whose handling failed inside the server (answered with an error, the stream goes on)."""
+
 RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 """``tamiyo_decisions_total``'s rule label of each ``DecisionRule`` value."""
 
@@ -110,7 +124,8 @@ class ServerMetrics:
         )
         self.decision_seconds = Histogram(
             "tamiyo_decision_latency_seconds",
-            "Server-side latency of a decision: request arrival to decision ready, seconds.",
+            "Server-side latency of a decision: request arrival to decision ready, seconds "
+            "(path: stream or unary; degraded: true for a rules-only answer, else false).",
             ("path", "degraded"),
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -163,7 +178,7 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             "tamiyo_rejected_inputs",
-            "Messages refused by validation or limits, by reason.",
+            f"Messages refused by validation or limits, by reason ({', '.join(REJECT_REASONS)}).",
             ("reason",),
             registry=r,
         )
@@ -175,7 +190,11 @@ class ServerMetrics:
             registry=r,
         )
         self.decisions = Counter(
-            "tamiyo_decisions", "Decisions sent, by deciding rule.", ("rule",), registry=r
+            "tamiyo_decisions",
+            "Decisions sent, by deciding rule "
+            f"({', '.join(rule for value, rule in RULE_NAMES.items() if value)}).",
+            ("rule",),
+            registry=r,
         )
         # Known label values exported from the start at 0, so that rate() and alerts on
         # them read 0, not "no data", on a server that has not shed or decided yet.
@@ -184,6 +203,8 @@ class ServerMetrics:
         for value, rule in RULE_NAMES.items():
             if value:  # (not UNSPECIFIED: no decision carries it)
                 self.decisions.labels(rule)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         self._http: Any = None
 
     def start(self, host: str, port: int) -> int:

@@ -71,3 +71,55 @@ def test_process_metrics_are_exported(server: TamiyoServer) -> None:
     assert (reg.get_sample_value("process_open_fds") or 0) > 0
     # a stream's lifetime lands in a finite bucket (the top one used to be 1 s)
     assert 3600.0 in server.metrics.rpc_seconds._upper_bounds
+
+
+def _literal_reasons() -> tuple[set[str], set[str]]:
+    """The reason string literals of every ``ValidationError(...)`` and every
+    ``.rejected.labels(...)`` / ``child(....rejected, ...)`` in the server's source."""
+    import ast
+    from pathlib import Path
+
+    errors: set[str] = set()
+    labels: set[str] = set()
+    for src in (Path(__file__).resolve().parents[2] / "tamiyo_server").glob("*.py"):
+        for node in ast.walk(ast.parse(src.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            text = ast.unparse(node.func)
+            last = node.args[-1] if node.args else None
+            if not (isinstance(last, ast.Constant) and isinstance(last.value, str)):
+                continue
+            if text == "ValidationError" and len(node.args) == 3:
+                errors.add(last.value)
+            elif text.endswith("rejected.labels") or (
+                text == "child" and ast.unparse(node.args[0]).endswith("rejected")
+            ):
+                labels.add(last.value)
+    return errors, labels
+
+
+def test_every_rejection_reason_is_declared_and_exported_at_zero() -> None:
+    """An alert on ``tamiyo_rejected_inputs_total{reason=...}`` needs the label to exist
+    before the first refusal (else "no data", not 0), and the metrics reference lists
+    the declared values: so every reason the code gives must be declared."""
+    from tamiyo_server.graph_validation import VALIDATION_REASONS
+    from tamiyo_server.metrics import REJECT_REASONS, ServerMetrics
+
+    errors, labels = _literal_reasons()
+    assert errors, "the scan found no ValidationError reasons"
+    assert labels >= {"undecodable", "too_many_streams"}
+    assert errors <= set(VALIDATION_REASONS)
+    assert errors | labels == set(REJECT_REASONS)
+    registry = ServerMetrics().registry
+    for reason in REJECT_REASONS:
+        got = registry.get_sample_value("tamiyo_rejected_inputs_total", {"reason": reason})
+        assert got == 0.0, reason
+
+
+def test_an_undeclared_validation_reason_is_a_programming_error() -> None:
+    import pytest
+
+    from tamiyo_server.graph_validation import ValidationError
+
+    with pytest.raises(ValueError, match="not in VALIDATION_REASONS"):
+        ValidationError("frame.step", "bad", "no_such_reason")
