@@ -310,6 +310,27 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
     return served, refusal
 
 
+def declared_rules_change(old: ServedPolicy | None, new: ServedPolicy) -> str:
+    """A warning when ``new`` declares other ``serving_rules`` than ``old``, else "".
+    Why: the rules in force follow the checkpoint (unless the operator set them), so a
+    hot reload can turn the health veto on or off for every stream, which changes what
+    the server decides as much as new weights do; it must be in the log."""
+    before = dict(old.serving_rules) if old is not None else {}
+    after = dict(new.serving_rules)
+    if before == after:
+        return ""
+
+    def show(rules: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(rules.items())) or "none"
+
+    was = old.version if old is not None else "the previous policy"
+    return (
+        f"{new.version} declares serving_rules {show(after)} ({was} declared "
+        f"{show(before)}): the decision rules in force change with it, except those the "
+        "operator set (GetPolicyInfo rules_json shows them)"
+    )
+
+
 class CheckpointWatcher:
     """Polls ``root/latest`` every ``poll_interval_s`` and hot-swaps verified policies.
 
@@ -428,6 +449,8 @@ class CheckpointWatcher:
             self.last_load_s * 1e3,
             steps,
         )
+        if change := declared_rules_change(self._retired, served):
+            log.warning("%s", change)
         return "loaded"
 
     def _refuse(self, fp: Fingerprint, reason: str, t0: float) -> str:

@@ -54,7 +54,7 @@ async def decided(call: Stream, step: int) -> decision_pb2.AdaptationDecision:
 
 
 async def test_the_rules_follow_the_policy_across_a_reload(
-    tmp_path: Path, connect: ClientFactory
+    tmp_path: Path, connect: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     eager(tmp_path, "v1")  # declares nothing: the server's rules (health veto 0.6)
     c = await connect(watching(tmp_path))
@@ -83,6 +83,12 @@ async def test_the_rules_follow_the_policy_across_a_reload(
     info = json.loads((await c.info()).rules_json)
     assert info["rules"]["health_threshold"] == 1.0
     assert (info["from_checkpoint"], info["from_operator"]) == (["health_threshold"], [])
+    # A reload that changes the rules in force says so in the log (an operator must see
+    # the veto go off, e.g. when a trained checkpoint replaces the bundled default).
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "v2 declares serving_rules health_threshold 1 (v1 declared none)" in m for m in warned
+    ), warned
     await call.done_writing()
 
 
