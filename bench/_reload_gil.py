@@ -84,19 +84,19 @@ def _timed(n: int) -> float:
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
     """``current``: the reload as committed; ``idle``: also waiting (up to 20 ms a step)
-    for the serving threads to go idle between steps (``reload.IDLE_WAIT_MAX_S``); ``before``:
+    for the serving threads to go idle between steps (``polite_load.IDLE_WAIT_MAX_S``); ``before``:
     without any GIL sharing (5 ms switch interval, no pauses, no idle wait);
     ``nobackoff``: ``idle`` with probes every 0.2 ms instead of backing off;
     ``switch-only`` / ``pause-only``: one of the first two, no idle wait; ``niced``:
     current, with the reloading thread at nice +5 (not under SCHED_FIFO)."""
-    from tamiyo_server import reload
+    from tamiyo_server import polite_load
 
     # (getattr: this harness also measures older trees, A/B, which lack the idle wait)
     saved = (
-        reload.SWITCH_INTERVAL_S,
-        reload.PAUSE_S,
-        getattr(reload, "IDLE_WAIT_MAX_S", 0.0),
-        getattr(reload, "IDLE_SLEEP_MAX_S", 0.0),
+        polite_load.SWITCH_INTERVAL_S,
+        polite_load.PAUSE_S,
+        getattr(polite_load, "IDLE_WAIT_MAX_S", 0.0),
+        getattr(polite_load, "IDLE_SLEEP_MAX_S", 0.0),
     )
     tid = threading.get_native_id()
     nice = os.getpriority(os.PRIO_PROCESS, tid)
@@ -105,20 +105,20 @@ def _variant(name: str) -> Iterator[None]:
     if name == "niced":  # this (the reloading) thread only
         os.setpriority(os.PRIO_PROCESS, tid, nice + 5)
     if name in ("before", "pause-only"):
-        reload.SWITCH_INTERVAL_S = None
+        polite_load.SWITCH_INTERVAL_S = None
     if name in ("before", "switch-only"):
-        reload.PAUSE_S = 0.0
+        polite_load.PAUSE_S = 0.0
     if name in ("before", "switch-only", "pause-only"):
-        reload.IDLE_WAIT_MAX_S = 0.0
+        polite_load.IDLE_WAIT_MAX_S = 0.0
     if name in ("idle", "nobackoff"):
-        reload.IDLE_WAIT_MAX_S = 0.02
+        polite_load.IDLE_WAIT_MAX_S = 0.02
     if name == "nobackoff":
-        reload.IDLE_SLEEP_MAX_S = reload.IDLE_SLEEP_S
+        polite_load.IDLE_SLEEP_MAX_S = polite_load.IDLE_SLEEP_S
     try:
         yield
     finally:
-        reload.SWITCH_INTERVAL_S, reload.PAUSE_S = saved[:2]
-        reload.IDLE_WAIT_MAX_S, reload.IDLE_SLEEP_MAX_S = saved[2:]
+        polite_load.SWITCH_INTERVAL_S, polite_load.PAUSE_S = saved[:2]
+        polite_load.IDLE_WAIT_MAX_S, polite_load.IDLE_SLEEP_MAX_S = saved[2:]
         os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 

@@ -45,19 +45,19 @@ def _variant_null() -> None:
 def _variant_before() -> None:
     """The reload without any GIL sharing (switch interval left at CPython's 5 ms, no
     pauses and no waiting for idle between steps)."""
-    from tamiyo_server import reload
+    from tamiyo_server import polite_load
 
-    reload.SWITCH_INTERVAL_S = None
-    reload.PAUSE_S = 0.0
-    reload.IDLE_WAIT_MAX_S = 0.0
+    polite_load.SWITCH_INTERVAL_S = None
+    polite_load.PAUSE_S = 0.0
+    polite_load.IDLE_WAIT_MAX_S = 0.0
 
 
 def _variant_idle() -> None:
     """The reload also waiting (up to 20 ms a step) for the serving threads to go idle
-    between steps (``reload.IDLE_WAIT_MAX_S``, off by default)."""
-    from tamiyo_server import reload
+    between steps (``polite_load.IDLE_WAIT_MAX_S``, off by default)."""
+    from tamiyo_server import polite_load
 
-    reload.IDLE_WAIT_MAX_S = 0.02
+    polite_load.IDLE_WAIT_MAX_S = 0.02
 
 
 def _variant_niced() -> None:

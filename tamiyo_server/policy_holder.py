@@ -119,7 +119,7 @@ def check_serving(
     and the new one is refused only if it is also over ``SLOWER_LIMIT`` × the current
     one: a machine that is slow for every policy does not refuse a good checkpoint.
     ``between`` runs before each of those extra forwards (a hot reload passes its
-    GIL-yielding step, ``tamiyo_server.reload._yield``). Returns the new policy's
+    GIL-yielding step, ``tamiyo_server.polite_load.yield_gil``). Returns the new policy's
     (fastest) time in ms; raises ``CheckpointError`` naming the problem.
     """
     graphs = _sample_graphs()

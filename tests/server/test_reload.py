@@ -45,7 +45,7 @@ from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
-from tamiyo_server import reload
+from tamiyo_server import polite_load, reload
 from tamiyo_server.app import TamiyoServer
 from tamiyo_server.cli import parse_config
 from tamiyo_server.metrics import ServerMetrics
@@ -261,18 +261,18 @@ def test_reload_shortens_gil_turns_only_while_it_loads(
     also when the checkpoint is refused. The steps' times are recorded."""
     write(tmp_path, "v1", seed=1)
     seen: list[float] = []
-    check = reload.check_serving
+    check = polite_load.check_serving
 
     def spying(*args: object, **kw: object) -> float:
         seen.append(sys.getswitchinterval())
         return check(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(reload, "check_serving", spying)
+    monkeypatch.setattr(polite_load, "check_serving", spying)
     before = sys.getswitchinterval()
     stages: dict[str, float] = {}
     reload.load_served(tmp_path / "v1", "cpu", 1e9, stages=stages)
-    assert reload.SWITCH_INTERVAL_S is not None
-    assert seen == [min(before, reload.SWITCH_INTERVAL_S)]
+    assert polite_load.SWITCH_INTERVAL_S is not None
+    assert seen == [min(before, polite_load.SWITCH_INTERVAL_S)]
     assert sys.getswitchinterval() == before
     assert set(stages) == {"load", "engine", "warmup", "waited", "cpu"}
     assert all(v > 0 for v in stages.values())
@@ -281,10 +281,10 @@ def test_reload_shortens_gil_turns_only_while_it_loads(
         reload.load_served(tmp_path / "bad", "cpu", 1e9)
     assert sys.getswitchinterval() == before
     # overlapping loads (two watchers in one process): the last one out restores
-    with reload._short_gil_turns():
-        with reload._short_gil_turns():
+    with polite_load.short_gil_turns():
+        with polite_load.short_gil_turns():
             pass
-        assert sys.getswitchinterval() == reload.SWITCH_INTERVAL_S
+        assert sys.getswitchinterval() == polite_load.SWITCH_INTERVAL_S
     assert sys.getswitchinterval() == before
 
 

@@ -17,7 +17,7 @@ from tamiyo.policy.checkpoint import CheckpointError, load_checkpoint, save_chec
 from tamiyo.policy.engine import InferenceEngine
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from tamiyo.policy.synthetic import random_graphs
-from tamiyo_server import reload
+from tamiyo_server import polite_load
 
 
 def _model(seed: int, config: PolicyConfig) -> TamiyoPolicy:
@@ -79,7 +79,7 @@ def test_a_new_config_whose_compilation_disagrees_still_runs_eagerly(
 
 
 class _FakeClock:
-    """Stands in for the ``time`` module inside ``tamiyo_server.reload``: every sleep
+    """Stands in for the ``time`` module inside ``tamiyo_server.polite_load``: every sleep
     returns ``late`` s after it should, as when another thread holds the GIL."""
 
     def __init__(self, late: float) -> None:
@@ -96,22 +96,24 @@ class _FakeClock:
 def test_yield_waits_for_idle_serving_threads_but_not_forever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(reload, "IDLE_WAIT_MAX_S", 0.02)  # off by default; see its comment
+    monkeypatch.setattr(polite_load, "IDLE_WAIT_MAX_S", 0.02)  # off by default; see its comment
     idle = _FakeClock(late=0.0)
-    monkeypatch.setattr(reload, "time", idle)
-    reload._yield()
+    monkeypatch.setattr(polite_load, "time", idle)
+    polite_load.yield_gil()
     assert idle.sleeps == 2, "idle: the pause and one on-time probe, then the step runs"
-    busy = _FakeClock(late=2 * reload.IDLE_LATE_S)
-    monkeypatch.setattr(reload, "time", busy)
-    reload._yield()
+    busy = _FakeClock(late=2 * polite_load.IDLE_LATE_S)
+    monkeypatch.setattr(polite_load, "time", busy)
+    polite_load.yield_gil()
     assert busy.sleeps > 2, "late probes: it waits for the serving threads"
-    probe = reload.IDLE_SLEEP_MAX_S + busy.late  # the longest probe
-    assert busy.now < reload.IDLE_WAIT_MAX_S + probe, "but never past IDLE_WAIT_MAX_S"
-    assert busy.sleeps < 2 + reload.IDLE_WAIT_MAX_S / reload.IDLE_SLEEP_MAX_S + 5, "backs off"
-    monkeypatch.setattr(reload, "IDLE_WAIT_MAX_S", 0.0)
-    off = _FakeClock(late=2 * reload.IDLE_LATE_S)
-    monkeypatch.setattr(reload, "time", off)
-    reload._yield()
+    probe = polite_load.IDLE_SLEEP_MAX_S + busy.late  # the longest probe
+    assert busy.now < polite_load.IDLE_WAIT_MAX_S + probe, "but never past IDLE_WAIT_MAX_S"
+    assert busy.sleeps < 2 + polite_load.IDLE_WAIT_MAX_S / polite_load.IDLE_SLEEP_MAX_S + 5, (
+        "backs off"
+    )
+    monkeypatch.setattr(polite_load, "IDLE_WAIT_MAX_S", 0.0)
+    off = _FakeClock(late=2 * polite_load.IDLE_LATE_S)
+    monkeypatch.setattr(polite_load, "time", off)
+    polite_load.yield_gil()
     assert off.sleeps == 1, "IDLE_WAIT_MAX_S = 0: only the pause"
 
 
