@@ -274,6 +274,12 @@ class KasminaConfig:
     # on the 2-core CI box, output stats + their reduction), so 1 in 16 keeps the average
     # cost per step small (bench: python -m bench --only client).
     sample_every: int = 16
+    # On a device where reading a value syncs (CUDA), the seeds' failure flags are read and
+    # failed seeds culled every Nth training forward (counted like sample_every, so every
+    # rank of a data-parallel job culls at the same forward): one sync per N forwards per
+    # layer; a failed kernel is left out of the output and the gradients until then. On
+    # the CPU a failed seed is culled at once.
+    cull_check_every: int = 16
     # A sampled output contributes at most this many rows (evenly strided over the batch)
     # to the activation statistics; the non-finite check covers all rows. 0 = all rows.
     sample_rows: int = 64
@@ -362,7 +368,7 @@ class TrainConfig:
     train_seeds: int = 3  # independent training seeds per algorithm
     algos: tuple[str, ...] = ("bc", "iql")  # trained and reported by the pipeline
     fqe_steps: int = 2000  # × target_tau 0.02 = 40 target time constants ≫ 1/(1 − γ)
-    fqe_members: int = 5  # FQE critics (seeds from ``seed``) averaged; spread reported
+    fqe_members: int = 10  # FQE critics averaged, seeds from ``seed`` (trainer/README: FQE)
     workers: int = 2  # processes training in parallel (one torch thread each)
 
 

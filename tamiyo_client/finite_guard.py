@@ -20,6 +20,15 @@ from torch import nn
 from tamiyo_client.telemetry import finite_flag
 
 
+def add_masked(y: Any, kernel: nn.Module, x: torch.Tensor) -> Any:
+    """``add_guarded`` for eval and no-grad forwards: ``torch.where`` on the flag, pure
+    tensor ops with no host read and no custom autograd function, so a model with seeds
+    still traces, exports and vmaps; nothing is counted (no training forward)."""
+    out = kernel(x)
+    ok = finite_flag(out)
+    return on_first(y, lambda t: torch.where(ok, t + out, t))
+
+
 def add_guarded(y: Any, kernel: nn.Module, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """``y + kernel(x)`` (on the first element of a tuple ``y``) if that output is all
     finite, else ``y`` exactly; and the 0-d bool flag of it, on the kernel's device."""

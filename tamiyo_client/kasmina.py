@@ -161,6 +161,7 @@ class KasminaLayer(SeedSlots):
         self._acc = WindowAccumulator(self.config)
         self._tally = _Tally()
         self._sample_every = max(1, self.config.sample_every)
+        self._cull_every = max(1, self.config.cull_check_every)
         self._refresh_params()
         self._widths: tuple[int, int] | None = None  # last training forward's (in, out)
         # A checkpoint of the model before it was wrapped loads as it is (see _plain_keys).
@@ -278,11 +279,7 @@ class KasminaLayer(SeedSlots):
         self, step: int, epoch: int, now: float | None = None
     ) -> SignalValues | None:
         """``collect_signal`` as plain values (no protobuf on the training thread);
-        ``now`` = the timestamp to report (s since the epoch; default ``time.time()``).
-        Seeds whose output was non-finite in the window are culled here first (the
-        window's one device read of their flags), so the signal reports them CULLED."""
-        if self._acc.pending:
-            self._reap_nonfinite()
+        ``now`` = the timestamp to report (s since the epoch; default ``time.time()``)."""
         if not self._acc.has_data:
             return None
         stats = self._acc.collect()

@@ -24,7 +24,8 @@ from torch import nn
 
 from tamiyo.config import KasminaConfig
 from tamiyo.v1 import health_pb2
-from tamiyo_client.finite_guard import add_guarded
+from tamiyo_client import finite_guard
+from tamiyo_client.finite_guard import add_guarded, add_masked
 from tamiyo_client.kernels import get_kernel
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class SeedSlots(nn.Module):
     _acc: WindowAccumulator
     _tally: _Tally
     _widths: tuple[int, int] | None  # last training forward's (in, out)
+    _cull_every: int  # max(1, config.cull_check_every)
 
     def _refresh_params(self) -> None:
         """Keep the kernel count (read on every forward) in step with ``seed_kernels``.
@@ -143,38 +145,54 @@ class SeedSlots(nn.Module):
     def _add_seeds(self, x: Any, y: Any) -> Any:
         """``y`` plus the output of every active kernel on ``x`` (to the first element of
         a tuple output), each left out unless all finite (``finite_guard``): a diverging
-        kernel never reaches the output, the loss or any gradient. A training forward
-        adds its flag to a per-seed counter on the device, read with the telemetry
-        window (``_reap_nonfinite``), which culls; until then a failed kernel runs, left
-        out. Eval and no-grad forwards are guarded too (else NaN reaches eval outputs)
-        but not counted: they are not measured, evaluating must not change the model
-        (twice, or a copy, must give the same one), and a failing kernel fails in
-        training too."""
+        kernel never reaches the output, the loss or any gradient.
+
+        A training forward culls the failed seeds: on the CPU at once (a read is free);
+        on CUDA it adds each flag to a per-seed device counter, read every
+        ``cull_check_every`` training forwards (``_reap_nonfinite``). Why a forward count
+        and not the telemetry read: only one rank of a data-parallel job sends frames,
+        and every rank must cull at the same forward, or their parameters and the next
+        decision's slot diverge. Eval and no-grad forwards are guarded by a plain
+        ``torch.where`` (traceable, exportable, vmap-able; else NaN reaches eval
+        outputs) and never cull: evaluating must not change the model."""
         if width(x) != self.in_features or width(y) != self.out_features:
             # germinate refuses such layers once a training forward has shown it; a
             # kernel germinated before that is culled here (never break a forward).
             if self.training and torch.is_grad_enabled() and not traced(x, y):
                 self._cull_unfit(x, y)
             return y
-        if self._tally.fossil_grads:
+        tally = self._tally
+        if tally.fossil_grads:
             self._drop_fossil_grads()
-        count = self.training and torch.is_grad_enabled()
+        if not (self.training and torch.is_grad_enabled()):
+            for key, kernel in self.seed_kernels.items():
+                if self.seed_states[int(key)] in ACTIVE_STATES:
+                    y = add_masked(y, kernel, x)
+            return y
+        failed: list[int] = []
+        host = finite_guard.reads_are_free(x)  # (by module: tests force the device way)
         for key, kernel in list(self.seed_kernels.items()):
             i = int(key)
             if self.seed_states[i] not in ACTIVE_STATES:
                 continue
             y, ok = add_guarded(y, kernel, x)
-            if count:
+            if host:
+                if not bool(ok):  # (read on the CPU: free)
+                    failed.append(i)
+            else:
                 self._acc.add_pending(i, ok)
+        for i in failed:
+            self._acc.add_error()
+            self.cull(i)
+        if self._acc.pending and tally.forwards % self._cull_every == 0:
+            self._reap_nonfinite()
         return y
 
     def _reap_nonfinite(self) -> None:
         """Cull the seeds whose output was non-finite in a training forward since the last
-        call: one device-to-host copy per window, not one per seed per forward. One error
-        per failed kernel, as when the first failure culled it: health is multiplied by
-        ``error_decay`` per error, and counting the masked forwards until this read
-        would make it depend on how often frames are sent (key -1: failed kernels
-        removed since, each counted once)."""
+        call: one device-to-host copy for all of them. One error per failed kernel, as
+        when the first failure culled it: health is multiplied by ``error_decay`` per
+        error (key -1: failed kernels removed since, each counted once)."""
         for i, n in self._acc.take_pending().items():
             if n and i < 0:
                 self._acc.add_error(n)

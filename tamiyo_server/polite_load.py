@@ -36,6 +36,8 @@ from pathlib import Path
 from tamiyo.policy.checkpoint import load_checkpoint
 from tamiyo_server.policy_holder import ServedPolicy, check_serving, serve_loaded
 
+__all__ = ["check_serving", "load_served", "short_gil_turns", "yield_gil"]
+
 # How a reload shares the GIL with serving (see ``short_gil_turns``); module-level so
 # ``python -m bench.reload --variants`` can measure the code without them.
 SWITCH_INTERVAL_S: float | None = 0.0005  # GIL switch interval while a reload runs, s

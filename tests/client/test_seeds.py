@@ -66,13 +66,17 @@ class Net(nn.Module):
         return out
 
 
+EVERY = 4  # cull_check_every in these tests
+
+
 def _nets() -> tuple[Net, Net, KasminaLayer]:
     """Two identical nets; the second's ``mid`` is wrapped, with a kernel in seed 0."""
     torch.manual_seed(0)
     plain = Net()
     torch.manual_seed(0)
     adapted = Net()
-    layer = KasminaLayer(adapted.mid, "mid", KasminaConfig(num_seeds=2, sample_every=1))
+    config = KasminaConfig(num_seeds=2, sample_every=1, cull_check_every=EVERY)
+    layer = KasminaLayer(adapted.mid, "mid", config)
     adapted.mid = layer
     layer.germinate(0, KERNEL)
     return plain, adapted, layer
@@ -87,44 +91,45 @@ def _host_grads(net: Net) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("how", ["inf_weights", "nan_bias", "overflow"])
-def test_a_non_finite_kernel_is_masked_then_culled_when_the_window_is_read(
+def test_a_non_finite_kernel_never_reaches_the_output_or_a_gradient_and_is_culled(
     how: str, guard: str
 ) -> None:
     """The kernel never reaches the output or any gradient: the layer computes its host
     output bit for bit, every host gradient equals a run without the kernel (upstream
     too: an inf weight makes a plain ``where`` mask leak ``0 * inf = NaN`` there), the
-    kernel's own gradients are zeros (a ``clip_grad_norm_`` over the model stays
-    finite). The seed is culled at the window read: one error, as when the first
-    failure culled it (not one per masked forward: that would depend on frame cadence)."""
+    kernel's own gradients are zeros or absent (a ``clip_grad_norm_`` over the model
+    stays finite). The seed is culled at once on the CPU; on CUDA at the next training
+    forward that is a multiple of ``cull_check_every`` (the same forward on every rank
+    of a data-parallel job, whichever of them sends frames). One error in all."""
     plain, adapted, layer = _nets()
-    _break_kernel(layer, how)
     x = torch.randn(8, 4)
-    for _ in range(3):
+    for net in (plain, adapted):  # forward 0, healthy
+        net(x).pow(2).mean().backward()
+    _break_kernel(layer, how)
+    for step in range(1, EVERY + 1):
         for net in (plain, adapted):
             net.zero_grad()
             net(x).pow(2).mean().backward()
         h = adapted.emb(x)
-        assert torch.equal(layer(h), layer.base(h))
+        with torch.no_grad():
+            assert torch.equal(layer(h), layer.base(h))  # (eval-like: not counted)
         want = _host_grads(plain)
         got = _host_grads(adapted)
         assert sorted(got) == sorted(want)
         for name, g in want.items():
             assert torch.equal(got[name], g), name
-        for p in layer.seed_kernels["0"].parameters():
-            # zeros through the device gate; None when the host branch left it out
-            if guard == "host":
-                assert p.grad is None
-            else:
+        assert math.isfinite(float(nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)))
+        culled = guard == "host" or step == EVERY
+        assert layer.seed_states[0] == (CULLED if culled else TRAINING), step
+        if not culled:
+            for p in layer.seed_kernels["0"].parameters():
                 assert p.grad is not None
                 assert torch.equal(p.grad, torch.zeros_like(p))
-        assert math.isfinite(float(nn.utils.clip_grad_norm_(adapted.parameters(), 1.0)))
-    assert layer.seed_states[0] == TRAINING  # masked, not yet culled: that needs a read
+    assert "0" not in layer.seed_kernels
     sig = layer.collect_signal(1, 0)
     assert sig is not None
-    assert sig.error_count == 1  # (6 failed training forwards: 3 steps x loss and check)
-    assert layer.seed_states[0] == CULLED
+    assert sig.error_count == 1
     assert sig.seed_states[0] == CULLED
-    assert "0" not in layer.seed_kernels
     assert 0 < sig.gradient_norm < math.inf
     assert layer.germinate(0, KERNEL)  # the slot is free, and the new kernel is clean
     layer(torch.ones(2, 6)).sum().backward()
@@ -153,7 +158,8 @@ def test_only_the_failing_seed_is_masked_and_culled(guard: str) -> None:
 @pytest.mark.parametrize("named", [False, True])
 def test_a_non_finite_kernel_is_masked_in_a_tuple_output(named: bool, guard: str) -> None:
     torch.manual_seed(0)
-    layer = KasminaLayer(TupleBlock(named=named), "blk", KasminaConfig(sample_every=1))
+    config = KasminaConfig(sample_every=1, cull_check_every=1)
+    layer = KasminaLayer(TupleBlock(named=named), "blk", config)
     h = torch.randn(2, 3, 16, requires_grad=True)
     layer(h)  # a training forward shows the widths
     layer.germinate(0, KERNEL)
@@ -222,6 +228,7 @@ def test_blending_seeds_reads_nothing_back_from_the_device(
     counters are read by the window read, outside."""
     _device_guard(monkeypatch)
     _, _, layer = _nets()
+    layer._tally.forwards = 1  # (not a forward that reads the flags: see cull_check_every)
     layer.germinate(1, KERNEL)
     _break_kernel(layer, how, seed=0)
     x = torch.randn(5, 6, requires_grad=True)
@@ -272,11 +279,16 @@ def test_pending_flags_stay_out_of_checkpoints_and_rollback_starts_clean(guard: 
     healthy = copy.deepcopy(layer.state_dict())
     _break_kernel(layer, "inf_weights")
     layer(x)
-    assert layer._acc.pending  # a pending count
-    assert layer.state_dict().keys() == healthy.keys()
+    if guard == "device":  # pending until the next forward that reads the flags
+        assert layer.seed_states[0] == TRAINING
+        assert layer.state_dict().keys() == healthy.keys()
+    else:
+        assert layer.seed_states[0] == CULLED
     layer.load_state_dict(healthy)  # strict
     assert layer.seed_states[0] == TRAINING
     assert all(bool(torch.isfinite(p).all()) for p in layer.seed_kernels["0"].parameters())
+    for _ in range(EVERY):  # past a forward that reads the flags
+        layer(x)
     sig = layer.collect_signal(1, 0)
     assert sig is not None
     assert sig.error_count == 1
@@ -314,3 +326,47 @@ def test_a_compiled_model_masks_a_non_finite_kernel_and_the_gate_is_never_traced
     assert sig is not None
     assert sig.error_count == 1
     assert layer.seed_states[0] == CULLED
+
+
+def test_every_rank_culls_at_the_same_forward_whichever_sends_frames(guard: str) -> None:
+    """Two copies of a layer stand for two ranks of a data-parallel job: the same
+    weights, the same forwards, but only rank 0 reads its telemetry (sends frames). A
+    failed seed must be culled on both at the same forward; culling at the telemetry
+    read (session 14's first version) culled it on rank 0 only, and the ranks then
+    disagreed on the next LOAD_KERNEL's slot and on DDP's parameters (the job hung)."""
+    ranks = [_nets()[2], _nets()[2]]
+    x = torch.randn(3, 6)
+    for layer in ranks:
+        layer(x).sum().backward()  # forward 0, healthy
+        _break_kernel(layer, "nan_bias")
+    for step in range(1, 2 * EVERY + 1):
+        for rank, layer in enumerate(ranks):
+            layer(x).sum().backward()
+            if rank == 0:
+                layer.collect_signal(step, 0)
+        assert ranks[0].seed_states == ranks[1].seed_states, step
+    assert ranks[0].seed_states[0] == CULLED
+
+
+@pytest.mark.parametrize("how", ["jit_trace", "vmap"])
+def test_an_eval_model_with_seeds_still_traces_and_vmaps(guard: str, how: str) -> None:
+    """Eval and no-grad forwards guard with a plain ``torch.where``: no host read and no
+    custom autograd function, so tracing and vmap work as they did before the guard."""
+    _, adapted, layer = _nets()
+    with torch.no_grad():
+        layer.seed_kernels["0"].get_parameter("up.weight").fill_(0.1)  # a live kernel
+    adapted.eval()
+    x = torch.randn(5, 4)
+    want = adapted(x)
+    if how == "jit_trace":
+        got = torch.jit.trace(adapted, (x,), check_trace=False)(x)  # type: ignore[no-untyped-call]
+    else:
+        got = torch.func.vmap(adapted)(x.unsqueeze(1)).squeeze(1)
+    assert torch.allclose(got, want, atol=1e-6)
+    _break_kernel(layer, "nan_bias")
+    base = Net()
+    base.load_state_dict(
+        {k.replace("mid.base.", "mid."): v for k, v in adapted.state_dict().items()
+         if "seed_kernels" not in k and "_extra_state" not in k}
+    )  # fmt: skip
+    assert torch.equal(adapted(x), base.eval()(x))  # the NaN kernel is left out
