@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import textwrap
 from collections.abc import Mapping
 
@@ -72,6 +73,13 @@ def epilog() -> str:
     )
 
 
+_SERVICE_LINK = re.compile(
+    r"^TAMIYO\w*_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)$"
+)
+"""The variables Kubernetes injects for a Service whose name starts with ``tamiyo``
+(unless the pod sets ``enableServiceLinks: false``, as ``deploy/kubernetes`` does)."""
+
+
 def unknown_variables(
     p: argparse.ArgumentParser, environ: Mapping[str, str] | None = None
 ) -> list[str]:
@@ -85,6 +93,8 @@ def unknown_variables(
     out = []
     for name in sorted(env):
         if not name.upper().startswith(PREFIX) or name in known:
+            continue
+        if _SERVICE_LINK.match(name):  # Kubernetes' own, for a Service named tamiyo[-...]
             continue
         close = difflib.get_close_matches(name[len(PREFIX) :].upper(), suffixes, n=1)
         hint = (

@@ -167,14 +167,16 @@ def load_startup(config: ServerConfig) -> tuple[ServedPolicy, tuple[str, str] | 
     return served, refusal
 
 
-def declared_rules_change(old: ServedPolicy | None, new: ServedPolicy) -> str:
+def declared_rules_change(
+    old: ServedPolicy | None, new: ServedPolicy, fixed: frozenset[str] = frozenset()
+) -> str:
     """A warning when ``new`` declares other ``serving_rules`` than ``old``, else "".
     Why: the rules in force follow the checkpoint (unless the operator set them), so a
     hot reload can turn the health veto on or off for every stream, which changes what
     the server decides as much as new weights do; it must be in the log."""
-    before = dict(old.serving_rules) if old is not None else {}
-    after = dict(new.serving_rules)
-    if before == after:
+    before = {k: v for k, v in (old.serving_rules if old else ()) if k not in fixed}
+    after = {k: v for k, v in new.serving_rules if k not in fixed}
+    if before == after:  # (rules the operator set, ``fixed``, do not change)
         return ""
 
     def show(rules: dict[str, float]) -> str:
@@ -183,8 +185,8 @@ def declared_rules_change(old: ServedPolicy | None, new: ServedPolicy) -> str:
     was = old.version if old is not None else "the previous policy"
     return (
         f"{new.version} declares serving_rules {show(after)} ({was} declared "
-        f"{show(before)}): the decision rules in force change with it, except those the "
-        "operator set (GetPolicyInfo rules_json shows them)"
+        f"{show(before)}): the decision rules in force change with it (GetPolicyInfo "
+        "rules_json shows them; a rule the operator set is not counted here)"
     )
 
 
@@ -203,6 +205,7 @@ class CheckpointWatcher:
         device: str = "cpu",
         poll_interval_s: float = 1.0,
         budget_ms: float = 10.0,
+        operator_rules: frozenset[str] = frozenset(),
     ) -> None:
         if poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be > 0, got {poll_interval_s}")
@@ -211,6 +214,7 @@ class CheckpointWatcher:
         self.device = str(resolve_device(device))
         self.poll_interval_s = poll_interval_s
         self.budget_ms = budget_ms
+        self.operator_rules = operator_rules  # rules no checkpoint changes (for the log)
         self.polls = 0  # polls done so far
         self.attempts = 0  # load attempts (ok + refused), for tests and the bench
         self.swapped_at_poll = 0  # value of ``polls`` at the last swap
@@ -237,6 +241,7 @@ class CheckpointWatcher:
             config.device,
             config.poll_interval_s,
             config.batch.decision_deadline_ms,
+            config.operator_rules,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -306,7 +311,7 @@ class CheckpointWatcher:
             self.last_load_s * 1e3,
             steps,
         )
-        if change := declared_rules_change(self._retired, served):
+        if change := declared_rules_change(self._retired, served, self.operator_rules):
             log.warning("%s", change)
         return "loaded"
 

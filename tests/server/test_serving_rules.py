@@ -93,7 +93,7 @@ async def test_the_rules_follow_the_policy_across_a_reload(
 
 
 async def test_the_operators_rule_wins_over_the_checkpoints(
-    tmp_path: Path, connect: ClientFactory
+    tmp_path: Path, connect: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     eager(tmp_path, "v1", health_threshold=1.0)
     rules = replace(RuleConfig(), health_threshold=0.7)
@@ -107,6 +107,10 @@ async def test_the_operators_rule_wins_over_the_checkpoints(
     info = json.loads((await c.info()).rules_json)
     assert info["rules"]["health_threshold"] == 0.7
     assert (info["from_checkpoint"], info["from_operator"]) == ([], ["health_threshold"])
+    eager(tmp_path, "v2")  # declares nothing: but the rule in force is the operator's
+    assert await c.swapped() == "v2"
+    assert (await decided(call, 2)).rule == VETO
+    assert not [r for r in caplog.records if "declares serving_rules" in r.getMessage()]
     await call.done_writing()
 
 

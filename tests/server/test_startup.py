@@ -243,3 +243,27 @@ async def test_the_drain_ends_with_one_line_saying_how_it_went(
         r"in flight: \d+ queued evaluations answered; stopped",
         last,
     ), last
+
+
+def test_kubernetes_service_links_are_not_warned_about() -> None:
+    """A Service named ``tamiyo`` makes Kubernetes inject ``TAMIYO_SERVICE_HOST``,
+    ``TAMIYO_PORT_50051_TCP`` and more (unless ``enableServiceLinks: false``): known
+    noise, not a typo; a real typo beside them is still named."""
+    from tamiyo_server.cli import build_parser
+    from tamiyo_server.environment import unknown_variables
+
+    links = {
+        "TAMIYO_SERVICE_HOST": "10.0.0.1",
+        "TAMIYO_SERVICE_PORT": "50051",
+        "TAMIYO_SERVICE_PORT_METRICS": "9464",
+        "TAMIYO_PORT_50051_TCP": "tcp://10.0.0.1:50051",
+        "TAMIYO_PORT_50051_TCP_PROTO": "tcp",
+        "TAMIYO_PORT_50051_TCP_PORT": "50051",
+        "TAMIYO_PORT_50051_TCP_ADDR": "10.0.0.1",
+        "TAMIYO_SERVER_SERVICE_HOST": "10.0.0.2",
+    }
+    assert unknown_variables(build_parser(), links) == []
+    misspelt = "TAMIYO_HEALTH_" + "TRESHOLD"  # (split: the repo scan above reads this file)
+    typo = unknown_variables(build_parser(), links | {misspelt: "1"})
+    assert len(typo) == 1
+    assert "did you mean TAMIYO_HEALTH_THRESHOLD?" in typo[0]
