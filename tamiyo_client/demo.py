@@ -109,6 +109,17 @@ def plot(baseline: RunResult, tamiyo: RunResult, path: Path, broken: int) -> Non
     plt.close(fig)
 
 
+def fault_findings(
+    applied: list[dict[str, Any]], fault_layer: str, fault_step: int
+) -> tuple[int | None, list[dict[str, Any]]]:
+    """Did the policy find the broken block? The step of the first kernel into
+    ``fault_layer`` at or after ``fault_step`` (None: never), and the false positives:
+    every kernel into another layer, or into that one before it broke."""
+    repairs = [a["step"] for a in applied if a["layer"] == fault_layer and a["step"] >= fault_step]
+    wrong = [a for a in applied if a["layer"] != fault_layer or a["step"] < fault_step]
+    return min(repairs, default=None), wrong
+
+
 def summarize(
     cfg: DemoConfig, baseline: RunResult, tamiyo: RunResult, client: ProcessTamiyoClient
 ) -> dict[str, Any]:
@@ -121,7 +132,7 @@ def summarize(
         {"step": s, "layer": r.layer_id, "seed": r.seed_index, "kernel": r.kernel_id}
         for s, r in tamiyo.applied
     ]
-    repairs = [a["step"] for a in applied if a["layer"] == FAULT_LAYER and a["step"] >= broken]
+    repaired_at, false_positives = fault_findings(applied, FAULT_LAYER, broken)
     return {
         "config": asdict(cfg),
         "fault_step": broken,
@@ -136,8 +147,8 @@ def summarize(
         # fault (None: never), and every other adaptation: a kernel into a healthy
         # layer, or into the broken one before it broke, is a false positive.
         "fault_layer": FAULT_LAYER,
-        "fault_repaired_at": min(repairs, default=None),
-        "false_positives": [a for a in applied if a["layer"] != FAULT_LAYER or a["step"] < broken],
+        "fault_repaired_at": repaired_at,
+        "false_positives": false_positives,
         "adaptations_refused": sum(1 for r in tamiyo.decisions if r.decision.action == 2)
         - len(tamiyo.applied),
         "adaptations_by_policy": sum(

@@ -119,8 +119,16 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
 
 
 def security_from_args(a: argparse.Namespace) -> ClientSecurity:
-    """``ClientSecurity`` from ``add_security_args``' flags; a bad file or pair is a
-    ``ValueError`` / ``OSError`` naming it, before any connection."""
-    return ClientSecurity.from_files(
-        ca=a.ca, cert=a.cert, key=a.key, token=a.token or None, server_name=a.server_name
-    )
+    """``ClientSecurity`` from ``add_security_args``' flags. A bad file or pair stops the
+    tool with one line naming the flag (``SystemExit``), before any connection."""
+    if (a.cert is None) != (a.key is None):
+        raise SystemExit("--cert and --key go together (mTLS): give both, or neither")
+    for flag, path in (("--ca", a.ca), ("--cert", a.cert), ("--key", a.key)):
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path}: no such file")
+    try:
+        return ClientSecurity.from_files(
+            ca=a.ca, cert=a.cert, key=a.key, token=a.token or None, server_name=a.server_name
+        )
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"connection security: {e}") from None

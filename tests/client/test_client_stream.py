@@ -333,6 +333,24 @@ async def test_the_load_generator_reaches_an_mtls_server_with_a_token(
     assert summary["lost"] == 0, summary
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--cert", "c.pem"], "--cert and --key go together"),
+        (["--ca", "/nonexistent/ca.pem"], "--ca /nonexistent/ca.pem: no such file"),
+    ],
+)
+def test_the_tools_name_a_bad_security_flag(flags: list[str], says: str) -> None:
+    """tamiyo-loadgen / tamiyo-demo stop with one line naming the flag, not a traceback
+    or a dataclass field name."""
+    from tamiyo_client import loadgen
+    from tamiyo_client.security import security_from_args
+
+    a = loadgen.build_parser().parse_args(flags)
+    with pytest.raises(SystemExit, match=says):
+        security_from_args(a)
+
+
 def test_security_settings_are_checked(pki: Pki) -> None:
     with pytest.raises(ValueError, match="both certificate_chain and private_key"):
         ClientSecurity(tls=True, certificate_chain=b"x")

@@ -34,12 +34,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert summary["frames"]["sent"] + summary["frames_coalesced"] == 100
     assert summary["fault_step"] == 50  # half-way through a run shorter than an epoch
     assert summary["adaptations_by_policy"] >= 0
-    # every applied adaptation is either the repair of the broken block or counted as a
-    # false positive, never both
-    applied = summary["adaptations_applied"]
-    repairs = [a for a in applied if a not in summary["false_positives"]]
-    assert all(a["layer"] == "hidden" and a["step"] >= 50 for a in repairs)
-    assert summary["fault_repaired_at"] == min((a["step"] for a in repairs), default=None)
+    assert "fault_repaired_at" in summary
     assert "broken block adapted" in printed
     assert "false positives" in printed
     assert summary["stream_errors"] == 0
@@ -52,3 +47,19 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     for (step, a), (_, b) in zip(without, with_, strict=True):
         if step <= first:
             assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_fault_findings_tell_a_repair_from_false_positives() -> None:
+    """A kernel into the broken block after the fault is the repair (the first one's
+    step); into it before the fault, or into any other layer, a false positive."""
+    applied: list[dict[str, object]] = [
+        {"step": 40, "layer": "hidden"},  # before the fault: a false positive
+        {"step": 262, "layer": "mixer"},  # a healthy layer
+        {"step": 270, "layer": "hidden"},
+        {"step": 300, "layer": "hidden"},
+    ]
+    repaired, wrong = demo.fault_findings(applied, "hidden", 250)
+    assert repaired == 270
+    assert [a["step"] for a in wrong] == [40, 262]
+    assert demo.fault_findings(applied[:2], "hidden", 250) == (None, applied[:2])
+    assert demo.fault_findings([], "hidden", 250) == (None, [])
