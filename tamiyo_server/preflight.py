@@ -96,8 +96,12 @@ def check_tls(cert: str, key: str, client_ca: str = "") -> None:
             f"--tls-cert {cert}: no PEM certificate in it ({_reason(e)}); it takes the "
             "server's certificate chain, --tls-key its private key"
         ) from e
+    pair = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # Judge parsing and the match only: the system OpenSSL's security level (which may
+    # refuse, e.g., a 1024-bit RSA key) is not what gRPC's own TLS library applies.
+    pair.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, _no_passphrase)
+        pair.load_cert_chain(cert, key, _no_passphrase)
     except _EncryptedKeyError:
         raise StartupError(
             f"--tls-key {key} is protected by a passphrase, which gRPC cannot use: "

@@ -223,3 +223,22 @@ async def test_the_startup_line_says_how_the_port_is_secured(
     (line,) = [r.getMessage() for r in caplog.records if "tamiyo serving on" in r.getMessage()]
     assert line.endswith(said)
     assert TOKEN not in caplog.text
+
+
+def test_a_small_but_valid_key_is_not_refused_by_the_preflight(tmp_path: Path) -> None:
+    """The preflight judges parsing and the cert/key match, not the system OpenSSL's
+    security level: gRPC's own TLS library serves a 1024-bit RSA key that Python's ssl
+    refuses at its default level (EE_KEY_TOO_SMALL), so refusing it would be wrong."""
+    import shutil
+    import subprocess
+
+    from tamiyo_server.preflight import check_tls
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-days", "1",
+         "-keyout", "k.pem", "-out", "c.pem", "-subj", "/CN=localhost"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    check_tls(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
