@@ -1,5 +1,5 @@
 """The finiteness guard of a seed's kernel: its output joins the layer's only if all of
-it is finite, and a failed forward is flagged for the telemetry window to cull.
+it is finite, and a failed forward is flagged so that the seed is culled.
 
 Why a module of its own: on CUDA the guard must not read the device (a host check is a
 sync and a full device-to-host copy per seed per forward), so there it masks on the

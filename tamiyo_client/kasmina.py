@@ -192,9 +192,9 @@ class KasminaLayer(SeedSlots):
         ``recompile_limit``. So the seeds and the bookkeeping run in helpers dynamo does
         not trace (``torch.compiler.disable``), and compiled forwards are not timed
         (their forward-time statistics stay 0: host-side time of a compiled region would
-        be mostly launch time anyway). The seeds read nothing back from the device (their
-        finiteness flags stay there until the window is read, see
-        ``SeedSlots._add_seeds``), so that graph break costs no sync; they stay untraced
+        be mostly launch time anyway). On CUDA the seeds read nothing back from the device
+        but every ``cull_check_every`` forwards (see ``SeedSlots._add_seeds``), so that
+        graph break costs no sync; they stay untraced
         because their gradient gate gets its flag after it is applied, which a backward
         traced ahead of time cannot see (it refuses to be traced rather than pass NaN)."""
         y = self.base(*args, **kwargs)

@@ -4,8 +4,9 @@ A seed is a slot for an adaptation kernel (``tamiyo_client.kernels``). Its lifec
 DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
 (``fossilize_after_steps`` training forwards) FOSSILIZED, when its parameters are
 frozen. A kernel whose output is ever non-finite in a training forward is CULLED
-(removed; the slot can be germinated again) when the layer's telemetry window is next
-read; until then every such output is masked out (see ``_add_seeds``). The layer's
+(removed; the slot can be germinated again): on the CPU at once, on CUDA at the next
+training forward that is a multiple of ``cull_check_every``; until then every such
+output is left out (see ``_add_seeds``). The layer's
 output is ``base(x) + Σ kernel_i(x)`` over active seeds whose output is finite.
 
 Kept apart from ``tamiyo_client.kasmina`` (wrapping and measuring a module) because the
