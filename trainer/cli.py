@@ -1,4 +1,4 @@
-"""Command line of the trainer: ``python -m trainer {pipeline,train,generate}``.
+"""Command line of the trainer: ``python -m trainer {pipeline,train,generate,fqe}``.
 
 Hyperparameters live in ``tamiyo.config.TrainConfig`` / ``SimicConfig``; a JSON or TOML
 file (``--config``, with optional ``[train]`` / ``[simic]`` tables, or flat TrainConfig
@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="continue from the saved state (refused unless the same run)")  # fmt: skip
     pt.add_argument("--validation-episodes", type=int, default=0,
                     help="Simic episodes for periodic evaluation (0 = none)")  # fmt: skip
+    pf = sub.add_parser("fqe", help="FQE check of one checkpoint (step 4 of pipeline)")
+    common(pf)
+    pf.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINTS,
+                    help="checkpoint version directory, or a root with 'latest'")  # fmt: skip
+    pf.add_argument("--data-dir", type=Path, default=DEFAULT_OUT / "data",
+                    help="where the held-out store is (re)generated")  # fmt: skip
+    pf.add_argument("--out", type=Path, help="write the report's fqe section here (JSON)")
     pg = sub.add_parser("generate", help="log Simic behaviour episodes to an experience store")
     common(pg)
     pg.add_argument("--out", type=Path, required=True, help="store file to write")
@@ -136,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, t in report["targets"].items():
             print(f"  {name}: {t}")
         return 0
+    if args.cmd == "fqe":
+        return _fqe(args, cfg, simic, progress)
     if args.cmd == "generate":
         from trainer.pipeline import generate
 
@@ -163,4 +172,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if res.checkpoint is not None:
         print(f"checkpoint: {res.checkpoint}")
         print(f"metrics: {args.out / 'metrics.jsonl'}")
+    return 0
+
+
+def _fqe(args: argparse.Namespace, cfg: TrainConfig, simic: SimicConfig, progress: bool) -> int:
+    """``fqe``: the pipeline's FQE check alone, on a published or any checkpoint (to
+    measure the estimate's seed noise without retraining: ``--set seed=…``,
+    ``--set fqe_members=…``, ``--set heldout_data_episodes=…``)."""
+    import torch
+
+    from tamiyo.policy.checkpoint import resolve_latest
+    from trainer.fqe_check import check_fqe, fqe_targets, heldout_store
+    from trainer.report import write_json
+    from trainer.summary import clean
+
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    root: Path = args.checkpoint
+    ckpt = resolve_latest(root) if (root / "latest").exists() else root
+    if ckpt is None:
+        print(f"tamiyo-train: {root}: no valid 'latest' pointer", file=sys.stderr)
+        return 2
+    fqe = clean(check_fqe(cfg, simic, ckpt, heldout_store(cfg, simic, args.data_dir),
+                          progress))  # fmt: skip
+    result = {"checkpoint": str(ckpt), "fqe": fqe, "targets": fqe_targets(fqe),
+              "config": {k: getattr(cfg, k) for k in ("seed", "fqe_members", "fqe_steps",
+                                                      "heldout_data_episodes")}}  # fmt: skip
+    if args.out is not None:
+        write_json(result, args.out)
+    print(json.dumps(result["targets"]))
     return 0

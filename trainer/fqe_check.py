@@ -4,33 +4,60 @@ Step 4 of ``make train`` (``trainer.pipeline``): fitted-Q evaluation (``trainer.
 the default policy on the held-out logged data, against the policy's true discounted
 return on the same episodes played on past the logged horizon. Apart because the figures
 it reports, and the scales on which an estimate can fail, need their own explanation
-(``fqe_figures``).
+(``fqe_figures``). The estimate is the mean of an ensemble of ``cfg.fqe_members``
+critics; ``ensemble`` reports how far its members spread (``spread``).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tamiyo.config import SimicConfig, TrainConfig
 from tamiyo.policy.checkpoint import load_checkpoint
-from trainer.behaviour_data import SEED_BASE
+from trainer.behaviour_data import SEED_BASE, generate, log
 from trainer.dataset import OfflineDataset, load_dataset
 from trainer.evaluate import NetworkPolicy
-from trainer.fqe import fit_q
+from trainer.fqe import FqeEnsemble, fit_q_ensemble
 from trainer.simic.policies import BehaviourPolicy
 from trainer.simic.rollout import episodes_for, run_policy
+
+# Two-sided 95% quantiles of Student's t for 1 … 30 degrees of freedom (the members'
+# interval of the mean); above 30 the normal 1.96 is within 2%.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+         2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
+         2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def heldout_store(cfg: TrainConfig, simic: SimicConfig, data_dir: Path) -> Path:
+    """The held-out behaviour episodes FQE reads (seeds 1,000,000+, training sizes),
+    generated under ``data_dir`` or reused when its marker records the same recipe."""
+    return generate(data_dir / "heldout.sqlite", _heldout_seeds(cfg), simic.train_sizes, simic)
+
+
+def _heldout_seeds(cfg: TrainConfig) -> range:
+    return range(SEED_BASE["fqe"], SEED_BASE["fqe"] + cfg.heldout_data_episodes)
 
 
 def check_fqe(cfg: TrainConfig, simic: SimicConfig, ckpt: Path, fqe_path: Path,
          progress: bool) -> dict[str, Any]:  # fmt: skip
+    """FQE of the policy in checkpoint ``ckpt`` on the store ``fqe_path`` against the
+    truth: ``fqe_figures`` of the ensemble's mean, and its members' ``ensemble``
+    figures. ``cfg.workers`` processes fit the members (the figures do not depend on
+    it)."""
     model = load_checkpoint(ckpt).model
     ds: OfflineDataset = load_dataset([fqe_path], cfg.gamma, progress=progress)
-    est = fit_q(model, ds, cfg, steps=cfg.fqe_steps, progress=progress)
-    eps = episodes_for(range(SEED_BASE["fqe"], SEED_BASE["fqe"] + cfg.heldout_data_episodes),
-                       simic.train_sizes, simic)  # fmt: skip
+    t0 = time.monotonic()
+    ens = fit_q_ensemble(model, ds, cfg, members=cfg.fqe_members, steps=cfg.fqe_steps,
+                         progress=progress, workers=cfg.workers)  # fmt: skip
+    fit_s = time.monotonic() - t0
+    eps = episodes_for(_heldout_seeds(cfg), simic.train_sizes, simic)
     # The logged horizon truncates (the critic bootstraps past it), so FQE estimates the
     # discounted value of the endless episode: the ground truth plays the same episodes
     # on until gamma^t < 1e-4 (88 steps at 0.9), not only to the logged horizon.
@@ -39,8 +66,58 @@ def check_fqe(cfg: TrainConfig, simic: SimicConfig, ckpt: Path, fqe_path: Path,
     beh = run_policy(BehaviourPolicy(simic.behaviour_epsilon), eps, endless,
                      gamma=cfg.gamma).discounted  # fmt: skip
     shift = cfg.reward_offset * sum(cfg.gamma**t for t in range(endless.horizon))
-    figures = fqe_figures(est.estimate_shifted, float(true.mean()), float(beh.mean()), shift)
+    figures = fqe_figures(ens.estimate_shifted, float(true.mean()), float(beh.mean()), shift)
+    figures["ensemble"] = ensemble_figures(ens, float(true.mean()), float(beh.mean()), shift)
+    e = figures["ensemble"]["relative_error_shifted"]
+    log(f"fqe: {cfg.fqe_members} critics × {cfg.fqe_steps} steps in {fit_s:.0f} s; shifted "
+        f"error {_pct(figures['relative_error_shifted'])} (members {_pct(e['min'])} … "
+        f"{_pct(e['max'])}, std {_pct(e['std'])}), of the gain over behaviour "
+        f"{_pct(figures['error_vs_gain_over_behaviour'])}")  # fmt: skip
     return {"transitions": len(ds), "episodes": cfg.heldout_data_episodes, **figures}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%" if math.isfinite(x) else "n/a"
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """The members' values and their spread: sample std (ddof 1), min, max, and the 95%
+    Student-t interval of their mean (``ci_low`` / ``ci_high``: mean ± t·std/√K), all in
+    the units of ``values`` (return on the shifted scale, or an error as a fraction).
+
+    The interval covers the seed noise of the ensemble's mean, i.e. where the mean of
+    many more critics on the same data would lie; not a bias every critic shares (too
+    few held-out episodes, too few steps), which only the ground truth shows. The
+    members' errors have heavy tails, so a std from 10 of them varies a lot and the
+    interval under-covers (4 of 6 measured runs, README "FQE ensemble"): a rough width.
+    With one member the std and the interval are undefined (NaN, null in the report)."""
+    v = np.asarray(values, np.float64)
+    k = len(v)
+    mean = float(v.mean())
+    std = half = math.nan
+    if k > 1:
+        std = float(v.std(ddof=1))
+        half = (_T975[k - 2] if k - 1 <= len(_T975) else 1.96) * std / math.sqrt(k)
+    return {"members": v.tolist(), "mean": mean, "std": std, "min": float(v.min()),
+            "max": float(v.max()), "ci_low": mean - half, "ci_high": mean + half}  # fmt: skip
+
+
+def ensemble_figures(ens: FqeEnsemble, true_raw: float, behaviour_raw: float,
+                     shift: float) -> dict[str, Any]:  # fmt: skip
+    """The ensemble's members against the same truth: their seeds and final TD losses,
+    and the ``spread`` of their estimates (shifted scale) and of their errors relative
+    to the shifted value and to the gain over behaviour (``fqe_figures`` of each member;
+    the ensemble's own figures are those of the members' mean)."""
+    per = [fqe_figures(float(x), true_raw, behaviour_raw, shift) for x in ens.estimates]
+    keys = ("estimate_shifted", "error", "relative_error_shifted",
+            "error_vs_gain_over_behaviour")  # fmt: skip
+    return {
+        "size": len(ens.members),
+        "seeds": [m.seed for m in ens.members],
+        "final_td_loss": [m.final_td_loss for m in ens.members],
+        **{k: spread([f[k] for f in per]) for k in keys},
+        "interval": "95% Student-t interval of the members' mean (seed noise only)",
+    }
 
 
 def fqe_horizon(gamma: float, tail: float = 1e-4) -> int:
@@ -82,7 +159,8 @@ def fqe_figures(est_shifted: float, true_raw: float, behaviour_raw: float,
         "episodes; 'shifted' = rewards + reward_offset; 'raw' adds the constant "
         "reward_offset·Σγ^t back exactly, so the raw relative error is ~98% constant and "
         "is reported for information only, not as a target; 'gain_over_behaviour' = "
-        "J(π) − J(behaviour) on the same episodes",
+        "J(π) − J(behaviour) on the same episodes; the estimate is the mean of "
+        "ensemble.size critics, 'ensemble' the members' spread",
     }
 
 

@@ -8,7 +8,8 @@ Steps (all seeded, so a fresh clone reproduces the shipped checkpoint's figures)
     the dataset is featurized; one torch thread each) and is scored on the held-out
     seeds and the unseen graph sizes. Workers report through JSON files.
  3. Reference policies (no-op, oracle, heuristic, behaviour) on the same episodes.
- 4. FQE of IQL seed 0 on the held-out logged data vs its true discounted return.
+ 4. FQE of IQL seed 0 on the held-out logged data vs its true discounted return: the
+    mean of ``fqe_members`` critics (seeds from ``seed``) and their spread.
  5. ``report.json`` + ``report.png``; IQL seed 0 becomes the default checkpoint.
 
 This module says what runs, in order; the code of each step is its own module:
@@ -39,7 +40,7 @@ from trainer.behaviour_data import (
 )
 from trainer.dataset import load_dataset
 from trainer.evaluate import NetworkPolicy, Reference
-from trainer.fqe_check import check_fqe, fqe_figures, fqe_horizon, fqe_targets
+from trainer.fqe_check import check_fqe, fqe_figures, fqe_horizon, fqe_targets, heldout_store
 from trainer.loop import train
 from trainer.publish import publish_default, served_rules, serving_rules
 from trainer.report import plot_report, write_json
@@ -85,9 +86,7 @@ def run_pipeline(cfg: TrainConfig, simic: SimicConfig, out: Path, checkpoint_dir
     data_path = generate(out / "data" / "behaviour.sqlite",
                          range(SEED_BASE["data"], SEED_BASE["data"] + cfg.data_episodes),
                          simic.train_sizes, simic)  # fmt: skip
-    fqe_path = generate(out / "data" / "heldout.sqlite",
-                        range(SEED_BASE["fqe"], SEED_BASE["fqe"] + cfg.heldout_data_episodes),
-                        simic.train_sizes, simic)  # fmt: skip
+    fqe_path = heldout_store(cfg, simic, out / "data")
     data = load_dataset([data_path], cfg.gamma, progress=progress)
     fingerprint = data_fingerprint(data)
     log(f"dataset: {len(data)} transitions ({data.dropped_invalid} invalid actions dropped), "

@@ -44,15 +44,15 @@ META = "train_state.json"
 # * eval_episodes: the validation set is compared itself (``validation_fingerprint``),
 #   so ``trainer train --validation-episodes`` is covered as well;
 # * the pipeline's experiment sizes (data_episodes, heldout_data_episodes,
-#   final_eval_episodes, train_seeds, algos, fqe_steps, workers): they act on other
-#   runs, the evaluation after training or on the data, which the data fingerprint
-#   compares directly;
+#   final_eval_episodes, train_seeds, algos, fqe_steps, fqe_members, workers): they
+#   act on other runs, the evaluation after training or on the data, which the data
+#   fingerprint compares directly;
 # * served_health_threshold: only how the published policy is evaluated and served.
 # Every other field (and any field added later) must match.
 RESUME_IGNORED: frozenset[str] = frozenset({
     "steps", "eval_every", "checkpoint_every", "device", "num_threads", "eval_episodes",
     "data_episodes", "heldout_data_episodes", "final_eval_episodes", "train_seeds",
-    "algos", "fqe_steps", "workers", "served_health_threshold",
+    "algos", "fqe_steps", "fqe_members", "workers", "served_health_threshold",
 })  # fmt: skip
 
 

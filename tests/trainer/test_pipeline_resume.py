@@ -101,3 +101,8 @@ def test_the_published_policy_declares_the_rules_its_served_score_was_measured_w
     shift = CFG.reward_offset * sum(CFG.gamma**t for t in range(88))
     fqe = report["fqe"]
     assert fqe["true_shifted"] == pytest.approx(fqe["true_raw"] + shift)
+    # The ensemble's spread goes wherever the FQE figure goes: report and manifest.
+    assert manifest["metrics"]["fqe"] == fqe
+    members = fqe["ensemble"]["estimate_shifted"]["members"]
+    assert len(members) == fqe["ensemble"]["size"] == CFG.fqe_members
+    assert fqe["estimate_shifted"] == pytest.approx(sum(members) / len(members))
