@@ -152,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         simic.train_sizes, simic)  # fmt: skip
         print(f"wrote {args.episodes} episodes to {path}")
         return 0
+    from tamiyo.experience.schema import ExperienceStoreError
     from trainer.dataset import MixedRewardsError, load_dataset
     from trainer.evaluate import Reference
     from trainer.loop import train
@@ -162,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             mixed_rewards=args.mixed_rewards)  # fmt: skip
     except MixedRewardsError as exc:
         print(f"tamiyo-train: {exc} (--mixed-rewards)", file=sys.stderr)
+        return 2
+    except ExperienceStoreError as exc:  # a missing or empty --data: one line, no traceback
+        print(f"tamiyo-train: --data: {exc} (python -m trainer generate makes Simic "
+              "data; server logs come from --experience-dir)", file=sys.stderr)  # fmt: skip
         return 2
     val = None
     if args.validation_episodes:

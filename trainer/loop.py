@@ -45,6 +45,7 @@ from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 from trainer.algos import Learner, Minibatch
 from trainer.dataset import OfflineDataset
 from trainer.evaluate import Reference, evaluate_network
+from trainer.publish import serving_rules
 from trainer.state import data_fingerprint, load_state, run_identity, save_state
 
 LOG_EVERY = 25  # steps averaged into one metrics line
@@ -264,6 +265,10 @@ def train(
                          "selected_step": sel_step, "final_validation_score": last_eval},
                 provenance={"train_config": asdict(cfg), "world_size": world,
                             "data_fingerprint": identity["data"], **(provenance or {})},
+                # The rules this policy is meant to be served with (the health veto off
+                # by default): without them a replica that hot-reloads the checkpoint
+                # falls back to the server's 0.6 veto (~20 points lower in Simic).
+                serving_rules=serving_rules(cfg),
             )  # fmt: skip
     finally:
         if log is not None:

@@ -71,3 +71,19 @@ def test_torchrun_ddp_gloo_two_processes(tmp_path: Path) -> None:
     assert len(list((out / "checkpoints").iterdir())) == 3
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 4
+
+
+def test_train_on_a_missing_data_dir_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The compose quick start ran ``train`` before any data existed: an 18-line
+    traceback. Now one line naming --data and how data is made, exit 2."""
+    from trainer.cli import main
+
+    rc = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+               "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1
+    assert "--data" in err
+    assert "no such experience store" in err

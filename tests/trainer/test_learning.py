@@ -119,6 +119,9 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     assert latest is not None
     loaded = load_checkpoint(latest)
     assert loaded.manifest["metrics"]["steps"] == 20
+    # It declares the rules it is meant to be served with: a replica that hot-reloads
+    # it keeps the health veto off instead of falling back to the server's 0.6.
+    assert loaded.serving_rules == {"health_threshold": base.served_health_threshold}
     out = loaded.model(collate(data.graphs[:3]))
     assert torch.isfinite(out.value).all()
 
