@@ -275,7 +275,7 @@ def run(opts: BenchOptions) -> None:
           f"(medians of paired runs) -> {verdict}")  # fmt: skip
     env = environment()
     write_json(opts.out_dir, PART, [{**r, **env} for r in out])
-    _merge_into_serving(opts.out_dir / "serving.json", [{**r, **env} for r in out])
+    write_json(opts.out_dir, "serving", [{**r, **env} for r in out], merge=True, source=SOURCE)
 
 
 def _median(values: list[Any]) -> float | None:
@@ -318,21 +318,6 @@ def _summary(rows: list[Row], store: Row) -> list[Row]:
     )
     on_row.update(store)
     return [med[False], on_row]
-
-
-def _merge_into_serving(path: Path, rows: list[Row]) -> None:
-    """Replace this bench's earlier rows in serving.json, keep everyone else's."""
-    kept: list[Row] = []
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = []
-        if isinstance(old, list):
-            kept = [r for r in old if not (isinstance(r, dict) and r.get("source") == SOURCE)]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(kept + rows, indent=2) + "\n")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -55,11 +55,26 @@ def environment() -> Row:
     }
 
 
-def write_json(out_dir: Path, part: str, rows: Sequence[Row]) -> Path:
-    """Write ``rows`` (a JSON list of objects) to ``out_dir/<part>.json``; returns it."""
+def write_json(
+    out_dir: Path, part: str, rows: Sequence[Row], merge: bool = False, source: str | None = None
+) -> Path:
+    """Write ``rows`` (a JSON list of objects) to ``out_dir/<part>.json``; returns it.
+
+    ``merge``: the file holds the rows of several benches (``bench.experience`` adds its
+    rows to ``serving.json``, each marked ``"source"``); only the rows of ``source``
+    (None: the file owner's unmarked rows) are replaced and every other bench's are kept,
+    so running one part alone never drops another's committed figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{part}.json"
+    kept: list[Row] = []
+    if merge and path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = []
+        if isinstance(old, list):
+            kept = [r for r in old if isinstance(r, dict) and r.get("source") != source]
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(list(rows), indent=2, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(kept + list(rows), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path

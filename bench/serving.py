@@ -392,7 +392,7 @@ def run(opts: BenchOptions) -> None:
     for line in _verdicts(rows):
         print("  " + line)
     print(f"  (load average at the end: {env.get('load_avg_1min')}; 2 cores shared by all)")
-    print(f"  wrote {write_json(opts.out_dir, PART, rows)}")
+    print(f"  wrote {write_json(opts.out_dir, PART, rows, merge=True)}")  # (keeps experience's)
     if sweep:
         plot_sweep(sweep, opts.out_dir / "serving.png")
         print(f"  wrote {opts.out_dir / 'serving.png'}")
