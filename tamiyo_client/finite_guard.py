@@ -6,6 +6,8 @@ sync and a full device-to-host copy per seed per forward), so there it masks on 
 device, value and gradients, with two small autograd functions; on the CPU, where a read
 is free, it branches on the host. Both give the same outputs, host gradients and flags,
 and tests hold them to it (``tests/client/test_seeds.py`` forces the device way on CPU).
+Eval and no-grad forwards take neither: ``add_masked``, a plain ``torch.where`` that
+traces, exports and vmaps.
 """
 
 from __future__ import annotations
