@@ -6,8 +6,8 @@ DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
 frozen. A kernel whose output is ever non-finite in a training forward is CULLED
 (removed; the slot can be germinated again): on the CPU at once, on CUDA at the next
 training forward that is a multiple of ``cull_check_every``; until then every such
-output is left out (see ``_add_seeds``). The layer's
-output is ``base(x) + Σ kernel_i(x)`` over active seeds whose output is finite.
+output is left out (see ``_add_seeds``). The layer's output is ``base(x) + Σ
+kernel_i(x)`` over active seeds whose output is finite.
 
 Kept apart from ``tamiyo_client.kasmina`` (wrapping and measuring a module) because the
 seed lifecycle, its checkpointing and its multi-rank hazard are a job of their own.

@@ -152,9 +152,8 @@ class WindowAccumulator:
         self._last: tuple[int, float, float, float] | None = None  # N, var, dead, corr
         # key (a seed) -> device int64 count of non-finite forwards not read yet: counted
         # where they happen without a sync, read by take_pending every cull_check_every
-        # training forwards (SeedSlots._add_seeds); key -1: failed
-        # kernels removed since. Not a module buffer (kept out of state_dict, so
-        # checkpoints load strictly as before).
+        # training forwards (SeedSlots._add_seeds); key -1: failed kernels removed since.
+        # Not a module buffer (kept out of state_dict: checkpoints load strictly as before).
         self.pending: dict[int, torch.Tensor] = {}
         self._reset()
 

@@ -17,6 +17,7 @@ import re
 import textwrap
 from collections.abc import Mapping
 
+from tamiyo import cli_text
 from tamiyo.config import OTHER_VARIABLES
 
 PREFIX = "TAMIYO_"
@@ -32,10 +33,12 @@ def env_name(dest: str) -> str:
     return PREFIX + dest.upper()
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows each flag's variable and the default it would take now, from the
-    parser itself (``TAMIYO_<DEST>``, the action's default), so it cannot drift from what
-    ``parse_config`` reads; a default that came from the variable says so."""
+class HelpFormatter(cli_text.HelpFormatter):
+    """The project's ``--help`` formatter (``tamiyo.cli_text``), where each flag shows its
+    variable and the default it would take now, from the parser itself (``TAMIYO_<DEST>``,
+    the action's default), so it cannot drift from what ``parse_config`` reads; a default
+    that came from the variable says so. (No server flag holds a secret: the token is
+    environment-only.)"""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
