@@ -26,7 +26,7 @@ COPY trainer ./trainer
 COPY checkpoints ./checkpoints
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && TAMIYO_MARCH="${TAMIYO_MARCH}" pip install . \
-    && python -c "from tamiyo.policy import features, frame_ingest, fused; assert fused.available() and features.native_available() and frame_ingest.native_available()" \
+    && python -c "from tamiyo.policy import frame_ingest, fused, telemetry_features; assert fused.available() and telemetry_features.native_available() and frame_ingest.native_available()" \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 tamiyo

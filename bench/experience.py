@@ -148,7 +148,7 @@ def logging_cpu(streams: int, steps: int, tmp: Path) -> Row:
     from dataclasses import replace
 
     from tamiyo.config import ExperienceLogConfig, ServerConfig
-    from tamiyo.policy.features import FEATURE_SCHEMA
+    from tamiyo.policy.feature_schema import FEATURE_SCHEMA
     from tamiyo.policy.rules import DecisionRules
     from tamiyo.v1 import decision_pb2
     from tamiyo.v1 import tamiyo_service_pb2 as pb

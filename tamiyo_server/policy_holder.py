@@ -25,7 +25,8 @@ import numpy as np
 from tamiyo.policy.builtin import builtin_policy, load_policy
 from tamiyo.policy.checkpoint import CheckpointError, LoadedPolicy
 from tamiyo.policy.engine import InferenceEngine, resolve_device
-from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema, GraphTensors
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA, FeatureSchema
+from tamiyo.policy.features import GraphTensors
 from tamiyo.policy.synthetic import random_graphs
 from tamiyo_server.metrics import ServerMetrics
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tamiyo.config import BatchConfig, Limits, RuleConfig
-from tamiyo.policy.features import FEATURE_SCHEMA
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA
 from tamiyo.policy.frame_ingest import FrameChecks
 from tamiyo.policy.rules import DecisionRules, RuleState
 from tamiyo.policy.signal_window import SignalWindow

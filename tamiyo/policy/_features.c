@@ -1,13 +1,15 @@
-/* The per-signal part of the featurizer (features.py, FEATURE_SCHEMA "node-v1") in C.
+/* The per-signal part of the featurizer (telemetry_features.py, FEATURE_SCHEMA "node-v1")
+ * in C.
  *
  * Why: featurize_many computes the telemetry features of a batch in ~70 numpy calls of
  * ~5-7 us each, whatever the batch size; a lone graph, the common case of a server that is
  * not swamped, costs ~0.4 ms there, ten times the native forward of the same graph
  * (fused.py). Here each node is one pass over its window (W slots), in one call per
- * batch. This is a rendering of the numpy code in features.py, not a second definition:
- * features.py passes every column index, field index and constant (``_native_plan``),
- * tests/policy/test_features.py compares the two on random snapshots (hypothesis), and
- * featurize_many checks them against each other once per process before using this.
+ * batch. This is a rendering of the numpy code in telemetry_features.py, not a second
+ * definition: telemetry_features.py passes every column index, field index and constant
+ * (``_native_plan``), tests/policy/test_features_native.py compares the two on random
+ * snapshots (hypothesis), and featurize_many (``telemetry_columns``) checks them against
+ * each other once per process before using this.
  *
  * Arithmetic as numpy does it: log1p of float64, divided, then rounded to float32; means,
  * slopes and fractions in float64; the health trend is the least-squares slope of health
@@ -94,7 +96,7 @@ typedef struct {
 
 #define AT(type, a, i, j, k) (*(const type *)((a).p + (i) * (a).s[0] + (j) * (a).s[1] + (k) * (a).s[2]))
 
-/* Node i's row of x and its target / health / free seed (see features.py). */
+/* Node i's row of x and its target / health / free seed (see telemetry_features.py). */
 static void node(const int64_t *P, const double *S, int W, int64_t step, int has_kernels,
                  npy_intp i, const Arr *A, float *x, uint8_t *target, float *health,
                  int64_t *free_seed)
@@ -327,11 +329,11 @@ static PyObject *dynamic(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"dynamic", dynamic, METH_VARARGS,
-     "Telemetry features of a batch of graphs (see tamiyo/policy/features.py)."},
+     "Telemetry features of a batch of graphs (see tamiyo/policy/telemetry_features.py)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_features", "Native per-signal featurizer (features.py).", -1,
+    PyModuleDef_HEAD_INIT, "_features", "Native per-signal featurizer (telemetry_features.py).", -1,
     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__features(void)

@@ -29,7 +29,8 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA, GraphTensors
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA, KERNEL_SCHEMA
+from tamiyo.policy.features import GraphTensors
 
 # torch marks CSR tensors "beta" with a one-time UserWarning; we rely only on CSR @ dense,
 # which the GCNConv-equivalence test covers, so the notice is noise for every importer.

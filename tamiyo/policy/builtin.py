@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tamiyo.policy.checkpoint import LoadedPolicy, load_checkpoint, resolve_latest
-from tamiyo.policy.features import FEATURE_SCHEMA
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 
 DEFAULT_CHECKPOINT_DIR = Path(

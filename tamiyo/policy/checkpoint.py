@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 
 from tamiyo.config import check_serving_rules
-from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA, FeatureSchema
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA, KERNEL_SCHEMA, FeatureSchema
 from tamiyo.policy.model import PolicyConfig, TamiyoPolicy
 
 FORMAT = "tamiyo-policy-checkpoint"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tamiyo.policy.batch import Batch
-from tamiyo.policy.features import FEATURE_SCHEMA, KERNEL_SCHEMA
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA, KERNEL_SCHEMA
 
 MAX_DIM = 4096  # upper bound of every PolicyConfig field accepted from a manifest
 

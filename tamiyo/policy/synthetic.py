@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tamiyo.policy.features import FEATURE_SCHEMA, GraphTensors, featurize_many
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA
+from tamiyo.policy.features import GraphTensors, featurize_many
 from tamiyo.policy.snapshot import (
     FLOAT_FIELDS,
     INT_FIELDS,

@@ -7,13 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tamiyo.policy.features import (
-    FEATURE_SCHEMA,
-    KERNEL_SCHEMA,
-    featurize,
-    featurize_many,
-    snapshot_from_state,
-)
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA, KERNEL_SCHEMA
+from tamiyo.policy.features import featurize, featurize_many, snapshot_from_state
 from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import health_pb2

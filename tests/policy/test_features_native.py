@@ -1,5 +1,5 @@
 """The featurizer's telemetry columns in C (``_features.c``) against the numpy rendering
-in ``features.py``, on random snapshots that reach every branch (no telemetry, stale,
+in ``telemetry_features.py``, on random snapshots that reach every branch (no telemetry, stale,
 seed lists shorter than the seed count or empty, no seeds, no kernels, windows of 1-12
 slots), and its refusal of malformed arrays."""
 
@@ -16,13 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamiyo.policy import features as fm
-from tamiyo.policy.features import FEATURE_SCHEMA, FeatureSchema, GraphSnapshot
+from tamiyo.policy import telemetry_features as tf
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA, FeatureSchema
 from tamiyo.policy.signal_window import SignalWindow
-from tamiyo.policy.snapshot import INT_FIELDS, MAX_SEEDS, _frozen
+from tamiyo.policy.snapshot import INT_FIELDS, MAX_SEEDS, GraphSnapshot, _frozen
 from tamiyo.policy.synthetic import random_snapshot
 
 pytestmark = pytest.mark.skipif(
-    not fm.native_available() and not (shutil.which("cc") or shutil.which("gcc")),
+    not tf.native_available() and not (shutil.which("cc") or shutil.which("gcc")),
     reason="tamiyo.policy._features not built (no C compiler at install)",
 )
 
@@ -52,11 +53,11 @@ def _varied(rng: np.random.Generator, n: int, k: int, window: int, missing: floa
     )
 
 
-def _batch(snaps: list[GraphSnapshot], schema: FeatureSchema = FEATURE_SCHEMA) -> fm.TelemetryBatch:
+def _batch(snaps: list[GraphSnapshot], schema: FeatureSchema = FEATURE_SCHEMA) -> tf.TelemetryBatch:
     """What featurize_many hands either rendering for ``snaps``."""
     topos = [s.topology for s in snaps]
     statics, _ = fm._topology_pieces(topos, schema.num_features)
-    return fm.TelemetryBatch(
+    return tf.TelemetryBatch(
         snaps,
         topos,
         statics,
@@ -69,9 +70,9 @@ def _batch(snaps: list[GraphSnapshot], schema: FeatureSchema = FEATURE_SCHEMA) -
 
 def _both(
     snaps: list[GraphSnapshot], schema: FeatureSchema = FEATURE_SCHEMA
-) -> tuple[fm.Dynamic, fm.Dynamic]:
+) -> tuple[tf.Dynamic, tf.Dynamic]:
     batch = _batch(snaps, schema)
-    return fm._numpy_dynamic(batch), fm._native_dynamic(batch)
+    return tf._numpy_dynamic(batch), tf._native_dynamic(batch)
 
 
 @settings(max_examples=60, deadline=None)
@@ -107,32 +108,32 @@ def test_schema_constants_reach_the_native_columns() -> None:
 
 
 def test_featurize_many_checks_once_then_uses_native(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fm, "_NATIVE_STATE", [])
+    monkeypatch.setattr(tf, "_NATIVE_STATE", [])
     snaps = [random_snapshot(np.random.default_rng(4), 9)]
     fm.featurize_many(snaps)
-    assert fm._NATIVE_STATE == [True]
+    assert tf._NATIVE_STATE == [True]
     calls: list[int] = []
-    real = fm._numpy_dynamic
+    real = tf._numpy_dynamic
 
-    def counting(batch: fm.TelemetryBatch) -> fm.Dynamic:
+    def counting(batch: tf.TelemetryBatch) -> tf.Dynamic:
         calls.append(1)
         return real(batch)
 
-    monkeypatch.setattr(fm, "_numpy_dynamic", counting)
+    monkeypatch.setattr(tf, "_numpy_dynamic", counting)
     fm.featurize_many(snaps)
     assert calls == []
 
 
-def _off_by_one(batch: fm.TelemetryBatch) -> fm.Dynamic:
+def _off_by_one(batch: tf.TelemetryBatch) -> tf.Dynamic:
     x, target, health, free_seed = _REAL_NATIVE(batch)
     return x + 1, target, health, free_seed
 
 
-def _refusing(batch: fm.TelemetryBatch) -> fm.Dynamic:
+def _refusing(batch: tf.TelemetryBatch) -> tf.Dynamic:
     raise ValueError("featurize: graph 0: floats must be ...")
 
 
-_REAL_NATIVE = fm._native_dynamic
+_REAL_NATIVE = tf._native_dynamic
 
 
 @pytest.mark.parametrize(
@@ -146,19 +147,19 @@ _REAL_NATIVE = fm._native_dynamic
 )
 def test_a_native_build_that_fails_is_replaced_by_numpy(
     state: list[bool],
-    native: Callable[[fm.TelemetryBatch], fm.Dynamic],
+    native: Callable[[tf.TelemetryBatch], tf.Dynamic],
     message: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(fm, "_NATIVE_STATE", list(state))
-    monkeypatch.setattr(fm, "_native_dynamic", native)
+    monkeypatch.setattr(tf, "_NATIVE_STATE", list(state))
+    monkeypatch.setattr(tf, "_native_dynamic", native)
     snaps = [random_snapshot(np.random.default_rng(5), 7)]
     with caplog.at_level(logging.WARNING):
         (g,) = fm.featurize_many(snaps)
     assert message in caplog.text
-    assert fm._NATIVE_STATE == [False]
-    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(_batch(snaps))[0])
+    assert tf._NATIVE_STATE == [False]
+    np.testing.assert_array_equal(g.x, tf._numpy_dynamic(_batch(snaps))[0])
 
 
 @pytest.mark.parametrize(
@@ -177,7 +178,7 @@ def test_malformed_arrays_are_refused_with_the_graph_and_field_named(
     snaps = [random_snapshot(rng, 5), random_snapshot(rng, 6)]
     snaps[1] = replace(snaps[1], **{field: bad(getattr(snaps[1], field))})  # type: ignore[operator]
     with pytest.raises(ValueError, match=message):
-        fm._native_dynamic(_batch(snaps))
+        tf._native_dynamic(_batch(snaps))
 
 
 def test_session_windows_are_featurized_natively() -> None:
@@ -195,11 +196,11 @@ def test_session_windows_are_featurized_natively() -> None:
 def test_without_the_c_module_numpy_featurizes_and_it_is_logged_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(fm, "_features", None)
-    monkeypatch.setattr(fm, "_NATIVE_STATE", [])
+    monkeypatch.setattr(tf, "_features", None)
+    monkeypatch.setattr(tf, "_NATIVE_STATE", [])
     snaps = [random_snapshot(np.random.default_rng(9), 6)]
     with caplog.at_level(logging.WARNING):
         (g,) = fm.featurize_many(snaps)
         fm.featurize_many(snaps)
     assert caplog.text.count("tamiyo.policy._features is not built") == 1
-    np.testing.assert_array_equal(g.x, fm._numpy_dynamic(_batch(snaps))[0])
+    np.testing.assert_array_equal(g.x, tf._numpy_dynamic(_batch(snaps))[0])

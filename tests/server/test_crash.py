@@ -27,7 +27,7 @@ import grpc
 import pytest
 
 from tamiyo.experience import ExperienceReader, ExperienceWriter, connect
-from tamiyo.policy.features import FEATURE_SCHEMA
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA
 from tamiyo.policy.snapshot import snapshot_from_state
 from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb

@@ -29,7 +29,7 @@ from tamiyo.config import ExperienceLogConfig, RuleConfig, ServerConfig
 from tamiyo.experience import ExperienceReader, OutcomeRecord, PartsDecision
 from tamiyo.experience.encode import StateEncoder
 from tamiyo.experience.retention import enforce_retention
-from tamiyo.policy.features import FEATURE_SCHEMA
+from tamiyo.policy.feature_schema import FEATURE_SCHEMA
 from tamiyo.policy.rules import DecisionRules
 from tamiyo.policy.signal_window import SignalWindow
 from tamiyo.policy.snapshot import (
