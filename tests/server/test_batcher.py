@@ -251,8 +251,8 @@ async def test_cancelled_jobs_do_not_pile_up_behind_the_head() -> None:
         job = b.submit(i, 1, 0, now, now + 1.0)
         assert job is not None
         b.cancel(job)
-    assert len(b._heap) <= 2 * 64
-    assert len(b._fifo) <= 2 * 64
+    assert len(b.queue._heap) <= 2 * 64
+    assert len(b.queue._fifo) <= 2 * 64
     rec.gate.set()
     assert first is not None
     assert head is not None
@@ -469,7 +469,7 @@ async def test_default_knobs_hold_a_busy_batch_for_company(utilization: float, h
     b.utilization = utilization  # 0.3 ms · u/(1-u): 0.02 ms (idle) or 2.7 ms (busy)
     b.arrival_gap_s = 0.0005  # vs a gap of 0.5 ms between arrivals
     now = time.monotonic()
-    b._last_submit = now - 0.0005
+    b.queue._last_submit = now - 0.0005
     job = b.submit(1, 4, 3, now, now + 0.010)
     assert job is not None
     planned_in_s = b._tick_at - time.monotonic()

@@ -308,7 +308,7 @@ async def test_shutdown_answers_in_flight_work(make_server: ServerFactory) -> No
     srv = await make_server(make_config(batch=slow_fill))
     assert srv.pipeline is not None
     # ...and the batcher believes arrivals are dense (it would not wait for company
-    # after a long quiet spell otherwise: see tamiyo_server.batcher).
+    # after a long quiet spell otherwise: see tamiyo_server.batch_queue).
     srv.pipeline.batcher.arrival_gap_s = 0.0
     async with channel(srv) as ch:
         stub = pb_grpc.TamiyoServiceStub(ch)

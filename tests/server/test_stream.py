@@ -41,13 +41,13 @@ async def test_the_outbound_queue_keeps_its_bound_with_replaced_sessions(
     m = ServerMetrics()
     p = DecisionPipeline(make_config(batch=batch), PolicyHolder(served_policy, m), m)
     gate = threading.Event()
-    real = p.batcher._runner
+    real = p.batcher.executor.runner
 
     def held(snaps: Sequence[GraphSnapshot]) -> Sequence[Evaluated]:
         gate.wait(5.0)
         return real(snaps)
 
-    p.batcher._runner = held
+    p.batcher.executor.runner = held
     p.batcher.start()
 
     async def requests() -> AsyncIterator[pb.StreamTelemetryRequest]:

@@ -315,7 +315,7 @@ async def held_batches(
     srv = await never_idle(make_server)
     assert srv.pipeline is not None
     b = srv.pipeline.batcher
-    monkeypatch.setattr(b, "_wait_s", lambda head, now: head.arrival + 0.3 - now)
+    monkeypatch.setattr(b.queue, "wait_s", lambda head, now: head.arrival + 0.3 - now)
     return srv, b
 
 
