@@ -4,8 +4,9 @@ it is finite, and a failed forward is flagged so that the seed is culled.
 Why a module of its own: on CUDA the guard must not read the device (a host check is a
 sync and a full device-to-host copy per seed per forward), so there it masks on the
 device, value and gradients, with two small autograd functions; on the CPU, where a read
-is free, it branches on the host. Both give the same outputs, host gradients and flags,
-and tests hold them to it (``tests/client/test_seeds.py`` forces the device way on CPU).
+is free, it branches on the host (in a lone process: see ``reads_are_free``). Both give
+the same outputs, host gradients and flags, and tests hold them to it
+(``tests/client/test_seeds.py`` forces the device way on CPU).
 Eval and no-grad forwards take neither: ``add_masked``, a plain ``torch.where`` that
 traces, exports and vmaps.
 """
@@ -31,10 +32,14 @@ def add_masked(y: Any, kernel: nn.Module, x: torch.Tensor) -> Any:
     return on_first(y, lambda t: torch.where(ok, t + out, t))
 
 
-def add_guarded(y: Any, kernel: nn.Module, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+def add_guarded(
+    y: Any, kernel: nn.Module, x: torch.Tensor, *, host: bool
+) -> tuple[Any, torch.Tensor]:
     """``y + kernel(x)`` (on the first element of a tuple ``y``) if that output is all
-    finite, else ``y`` exactly; and the 0-d bool flag of it, on the kernel's device."""
-    if reads_are_free(x):
+    finite, else ``y`` exactly; and the 0-d bool flag of it, on the kernel's device.
+    ``host``: branch on the flag on the host (the caller's choice: ``reads_are_free``,
+    in a lone process only, since there a failed kernel's gradients stay None)."""
+    if host:
         out = kernel(x)
         ok = finite_flag(out)
         if bool(ok):  # a failed kernel is left out of the graph: nothing to mask or gate
@@ -69,7 +74,8 @@ def reads_are_free(x: torch.Tensor) -> bool:
     of masking: a failing kernel is left out of the graph, as cheap as no guard (the
     device mask and gradient gate cost ~+200 µs per seed per forward at [256, 512] on
     CPU), with the same outputs, host gradients and flags as the device way (a failed
-    kernel's own gradients stay None instead of zeros)."""
+    kernel's own gradients stay None instead of zeros, which is why a multi-rank job
+    takes the device way: DDP waits for a gradient of every parameter it holds)."""
     return x.device.type == "cpu"
 
 

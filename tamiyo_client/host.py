@@ -252,6 +252,14 @@ class KasminaHost:
         layers = wrap_layers(model, select, config, layer_types)
         return cls(model, layers, host_id=host_id, model_id=model_id, kernel_ids=kernel_ids)
 
+    @property
+    def params_version(self) -> int:
+        """Changes whenever the model's trainable kernel parameters do: a kernel loaded
+        (``apply``), fossilized, culled or restored from a checkpoint. A multi-rank job
+        rebuilds its ``DistributedDataParallel`` when it changes (README, "Multi-rank
+        training"): every rank sees the same value at the same step."""
+        return sum(layer.params_version for layer in self.layers.values())
+
     def session_open(self, budget: pb.SessionBudget | None = None) -> pb.SessionOpen:
         return pb.SessionOpen(
             host_id=self.host_id,

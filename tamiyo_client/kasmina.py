@@ -93,11 +93,13 @@ class _Tally:
         "last_stats",
         "memory",
         "output_bytes",
+        "params_version",
     )
 
     def __init__(self) -> None:
         self.forwards = 0  # training forwards since creation (drives sampling)
         self.kernels = 0  # len(seed_kernels), kept in step by _refresh_params
+        self.params_version = 0  # bumped by _refresh_params: the trainable set changed
         self.fossil_grads = False  # a seed fossilized: drop its grads at the next forward
         self.output_bytes = 0  # of the latest sampled output
         self.grad_due = False  # a sampled forward ran since the gradients were read

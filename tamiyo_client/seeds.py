@@ -4,10 +4,11 @@ A seed is a slot for an adaptation kernel (``tamiyo_client.kernels``). Its lifec
 DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
 (``fossilize_after_steps`` training forwards) FOSSILIZED, when its parameters are
 frozen. A kernel whose output is ever non-finite in a training forward is CULLED
-(removed; the slot can be germinated again): on the CPU at once, on CUDA at the next
-training forward that is a multiple of ``cull_check_every``; until then every such
-output is left out (see ``_add_seeds``). The layer's output is ``base(x) + Σ
-kernel_i(x)`` over active seeds whose output is finite.
+(removed; the slot can be germinated again): on the CPU in a lone process at once, on
+CUDA or in a multi-rank job at the next training forward that is a multiple of
+``cull_check_every``; until then every such output is left out (see ``_add_seeds``).
+The layer's output is ``base(x) + Σ kernel_i(x)`` over active seeds whose output is
+finite.
 
 Kept apart from ``tamiyo_client.kasmina`` (wrapping and measuring a module) because the
 seed lifecycle, its checkpointing and its multi-rank hazard are a job of their own.
@@ -49,13 +50,26 @@ class DistributedAdaptationWarning(UserWarning):
     """A kernel was germinated in a multi-rank job without ``synchronized=True``."""
 
 
+def world_size() -> int:
+    """The ranks in ``torch.distributed``'s initialised default group (1 without one)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def multi_rank() -> str:
     """ "rank r of w" when this process is one of several in an initialised
     ``torch.distributed`` group, else ""."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return f"rank {dist.get_rank()} of {dist.get_world_size()}"
+    if world_size() > 1:
+        return f"rank {torch.distributed.get_rank()} of {world_size()}"
     return ""
+
+
+def _sum_over_ranks(counts: torch.Tensor) -> None:
+    """All-reduce (sum, in place) over the default group: every rank then culls the
+    kernels that failed on any rank's data, at the same forward."""
+    torch.distributed.all_reduce(counts)
 
 
 def warn_unsynchronized(where: str, why: str) -> None:
@@ -110,12 +124,24 @@ class SeedSlots(nn.Module):
     _cull_every: int  # max(1, config.cull_check_every)
 
     def _refresh_params(self) -> None:
-        """Keep the kernel count (read on every forward) in step with ``seed_kernels``.
-        The parameters themselves are not cached: ``load_state_dict(assign=True)``,
-        ``to_empty()`` and parametrizations (weight_norm, pruning) replace Parameter
-        objects, and a stale list read gradient norm 0; they are walked only when a
-        frame reads them (once per sampled window)."""
+        """The set of trainable kernel parameters changed (a kernel loaded, fossilized,
+        culled or restored): keep the kernel count (read on every forward) in step with
+        ``seed_kernels`` and bump ``params_version``. The parameters themselves are not
+        cached: ``load_state_dict(assign=True)``, ``to_empty()`` and parametrizations
+        (weight_norm, pruning) replace Parameter objects, and a stale list read gradient
+        norm 0; they are walked only when a frame reads them (once per sampled window)."""
         self._tally.kernels = len(self.seed_kernels)
+        self._tally.params_version += 1
+
+    @property
+    def params_version(self) -> int:
+        """A count that changes whenever this layer's trainable parameters do: a kernel
+        germinated, fossilized (frozen), culled, or restored from a checkpoint. Why: a
+        ``DistributedDataParallel`` built before such a change expects gradients the
+        model no longer makes (or misses new ones) and fails at the next step; every
+        rank sees the same count at the same step, so each rebuilds it at once
+        (README, "Multi-rank training"; ``KasminaHost.params_version`` sums the layers)."""
+        return self._tally.params_version
 
     # -- forward -------------------------------------------------------------------
     def _fits(self) -> str:
@@ -148,8 +174,9 @@ class SeedSlots(nn.Module):
         a tuple output), each left out unless all finite (``finite_guard``): a diverging
         kernel never reaches the output, the loss or any gradient.
 
-        A training forward culls the failed seeds: on the CPU at once (a read is free);
-        on CUDA it adds each flag to a per-seed device counter, read every
+        A training forward culls the failed seeds: on the CPU in a lone process at once
+        (a read is free); on CUDA or with several ranks it adds each flag to a per-seed
+        device counter, read (summed over the ranks) every
         ``cull_check_every`` training forwards (``_reap_nonfinite``). Why a forward count
         and not the telemetry read: only one rank of a data-parallel job sends frames,
         and every rank must cull at the same forward, or their parameters and the next
@@ -171,12 +198,15 @@ class SeedSlots(nn.Module):
                     y = add_masked(y, kernel, x)
             return y
         failed: list[int] = []
-        host = finite_guard.reads_are_free(x)  # (by module: tests force the device way)
+        # The host way only in a lone process: in a data-parallel job a failed kernel
+        # must still get (zero) gradients, or DDP's reduction never completes, and its
+        # cull must wait for the ranks' shared count (_reap_nonfinite).
+        host = finite_guard.reads_are_free(x) and world_size() == 1  # (by module: tests)
         for key, kernel in list(self.seed_kernels.items()):
             i = int(key)
             if self.seed_states[i] not in ACTIVE_STATES:
                 continue
-            y, ok = add_guarded(y, kernel, x)
+            y, ok = add_guarded(y, kernel, x, host=host)
             if host:
                 if not bool(ok):  # (read on the CPU: free)
                     failed.append(i)
@@ -193,8 +223,12 @@ class SeedSlots(nn.Module):
         """Cull the seeds whose output was non-finite in a training forward since the last
         call: one device-to-host copy for all of them. One error per failed kernel, as
         when the first failure culled it: health is multiplied by ``error_decay`` per
-        error (key -1: failed kernels removed since, each counted once)."""
-        for i, n in self._acc.take_pending().items():
+        error (key -1: failed kernels removed since, each counted once). In a multi-rank
+        job the counts are first summed over the ranks (one all-reduce of
+        ``num_seeds + 1`` ints per ``cull_check_every`` forwards), so that every rank
+        culls the same seeds here, whichever rank's data made a kernel fail."""
+        reduce = _sum_over_ranks if world_size() > 1 else None
+        for i, n in self._acc.take_pending(self.num_seeds, reduce).items():
             if n and i < 0:
                 self._acc.add_error(n)
             elif n and self.seed_states[i] in ACTIVE_STATES:
@@ -244,6 +278,7 @@ class SeedSlots(nn.Module):
                     self.seed_states[i] = FOSSILIZED
                     self.seed_kernels[str(i)].requires_grad_(False)
                     self._tally.fossil_grads = True
+                    self._refresh_params()
 
     # -- seeds ---------------------------------------------------------------------
     @property

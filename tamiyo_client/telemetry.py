@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -201,15 +202,23 @@ class WindowAccumulator:
             old = self.pending.get(-1)
             self.pending[-1] = c if old is None else old + c.to(old.device)
 
-    def take_pending(self) -> dict[int, int]:
-        """The pending counts, read in one device-to-host copy, then cleared."""
-        keys = list(self.pending)
-        if not keys:
+    def take_pending(
+        self, slots: int, reduce: Callable[[torch.Tensor], None] | None = None
+    ) -> dict[int, int]:
+        """The non-zero pending counts of keys -1 … ``slots`` − 1, read in one
+        device-to-host copy, then cleared. ``reduce`` (in place) sees them first as one
+        int64 vector [slots + 1], key k at index k + 1, laid out the same on every rank
+        of a data-parallel job whatever each one counted."""
+        if not self.pending:
             return {}
-        dev = self.pending[keys[0]].device
-        values: list[int] = torch.stack([self.pending[k].to(dev) for k in keys]).tolist()
+        dev = next(iter(self.pending.values())).device
+        counts = torch.zeros(slots + 1, dtype=torch.int64, device=dev)
+        for key, c in self.pending.items():
+            counts[key + 1] += c.to(dev)
         self.pending.clear()
-        return dict(zip(keys, values, strict=True))
+        if reduce is not None:
+            reduce(counts)
+        return {i - 1: n for i, n in enumerate(counts.tolist()) if n}
 
     def add_output(self, y2d: torch.Tensor | NDArray[np.floating]) -> bool:
         """Accumulate one forward's output, [N, D] (detached). A non-finite output is
