@@ -174,14 +174,18 @@ class ExperienceLog:
         self._stats: dict[str, Any] = {"files": [str(path)]}
         self._acks: dict[str, threading.Event] = {}
         self._tokens = itertools.count()
+        # Sessions being logged, least recently used first (a frame moves its session to
+        # the end): past MAX_SESSIONS the one idle longest is evicted, never an active
+        # long-lived one just because it opened first.
         self._live: OrderedDict[str, _Live] = OrderedDict()
         self._dropped = Counter(
             "tamiyo_experience_dropped",
             "Experience lost, by kind and reason: events (kind open/frame/decision/"
             "outcome/end) dropped because the log buffer was full (reason buffer_full: "
             "slow store) or the experience process was gone (kind event, reason "
-            "process_gone); store rows (kind row) whose commit failed (reason disk_full, "
-            "io_error or write_error).",
+            "process_gone); frames of a session the log had stopped tracking because "
+            "more than 65,536 sessions were open (kind frame, reason evicted); store rows "
+            "(kind row) whose commit failed (reason disk_full, io_error or write_error).",
             ("kind", "reason"),
             registry=registry,
         )
@@ -190,6 +194,8 @@ class ExperienceLog:
         for reason in LOSS_REASONS:
             self._dropped.labels("row", reason).inc(0)
         self._dropped.labels("event", "process_gone").inc(0)
+        self._evicted = self._dropped.labels("frame", "evicted")
+        self._evicted.inc(0)
         self._rows_lost = dict.fromkeys(LOSS_REASONS, 0)  # last totals the process sent
         if registry is not None:
             g = Gauge(
@@ -302,8 +308,15 @@ class ExperienceLog:
     def open_session(self, session_id: str, msg: pb.SessionOpen) -> None:
         live = _Live(msg, session_id.encode())
         self._live[session_id] = live
-        if len(self._live) > MAX_SESSIONS:  # re-opened sessions are never closed
-            self._live.popitem(last=False)
+        if len(self._live) > MAX_SESSIONS:  # (the stream closes every session it ends or
+            # replaces, so only a lost close or that many open streams gets here)
+            gone, _ = self._live.popitem(last=False)
+            log.warning(
+                "experience log: more than %d sessions open; session %s (idle longest) "
+                "is no longer logged, its frames are counted as dropped",
+                MAX_SESSIONS,
+                gone,
+            )
         rec = record(OPEN, session_id, time.time(), msg.SerializeToString())
         live.resync = not self._offer("open", rec)
 
@@ -311,8 +324,11 @@ class ExperienceLog:
         """After ``session.apply_frame(frame)``."""
         sid = session.session_id
         live = self._live.get(sid)
-        if live is None:
+        if live is None:  # evicted (see open_session): lost, and said so
+            self._n_dropped += 1
+            self._evicted.inc()
             return
+        self._live.move_to_end(sid)
         live.seq += 1
         if live.resync:  # an earlier event was dropped: send the exact window instead
             snap = session.window.snapshot(frame.step, frame.epoch)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,10 +43,11 @@ from tamiyo_server.validation import (
 _BOOT = os.urandom(4).hex()
 _IDS = itertools.count(1)
 
-# Decision ids remembered per session so DecisionOutcome can be checked against them.
 RECENT_DECISIONS = 1024
-# Outcomes kept per session until the experience log (issue 6) takes them.
-MAX_OUTCOMES = 1024
+"""Decision ids a stream remembers (the newest, over all its sessions) so that a
+DecisionOutcome can be checked against them and logged under the session that made the
+decision (``tamiyo_server.stream``). Outcomes themselves are not kept: the experience log
+takes each as it arrives."""
 
 
 def new_id(prefix: str) -> str:
@@ -106,8 +106,6 @@ class Session:
     last_step: int | None = None
     pending: Pending | None = None
     opened_at: float = field(default_factory=time.time)
-    recent_decisions: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    outcomes: deque[pb.DecisionOutcome] = field(default_factory=lambda: deque(maxlen=MAX_OUTCOMES))
     checks: FrameChecks | None = None  # the native frame path's rules (None: Python only)
     transit: TransitClock = field(default_factory=TransitClock)  # client_clock_us waits
 
@@ -187,11 +185,3 @@ class Session:
         """Immutable view of the session after ``frame`` (only taken when a decision is
         wanted: while it lives, the session's next write copies its whole window)."""
         return self.window.snapshot(frame.step, frame.epoch)
-
-    def remember_decision(self, decision_id: str) -> None:
-        self.recent_decisions[decision_id] = None
-        if len(self.recent_decisions) > RECENT_DECISIONS:
-            self.recent_decisions.popitem(last=False)
-
-    def knows_decision(self, decision_id: str) -> bool:
-        return decision_id in self.recent_decisions

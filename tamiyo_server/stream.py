@@ -8,8 +8,18 @@ so a client that stops reading stops being read (HTTP/2 flow control does the re
 the queue never exceeds ``outbound_queue`` + ``_RESERVE`` messages.
 
 Every request gets an explicit outcome: a decision, a degraded decision (shed), or an
-in-stream ``StreamError`` naming the field. When the client goes away, the reader is
-cancelled and the pending evaluation withdrawn from the batcher, so nothing leaks.
+in-stream ``StreamError`` naming the field, and the stream goes on; that includes a
+message protobuf cannot decode (``decode_guard`` hands it over as an ``Undecodable``
+marker). The one exception is a message over ``--max-message-bytes``: gRPC core refuses
+it and cancels the call before any of it reaches Python (to the server it looks exactly
+like a client that went away), so that stream ends. When the client goes away, the
+reader is cancelled and the pending evaluation withdrawn from the batcher, so nothing
+leaks.
+
+A SessionOpen costs milliseconds of event loop at the limits (validation, the window),
+so re-opens on one stream are paced: one is read at most every ``REOPEN_INTERVAL_S``
+(flow control again, nothing refused), so a client re-sending it in a loop cannot starve
+the other streams.
 """
 
 from __future__ import annotations
@@ -17,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,9 +38,17 @@ from google.protobuf.message import DecodeError
 from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Done, Job
+from tamiyo_server.decode_guard import Undecodable
 from tamiyo_server.metrics import child
 from tamiyo_server.pipeline import DecisionPipeline, Evaluated
-from tamiyo_server.session import FrameRef, Pending, Session, budget_rules, deadline_s
+from tamiyo_server.session import (
+    RECENT_DECISIONS,
+    FrameRef,
+    Pending,
+    Session,
+    budget_rules,
+    deadline_s,
+)
 from tamiyo_server.validation import (
     ValidationError,
     validate_outcome,
@@ -44,6 +63,13 @@ Code = pb.StreamErrorCode
 _RESERVE = 3  # responses one request can cause beyond the queue bound (see module doc)
 _MAX_ECHO = 256  # characters of a refused frame's request_id echoed in the error
 _END = None
+REOPEN_INTERVAL_S = 0.1
+"""Least time, in s, between two SessionOpens read on one stream (the first is read at
+once). Why: a maximal open holds the event loop ~4-10 ms, and the answer is one small
+``session_accepted``, so the outbound backpressure does not slow a client that re-sends
+it in a loop: it starved every other stream (review 15, finding 3). Waiting before
+reading the next open (its frames wait behind it, in order) bounds one stream to ~10 %
+of the loop; a host's legitimate ``update_session`` is rare and never waits."""
 _CUT = pb.StreamTelemetryResponse()  # (identity-compared) end the call with UNAVAILABLE
 
 
@@ -80,13 +106,20 @@ def _error(
     return resp
 
 
+class _Status(NamedTuple):
+    """End the call with this status (in the outbound queue in place of ``_END``)."""
+
+    code: grpc.StatusCode
+    details: str
+
+
 class StreamHandler:
     """State and tasks of one stream. ``run`` is awaited by the servicer."""
 
     def __init__(self, pipeline: DecisionPipeline) -> None:
         self.p = pipeline
         self.limit = max(1, pipeline.config.batch.outbound_queue)
-        self.out: asyncio.Queue[pb.StreamTelemetryResponse | None] = asyncio.Queue()
+        self.out: asyncio.Queue[pb.StreamTelemetryResponse | _Status | None] = asyncio.Queue()
         self.room = asyncio.Event()
         self.idle = asyncio.Event()  # no evaluation outstanding (any session of the stream)
         self.idle.set()
@@ -94,6 +127,12 @@ class StreamHandler:
         # replaced the session while its evaluation was in flight (each is answered).
         self.outstanding: set[Job[GraphSnapshot, Evaluated]] = set()
         self.session: Session | None = None
+        # Decision id -> the id of the session that made it, for outcomes that arrive
+        # after a SessionOpen replaced that session (the client sends its re-open before
+        # queued outcomes); the newest RECENT_DECISIONS of the stream. Ids, not sessions:
+        # a replaced session's window must not stay alive here.
+        self.decided: OrderedDict[str, str] = OrderedDict()
+        self.opened_at: float | None = None  # time.monotonic() s of the last SessionOpen
         self.closing = False
         self.ended = asyncio.Event()  # run() returned: the call is over
         self.broken = False  # reading failed: the client went away (not a half-close)
@@ -106,6 +145,8 @@ class StreamHandler:
                 msg = await self.out.get()
                 if msg is _END:
                     break
+                if isinstance(msg, _Status):
+                    await context.abort(msg.code, msg.details)
                 if msg is _CUT:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE,
@@ -151,10 +192,11 @@ class StreamHandler:
                 )
             )
 
-    async def finish(self) -> None:
-        """Wait for the pending evaluation to be answered, then end the stream."""
+    async def finish(self, status: _Status | None = None) -> None:
+        """Wait for the pending evaluation to be answered, then end the stream (with
+        ``status``, else OK)."""
         await self.idle.wait()
-        self.out.put_nowait(_END)
+        self.out.put_nowait(_END if status is None else status)
 
     def cut(self) -> None:
         """End the call now with UNAVAILABLE (shutdown's grace is over and the client has
@@ -162,13 +204,19 @@ class StreamHandler:
         self.out.put_nowait(_CUT)
 
     # ------------------------------------------------------------------ reader side
-    async def _read(self, requests: AsyncIterator[pb.StreamTelemetryRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[pb.StreamTelemetryRequest | Undecodable]) -> None:
+        end: _Status | None = None
         try:
             async for req in requests:
                 # (evaluations of replaced sessions still to answer count as queued)
                 while self.out.qsize() + max(len(self.outstanding) - 1, 0) >= self.limit:
                     self.room.clear()
                     await self.room.wait()
+                if isinstance(req, Undecodable):  # (decode_guard) the next one is intact
+                    self._undecodable(req.error)
+                    continue
+                if req.WhichOneof("message") == "session_open":
+                    await self._pace_open()
                 try:
                     self._handle(req)
                 except Exception:  # a bug must not end the stream silently
@@ -178,24 +226,42 @@ class StreamHandler:
                         _error(
                             Code.STREAM_ERROR_CODE_INTERNAL,
                             "internal error handling this message (logged on the server)",
+                            frame=req.frame if req.WhichOneof("message") == "frame" else None,
                         )
                     )
         except asyncio.CancelledError:
             raise
-        except DecodeError as e:  # bytes that are not a StreamTelemetryRequest
-            child(self.p.m.rejected, "undecodable").inc()
-            self.out.put_nowait(
-                _error(
-                    Code.STREAM_ERROR_CODE_INVALID_ARGUMENT,
-                    f"message: not a valid StreamTelemetryRequest ({e}); the stream ends "
-                    "because the rest of it cannot be trusted",
-                    "message",
-                )
+        except DecodeError as e:  # no decode_guard: the request iterator cannot go on
+            self._undecodable(e)
+            end = _Status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a message was not a valid StreamTelemetryRequest; later messages were not read",
             )
         except Exception as e:  # transport error while reading: the stream is over
             log.debug("stream read ended: %s", e)
             self.broken = True
-        await self.finish()
+        await self.finish(end)
+
+    def _undecodable(self, error: Exception) -> None:
+        child(self.p.m.rejected, "undecodable").inc()
+        self.out.put_nowait(
+            _error(
+                Code.STREAM_ERROR_CODE_INVALID_ARGUMENT,
+                f"message: not a valid StreamTelemetryRequest ({error})"[:512],
+                "message",
+            )
+        )
+
+    async def _pace_open(self) -> None:
+        """Wait until ``REOPEN_INTERVAL_S`` has passed since this stream's last
+        SessionOpen (see the constant)."""
+        now = time.monotonic()
+        if self.opened_at is not None:
+            wait = self.opened_at + REOPEN_INTERVAL_S - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+                now = time.monotonic()
+        self.opened_at = now
 
     def _reject(self, err: ValidationError, frame: pb.TelemetryFrame | None = None) -> None:
         child(self.p.m.rejected, err.reason).inc()
@@ -229,7 +295,12 @@ class StreamHandler:
             return
         rules = self.p.rules_for(budget_rules(self.p.config.rules, msg.budget))
         deadline = deadline_s(self.p.config.batch, msg.budget)
+        old = self.session
         self.session = Session.open(msg, info, rules, deadline, self.p.config.limits)
+        if old is not None:  # update_session: the replaced one ends in the log (its
+            # pending evaluation is still answered, and outcomes of its decisions are
+            # still accepted: see ``decided``)
+            self.p.experience.close_session(old.session_id)
         self.p.experience.open_session(self.session.session_id, msg)
         self.out.put_nowait(
             self.session.accepted(self.p.holder.current.version, self.p.config.limits)
@@ -245,18 +316,25 @@ class StreamHandler:
         except ValidationError as err:
             self._reject(err)
             return
-        if not s.knows_decision(msg.decision_id):
+        session_id = self.decided.get(msg.decision_id)
+        if session_id is None:
             child(self.p.m.rejected, "unknown_decision").inc()
             self.out.put_nowait(
                 _error(
                     Code.STREAM_ERROR_CODE_NOT_FOUND,
-                    f"outcome.decision_id: {msg.decision_id!r} was not decided on this session",
+                    f"outcome.decision_id: {msg.decision_id!r} was not decided on this "
+                    f"stream (or is older than its last {RECENT_DECISIONS} decisions)",
                     "outcome.decision_id",
                 )
             )
             return
-        s.outcomes.append(msg)
-        self.p.experience.outcome(s.session_id, msg)
+        self.p.experience.outcome(session_id, msg)
+
+    def _decided(self, s: Session, decision_id: str) -> None:
+        """Remember which session made a decision (the newest ``RECENT_DECISIONS``)."""
+        self.decided[decision_id] = s.session_id
+        if len(self.decided) > RECENT_DECISIONS:
+            self.decided.popitem(last=False)
 
     def _no_session(self, what: str) -> None:
         child(self.p.m.rejected, "no_session").inc()
@@ -357,7 +435,7 @@ class StreamHandler:
             d = self.p.decision(
                 None, snap, s.rules, s.rule_state, ref, "stream", "queue_full", resp.decision
             )
-            s.remember_decision(d.decision_id)
+            self._decided(s, d.decision_id)
             self.p.experience.decision(s.session_id, d)
             self.out.put_nowait(resp)
             return
@@ -428,6 +506,6 @@ class StreamHandler:
                 )
             )
             return
-        s.remember_decision(d.decision_id)
+        self._decided(s, d.decision_id)
         self.p.experience.decision(s.session_id, d)
         self.out.put_nowait(resp)
