@@ -123,6 +123,15 @@ class BatchConfig:
     # server is taken to be keeping up, so a frame that looks late is re-based, not refused.
     transit_window_s: float = 30.0  # s over which a stream's smallest transit offset counts
     transit_idle_utilization: float = 0.5  # CPU share below which a too-late frame re-bases
+    # Large Decide states (over tamiyo_server.pipeline.OFFLOAD_SIGNALS signals) are decoded
+    # one at a time on one thread, ~4 µs per signal (this 2-core box: 4,096 signals 15-18
+    # ms, 16,384 signals 68 ms). Beyond max_decodes in flight (waiting or decoding), or when
+    # the predicted wait for the thread (the signals in flight × the measured µs per
+    # signal) plus the queued inference exceeds the request's budget, a Decide is refused
+    # RESOURCE_EXHAUSTED with pushback instead of queuing (each waiting call holds its
+    # request, up to max_message_bytes, and would come back degraded anyway).
+    max_decodes: int = 8  # large Decide requests decoding or waiting to; more are refused
+    decode_prior_us: float = 4.0  # µs per signal of a Decide decode until one is measured
     # "loop": no GIL hand-offs between loop and inference, best on CPU; "thread":
     # overlaps device time on CUDA (see tamiyo_server.batcher).
     run_on: str = "auto"  # where batches run: "loop", "thread", "auto" (thread on CUDA)
@@ -139,6 +148,8 @@ class BatchConfig:
             "prior_batch_ms",
             "min_pushback_ms",
             "transit_window_s",
+            "max_decodes",
+            "decode_prior_us",
         )
         for name in positive:
             if not getattr(self, name) > 0:  # (also refuses NaN)

@@ -20,9 +20,11 @@ from tamiyo.config import Limits
 from tamiyo.policy.snapshot import INT_FIELDS
 from tamiyo.signal_columns import FrameLayout, full_frame_layout
 from tamiyo.v1 import graph_pb2, health_pb2
+from tamiyo.wire import varint_tail
 from tamiyo_server.signal_checks import ACTIVE, SEED_STATES, SIGNAL_RANGES, TOTAL, UNBOUNDED
 
 _LAYER_TYPES = frozenset(graph_pb2.LayerType.values())
+_LAYER_TYPE_VALUES = np.array(sorted(_LAYER_TYPES), np.int64)
 # uint64 counts must fit the featurizer's int64 arrays; 2**53 (exact in float64) is far
 # beyond any real layer (the largest models have ~2**41 parameters in all).
 MAX_PARAMETER_COUNT = 2**53
@@ -115,7 +117,14 @@ def check_float(value: float, path: str, lo: float, hi: float | None) -> None:
 
 def validate_topology(topo: graph_pb2.Topology, limits: Limits, path: str) -> TopologyInfo:
     """Layers: 1..max_nodes, unique ids, known types, sizes >= 1, seeds <= max.
-    Edges: <= max_edges, endpoints in range, no self loops, no duplicates."""
+    Edges: <= max_edges, endpoints in range, no self loops, no duplicates.
+
+    Why vectorised: a Python loop per layer and per edge held the event loop ~6 ms for a
+    maximal topology (512 layers, 4,096 edges), and a client may send one with every
+    SessionOpen. The fields are read once into arrays and checked with numpy; only when
+    something is wrong is the first offending layer or edge (in message order, as a loop
+    meets it) checked again field by field, so the error names the same field and index
+    as the loop did (tests/server/test_topology_validation.py compares the two)."""
     n = len(topo.layers)
     if n == 0:
         raise ValidationError(f"{path}.layers", "at least one layer is required", "missing")
@@ -123,57 +132,185 @@ def validate_topology(topo: graph_pb2.Topology, limits: Limits, path: str) -> To
         raise ValidationError(
             f"{path}.layers", f"{n} layers > limit {limits.max_nodes_per_graph}", "too_large"
         )
-    index: dict[str, int] = {}
-    seeds: list[int] = []
-    for i, layer in enumerate(topo.layers):
-        p = f"{path}.layers[{i}]"
-        check_id(layer.layer_id, f"{p}.layer_id", limits.max_id_chars)
-        if layer.layer_id in index:
-            raise ValidationError(
-                f"{p}.layer_id",
-                f"duplicate id {layer.layer_id!r} (also layers[{index[layer.layer_id]}])",
-                "duplicate_id",
-            )
-        index[layer.layer_id] = i
-        if layer.layer_type not in _LAYER_TYPES:
-            raise ValidationError(
-                f"{p}.layer_type", f"unknown value {layer.layer_type}", "out_of_range"
-            )
-        for name in ("input_size", "output_size"):
-            if getattr(layer, name) < 1:
-                raise ValidationError(f"{p}.{name}", "must be >= 1", "out_of_range")
-        if layer.parameter_count > MAX_PARAMETER_COUNT:
-            raise ValidationError(
-                f"{p}.parameter_count",
-                f"{layer.parameter_count} > {MAX_PARAMETER_COUNT}",
-                "out_of_range",
-            )
-        if layer.seed_count > limits.max_seeds_per_layer:
-            raise ValidationError(
-                f"{p}.seed_count",
-                f"{layer.seed_count} > limit {limits.max_seeds_per_layer}",
-                "too_large",
-            )
-        seeds.append(layer.seed_count)
+    ids, types, ins, outs, params, seeds = zip(
+        *[
+            (x.layer_id, x.layer_type, x.input_size, x.output_size, x.parameter_count, x.seed_count)
+            for x in topo.layers
+        ],
+        strict=True,
+    )
+    index = dict(zip(ids, range(n), strict=True))
+    first: dict[str, int] | None = None  # id -> its first layer; only when ids repeat
+    if len(index) != n:
+        first = {}
+        for i, lid in enumerate(ids):
+            first.setdefault(lid, i)
+    bad = np.fromiter(map(len, ids), np.int64, n) > limits.max_id_chars
+    bad |= np.fromiter(map(len, ids), np.int64, n) == 0
+    if not "".join(ids).isprintable():  # (a string is printable iff each character is)
+        bad |= np.fromiter((not s.isprintable() for s in ids), np.bool_, n)
+    if first is not None:
+        bad |= np.fromiter((first[s] != i for i, s in enumerate(ids)), np.bool_, n)
+    bad |= ~np.isin(np.array(types, np.int64), _LAYER_TYPE_VALUES)
+    bad |= np.array(ins, np.int64) < 1
+    bad |= np.array(outs, np.int64) < 1
+    bad |= np.array(params, np.uint64) > MAX_PARAMETER_COUNT
+    bad |= np.array(seeds, np.int64) > limits.max_seeds_per_layer
+    if bad.any():
+        i = int(np.argmax(bad))
+        _check_layer(topo.layers[i], i, path, limits, first)
+        raise AssertionError(f"{path}.layers[{i}] was flagged but passes its checks")
     m = len(topo.edges)
     if m > limits.max_edges_per_graph:
         raise ValidationError(
             f"{path}.edges", f"{m} edges > limit {limits.max_edges_per_graph}", "too_large"
         )
-    seen: dict[tuple[int, int], int] = {}
-    for j, edge in enumerate(topo.edges):
-        p = f"{path}.edges[{j}]"
-        for name in ("source", "target"):
-            v = getattr(edge, name)
-            if v >= n:
-                raise ValidationError(f"{p}.{name}", f"{v} out of range for {n} layers", "bad_edge")
-        if edge.source == edge.target:
-            raise ValidationError(p, f"self loop on layer {edge.source}", "bad_edge")
-        key = (edge.source, edge.target)
-        if key in seen:
-            raise ValidationError(p, f"duplicate of edges[{seen[key]}]", "bad_edge")
-        seen[key] = j
+    if m:
+        source, target = edge_arrays(topo)
+        _check_edges(source, target, n, path)
     return TopologyInfo.build(index, seeds, m)
+
+
+def _check_layer(
+    layer: graph_pb2.LayerSpec,
+    i: int,
+    path: str,
+    limits: Limits,
+    first: Mapping[str, int] | None,
+) -> None:
+    """Layer ``i``'s checks in order; raises the first that fails (``first``: each id's
+    first layer, when ids repeat)."""
+    p = f"{path}.layers[{i}]"
+    check_id(layer.layer_id, f"{p}.layer_id", limits.max_id_chars)
+    if first is not None and first[layer.layer_id] != i:
+        raise ValidationError(
+            f"{p}.layer_id",
+            f"duplicate id {layer.layer_id!r} (also layers[{first[layer.layer_id]}])",
+            "duplicate_id",
+        )
+    if layer.layer_type not in _LAYER_TYPES:
+        raise ValidationError(
+            f"{p}.layer_type", f"unknown value {layer.layer_type}", "out_of_range"
+        )
+    for name in ("input_size", "output_size"):
+        if getattr(layer, name) < 1:
+            raise ValidationError(f"{p}.{name}", "must be >= 1", "out_of_range")
+    if layer.parameter_count > MAX_PARAMETER_COUNT:
+        raise ValidationError(
+            f"{p}.parameter_count",
+            f"{layer.parameter_count} > {MAX_PARAMETER_COUNT}",
+            "out_of_range",
+        )
+    if layer.seed_count > limits.max_seeds_per_layer:
+        raise ValidationError(
+            f"{p}.seed_count",
+            f"{layer.seed_count} > limit {limits.max_seeds_per_layer}",
+            "too_large",
+        )
+
+
+def _check_edges(
+    source: npt.NDArray[np.uint64], target: npt.NDArray[np.uint64], n: int, path: str
+) -> None:
+    """Endpoints in range, no self loop, no repeat of an earlier edge; raises for the
+    first edge that fails, with the check a loop over the edges would have met first."""
+    m = len(source)
+    key = (source << np.uint64(32)) | target  # (uint32 endpoints: one key per edge)
+    ordered = np.sort(key)
+    earlier = np.arange(m)  # each edge's first occurrence
+    if (ordered[1:] == ordered[:-1]).any():  # (a sort is ~10x cheaper than np.unique)
+        _, once, inverse = np.unique(key, return_index=True, return_inverse=True)
+        earlier = once[inverse.reshape(-1)]
+    bad = (source >= n) | (target >= n) | (source == target) | (earlier != np.arange(m))
+    if not bad.any():
+        return
+    j = int(np.argmax(bad))
+    p = f"{path}.edges[{j}]"
+    for name, v in (("source", int(source[j])), ("target", int(target[j]))):
+        if v >= n:
+            raise ValidationError(f"{p}.{name}", f"{v} out of range for {n} layers", "bad_edge")
+    if source[j] == target[j]:
+        raise ValidationError(p, f"self loop on layer {int(source[j])}", "bad_edge")
+    raise ValidationError(p, f"duplicate of edges[{int(earlier[j])}]", "bad_edge")
+
+
+WIRE_EDGES_FROM = 128
+"""From this many edges on, ``edge_arrays`` reads them from the serialized topology.
+Why: reading two fields of each Edge message costs ~0.45 µs per edge (1.8 ms for
+4,096 edges on this box), serializing the whole topology ~0.15 ms and decoding the edges
+with numpy ~0.4 ms; below this size the attribute reads are cheaper."""
+
+
+def edge_arrays(topo: graph_pb2.Topology) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """``topo.edges`` as (source, target) uint64 [M] arrays (see ``WIRE_EDGES_FROM``)."""
+    edges = topo.edges
+    if len(edges) >= WIRE_EDGES_FROM:
+        got = _edges_from_wire(topo.SerializeToString(), len(edges))
+        if got is not None:
+            return got
+    return (
+        np.fromiter((e.source for e in edges), np.uint64, len(edges)),
+        np.fromiter((e.target for e in edges), np.uint64, len(edges)),
+    )
+
+
+def _edges_from_wire(
+    buf: bytes, m: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]] | None:
+    """The ``m`` edges of a serialized Topology, decoded with numpy; None when the bytes
+    are not in the one shape this reads (the caller then reads the messages).
+
+    The shape: the layers (field 1) first, then nothing but edges (field 2), each holding
+    only its two uint32 varints (fields 1, 2; either left out when 0), which is how the
+    serializer writes a Topology without unknown fields. After the layers, every byte
+    then belongs to a varint and the varints pair up as (tag, value): (0x12, length),
+    (0x08, source), (0x10, target). Anything else (an unknown field, another order, a
+    length that does not match) returns None rather than guess.
+    """
+    j, end = 0, len(buf)
+    while j < end and buf[j] == 0x0A:  # skip the layers (length-delimited field 1)
+        size = buf[j + 1]
+        j += 2
+        if size >= 0x80:
+            size, j = varint_tail(buf, j, size)
+        j += size
+    b = np.frombuffer(buf, np.uint8)[j:]
+    if b.size == 0 or b[-1] >= 0x80:
+        return None
+    ends = np.flatnonzero(b < 0x80)  # the last byte of each varint
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    widths = ends - starts + 1
+    if ends.size % 2 or widths.max() > 5:  # (a uint32 takes at most 5 bytes)
+        return None
+    shift = (7 * (np.arange(b.size) - np.repeat(starts, widths))).astype(np.uint64)
+    values = np.add.reduceat((b & 0x7F).astype(np.uint64) << shift, starts)
+    tags, values = values[0::2], values[1::2]
+    is_edge, is_source, is_target = tags == 0x12, tags == 0x08, tags == 0x10
+    starts_edge = np.flatnonzero(is_edge)
+    if (
+        starts_edge.size != m
+        or not is_edge[0]
+        or not (is_edge | is_source | is_target).all()
+        or np.any(widths[0::2] != 1)
+    ):
+        return None
+    # each edge's declared length is the bytes up to the next edge (or the end)
+    body = ends[1::2][starts_edge] + 1
+    after = np.append(starts[0::2][starts_edge[1:]], b.size)
+    if not np.array_equal(after - body, values[starts_edge]):
+        return None
+    which = np.cumsum(is_edge) - 1  # the edge each (tag, value) pair belongs to
+    out: list[npt.NDArray[np.uint64]] = []
+    for mask in (is_source, is_target):
+        at = which[mask]
+        if at.size and np.bincount(at).max() > 1:  # a field twice in one edge: not the shape
+            return None
+        col = np.zeros(m, np.uint64)
+        col[at] = values[mask]
+        out.append(col)
+    return out[0], out[1]
 
 
 def validate_kernels(kernels: Sequence[graph_pb2.KernelSpec], limits: Limits, path: str) -> None:

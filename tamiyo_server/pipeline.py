@@ -10,7 +10,10 @@ comes back, so session state has a single owner and needs no lock.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -54,6 +57,23 @@ loop gets the GIL back every switch interval (5 ms); below this size the hand-of
 (~0.1 ms) costs more than it spares."""
 
 
+RULES_CACHE_SIZE = 256
+"""Distinct rule configs kept in ``DecisionPipeline.rules_cache`` (least recently used
+first out). Why bounded: a Decide or SessionOpen chooses its own budget, so an unbounded
+cache grew ~1.2 KB per distinct budget a client sent (review 15: 20,000 budgets, +24 MB).
+A session holds its own rules, so evicting one only means the next session with that
+budget builds a new one (~10 µs)."""
+
+WITH_POLICY_CACHE_SIZE = 1024
+"""(rules, policy version) pairs kept in ``DecisionPipeline._with_policy`` (LRU): one per
+rule config in use per hot-reloaded policy."""
+
+DECODE_EWMA = 0.2
+"""Weight of each measured decode in the µs-per-signal estimate (the last ~5 decodes
+count): it follows a box getting busier within a few requests, while one decode slowed
+by a collection or a preemption moves it a fifth of the way."""
+
+
 class RefusedError(Exception):
     """A unary request that cannot be served now (queue full, shutting down);
     ``retry_after_ms`` > 0 is the pushback the servicer sends as gRPC's
@@ -81,14 +101,22 @@ class DecisionPipeline:
             metrics,
             prepare_shed=featurize_many,
         )
-        self.rules_cache: dict[RuleConfig, DecisionRules] = {}
-        # (id of a session's rules, policy version) -> (those rules, with the policy's)
-        self._with_policy: dict[tuple[int, str], tuple[DecisionRules, DecisionRules]] = {}
+        # rule config -> its rules, LRU (see RULES_CACHE_SIZE)
+        self.rules_cache: OrderedDict[RuleConfig, DecisionRules] = OrderedDict()
+        # (id of a session's rules, policy version) -> (those rules, with the policy's), LRU
+        self._with_policy: OrderedDict[tuple[int, str], tuple[DecisionRules, DecisionRules]] = (
+            OrderedDict()
+        )
         self.closing = False
         self.door = Door(config.batch, self.batcher, metrics)  # what is admitted when busy
         # One thread decodes large Decide states (see OFFLOAD_SIGNALS): several at once in
         # the default executor's threads would fight the loop for the GIL again.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tamiyo-decode")
+        # Its work queue is bounded here (BatchConfig.max_decodes): requests waiting for
+        # it or decoding, their signals, and the measured decode cost (µs per signal).
+        self.decoding = 0
+        self.decoding_signals = 0
+        self.decode_us_per_signal = config.batch.decode_prior_us
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
 
@@ -171,10 +199,16 @@ class DecisionPipeline:
         return snapshot_from_state(req.state, self.holder.current.schema.window, cols)
 
     def rules_for(self, cfg: RuleConfig) -> DecisionRules:
-        """One DecisionRules per distinct rule config (sessions share them)."""
-        rules = self.rules_cache.get(cfg)
+        """One DecisionRules per distinct rule config (sessions share them), the last
+        ``RULES_CACHE_SIZE`` used kept."""
+        cache = self.rules_cache
+        rules = cache.get(cfg)
         if rules is None:
-            rules = self.rules_cache[cfg] = DecisionRules(cfg)
+            rules = cache[cfg] = DecisionRules(cfg)
+            if len(cache) > RULES_CACHE_SIZE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(cfg)
         return rules
 
     def policy_rules(self, served: ServedPolicy) -> RuleConfig:
@@ -189,15 +223,20 @@ class DecisionPipeline:
         stream opened under one checkpoint is decided by the next one's rules."""
         if not served.serving_rules:
             return rules
+        # (An entry holds its ``rules``, so no other object can take that id while the
+        # entry lives; the ``is`` check is a second guard against a stale answer.)
+        cache = self._with_policy
         key = (id(rules), served.version)
-        hit = self._with_policy.get(key)
+        hit = cache.get(key)
         if hit is None or hit[0] is not rules:
-            if len(self._with_policy) > 1024:  # (months of hot reloads)
-                self._with_policy.clear()
             cfg = rules_for_policy(
                 rules.config, dict(served.serving_rules), self.config.operator_rules
             )
-            hit = self._with_policy[key] = (rules, self.rules_for(cfg))
+            hit = cache[key] = (rules, self.rules_for(cfg))
+            if len(cache) > WITH_POLICY_CACHE_SIZE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
         return hit[1]
 
     def decision(
@@ -242,19 +281,27 @@ class DecisionPipeline:
         self, req: pb.DecideRequest, time_remaining_s: float | None
     ) -> decision_pb2.AdaptationDecision:
         """The Decide RPC: validate (raises ValidationError), batch, rules, proto.
-        Raises ``RefusedError`` when it cannot be queued; a missed deadline gives a degraded
-        decision."""
+        Raises ``RefusedError`` when it cannot be queued (inference queue full, decode
+        queue full or too slow for the budget: see ``_decode_off_loop``); a missed
+        deadline gives a degraded decision."""
         arrival = time.monotonic()
-        if len(req.state.signals) > OFFLOAD_SIGNALS:
-            loop = asyncio.get_running_loop()
-            snap = await loop.run_in_executor(self._decoder, self._decode, req)
-        else:
-            snap = self._decode(req)
         budget = deadline_s(self.config.batch, req.budget)
         if time_remaining_s is not None:
             budget = min(budget, time_remaining_s)
+        if len(req.state.signals) > OFFLOAD_SIGNALS:
+            snap = await self._decode_off_loop(req, arrival, budget)
+        else:
+            snap = self._decode(req)
         if self.closing:
             raise RefusedError("UNAVAILABLE", "server is shutting down; retry on another replica")
+        rules = self.rules_for(budget_rules(self.config.rules, req.budget))
+        frame = FrameRef(0, int(req.state.epoch), req.request_id, arrival)
+        if time.monotonic() >= arrival + budget:
+            # The decode used up the budget: the batcher would only shed it (as "deadline")
+            # after a queue slot and a wait; answer from the rules now.
+            msg = self.decision(None, snap, rules, RuleState(), frame, "unary", "deadline")
+            self.experience.unary(req.state, msg)
+            return msg
         job = self.submit(snap, len(req.state.topology.edges), arrival, arrival + budget)
         if job is None:
             child(self.m.shed, "queue_full").inc()
@@ -268,11 +315,86 @@ class DecisionPipeline:
         except asyncio.CancelledError:
             self.batcher.cancel(job)
             raise
-        rules = self.rules_for(budget_rules(self.config.rules, req.budget))
-        frame = FrameRef(0, int(req.state.epoch), req.request_id, arrival)
         msg = self.decision(done, snap, rules, RuleState(), frame, "unary")
         self.experience.unary(req.state, msg)
         return msg
+
+    async def _decode_off_loop(
+        self, req: pb.DecideRequest, arrival: float, budget: float
+    ) -> GraphSnapshot:
+        """``_decode`` on the decode thread, admitted like a stream frame at the door.
+
+        Refused at once (``RefusedError`` RESOURCE_EXHAUSTED with pushback, counted in
+        ``tamiyo_shed_total``) when ``BatchConfig.max_decodes`` requests are already
+        waiting or decoding ("queue_full"), or when the wait for the thread (the signals
+        in flight × the measured µs per signal) plus the door's ``ahead_ms`` exceeds the
+        request's ``budget`` (s; "overload"). Why: the thread's queue was unbounded, so a
+        flood of large Decides held their requests (up to 4 MB each) for seconds, took
+        the GIL from the loop for all of it (healthy streams were refused) and every one
+        came back degraded (review 15: 200 Decides of 4,096 signals, 200 degraded).
+        Its own decode is not counted against the budget: refusing cannot make the
+        request any smaller, and a retry would meet the same cost (it is answered
+        degraded if the decode alone misses the deadline).
+        """
+        c = self.config.batch
+        n = len(req.state.signals)
+        if self.closing:  # (no decode work for an answer nobody will wait for)
+            raise RefusedError("UNAVAILABLE", "server is shutting down; retry on another replica")
+        wait_ms = self.decoding_signals * self.decode_us_per_signal / 1000.0
+        if self.decoding >= c.max_decodes:
+            child(self.m.shed, "queue_full").inc()
+            raise RefusedError(
+                "RESOURCE_EXHAUSTED",
+                f"decode queue full ({self.decoding} large Decide requests, limit "
+                f"{c.max_decodes}); retry later",
+                self.door.pushback_ms(wait_ms),
+            )
+        ahead_ms = wait_ms + self.door.ahead_ms(deadline=arrival + budget)
+        if ahead_ms > budget * 1000.0:
+            child(self.m.shed, "overload").inc()
+            raise RefusedError(
+                "RESOURCE_EXHAUSTED",
+                f"overloaded: the large Decide requests being decoded ({self.decoding}, "
+                f"~{wait_ms:.1f} ms), the queued work and the event loop's lag need "
+                f"{ahead_ms:.1f} ms, more than the {budget * 1000.0:.0f} ms budget; retry later",
+                self.door.pushback_ms(ahead_ms),
+            )
+        loop = asyncio.get_running_loop()
+        self.decoding += 1
+        self.decoding_signals += n
+        work = self._decoder.submit(self._timed_decode, req)
+
+        def ended(_: concurrent.futures.Future[tuple[GraphSnapshot, float]]) -> None:
+            # (on the decode thread, or here when cancelled before it started)
+            with contextlib.suppress(RuntimeError):  # (a closed loop: nobody counts now)
+                loop.call_soon_threadsafe(self._decode_ended, n)
+
+        work.add_done_callback(ended)
+        try:
+            snap, seconds = await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if work.cancelled() and not (task and task.cancelling()):
+                # stop() dropped the queued decode (only it cancels the work alone): say so
+                raise RefusedError(
+                    "UNAVAILABLE", "server is shutting down; retry on another replica"
+                ) from None
+            raise
+        us = seconds * 1e6 / n
+        self.decode_us_per_signal += DECODE_EWMA * (us - self.decode_us_per_signal)
+        return snap
+
+    def _timed_decode(self, req: pb.DecideRequest) -> tuple[GraphSnapshot, float]:
+        """``_decode`` and how long it took (s), on the decode thread."""
+        t0 = time.perf_counter()
+        snap = self._decode(req)
+        return snap, time.perf_counter() - t0
+
+    def _decode_ended(self, signals: int) -> None:
+        """A decode left the thread (done, failed or dropped): it is no longer ahead of
+        anyone (on the loop)."""
+        self.decoding -= 1
+        self.decoding_signals -= signals
 
 
 def _build(
@@ -309,13 +431,26 @@ class _ScoreTemplate(NamedTuple):
     float_at: npt.NDArray[np.int64]  # [N*4] byte positions of the N float32 values
 
 
-_TEMPLATES: dict[tuple[str, ...], _ScoreTemplate] = {}
-_MAX_TEMPLATES = 4096
+_TEMPLATES: OrderedDict[tuple[str, ...], _ScoreTemplate] = OrderedDict()  # LRU
+_TEMPLATE_BYTES = [0]  # their total size (``_template_bytes``)
+MAX_TEMPLATE_BYTES = 32 * 1024 * 1024
+"""Bound on the layer-score templates kept (bytes, least recently used first out). Why
+by size: topologies are the clients' and a 512-layer one with 128-character ids makes
+a ~180 KB template (with its key), so a bound on the count (4,096, then all cleared at once) allowed
+~350 MB and a burst of rebuilds. 32 MB keeps ~190 of the largest, thousands of usual
+ones; a miss costs ~1 µs per layer."""
+
+
+def _template_bytes(layer_ids: tuple[str, ...], t: _ScoreTemplate) -> int:
+    """What a cached template holds (bytes): its arrays and its key's characters."""
+    return t.buf.nbytes + t.float_at.nbytes + sum(map(len, layer_ids)) + 64 * len(layer_ids)
 
 
 def _template(layer_ids: tuple[str, ...]) -> _ScoreTemplate:
     t = _TEMPLATES.get(layer_ids)
-    if t is None:
+    if t is not None:
+        _TEMPLATES.move_to_end(layer_ids)
+    else:
         parts: list[bytes] = []
         at: list[int] = []
         pos = 0
@@ -328,9 +463,11 @@ def _template(layer_ids: tuple[str, ...]) -> _ScoreTemplate:
             pos += len(head) + 4
         buf = np.frombuffer(b"".join(parts), np.uint8)
         float_at = (np.array(at, np.int64)[:, None] + np.arange(4)).reshape(-1)
-        if len(_TEMPLATES) >= _MAX_TEMPLATES:
-            _TEMPLATES.clear()
         t = _TEMPLATES[layer_ids] = _ScoreTemplate(buf, float_at)
+        _TEMPLATE_BYTES[0] += _template_bytes(layer_ids, t)
+        while _TEMPLATE_BYTES[0] > MAX_TEMPLATE_BYTES and len(_TEMPLATES) > 1:
+            old_ids, old = _TEMPLATES.popitem(last=False)
+            _TEMPLATE_BYTES[0] -= _template_bytes(old_ids, old)
     return t
 
 
