@@ -3,8 +3,8 @@ and graceful shutdown.
 
 Lifecycle: health is NOT_SERVING from the first moment; ``start()`` loads and warms up
 the policy (off the event loop), starts the batcher, and only then reports
-SERVING. ``stop()`` reverses it: NOT_SERVING, streams told to close (SessionClosing),
-in-flight evaluations answered, streams ended, then ``server.stop(grace)``.
+SERVING. ``stop()`` reverses it within one grace: NOT_SERVING, streams told to close
+(SessionClosing), in-flight evaluations answered, streams ended, then gRPC's own stop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import grpc
@@ -127,6 +128,8 @@ class TamiyoServer:
         self.experience: ExperienceLog | None = None  # on when config.experience.dir is set
         self.metrics_port = 0
         self.drained: Drained | None = None  # set by stop() after a drain
+        # Monotonic seconds; what stop()'s budget is measured with (tests inject one).
+        self.clock: Callable[[], float] = time.monotonic
 
     async def start(self) -> int:
         """Bind and answer at once (health NOT_SERVING), load + warm up + calibrate the
@@ -196,14 +199,24 @@ class TamiyoServer:
         return self.port
 
     async def stop(self) -> None:
-        """Graceful shutdown; in-flight work is answered within ``grace_s``. Ends with
-        one log line saying how the drain went (``Drained``), which is what an operator
-        checks after a rollout: were streams cut, was in-flight work answered."""
-        grace = self.config.grace_s
-        t0 = time.monotonic()
+        """Graceful shutdown within one budget: ``grace_s`` from the call, shared by
+        every drain phase (``ShutdownBudget``), then a short bounded tail
+        (``SHUTDOWN_TAIL_S``). Ends with one log line saying how the drain went
+        (``Drained``), which is what an operator checks after a rollout: were streams
+        cut, was in-flight work answered.
+
+        Order: NOT_SERVING; the reload watcher is *signalled* to stop (a poll stuck on a
+        hung checkpoint volume must not delay what follows); SessionClosing to every
+        stream; queued evaluations answered; streams ended as their clients half-close,
+        those still open at the deadline cut; the experience log flushed. Each of these
+        waits at most what is left until the deadline. Then gRPC stops
+        (``FINAL_GRACE_S``), the batcher stops, the watcher is joined within what is
+        left (still stuck: left behind, a daemon thread) and the experience log gets
+        ``EXPERIENCE_CLOSE_S`` to commit its last records and exit."""
+        budget = ShutdownBudget(self.config.grace_s, self.clock)
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
-            await asyncio.to_thread(self.watcher.stop)
+            self.watcher.request_stop()
         # (a start may fail before the pipeline runs: nothing to drain or stop then)
         pipeline = self.pipeline if self.pipeline is not None and self.pipeline.running else None
         streams = list(self.servicer.streams) if pipeline is not None else []
@@ -215,30 +228,29 @@ class TamiyoServer:
             for h in streams:
                 h.close("server shutting down", reconnect_after_ms=1000)
             queued = pipeline.batcher.queued
-            answered = await pipeline.batcher.drain(grace)
-            # A stream ends when its client half-closes (after SessionClosing) and its
-            # last answer is out; one still open when the grace is over is cut.
+            answered = await pipeline.batcher.drain(budget.left())
             if streams:
-                _, open_ = await asyncio.wait(
-                    [asyncio.create_task(h.ended.wait()) for h in streams], timeout=grace
-                )
-                for h in streams:
-                    if not h.ended.is_set():
-                        h.cut()
-                        cut.add(h)
-                for task in open_:
-                    task.cancel()
+                cut = await self._end_streams(streams, budget.left())
         if self.experience is not None:  # decisions answered so far are on disk
-            await asyncio.to_thread(self.experience.flush, grace)
+            await asyncio.to_thread(self.experience.flush, budget.left())
         # Our own work is answered by now (streams ended or cut, the batcher drained);
         # what is left open are calls that never end by themselves, such as a health
-        # Watch, which held every shutdown for the whole grace.
-        await self.server.stop(min(grace, FINAL_GRACE_S))
+        # Watch, which held every shutdown for the whole grace. (Outside the budget: a
+        # cut stream's UNAVAILABLE status must still get out when the grace is used up.)
+        await self.server.stop(FINAL_GRACE_S)
         shed_before = self._shed_at_shutdown()
         if pipeline is not None:
             await pipeline.stop()
+        if self.watcher is not None and not await asyncio.to_thread(
+            self.watcher.join, budget.left()
+        ):
+            log.warning(
+                "the checkpoint watcher is still in a poll of %s at the end of the grace "
+                "(a hung checkpoint volume?); shutting down without it",
+                self.watcher.root,
+            )
         if self.experience is not None:
-            await asyncio.to_thread(self.experience.close)
+            await asyncio.to_thread(self.experience.close, EXPERIENCE_CLOSE_S)
         self.metrics.stop()
         if pipeline is not None:
             gone = sum(h.broken for h in streams if h not in cut)
@@ -246,18 +258,62 @@ class TamiyoServer:
                 len(streams) - len(cut) - gone,
                 gone,
                 len(cut),
-                grace,
+                budget.grace_s,
                 queued,
                 answered,
                 int(self._shed_at_shutdown() - shed_before),
-                time.monotonic() - t0,
+                budget.elapsed(),
             )
             log.info("%s", self.drained)
+
+    async def _end_streams(
+        self, streams: list[StreamHandler], timeout_s: float
+    ) -> set[StreamHandler]:
+        """Wait up to ``timeout_s`` for the streams to end; cut (UNAVAILABLE) and return
+        those still open then. A stream ends when its client half-closes (after
+        SessionClosing) and its last answer is out."""
+        _, open_ = await asyncio.wait(
+            [asyncio.create_task(h.ended.wait()) for h in streams], timeout=timeout_s
+        )
+        cut = set()
+        for h in streams:
+            if not h.ended.is_set():
+                h.cut()
+                cut.add(h)
+        for task in open_:
+            task.cancel()
+        return cut
 
     def _shed_at_shutdown(self) -> float:
         """Evaluations answered with a rules-only decision because the server stopped."""
         value = self.metrics.registry.get_sample_value("tamiyo_shed_total", {"reason": "shutdown"})
         return value or 0.0
+
+
+class ShutdownBudget:
+    """One deadline for the whole drain: ``grace_s`` seconds from the stop signal.
+
+    Why one deadline and not a timeout per phase: the phases (batcher drain, streams,
+    experience flush, watcher) run one after another, and with the whole grace each a
+    stop took several graces (2.3 s for a 1 s grace in review 15) and could run past the
+    orchestrator's ``terminationGracePeriodSeconds``, whose SIGKILL then ends the drain
+    half done. Each phase waits at most ``left()``, so one that uses the grace up leaves
+    the later ones 0 s instead of a grace of their own. ``clock`` is monotonic seconds
+    (tests inject one)."""
+
+    def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace_s = grace_s
+        self._clock = clock
+        self.start = clock()
+        self.deadline = self.start + grace_s
+
+    def left(self) -> float:
+        """Seconds until the deadline; 0.0 once it has passed (never negative)."""
+        return max(0.0, self.deadline - self._clock())
+
+    def elapsed(self) -> float:
+        """Seconds since the budget started (the stop signal)."""
+        return self._clock() - self.start
 
 
 class Drained(NamedTuple):
@@ -313,7 +369,18 @@ def _check_device(device: str) -> None:
 
 
 FINAL_GRACE_S = 1.0
-"""Grace (s) for gRPC's own stop, after the drain: enough to flush the last answers."""
+"""Grace (s) for gRPC's own stop, after the drain: enough to flush the last answers
+(and a cut stream's UNAVAILABLE status) when the drain used the whole grace."""
+EXPERIENCE_CLOSE_S = 3.0
+"""Seconds (per step of ``ExperienceLog.close``: hand over, process exit) the experience
+log gets after the drain to commit its last records. Why not what is left of the grace:
+that is 0 when a stream used the grace up, and the process would be killed with
+records the in-grace flush did not cover (decisions answered while gRPC stopped)."""
+SHUTDOWN_TAIL_S = FINAL_GRACE_S + EXPERIENCE_CLOSE_S
+"""Seconds a ``stop()`` may run past ``--grace-s`` when nothing hangs (the batcher and the
+experience process normally finish at once). Deployments set
+``terminationGracePeriodSeconds`` (``stop_grace_period``) to at least preStop +
+``--grace-s`` + this + a margin (``tests/reliability/test_manifests.py`` checks it)."""
 
 
 def _exit_now() -> None:

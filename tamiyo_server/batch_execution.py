@@ -9,6 +9,9 @@ thread) and how answers reach their futures (``post``); the queue
 * The jobs to shed are answered at once (``shed="deadline"``), before the batch runs,
   so they do not wait for it; ``prepare_shed`` turns their payloads into what the
   degraded answer needs, off the event loop in thread mode.
+* Every job's wait in the queue is recorded (``tamiyo_queue_delay_seconds``, outcome
+  ``run`` or ``shed``): the shed ones are the longest waits, and without them the
+  histogram read low exactly under overload.
 * The runner runs the rest, timed from then on (preparing the shed answers is not
   inference: counting it fed back until every job was shed), and the measured time
   teaches the :class:`CostModel` that the queue's closing rule predicts with.
@@ -30,7 +33,7 @@ from typing import Generic, TypeVar
 
 from tamiyo_server.batch_queue import Done, Job
 from tamiyo_server.cost_model import CostModel
-from tamiyo_server.metrics import ServerMetrics
+from tamiyo_server.metrics import ServerMetrics, child
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,10 @@ class BatchExecutor(Generic[P, R]):
                     for j, p in zip(shed, prepared, strict=True)
                 ]
             )
+            if self._m is not None:  # (their wait counts too: the longest ones, in overload)
+                waited = child(self._m.queue_seconds, "shed")
+                for j in shed:
+                    waited.observe(start - j.arrival)
         out: list[tuple[Job[P, R], Done[R]]] = []
         if run:
             # Timed from here: preparing the shed answers above is not inference. Counting
@@ -108,9 +115,11 @@ class BatchExecutor(Generic[P, R]):
                     self._m.inference_seconds.observe(took)
                     self._m.batch_graphs.observe(len(run))
                     self._m.batch_nodes.observe(nodes)
-            if self._m is not None:
-                for j in run:
-                    self._m.queue_seconds.observe(start - j.arrival)
+            if self._m is not None:  # (a failed batch's jobs ran; _one_by_one may shed)
+                ran = child(self._m.queue_seconds, "run")
+                late = child(self._m.queue_seconds, "shed")
+                for _, done in out:
+                    (late if done.shed == "deadline" else ran).observe(done.queue_s)
         if out:
             self._post(out)
         self._probe(run, shed)

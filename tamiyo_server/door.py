@@ -74,7 +74,7 @@ class Door:
         average (read by ``swamped`` and ``ahead_ms``).
 
         Also the process's CPU utilisation (CPU s per wall s, EWMA over ~100 ms) for the
-        batcher's decision whether waiting for company pays (see ``tamiyo_server.batcher``).
+        batcher's decision whether waiting for company pays (see ``tamiyo_server.batch_queue``).
         """
         cpu0 = time.process_time()
         u = 0.0

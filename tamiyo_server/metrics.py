@@ -84,6 +84,11 @@ cannot decode (``decode_guard``); a stream over ``--max-streams``; a frame or ou
 before ``SessionOpen``; an outcome for a decision the session never got; a message
 whose handling failed inside the server (answered with an error, the stream goes on)."""
 
+QUEUE_OUTCOMES = ("run", "shed")
+"""Values of ``tamiyo_queue_delay_seconds``'s outcome label. Why shed ones are counted:
+jobs that waited and were then shed are the longest waits, and leaving them out made the
+histogram read low exactly under overload (review 15, finding 7)."""
+
 RULE_NAMES = {v: k.removeprefix("DECISION_RULE_") for k, v in decision_pb2.DecisionRule.items()}
 """``tamiyo_decisions_total``'s rule label of each ``DecisionRule`` value."""
 
@@ -124,8 +129,13 @@ class ServerMetrics:
         )
         self.decision_seconds = Histogram(
             "tamiyo_decision_latency_seconds",
-            "Server-side latency of a decision: request arrival to decision ready, seconds "
-            "(path: stream or unary; degraded: true for a rules-only answer, else false).",
+            "Server-side latency of a decision, seconds: from when the server took up the "
+            "request (stream: the stream's reader took the frame up; unary: the Decide "
+            "handler started) to the decision built, as in "
+            "AdaptationDecision.server_latency_us. Not end to end: it leaves out the wait "
+            "before that (tamiyo_transit_wait_seconds estimates it), the stream's outbound "
+            "queue, gRPC and the network (path: stream or unary; degraded: true for a "
+            "rules-only answer, else false).",
             ("path", "degraded"),
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -140,7 +150,12 @@ class ServerMetrics:
         )
         self.queue_seconds = Histogram(
             "tamiyo_queue_delay_seconds",
-            "Time an evaluation waited in the batcher queue, seconds.",
+            "Time an evaluation waited in the batcher queue until it left it, seconds "
+            "(outcome: run, taken into a batch that ran; shed, answered rules-only because "
+            "its deadline could no longer be met, also counted in "
+            'tamiyo_shed_total{reason="deadline"}). Evaluations withdrawn because their '
+            "stream went away, or shed at shutdown, are not counted.",
+            ("outcome",),
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -205,6 +220,8 @@ class ServerMetrics:
                 self.decisions.labels(rule)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for outcome in QUEUE_OUTCOMES:
+            self.queue_seconds.labels(outcome)
         self._http: Any = None
 
     def start(self, host: str, port: int) -> int:

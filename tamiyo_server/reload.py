@@ -249,11 +249,29 @@ class CheckpointWatcher:
         self._thread = threading.Thread(target=self._run, name="tamiyo-reload", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop polling; waits for a load in progress (blocking: call off the loop)."""
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Stop polling; waits up to ``timeout`` s for a poll or load in progress
+        (blocking: call off the loop). True once the thread has ended."""
+        self.request_stop()
+        return self.join(timeout)
+
+    def request_stop(self) -> None:
+        """Ask the thread to stop after the poll in progress, without waiting for it.
+
+        Why separate from ``join``: a poll can hang in a ``stat`` or a read of a hung
+        shared volume (NFS, an object-store mount). A shutdown must not wait for that
+        before telling streams to close; it signals here first and joins at the end,
+        within what is left of its grace (the thread is a daemon, so one still stuck
+        then does not keep the process alive)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` s (None: for ever) for the thread to end; True when it
+        has (or never started). Blocking: call off the event loop."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         log.info("watching %s every %.2f s", self.root / LATEST, self.poll_interval_s)

@@ -158,7 +158,14 @@ class AdaptationDecision(_message.Message):
     policy_version: _builtins.str
     """Version of the policy that made the decision (checkpoint version string)."""
     server_latency_us: _builtins.int
-    """Time from the request's arrival to the decision leaving the server, in µs."""
+    """Server-side time in µs from when the server took up the request (a stream frame: when
+    the stream's reader took it up, after any wait for room in the stream's outbound
+    queue; Decide: when the handler started, before the state is decoded) to when this
+    decision was built. It leaves out any wait before that (for a frame stamped with
+    client_clock_us the server estimates it: tamiyo_transit_wait_seconds), the time the
+    decision then waits in the stream's outbound queue, and gRPC and the network both
+    ways: the host's own round trip is the end-to-end figure.
+    """
     degraded: _builtins.bool
     """True when the answer came from the rules-only fallback, not the network."""
     propensity: _builtins.float

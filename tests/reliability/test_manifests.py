@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tamiyo.config import ServerConfig
-from tamiyo_server.app import SERVICE_NAME
+from tamiyo_server.app import SERVICE_NAME, SHUTDOWN_TAIL_S
 from tamiyo_server.cli import build_parser, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,7 +165,8 @@ def test_drain_fits_in_the_termination_grace(monkeypatch: pytest.MonkeyPatch) ->
     cfg = _config_from_env(_env_of(c), monkeypatch)
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    total = float(pre_stop[1]) + cfg.grace_s
+    # grace_s is one deadline for the whole drain; the stop's bounded tail comes after it
+    total = float(pre_stop[1]) + cfg.grace_s + SHUTDOWN_TAIL_S
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > total
     live = c["livenessProbe"]
     # Liveness must not kill a replica that is draining (health NOT_SERVING for grace_s).
@@ -288,7 +289,7 @@ def test_compose_agrees_with_server_cli(monkeypatch: pytest.MonkeyPatch) -> None
     health_cmd = " ".join(server["healthcheck"]["test"])
     assert f"service='{SERVICE_NAME}'" in health_cmd
     assert f"127.0.0.1:{cfg.port}" in health_cmd
-    assert float(server["stop_grace_period"].rstrip("s")) > cfg.grace_s
+    assert float(server["stop_grace_period"].rstrip("s")) > cfg.grace_s + SHUTDOWN_TAIL_S
     envoy = services["envoy"]
     mounted = envoy["volumes"][0].split(":")[0]
     assert (DEPLOY / mounted).resolve() == (DEPLOY / "envoy" / "envoy.yaml").resolve()

@@ -200,6 +200,12 @@ async def test_bad_messages_get_errors_while_others_are_served(server: TamiyoSer
 
 
 async def test_outcomes_are_accepted_for_known_decisions(server: TamiyoServer) -> None:
+    """An outcome for a decision the stream made reaches the experience log (the server
+    keeps no copy of it)."""
+    from tests.server.test_stream_contract import RecordingSink
+
+    assert server.pipeline is not None
+    sink = server.pipeline.experience = RecordingSink()
     async with channel(server) as ch:
         call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
         await call.write(hosts.frame(6, 1))
@@ -211,10 +217,8 @@ async def test_outcomes_are_accepted_for_known_decisions(server: TamiyoServer) -
         )
         await call.write(hosts.frame(6, 2))
         assert (await read(call)).decision.frame_step == 2  # no error came before it
-        assert server.servicer is not None
-        (handler,) = server.servicer.streams
-        assert handler.session is not None
-        assert [o.decision_id for o in handler.session.outcomes] == [d.decision_id]
+        (session_id,) = sink.opened
+        assert sink.outcomes == [(session_id, d.decision_id)]
         await call.done_writing()
 
 
@@ -336,13 +340,19 @@ async def test_shutdown_answers_in_flight_work(make_server: ServerFactory) -> No
             got.append(kind or "")
             if kind == "decision":
                 assert msg.decision.frame_request_id == "inflight"
+                # run through the network, not shed as "shutdown" (a 3 s budget)
+                assert not msg.decision.degraded, msg.decision.reason
             if kind == "closing":  # what the protocol asks of a client (and ours does)
                 await call.done_writing()
         assert "decision" in got
         assert "closing" in got
         assert await call.code() == grpc.StatusCode.OK
-        assert (await unary).decision.policy_version
+        decided = (await unary).decision
+        assert decided.policy_version
+        assert not decided.degraded, decided.reason
         await stopping
+    assert srv.drained is not None
+    assert (srv.drained.answered, srv.drained.shed) == (True, 0)
 
 
 async def read_or_eof(call: Stream) -> object:
@@ -374,12 +384,15 @@ async def test_shutdown_answers_every_frame_sent_before_the_half_close(
         await asyncio.sleep(0.2)
         stopping = asyncio.create_task(srv.stop())
         answered: dict[str, str] = {}
+        shutdown_shed: list[str] = []
         while isinstance(msg := await read_or_eof(call), pb.StreamTelemetryResponse):
             kind = msg.WhichOneof("message")
             if kind == "closing":
                 closing.set()
             elif kind == "decision":
                 answered[msg.decision.frame_request_id] = "decision"
+                if "shed: shutdown" in msg.decision.reason:
+                    shutdown_shed.append(msg.decision.frame_request_id)
             elif kind == "error":
                 answered[msg.error.frame_request_id] = pb.StreamErrorCode.Name(msg.error.code)
         await writer
@@ -389,6 +402,11 @@ async def test_shutdown_answers_every_frame_sent_before_the_half_close(
     assert set(answered) == sent  # every frame got exactly its answer
     assert "decision" in answered.values()
     assert set(answered.values()) <= {"decision", "STREAM_ERROR_CODE_UNAVAILABLE"}
+    # In-flight work was run, not shed as "shutdown". (Frames every ms on one stream may
+    # be shed for load on a busy box, so this checks the shutdown reason, not degraded.)
+    assert not shutdown_shed, shutdown_shed
+    assert srv.drained is not None
+    assert srv.drained.shed == 0
 
 
 async def test_shutdown_cuts_a_stream_that_never_half_closes(make_server: ServerFactory) -> None:
