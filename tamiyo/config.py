@@ -123,7 +123,7 @@ class BatchConfig:
     # server is taken to be keeping up, so a frame that looks late is re-based, not refused.
     transit_window_s: float = 30.0  # s over which a stream's smallest transit offset counts
     transit_idle_utilization: float = 0.5  # CPU share below which a too-late frame re-bases
-    # Large Decide states (over tamiyo_server.pipeline.OFFLOAD_SIGNALS signals) are decoded
+    # Large Decide states (over decode_queue.OFFLOAD_SIGNALS signals) are decoded
     # one at a time on one thread, ~4 µs per signal (this 2-core box: 4,096 signals 15-18
     # ms, 16,384 signals 68 ms). Beyond max_decodes in flight (waiting or decoding), or when
     # the predicted wait for the thread (the signals in flight × the measured µs per

@@ -10,12 +10,9 @@ comes back, so session state has a single owner and needs no lock.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -32,6 +29,12 @@ from tamiyo.v1 import decision_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.wire import varint
 from tamiyo_server.batcher import Batcher, Done, Job
+from tamiyo_server.decode_queue import (
+    OFFLOAD_SIGNALS,
+    SHUTTING_DOWN,
+    DecodeQueue,
+    RefusedError,
+)
 from tamiyo_server.door import Door
 from tamiyo_server.experience_log import ExperienceSink, NullExperienceLog
 from tamiyo_server.metrics import RULE_NAMES, ServerMetrics, child
@@ -48,15 +51,6 @@ class Evaluated(NamedTuple):
     policy: ServedPolicy
 
 
-OFFLOAD_SIGNALS = 2048
-"""A Decide state with more signals than this is decoded off the event loop. Why: the
-decode is Python per signal (~3 µs each); a state at the limit (16,384 signals) held
-the loop ~50 ms, and a client sending such requests back to back starved every stream
-(a QA pass: 17 of 21 frames of a healthy stream refused or degraded). In a thread the
-loop gets the GIL back every switch interval (5 ms); below this size the hand-off
-(~0.1 ms) costs more than it spares."""
-
-
 RULES_CACHE_SIZE = 256
 """Distinct rule configs kept in ``DecisionPipeline.rules_cache`` (least recently used
 first out). Why bounded: a Decide or SessionOpen chooses its own budget, so an unbounded
@@ -67,22 +61,6 @@ budget builds a new one (~10 µs)."""
 WITH_POLICY_CACHE_SIZE = 1024
 """(rules, policy version) pairs kept in ``DecisionPipeline._with_policy`` (LRU): one per
 rule config in use per hot-reloaded policy."""
-
-DECODE_EWMA = 0.2
-"""Weight of each measured decode in the µs-per-signal estimate (the last ~5 decodes
-count): it follows a box getting busier within a few requests, while one decode slowed
-by a collection or a preemption moves it a fifth of the way."""
-
-
-class RefusedError(Exception):
-    """A unary request that cannot be served now (queue full, shutting down);
-    ``retry_after_ms`` > 0 is the pushback the servicer sends as gRPC's
-    ``grpc-retry-pushback-ms`` trailer."""
-
-    def __init__(self, code: str, message: str, retry_after_ms: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retry_after_ms = retry_after_ms
 
 
 class DecisionPipeline:
@@ -109,14 +87,9 @@ class DecisionPipeline:
         )
         self.closing = False
         self.door = Door(config.batch, self.batcher, metrics)  # what is admitted when busy
-        # One thread decodes large Decide states (see OFFLOAD_SIGNALS): several at once in
-        # the default executor's threads would fight the loop for the GIL again.
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tamiyo-decode")
-        # Its work queue is bounded here (BatchConfig.max_decodes): requests waiting for
-        # it or decoding, their signals, and the measured decode cost (µs per signal).
-        self.decoding = 0
-        self.decoding_signals = 0
-        self.decode_us_per_signal = config.batch.decode_prior_us
+        # Large Decide states are decoded on one thread, behind a bounded queue (late
+        # binding of _decode: tests wrap it).
+        self.decodes = DecodeQueue(config.batch, self.door, metrics, lambda r: self._decode(r))
         # Experience log (tamiyo_server.experience_log); the app installs a real one.
         self.experience: ExperienceSink = NullExperienceLog()
 
@@ -131,7 +104,7 @@ class DecisionPipeline:
 
     async def stop(self) -> None:
         """Stop the load monitor and the batcher (queued work runs first)."""
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self.decodes.stop()
         await self.door.stop()
         if self.batcher.on_loop:
             self.batcher.stop()
@@ -282,18 +255,20 @@ class DecisionPipeline:
     ) -> decision_pb2.AdaptationDecision:
         """The Decide RPC: validate (raises ValidationError), batch, rules, proto.
         Raises ``RefusedError`` when it cannot be queued (inference queue full, decode
-        queue full or too slow for the budget: see ``_decode_off_loop``); a missed
+        queue full or too slow for the budget: see ``tamiyo_server.decode_queue``); a missed
         deadline gives a degraded decision."""
         arrival = time.monotonic()
         budget = deadline_s(self.config.batch, req.budget)
         if time_remaining_s is not None:
             budget = min(budget, time_remaining_s)
         if len(req.state.signals) > OFFLOAD_SIGNALS:
-            snap = await self._decode_off_loop(req, arrival, budget)
+            if self.closing:  # (no decode work for an answer nobody will wait for)
+                raise RefusedError("UNAVAILABLE", SHUTTING_DOWN)
+            snap = await self.decodes.decode(req, arrival, budget)
         else:
             snap = self._decode(req)
         if self.closing:
-            raise RefusedError("UNAVAILABLE", "server is shutting down; retry on another replica")
+            raise RefusedError("UNAVAILABLE", SHUTTING_DOWN)
         rules = self.rules_for(budget_rules(self.config.rules, req.budget))
         frame = FrameRef(0, int(req.state.epoch), req.request_id, arrival)
         if time.monotonic() >= arrival + budget:
@@ -318,83 +293,6 @@ class DecisionPipeline:
         msg = self.decision(done, snap, rules, RuleState(), frame, "unary")
         self.experience.unary(req.state, msg)
         return msg
-
-    async def _decode_off_loop(
-        self, req: pb.DecideRequest, arrival: float, budget: float
-    ) -> GraphSnapshot:
-        """``_decode`` on the decode thread, admitted like a stream frame at the door.
-
-        Refused at once (``RefusedError`` RESOURCE_EXHAUSTED with pushback, counted in
-        ``tamiyo_shed_total``) when ``BatchConfig.max_decodes`` requests are already
-        waiting or decoding ("queue_full"), or when the wait for the thread (the signals
-        in flight × the measured µs per signal) plus the door's ``ahead_ms`` exceeds the
-        request's ``budget`` (s; "overload"). Why: the thread's queue was unbounded, so a
-        flood of large Decides held their requests (up to 4 MB each) for seconds, took
-        the GIL from the loop for all of it (healthy streams were refused) and every one
-        came back degraded (review 15: 200 Decides of 4,096 signals, 200 degraded).
-        Its own decode is not counted against the budget: refusing cannot make the
-        request any smaller, and a retry would meet the same cost (it is answered
-        degraded if the decode alone misses the deadline).
-        """
-        c = self.config.batch
-        n = len(req.state.signals)
-        if self.closing:  # (no decode work for an answer nobody will wait for)
-            raise RefusedError("UNAVAILABLE", "server is shutting down; retry on another replica")
-        wait_ms = self.decoding_signals * self.decode_us_per_signal / 1000.0
-        if self.decoding >= c.max_decodes:
-            child(self.m.shed, "queue_full").inc()
-            raise RefusedError(
-                "RESOURCE_EXHAUSTED",
-                f"decode queue full ({self.decoding} large Decide requests, limit "
-                f"{c.max_decodes}); retry later",
-                self.door.pushback_ms(wait_ms),
-            )
-        ahead_ms = wait_ms + self.door.ahead_ms(deadline=arrival + budget)
-        if ahead_ms > budget * 1000.0:
-            child(self.m.shed, "overload").inc()
-            raise RefusedError(
-                "RESOURCE_EXHAUSTED",
-                f"overloaded: the large Decide requests being decoded ({self.decoding}, "
-                f"~{wait_ms:.1f} ms), the queued work and the event loop's lag need "
-                f"{ahead_ms:.1f} ms, more than the {budget * 1000.0:.0f} ms budget; retry later",
-                self.door.pushback_ms(ahead_ms),
-            )
-        loop = asyncio.get_running_loop()
-        self.decoding += 1
-        self.decoding_signals += n
-        work = self._decoder.submit(self._timed_decode, req)
-
-        def ended(_: concurrent.futures.Future[tuple[GraphSnapshot, float]]) -> None:
-            # (on the decode thread, or here when cancelled before it started)
-            with contextlib.suppress(RuntimeError):  # (a closed loop: nobody counts now)
-                loop.call_soon_threadsafe(self._decode_ended, n)
-
-        work.add_done_callback(ended)
-        try:
-            snap, seconds = await asyncio.wrap_future(work)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if work.cancelled() and not (task and task.cancelling()):
-                # stop() dropped the queued decode (only it cancels the work alone): say so
-                raise RefusedError(
-                    "UNAVAILABLE", "server is shutting down; retry on another replica"
-                ) from None
-            raise
-        us = seconds * 1e6 / n
-        self.decode_us_per_signal += DECODE_EWMA * (us - self.decode_us_per_signal)
-        return snap
-
-    def _timed_decode(self, req: pb.DecideRequest) -> tuple[GraphSnapshot, float]:
-        """``_decode`` and how long it took (s), on the decode thread."""
-        t0 = time.perf_counter()
-        snap = self._decode(req)
-        return snap, time.perf_counter() - t0
-
-    def _decode_ended(self, signals: int) -> None:
-        """A decode left the thread (done, failed or dropped): it is no longer ahead of
-        anyone (on the loop)."""
-        self.decoding -= 1
-        self.decoding_signals -= signals
 
 
 def _build(

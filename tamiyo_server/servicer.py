@@ -17,7 +17,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
-from tamiyo_server.pipeline import DecisionPipeline, RefusedError
+from tamiyo_server.decode_queue import RefusedError
+from tamiyo_server.pipeline import DecisionPipeline
 from tamiyo_server.stream import StreamHandler
 from tamiyo_server.validation import ValidationError
 

@@ -22,10 +22,11 @@ from tamiyo.config import BatchConfig
 from tamiyo.v1 import graph_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
-from tamiyo_server import pipeline as pipeline_mod
+from tamiyo_server import decode_queue
 from tamiyo_server.app import TamiyoServer
+from tamiyo_server.decode_queue import RefusedError
 from tamiyo_server.metrics import ServerMetrics
-from tamiyo_server.pipeline import DecisionPipeline, RefusedError
+from tamiyo_server.pipeline import DecisionPipeline
 from tamiyo_server.policy_holder import PolicyHolder, ServedPolicy
 from tests.server import hosts
 from tests.server.conftest import ServerFactory, make_config
@@ -41,7 +42,7 @@ def big_request(steps: int = STEPS) -> pb.DecideRequest:
     for step in range(1, steps + 1):
         state.signals.extend(hosts.signals(LAYERS, step))
     req = pb.DecideRequest(state=state)
-    assert len(req.state.signals) > pipeline_mod.OFFLOAD_SIGNALS
+    assert len(req.state.signals) > decode_queue.OFFLOAD_SIGNALS
     return req
 
 
@@ -50,14 +51,14 @@ def shed(m: ServerMetrics, reason: str) -> float:
 
 
 def watch_in_flight(p: DecisionPipeline, seen: list[int]) -> None:
-    """Record ``p.decoding`` each time the decode thread starts a decode."""
-    inner = p._timed_decode
+    """Record ``p.decodes.in_flight`` each time the decode thread starts a decode."""
+    inner = p.decodes._timed
 
     def timed(req: pb.DecideRequest) -> tuple[object, float]:
-        seen.append(p.decoding)
+        seen.append(p.decodes.in_flight)
         return inner(req)
 
-    p._timed_decode = timed  # type: ignore[assignment, method-assign]
+    p.decodes._timed = timed  # type: ignore[assignment, method-assign]
 
 
 async def test_a_flood_of_large_decides_is_bounded_and_healthy_streams_are_served(
@@ -92,7 +93,7 @@ async def test_a_flood_of_large_decides_is_bounded_and_healthy_streams_are_serve
             msg = await asyncio.wait_for(healthy.read(), 10.0)
             assert isinstance(msg, pb.StreamTelemetryResponse), msg
             answers.append(str(msg.WhichOneof("message")))
-            peak = max(peak, p.decoding)
+            peak = max(peak, p.decodes.in_flight)
         await healthy.done_writing()
         codes: dict[str, int] = {}
         refusals: list[grpc.aio.AioRpcError] = []
@@ -115,8 +116,8 @@ async def test_a_flood_of_large_decides_is_bounded_and_healthy_streams_are_serve
     assert codes.get("OK", 0) >= 1, codes
     assert max(seen) <= cap, seen
     assert peak <= cap
-    assert p.decoding == 0
-    assert p.decoding_signals == 0
+    assert p.decodes.in_flight == 0
+    assert p.decodes.signals == 0
     assert shed(srv.metrics, "queue_full") == codes["RESOURCE_EXHAUSTED"]
     # the healthy stream was answered with a decision for every frame it sent
     assert answers == ["decision"] * step
@@ -149,7 +150,7 @@ async def test_a_decide_that_would_wait_past_its_budget_is_refused_before_decodi
     assert shed(m, "queue_full") == 0
     # the measured cost replaced the pinned prior (an estimate that only grew would
     # refuse everything for good)
-    assert p.decode_us_per_signal < 1e6
+    assert p.decodes.us_per_signal < 1e6
 
 
 async def test_a_decode_that_used_up_the_budget_is_answered_degraded_at_once(
@@ -202,21 +203,21 @@ async def test_cancelled_decides_leave_nothing_counted(served_policy: ServedPoli
     try:
         tasks = [asyncio.ensure_future(p.decide_unary(big_request(), None)) for _ in range(3)]
         for _ in range(2000):  # (all three admitted: each counts before its first await)
-            if p.decoding == 3:
+            if p.decodes.in_flight == 3:
                 break
             await asyncio.sleep(0.005)
-        assert p.decoding == 3
+        assert p.decodes.in_flight == 3
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        assert p.decoding >= 1  # the running one is still on the thread
+        assert p.decodes.in_flight >= 1  # the running one is still on the thread
         gate.set()
         for _ in range(2000):
-            if p.decoding == 0:
+            if p.decodes.in_flight == 0:
                 break
             await asyncio.sleep(0.005)
-        assert p.decoding == 0
-        assert p.decoding_signals == 0
+        assert p.decodes.in_flight == 0
+        assert p.decodes.signals == 0
     finally:
         gate.set()
         await p.stop()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tamiyo.policy.snapshot import GraphSnapshot
 from tamiyo.policy.synthetic import random_snapshot
 from tamiyo.v1 import decision_pb2
+from tamiyo_server import decode_queue
 from tamiyo_server import pipeline as pipeline_mod
 from tamiyo_server.metrics import ServerMetrics
 from tamiyo_server.pipeline import DecisionPipeline, layer_scores_bytes
@@ -131,7 +132,7 @@ async def test_a_large_decide_is_decoded_off_the_event_loop(served_policy: Serve
     for step in range(1, 33):
         state.signals.extend(hosts.signals(n, step))
     req = pb.DecideRequest(state=state)
-    assert len(req.state.signals) > pipeline_mod.OFFLOAD_SIGNALS
+    assert len(req.state.signals) > decode_queue.OFFLOAD_SIGNALS
     t0 = time.perf_counter()
     p._decode(req)
     inline = time.perf_counter() - t0
