@@ -140,6 +140,18 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.e2e_seconds = Histogram(
+            "tamiyo_decision_e2e_seconds",
+            "Stream decisions from the host asking (its client_clock_us) to the decision "
+            "built, seconds: tamiyo_transit_wait_seconds' estimate plus the server-side "
+            "latency. A lower bound of what the host waits: the transit estimate is above "
+            "the stream's shortest wait, and the outbound queue, gRPC and the way back are "
+            "not in it. Frames without a client clock are not counted (degraded: true for "
+            "a rules-only answer, else false).",
+            ("degraded",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.transit_seconds = Histogram(
             "tamiyo_transit_wait_seconds",
             "Estimated time a frame waited between the host asking (its client_clock_us) "

@@ -244,9 +244,13 @@ class DecisionPipeline:
         msg = _build(rd, g, out, version, frame, into)
         if ev is None:
             msg.reason = f"{msg.reason} [shed: {reason}]"
-        latency = time.monotonic() - frame.arrival
+        now = time.monotonic()
+        latency = now - frame.arrival
         msg.server_latency_us = min(int(latency * 1e6), 2**32 - 1)
-        child(self.m.decision_seconds, path, "true" if rd.degraded else "false").observe(latency)
+        degraded = "true" if rd.degraded else "false"
+        child(self.m.decision_seconds, path, degraded).observe(latency)
+        if frame.asked is not None:
+            child(self.m.e2e_seconds, degraded).observe(now - frame.asked)
         child(self.m.decisions, RULE_NAMES.get(rd.rule, "UNKNOWN")).inc()
         return msg
 

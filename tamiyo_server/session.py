@@ -63,6 +63,9 @@ class FrameRef:
     epoch: int
     request_id: str
     arrival: float  # time.monotonic() s
+    # time.monotonic() s the host asked: arrival minus the transit estimate
+    # (tamiyo_server.transit); None for a frame without a client clock, and for Decide
+    asked: float | None = None
 
 
 @dataclass

@@ -409,7 +409,8 @@ class StreamHandler:
         if hopeless and not (queued is not None and deadline >= queued.job.deadline):
             self._refuse_hopeless(frame, ahead_ms, waited, budget_ms)
             return
-        ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival)
+        asked = arrival - waited if frame.client_clock_us else None
+        ref = FrameRef(frame.step, frame.epoch, frame.request_id, arrival, asked)
         snap = s.snapshot(frame)
         if queued is not None and self.p.batcher.replace(
             queued.job, snap, snap.topology.num_nodes, s.num_edges, None if hopeless else deadline

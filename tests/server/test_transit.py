@@ -409,6 +409,34 @@ async def test_the_budget_runs_from_when_the_host_asked(
         assert (d.frame_request_id, d.degraded) == ("waited", True)
         assert "shed: deadline" in d.reason
         await call.done_writing()
+    # End to end counts the wait before the server read the frame, on top of its own.
+    reg = srv.metrics.registry
+    e2e = {
+        flag: reg.get_sample_value("tamiyo_decision_e2e_seconds_sum", {"degraded": flag})
+        for flag in ("false", "true")
+    }
+    own = reg.get_sample_value(
+        "tamiyo_decision_latency_seconds_sum", {"path": "stream", "degraded": "true"}
+    )
+    assert e2e["false"] is not None
+    assert e2e["true"] is not None
+    assert own is not None
+    assert e2e["true"] >= own + 0.09  # (the 100 ms the host's clock says it waited)
+
+
+async def test_frames_without_a_client_clock_are_not_counted_end_to_end(
+    server: TamiyoServer,
+) -> None:
+    async with channel(server) as ch:
+        call = await open_stream(pb_grpc.TamiyoServiceStub(ch))
+        await call.write(hosts.frame(6, 1, tag="no-clock"))
+        assert (await read(call)).decision.frame_request_id == "no-clock"
+        await call.done_writing()
+    reg = server.metrics.registry
+    assert reg.get_sample_value("tamiyo_decision_e2e_seconds_count", {"degraded": "false"}) is None
+    assert reg.get_sample_value(
+        "tamiyo_decision_latency_seconds_count", {"path": "stream", "degraded": "false"}
+    )
 
 
 async def test_a_newer_frame_still_replaces_the_pending_one_under_overload(
