@@ -372,10 +372,11 @@ FINAL_GRACE_S = 1.0
 """Grace (s) for gRPC's own stop, after the drain: enough to flush the last answers
 (and a cut stream's UNAVAILABLE status) when the drain used the whole grace."""
 EXPERIENCE_CLOSE_S = 3.0
-"""Seconds (per step of ``ExperienceLog.close``: hand over, process exit) the experience
-log gets after the drain to commit its last records. Why not what is left of the grace:
-that is 0 when a stream used the grace up, and the process would be killed with
-records the in-grace flush did not cover (decisions answered while gRPC stopped)."""
+"""Seconds ``ExperienceLog.close`` gets in all (hand over, process exit; one deadline)
+after the drain, for the experience process to commit its last records. Why not what
+is left of the grace: that is 0 when a stream used the grace up, and the process would
+be killed with records the in-grace flush did not cover (decisions answered while gRPC
+stopped)."""
 SHUTDOWN_TAIL_S = FINAL_GRACE_S + EXPERIENCE_CLOSE_S
 """Seconds a ``stop()`` may run past ``--grace-s`` when nothing hangs (the batcher and the
 experience process normally finish at once). Deployments set

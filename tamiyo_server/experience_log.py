@@ -134,6 +134,11 @@ class _Live:
     resync: bool = False
 
 
+def _left(end: float) -> float:
+    """Seconds until the monotonic time ``end``, never negative."""
+    return max(0.0, end - time.monotonic())
+
+
 class ExperienceLog:
     """Logging on: events serialised into a bounded buffer on the event loop, shipped
     through a pipe to the experience process (``tamiyo_server.experience_proc``)."""
@@ -288,6 +293,7 @@ class ExperienceLog:
     def _ship_loop(self) -> None:
         while not self._closed.wait(self._ship_s):
             self._ship()
+        self._ship()  # what was buffered when close() was called (see close)
 
     def _watch_priority(self) -> None:
         """Its own thread: the shipping thread blocks on a full pipe exactly when the
@@ -373,18 +379,27 @@ class ExperienceLog:
         return ok
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Ship what is buffered, end the pipe; the process commits everything and exits."""
+        """Ship what is buffered, end the pipe; the process commits everything and exits,
+        all within ``timeout_s`` (s, one deadline for every step: the server's shutdown
+        budgets this call). The last shipment is the shipping thread's own, so a process
+        that stops reading blocks only that thread, on a full pipe; then, and when it
+        does not exit in time, the process is killed (what it had not committed is lost,
+        as in a crash: the log promises at most the last flush interval)."""
         if self._proc.stdin is None or self._pipe.closed:
             return
+        end = time.monotonic() + timeout_s
         self._closed.set()
         self.priority.release()  # (its final commit must not starve)
-        self._shipper.join(timeout_s)
-        self._ship()
-        with contextlib.suppress(BrokenPipeError):
+        self._shipper.join(_left(end))
+        if self._shipper.is_alive():  # blocked writing: the process takes nothing
+            log.error("experience process took no records for %.1f s; killing it", timeout_s)
+            self._proc.kill()  # (the blocked write then fails: counted as process_gone)
+            self._shipper.join(1.0)
+        with contextlib.suppress(BrokenPipeError, ValueError):
             self._pipe.close()
         try:
-            self._proc.wait(timeout_s)
+            self._proc.wait(_left(end))
         except subprocess.TimeoutExpired:
-            log.error("experience process did not exit in %.0f s; killing it", timeout_s)
+            log.error("experience process did not exit in %.1f s; killing it", timeout_s)
             self._proc.kill()
-        self._reader.join(timeout_s)
+        self._reader.join(_left(end))

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import sqlite3
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from tamiyo.config import ExperienceLogConfig, RuleConfig, ServerConfig
 from tamiyo.experience import ExperienceReader, OutcomeRecord, PartsDecision
@@ -618,3 +620,25 @@ async def test_a_starved_experience_process_is_promoted_until_it_keeps_up(
     assert xp.priority.idle
     assert os.sched_getscheduler(pid) == os.SCHED_IDLE
     assert xp.flush()  # nothing was lost meanwhile
+
+
+def test_close_kills_a_process_that_stopped_reading_instead_of_hanging(tmp_path: Path) -> None:
+    """A stopped experience process (SIGSTOP: a hung disk, a stuck container) with a full
+    pipe: close() used to ship the rest itself, blocking forever on the pipe (and then
+    waited up to 3 × its timeout). Now the last shipment is the shipping thread's; close
+    kills the process when that thread is stuck and returns, with the loss counted."""
+    cfg = replace(ExperienceLogConfig(), dir=str(tmp_path), flush_interval_s=0.05)
+    reg = CollectorRegistry()
+    xp = ExperienceLog(cfg, W, reg)
+    assert xp.flush()
+    os.kill(xp._proc.pid, signal.SIGSTOP)
+    with xp._buf_lock:  # more than any pipe holds (Linux: 64 KiB, at most 1 MiB)
+        xp._buf.append(b"\x00" * (4 << 20))
+    closer = threading.Thread(target=xp.close, args=(0.5,), daemon=True)
+    closer.start()
+    closer.join(60.0)  # (a hang bound, not a timing assertion)
+    assert not closer.is_alive(), "close() hung on a process that stopped reading"
+    assert xp._proc.poll() is not None  # killed
+    assert not xp._shipper.is_alive()
+    lost = {"kind": "event", "reason": "process_gone"}
+    assert (reg.get_sample_value("tamiyo_experience_dropped_total", lost) or 0) >= 1
