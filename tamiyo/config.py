@@ -291,6 +291,13 @@ class KasminaConfig:
     # layer; a failed kernel is left out of the output and the gradients until then. On
     # the CPU a failed seed is culled at once.
     cull_check_every: int = 16
+    # Data-parallel replicas (DDP, README "Multi-rank training"): every training forward
+    # of every wrapped layer runs on every rank in lock-step, so culls are agreed by an
+    # all-reduce of the failure counts over the default process group (every
+    # cull_check_every forwards) and a failed kernel gets zero gradients. Off by default:
+    # with pipeline/model parallelism, layers skipped on some ranks (LayerDrop, MoE) or
+    # DDP.join() on uneven inputs that collective would hang or abort the job.
+    replicated_ranks: bool = False
     # A sampled output contributes at most this many rows (evenly strided over the batch)
     # to the activation statistics; the non-finite check covers all rows. 0 = all rows.
     sample_rows: int = 64

@@ -198,10 +198,11 @@ class SeedSlots(nn.Module):
                     y = add_masked(y, kernel, x)
             return y
         failed: list[int] = []
-        # The host way only in a lone process: in a data-parallel job a failed kernel
-        # must still get (zero) gradients, or DDP's reduction never completes, and its
-        # cull must wait for the ranks' shared count (_reap_nonfinite).
-        host = finite_guard.reads_are_free(x) and world_size() == 1  # (by module: tests)
+        # The host way unless the ranks are replicas (KasminaConfig.replicated_ranks): in a
+        # data-parallel job a failed kernel must still get (zero) gradients, or DDP's reduction
+        # never completes, and its cull must wait for the ranks' shared count (_reap_nonfinite).
+        synced = self.config.replicated_ranks and world_size() > 1
+        host = finite_guard.reads_are_free(x) and not synced  # (by module: tests)
         for key, kernel in list(self.seed_kernels.items()):
             i = int(key)
             if self.seed_states[i] not in ACTIVE_STATES:
@@ -227,7 +228,7 @@ class SeedSlots(nn.Module):
         job the counts are first summed over the ranks (one all-reduce of
         ``num_seeds + 1`` ints per ``cull_check_every`` forwards), so that every rank
         culls the same seeds here, whichever rank's data made a kernel fail."""
-        reduce = _sum_over_ranks if world_size() > 1 else None
+        reduce = _sum_over_ranks if self.config.replicated_ranks and world_size() > 1 else None
         for i, n in self._acc.take_pending(self.num_seeds, reduce).items():
             if n and i < 0:
                 self._acc.add_error(n)

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tamiyo.config import Limits
-from tamiyo.policy.snapshot import INT_FIELDS
+from tamiyo.policy.snapshot import INT_FIELDS, GraphTopology
 from tamiyo.signal_columns import FrameLayout, full_frame_layout
 from tamiyo.v1 import graph_pb2, health_pb2
 from tamiyo.wire import varint_tail
@@ -25,6 +25,9 @@ from tamiyo_server.signal_checks import ACTIVE, SEED_STATES, SIGNAL_RANGES, TOTA
 
 _LAYER_TYPES = frozenset(graph_pb2.LayerType.values())
 _LAYER_TYPE_VALUES = np.array(sorted(_LAYER_TYPES), np.int64)
+_TYPE_LO, _TYPE_HI = int(_LAYER_TYPE_VALUES[0]), int(_LAYER_TYPE_VALUES[-1])
+# the known values are one range (0..7): two comparisons instead of np.isin (~25 µs)
+_TYPES_CONTIGUOUS = len(_LAYER_TYPE_VALUES) == _TYPE_HI - _TYPE_LO + 1
 # uint64 counts must fit the featurizer's int64 arrays; 2**53 (exact in float64) is far
 # beyond any real layer (the largest models have ~2**41 parameters in all).
 MAX_PARAMETER_COUNT = 2**53
@@ -61,6 +64,34 @@ class ValidationError(ValueError):
         self.reason = reason
 
 
+@dataclass(frozen=True, eq=False)
+class TopologyArrays:
+    """A validated topology's layer fields and edges as validation decoded them (int64,
+    read-only; ``edge_index`` [2, E]): ``topology()`` builds the ``GraphTopology`` from
+    them, equal to ``GraphTopology.from_proto`` of the message (same arrays, same key)
+    without reading its layers and edges a second time (~1.7 ms of event loop for a
+    maximal SessionOpen)."""
+
+    layer_ids: tuple[str, ...]
+    layer_types: npt.NDArray[np.int64]
+    input_sizes: npt.NDArray[np.int64]
+    output_sizes: npt.NDArray[np.int64]
+    parameter_counts: npt.NDArray[np.int64]
+    seed_counts: npt.NDArray[np.int64]
+    edge_index: npt.NDArray[np.int64]
+
+    def topology(self) -> GraphTopology:
+        return GraphTopology.build(
+            self.layer_ids,
+            self.layer_types,
+            self.input_sizes,
+            self.output_sizes,
+            self.parameter_counts,
+            self.seed_counts,
+            self.edge_index,
+        )
+
+
 @dataclass(frozen=True)
 class TopologyInfo:
     """What later checks need from a validated topology."""
@@ -77,17 +108,31 @@ class TopologyInfo:
     int_bounds: npt.NDArray[np.int64] = field(
         default_factory=lambda: np.zeros((0, len(INT_FIELDS)), np.int64)
     )
+    # the decoded topology, for its GraphTopology (None: read the message again)
+    arrays: TopologyArrays | None = field(default=None, compare=False)
 
     @staticmethod
-    def build(index: Mapping[str, int], seeds: Sequence[int], num_edges: int) -> TopologyInfo:
-        arr = np.array(seeds, np.int64)
+    def build(
+        index: Mapping[str, int],
+        seeds: Sequence[int],
+        num_edges: int,
+        arrays: TopologyArrays | None = None,
+    ) -> TopologyInfo:
+        arr = np.array(seeds, np.int64) if arrays is None else arrays.seed_counts
         arr.setflags(write=False)
         layout = full_frame_layout(tuple(index))
         bounds = np.full((len(arr), len(INT_FIELDS)), UNBOUNDED, np.int64)
         bounds[:, TOTAL] = bounds[:, ACTIVE] = arr
         bounds.setflags(write=False)
         top = max(seeds, default=0)
-        return TopologyInfo(index, tuple(seeds), num_edges, layout, arr, top, bounds)
+        return TopologyInfo(index, tuple(seeds), num_edges, layout, arr, top, bounds, arrays)
+
+    def graph_topology(self, topology: graph_pb2.Topology) -> GraphTopology:
+        """``GraphTopology.from_proto(topology)``, of the topology this validated: from
+        the arrays validation decoded when it kept them."""
+        if self.arrays is None:
+            return GraphTopology.from_proto(topology)
+        return self.arrays.topology()
 
 
 def _fmt(x: float) -> str:
@@ -104,6 +149,16 @@ def check_id(value: str, path: str, max_chars: int, *, allow_empty: bool = False
         raise ValidationError(path, f"{len(value)} chars > {max_chars}", "too_large")
     if not value.isprintable():
         raise ValidationError(path, "contains control characters", "bad_id")
+
+
+def all_printable(text: str) -> bool:
+    """``text.isprintable()``, ~10x faster for ASCII text (the usual ids): an ASCII
+    character is printable iff it is not a control character (0x00-0x1F, 0x7F).
+    (``isprintable`` costs ~3 ns a character: ~150 µs for 512 ids of 100 characters.)"""
+    if not text.isascii():
+        return text.isprintable()
+    codes = np.frombuffer(text.encode("ascii"), np.uint8)
+    return not ((codes < 0x20) | (codes == 0x7F)).any()
 
 
 def check_float(value: float, path: str, lo: float, hi: float | None) -> None:
@@ -145,17 +200,22 @@ def validate_topology(topo: graph_pb2.Topology, limits: Limits, path: str) -> To
         first = {}
         for i, lid in enumerate(ids):
             first.setdefault(lid, i)
-    bad = np.fromiter(map(len, ids), np.int64, n) > limits.max_id_chars
-    bad |= np.fromiter(map(len, ids), np.int64, n) == 0
-    if not "".join(ids).isprintable():  # (a string is printable iff each character is)
+    lengths = np.fromiter(map(len, ids), np.int64, n)
+    bad = (lengths > limits.max_id_chars) | (lengths == 0)
+    if not all_printable("".join(ids)):  # (a string is printable iff each character is)
         bad |= np.fromiter((not s.isprintable() for s in ids), np.bool_, n)
     if first is not None:
         bad |= np.fromiter((first[s] != i for i, s in enumerate(ids)), np.bool_, n)
-    bad |= ~np.isin(np.array(types, np.int64), _LAYER_TYPE_VALUES)
-    bad |= np.array(ins, np.int64) < 1
-    bad |= np.array(outs, np.int64) < 1
-    bad |= np.array(params, np.uint64) > MAX_PARAMETER_COUNT
-    bad |= np.array(seeds, np.int64) > limits.max_seeds_per_layer
+    type_arr, in_arr, out_arr = (np.array(c, np.int64) for c in (types, ins, outs))
+    param_arr, seed_arr = np.array(params, np.uint64), np.array(seeds, np.int64)
+    if _TYPES_CONTIGUOUS:
+        bad |= (type_arr < _TYPE_LO) | (type_arr > _TYPE_HI)
+    else:
+        bad |= ~np.isin(type_arr, _LAYER_TYPE_VALUES)
+    bad |= in_arr < 1
+    bad |= out_arr < 1
+    bad |= param_arr > MAX_PARAMETER_COUNT
+    bad |= seed_arr > limits.max_seeds_per_layer
     if bad.any():
         i = int(np.argmax(bad))
         _check_layer(topo.layers[i], i, path, limits, first)
@@ -165,10 +225,23 @@ def validate_topology(topo: graph_pb2.Topology, limits: Limits, path: str) -> To
         raise ValidationError(
             f"{path}.edges", f"{m} edges > limit {limits.max_edges_per_graph}", "too_large"
         )
+    edge_index = np.zeros((2, m), np.int64)
     if m:
         source, target = edge_arrays(topo)
         _check_edges(source, target, n, path)
-    return TopologyInfo.build(index, seeds, m)
+        edge_index[0], edge_index[1] = source, target  # (each < n: exact in int64)
+    arrays = TopologyArrays(
+        ids,
+        type_arr,
+        in_arr,
+        out_arr,
+        param_arr.astype(np.int64),  # (each <= MAX_PARAMETER_COUNT: exact)
+        seed_arr,
+        edge_index,
+    )
+    for a in (type_arr, in_arr, out_arr, arrays.parameter_counts, seed_arr, edge_index):
+        a.setflags(write=False)
+    return TopologyInfo.build(index, seeds, m, arrays)
 
 
 def _check_layer(
@@ -284,8 +357,10 @@ def _edges_from_wire(
     widths = ends - starts + 1
     if ends.size % 2 or widths.max() > 5:  # (a uint32 takes at most 5 bytes)
         return None
-    shift = (7 * (np.arange(b.size) - np.repeat(starts, widths))).astype(np.uint64)
-    values = np.add.reduceat((b & 0x7F).astype(np.uint64) << shift, starts)
+    values = (b[starts] & 0x7F).astype(np.uint64)
+    for k in range(1, int(widths.max())):  # (7 more bits from each further byte)
+        longer = np.flatnonzero(widths > k)
+        values[longer] |= (b[starts[longer] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
     tags, values = values[0::2], values[1::2]
     is_edge, is_source, is_target = tags == 0x12, tags == 0x08, tags == 0x10
     starts_edge = np.flatnonzero(is_edge)
@@ -304,21 +379,41 @@ def _edges_from_wire(
     which = np.cumsum(is_edge) - 1  # the edge each (tag, value) pair belongs to
     out: list[npt.NDArray[np.uint64]] = []
     for mask in (is_source, is_target):
-        at = which[mask]
-        if at.size and np.bincount(at).max() > 1:  # a field twice in one edge: not the shape
+        pos = np.flatnonzero(mask)
+        at = which[pos]  # (non-decreasing: equal neighbours = a field twice in one edge)
+        if at.size > 1 and not (at[1:] != at[:-1]).all():  # twice in one edge: not the shape
             return None
         col = np.zeros(m, np.uint64)
-        col[at] = values[mask]
+        col[at] = values[pos]
         out.append(col)
     return out[0], out[1]
 
 
 def validate_kernels(kernels: Sequence[graph_pb2.KernelSpec], limits: Limits, path: str) -> None:
-    """At most max_kernels, unique non-empty ids."""
+    """At most max_kernels, unique non-empty ids. (The fields are read once and checked
+    together; only when one fails are the kernels checked one by one, in order, so the
+    error names the same kernel and field as that loop alone would.)"""
     if len(kernels) > limits.max_kernels:
         raise ValidationError(
             path, f"{len(kernels)} kernels > limit {limits.max_kernels}", "too_large"
         )
+    if not kernels:
+        return
+    ids, params = zip(*[(k.kernel_id, k.parameter_count) for k in kernels], strict=True)
+    if (
+        min(map(len, ids)) >= 1
+        and max(map(len, ids)) <= limits.max_id_chars
+        and len(set(ids)) == len(ids)
+        and max(params) <= MAX_PARAMETER_COUNT
+        and all_printable("".join(ids))
+    ):
+        return
+    _check_kernels(kernels, limits, path)
+    raise AssertionError(f"{path} was flagged but passes its checks")
+
+
+def _check_kernels(kernels: Sequence[graph_pb2.KernelSpec], limits: Limits, path: str) -> None:
+    """The kernels' checks one by one; raises the first that fails."""
     seen: dict[str, int] = {}
     for i, k in enumerate(kernels):
         p = f"{path}[{i}].kernel_id"

@@ -168,8 +168,9 @@ class DecisionPipeline:
 
     def _decode(self, req: pb.DecideRequest) -> GraphSnapshot:
         """Validate a Decide request (raises ValidationError) and make its snapshot."""
-        _, cols = validate_decide_decoded(req, self.config.limits)  # decoded once, used twice
-        return snapshot_from_state(req.state, self.holder.current.schema.window, cols)
+        info, cols = validate_decide_decoded(req, self.config.limits)  # decoded once, used twice
+        topo = info.graph_topology(req.state.topology)  # (from the arrays validation decoded)
+        return snapshot_from_state(req.state, self.holder.current.schema.window, cols, topo)
 
     def rules_for(self, cfg: RuleConfig) -> DecisionRules:
         """One DecisionRules per distinct rule config (sessions share them), the last

@@ -25,7 +25,6 @@ from tamiyo.policy.rules import DecisionRules, RuleState
 from tamiyo.policy.signal_window import SignalWindow
 from tamiyo.policy.snapshot import (
     GraphSnapshot,
-    GraphTopology,
     KernelSet,
     SignalColumns,
 )
@@ -122,7 +121,7 @@ class Session:
     ) -> Session:
         """Build a session from a *validated* SessionOpen (``deadline`` in s). With
         ``limits``, full columnar frames may take the native path (``ingest``)."""
-        topo = GraphTopology.from_proto(msg.topology)
+        topo = info.graph_topology(msg.topology)  # (from the arrays validation decoded)
         kernels = KernelSet.from_proto(msg.kernels)
         window = SignalWindow(topo, kernels, FEATURE_SCHEMA.window)
         return Session(

@@ -78,7 +78,7 @@ class SignalWindow:
         self.topology = topology
         self.kernels = kernels
         self.window = window
-        self._index = {lid: i for i, lid in enumerate(topology.layer_ids)}
+        self._index = dict(zip(topology.layer_ids, range(topology.num_nodes), strict=True))
         self._layout = full_frame_layout(topology.layer_ids)
         n = topology.num_nodes
         self._ring = np.zeros((n, 2 * window), _RECORD)

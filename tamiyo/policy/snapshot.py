@@ -221,18 +221,23 @@ _WINDOW_FIELDS = (
 
 
 def snapshot_from_state(
-    state: graph_pb2.ModelGraphState, window: int, columns: SignalColumns | None = None
+    state: graph_pb2.ModelGraphState,
+    window: int,
+    columns: SignalColumns | None = None,
+    topology: GraphTopology | None = None,
 ) -> GraphSnapshot:
     """Build the snapshot of a full ``ModelGraphState`` (Decide path, trainer replay).
 
     Per layer, signals are stably ordered by step (message order breaks ties) and the
     newest ``window`` are kept. ``columns``: ``state.signals`` already decoded against
     the topology's layer order (the server's validation decodes them; decoding is most
-    of the cost). Raises ValueError naming the offending field.
+    of the cost). ``topology``: ``GraphTopology.from_proto(state.topology)``, when the
+    caller has it (the server's validation keeps the arrays it decoded). Raises
+    ValueError naming the offending field.
     """
     if window < 1:
         raise ValueError("window must be >= 1")
-    topo = GraphTopology.from_proto(state.topology)
+    topo = GraphTopology.from_proto(state.topology) if topology is None else topology
     kernels = KernelSet.from_proto(state.kernels)
     if columns is None:
         index = {lid: i for i, lid in enumerate(topo.layer_ids)}

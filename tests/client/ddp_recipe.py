@@ -28,7 +28,9 @@ STEPS = 32
 # Kernel 0: loaded at step 2, fossilized at 12. Kernel 1: loaded at 14, fails on rank 1
 # from step 16, culled on both ranks at the next count read (every 4 forwards), before
 # it would fossilize (24).
-CONFIG = KasminaConfig(num_seeds=2, sample_every=4, fossilize_after_steps=10, cull_check_every=4)
+CONFIG = KasminaConfig(
+    num_seeds=2, sample_every=4, fossilize_after_steps=10, cull_check_every=4, replicated_ranks=True
+)
 
 
 def _decision(seed: int, kernel: str) -> decision_pb2.AdaptationDecision:
