@@ -182,18 +182,19 @@ class StreamHandler(FrameFlow):
                 if isinstance(req, Undecodable):  # (decode_guard) the next one is intact
                     self._undecodable(req.error)
                     continue
-                if req.WhichOneof("message") == "session_open":
+                kind = req.WhichOneof("message")  # (read once per message)
+                if kind == "session_open":
                     await self._pace_open()
                 try:
-                    self._handle(req)
+                    self._handle(req, kind)
                 except Exception:  # a bug must not end the stream silently
-                    log.exception("failed to handle a %s", req.WhichOneof("message"))
+                    log.exception("failed to handle a %s", kind)
                     child(self.p.m.rejected, "internal").inc()
                     self.out.put_nowait(
                         stream_error(
                             Code.STREAM_ERROR_CODE_INTERNAL,
                             "internal error handling this message (logged on the server)",
-                            frame=req.frame if req.WhichOneof("message") == "frame" else None,
+                            frame=req.frame if kind == "frame" else None,
                         )
                     )
         except asyncio.CancelledError:
@@ -230,8 +231,8 @@ class StreamHandler(FrameFlow):
                 now = time.monotonic()
         self.opened_at = now
 
-    def _handle(self, req: pb.StreamTelemetryRequest) -> None:
-        kind = req.WhichOneof("message")
+    def _handle(self, req: pb.StreamTelemetryRequest, kind: str | None) -> None:
+        """Dispatch one decoded request by its ``message`` oneof (``kind``)."""
         if kind == "session_open":
             self._open(req.session_open)
         elif kind == "frame":
