@@ -210,9 +210,14 @@ class TamiyoServer:
         stream; queued evaluations answered; streams ended as their clients half-close,
         those still open at the deadline cut; the experience log flushed. Each of these
         waits at most what is left until the deadline. Then gRPC stops
-        (``FINAL_GRACE_S``), the batcher stops, the watcher is joined within what is
-        left (still stuck: left behind, a daemon thread) and the experience log gets
-        ``EXPERIENCE_CLOSE_S`` to commit its last records and exit."""
+        (``FINAL_GRACE_S``), the batcher stops (its inference thread, signalled before
+        gRPC's stop, is joined until ``FINAL_GRACE_S`` past the deadline; one still in
+        a batch then is left behind, a daemon thread), the watcher is joined within what
+        is left (still stuck: left behind too) and the experience log gets
+        ``EXPERIENCE_CLOSE_S`` to commit its last records and exit (a process that takes
+        no records is killed then). So a stop ends within ``grace_s`` +
+        ``SHUTDOWN_TAIL_S`` even when the experience process or a batch is stuck
+        (``tests/server/test_shutdown_bound.py``)."""
         budget = ShutdownBudget(self.config.grace_s, self.clock)
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
@@ -232,15 +237,33 @@ class TamiyoServer:
             if streams:
                 cut = await self._end_streams(streams, budget.left())
         if self.experience is not None:  # decisions answered so far are on disk
-            await asyncio.to_thread(self.experience.flush, budget.left())
+            flush_s = budget.left()  # (0 when a stream used the grace up: close commits)
+            if not await asyncio.to_thread(self.experience.flush, flush_s) and flush_s > 0:
+                log.warning(
+                    "the experience log did not commit within the grace (%.1f s left of "
+                    "it; a slow disk, a stopped experience process?); its close gets "
+                    "%.0f s, then the process is killed",
+                    flush_s,
+                    EXPERIENCE_CLOSE_S,
+                )
+        shed_before = self._shed_at_shutdown()
+        if pipeline is not None:  # (signalled now: the thread ends while gRPC stops)
+            pipeline.batcher.request_stop()
         # Our own work is answered by now (streams ended or cut, the batcher drained);
         # what is left open are calls that never end by themselves, such as a health
         # Watch, which held every shutdown for the whole grace. (Outside the budget: a
         # cut stream's UNAVAILABLE status must still get out when the grace is used up.)
         await self.server.stop(FINAL_GRACE_S)
-        shed_before = self._shed_at_shutdown()
-        if pipeline is not None:
-            await pipeline.stop()
+        # The inference thread shares gRPC's slot: joined until FINAL_GRACE_S past the
+        # grace (a batch still running then is left behind; it used to get 10 s more).
+        if pipeline is not None and not await pipeline.stop(budget.left(FINAL_GRACE_S)):
+            log.warning(
+                "a batch was still running %.0f s after the %g s grace (a stuck device?); "
+                "shutting down without the inference thread (left behind, a daemon "
+                "thread; what was queued behind it is shed)",
+                FINAL_GRACE_S,
+                budget.grace_s,
+            )
         if self.watcher is not None and not await asyncio.to_thread(
             self.watcher.join, budget.left()
         ):
@@ -249,9 +272,12 @@ class TamiyoServer:
                 "(a hung checkpoint volume?); shutting down without it",
                 self.watcher.root,
             )
-        if self.experience is not None:
-            await asyncio.to_thread(self.experience.close, EXPERIENCE_CLOSE_S)
-        self.metrics.stop()
+        # The experience log's last commit, and the metrics endpoint's stop meanwhile
+        # (its serving loop notices the stop within 0.5 s: not on top of the tail).
+        await asyncio.gather(
+            asyncio.to_thread(self._close_experience),
+            asyncio.to_thread(self.metrics.stop),
+        )
         if pipeline is not None:
             gone = sum(h.broken for h in streams if h not in cut)
             self.drained = Drained(
@@ -284,6 +310,12 @@ class TamiyoServer:
             task.cancel()
         return cut
 
+    def _close_experience(self) -> None:
+        """``ExperienceLog.close`` within ``EXPERIENCE_CLOSE_S`` (it kills a process that
+        took no records or did not exit by then)."""
+        if self.experience is not None:
+            self.experience.close(EXPERIENCE_CLOSE_S)
+
     def _shed_at_shutdown(self) -> float:
         """Evaluations answered with a rules-only decision because the server stopped."""
         value = self.metrics.registry.get_sample_value("tamiyo_shed_total", {"reason": "shutdown"})
@@ -307,9 +339,10 @@ class ShutdownBudget:
         self.start = clock()
         self.deadline = self.start + grace_s
 
-    def left(self) -> float:
-        """Seconds until the deadline; 0.0 once it has passed (never negative)."""
-        return max(0.0, self.deadline - self._clock())
+    def left(self, extra_s: float = 0.0) -> float:
+        """Seconds until the deadline (+ ``extra_s``: a slot of the tail after it); 0.0
+        once that has passed (never negative)."""
+        return max(0.0, self.deadline + extra_s - self._clock())
 
     def elapsed(self) -> float:
         """Seconds since the budget started (the stop signal)."""
@@ -378,8 +411,11 @@ is left of the grace: that is 0 when a stream used the grace up, and the process
 be killed with records the in-grace flush did not cover (decisions answered while gRPC
 stopped)."""
 SHUTDOWN_TAIL_S = FINAL_GRACE_S + EXPERIENCE_CLOSE_S
-"""Seconds a ``stop()`` may run past ``--grace-s`` when nothing hangs (the batcher and the
-experience process normally finish at once). Deployments set
+"""Seconds a ``stop()`` may run past ``--grace-s``, also when the experience process
+stopped reading or a batch (thread mode) never ends: gRPC's stop and the inference
+thread's join share ``FINAL_GRACE_S``, the experience log's close (which kills a stuck
+process) ``EXPERIENCE_CLOSE_S``; a stuck thread is left behind. Normally the tail is
+short: the batcher and the experience process finish at once. Deployments set
 ``terminationGracePeriodSeconds`` (``stop_grace_period``) to at least preStop +
 ``--grace-s`` + this + a margin (``tests/reliability/test_manifests.py`` checks it)."""
 

@@ -183,13 +183,27 @@ class Batcher(Generic[P, R]):
             return False
         return True
 
-    def stop(self) -> None:
-        """Run what is queued, then stop (thread mode: the thread; loop mode: call it
-        from the loop thread). Jobs that cannot run are shed with reason "shutdown"."""
+    def request_stop(self) -> None:
+        """Stop taking submissions and tell the inference thread to run what is queued
+        and end, without waiting for it (``stop`` waits). Why separate: the server
+        signals it before gRPC's own stop, so the thread ends meanwhile and ``stop``'s
+        join is not the first chance it gets."""
         q = self.queue
         with q.cond:
             q.closing = True
             q.cond.notify()
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Run what is queued, then stop (thread mode: the thread; loop mode: call it
+        from the loop thread). Jobs that cannot run are shed with reason "shutdown".
+
+        Thread mode waits at most ``timeout_s`` (s) for the thread; True when it ended.
+        A thread still in a batch then (a stuck device, a pathological batch) is left
+        behind (a daemon: it does not keep the process alive), and what is still queued
+        behind it is shed here. Loop mode runs the batches itself, on the loop (a batch
+        that never ends there has stalled the loop already), and returns True."""
+        self.request_stop()
+        q = self.queue
         if self.on_loop:  # queued work runs first, as the thread does
             if self._tick_handle is not None:
                 self._tick_handle.cancel()
@@ -201,8 +215,14 @@ class Batcher(Generic[P, R]):
                     break
                 self.executor.execute(*batch)
             self._shed_rest()
-        elif self._thread.is_alive():
-            self._thread.join(timeout=10.0)
+            return True
+        if not self._thread.is_alive():
+            return True
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            return True
+        self._shed_rest()  # (the thread sheds again when its batch ends: then nothing)
+        return False
 
     # ------------------------------------------------------------- taking batches
     def _take_batch(self) -> tuple[list[Job[P, R]], list[Job[P, R]]]:

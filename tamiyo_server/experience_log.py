@@ -134,6 +134,12 @@ class _Live:
     resync: bool = False
 
 
+KILL_RESERVE_S = 0.2
+"""Seconds of ``ExperienceLog.close``'s deadline kept for killing a process that took no
+records (the blocked write fails and the stats reader reads EOF at once then), so that
+close returns within its timeout even then (before, the kill came after it, plus 1 s)."""
+
+
 def _left(end: float) -> float:
     """Seconds until the monotonic time ``end``, never negative."""
     return max(0.0, end - time.monotonic())
@@ -215,6 +221,7 @@ class ExperienceLog:
                 "tamiyo_experience_queue", "Events waiting to be shipped.", registry=registry
             ).set_function(lambda: len(self._buf))
         self._closed = threading.Event()
+        self._wake = threading.Event()  # ship now (flush, close), not at the next period
         self._reader = threading.Thread(target=self._read_stats, name="experience-stats",
                                         daemon=True)  # fmt: skip
         self._reader.start()
@@ -291,7 +298,9 @@ class ExperienceLog:
                 self._dropped.labels("event", "process_gone").inc(len(batch))
 
     def _ship_loop(self) -> None:
-        while not self._closed.wait(self._ship_s):
+        while not self._closed.is_set():
+            self._wake.wait(self._ship_s)
+            self._wake.clear()
             self._ship()
         self._ship()  # what was buffered when close() was called (see close)
 
@@ -368,12 +377,22 @@ class ExperienceLog:
 
     # ------------------------------------------------------------------- lifecycle
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Block (off the event loop!) until everything logged so far is committed."""
+        """Block (off the event loop!) until everything logged so far is committed, at
+        most ``timeout_s`` (s); False when it was not (in time).
+
+        The caller never writes to the pipe itself: it queues the flush record and wakes
+        the shipping thread. Why: a process that stopped reading (SIGSTOP, a stuck disk)
+        blocks whoever writes, without bound; when the shipping thread is the one blocked
+        (holding the ship lock), a caller that shipped too waited for that lock forever,
+        whatever its timeout (review 15b, finding 3: the server's stop() hung here and
+        never reached ``close``, which kills such a process)."""
+        if self._closed.is_set():  # (nobody ships any more)
+            return False
         token = str(next(self._tokens))
         done = self._acks[token] = threading.Event()
         with self._buf_lock:
             self._buf.append(record(FLUSH, token, 0.0, b""))  # never dropped
-        self._ship()
+        self._wake.set()
         ok = done.wait(timeout_s)
         del self._acks[token]
         return ok
@@ -389,12 +408,14 @@ class ExperienceLog:
             return
         end = time.monotonic() + timeout_s
         self._closed.set()
+        self._wake.set()
         self.priority.release()  # (its final commit must not starve)
-        self._shipper.join(_left(end))
+        # (what is kept back is the kill's: a killed process's pipe breaks at once)
+        self._shipper.join(max(0.0, _left(end) - KILL_RESERVE_S))
         if self._shipper.is_alive():  # blocked writing: the process takes nothing
             log.error("experience process took no records for %.1f s; killing it", timeout_s)
             self._proc.kill()  # (the blocked write then fails: counted as process_gone)
-            self._shipper.join(1.0)
+            self._shipper.join(_left(end))
         with contextlib.suppress(BrokenPipeError, ValueError):
             self._pipe.close()
         try:

@@ -102,14 +102,15 @@ class DecisionPipeline:
         self.batcher.start()
         self.door.start()
 
-    async def stop(self) -> None:
-        """Stop the load monitor and the batcher (queued work runs first)."""
+    async def stop(self, timeout_s: float = 10.0) -> bool:
+        """Stop the load monitor and the batcher (queued work runs first). Waits at most
+        ``timeout_s`` (s) for the inference thread (see ``Batcher.stop``); False when it
+        was still in a batch then (left behind)."""
         self.decodes.stop()
         await self.door.stop()
         if self.batcher.on_loop:
-            self.batcher.stop()
-        else:
-            await asyncio.to_thread(self.batcher.stop)
+            return self.batcher.stop()
+        return await asyncio.to_thread(self.batcher.stop, timeout_s)
 
     def calibrate(self, rounds: int = 3) -> None:
         """Seed the batcher's cost model with measured batches of synthetic graphs, so

@@ -118,6 +118,42 @@ async def test_queue_is_bounded_and_cancel_and_stop_shed() -> None:
     assert [d.result for d in rest] == [20, 30]
 
 
+async def test_stop_leaves_a_stuck_batch_behind_and_sheds_what_waits() -> None:
+    """A batch that does not end (a stuck device): ``stop(timeout_s)`` returns False after
+    about ``timeout_s`` (it used to join for 10 s whatever the server's grace), with the
+    thread left behind (a daemon); the job queued behind it is shed "shutdown", not left
+    unanswered. The thread still answers its own batch if it ever ends."""
+    entered = threading.Event()
+    release = threading.Event()
+
+    def stuck(payloads: Sequence[int]) -> list[int]:
+        entered.set()
+        release.wait()
+        return [p * 10 for p in payloads]
+
+    b: Batcher[int, int] = Batcher(stuck, replace(CFG, max_batch_graphs=1))
+    b.start()
+    now = time.monotonic()
+    running = b.submit(0, 1, 0, now, now + 30.0)
+    assert running is not None
+    try:
+        assert await asyncio.to_thread(entered.wait, 10.0)
+        behind = b.submit(1, 1, 0, now, now + 30.0)
+        assert behind is not None
+        t0 = time.monotonic()
+        assert not await asyncio.to_thread(b.stop, 0.2)
+        assert time.monotonic() - t0 < 5.0  # (generous: the old join took 10 s)
+        assert b._thread.is_alive()
+        assert b._thread.daemon
+        assert (await asyncio.wait_for(behind.future, 10.0)).shed == "shutdown"
+        assert not running.future.done()
+    finally:
+        release.set()
+    assert (await asyncio.wait_for(running.future, 10.0)).result == 0
+    await asyncio.to_thread(b._thread.join, 10.0)
+    assert not b._thread.is_alive()
+
+
 @MODES
 async def test_runner_error_is_answered(mode: str) -> None:
     def boom(payloads: Sequence[int]) -> list[int]:

@@ -642,3 +642,34 @@ def test_close_kills_a_process_that_stopped_reading_instead_of_hanging(tmp_path:
     assert not xp._shipper.is_alive()
     lost = {"kind": "event", "reason": "process_gone"}
     assert (reg.get_sample_value("tamiyo_experience_dropped_total", lost) or 0) >= 1
+
+
+def test_flush_returns_within_its_timeout_when_the_process_stopped_reading(
+    tmp_path: Path,
+) -> None:
+    """The shipping thread blocked writing to a full pipe (a SIGSTOPped process) holds the
+    ship lock; flush used to ship itself first and waited for that lock for ever, whatever
+    its timeout (the server's stop() hung there, review 15b finding 3). Now it only wakes
+    the shipping thread and waits at most its timeout; close then kills the process."""
+    cfg = replace(ExperienceLogConfig(), dir=str(tmp_path), flush_interval_s=0.05)
+    xp = ExperienceLog(cfg, W, CollectorRegistry())
+    assert xp.flush()
+    os.kill(xp._proc.pid, signal.SIGSTOP)
+    try:
+        with xp._buf_lock:  # more than any pipe holds (Linux: 64 KiB, at most 1 MiB)
+            xp._buf.append(b"\x00" * (4 << 20))
+        time.sleep(0.3)  # (the shipping thread takes it and blocks writing)
+        result: list[bool] = []
+        t0 = time.monotonic()
+        flusher = threading.Thread(target=lambda: result.append(xp.flush(0.5)), daemon=True)
+        flusher.start()
+        flusher.join(30.0)  # (a hang bound, not a timing assertion)
+        assert not flusher.is_alive(), "flush(0.5) hung on a process that stopped reading"
+        assert result == [False]
+        assert time.monotonic() - t0 < 0.5 + 5.0  # (generous: noisy shared box)
+        xp.close(1.0)
+        assert xp._proc.poll() is not None  # killed
+        assert not xp.flush(0.5)  # closed: nothing ships any more, answered at once
+    finally:
+        if xp._proc.poll() is None:
+            os.kill(xp._proc.pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from tamiyo.v1 import tamiyo_service_pb2_grpc as pb_grpc
-from tamiyo_server.app import EXPERIENCE_CLOSE_S, ShutdownBudget, TamiyoServer
+from tamiyo_server.app import EXPERIENCE_CLOSE_S, FINAL_GRACE_S, ShutdownBudget, TamiyoServer
 from tamiyo_server.experience_log import ExperienceLog
 from tamiyo_server.reload import CheckpointWatcher
 from tamiyo_server.stream import StreamHandler
@@ -42,8 +42,10 @@ def test_budget_is_one_deadline_and_never_negative() -> None:
     clock.now += 0.75
     assert budget.left() == pytest.approx(1.25)
     assert budget.elapsed() == pytest.approx(0.75)
+    assert budget.left(1.0) == pytest.approx(2.25)  # (a slot of the tail after the grace)
     clock.now += 5.0  # a phase overran: the later ones get nothing, not a grace of their own
     assert budget.left() == 0.0
+    assert budget.left(1.0) == 0.0
     assert budget.elapsed() == pytest.approx(5.75)
 
 
@@ -100,7 +102,14 @@ async def _stop_with_phases(
         fake.record("streams", timeout_s)
         return await real_end(streams, 0.0)  # (the client never half-closes: cut)
 
+    real_stop = srv.pipeline.stop
+
+    async def pipeline_stop(timeout_s: float = 10.0) -> bool:
+        fake.record("batcher", timeout_s)
+        return await real_stop(timeout_s)
+
     monkeypatch.setattr(srv.pipeline.batcher, "drain", drain)
+    monkeypatch.setattr(srv.pipeline, "stop", pipeline_stop)
     monkeypatch.setattr(srv, "_end_streams", end_streams)
     try:
         async with channel(srv) as ch:
@@ -126,11 +135,13 @@ async def test_each_phase_gets_what_is_left_of_one_grace(
     calls = await _stop_with_phases(srv, took, tmp_path, monkeypatch)
     names = [n for n, _ in calls]
     # signalled first, joined last: a watcher stuck in a poll delays nothing in between
-    assert names == ["request_stop", "drain", "streams", "flush", "join", "close"]
+    assert names == ["request_stop", "drain", "streams", "flush", "batcher", "join", "close"]
     given = dict(calls)
     assert given["drain"] == pytest.approx(1.0)
     assert given["streams"] == pytest.approx(0.6)
     assert given["flush"] == pytest.approx(0.1)
+    # the inference thread shares gRPC's slot after the grace (it used to get 10 s)
+    assert given["batcher"] == pytest.approx(0.05 + FINAL_GRACE_S)
     assert given["join"] == pytest.approx(0.05)
     # the experience log's last commit is bounded, and not by a used-up grace
     assert given["close"] == EXPERIENCE_CLOSE_S
@@ -150,6 +161,7 @@ async def test_a_phase_that_overruns_leaves_the_later_ones_nothing(
     given = dict(calls)
     assert given["drain"] == pytest.approx(1.0)
     assert given["streams"] == given["flush"] == given["join"] == 0.0
+    assert given["batcher"] == pytest.approx(1.0 + FINAL_GRACE_S - 1.5)
     assert given["close"] == EXPERIENCE_CLOSE_S
     assert srv.drained is not None
     assert srv.drained.cut == 1
