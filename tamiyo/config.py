@@ -93,7 +93,8 @@ def rules_for_policy(
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """Deadline-aware dynamic batching (see ``tamiyo_server.batcher``)."""
+    """Deadline-aware dynamic batching (the rules: ``tamiyo_server.batch_queue``), and the
+    admission of work on the event loop (``tamiyo_server.door``)."""
 
     decision_deadline_ms: float = 10.0  # end-to-end budget per decision
     max_deadline_ms: float = 1000.0  # cap on a session's requested deadline
@@ -108,7 +109,7 @@ class BatchConfig:
     max_queue_delay_ms: float = 2.0  # a batch never waits longer than this to fill
     max_queued: int = 8192  # evaluations waiting for a batch
     outbound_queue: int = 64  # responses waiting to be written on one stream
-    # Online inference-time model (tamiyo_server.batcher.CostModel): prior until measured.
+    # Online inference-time model (tamiyo_server.cost_model.CostModel): prior until measured.
     prior_batch_ms: float = 1.0  # fixed cost of one batch before any measurement
     prior_node_us: float = 5.0  # cost per node before any measurement
     cost_forgetting: float = 0.98  # per-batch forgetting factor of the online fit
@@ -132,8 +133,24 @@ class BatchConfig:
     # request, up to max_message_bytes, and would come back degraded anyway).
     max_decodes: int = 8  # large Decide requests decoding or waiting to; more are refused
     decode_prior_us: float = 4.0  # µs per signal of a Decide decode until one is measured
+    # SessionOpens are validated and their sessions built on the event loop (~0.3 ms for a
+    # small host, 2-6 ms at the limits on the CI box), one at a time, and open work may
+    # use at most open_loop_share of the loop: an open that took c ms is followed by
+    # c·(1/share − 1) ms without opens (tamiyo_server.open_admission). Why: each stream
+    # is paced alone, and 20 streams re-opening in a loop held most of the loop (a healthy
+    # stream's p99 went from ~3 ms to 20-180 ms, frames shed). An open that would wait
+    # longer than max_open_wait_ms for its turn is refused RESOURCE_EXHAUSTED with
+    # pushback: in-stream for a re-open (the session in force stays), as the call's
+    # status for a stream's first open (the client reconnects after its backoff). The
+    # bound stays below the client's connect_timeout_s (5 s), so an admitted first open
+    # is answered before its client gives up. Measured on the loaded CI box: 20 streams
+    # re-opening got 23 % of the loop (51-54 % before; the healthy stream's p50 stayed at
+    # its baseline); 2,000 fresh 64-layer hosts opening at once were all accepted in
+    # 6.7 s (3.6 s unpaced), or in 14 s with 769 opens refused and retried when busier.
+    open_loop_share: float = 0.25  # fraction of the event loop SessionOpen work may use
+    max_open_wait_ms: float = 3000.0  # longest wait (ms) for an open's turn; then refused
     # "loop": no GIL hand-offs between loop and inference, best on CPU; "thread":
-    # overlaps device time on CUDA (see tamiyo_server.batcher).
+    # overlaps device time on CUDA (see tamiyo_server.batcher: "Where batches run").
     run_on: str = "auto"  # where batches run: "loop", "thread", "auto" (thread on CUDA)
 
     def __post_init__(self) -> None:
@@ -154,7 +171,13 @@ class BatchConfig:
         for name in positive:
             if not getattr(self, name) > 0:  # (also refuses NaN)
                 raise ValueError(f"BatchConfig.{name}: {getattr(self, name)} must be > 0")
-        for name in ("max_queue_delay_ms", "max_queued", "prior_node_us", "safety_ms"):
+        for name in (
+            "max_queue_delay_ms",
+            "max_queued",
+            "prior_node_us",
+            "safety_ms",
+            "max_open_wait_ms",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"BatchConfig.{name}: {getattr(self, name)} must be >= 0")
         if not self.max_deadline_ms >= self.decision_deadline_ms:
@@ -174,6 +197,8 @@ class BatchConfig:
             )
         if not 0.0 < self.cost_forgetting < 1.0:
             raise ValueError(f"BatchConfig.cost_forgetting: {self.cost_forgetting} not in (0, 1)")
+        if not 0.0 < self.open_loop_share <= 1.0:
+            raise ValueError(f"BatchConfig.open_loop_share: {self.open_loop_share} not in (0, 1]")
         if not 0.0 <= self.transit_idle_utilization <= 1.0:
             raise ValueError(
                 f"BatchConfig.transit_idle_utilization: {self.transit_idle_utilization} "

@@ -8,6 +8,9 @@ what is ahead of it exceeds its budget: refused at once) or admitted, and a refu
 client is told how long to wait (pushback). Why at the door: work refused here costs
 only its transport and its ingest, while work the batcher sheds later has already cost
 a snapshot, a featurize and a fallback decision, nearly as much as a real one.
+
+SessionOpens are admitted here too, server-wide (``opens``: a share of the loop, in
+turns; ``tamiyo_server.open_admission``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Literal
 from tamiyo.config import BatchConfig
 from tamiyo_server.batcher import Batcher
 from tamiyo_server.metrics import ServerMetrics
+from tamiyo_server.open_admission import OpenAdmission
 from tamiyo_server.transit import TransitClock
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class Door:
         self.open_streams = 0  # StreamTelemetry streams open now (the servicer counts)
         self.network_per_s = 0.0  # decisions made by the network, per s (EWMA ~0.4 s)
         self.network_count = 0  # the pipeline counts them
+        self.opens = OpenAdmission(config)  # SessionOpen work's turns and share of the loop
         self._task: asyncio.Task[None] | None = None
 
     @property

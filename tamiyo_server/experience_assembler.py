@@ -23,13 +23,12 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
-
 from tamiyo.config import ExperienceLogConfig
-from tamiyo.experience.column_block import FrameBlock, encode_column_blocks
+from tamiyo.experience.column_block import FrameBlock
 from tamiyo.experience.retention import enforce_retention
 from tamiyo.experience.schema import (
     ACTION_LOAD_KERNEL,
@@ -52,6 +51,7 @@ from tamiyo_server.experience_events import (
     UnaryEvent,
     _len_prefix,
     column_signals,
+    encode_columns,
     frame_signal_block,
 )
 
@@ -59,6 +59,13 @@ log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 65536  # sessions remembered (a lost "end" event cannot leak memory)
 MARKS_PER_SESSION = 8  # states kept for decisions not yet logged (superseded frames)
+ENDED_BYTES = 16 << 20
+"""Next states (bytes, in total; at most ``ENDED_MAX`` of them) kept of ended sessions'
+last decisions (the newest), for a client outcome that comes after the end. Why: a host
+re-sends SessionOpen, then its queued outcomes, so the replaced session's end is logged
+before the outcome of its last decision; written alone, that outcome replaced the end's
+record in the store and its next state was lost (review 15b). It now carries it."""
+ENDED_MAX = 4096
 _TAILS = [b"\x28" + varint(e) for e in range(128)]  # ``.epoch`` fields of small epochs
 
 
@@ -207,52 +214,6 @@ class SessionState:
             self._mark(seq, request_id)
 
 
-_COLUMN_BATCH = 256  # columnar frames encoded per numpy pass (bounds temporary memory)
-
-
-def _encode_columns(
-    events: Sequence[object], sessions: Mapping[str, SessionState]
-) -> dict[int, FrameBlock]:
-    """The columnar frames among ``events``, encoded in a few batched numpy passes
-    (``tamiyo.experience.column_block``), by ``id`` of their event; frames whose
-    columns are not canonical are left out (decoded message by message later).
-
-    A frame's ``layer_id`` entries are first assumed to be its session's layers in
-    topology order (what clients send; checked byte for byte by the layout); only
-    frames listing other layers, or another order, have their columns parsed for them."""
-    opened: dict[str, tuple[str, ...]] = {}  # sessions (re)started within this batch
-    todo: list[tuple[ColumnFrameEvent, tuple[str, ...]]] = []
-    for ev in events:
-        if isinstance(ev, ColumnFrameEvent):
-            ids = opened.get(ev.key)
-            if ids is None:
-                s = sessions.get(ev.key)
-                ids = s.layer_order if s is not None else ()
-            todo.append((ev, ids))
-        elif isinstance(ev, Resync):
-            opened[ev.key] = tuple(lay.layer_id for lay in ev.topology.layers)
-    out: dict[int, FrameBlock] = {}
-    for attempt in range(2):
-        retry: list[tuple[ColumnFrameEvent, tuple[str, ...]]] = []
-        for i in range(0, len(todo), _COLUMN_BATCH):
-            chunk = todo[i : i + _COLUMN_BATCH]
-            blocks = encode_column_blocks([(ev.columns, ids) for ev, ids in chunk])
-            for (ev, _), b in zip(chunk, blocks, strict=True):
-                if b is not None:
-                    out[id(ev)] = b
-                elif attempt == 0 and (own := _column_ids(ev.columns)) is not None:
-                    retry.append((ev, own))
-        todo = retry
-    return out
-
-
-def _column_ids(columns: bytes) -> tuple[str, ...] | None:
-    try:
-        return tuple(health_pb2.HealthSignalColumns.FromString(columns).layer_id)
-    except DecodeError:
-        return None
-
-
 class Assembler:
     """Runs off the event loop (one thread at a time): turns events into store records."""
 
@@ -262,6 +223,8 @@ class Assembler:
         self.directory = directory
         self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.unmatched = 0  # decisions whose state was lost with a dropped event
+        self.ended: OrderedDict[str, OutcomeRecord] = OrderedDict()  # see ENDED_BYTES
+        self._ended_bytes = 0
         self.current: Path | None = None
         self.deleted_files = 0
         self._next_retention = 0.0
@@ -271,6 +234,10 @@ class Assembler:
         if s is not None:
             self.sessions.move_to_end(key)
         return s
+
+    def _layer_order(self, key: str) -> tuple[str, ...]:
+        s = self.sessions.get(key)
+        return s.layer_order if s is not None else ()
 
     def prepare(self, batch: list[object]) -> list[object]:
         """Records for a flush's worth of items: events, or lists of events (shipped in
@@ -285,7 +252,7 @@ class Assembler:
             else ev
             for ev in events
         ]
-        encoded = _encode_columns(events, self.sessions)
+        encoded = encode_columns(events, self._layer_order)
         for ev in events:
             if isinstance(ev, ColumnFrameEvent):
                 s = self._get(ev.key)
@@ -362,6 +329,10 @@ class Assembler:
         s = self._get(ev.key)
         if s is not None and s.last_id == m.decision_id:
             s.last_client = rec
+        end = self.ended.pop(m.decision_id, None) if s is None else None
+        if end is not None and end.next_state is not None:  # after its session's end
+            self._ended_bytes -= len(end.next_state)
+            return replace(rec, next_state=end.next_state)
         return rec
 
     def _end(self, ev: EndEvent) -> OutcomeRecord | None:
@@ -370,16 +341,23 @@ class Assembler:
         s = self.sessions.pop(ev.key, None)
         if s is None or not s.last_id or s.seq <= s.last_seq:
             return None
-        c = s.last_client
-        return OutcomeRecord(
+        c, state = s.last_client, s.state()
+        rec = OutcomeRecord(
             decision_id=s.last_id,
             ts_s=ev.ts_s,
             applied=c.applied if c is not None else True,
             reward=c.reward if c is not None else None,
             reward_source=c.reward_source if c is not None else "derived",
-            next_state=s.state(),
+            next_state=state,
             done=False,
         )
+        if c is None:  # the client's outcome may still come (ENDED_BYTES)
+            self.ended[rec.decision_id] = rec
+            self._ended_bytes += len(state)
+            while self._ended_bytes > ENDED_BYTES or len(self.ended) > ENDED_MAX:
+                _, old = self.ended.popitem(last=False)
+                self._ended_bytes -= len(old.next_state or b"")
+        return rec
 
     def _unary(self, ev: UnaryEvent) -> DecisionRecord:
         st, m = ev.state, ev.msg

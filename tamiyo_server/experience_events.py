@@ -6,17 +6,19 @@ Why a module of its own: what the server ships (one record per event, see
 turned into ``ModelGraphState.signals`` entries here: a frame of ``HealthSignal``
 messages by re-tagging its serialised signals in place (``frame_signal_block``); a
 columnar frame is read without a protobuf parse (``column_frame_event``) and encoded in
-batches by ``tamiyo.experience.column_block`` (``column_signals`` is the slow path for
-columns not in protobuf's canonical layout).
+batches by ``tamiyo.experience.column_block`` (``encode_columns``; ``column_signals`` is
+the slow path for columns not in protobuf's canonical layout).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
+from tamiyo.experience.column_block import FrameBlock, encode_column_blocks
 from tamiyo.signal_columns import signals_from_columns
 from tamiyo.v1 import decision_pb2, graph_pb2, health_pb2
 from tamiyo.v1 import tamiyo_service_pb2 as pb
@@ -215,3 +217,47 @@ class UnaryEvent(NamedTuple):
     state: graph_pb2.ModelGraphState
     msg: decision_pb2.AdaptationDecision
     ts_s: float
+
+
+_COLUMN_BATCH = 256  # columnar frames encoded per numpy pass (bounds temporary memory)
+
+
+def encode_columns(
+    events: Sequence[object], layer_order: Callable[[str], tuple[str, ...]]
+) -> dict[int, FrameBlock]:
+    """The columnar frames among ``events``, encoded in a few batched numpy passes
+    (``tamiyo.experience.column_block``), by ``id`` of their event; frames whose
+    columns are not canonical are left out (decoded message by message later).
+
+    A frame's ``layer_id`` entries are first assumed to be its session's layers in
+    topology order (``layer_order(session id)``, or its ``Resync`` among ``events``: what
+    clients send; checked byte for byte by the layout); only frames listing other
+    layers, or another order, have their columns parsed for them."""
+    opened: dict[str, tuple[str, ...]] = {}  # sessions (re)started within this batch
+    todo: list[tuple[ColumnFrameEvent, tuple[str, ...]]] = []
+    for ev in events:
+        if isinstance(ev, ColumnFrameEvent):
+            ids = opened.get(ev.key)
+            todo.append((ev, layer_order(ev.key) if ids is None else ids))
+        elif isinstance(ev, Resync):
+            opened[ev.key] = tuple(lay.layer_id for lay in ev.topology.layers)
+    out: dict[int, FrameBlock] = {}
+    for attempt in range(2):
+        retry: list[tuple[ColumnFrameEvent, tuple[str, ...]]] = []
+        for i in range(0, len(todo), _COLUMN_BATCH):
+            chunk = todo[i : i + _COLUMN_BATCH]
+            blocks = encode_column_blocks([(ev.columns, ids) for ev, ids in chunk])
+            for (ev, _), b in zip(chunk, blocks, strict=True):
+                if b is not None:
+                    out[id(ev)] = b
+                elif attempt == 0 and (own := _column_ids(ev.columns)) is not None:
+                    retry.append((ev, own))
+        todo = retry
+    return out
+
+
+def _column_ids(columns: bytes) -> tuple[str, ...] | None:
+    try:
+        return tuple(health_pb2.HealthSignalColumns.FromString(columns).layer_id)
+    except DecodeError:
+        return None

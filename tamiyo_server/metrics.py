@@ -69,8 +69,11 @@ SHED_REASONS = (
     "superseded",
     "shutdown",
     "error",
+    "open_overload",
 )
-"""Values of ``tamiyo_shed_total``'s reason label (docs/runbook.md, Overload)."""
+"""Values of ``tamiyo_shed_total``'s reason label (docs/runbook.md, Overload);
+``open_overload``: a SessionOpen refused because open work had used its share of the
+event loop (``tamiyo_server.open_admission``)."""
 REJECT_REASONS = (
     *VALIDATION_REASONS,
     "undecodable",

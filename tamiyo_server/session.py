@@ -110,6 +110,10 @@ class Session:
     opened_at: float = field(default_factory=time.time)
     checks: FrameChecks | None = None  # the native frame path's rules (None: Python only)
     transit: TransitClock = field(default_factory=TransitClock)  # client_clock_us waits
+    # No longer its stream's session (a SessionOpen replaced it, or the stream ended); it
+    # ends in the experience log once its pending evaluation is answered (FrameFlow._retire)
+    retired: bool = False
+    logged_end: bool = False  # its end went to the experience log (once)
 
     @staticmethod
     def open(

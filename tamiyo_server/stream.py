@@ -19,8 +19,13 @@ leaks.
 
 A SessionOpen costs milliseconds of event loop at the limits (validation, the window),
 so re-opens on one stream are paced: one is read at most every ``REOPEN_INTERVAL_S``
-(flow control again, nothing refused), so a client re-sending it in a loop cannot starve
-the other streams.
+(flow control again, nothing refused), and every open, first or not, then waits for its
+turn server-wide (``tamiyo_server.open_admission``: open work gets a share of the loop,
+so many streams opening at once cannot starve the others either). An open that would
+wait too long is refused RESOURCE_EXHAUSTED with pushback: in-stream for a re-open (the
+session in force stays), as the call's status for a stream's first open (a stream
+without a session has nothing to go on with, and the client reconnects after its
+backoff instead of stopping, as it does on an error answering its first open).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_server.batcher import Job
 from tamiyo_server.decode_guard import Undecodable
 from tamiyo_server.metrics import child
+from tamiyo_server.open_admission import OpenRefusedError
 from tamiyo_server.pipeline import DecisionPipeline, Evaluated
 from tamiyo_server.session import RECENT_DECISIONS, Session, budget_rules, deadline_s
 from tamiyo_server.stream_frames import Code, FrameFlow, stream_error
@@ -74,10 +80,12 @@ def _transportstream_error(e: Exception) -> bool:
 
 
 class _Status(NamedTuple):
-    """End the call with this status (in the outbound queue in place of ``_END``)."""
+    """End the call with this status (in the outbound queue in place of ``_END``), and
+    ``retry_after_ms`` > 0 as gRPC's ``grpc-retry-pushback-ms`` trailer."""
 
     code: grpc.StatusCode
     details: str
+    retry_after_ms: int = 0
 
 
 class StreamHandler(FrameFlow):
@@ -113,7 +121,9 @@ class StreamHandler(FrameFlow):
                 if msg is _END:
                     break
                 if isinstance(msg, _Status):
-                    await context.abort(msg.code, msg.details)
+                    back = msg.retry_after_ms
+                    trailer = (("grpc-retry-pushback-ms", str(back)),) if back else ()
+                    await context.abort(msg.code, msg.details, trailer)
                 if msg is _CUT:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE,
@@ -142,8 +152,8 @@ class StreamHandler(FrameFlow):
             for job in list(self.outstanding):
                 self.p.batcher.cancel(job)
             await asyncio.gather(reader, return_exceptions=True)
-            if self.session is not None:
-                self.p.experience.close_session(self.session.session_id)
+            if self.session is not None:  # (ends in the log once its evaluation is answered)
+                self._retire(self.session)
             self.ended.set()
 
     def close(self, reason: str, reconnect_after_ms: int = 1000) -> None:
@@ -183,18 +193,24 @@ class StreamHandler(FrameFlow):
                     self._undecodable(req.error)
                     continue
                 kind = req.WhichOneof("message")  # (read once per message)
-                if kind == "session_open":
-                    await self._pace_open()
+                if kind != "session_open":
+                    self._dispatch(req, kind)
+                    continue
+                await self._pace_open()
                 try:
-                    self._handle(req, kind)
-                except Exception:  # a bug must not end the stream silently
-                    log.exception("failed to handle a %s", kind)
-                    child(self.p.m.rejected, "internal").inc()
+                    async with self.p.door.opens.turn(req.session_open):
+                        self._dispatch(req, kind)
+                except OpenRefusedError as r:
+                    child(self.p.m.shed, "open_overload").inc()
+                    if self.session is None:  # a fresh stream: end the call (module doc)
+                        end = _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(r), r.retry_after_ms)
+                        break
                     self.out.put_nowait(
                         stream_error(
-                            Code.STREAM_ERROR_CODE_INTERNAL,
-                            "internal error handling this message (logged on the server)",
-                            frame=req.frame if kind == "frame" else None,
+                            Code.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED,
+                            f"{r}; session {self.session.session_id} stays in force",
+                            "session_open",
+                            retry_after_ms=r.retry_after_ms,
                         )
                     )
         except asyncio.CancelledError:
@@ -209,6 +225,21 @@ class StreamHandler(FrameFlow):
             log.debug("stream read ended: %s", e)
             self.broken = True
         await self.finish(end)
+
+    def _dispatch(self, req: pb.StreamTelemetryRequest, kind: str | None) -> None:
+        """``_handle``, where a bug answers INTERNAL and the stream goes on."""
+        try:
+            self._handle(req, kind)
+        except Exception:  # a bug must not end the stream silently
+            log.exception("failed to handle a %s", kind)
+            child(self.p.m.rejected, "internal").inc()
+            self.out.put_nowait(
+                stream_error(
+                    Code.STREAM_ERROR_CODE_INTERNAL,
+                    "internal error handling this message (logged on the server)",
+                    frame=req.frame if kind == "frame" else None,
+                )
+            )
 
     def _undecodable(self, error: Exception) -> None:
         child(self.p.m.rejected, "undecodable").inc()
@@ -259,10 +290,10 @@ class StreamHandler(FrameFlow):
         deadline = deadline_s(self.p.config.batch, msg.budget)
         old = self.session
         self.session = Session.open(msg, info, rules, deadline, self.p.config.limits)
-        if old is not None:  # update_session: the replaced one ends in the log (its
-            # pending evaluation is still answered, and outcomes of its decisions are
-            # still accepted: see ``decided``)
-            self.p.experience.close_session(old.session_id)
+        if old is not None:  # update_session: the replaced one ends in the log once its
+            # pending evaluation is answered (FrameFlow._retire); outcomes of its
+            # decisions are still accepted (see ``decided``)
+            self._retire(old)
         self.p.experience.open_session(self.session.session_id, msg)
         self.out.put_nowait(
             self.session.accepted(self.p.holder.current.version, self.p.config.limits)

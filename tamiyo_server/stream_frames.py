@@ -16,6 +16,9 @@ hands each frame to ``FrameFlow._frame``, in stream order on the event loop:
   batcher; a full batcher queue gets a rules-only decision now.
 * When the evaluation is done (``_answered``) the decision is built and queued for the
   writer; a bug there answers INTERNAL for that frame, never silence.
+* A session that is no longer the stream's (replaced by a SessionOpen, or its stream
+  ended) ends in the experience log only once its pending evaluation is answered
+  (``_retire``), so its last decision is logged before its end.
 
 Why a module of its own: this is the per-frame hot path and the overload policy of a
 stream, read and tuned apart from the transport around it.
@@ -93,6 +96,23 @@ class FrameFlow:
         self.decided[decision_id] = s.session_id
         if len(self.decided) > RECENT_DECISIONS:
             self.decided.popitem(last=False)
+
+    def _retire(self, s: Session) -> None:
+        """``s`` is no longer the stream's session (a SessionOpen replaced it, or the
+        stream ended): end it in the experience log now if nothing of it is in flight,
+        else when its pending evaluation is answered, dropped or shed (``_answered``).
+        Why not at once: the experience process then got the session's end before the
+        in-flight decision, dropped the session, counted the decision "unmatched" (its
+        data-loss signal) and stored its outcome without it (review 15b, finding 2).
+        Each replaced session waits for its own evaluation, however many re-opens follow."""
+        s.retired = True
+        if s.pending is None:
+            self._end_in_log(s)
+
+    def _end_in_log(self, s: Session) -> None:
+        if not s.logged_end:
+            s.logged_end = True
+            self.p.experience.close_session(s.session_id)
 
     def _no_session(self, what: str) -> None:
         child(self.p.m.rejected, "no_session").inc()
@@ -240,6 +260,13 @@ class FrameFlow:
         self.outstanding.discard(pending.job)
         if not self.outstanding:
             self.idle.set()
+        try:
+            self._answer(s, pending, fut)
+        finally:  # (a retired session's last decision is logged by now: see _retire)
+            if s.retired and s.pending is None:
+                self._end_in_log(s)
+
+    def _answer(self, s: Session, pending: Pending, fut: asyncio.Future[Done[Evaluated]]) -> None:
         if fut.cancelled():
             return
         done = fut.result()

@@ -197,7 +197,8 @@ async def test_outcomes_reach_the_experience_log_under_the_session_that_decided(
         await call.write(hosts.session_open(6))
         assert (await read(call)).WhichOneof("message") == "session_accepted"
         first, second = sink.opened
-        assert sink.closed == [first]  # replaced: closed at once, not at the stream's end
+        assert sink.closed == [first]  # replaced, nothing in flight: closed at once
+        # (one with an evaluation in flight: tests/server/test_stream_reopen_log.py)
         assert sink.decisions == [(first, old.decision_id)]
         for decision_id in (old.decision_id, "d-never"):
             await call.write(
