@@ -311,17 +311,16 @@ class KasminaConfig:
     # cost per step small (bench: python -m bench --only client).
     sample_every: int = 16
     # On a device where reading a value syncs (CUDA), the seeds' failure flags are read and
-    # failed seeds culled every Nth training forward (counted like sample_every, so every
-    # rank of a data-parallel job culls at the same forward): one sync per N forwards per
-    # layer; a failed kernel is left out of the output and the gradients until then. On
-    # the CPU a failed seed is culled at once.
+    # failed seeds culled every Nth training forward (counted like sample_every): one sync
+    # per N forwards per layer; a failed kernel is left out of the output and the
+    # gradients until then. On the CPU a failed seed is culled at once. A data-parallel
+    # job attached with a process_group culls at host.sync_seeds() instead (README,
+    # "Multi-rank training"), the same step on every rank.
     cull_check_every: int = 16
-    # Data-parallel replicas (DDP, README "Multi-rank training"): every training forward
-    # of every wrapped layer runs on every rank in lock-step, so culls are agreed by an
-    # all-reduce of the failure counts over the default process group (every
-    # cull_check_every forwards) and a failed kernel gets zero gradients. Off by default:
-    # with pipeline/model parallelism, layers skipped on some ranks (LayerDrop, MoE) or
-    # DDP.join() on uneven inputs that collective would hang or abort the job.
+    # Removed (session 16): an all-reduce inside forward, which hung pipeline stages,
+    # LayerDrop/MoE and DDP.join. True is refused with the replacement named
+    # (KasminaHost.attach(process_group=...) and host.sync_seeds()); kept so that old code
+    # gets that message instead of an unexpected-keyword TypeError.
     replicated_ranks: bool = False
     # A sampled output contributes at most this many rows (evenly strided over the batch)
     # to the activation statistics; the non-finite check covers all rows. 0 = all rows.

@@ -3,7 +3,8 @@
 ``KasminaHost`` is the glue a training loop uses between the model and the client:
 ``session_open()`` for the client, ``frame_data()`` (or ``frame()``, the same as a
 protobuf message) each reporting step, ``apply()`` for each
-decision that arrives (between steps, on the training thread), then ``outcome()``.
+decision that arrives (between steps, on the training thread), then ``outcome()``. In a
+data-parallel job also ``sync_seeds()`` once per step on every rank (``process_group``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import gc
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +25,12 @@ from tamiyo_client.frame_data import FrameData, SignalForm
 from tamiyo_client.kasmina import KasminaLayer, SeedError, multi_rank, warn_unsynchronized
 from tamiyo_client.kernels import DEFAULT_KERNELS, get_kernel, kernel_specs
 from tamiyo_client.topology import Selector, derive_topology, wrap_layers
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.algorithms.join import Join, Joinable
+
+    from tamiyo_client.seed_sync import SeedEvent, SeedSync
 
 
 @dataclass(frozen=True)
@@ -209,7 +216,16 @@ def _schedulers_of(optimizer: torch.optim.Optimizer) -> list[Scheduler]:
 
 
 class KasminaHost:
-    """The KasminaLayers of one model plus what Tamiyo needs to know about them."""
+    """The KasminaLayers of one model plus what Tamiyo needs to know about them.
+
+    ``process_group``: this model is a data-parallel replica over that group (the DP
+    group; ``torch.distributed.group.WORLD`` for plain DDP): every rank of it holds the
+    same wrapped layers and applies the same decisions. Then its seeds are culled, aged
+    and fossilized only by ``sync_seeds()``, which every rank calls once per step, with
+    one all-reduce over the group every ``sync_every``-th call (README, "Multi-rank
+    training"). None (the default, and what ``group.WORLD`` is without an initialised
+    group): each process culls and ages its own seeds in ``forward``, as a lone process
+    does (pipeline stages, or layers on some ranks only, with no replica to agree with)."""
 
     def __init__(
         self,
@@ -219,9 +235,13 @@ class KasminaHost:
         host_id: str,
         model_id: str = "",
         kernel_ids: Sequence[str] = DEFAULT_KERNELS,
+        process_group: ProcessGroup | None = None,
+        sync_every: int = 1,
     ) -> None:
         if not layers:
             raise ValueError("KasminaHost needs at least one KasminaLayer")
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         for kid in kernel_ids:
             get_kernel(kid)  # unknown ids fail here, not when a decision arrives
         self.model = model
@@ -233,6 +253,11 @@ class KasminaHost:
         sizes = [(ly.in_features, ly.out_features) for ly in layers.values() if ly.num_seeds]
         self.kernels = kernel_specs(self.kernel_ids, sizes)
         self.applied: list[ApplyResult] = []
+        self._sync: SeedSync | None = None
+        if process_group is not None:
+            from tamiyo_client.seed_sync import SeedSync  # (torch.distributed's Join)
+
+            self._sync = SeedSync(list(layers.values()), process_group, sync_every)
 
     @classmethod
     def attach(
@@ -245,19 +270,58 @@ class KasminaHost:
         kernel_ids: Sequence[str] = DEFAULT_KERNELS,
         config: KasminaConfig | None = None,
         layer_types: Mapping[str, graph_pb2.LayerType.ValueType] | None = None,
+        process_group: ProcessGroup | None = None,
+        sync_every: int = 1,
     ) -> KasminaHost:
         """Wrap the layers ``select`` picks (see ``wrap_layers``; ``layer_types``
         overrides the type of some, e.g. a pre-LN block as LAYER_TYPE_LINEAR so it gets
-        seeds) and describe the model."""
+        seeds) and describe the model. ``process_group``, ``sync_every``: see the class."""
         layers = wrap_layers(model, select, config, layer_types)
-        return cls(model, layers, host_id=host_id, model_id=model_id, kernel_ids=kernel_ids)
+        return cls(
+            model,
+            layers,
+            host_id=host_id,
+            model_id=model_id,
+            kernel_ids=kernel_ids,
+            process_group=process_group,
+            sync_every=sync_every,
+        )
+
+    def sync_seeds(self) -> list[SeedEvent]:
+        """Agree this step's seed changes with the other ranks of ``process_group``: a
+        kernel whose output was non-finite on any rank's data since the last sync is
+        culled on every rank, and seeds age by the most training forwards any rank ran
+        (then fossilize, at the same call on every rank). Returns what was culled or
+        fossilized. One all-reduce (MAX) of ``Σ layers (1 + 2·num_seeds)`` ints every
+        ``sync_every``-th call, and on CUDA one device-to-host read of it.
+
+        Call it on every rank once per training step, after the step's backward (and
+        ``opt.step()``), then re-wrap DDP if ``params_version`` changed (README,
+        "Multi-rank training"): every rank must call it equally often, whatever it ran
+        (a rank that skipped a layer still calls it; under ``join()`` a rank out of
+        inputs takes part in the others' calls). A no-op returning [] without a
+        ``process_group`` (a lone process runs the same loop)."""
+        return [] if self._sync is None else self._sync.step()
+
+    def join(self, *joinables: Joinable, **kwargs: Any) -> Join:
+        """``torch.distributed.algorithms.Join([*joinables, <this host's sync>],
+        **kwargs)``: uneven inputs, as ``ddp.join()`` but with ``sync_seeds()`` shadowed
+        too (``with host.join(ddp): ...``). The sync goes last: a rank out of inputs runs
+        the joinables' hooks in this order, once per iteration of the others, who run
+        DDP's collectives (forward, backward) before ``sync_seeds()``. Without a
+        ``process_group``, just the joinables given."""
+        from torch.distributed.algorithms.join import Join
+
+        extra = [] if self._sync is None else [self._sync]
+        return Join([*joinables, *extra], **kwargs)
 
     @property
     def params_version(self) -> int:
         """Changes whenever the model's trainable kernel parameters do: a kernel loaded
         (``apply``), fossilized, culled or restored from a checkpoint. A multi-rank job
         rebuilds its ``DistributedDataParallel`` when it changes (README, "Multi-rank
-        training"): every rank sees the same value at the same step."""
+        training"): with a ``process_group`` every rank sees the same value at the same
+        step (seeds change only in ``apply`` and ``sync_seeds``)."""
         return sum(layer.params_version for layer in self.layers.values())
 
     def session_open(self, budget: pb.SessionBudget | None = None) -> pb.SessionOpen:

@@ -94,6 +94,11 @@ class _Tally:
         "memory",
         "output_bytes",
         "params_version",
+        "sync_limit",
+        "synced",
+        "trained",
+        "unfit",
+        "unsynced",
     )
 
     def __init__(self) -> None:
@@ -108,6 +113,13 @@ class _Tally:
         self.last_health: float | None = None
         self.health_key: object = None  # what last_health was computed from
         self.memory: float | None = None  # memory_utilization as of the latest sample
+        # A data-parallel replica (KasminaHost(process_group=...)): failures, ageing and
+        # unfit kernels are counted here and settled by the host's sync (seed_sync).
+        self.synced = False
+        self.sync_limit = 0  # training forwards without a sync before it warns
+        self.trained: list[int] = []  # per seed: training forwards since the last sync
+        self.unfit: set[int] = set()  # seeds whose layer cannot take them (see _cull_unfit)
+        self.unsynced = 0  # training forwards with seeds since the last sync
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -138,6 +150,13 @@ class KasminaLayer(SeedSlots):
         out_features: int | None = None,
     ) -> None:
         super().__init__()
+        if config is not None and config.replicated_ranks:
+            raise ValueError(
+                "KasminaConfig.replicated_ranks (an all-reduce inside forward) was replaced "
+                "by a step-boundary sync: pass process_group=<the data-parallel group> to "
+                "KasminaHost.attach and call host.sync_seeds() after each step's backward "
+                "(README, 'Multi-rank training')"
+            )
         if not 1 <= len(layer_id) <= 128:
             raise ValueError(f"layer_id must be 1-128 chars, got {len(layer_id)}")
         if isinstance(base, KasminaLayer):
@@ -162,6 +181,7 @@ class KasminaLayer(SeedSlots):
         self.adaptation_count = 0
         self._acc = WindowAccumulator(self.config)
         self._tally = _Tally()
+        self._tally.trained = [0] * self.num_seeds
         self._sample_every = max(1, self.config.sample_every)
         self._cull_every = max(1, self.config.cull_check_every)
         self._refresh_params()
@@ -219,7 +239,10 @@ class KasminaLayer(SeedSlots):
                 self._widths = (width(x), width(y))  # -1: not a tensor (see _fits)
         tally.forwards += 1
         if tally.kernels:
-            self._advance_seeds()
+            if tally.synced:
+                self._count_trained()
+            else:
+                self._advance_seeds()
 
     def _sample(self, output: Any) -> None:
         """A sampled training forward: its output's statistics, and its gradients later."""

@@ -4,11 +4,16 @@ A seed is a slot for an adaptation kernel (``tamiyo_client.kernels``). Its lifec
 DORMANT → (``germinate``) GERMINATED → (first training forward) TRAINING →
 (``fossilize_after_steps`` training forwards) FOSSILIZED, when its parameters are
 frozen. A kernel whose output is ever non-finite in a training forward is CULLED
-(removed; the slot can be germinated again): on the CPU in a lone process at once, on
-CUDA or in a multi-rank job at the next training forward that is a multiple of
-``cull_check_every``; until then every such output is left out (see ``_add_seeds``).
-The layer's output is ``base(x) + Σ kernel_i(x)`` over active seeds whose output is
-finite.
+(removed; the slot can be germinated again): on the CPU at once, on CUDA at the next
+training forward that is a multiple of ``cull_check_every``; until then every such
+output is left out (see ``_add_seeds``). The layer's output is ``base(x) + Σ
+kernel_i(x)`` over active seeds whose output is finite.
+
+In a data-parallel job (``KasminaHost(process_group=...)``, a "synced" layer) nothing of
+this happens in ``forward``: failures and training forwards are only counted there, and
+the host's step-boundary sync (``tamiyo_client.seed_sync``) agrees them over the group
+and culls, ages and fossilizes on every rank at once (``_sync_collect`` /
+``_sync_apply``), so that the ranks' seeds and parameters never differ.
 
 Kept apart from ``tamiyo_client.kasmina`` (wrapping and measuring a module) because the
 seed lifecycle, its checkpointing and its multi-rank hazard are a job of their own.
@@ -64,12 +69,6 @@ def multi_rank() -> str:
     if world_size() > 1:
         return f"rank {torch.distributed.get_rank()} of {world_size()}"
     return ""
-
-
-def _sum_over_ranks(counts: torch.Tensor) -> None:
-    """All-reduce (sum, in place) over the default group: every rank then culls the
-    kernels that failed on any rank's data, at the same forward."""
-    torch.distributed.all_reduce(counts)
 
 
 def warn_unsynchronized(where: str, why: str) -> None:
@@ -174,15 +173,17 @@ class SeedSlots(nn.Module):
         a tuple output), each left out unless all finite (``finite_guard``): a diverging
         kernel never reaches the output, the loss or any gradient.
 
-        A training forward culls the failed seeds: on the CPU in a lone process at once
-        (a read is free); on CUDA or with several ranks it adds each flag to a per-seed
-        device counter, read (summed over the ranks) every
-        ``cull_check_every`` training forwards (``_reap_nonfinite``). Why a forward count
-        and not the telemetry read: only one rank of a data-parallel job sends frames,
-        and every rank must cull at the same forward, or their parameters and the next
-        decision's slot diverge. Eval and no-grad forwards are guarded by a plain
-        ``torch.where`` (traceable, exportable, vmap-able; else NaN reaches eval
-        outputs) and never cull: evaluating must not change the model."""
+        A training forward culls the failed seeds: on the CPU at once (a read is free);
+        on CUDA it adds each flag to a per-seed device counter, read every
+        ``cull_check_every`` training forwards (``_reap_nonfinite``). A synced layer (a
+        data-parallel replica) always counts on the device, and the failed kernel gets
+        zero gradients (DDP waits for a gradient of every parameter it holds); its
+        counters are read by the host's sync only, at a step boundary where every rank
+        of the group calls it: a collective here, keyed to a per-rank forward count,
+        hung or aborted any job whose ranks do not run each layer equally often (review
+        15b: pipeline stages, LayerDrop, DDP.join). Eval and no-grad forwards are
+        guarded by a plain ``torch.where`` (traceable, exportable, vmap-able; else NaN
+        reaches eval outputs) and never cull: evaluating must not change the model."""
         if width(x) != self.in_features or width(y) != self.out_features:
             # germinate refuses such layers once a training forward has shown it; a
             # kernel germinated before that is culled here (never break a forward).
@@ -198,10 +199,7 @@ class SeedSlots(nn.Module):
                     y = add_masked(y, kernel, x)
             return y
         failed: list[int] = []
-        # The host way unless the ranks are replicas (KasminaConfig.replicated_ranks): in a
-        # data-parallel job a failed kernel must still get (zero) gradients, or DDP's reduction
-        # never completes, and its cull must wait for the ranks' shared count (_reap_nonfinite).
-        synced = self.config.replicated_ranks and world_size() > 1
+        synced = tally.synced
         host = finite_guard.reads_are_free(x) and not synced  # (by module: tests)
         for key, kernel in list(self.seed_kernels.items()):
             i = int(key)
@@ -216,7 +214,7 @@ class SeedSlots(nn.Module):
         for i in failed:
             self._acc.add_error()
             self.cull(i)
-        if self._acc.pending and tally.forwards % self._cull_every == 0:
+        if not synced and self._acc.pending and tally.forwards % self._cull_every == 0:
             self._reap_nonfinite()
         return y
 
@@ -224,17 +222,86 @@ class SeedSlots(nn.Module):
         """Cull the seeds whose output was non-finite in a training forward since the last
         call: one device-to-host copy for all of them. One error per failed kernel, as
         when the first failure culled it: health is multiplied by ``error_decay`` per
-        error (key -1: failed kernels removed since, each counted once). In a multi-rank
-        job the counts are first summed over the ranks (one all-reduce of
-        ``num_seeds + 1`` ints per ``cull_check_every`` forwards), so that every rank
-        culls the same seeds here, whichever rank's data made a kernel fail."""
-        reduce = _sum_over_ranks if self.config.replicated_ranks and world_size() > 1 else None
-        for i, n in self._acc.take_pending(self.num_seeds, reduce).items():
+        error (key -1: failed kernels removed since, each counted once). Local: a synced
+        layer's counts are settled by the host's sync instead (``_sync_apply``)."""
+        for i, n in self._acc.take_pending(self.num_seeds).items():
             if n and i < 0:
                 self._acc.add_error(n)
             elif n and self.seed_states[i] in ACTIVE_STATES:
                 self._acc.add_error()
                 self.cull(i)
+
+    # -- the host's step-boundary sync (synced layers) ------------------------------
+    @property
+    def sync_width(self) -> int:
+        """Ints this layer adds to the host's sync vector: [failed kernels removed,
+        failures of seed 0 … n-1, training forwards of seed 0 … n-1]; 0 without seeds."""
+        return 1 + 2 * self.num_seeds if self.num_seeds else 0
+
+    def _count_trained(self) -> None:
+        """After a training forward of a synced layer: count it for every seed it trained
+        (aged at the next sync, by the most any rank counted), and warn once when the
+        host's sync seems never to be called (no cull nor fossilization would happen)."""
+        tally = self._tally
+        trained = tally.trained
+        for i, state in enumerate(self.seed_states):
+            if state in (GERMINATED, TRAINING):
+                trained[i] += 1
+        tally.unsynced += 1
+        if tally.unsynced == tally.sync_limit:
+            warnings.warn(
+                f"layer {self.layer_id!r}: {tally.unsynced} training forwards since its host "
+                "last synced its seeds: call host.sync_seeds() once per step on every rank "
+                "(after the backward), or its seeds are never culled nor fossilized "
+                "(README, 'Multi-rank training')",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _sync_collect(
+        self, local: list[int], at: int, keys: list[int], counts: list[torch.Tensor]
+    ) -> None:
+        """This rank's part of the sync vector, from ``at`` (see ``sync_width``): the
+        training forwards and unfit seeds into ``local`` (host ints), the device failure
+        counters as ``(position, counter)`` into ``keys`` / ``counts`` (not read here).
+        Everything counted so far is handed over and cleared."""
+        n = self.num_seeds
+        for key, c in self._acc.drain_pending().items():
+            keys.append(at + 1 + key)
+            counts.append(c)
+        tally = self._tally
+        for i in tally.unfit:
+            local[at + 1 + i] += 1
+        tally.unfit.clear()
+        for i, t in enumerate(tally.trained):
+            local[at + 1 + n + i] = t
+            tally.trained[i] = 0
+        tally.unsynced = 0
+
+    def _sync_apply(
+        self, agreed: list[int]
+    ) -> list[tuple[int, health_pb2.SeedLifecycleState.ValueType]]:
+        """Settle this layer's part of the reduced sync vector (the maximum over the
+        ranks, so the same on every rank): cull every seed that failed on any rank, then
+        age every other training seed by the most training forwards any rank ran (a rank
+        that skipped the layer, LayerDrop, or was joined ages it all the same), and
+        fossilize those old enough. Returns ``(seed, new state)`` for each change."""
+        n = self.num_seeds
+        changed: list[tuple[int, health_pb2.SeedLifecycleState.ValueType]] = []
+        if agreed[0]:
+            self._acc.add_error(agreed[0])
+        for i in range(n):
+            if agreed[1 + i] and self.seed_states[i] in ACTIVE_STATES:
+                self._acc.add_error()
+                self.cull(i)
+                changed.append((i, CULLED))
+        for i in range(n):
+            trained = agreed[1 + n + i] and self.seed_states[i] in (GERMINATED, TRAINING)
+            if trained and self._age(i, agreed[1 + n + i]):
+                changed.append((i, FOSSILIZED))
+        if self._tally.fossil_grads:
+            self._drop_fossil_grads()  # (the sync follows the step: see seed_sync)
+        return changed
 
     def _cull_unfit(self, x: Any, y: Any) -> None:
         """Cull the GERMINATED seeds of a layer whose training forward cannot take a
@@ -242,16 +309,24 @@ class SeedSlots(nn.Module):
         warning. Why: such a kernel never runs, yet it would age to FOSSILIZED and be
         reported as an adaptation. Only GERMINATED seeds: a TRAINING or FOSSILIZED kernel
         has been added before, and one odd forward does not make it useless."""
-        unfit = [i for i, s in enumerate(self.seed_states) if s == GERMINATED]
+        tally = self._tally
+        unfit = [
+            i
+            for i, s in enumerate(self.seed_states)
+            if s == GERMINATED and not tally.trained[i] and i not in tally.unfit
+        ]
         if not unfit:
             return
-        for i in unfit:
-            self.cull(i)
+        if tally.synced:  # culled on every rank at the host's next sync
+            tally.unfit.update(unfit)
+        else:
+            for i in unfit:
+                self.cull(i)
         self._widths = (width(x), width(y))
         warnings.warn(
             f"{self._fits() or f'layer {self.layer_id!r} cannot take a kernel'} "
             f"(seen at its first training forward since the germination); seed(s) "
-            f"{unfit} culled",
+            f"{unfit} culled{' at the next host.sync_seeds()' if tally.synced else ''}",
             UserWarning,
             stacklevel=2,
         )
@@ -273,13 +348,20 @@ class SeedSlots(nn.Module):
         """After a training forward: germinated seeds train, long-trained ones fossilize."""
         for i, state in enumerate(self.seed_states):
             if state in (GERMINATED, TRAINING):  # this forward trained the kernel
-                self.seed_states[i] = TRAINING
-                self.seed_steps[i] += 1
-                if self.seed_steps[i] >= self.config.fossilize_after_steps:
-                    self.seed_states[i] = FOSSILIZED
-                    self.seed_kernels[str(i)].requires_grad_(False)
-                    self._tally.fossil_grads = True
-                    self._refresh_params()
+                self._age(i, 1)
+
+    def _age(self, i: int, forwards: int) -> bool:
+        """Seed ``i`` was trained by ``forwards`` more training forwards: it is TRAINING,
+        or FOSSILIZED (frozen) once old enough; returns whether it fossilized."""
+        self.seed_states[i] = TRAINING
+        self.seed_steps[i] += forwards
+        if self.seed_steps[i] < self.config.fossilize_after_steps:
+            return False
+        self.seed_states[i] = FOSSILIZED
+        self.seed_kernels[str(i)].requires_grad_(False)
+        self._tally.fossil_grads = True
+        self._refresh_params()
+        return True
 
     # -- seeds ---------------------------------------------------------------------
     @property
@@ -322,7 +404,7 @@ class SeedSlots(nn.Module):
         kernel = kdef.build(self.in_features, self.out_features)
         if ref is not None:
             kernel = kernel.to(device=ref.device, dtype=ref.dtype)
-        self._acc.retire_pending(seed_index)
+        self._forget(seed_index)
         self.seed_kernels[str(seed_index)] = kernel
         self.seed_states[seed_index] = GERMINATED
         self.seed_kernel_ids[seed_index] = kernel_id
@@ -360,7 +442,7 @@ class SeedSlots(nn.Module):
             )
         kernel_ids = list(state["seed_kernel_ids"])
         for i in range(self.num_seeds):  # (the restored kernels start with a clean slate)
-            self._acc.retire_pending(i)
+            self._forget(i)
         for i, st in enumerate(states):
             key, kid = str(i), kernel_ids[i]
             if st not in ACTIVE_STATES:
@@ -384,7 +466,15 @@ class SeedSlots(nn.Module):
 
     def cull(self, seed_index: int) -> None:
         """Remove the kernel of a failed seed; the slot becomes CULLED (reusable)."""
-        self._acc.retire_pending(seed_index)
+        self._forget(seed_index)
         del self.seed_kernels[str(seed_index)]
         self.seed_states[seed_index] = CULLED
         self._refresh_params()
+
+    def _forget(self, seed_index: int) -> None:
+        """The seed's kernel is being removed or replaced: what was counted for it (pending
+        failures, as one error under key -1; training forwards since the last sync) is
+        not the next kernel's."""
+        self._acc.retire_pending(seed_index)
+        self._tally.trained[seed_index] = 0
+        self._tally.unfit.discard(seed_index)

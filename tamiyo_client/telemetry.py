@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -153,7 +152,8 @@ class WindowAccumulator:
         self._last: tuple[int, float, float, float] | None = None  # N, var, dead, corr
         # key (a seed) -> device int64 count of non-finite forwards not read yet: counted
         # where they happen without a sync, read by take_pending every cull_check_every
-        # training forwards (SeedSlots._add_seeds); key -1: failed kernels removed since.
+        # training forwards (SeedSlots._add_seeds), or by the host's step-boundary sync in
+        # a data-parallel job (drain_pending); key -1: failed kernels removed since.
         # Not a module buffer (kept out of state_dict: checkpoints load strictly as before).
         self.pending: dict[int, torch.Tensor] = {}
         self._reset()
@@ -202,22 +202,21 @@ class WindowAccumulator:
             old = self.pending.get(-1)
             self.pending[-1] = c if old is None else old + c.to(old.device)
 
-    def take_pending(
-        self, slots: int, reduce: Callable[[torch.Tensor], None] | None = None
-    ) -> dict[int, int]:
+    def drain_pending(self) -> dict[int, torch.Tensor]:
+        """The pending device counts by key, not read, and cleared here: what a host's
+        step-boundary sync (``tamiyo_client.seed_sync``) gathers for its one reduce."""
+        pending, self.pending = self.pending, {}
+        return pending
+
+    def take_pending(self, slots: int) -> dict[int, int]:
         """The non-zero pending counts of keys -1 … ``slots`` − 1, read in one
-        device-to-host copy, then cleared. ``reduce`` (in place) sees them first as one
-        int64 vector [slots + 1], key k at index k + 1, laid out the same on every rank
-        of a data-parallel job whatever each one counted."""
+        device-to-host copy, then cleared."""
         if not self.pending:
             return {}
         dev = next(iter(self.pending.values())).device
         counts = torch.zeros(slots + 1, dtype=torch.int64, device=dev)
-        for key, c in self.pending.items():
+        for key, c in self.drain_pending().items():
             counts[key + 1] += c.to(dev)
-        self.pending.clear()
-        if reduce is not None:
-            reduce(counts)
         return {i - 1: n for i, n in enumerate(counts.tolist()) if n}
 
     def add_output(self, y2d: torch.Tensor | NDArray[np.floating]) -> bool:
