@@ -21,7 +21,7 @@ from types import TracebackType
 
 from tamiyo.config import ClientConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
-from tamiyo_client.client import TamiyoClient
+from tamiyo_client.client import CLOSE_ANSWER_TIMEOUT_S, TamiyoClient
 from tamiyo_client.coalesce import Frame
 from tamiyo_client.received import ClientStats, DecisionCallback, ReceivedDecision
 from tamiyo_client.security import ClientSecurity
@@ -78,6 +78,17 @@ class DecisionInbox:
             return self._items.popleft()
 
 
+CLOSE_MARGIN_S = 0.5  # of a close's timeout_s, kept for the cancel and the thread's end
+
+
+def close_budget(timeout_s: float) -> tuple[float, float]:
+    """``TamiyoClient.close``'s (flush, answer) timeouts within ``timeout_s`` in all:
+    flush ≤ 1 s, answer ≤ ``CLOSE_ANSWER_TIMEOUT_S``, ``CLOSE_MARGIN_S`` left over."""
+    spare = max(0.0, timeout_s - CLOSE_MARGIN_S)
+    flush = min(1.0, spare / 2)
+    return flush, min(CLOSE_ANSWER_TIMEOUT_S, spare - flush)
+
+
 class BlockingTamiyoClient:
     """``TamiyoClient`` run by a daemon thread with its own event loop.
 
@@ -127,15 +138,19 @@ class BlockingTamiyoClient:
             loop.close()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush briefly, end the stream and stop the thread. Never raises: it runs in
-        a training job's shutdown (``with`` exit, ``finally``), where an exception from a
+        """End the stream cleanly (``TamiyoClient.close``: flush ≤ 1 s, half-close, wait
+        for the server's last answers and its OK, ≤ ``CLOSE_ANSWER_TIMEOUT_S``; both
+        shortened to fit ``timeout_s``) and stop the thread. Decisions that arrive
+        meanwhile are in ``poll_decisions`` afterwards. Never raises: it runs in a
+        training job's shutdown (``with`` exit, ``finally``), where an exception from a
         stuck client would hide the job's own result; a problem is logged, and a thread
         that does not stop in time is left behind (it is a daemon)."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
             return
+        flush_s, answer_s = close_budget(timeout_s)
         try:
-            fut = asyncio.run_coroutine_threadsafe(self.client.close(), loop)
+            fut = asyncio.run_coroutine_threadsafe(self.client.close(flush_s, answer_s), loop)
             fut.result(timeout_s)
         except Exception as exc:  # (TimeoutError, a closed loop, ...)
             log.warning(

@@ -19,6 +19,11 @@ Why it is built this way:
   ``StreamError.retry_after_ms`` stops this stream from asking for decisions for that
   long: frames still go out (telemetry keeps flowing), with ``want_decision`` cleared
   (``stats.decision_requests_deferred``), so a loaded server is not asked again at once.
+- **A clean exit ends the RPC with OK.** ``close()`` writes what is pending, half-closes
+  the request stream and reads on until the server, having answered every frame it got,
+  ends the stream (bounded by ``answer_timeout_s``); only then is anything cancelled. So
+  a finished job is not counted as a ``CANCELLED`` RPC on the server, and a decision
+  asked for just before the exit still arrives.
 
 Decisions arrive via ``decisions()`` (async iterator) or ``add_callback`` (called on the
 event loop thread). Latency is client-observed: from the frame's write to the decision's
@@ -58,6 +63,7 @@ from tamiyo_client.security import ClientSecurity
 from tamiyo_client.target import check_target
 
 __all__ = [
+    "CLOSE_ANSWER_TIMEOUT_S",
     "FATAL_CODES",
     "Call",
     "ClientError",
@@ -69,6 +75,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+FIRST = asyncio.FIRST_COMPLETED
+
+CLOSE_ANSWER_TIMEOUT_S = 2.0
+"""How long ``TamiyoClient.close`` waits, by default, after half-closing the stream for the
+server to answer the frames in flight and end the RPC with OK (it answers within its
+decision deadline, milliseconds, when healthy). Before: close cancelled the RPC, so every
+clean job exit counted as ``CANCELLED`` in ``grpc_server_handled_total`` and a decision
+still in flight was lost (QA 16, M3)."""
 
 
 class TamiyoClient(StreamConnection):
@@ -135,21 +149,36 @@ class TamiyoClient(StreamConnection):
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._drained = asyncio.Event()  # set by the writer each time it empties the buffers
+        self._half_closed = asyncio.Event()  # set by the writer after done_writing()
         self._task = asyncio.create_task(self._run(), name="tamiyo-client")
 
-    async def close(self, flush_timeout_s: float = 1.0) -> None:
-        """Send what is pending (up to ``flush_timeout_s``), then end the stream."""
-        if self._task is None:
+    async def close(
+        self, flush_timeout_s: float = 1.0, answer_timeout_s: float = CLOSE_ANSWER_TIMEOUT_S
+    ) -> None:
+        """End the stream the way a finished job should: write what is pending and
+        half-close the request stream (within ``flush_timeout_s``), then wait up to
+        ``answer_timeout_s`` for the server to answer the frames it has (those decisions
+        are delivered as usual, before the iterators end) and end the RPC with OK. Only
+        what is still running then is cancelled: a server that is gone or does not answer
+        costs at most the two timeouts. Not connected (no server, reconnecting): cancelled
+        at once. No reconnect is attempted once ``close`` has begun."""
+        task = self._task
+        if task is None:
             return
-        if self.connected and self.pending():
-            self._drained.clear()
-            self._wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), flush_timeout_s)
         self._closing = True
-        self._task.cancel()
+        if self.connected and not task.done():
+            self._wake.set()  # the writer flushes, then half-closes (connection.py)
+            half = asyncio.ensure_future(self._half_closed.wait())
+            try:
+                await asyncio.wait({task, half}, timeout=flush_timeout_s, return_when=FIRST)
+            finally:
+                half.cancel()
+            if self._half_closed.is_set() and not task.done():
+                await asyncio.wait({task}, timeout=answer_timeout_s)  # the server's OK
+        if not task.done():
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+            await task
         self._finish_iterators()
 
     async def __aenter__(self) -> TamiyoClient:
@@ -168,12 +197,19 @@ class TamiyoClient(StreamConnection):
         return self._task is not None and self._task.done()
 
     async def wait_connected(self, timeout_s: float) -> bool:
-        """True once a session is accepted (now or within ``timeout_s``)."""
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout_s)
-        except TimeoutError:
+        """True once a session is accepted (now or within ``timeout_s``). False at once
+        when the client has stopped (``fatal_error``: it will never connect), instead of
+        after ``timeout_s`` (a wrong token cost ``make demo`` its 60 s; QA 16, L1)."""
+        task = self._task
+        if task is None:
             return False
-        return True
+        if not self._connected.is_set() and not task.done():
+            accepted = asyncio.ensure_future(self._connected.wait())
+            try:
+                await asyncio.wait({task, accepted}, timeout=timeout_s, return_when=FIRST)
+            finally:
+                accepted.cancel()
+        return self._connected.is_set()
 
     def pending(self) -> int:
         """Frames and outcomes not yet written to the stream."""

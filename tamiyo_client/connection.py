@@ -4,7 +4,9 @@ One StreamTelemetry stream at a time, on a fresh channel each: SessionOpen first
 writer (outcomes, then frames, coalesced while the stream is slow) and a reader
 (decisions, refusals, pushback, SessionClosing) until either ends; then an exponential
 backoff with jitter (reset once a session is accepted; a server's SessionClosing hint is
-the minimum wait) and again. Only ``FATAL_CODES`` or a refused SessionOpen stop it.
+the minimum wait) and again. Only ``FATAL_CODES`` or a refused SessionOpen stop it, and
+``close()``: the writer then half-closes (as on the server's SessionClosing) and the
+reader reads until the server ends the RPC (OK), without a reconnect.
 
 Kept apart from ``tamiyo_client.client``, which holds what callers use (construction,
 ``send_frame``, ``decisions``, ``close``), because this is the part that talks to gRPC.
@@ -55,7 +57,8 @@ def _not_ready(target: str, timeout_s: float, channel: grpc.aio.Channel) -> str:
     state = channel.get_state(try_to_connect=False)
     why = (
         "the server is not running there, or it refused the TLS handshake "
-        "(TLS settings that do not match the server's: CA, client certificate and key)"
+        "(TLS settings that do not match the server's: CA, client certificate and key; "
+        "GRPC_VERBOSITY=INFO makes gRPC log the handshake's own error)"
         if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE
         else "the server did not answer in time"
     )
@@ -93,6 +96,7 @@ class StreamConnection:
     _wake: asyncio.Event
     _connected: asyncio.Event
     _drained: asyncio.Event
+    _half_closed: asyncio.Event
 
     if TYPE_CHECKING:  # TamiyoClient's, where decisions are handed to their consumers
 
@@ -128,11 +132,12 @@ class StreamConnection:
         backoff = Backoff.from_config(self.config, self._rng)
         connection = 0
         try:
-            while not self._closing:
+            while True:  # until a fatal error, or close() (checked after each stream)
                 accepted_before = self.stats.sessions
                 try:
                     await self._connect_once(connection + 1)
-                    self.last_error = "stream ended by the server"
+                    if not self._closing:  # (closing: we half-closed, the server said OK)
+                        self.last_error = "stream ended by the server"
                 except grpc.aio.AioRpcError as exc:
                     self.last_error = f"{exc.code().name}: {exc.details()}"
                     if exc.code() in FATAL_CODES:
@@ -145,6 +150,8 @@ class StreamConnection:
                     return
                 except (TimeoutError, ConnectionError, OSError, asyncio.InvalidStateError) as exc:
                     self.last_error = f"{type(exc).__name__}: {exc}"
+                if self._closing:
+                    return  # close() began: the stream has ended, no reconnect
                 if self.stats.sessions > accepted_before:
                     connection += 1
                     backoff.reset()
@@ -203,6 +210,7 @@ class StreamConnection:
         self._sent_at.clear()  # decisions of the old stream will never come
         self._live = True
         self._server_closing = False
+        self._half_closed.clear()
         self._wake.set()  # flush what piled up while disconnected
         writer = asyncio.create_task(self._writer(call, connection))
         reader = asyncio.create_task(self._reader(call, connection))
@@ -267,12 +275,14 @@ class StreamConnection:
                 finally:
                     self._in_flight = 0
             self._drained.set()
-            if self._server_closing:
-                # The server is going away: half-close (after this connection's outcomes,
-                # which the next one would drop), so that it knows every frame we sent
-                # has arrived and ends the stream once each is answered. Frames queued
-                # now go to the next connection; the reader runs on to the end.
+            if self._server_closing or self._closing:
+                # The server is going away, or close() was called: half-close (after this
+                # connection's outcomes, which the next one would drop), so that it knows
+                # every frame we sent has arrived and ends the stream with OK once each
+                # is answered. Frames queued now go to the next connection (if any); the
+                # reader runs on to the end, delivering the last decisions.
                 await call.done_writing()
+                self._half_closed.set()
                 await asyncio.Event().wait()  # (cancelled when the reader ends)
 
     async def _reader(self, call: Call, connection: int) -> None:

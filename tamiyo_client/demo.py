@@ -296,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         client.start()
         while not client.wait_connected(1.0):
             dead = proc is not None and proc.poll() is not None
-            if dead or time.monotonic() - t0 > a.connect_timeout_s:
-                why = "the server process exited" if dead else client.last_error
+            # fatal_error (a wrong token, an incompatible server): it will never connect,
+            # so say why now rather than after --connect-timeout-s (QA 16, L1)
+            fatal = client.fatal_error
+            if dead or fatal or time.monotonic() - t0 > a.connect_timeout_s:
+                why = "the server process exited" if dead else fatal or client.last_error
                 why = why or f"no session within {a.connect_timeout_s:.0f} s"
                 print(f"could not reach Tamiyo at {target}: {why}", file=sys.stderr)
                 if proc is not None:

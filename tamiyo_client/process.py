@@ -52,6 +52,9 @@ _BELL = struct.Struct("<Q")
 # How often the pipe is read even when the doorbell has not moved: notices a sidecar
 # that died (EOF) without the training loop writing to it.
 CHECK_EVERY_S = 0.5
+# Of close's timeout_s, what the sidecar does not give its client's close: the decisions'
+# and the final STATUS's way here, and the process's exit (imports torn down, ~0.1 s).
+CLOSE_MARGIN_S = 1.0
 
 
 class ProcessTamiyoClient:
@@ -113,6 +116,10 @@ class ProcessTamiyoClient:
     def _spawn(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+        # gRPC C-core's own log lines (a failed TLS handshake: "I... Handshake failed" on
+        # every attempt) went to the training job's stderr; the client's last_error and
+        # log say what failed. Errors only, unless the user set GRPC_VERBOSITY.
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
         with tempfile.TemporaryFile() as bell_file:  # unlinked; the mapping outlives it
             bell_file.truncate(_BELL.size)
             fd = bell_file.fileno()
@@ -141,8 +148,11 @@ class ProcessTamiyoClient:
         self._session_dirty = False
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Send what is pending, let the sidecar flush (≤ 1 s) and end; kill it if it
-        has not ended within ``timeout_s``."""
+        """Send what is pending and let the sidecar end the stream cleanly (flush ≤ 1 s,
+        half-close, the server's last decisions and its OK: ``BlockingTamiyoClient.close``
+        with ``timeout_s`` less ``CLOSE_MARGIN_S``) and exit; kill it if it has not ended
+        within ``timeout_s``. Decisions that arrived meanwhile are in ``poll_decisions``
+        afterwards, and ``stats`` are the sidecar's final counters."""
         proc = self._proc
         if proc is None or self._closed:
             return
@@ -152,7 +162,8 @@ class ProcessTamiyoClient:
             try:
                 os.set_blocking(self._to, True)
                 self._flush(blocking=True)
-                os.write(self._to, rec.record(rec.CLOSE))
+                allowed = max(0.0, timeout_s - CLOSE_MARGIN_S)
+                os.write(self._to, rec.record(rec.CLOSE, f"{allowed:.3f}".encode()))
             except OSError:
                 pass
         while time.monotonic() < deadline and self._pump(wait_s=0.05):
@@ -239,8 +250,11 @@ class ProcessTamiyoClient:
                 return self._decisions.popleft()
 
     def wait_connected(self, timeout_s: float) -> bool:
-        """True once a session is accepted (now or within about ``timeout_s``)."""
-        return self.wait_for(lambda: self.connected, timeout_s)
+        """True once a session is accepted (now or within about ``timeout_s``). False as
+        soon as the sidecar's client has stopped on a ``fatal_error`` (it never connects
+        then): a wrong token is reported at once, not after ``timeout_s``."""
+        self.wait_for(lambda: self.connected or bool(self.fatal_error), timeout_s)
+        return self.connected
 
     def wait_for(self, predicate: Any, timeout_s: float) -> bool:
         """Poll ``predicate()`` every 10 ms (reading the sidecar's records) until true

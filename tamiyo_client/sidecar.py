@@ -10,8 +10,10 @@ frame (``tamiyo_client.pipe_records``, µs) and writes it to a pipe.
 Run by ``tamiyo_client.process.ProcessTamiyoClient`` as ``python -m tamiyo_client.sidecar
 BELL_FD``:
 stdin carries ``INIT``, ``SESSION``, then frames, outcomes, session updates and ``CLOSE``;
-stdout carries ``DECISION`` and ``STATUS`` records; logs go to stderr. It exits when
-stdin closes (the training process ended or died) after flushing for up to 1 s.
+stdout carries ``DECISION`` and ``STATUS`` records; logs go to stderr. On ``CLOSE`` (its
+payload: the time allowed, s) or when stdin closes (the training process ended or died)
+it ends the stream cleanly (flush, half-close, the server's last decisions and its OK;
+``BlockingTamiyoClient.close``), passes those decisions and a final STATUS on, and exits.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tamiyo.config import ClientConfig
 from tamiyo.v1 import tamiyo_service_pb2 as pb
 from tamiyo_client import pipe_records as rec
 from tamiyo_client.blocking import BlockingTamiyoClient
+from tamiyo_client.received import ReceivedDecision
 from tamiyo_client.security import ClientSecurity
 
 log = logging.getLogger("tamiyo_client.sidecar")
@@ -51,6 +54,10 @@ COUNTERS_EVERY_S = 0.25
 # (measured idle CPU: 4.4 % of a core at a fixed 1 ms).
 POLL_S = 0.001
 POLL_MAX_S = 0.008
+# The client's close (flush, half-close, the server's last answers and OK; see
+# BlockingTamiyoClient.close) gets this long at stdin's EOF (the parent is gone), and what
+# the parent's CLOSE record says otherwise (its close timeout less a margin for the exit).
+CLOSE_S = 4.0
 _BELL = struct.Struct("<Q")
 _STATE = ("connected", "session_id", "policy_version", "last_error", "fatal_error")
 _BYTES = ("root_certificates", "certificate_chain", "private_key")
@@ -127,17 +134,19 @@ def _pump_out(client: BlockingTamiyoClient, out: _Out, stop: threading.Event) ->
         stop.set()
 
 
+def _decision(r: ReceivedDecision) -> bytes:
+    return rec.encode_decision(
+        r.decision.SerializeToString(), r.latency_ms, r.session_id, r.connection
+    )
+
+
 def _pump(client: BlockingTamiyoClient, out: _Out, stop: threading.Event) -> None:
     last: dict[str, Any] = {}
     next_status = next_counters = 0.0
     while not stop.is_set():
         r = client.get_decision(STATUS_EVERY_S)
         if r is not None:
-            out.write(
-                rec.encode_decision(
-                    r.decision.SerializeToString(), r.latency_ms, r.session_id, r.connection
-                )
-            )
+            out.write(_decision(r))
         now = time.monotonic()
         if now >= next_status:
             next_status = now + STATUS_EVERY_S
@@ -189,21 +198,36 @@ def main() -> int:
     stop = threading.Event()
     pump = threading.Thread(target=_pump_out, args=(client, out, stop), daemon=True)
     pump.start()
+    close_s = CLOSE_S
     try:
         pending: list[tuple[int, bytes]] | None = rest
         while pending is not None:
             for kind, payload in pending:
                 if kind == rec.CLOSE:
+                    close_s = close_timeout(payload)
                     return 0
                 _handle(client, kind, payload, out)
             pending = _read_records(0, reader)
         return 0
     finally:
-        client.close(timeout_s=2.0)
+        # Half-close and wait for the server's last answers and its OK (the pump passes
+        # decisions on meanwhile); what it had not taken from the inbox goes out after it.
+        client.close(timeout_s=close_s)
         stop.set()
         pump.join(1.0)
         with contextlib.suppress(OSError):
+            for r in client.poll_decisions():
+                out.write(_decision(r))
             out.write(rec.encode_json(rec.STATUS, status(client)))
+
+
+def close_timeout(payload: bytes) -> float:
+    """The time ``CLOSE`` gives the client's close, in s (its payload, ASCII; ``CLOSE_S``
+    when empty or unreadable)."""
+    try:
+        return max(0.0, float(payload)) if payload else CLOSE_S
+    except ValueError:
+        return CLOSE_S
 
 
 def _handle(client: BlockingTamiyoClient, kind: int, payload: bytes, out: _Out) -> None:

@@ -184,7 +184,7 @@ def test_close_never_raises_into_the_training_script(
     client = BlockingTamiyoClient(host.session_open(), cfg)
     client.start()
 
-    async def stuck() -> None:
+    async def stuck(*_: float) -> None:  # (flush_timeout_s, answer_timeout_s)
         await asyncio.sleep(30)
 
     monkeypatch.setattr(client.client, "close", stuck)

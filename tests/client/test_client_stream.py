@@ -266,6 +266,12 @@ async def test_wrong_token_stops_client_without_hurting_training(
     bad = TamiyoClient(host.session_open(), config(srv.port), ClientSecurity(token="wrong-token"))
     async with bad:
         stream = bad.decisions()
+        # QA 16 L1: wait_connected said so only at its timeout (make demo: 60 s); the
+        # client knew at once that it would never connect
+        t0 = time.monotonic()
+        assert not await bad.wait_connected(30.0)
+        assert time.monotonic() - t0 < 30.0 / 4
+        assert "UNAUTHENTICATED" in bad.fatal_error
         with pytest.raises(ClientError, match="UNAUTHENTICATED"):
             await asyncio.wait_for(anext(stream), 5)
         assert bad.stopped

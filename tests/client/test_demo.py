@@ -4,12 +4,17 @@ the plot and the summary where it says."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tamiyo_client import demo
+from tamiyo_client.process import ProcessTamiyoClient
+from tamiyo_server.policy_holder import ServedPolicy
+
+from .conftest import ServerThread
 
 
 @pytest.mark.slow
@@ -63,3 +68,42 @@ def test_fault_findings_tell_a_repair_from_false_positives() -> None:
     assert [a["step"] for a in wrong] == [40, 262]
     assert demo.fault_findings(applied[:2], "hidden", 250) == (None, applied[:2])
     assert demo.fault_findings([], "hidden", 250) == (None, [])
+
+
+def test_a_wrong_token_is_reported_at_once_not_after_the_connect_timeout(
+    served_policy: ServedPolicy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QA 16 L1: ``make demo`` with a wrong token waited the whole --connect-timeout-s
+    (60 s) before saying UNAUTHENTICATED, which the client knew at once."""
+    started: list[float] = []
+
+    class Timed(ProcessTamiyoClient):
+        def start(self, wait_connected_s: float = 0.0) -> bool:
+            started.append(time.monotonic())
+            return super().start(wait_connected_s)
+
+    monkeypatch.setattr(demo, "ProcessTamiyoClient", Timed)
+    server = ServerThread(served_policy, auth_token="s3cret-token")
+    assert server.server is not None
+    threads = torch.get_num_threads()
+    timeout_s = 30.0
+    try:
+        rc = demo.main(
+            [
+                *("--target", f"127.0.0.1:{server.server.port}", "--token", "wrong-token"),
+                *("--steps", "10", "--out", str(tmp_path)),
+                *("--connect-timeout-s", str(timeout_s)),
+            ]
+        )
+        took = time.monotonic() - started[0]
+    finally:
+        torch.set_num_threads(threads)
+        server.close()
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "could not reach Tamiyo" in err
+    assert "UNAUTHENTICATED" in err
+    assert took < timeout_s / 4, took  # the sidecar's start and one status, not the timeout

@@ -15,9 +15,10 @@ import torch
 from tamiyo.config import ClientConfig
 from tamiyo_client.frame_data import FrameData
 from tamiyo_client.process import ProcessTamiyoClient
+from tamiyo_client.security import ClientSecurity
 from tamiyo_server.policy_holder import ServedPolicy
 
-from .conftest import ServerThread
+from .conftest import Pki, ServerThread
 from .hosts import ask, make_host, train_step
 
 
@@ -113,3 +114,30 @@ def test_unknown_signal_form_is_refused_before_a_process_starts() -> None:
     _, host = make_host()
     with pytest.raises(ValueError, match="signal_form must be one of"):
         ProcessTamiyoClient(host.session_open(), replace(ClientConfig(), signal_form="xml"))
+
+
+@pytest.mark.parametrize("user_setting", [None, "INFO"])
+def test_grpc_core_log_lines_stay_out_of_the_training_jobs_stderr(
+    server: ServerThread,
+    pki: Pki,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    user_setting: str | None,
+) -> None:
+    """QA 16 N6: a TLS client against a plaintext server made gRPC C-core print
+    ``I... Handshake failed ...`` on the job's stderr at every attempt (last_error says
+    it already). The sidecar logs errors only, unless the user set GRPC_VERBOSITY."""
+    if user_setting is None:
+        monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    else:
+        monkeypatch.setenv("GRPC_VERBOSITY", user_setting)
+    _, host = make_host()
+    cfg = replace(config(server), connect_timeout_s=0.5)
+    client = ProcessTamiyoClient(host.session_open(), cfg, ClientSecurity.from_files(ca=pki.ca))
+    client.start()
+    try:
+        assert client.wait_for(lambda: "TLS" in client.last_error, 10), client.last_error
+    finally:
+        client.close()
+    err = capfd.readouterr().err
+    assert ("Handshake failed" in err) == (user_setting == "INFO"), err[-2000:]
