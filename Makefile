@@ -13,12 +13,13 @@ TORCH_INDEX_URL ?=
 BUF := node_modules/.bin/buf
 ARGS ?=
 
-.PHONY: help setup protos check-protos serve test lint fmt buf-lint train demo bench soak clean
+.PHONY: help setup protos check-protos serve test lint fmt buf buf-lint train demo bench soak clean
 
 help:
 	@echo "make serve   run the server on 127.0.0.1:50051 with the bundled default policy"
 	@echo "make test    lint, check generated code, run the test suite"
 	@echo "make lint    ruff, mypy, buf lint     make protos   regenerate tamiyo/v1"
+	@echo "make buf     buf (npm) for buf curl / buf lint"
 	@echo "make train | demo | bench | soak"
 
 # setup.py builds the native modules (tamiyo/policy/_*.c): a change to one reinstalls.
@@ -42,6 +43,9 @@ serve: $(STAMP)
 $(BUF): package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
+
+# buf alone (for `buf curl` by hand), without the Python lint
+buf: $(BUF)
 
 buf-lint:
 	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(BUF) && $(BUF) lint; \
