@@ -19,6 +19,9 @@ Why it is built this way:
   ``StreamError.retry_after_ms`` stops this stream from asking for decisions for that
   long: frames still go out (telemetry keeps flowing), with ``want_decision`` cleared
   (``stats.decision_requests_deferred``), so a loaded server is not asked again at once.
+  A SessionOpen refused for load is sent again after its pushback: a first one on a new
+  stream (``grpc-retry-pushback-ms``), an ``update_session`` in-stream, the latest
+  topology only, frames waiting for it (``stats.session_updates_refused``).
 - **A clean exit ends the RPC with OK.** ``close()`` writes what is pending, half-closes
   the request stream and reads on until the server, having answered every frame it got,
   ends the stream (bounded by ``answer_timeout_s``); only then is anything cancelled. So
@@ -129,6 +132,12 @@ class TamiyoClient(StreamConnection):
         self._wake_scheduled = False
         self._live = False  # a session is accepted and its writer runs (read from any thread)
         self._reopen = False
+        self._open_lock = threading.Lock()
+        self._open_gen = 0
+        self._gen_sent = 0
+        self._reopen_at = 0.0
+        self._reopens_refused = 0
+        self._hold_until = 0.0
         self._server_hint_s = 0.0
         self._server_closing = False  # SessionClosing seen on this stream: half-close it
         self._task: asyncio.Task[None] | None = None
@@ -245,9 +254,15 @@ class TamiyoClient(StreamConnection):
         self._wake_threadsafe()
 
     def update_session(self, session_open: pb.SessionOpen) -> None:
-        """Replace the topology/kernels: sent now if connected, and on every reconnect."""
-        self._session_open = self._with_budget(session_open)
-        self._reopen = True
+        """Replace the topology/kernels: sent now if connected, and on every reconnect.
+        The server may refuse it for load (its previous session stays in force): then it
+        is sent again after the server's pushback (``stats.session_updates_refused``,
+        ``last_error``); the new ``session_id`` says it is in force."""
+        so = self._with_budget(session_open)
+        with self._open_lock:
+            self._session_open = so
+            self._open_gen += 1
+            self._reopen = True
         self._wake_threadsafe()
 
     @property

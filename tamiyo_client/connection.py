@@ -3,10 +3,17 @@
 One StreamTelemetry stream at a time, on a fresh channel each: SessionOpen first, then a
 writer (outcomes, then frames, coalesced while the stream is slow) and a reader
 (decisions, refusals, pushback, SessionClosing) until either ends; then an exponential
-backoff with jitter (reset once a session is accepted; a server's SessionClosing hint is
-the minimum wait) and again. Only ``FATAL_CODES`` or a refused SessionOpen stop it, and
+backoff with jitter (reset once a session is accepted; a server's SessionClosing hint,
+or the ``grpc-retry-pushback-ms`` trailer of a first open refused for load, is the
+minimum wait) and again. Only ``FATAL_CODES`` or a refused SessionOpen stop it, and
 ``close()``: the writer then half-closes (as on the server's SessionClosing) and the
 reader reads until the server ends the RPC (OK), without a reconnect.
+
+A re-sent SessionOpen (``update_session``) the server refuses for load (in-stream
+RESOURCE_EXHAUSTED on field ``session_open``, with ``retry_after_ms``; its previous
+session stays in force) is sent again, the latest one, once the pushback is over. Frames
+wait (they coalesce) until it is answered (at most ``connect_timeout_s`` after it is
+sent): they describe the new topology, and the server would read them against the old.
 
 Kept apart from ``tamiyo_client.client``, which holds what callers use (construction,
 ``send_frame``, ``decisions``, ``close``), because this is the part that talks to gRPC.
@@ -22,7 +29,7 @@ import random
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
@@ -48,6 +55,18 @@ FATAL_CODES = frozenset(
     }
 )
 Call = grpc.aio.StreamStreamCall[pb.StreamTelemetryRequest, pb.StreamTelemetryResponse]
+
+
+def _retry_pushback_s(exc: grpc.aio.AioRpcError) -> float:
+    """gRPC's ``grpc-retry-pushback-ms`` trailer of a failed call, in s (0: none); the
+    server sets it on a first SessionOpen refused for load (``open_admission``)."""
+    for key, value in cast("tuple[tuple[str, str], ...]", exc.trailing_metadata() or ()):
+        if key == "grpc-retry-pushback-ms":
+            try:
+                return max(0.0, int(value) / 1000)
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
 
 
 def _not_ready(target: str, timeout_s: float, channel: grpc.aio.Channel) -> str:
@@ -89,7 +108,13 @@ class StreamConnection:
     _sent_at: dict[str, float]
     _error_callbacks: list[ErrorCallback]
     _live: bool
-    _reopen: bool
+    _reopen: bool  # the latest SessionOpen is to be sent on this stream (_open_lock)
+    _open_lock: threading.Lock  # _reopen, _open_gen, _gen_sent, _session_open together
+    _open_gen: int  # +1 per update_session
+    _gen_sent: int  # _open_gen of the last SessionOpen written
+    _reopen_at: float  # time.monotonic() before which a refused re-open is not re-sent
+    _reopens_refused: int  # refusals of our re-open since a SessionAccepted
+    _hold_until: float  # time.monotonic() until which frames wait for the re-open's answer
     _server_hint_s: float
     _server_closing: bool
     _closing: bool
@@ -140,6 +165,8 @@ class StreamConnection:
                         self.last_error = "stream ended by the server"
                 except grpc.aio.AioRpcError as exc:
                     self.last_error = f"{exc.code().name}: {exc.details()}"
+                    # (a first SessionOpen refused for load: wait at least the pushback)
+                    self._server_hint_s = max(self._server_hint_s, _retry_pushback_s(exc))
                     if exc.code() in FATAL_CODES:
                         self.fatal_error = self.last_error
                         log.error("tamiyo client stopped: %s", self.last_error)
@@ -177,8 +204,8 @@ class StreamConnection:
             # None: messages are written with call.write(), not from an iterator.
             call: Call = stub.StreamTelemetry(None, metadata=self.security.metadata())
             try:
-                self._reopen = False
-                await call.write(pb.StreamTelemetryRequest(session_open=self._session_open))
+                self._reopen_at = self._hold_until = 0.0
+                await call.write(pb.StreamTelemetryRequest(session_open=self._take_open()))
                 first = await asyncio.wait_for(call.read(), timeout)
                 if not isinstance(first, pb.StreamTelemetryResponse):
                     raise ConnectionError("stream ended before SessionAccepted")
@@ -224,13 +251,32 @@ class StreamConnection:
                 task.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
 
+    def _take_open(self) -> pb.SessionOpen:
+        """The latest SessionOpen, now being sent (no re-send pending)."""
+        with self._open_lock:
+            self._reopen = False
+            self._gen_sent = self._open_gen
+            return self._session_open
+
     async def _writer(self, call: Call, connection: int) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._reopen and not self._server_closing:
-                self._reopen = False
-                await call.write(pb.StreamTelemetryRequest(session_open=self._session_open))
+            now = time.monotonic()
+            if (
+                self._reopen
+                and not self._server_closing
+                and (self._closing or now >= self._reopen_at)
+            ):
+                if self._hold_until:  # a re-send after a refusal: frames wait for its answer
+                    # (set before the write: the answer can beat its return)
+                    self._hold_until = now + self.config.connect_timeout_s
+                    asyncio.get_running_loop().call_later(
+                        self.config.connect_timeout_s, self._wake.set
+                    )
+                await call.write(pb.StreamTelemetryRequest(session_open=self._take_open()))
+            # (a refused re-open not yet answered: module doc; close() sends what is pending)
+            held = not self._closing and time.monotonic() < self._hold_until
             while True:
                 with self._outcome_lock:
                     outcome = self._outcomes.popleft() if self._outcomes else None
@@ -249,7 +295,7 @@ class StreamConnection:
                 finally:
                     self._in_flight = 0
                 self.stats.outcomes_sent += 1
-            while not self._server_closing and (frame := self._frames.pop()) is not None:
+            while not (self._server_closing or held) and (frame := self._frames.pop()) is not None:
                 if frame.want_decision and time.monotonic() < self._pushback_until:
                     frame.want_decision = False  # the server asked for a pause
                     self.stats.decision_requests_deferred += 1
@@ -274,7 +320,8 @@ class StreamConnection:
                     raise
                 finally:
                     self._in_flight = 0
-            self._drained.set()
+            if not held:
+                self._drained.set()
             if self._server_closing or self._closing:
                 # The server is going away, or close() was called: half-close (after this
                 # connection's outcomes, which the next one would drop), so that it knows
@@ -296,7 +343,14 @@ class StreamConnection:
             elif kind == "error":
                 err = resp.error
                 self._sent_at.pop(err.frame_request_id, None)  # no decision will follow
-                if err.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED:
+                if err.field.startswith("session_open"):  # an answer to a re-open
+                    self._open_answered()
+                if (
+                    err.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED
+                    and err.field == "session_open"
+                ):
+                    self._reopen_refused(err)
+                elif err.code == pb.STREAM_ERROR_CODE_RESOURCE_EXHAUSTED:
                     self.stats.frames_shed += 1  # load, not a bad message
                     if err.retry_after_ms:
                         self.stats.pushbacks += 1
@@ -319,4 +373,36 @@ class StreamConnection:
                 self._wake.set()
                 log.info("tamiyo server closing: %s", resp.closing.reason)
             elif kind == "session_accepted":
+                with self._open_lock:  # (the answers come in the order of the opens)
+                    if self._gen_sent == self._open_gen:  # the latest is in force, or on its
+                        self._reopen = False  # way: a re-send for an older refusal is moot
+                self._reopens_refused = 0
+                self._open_answered()
                 self._accepted(resp.session_accepted)
+
+    def _open_answered(self) -> None:
+        """A re-open was answered: frames held for it go (``_writer``)."""
+        if self._hold_until:
+            self._hold_until = 0.0
+            self._wake.set()
+
+    def _reopen_refused(self, err: pb.StreamError) -> None:
+        """The server refused our re-sent SessionOpen for load; its previous session is
+        in force. Send the latest again once the pushback is over (one re-send however
+        many refusals or ``update_session`` calls come meanwhile); frames wait until it
+        is answered."""
+        self.stats.session_updates_refused += 1
+        self._reopens_refused += 1
+        wait_s = err.retry_after_ms / 1000 if err.retry_after_ms else self.config.backoff_initial_s
+        with self._open_lock:
+            self._reopen = True
+        now = time.monotonic()
+        self._reopen_at = max(self._reopen_at, now + wait_s)
+        self._hold_until = max(self._hold_until, self._reopen_at)  # (then: until answered)
+        asyncio.get_running_loop().call_later(wait_s, self._wake.set)
+        self.last_error = (
+            f"update_session: SessionOpen refused for load ({self._reopens_refused} in a row), "
+            f"session {self.session_id} stays in force; the latest is sent again in "
+            f"{wait_s * 1000:.0f} ms (frames wait): {err.message}"
+        )
+        (log.warning if self._reopens_refused >= 3 else log.info)("tamiyo %s", self.last_error)

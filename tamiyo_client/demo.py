@@ -184,6 +184,8 @@ def summarize(
         "frames": {"submitted": stats.frames_submitted, "sent": stats.frames_sent},
         "frames_coalesced": client.frames_coalesced,
         "frames_shed": stats.frames_shed,
+        # asks dropped while the server's pushback lasted (the frame went without one)
+        "decision_requests_deferred": stats.decision_requests_deferred,
         "stream_errors": stats.stream_errors,
         "sessions": stats.sessions,
         "train_seconds": {"without": baseline.seconds, "with": tamiyo.seconds},

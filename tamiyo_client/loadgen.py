@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -55,6 +55,8 @@ from tamiyo_client.security import ClientSecurity, add_security_args, security_f
 METHOD = "/tamiyo.v1.TamiyoService/StreamTelemetry"
 STREAMS_PER_CHANNEL = 100  # separate HTTP/2 connections, as separate hosts would have
 OPEN_CONCURRENCY = 64  # sessions opened at once (grpc's aio client fails larger bursts)
+OPEN_TIMEOUT_S = 120.0  # a first SessionOpen refused RESOURCE_EXHAUSTED is retried after its
+# pushback until this long after the run started (the server's turns of open work were full)
 
 
 @dataclass
@@ -158,6 +160,7 @@ class Stats:
     degraded: int = 0
     superseded: int = 0
     overloaded: int = 0  # refused at the door (RESOURCE_EXHAUSTED): explicit shed
+    open_refused: int = 0  # first SessionOpens refused (server busy with opens), then retried
     errors: int = 0
     lost: int = 0
     pushback_s: float = 0.0  # closed loop: time spent honouring the server's pushback
@@ -219,6 +222,16 @@ async def _open(call: Any, host: Host) -> None:
     first = pb.StreamTelemetryResponse.FromString(await call.read())
     if not first.HasField("session_accepted"):
         raise RuntimeError(f"session refused: {first}")
+
+
+def _pushback_ms(e: grpc.aio.AioRpcError) -> float:
+    """The ``grpc-retry-pushback-ms`` trailer of a refused first SessionOpen (ms; 100
+    without one): the server's turns of open work were full (``open_admission``)."""
+    for key, value in cast("tuple[tuple[str, str], ...]", e.trailing_metadata() or ()):
+        if key == "grpc-retry-pushback-ms":
+            with contextlib.suppress(ValueError):
+                return max(0.0, float(value))
+    return 100.0
 
 
 async def _write(call: Any, raw: bytes) -> bool:
@@ -328,13 +341,23 @@ async def run(
         await ch.channel_ready()
     await wait_serving(channels[0], md)
     gate = asyncio.Semaphore(OPEN_CONCURRENCY)
+    give_up = time.monotonic() + OPEN_TIMEOUT_S
 
     async def open_one(i: int) -> Any:
-        async with gate:
-            method = channels[i // STREAMS_PER_CHANNEL].stream_stream(METHOD, None, None)
-            call = method(None, metadata=md, wait_for_ready=True)
-            await _open(call, hosts[i])
-            return call
+        method = channels[i // STREAMS_PER_CHANNEL].stream_stream(METHOD, None, None)
+        while time.monotonic() < give_up:
+            async with gate:
+                call = method(None, metadata=md, wait_for_ready=True)
+                try:
+                    await _open(call, hosts[i])
+                    return call
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    st.open_refused += 1
+                    back_ms = _pushback_ms(e)
+            await asyncio.sleep(back_ms / 1000.0)  # (outside the gate: others open meanwhile)
+        raise RuntimeError(f"session {i}: SessionOpen refused for {OPEN_TIMEOUT_S:.0f} s (busy)")
 
     calls = await asyncio.gather(*(open_one(i) for i in range(len(hosts))))
     # The generator's own full garbage collections (its startup heap: grpc, protobuf,
@@ -386,6 +409,7 @@ def summarize(st: Stats, plan: Plan, hosts: Sequence[Host]) -> dict[str, Any]:
         "error_samples": st.error_samples,
         "lost": st.lost,
         "pushback_pct": round(100.0 * st.pushback_s / max(plan.duration_s * plan.streams, 1e-9), 1),
+        "open_refused": st.open_refused,
         "duration_s": plan.duration_s,
         "mean_layers": round(sum(h.layers for h in hosts) / max(len(hosts), 1), 1),
     }

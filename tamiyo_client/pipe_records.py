@@ -35,7 +35,9 @@ FRAME_JSON = 13  # FrameData as JSON (values struct cannot hold)
 FRAME_PB = 4  # a serialized TelemetryFrame (passed to send_frame as protobuf)
 OUTCOME = 5  # a serialized DecisionOutcome
 SESSION = 6  # a serialized SessionOpen (initial and update_session)
-CLOSE = 7  # flush, end the stream, exit
+# the seconds the client's close may take, ASCII (e.g. b"4.000"; empty: the sidecar's
+# CLOSE_S): flush, half-close the stream, read the last answers, exit
+CLOSE = 7
 QUERY = 8  # <Q sequence number: answer with a STATUS carrying "query": that number
 # sidecar -> parent
 DECISION = 10  # <dIH latency (NaN: unmatched), connection, session id length; id; decision

@@ -44,7 +44,8 @@ class ClientStats:
     frames_unencodable: int = 0  # FrameData whose values protobuf cannot hold (not sent)
     pushbacks: int = 0  # overload refusals carrying StreamError.retry_after_ms
     decision_requests_deferred: int = 0  # frames sent without want_decision (pushback)
-    sessions: int = 0  # SessionAccepted received (first connect + reconnects)
+    sessions: int = 0  # SessionAccepted received (first connect + reconnects + re-opens)
+    session_updates_refused: int = 0  # re-opens (update_session) refused for load: re-sent
     connect_failures: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000), repr=False)
 

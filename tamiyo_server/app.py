@@ -10,7 +10,9 @@ SERVING. ``stop()`` reverses it within one grace: NOT_SERVING, streams told to c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -187,6 +189,15 @@ class TamiyoServer:
         self.servicer.pipeline = self.pipeline
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if c.auth_token and not c.tls_cert_file and not is_loopback(c.host):
+            log.warning(
+                "a bearer token is required but the gRPC port %s:%d is plaintext on a "
+                "non-loopback address: the token travels in cleartext to anyone on the "
+                "path; terminate TLS here (--tls-cert, --tls-key) or at a proxy in front "
+                "(and bind --host to loopback or a private address then)",
+                c.host,
+                self.port,
+            )
         log.info(
             "tamiyo serving on %s:%d (policy %s, forward %s, %s, auth: %s)",
             c.host,
@@ -387,6 +398,19 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+def is_loopback(host: str) -> bool:
+    """``host`` (a ``--host`` value) only reaches this machine: ``localhost`` or a loopback
+    IP (``127.0.0.0/8``, ``::1``, bracketed or not). Any other name counts as reachable
+    from outside, as do the wildcards ``0.0.0.0`` / ``::`` (no DNS lookup here)."""
+    name = host.strip().removeprefix("[").removesuffix("]")
+    if name.lower() in ("localhost", "ip6-localhost", "ip6-loopback"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_device(device: str) -> None:
     """A CUDA device this host does not have stops the start with one line (torch would
     raise from deep inside the first model copy)."""
@@ -420,6 +444,9 @@ short: the batcher and the experience process finish at once. Deployments set
 ``--grace-s`` + this + a margin (``tests/reliability/test_manifests.py`` checks it)."""
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _exit_now() -> None:
     """A second SIGINT / SIGTERM during the drain: the operator wants out now."""
     log.warning("second signal: exiting without finishing the drain")
@@ -427,13 +454,58 @@ def _exit_now() -> None:
     os._exit(130)
 
 
+def _on_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, handler)
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully. A failed start releases what
-    did start (ports, threads, files) and raises ``StartupError`` for an ``OSError``."""
+    did start (ports, threads, files) and raises ``StartupError`` for an ``OSError``.
+
+    The signal handlers are installed before anything starts, so a signal at any moment
+    of the start is a stop: before the server is SERVING it cancels the start (at its
+    next await; a policy load or calibration already in a thread finishes first) and
+    releases what did start; once SERVING (``tamiyo serving on`` is logged after that),
+    it drains. Either way ``serve`` returns normally (exit 0). They used to be installed
+    after the start and the heap freeze, and a SIGTERM in between killed the process
+    (exit 143, no log line; QA16 N3)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _on_signals(loop, stop.set)
     server = TamiyoServer(config)
+    if await _start(server, stop):
+        log.info("garbage collector: %d startup objects frozen", freeze_startup_heap())
+        await stop.wait()
+        log.info("shutting down (grace %.1f s; a second signal exits at once)", config.grace_s)
+    _on_signals(loop, _exit_now)
+    await server.stop()
+
+
+async def _start(server: TamiyoServer, stop: asyncio.Event) -> bool:
+    """``server.start()``, cut short by ``stop``: True once serving, False when the stop
+    came first (the start is cancelled; the caller's ``stop()`` releases what started).
+    A start that fails, or ``serve`` cancelled from outside, is cleaned up here and the
+    error raised (``StartupError`` for an ``OSError`` or a bad pinned checkpoint: one
+    line, no traceback)."""
+    starting = asyncio.ensure_future(server.start())
+    signalled = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
+        await asyncio.wait((starting, signalled), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+        try:
+            await starting
+        except asyncio.CancelledError:
+            if not stop.is_set():  # (ours was the stop's cancel only when stop is set)
+                raise
+            log.info("stop signal during start-up: stopping before serving")
+            return False
     except BaseException as exc:
+        if not starting.done():  # serve itself cancelled while waiting
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
         try:
             await server.stop()
         except Exception:  # the start's own error is the one to report
@@ -441,13 +513,6 @@ async def serve(config: ServerConfig) -> None:
         if isinstance(exc, OSError | CheckpointError):  # bad pin: one line, no traceback
             raise StartupError(str(exc)) from exc
         raise
-    log.info("garbage collector: %d startup objects frozen", freeze_startup_heap())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down (grace %.1f s; a second signal exits at once)", config.grace_s)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _exit_now)
-    await server.stop()
+    finally:
+        signalled.cancel()
+    return True

@@ -8,6 +8,13 @@ but SERVING / NOT_SERVING per service name, and ``List`` only the two names Tami
 registers (``""`` and ``tamiyo.v1.TamiyoService``), which reflection and the docs name
 anyway. Reflection is not exempt. The comparison is constant-time
 (``hmac.compare_digest``) so response timing does not leak the token.
+
+The credentials are parsed as RFC 6750 says (``Bearer 1*SP b64token``): the scheme is
+case-insensitive (RFC 7235 §2.1, so ``bearer`` and ``BEARER`` are accepted as some
+clients and proxies send them), one or more spaces separate it from the token, and
+optional whitespace around the whole value is ignored (RFC 9110 §5.5). The token itself
+is compared exactly (case-sensitively). Anything else, another scheme included, is
+refused.
 """
 
 from __future__ import annotations
@@ -45,20 +52,36 @@ def _deny(
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
+_SCHEME = b"bearer"
+_OWS = b" \t"
+
+
+def bearer_credentials(value: str | bytes) -> bytes | None:
+    """The token of an ``authorization`` value with the Bearer scheme, else None.
+
+    ``Bearer``, matched case-insensitively, then one or more SP, then the token, taken
+    as it is (compared exactly by the caller); SP / HTAB around the value is ignored."""
+    raw = (value.encode() if isinstance(value, str) else bytes(value)).strip(_OWS)
+    scheme, sp, rest = raw.partition(b" ")
+    if not sp or scheme.lower() != _SCHEME:
+        return None
+    return rest.lstrip(b" ") or None
+
+
 class BearerTokenInterceptor(_Interceptor):
     """Deny every RPC without the right bearer token (health checks exempt)."""
 
     def __init__(self, token: str, exempt: frozenset[str] = HEALTH_METHODS) -> None:
         if not token:
             raise ValueError("an empty token would admit everyone; configure none instead")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._exempt = exempt
 
     def _ok(self, metadata: Any) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
+                # Not Bearer: compared as b"", which the (non-empty) token never equals.
+                return hmac.compare_digest(bearer_credentials(value) or b"", self._expected)
         return False
 
     async def intercept_service(

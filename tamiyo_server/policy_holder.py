@@ -15,6 +15,8 @@ import functools
 import json
 import logging
 import math
+import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -174,6 +176,22 @@ def load_initial(device: str) -> ServedPolicy:
     return served
 
 
+_REFUSED_PREFIX = re.compile(r"checkpoint (?P<path>.+?) refused: ")
+
+
+def refusal_reason(path: str, reason: str) -> str:
+    """``reason`` without the ``checkpoint <path> refused: `` prefix when it names
+    ``path`` itself (as given, or the same file once resolved); a prefix naming another
+    file is information and stays."""
+    m = _REFUSED_PREFIX.match(reason)
+    if m is None or not path:
+        return reason
+    named = m.group("path")
+    if named == path or os.path.realpath(named) == os.path.realpath(path):
+        return reason[m.end() :]
+    return reason
+
+
 class PolicyHolder:
     """Current policy + reload bookkeeping. ``swap`` may be called from any thread."""
 
@@ -205,7 +223,13 @@ class PolicyHolder:
         log.info("now serving policy %s", new.version)
 
     def refuse(self, path: str, reason: str) -> None:
-        """Count a checkpoint that failed verification; the current policy stays."""
+        """Count a checkpoint that failed verification; the current policy stays.
+
+        ``reason`` is kept without a leading ``checkpoint <path> refused: `` naming this
+        same ``path`` (``CheckpointError``'s wording): ``last_refused_path`` holds the path,
+        and GetPolicyInfo repeated it in ``last_refused_reason`` (QA16 N5). The log line
+        names the path once."""
+        reason = refusal_reason(path, reason)
         with self._lock:
             self.reloads_failed += 1
             self.last_refused_path, self.last_refused_reason = path, reason

@@ -114,13 +114,17 @@ class FrameFlow:
             s.logged_end = True
             self.p.experience.close_session(s.session_id)
 
-    def _no_session(self, what: str) -> None:
+    def _no_session(self, what: str, frame: pb.TelemetryFrame | None = None) -> None:
+        """Refuse a message sent before SessionOpen; a frame's answer names it by step
+        and request id, as every other frame error does (QA N4: it carried neither, so a
+        client matching answers to frames could not tell which one was refused)."""
         child(self.p.m.rejected, "no_session").inc()
         self.out.put_nowait(
             stream_error(
                 Code.STREAM_ERROR_CODE_FAILED_PRECONDITION,
                 f"{what}: no session yet; send session_open first",
                 "session_open",
+                frame,
             )
         )
 
@@ -128,7 +132,7 @@ class FrameFlow:
         arrival = time.monotonic()
         s = self.session
         if s is None:
-            self._no_session("frame")
+            self._no_session("frame", frame)
             return
         swamp = self.p.door.swamped(s.deadline_s) if frame.want_decision else ""
         if swamp == "refuse":

@@ -4,7 +4,8 @@ The network proposes; these rules (the seed's, made explicit and configurable in
 ``tamiyo.config.RuleConfig``) dispose. Checked in this order, the first that vetoes
 names the decision:
 
-1. ``NO_VALID_TARGET``      no layer has a free seed or no kernel was offered;
+1. ``NO_VALID_TARGET``      no kernel was offered, no layer has a free seed, or the
+                            network scored no pair (the reason says which);
 2. ``CONFIDENCE_THRESHOLD`` P(adapt) < confidence_threshold;
 3. ``HEALTH_THRESHOLD``     the chosen layer's health ≥ health_threshold, or unknown
                             (no telemetry: adapting blind is refused, not assumed safe);
@@ -69,6 +70,23 @@ class RuleDecision:
     degraded: bool = False
 
 
+# The three ways NO_VALID_TARGET comes about, each named for what the host can change.
+NO_KERNELS = "no kernels offered (SessionOpen.kernels / state.kernels is empty)"
+NO_FREE_SEED = "no layer with a free seed (seed_count 0, or no DORMANT seed in its newest signal)"
+NO_SCORED_PAIR = "the network scored no (layer, kernel) pair (non-finite output)"
+
+
+def _no_target_reason(g: GraphTensors) -> str:
+    """Why graph ``g`` has no valid target. ``target_mask`` is "free seed and K > 0", so
+    kernels are checked first; with both present, the network gave no best pair (only a
+    NaN / -inf output does that)."""
+    if g.num_kernels == 0:
+        return NO_KERNELS
+    if not g.target_mask.any():
+        return NO_FREE_SEED
+    return NO_SCORED_PAIR
+
+
 class DecisionRules:
     """Stateless rule engine; all mutable state is in the ``RuleState`` passed in."""
 
@@ -98,8 +116,8 @@ class DecisionRules:
         self, out: PolicyOutput, g: GraphTensors, state: RuleState, step: int
     ) -> tuple[int, int, DecisionRule.ValueType, str]:
         c = self.config
-        if out.best_node < 0 or g.num_kernels == 0 or not g.target_mask.any():
-            return -1, -1, DecisionRule.DECISION_RULE_NO_VALID_TARGET, "no layer with a free seed"
+        if g.num_kernels == 0 or not g.target_mask.any() or out.best_node < 0:
+            return -1, -1, DecisionRule.DECISION_RULE_NO_VALID_TARGET, _no_target_reason(g)
         # Written so that a NaN probability (an overflowing network) is below threshold.
         if not out.adapt_prob >= c.confidence_threshold:
             return (
@@ -189,18 +207,13 @@ class DecisionRules:
         h = np.where(np.isnan(g.health), np.inf, g.health)
         ok = g.target_mask & ~self._blocked(g, state, step) & (h < c.fallback_health_threshold)
         rule = DecisionRule.DECISION_RULE_DEGRADED_FALLBACK
-        if g.num_kernels == 0 or not ok.any():
-            return self._finish(
-                g,
-                state,
-                step,
-                -1,
-                -1,
-                rule,
-                "degraded: no layer below the health threshold can be adapted",
-                1.0,
-                True,
+        if g.num_kernels == 0 or not g.target_mask.any() or not ok.any():
+            why = (
+                _no_target_reason(g)
+                if g.num_kernels == 0 or not g.target_mask.any()
+                else "no layer below the health threshold can be adapted"
             )
+            return self._finish(g, state, step, -1, -1, rule, f"degraded: {why}", 1.0, True)
         node = int(np.argmin(np.where(ok, h, np.inf)))
         return self._finish(
             g,

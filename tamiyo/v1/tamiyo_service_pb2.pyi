@@ -369,6 +369,12 @@ Global___SessionClosing: _TypeAlias = SessionClosing  # noqa: Y015
 
 @_typing.final
 class StreamTelemetryResponse(_message.Message):
+    """One message on the stream from the server. A response with no `message` set can be
+    the last one of a stream the client half-closed: the server writes it to tell a
+    half-close from a cancel (only a half-closed call accepts it), so that
+    grpc_server_handled_total counts OK only for clients that closed. Ignore it.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ACCEPTED_FIELD_NUMBER: _builtins.int

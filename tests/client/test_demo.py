@@ -32,7 +32,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert png.startswith(b"\x89PNG")
     # asked at steps 0, 20, 40, 60, 80: each answered by a decision or a shed notice
     assert summary["decisions"] >= 1
-    assert summary["decisions"] + summary["frames_shed"] >= 5
+    # every 20th of 100 steps asks: answered, shed, or not asked under the server's pushback
+    asks = summary["decisions"] + summary["frames_shed"] + summary["decision_requests_deferred"]
+    assert asks >= 5
     assert summary["decision_deadline_ms"] == 50
     # every frame was sent or folded into a newer one (latest wins), none lost
     assert summary["frames"]["submitted"] == 100

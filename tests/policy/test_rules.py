@@ -127,6 +127,48 @@ def test_no_valid_target() -> None:
     assert (f.action, f.rule, f.degraded) == (NO_OP, R.DECISION_RULE_DEGRADED_FALLBACK, True)
 
 
+def test_no_valid_target_says_which_of_its_three_causes() -> None:
+    """QA16 L2: a Decide with free seeds but ``kernels: []`` answered "no layer with a free
+    seed"; each cause of NO_VALID_TARGET now has its own reason (decide and fallback)."""
+    rules = DecisionRules(CFG)
+
+    def none_out(g: GraphTensors) -> PolicyOutput:
+        lp = np.full((g.num_nodes, g.num_kernels), -np.inf, np.float32)
+        return PolicyOutput(np.zeros(g.num_nodes, np.float32), lp, 0.0, 0.9, -1, -1, 0.0, 0.0)
+
+    no_kernels = featurize(
+        snapshot_from_state(make_state(2, kernels=(), signals=[signal("l0", 100, 0.1)]), 4)
+    )
+    assert no_kernels.num_kernels == 0
+    assert no_kernels.num_nodes == 2
+    d = rules.decide(none_out(no_kernels), no_kernels, RuleState(), 100, 1)
+    assert (d.action, d.rule) == (NO_OP, R.DECISION_RULE_NO_VALID_TARGET)
+    assert d.reason == "no kernels offered (SessionOpen.kernels / state.kernels is empty)"
+    f = rules.fallback(no_kernels, RuleState(), 100, 1)
+    assert f.reason == "degraded: no kernels offered (SessionOpen.kernels / state.kernels is empty)"
+
+    no_seeds = graph([0.1, 0.1], seeds=[0, 0])
+    d = rules.decide(none_out(no_seeds), no_seeds, RuleState(), 100, 1)
+    assert d.rule == R.DECISION_RULE_NO_VALID_TARGET
+    assert d.reason.startswith("no layer with a free seed")
+    assert rules.fallback(no_seeds, RuleState(), 100, 1).reason.startswith(
+        "degraded: no layer with a free seed"
+    )
+
+    # Kernels and free seeds present, but the network named no best pair (NaN output).
+    nan_net = graph([0.1, 0.1])
+    d = rules.decide(none_out(nan_net), nan_net, RuleState(), 100, 1)
+    assert d.rule == R.DECISION_RULE_NO_VALID_TARGET
+    assert "free seed" not in d.reason
+    assert "kernels" not in d.reason
+    assert "network" in d.reason
+    # ... and the fallback's own reason is unchanged when targets exist but none is sick.
+    healthy = graph([0.9, 0.95])
+    assert rules.fallback(healthy, RuleState(), 100, 1).reason == (
+        "degraded: no layer below the health threshold can be adapted"
+    )
+
+
 def test_degraded_fallback_picks_lowest_known_health_and_respects_state() -> None:
     g = graph([0.5, 0.2, None, 0.3])
     rules, state = DecisionRules(CFG), RuleState()

@@ -89,6 +89,80 @@ async def test_token_denies_by_default(
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+ACCEPTED = [  # RFC 7235 §2.1: the scheme is case-insensitive; RFC 6750: "Bearer" 1*SP token
+    f"Bearer {TOKEN}",
+    f"bearer {TOKEN}",
+    f"BEARER {TOKEN}",
+    f"bEaReR {TOKEN}",
+    f"Bearer   {TOKEN}",
+    f" Bearer {TOKEN}\t",  # optional whitespace around a field value (RFC 9110 §5.5)
+]
+REFUSED = [
+    TOKEN,  # no scheme
+    f"Basic {TOKEN}",
+    f"Bearer{TOKEN}",  # no separator
+    f"Bearer\t{TOKEN}",  # RFC 6750 separates with SP only
+    f"Bearers {TOKEN}",
+    f"Bearer {TOKEN.upper()}",  # the token itself is case-sensitive
+    f"Bearer {TOKEN}x",
+    f"Bearer {TOKEN} extra",
+    "Bearer ",
+    "Bearer",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", ACCEPTED)
+def test_the_bearer_scheme_is_case_insensitive(value: str) -> None:
+    """QA16 L3: ``authorization: bearer <token>`` was refused; some clients and proxies
+    send the scheme in lower case. Accepted as str and as bytes metadata values."""
+    check = auth.BearerTokenInterceptor(TOKEN)._ok
+    assert check((("authorization", value),))
+    assert check((("authorization", value.encode()),))
+
+
+@pytest.mark.parametrize("value", REFUSED)
+def test_anything_but_bearer_and_the_exact_token_is_refused(value: str) -> None:
+    check = auth.BearerTokenInterceptor(TOKEN)._ok
+    assert not check((("authorization", value),))
+    assert not check((("x-other", f"Bearer {TOKEN}"),))
+    assert not check(())
+    assert not check(None)
+
+
+def test_the_token_is_compared_in_constant_time_even_when_the_scheme_is_wrong(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every value that reaches the check goes through ``hmac.compare_digest`` against the
+    token alone, a lower-case scheme and a foreign one included."""
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    check = auth.BearerTokenInterceptor(TOKEN)._ok
+    assert check((("authorization", f"bearer {TOKEN}"),))
+    assert not check((("authorization", f"Basic {TOKEN}"),))
+    assert compared == [(TOKEN.encode(), TOKEN.encode()), (b"", TOKEN.encode())]
+
+
+async def test_a_lowercase_bearer_scheme_is_served(make_server: ServerFactory) -> None:
+    """The QA16 repro end to end: ``authorization: bearer <token>`` on a real call."""
+    srv = await make_server(make_config(auth_token=TOKEN))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        stub = pb_grpc.TamiyoServiceStub(ch)
+        for scheme in ("bearer", "BEARER"):
+            md = (("authorization", f"{scheme} {TOKEN}"),)
+            await stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), metadata=md)
+        md = (("authorization", f"basic {TOKEN}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetPolicyInfo(pb.GetPolicyInfoRequest(), metadata=md)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_empty_token_is_refused() -> None:
     with pytest.raises(ValueError, match="empty token"):
         auth.BearerTokenInterceptor("")
@@ -242,3 +316,69 @@ def test_a_small_but_valid_key_is_not_refused_by_the_preflight(tmp_path: Path) -
         cwd=tmp_path, check=True, capture_output=True,
     )  # fmt: skip
     check_tls(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+
+
+CLEARTEXT = "the token travels in cleartext"
+
+
+@pytest.mark.parametrize(
+    ("host", "security", "warned"),
+    [
+        ("0.0.0.0", "token", True),  # the Docker image's TAMIYO_HOST
+        ("0.0.0.0", "tls+token", False),
+        ("0.0.0.0", "plaintext", False),  # no token to leak (the metrics line covers open)
+        ("127.0.0.1", "token", False),
+        ("localhost", "token", False),
+    ],
+)
+async def test_a_token_over_plaintext_on_a_public_address_is_warned_about(
+    host: str,
+    security: str,
+    warned: bool,
+    certs: Path,
+    make_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """QA16 L4: ``TAMIYO_AUTH_TOKEN=x --host 0.0.0.0`` without TLS started with one INFO
+    line; every client then sends the secret in cleartext on every interface."""
+    over: dict[str, str] = {"host": host}
+    if "token" in security:
+        over["auth_token"] = TOKEN
+    if "tls" in security:
+        over |= {"tls_cert_file": str(certs / "server.pem"),
+                 "tls_key_file": str(certs / "server.key")}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="tamiyo_server.app"):
+        srv = await make_server(make_config(**over))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        (line,) = warnings
+        assert CLEARTEXT in line
+        assert f"{host}:{srv.port} is plaintext" in line
+        assert "--tls-cert" in line
+        assert "proxy" in line
+        assert TOKEN not in caplog.text
+    else:
+        assert not [w for w in warnings if CLEARTEXT in w]
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.53", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("[::]", False),
+        ("10.0.0.5", False),
+        ("tamiyo.example.com", False),
+        ("", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    from tamiyo_server.app import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -230,3 +230,27 @@ async def test_a_reconnect_storm_of_real_clients_converges_through_refusals(
         assert sum(c.stats.connect_failures for c in clients) > 0
     finally:
         await asyncio.gather(*(c.close() for c in clients))
+
+
+@pytest.mark.timeout(120)
+async def test_the_load_generator_retries_refused_first_opens_after_their_pushback(
+    make_server: ServerFactory,
+) -> None:
+    """The serving bench's generator opens all its streams before it measures: a first
+    open refused RESOURCE_EXHAUSTED (the server's turns of open work are full) is sent
+    again after the ``grpc-retry-pushback-ms`` trailer, not a crash of the whole run."""
+    import random as _random
+
+    from tamiyo_client import loadgen
+
+    server = await make_server(
+        _config(open_loop_share=0.05, max_open_wait_ms=0.0, min_pushback_ms=5.0)
+    )
+    rng = _random.Random(0)
+    fleet = [loadgen.make_host(rng, i, 4, 16) for i in range(32)]
+    plan = loadgen.Plan(mode="closed", streams=32, rate=0.0, warmup_s=0.0, duration_s=0.3,
+                        drain_s=2.0)  # fmt: skip
+    st = await loadgen.run(f"127.0.0.1:{server.port}", fleet, plan)
+    assert st.open_refused > 0  # the burst was refused at first...
+    assert _shed(server, "open_overload") == st.open_refused
+    assert st.decisions > 0  # ...and every stream opened and was measured

@@ -376,6 +376,9 @@ async def test_bad_checkpoint_is_refused_once_and_old_version_keeps_answering(
     assert (info.reloads_ok, info.reloads_failed) == (0, 1)
     assert info.last_refused_path == str(tmp_path / "bad")
     assert reason in info.last_refused_reason, info.last_refused_reason
+    # the path is in last_refused_path, not repeated in the reason (QA16 N5)
+    assert str(tmp_path / "bad") not in info.last_refused_reason, info.last_refused_reason
+    assert not info.last_refused_reason.startswith("checkpoint "), info.last_refused_reason
     assert info.last_refused_at.seconds > 0
     assert await c.version() == "v1"
     assert await c.serving()
@@ -406,6 +409,7 @@ async def test_broken_latest_at_startup_serves_the_newest_good_version(
     assert (info.reloads_ok, info.reloads_failed) == (0, 1)
     assert info.last_refused_path == str(tmp_path / "bad")
     assert "sha256" in info.last_refused_reason
+    assert str(tmp_path / "bad") not in info.last_refused_reason  # (QA16 N5)
     await c.polls(3)
     assert c.watcher.attempts == 0  # the startup refusal is remembered
     write(tmp_path, "v3", seed=3)

@@ -43,10 +43,12 @@ async def read(call: Stream) -> pb.StreamTelemetryResponse:
 
 
 async def read_all(call: Stream) -> list[pb.StreamTelemetryResponse]:
-    """Everything until the server ends the stream."""
+    """Everything until the server ends the stream, less the empty response a stream may
+    end with (how the server tells a half-close from a cancel: test_stream_end_code)."""
     out = []
     while isinstance(msg := await asyncio.wait_for(call.read(), 10.0), pb.StreamTelemetryResponse):
-        out.append(msg)
+        if msg.WhichOneof("message") is not None:
+            out.append(msg)
     return out
 
 

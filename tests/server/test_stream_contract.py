@@ -180,6 +180,32 @@ async def test_an_internal_failure_names_the_frame_it_answers(
         await call.done_writing()
 
 
+async def test_a_frame_before_session_open_is_refused_naming_the_frame(
+    server: TamiyoServer,
+) -> None:
+    """A frame sent before SessionOpen gets FAILED_PRECONDITION echoing its step and
+    request id, like every other frame error (QA N4: it carried neither); an outcome
+    then gets the same refusal (no frame to name), and the stream goes on to open."""
+    async with channel(server) as ch:
+        call = pb_grpc.TamiyoServiceStub(ch).StreamTelemetry(None)
+        await call.write(hosts.frame(6, 7, tag="early"))
+        err = (await read(call)).error
+        assert err.code == Code.STREAM_ERROR_CODE_FAILED_PRECONDITION
+        assert err.field == "session_open"
+        assert (err.frame_step, err.frame_request_id) == (7, "early")
+        await call.write(pb.StreamTelemetryRequest(outcome=pb.DecisionOutcome(decision_id="d")))
+        err = (await read(call)).error
+        assert err.code == Code.STREAM_ERROR_CODE_FAILED_PRECONDITION
+        assert (err.frame_step, err.frame_request_id) == (0, "")
+        await call.write(hosts.session_open(6))
+        assert (await read(call)).WhichOneof("message") == "session_accepted"
+        await call.write(hosts.frame(6, 8, tag="after"))
+        assert (await read(call)).decision.frame_request_id == "after"
+        await call.done_writing()
+        await read_all(call)
+    assert _rejected(server, "no_session") == 2
+
+
 # ------------------------------------------------------------------ update_session
 async def test_outcomes_reach_the_experience_log_under_the_session_that_decided(
     server: TamiyoServer,
