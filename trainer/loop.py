@@ -2,7 +2,9 @@
 
 Why this shape: one loop serves a laptop run, ``make train`` and ``torchrun`` (DDP):
 with ``WORLD_SIZE`` > 1 every process samples its own minibatches, gradients are
-averaged by DDP, and only rank 0 evaluates and writes (metrics JSON lines, resumable
+averaged by DDP (an actor's policy and value-head terms each by one all-reduce of its
+own, ``algos.Learner._step``, since they are clipped apart), and only rank 0 evaluates
+and writes (metrics JSON lines, resumable
 state, checkpoints through the shared writer so a running server hot-reloads them).
 
 Why the minibatch RNG is keyed by (seed, rank, step) instead of carried along: a resumed

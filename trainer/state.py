@@ -8,7 +8,8 @@ half of one.
 Why the identity check: resuming is only honest when the saved state belongs to *this*
 run. A state trained with other hyperparameters, on other data, against another
 validation set or with another number of DDP processes would silently be continued (or,
-at ``step == steps``, returned unchanged) under the new run's name and provenance, so
+at ``step == steps``, returned unchanged) under the new run's name and provenance, and
+so would a state saved by another version of the update rule (``algos.UPDATE_RULE``), so
 ``load_state`` refuses it and names every difference.
 """
 
@@ -27,7 +28,7 @@ import safetensors.torch
 import torch
 
 from tamiyo.config import TrainConfig
-from trainer.algos import Learner
+from trainer.algos import UPDATE_RULE, Learner
 from trainer.dataset import OfflineDataset
 
 TENSORS = "train_state.safetensors"
@@ -61,6 +62,7 @@ IDENTITY_NAMES = {
     "validation": "validation set (episodes:hash)",
     "world_size": "world size (DDP processes)",
     "policy_config": "network (PolicyConfig)",
+    "update_rule": "update rule (trainer.algos.UPDATE_RULE)",
 }
 
 
@@ -115,10 +117,12 @@ def run_identity(
     validation: str | None,
     world_size: int,
     policy_config: Mapping[str, Any],
+    update_rule: int = UPDATE_RULE,
 ) -> dict[str, Any]:
-    """What, besides the TrainConfig, a resumed run must share with the saved one."""
+    """What, besides the TrainConfig, a resumed run must share with the saved one (the
+    update rule too: the same config under another rule is another run)."""
     return {"data": data, "validation": validation, "world_size": world_size,
-            "policy_config": dict(policy_config)}  # fmt: skip
+            "policy_config": dict(policy_config), "update_rule": update_rule}  # fmt: skip
 
 
 def config_differences(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:

@@ -22,10 +22,18 @@ from tamiyo.config import SimicConfig, TrainConfig
 from tamiyo.policy.checkpoint import save_checkpoint
 from tamiyo.policy.model import TamiyoPolicy
 from tests.trainer.test_learning import SMALL
+from trainer import fqe
 from trainer.behaviour_data import generate
 from trainer.cli import main
 from trainer.dataset import OfflineDataset, load_dataset
-from trainer.fqe import FqeEnsemble, FqeResult, fit_q, fit_q_ensemble, member_seeds
+from trainer.fqe import (
+    FqeEnsemble,
+    FqeResult,
+    episode_resample,
+    fit_q,
+    fit_q_ensemble,
+    member_seeds,
+)
 from trainer.fqe_check import ensemble_figures, fqe_figures, spread
 
 SIMIC = replace(SimicConfig(), horizon=6, train_sizes=(4, 5), unseen_sizes=(6, 7),
@@ -59,9 +67,10 @@ def policy() -> TamiyoPolicy:
 
 
 def _ensemble(policy: TamiyoPolicy, data: OfflineDataset, cfg: TrainConfig = CFG,
-              members: int = 3, workers: int = 1) -> FqeEnsemble:  # fmt: skip
+              members: int = 3, workers: int = 1,
+              resampled: bool = True) -> FqeEnsemble:  # fmt: skip
     return fit_q_ensemble(policy, data, cfg, members=members, steps=STEPS, progress=False,
-                          workers=workers)  # fmt: skip
+                          workers=workers, resampled=resampled)  # fmt: skip
 
 
 def test_the_ensemble_is_the_mean_of_its_members_fitted_alone(
@@ -75,21 +84,111 @@ def test_the_ensemble_is_the_mean_of_its_members_fitted_alone(
     assert ens.estimate_shifted == pytest.approx(np.mean([a.estimate_shifted for a in alone]),
                                                  abs=1e-12)  # fmt: skip
     assert len(set(ens.estimates.tolist())) == 3  # the seeds make different critics
-    # Member 0 is the single critic of earlier reports (its default seed).
+    assert not any(m.resampled for m in ens.members)
+    # Beside them, the same seeds each on its own resample of the episodes: not in the
+    # estimate, only in the interval.
+    assert [m.seed for m in ens.resampled] == seeds
+    assert all(m.resampled for m in ens.resampled)
+    boot = [fit_q(policy, data, CFG, steps=STEPS, progress=False, seed=s, resample=True)
+            for s in seeds]  # fmt: skip
+    assert ens.resampled_estimates.tolist() == [b.estimate_shifted for b in boot]
+    assert ens.resampled_estimates.tolist() != ens.estimates.tolist()
+    # Member 0 is the single critic with its default seed.
     single = fit_q(policy, data, CFG, steps=STEPS, progress=False)
     assert single.seed == seeds[0]
     assert single.estimate_shifted == ens.members[0].estimate_shifted
+    assert _ensemble(policy, data, members=2, resampled=False).resampled == []
 
 
 def test_forked_members_give_the_same_figures_and_identical_runs_identical_ones(
     policy: TamiyoPolicy, data: OfflineDataset
 ) -> None:
     first = _ensemble(policy, data)
-    assert _ensemble(policy, data, workers=2).estimates.tolist() == first.estimates.tolist()
+    forked = _ensemble(policy, data, workers=2)
+    assert forked.estimates.tolist() == first.estimates.tolist()
+    assert forked.resampled_estimates.tolist() == first.resampled_estimates.tolist()
     assert _ensemble(policy, data).estimates.tolist() == first.estimates.tolist()
     other = _ensemble(policy, data, replace(CFG, seed=4))
     assert not set(m.seed for m in other.members) & set(m.seed for m in first.members)
     assert other.estimates.tolist() != first.estimates.tolist()
+
+
+def _drawn(data: OfflineDataset, pool: np.ndarray) -> list[int]:
+    """The episodes of a resample, checking that each comes whole and in order."""
+    first = data.initial_indices()
+    bounds = np.append(first, len(data))
+    drawn, i = [], 0
+    while i < len(pool):
+        e = int(data.session[pool[i]])
+        whole = list(range(bounds[e], bounds[e + 1]))
+        assert pool[i : i + len(whole)].tolist() == whole
+        drawn.append(e)
+        i += len(whole)
+    return drawn
+
+
+def test_a_member_trains_on_a_bootstrap_resample_of_whole_episodes(data: OfflineDataset) -> None:
+    """``episode_resample``: as many episodes as the data has, drawn with replacement
+    from the member's seed, each with all its transitions in order; J is taken on the
+    first states of the episodes drawn (the bootstrap of the whole estimate)."""
+    first = data.initial_indices()
+    pool, starts = episode_resample(data, 11)
+    again = episode_resample(data, 11)
+    assert np.array_equal(pool, again[0])  # a function of the seed
+    assert np.array_equal(starts, again[1])
+    assert not np.array_equal(pool, episode_resample(data, 12)[0])
+    draws = []
+    for s in range(5):
+        pool, starts = episode_resample(data, s)
+        drawn = _drawn(data, pool)
+        assert len(drawn) == len(first)
+        assert starts.tolist() == [int(first[e]) for e in drawn]
+        draws.append(drawn)
+    assert any(len(set(d)) < len(first) for d in draws)  # with replacement
+
+
+def test_a_critics_estimate_is_its_mean_over_the_last_quarter_of_its_steps(
+    policy: TamiyoPolicy, data: OfflineDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """J is taken every ``TAIL_EVERY`` steps over the last ``TAIL_FRACTION`` of the run
+    and averaged (one evaluation of the last iterate moved by ~17% of the shifted value
+    from one evaluation to the next within a run); ``estimate_last`` is the last one."""
+    seen: list[float] = []
+    real = fqe._start_value
+
+    def spy(*args: object) -> float:
+        v = real(*args)  # type: ignore[arg-type]
+        seen.append(v)
+        return v
+
+    monkeypatch.setattr(fqe, "_start_value", spy)
+    steps = 8 * fqe.TAIL_EVERY  # tail = 2 · TAIL_EVERY: steps 7·E and 8·E
+    res = fit_q(policy, data, CFG, steps=steps, progress=False)
+    assert res.tail_evaluations == len(seen) == 2
+    assert res.estimate_shifted == pytest.approx(float(np.mean(seen)), abs=1e-12)
+    assert res.estimate_last == seen[-1]
+    assert seen[0] != seen[1]
+
+
+def test_the_interval_covers_the_datas_error_that_the_members_share() -> None:
+    """``spread`` on simulated ensembles: every all-data critic = truth + the data's error
+    D (one draw per ensemble: the critics share the data) + its seed noise; a resampled
+    critic adds its own draw of the data's noise instead. The interval must cover the
+    truth ≥ 95% of the time; the interval of the all-data members' mean (t · std / √K,
+    until session 16) covers only the seed noise and misses often."""
+    rng = np.random.default_rng(0)
+    k, n, data_sd, seed_sd = 10, 4000, 1.0, 1.0
+    shared = rng.normal(0.0, data_sd, n)
+    members = shared[:, None] + rng.normal(0.0, seed_sd, (n, k))
+    boot = (shared[:, None] + rng.normal(0.0, data_sd, (n, k))
+            + rng.normal(0.0, seed_sd, (n, k)))  # fmt: skip
+    new = old = 0
+    for row, brow in zip(members, boot, strict=True):
+        s = spread(row.tolist(), brow.tolist())
+        new += s["ci_low"] <= 0.0 <= s["ci_high"]
+        old += abs(row.mean()) <= 2.262 * row.std(ddof=1) / math.sqrt(k)
+    assert new / n >= 0.95
+    assert old / n < 0.6
 
 
 def test_member_seeds_come_from_the_run_seed_and_never_repeat() -> None:
@@ -101,17 +200,23 @@ def test_member_seeds_come_from_the_run_seed_and_never_repeat() -> None:
 
 
 def test_spread_of_hand_computed_values() -> None:
-    s = spread([1.0, 2.0, 3.0, 4.0])
-    std = math.sqrt(5 / 3)
-    assert s["mean"] == 2.5
+    s = spread([1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 4.0])
+    std, std_r = math.sqrt(5 / 3), 2.0
+    assert s["mean"] == 2.5  # the all-data members' mean; the resampled ones are not in it
     assert s["std"] == pytest.approx(std)
+    assert s["resampled_std"] == pytest.approx(std_r)
     assert (s["min"], s["max"]) == (1.0, 4.0)
-    assert s["ci_low"] == pytest.approx(2.5 - 3.182 * std / 2)
-    assert s["ci_high"] == pytest.approx(2.5 + 3.182 * std / 2)
-    one = spread([0.7])
+    # mean ± t(K_r − 1) · √(std_r² + std²/K): the data's error is shared by the all-data
+    # members, so it is not divided by K (the mean's interval, ± t · std / √4 until
+    # session 16, covered only the seed noise)
+    half = 4.303 * math.sqrt(std_r**2 + std**2 / 4)
+    assert s["ci_low"] == pytest.approx(2.5 - half)
+    assert s["ci_high"] == pytest.approx(2.5 + half)
+    assert math.isnan(spread([1.0, 2.0])["ci_low"])  # no resampled members: no interval
+    one = spread([0.7], [0.5, 0.9])
     assert one["mean"] == one["min"] == one["max"] == 0.7
     assert math.isnan(one["std"])
-    assert math.isnan(one["ci_low"])
+    assert one["ci_low"] == pytest.approx(0.7 - 12.706 * math.sqrt(0.08))
 
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
@@ -129,10 +234,12 @@ def test_the_t_quantiles_are_the_975_quantiles(df: int) -> None:
 def test_ensemble_figures_report_each_members_error_against_the_same_truth() -> None:
     shift, true_raw, beh = -9.0, 8.8, 8.3  # true shifted −0.2, gain 0.5
     ens = FqeEnsemble([FqeResult(e, 10, 0.01, seed) for e, seed in
-                       ((-0.25, 1), (-0.15, 2), (-0.23, 3))])  # fmt: skip
+                       ((-0.25, 1), (-0.15, 2), (-0.23, 3))],
+                      [FqeResult(e, 10, 0.01, seed, resampled=True) for e, seed in
+                       ((-0.3, 1), (-0.1, 2), (-0.2, 3))])  # fmt: skip
     f = ensemble_figures(ens, true_raw, beh, shift)
     mean_fig = fqe_figures(ens.estimate_shifted, true_raw, beh, shift)
-    assert f["size"] == 3
+    assert (f["size"], f["resampled_size"]) == (3, 3)
     assert f["seeds"] == [1, 2, 3]
     rel = f["relative_error_shifted"]
     assert rel["members"] == pytest.approx([-0.25, 0.25, -0.15])
@@ -142,6 +249,8 @@ def test_ensemble_figures_report_each_members_error_against_the_same_truth() -> 
     gain = f["error_vs_gain_over_behaviour"]
     assert gain["members"] == pytest.approx([-0.1, 0.1, -0.06])
     assert f["estimate_shifted"]["std"] == pytest.approx(np.std([-0.25, -0.15, -0.23], ddof=1))
+    assert f["estimate_shifted"]["resampled_std"] == pytest.approx(0.1)
+    assert rel["resampled_members"] == pytest.approx([-0.5, 0.5, 0.0])
 
 
 def test_the_fqe_command_reports_the_ensemble_and_repeats_itself(

@@ -63,6 +63,23 @@ def test_resume_refuses_another_config_or_data_and_names_it(tmp_path: Path) -> N
     assert _run(ok, data, run, resume=True).start_step == 6
 
 
+def test_a_state_saved_under_the_old_update_rule_is_not_resumed(tmp_path: Path) -> None:
+    """A state saved before the per-term clip (session 16) records no update rule: its
+    run used one clip over the actor's policy and value losses, so continuing it under the
+    new rule would be neither run; the resume is refused and says why."""
+    data = bandit_dataset(30)
+    run = tmp_path / "run"
+    _run(BASE, data, run)
+    meta_path = run / "state" / "train_state.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["identity"]["update_rule"] == 2
+    del meta["identity"]["update_rule"]  # as the old trainer saved it
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"update rule \(trainer\.algos\.UPDATE_RULE\): "
+                                         r"'<absent>' → 2"):  # fmt: skip
+        _run(replace(BASE, steps=8), data, run, resume=True)
+
+
 def test_a_fresh_run_discards_the_previous_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
