@@ -376,7 +376,7 @@ class TrainConfig:
     batch_size: int = 48  # graphs (transitions) per step, per process
     lr: float = 1e-3
     weight_decay: float = 0.0
-    grad_clip: float = 10.0
+    grad_clip: float = 10.0  # per loss term (an actor's policy / value head; a critic's one)
     gamma: float = 0.9  # a repair pays off within ~10 decisions
     reward_offset: float = -1.0
     target_tau: float = 0.02  # Polyak rate of the target critic
@@ -410,7 +410,9 @@ class TrainConfig:
     train_seeds: int = 3  # independent training seeds per algorithm
     algos: tuple[str, ...] = ("bc", "iql")  # trained and reported by the pipeline
     fqe_steps: int = 2000  # × target_tau 0.02 = 40 target time constants ≫ 1/(1 − γ)
-    fqe_members: int = 10  # FQE critics averaged, seeds from ``seed`` (trainer/README: FQE)
+    # FQE critics on all the data, averaged (seeds from ``seed``), and as many again on
+    # bootstrap resamples of the episodes for the interval (trainer/README: FQE)
+    fqe_members: int = 10
     workers: int = 2  # processes training in parallel (one torch thread each)
 
 
