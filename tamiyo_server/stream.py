@@ -11,7 +11,8 @@ the queue never exceeds ``outbound_queue`` + ``_RESERVE`` messages.
 Every request gets an explicit outcome: a decision, a degraded decision (shed), or an
 in-stream ``StreamError`` naming the field, and the stream goes on; that includes a
 message protobuf cannot decode (``decode_guard`` hands it over as an ``Undecodable``
-marker). The one exception is a message over ``--max-message-bytes``: gRPC core refuses
+marker). The one exception is a message over ``Limits.max_message_bytes`` (4 MiB, set
+in code): gRPC core refuses
 it and cancels the call before any of it reaches Python (to the server it looks exactly
 like a client that went away), so that stream ends. When the client goes away, the
 reader is cancelled and the pending evaluation withdrawn from the batcher, so nothing

@@ -123,7 +123,8 @@ async def test_an_undecodable_message_is_refused_in_stream_and_the_stream_goes_o
 async def test_a_message_over_the_size_limit_ends_only_its_own_stream(
     server: TamiyoServer,
 ) -> None:
-    """gRPC core refuses a message over ``--max-message-bytes`` before Tamiyo sees it
+    """gRPC core refuses a message over ``Limits.max_message_bytes`` (4 MiB, set in code)
+    before Tamiyo sees it
     and ends that call (documented in the README): the call ends with an error status,
     never OK, no handler is left behind, and a concurrent stream is not disturbed."""
     limit = server.config.limits.max_message_bytes
