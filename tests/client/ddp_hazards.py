@@ -20,7 +20,6 @@ Each rank writes ``{scenario: result}`` to ``<out>/rank<r>.json``. Not collected
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import sys
@@ -40,6 +39,7 @@ from tamiyo.config import KasminaConfig
 from tamiyo.v1 import decision_pb2
 from tamiyo_client.host import KasminaHost, extend_optimizer
 from tamiyo_client.kasmina import DistributedAdaptationWarning
+from tests.client.ddp_recipe import _shut_down
 
 Result = dict[str, Any]
 
@@ -243,15 +243,6 @@ def main(out: Path) -> None:
         print(f"rank {dist.get_rank()}: {name} done", flush=True)
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     _shut_down()
-
-
-def _shut_down() -> None:
-    """Free every DDP (old re-wraps sit in reference cycles) while the group is alive,
-    then destroy it: a DDP collected after ``destroy_process_group`` hung a rank's exit
-    now and then (about 1 run in 8 on the 2-core CI box; found while writing this)."""
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

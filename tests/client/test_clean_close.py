@@ -29,6 +29,7 @@ from tamiyo_client.client import ReceivedDecision, TamiyoClient
 from tamiyo_client.process import ProcessTamiyoClient
 from tamiyo_server.app import TamiyoServer
 from tamiyo_server.policy_holder import ServedPolicy
+from tests.server.test_stream_end_code import counted_streams, stream_codes
 
 from .conftest import ServerFactory, ServerThread
 from .hosts import make_host, train_step
@@ -44,17 +45,6 @@ def config(port: int) -> ClientConfig:
     )
 
 
-def stream_codes(server: TamiyoServer) -> dict[str, float]:
-    """StreamTelemetry calls the server has counted, by status code."""
-    return {
-        s.labels["grpc_code"]: s.value
-        for m in server.metrics.registry.collect()
-        if m.name == "grpc_server_handled"
-        for s in m.samples
-        if s.name.endswith("_total") and s.labels["grpc_method"] == "StreamTelemetry"
-    }
-
-
 def counted(server: TamiyoServer, n: int, timeout_s: float = 10.0) -> dict[str, float]:
     """The codes once ``n`` streams are counted (grpc's done callback runs after the
     client has seen the end, so wait for it)."""
@@ -62,14 +52,6 @@ def counted(server: TamiyoServer, n: int, timeout_s: float = 10.0) -> dict[str, 
     while sum((codes := stream_codes(server)).values()) < n:
         assert time.monotonic() < deadline, f"{n} streams not counted in time: {codes}"
         time.sleep(0.01)
-    return codes
-
-
-async def counted_async(server: TamiyoServer, n: int, timeout_s: float = 10.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while sum((codes := stream_codes(server)).values()) < n:
-        assert time.monotonic() < deadline, f"{n} streams not counted in time: {codes}"
-        await asyncio.sleep(0.01)
     return codes
 
 
@@ -107,7 +89,7 @@ async def test_close_half_closes_delivers_the_last_answer_and_the_server_counts_
         assert [r async for r in stream] == got  # the iterator ends cleanly after it
         assert not client.fatal_error
         assert client.last_error == ""  # not "stream ended by the server"
-    assert await counted_async(srv, 3) == {"OK": 3.0}  # was CANCELLED
+    assert await counted_streams(srv, 3) == {"OK": 3.0}  # was CANCELLED
 
 
 def test_blocking_client_close_half_closes(server: ServerThread) -> None:

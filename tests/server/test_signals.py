@@ -128,12 +128,11 @@ def test_a_signal_before_the_event_loop_exits_0_with_a_line() -> None:
         assert "Traceback" not in run.stderr
 
 
-async def test_serve_returns_when_signalled_during_the_start(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """In process and deterministic: the policy load blocks until the test lets it go, a
-    SIGTERM arrives meanwhile, and ``serve`` returns (it does not raise) with the gRPC
-    port released, before the load has finished."""
+def _blocked_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, threading.Event, int, ServerConfig]:
+    """A start whose policy load blocks: ``loaded`` is set once the load began, and it
+    goes on when ``release`` is set; a free port and a config serving on it."""
     loaded = threading.Event()
     release = threading.Event()
     real = reload_module.load_startup
@@ -148,6 +147,16 @@ async def test_serve_returns_when_signalled_during_the_start(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = replace(ServerConfig(), host="127.0.0.1", port=port, metrics_port=0, grace_s=1.0)
+    return loaded, release, port, config
+
+
+async def test_serve_returns_when_signalled_during_the_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process and deterministic: the policy load blocks until the test lets it go, a
+    SIGTERM arrives meanwhile, and ``serve`` returns (it does not raise) with the gRPC
+    port released, before the load has finished."""
+    loaded, release, port, config = _blocked_start(monkeypatch)
     loop = asyncio.get_running_loop()
     # Without serve's own handler the signal lands here instead of killing the test run.
     unhandled: list[int] = []
@@ -181,20 +190,7 @@ async def test_serve_cancelled_during_the_start_still_releases_what_started(
     """Not a signal: ``serve`` cancelled from outside (``asyncio.wait_for`` timing out)
     while the start waits re-raises the cancellation after releasing the port, as the
     failed-start path does."""
-    loaded = threading.Event()
-    release = threading.Event()
-    real = reload_module.load_startup
-
-    def slow_load(config: ServerConfig) -> object:
-        loaded.set()
-        release.wait(STOP_TIMEOUT_S)
-        return real(config)
-
-    monkeypatch.setattr(app_module, "load_startup", slow_load)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = replace(ServerConfig(), host="127.0.0.1", port=port, metrics_port=0, grace_s=1.0)
+    loaded, release, port, config = _blocked_start(monkeypatch)
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(app_module.serve(config))
     try:

@@ -34,7 +34,8 @@ CASES = (
 )
 
 
-def _codes(server: TamiyoServer) -> dict[str, float]:
+def stream_codes(server: TamiyoServer) -> dict[str, float]:
+    """StreamTelemetry calls the server has counted, by status code."""
     return {
         s.labels["grpc_code"]: s.value
         for m in server.metrics.registry.collect()
@@ -52,14 +53,16 @@ async def _rest(call: Stream) -> list[pb.StreamTelemetryResponse]:
     return out
 
 
-async def _counted(server: TamiyoServer, n: int, timeout_s: float = 10.0) -> dict[str, float]:
+async def counted_streams(
+    server: TamiyoServer, n: int, timeout_s: float = 10.0
+) -> dict[str, float]:
     """The codes once ``n`` streams are counted (grpc's done callback runs after the
     client has seen the end)."""
     for _ in range(int(timeout_s / 0.005)):
-        if sum((codes := _codes(server)).values()) >= n:
+        if sum((codes := stream_codes(server)).values()) >= n:
             return codes
         await asyncio.sleep(0.005)
-    raise AssertionError(f"{n} streams not counted in time: {_codes(server)}")
+    raise AssertionError(f"{n} streams not counted in time: {stream_codes(server)}")
 
 
 @pytest.mark.timeout(120)
@@ -97,7 +100,7 @@ async def test_a_cancel_counts_cancelled_and_a_half_close_ok_every_time(
                         assert rest in ([], [pb.StreamTelemetryResponse()]), rest
                     expected["OK"] += 1
                 n += 1
-                codes = await _counted(server, n)
+                codes = await counted_streams(server, n)
                 assert codes == {k: v for k, v in expected.items() if v}, (i, case, codes)
 
 
@@ -114,7 +117,7 @@ async def test_a_refused_first_open_still_ends_with_its_status(server: TamiyoSer
             await read(call)
         assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     opens.free_at = 0.0
-    assert await _counted(server, 1) == {"RESOURCE_EXHAUSTED": 1.0}
+    assert await counted_streams(server, 1) == {"RESOURCE_EXHAUSTED": 1.0}
 
 
 class _Call:
